@@ -1,0 +1,70 @@
+// SPDX-License-Identifier: Apache-2.0
+// Row kernels for log-prob gathering on CPU. No torch types: raw pointers and sizes only.
+#pragma once
+
+#include <cstdint>
+
+namespace prefopt {
+inline namespace v0 {
+namespace detail {
+namespace cpu {
+
+/// 16-bit storage types, bit-compatible with c10::BFloat16 and c10::Half.
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+/// Accumulation type: fp64 for fp64 logits, fp32 otherwise.
+template <typename T>
+struct acc {
+  using type = float;
+};
+template <>
+struct acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename acc<T>::type;
+
+/// Which statistics a row pass computes beyond the log-sum-exp and the target logit.
+enum RowFlags : unsigned {
+  kLogitSum = 1u,  ///< sum over the vocabulary of the logits
+  kArgmax = 2u,    ///< index of the first maximal logit
+  kEntropy = 4u,   ///< entropy of the softmax
+  kLogSumP2 = 8u,  ///< log of the sum of squared probabilities (WPO)
+};
+
+template <typename A>
+struct RowStats {
+  A lse = 0;         ///< log Σ_v exp(z_v)
+  A target = 0;      ///< z_target (0 when target < 0)
+  A logit_sum = 0;   ///< Σ_v z_v                 (kLogitSum)
+  A entropy = 0;     ///< -Σ_v p_v log p_v        (kEntropy)
+  A log_sum_p2 = 0;  ///< log Σ_v p_v²            (kLogSumP2)
+  int64_t argmax = -1;  ///< first v with z_v = max (kArgmax)
+};
+
+/// One pass pair over a contiguous row `z[0..V)`: max (+ logit sum), then exp sums.
+/// Non-finite rows give NaN statistics, as log_softmax does.
+template <typename T>
+RowStats<acc_t<T>> row_stats(const T* z, int64_t V, int64_t target, unsigned flags);
+
+/// Gradient of `g · log_softmax(z)[target]` with respect to the row:
+/// `out_v = g · (1[v = target] − exp(z_v − lse))`, written in T.
+template <typename T>
+void row_grad(const T* z, int64_t V, int64_t target, acc_t<T> lse, acc_t<T> g, T* out);
+
+/// Σ_v z_v of a contiguous row.
+template <typename T>
+acc_t<T> row_sum(const T* z, int64_t V);
+
+/// The instruction set the fp32 kernels run with on this machine: "avx512", "avx2", "generic".
+const char* row_kernel_isa();
+
+}  // namespace cpu
+}  // namespace detail
+}  // namespace v0
+}  // namespace prefopt

@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+// Test helpers shared by prefopt's test files.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <sstream>
+#include <string>
+
+namespace prefopt_test {
+
+/// Seeds libtorch's generator before every test (torch's SeedingFixture).
+struct SeededTest : ::testing::Test {
+  void SetUp() override { at::manual_seed(0); }
+};
+
+/// Elementwise |actual − expected| ≤ atol + rtol·|expected|, compared in fp64; NaN only
+/// matches NaN. On failure reports the worst element.
+inline ::testing::AssertionResult AllClose(const at::Tensor& actual, const at::Tensor& expected,
+                                           double rtol, double atol) {
+  if (!actual.defined() || !expected.defined())
+    return ::testing::AssertionFailure() << "undefined tensor";
+  if (actual.sizes() != expected.sizes())
+    return ::testing::AssertionFailure()
+           << "shape " << actual.sizes() << " != expected " << expected.sizes();
+  if (actual.numel() == 0) return ::testing::AssertionSuccess();
+  const auto a = actual.detach().to(at::kCPU, at::kDouble);
+  const auto e = expected.detach().to(at::kCPU, at::kDouble);
+  const auto nan_mismatch = (a.isnan() != e.isnan()).any().item<bool>();
+  const auto both = ~(a.isnan() | e.isnan());
+  const auto err = (a - e).abs().masked_fill(~both, 0) - (rtol * e.abs()).masked_fill(~both, 0);
+  const auto worst = err.argmax().item<int64_t>();
+  const double excess = err.flatten()[worst].item<double>();
+  if (!nan_mismatch && excess <= atol) return ::testing::AssertionSuccess();
+  std::ostringstream os;
+  os << (nan_mismatch ? "NaN pattern differs; " : "") << "worst flat index " << worst
+     << ": actual " << a.flatten()[worst].item<double>() << " vs expected "
+     << e.flatten()[worst].item<double>() << " (rtol " << rtol << ", atol " << atol << ")";
+  return ::testing::AssertionFailure() << os.str();
+}
+
+/// Runs `stmt`, expecting a c10::Error whose message (without backtrace) contains `substr`.
+#define PREFOPT_EXPECT_THROWS_WITH(stmt, substr)                                          \
+  do {                                                                                   \
+    bool prefopt_threw = false;                                                          \
+    try {                                                                                \
+      (void)(stmt);                                                                      \
+    } catch (const c10::Error& e) {                                                      \
+      prefopt_threw = true;                                                              \
+      EXPECT_NE(std::string(e.what_without_backtrace()).find(substr), std::string::npos) \
+          << "message: " << e.what_without_backtrace() << "\nexpected to contain: " << (substr); \
+    }                                                                                    \
+    EXPECT_TRUE(prefopt_threw) << "expected an error containing: " << (substr);          \
+  } while (0)
+
+/// The shared data folder: $PREFOPT_DATA_DIR, else ../shared/data beside the source tree.
+inline std::filesystem::path data_dir() {
+  if (const char* env = std::getenv("PREFOPT_DATA_DIR")) return env;
+  return std::filesystem::path(PREFOPT_SOURCE_DIR) / ".." / "shared" / "data";
+}
+
+}  // namespace prefopt_test

@@ -7,7 +7,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include "cpu/row_kernels.h"
 
@@ -106,6 +108,8 @@ void kernel_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, 
   });
 }
 
+/// Writes every row of `grad` (allocated uninitialised): the row gradient where a scored row
+/// has a non-zero upstream gradient, zeros elsewhere. One parallel pass, no separate memset.
 template <typename S>
 void kernel_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse_t,
                      const at::Tensor& g_t, at::Tensor& grad) {
@@ -113,17 +117,25 @@ void kernel_backward(const at::Tensor& logits, const Rows& rows, const at::Tenso
   using A = kc::acc_t<T>;
   const T* base = reinterpret_cast<const T*>(logits.data_ptr<S>());
   T* out = reinterpret_cast<T*>(grad.data_ptr<S>());
-  const int64_t s0 = logits.stride(0), s1 = logits.stride(1), V = logits.size(2);
+  const int64_t B = logits.size(0), Tn = logits.size(1), V = logits.size(2);
+  const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
   const int64_t o0 = grad.stride(0), o1 = grad.stride(1);
   const int64_t *b = rows.b.data_ptr<int64_t>(), *t = rows.t.data_ptr<int64_t>(),
                 *tg = rows.target.data_ptr<int64_t>();
   const A* lse = lse_t.data_ptr<A>();
   const A* g = g_t.data_ptr<A>();
-  at::parallel_for(0, rows.b.numel(), std::max<int64_t>(1, 32768 / V), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i)
-      if (g[i] != A(0))  // rows of the grad stay zero (already allocated so)
-        kc::row_grad<T>(base + b[i] * s0 + t[i] * s1, V, tg[i], lse[i], g[i],
-                        out + b[i] * o0 + t[i] * o1);
+  std::vector<int64_t> row_of(static_cast<size_t>(B * Tn), -1);  // logits row -> scored row
+  for (int64_t i = 0, n = rows.b.numel(); i < n; ++i) row_of[b[i] * Tn + t[i]] = i;
+  at::parallel_for(0, B * Tn, std::max<int64_t>(1, 32768 / V), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      T* dst = out + (r / Tn) * o0 + (r % Tn) * o1;
+      const int64_t i = row_of[r];
+      if (i >= 0 && g[i] != A(0)) {
+        kc::row_grad<T>(base + b[i] * s0 + t[i] * s1, V, tg[i], lse[i], g[i], dst);
+      } else {
+        std::memset(static_cast<void*>(dst), 0, sizeof(T) * V);  // all-zero bits are +0 in every T
+      }
+    }
   });
 }
 
@@ -219,11 +231,13 @@ struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction>
     if (grads[0].defined()) {
       const Rows rows{saved[1], saved[2], saved[3], {}};
       const auto g = grads[0].to(saved[4].scalar_type()).contiguous();
-      grad = at::zeros(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+      grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+      if (grad.is_cpu()) kc::advise_huge_pages(grad.data_ptr(), grad.nbytes());
       const auto backend = static_cast<GatherBackend>(ctx->saved_data["backend"].toInt());
       if (use_kernel(logits, backend)) {
         PREFOPT_DISPATCH_LOGITS(logits, kernel_backward, logits, rows, saved[4], g, grad)
       } else {
+        grad.zero_();
         aten_backward(logits, rows, saved[4], g, ctx->saved_data["chunk_bytes"].toInt(), grad);
       }
     }

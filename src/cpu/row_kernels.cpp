@@ -7,6 +7,10 @@
 // any x86-64 and is fast where the instructions exist.
 #include "cpu/row_kernels.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -432,6 +436,20 @@ double row_sum<double>(const double* z, int64_t V) {
   double s = 0;
   for (int64_t v = 0; v < V; ++v) s += z[v];
   return s;
+}
+
+void advise_huge_pages(void* data, std::size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  if (bytes < 2 * kHuge) return;
+  const auto begin = reinterpret_cast<std::uintptr_t>(data);
+  const std::uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
+  // Advisory only: on failure (THP off, not a private mapping) the pages are just small.
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 }  // namespace cpu

@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: Apache-2.0
+// Log-prob gathering: prefopt against the naive composite and TRL's selective_log_softmax,
+// side by side in one process. Reports median time and the peak memory each method allocates
+// beyond the logits (exact: every CPU tensor allocation is counted, see memory.h).
+//
+//   bench_logprobs [--smoke] [--threads=N] [--benchmark_filter=...] [--benchmark_repetitions=N]
+#include <benchmark/benchmark.h>
+#include <prefopt/logprobs.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <algorithm>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "memory.h"
+
+namespace {
+
+namespace F = prefopt::functional;
+constexpr int64_t kT = 1024;  // sequence length; B = tokens / T
+
+/// Per-sequence sums of the shifted, masked token log-probs: the quantity every method computes.
+using Method = at::Tensor (*)(const at::Tensor& logits, const at::Tensor& labels);
+
+at::Tensor prefopt_sum(const at::Tensor& logits, const at::Tensor& labels) {
+  return F::gather_logprobs(logits, labels).sum;
+}
+
+/// What most training code writes: log_softmax over the whole vocabulary, gather, masked sum.
+at::Tensor naive_sum(const at::Tensor& logits, const at::Tensor& labels) {
+  const auto z = logits.slice(1, 0, -1);
+  const auto y = labels.slice(1, 1);
+  const auto mask = y != -100;
+  const auto lp = z.log_softmax(-1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1);
+  return (lp * mask).sum(1);
+}
+
+/// TRL's selective_log_softmax (trl/trainer/utils.py): fp32 gathers the label logit and
+/// subtracts a logsumexp computed one sequence at a time; bf16/fp16 runs log_softmax one
+/// sequence at a time (its output stays in the logits dtype).
+at::Tensor trl_sum(const at::Tensor& logits, const at::Tensor& labels) {
+  const auto z = logits.slice(1, 0, -1);
+  const auto y = labels.slice(1, 1);
+  const auto mask = y != -100;
+  const auto idx = y.clamp_min(0).unsqueeze(-1);
+  at::Tensor lp;
+  if (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble) {
+    std::vector<at::Tensor> lse;
+    for (int64_t b = 0; b < z.size(0); ++b) lse.push_back(z[b].logsumexp(-1));
+    lp = z.gather(-1, idx).squeeze(-1) - at::stack(lse);
+  } else {
+    std::vector<at::Tensor> rows;
+    for (int64_t b = 0; b < z.size(0); ++b)
+      rows.push_back(z[b].log_softmax(-1).gather(-1, idx[b]).squeeze(-1));
+    lp = at::stack(rows);
+  }
+  return (lp * mask).sum(1);
+}
+
+/// One logits tensor at a time, shared by the methods benchmarked on the same shape.
+const at::Tensor& logits_for(int64_t tokens, int64_t V, at::ScalarType st) {
+  static std::tuple<int64_t, int64_t, at::ScalarType> key{-1, -1, at::kFloat};
+  static at::Tensor logits;
+  if (key != std::make_tuple(tokens, V, st)) {
+    logits = at::Tensor();  // free the previous one first
+    at::manual_seed(0);
+    logits = (at::randn({tokens / kT, kT, V}) * 2).to(st);
+    key = {tokens, V, st};
+  }
+  return logits;
+}
+
+void run(benchmark::State& state, Method method, bool backward) {
+  auto& tracker = prefopt_bench::TrackingAllocator::install();
+  const int64_t tokens = state.range(0), V = state.range(1);
+  const auto st = state.range(2) == 16 ? at::kBFloat16 : at::kFloat;
+  const auto& base = logits_for(tokens, V, st);
+  auto labels = at::randint(V, {tokens / kT, kT}, at::kLong);
+  labels.slice(1, 0, 1).fill_(-100);  // the first token is a prompt token
+  const auto logits = backward ? base.detach().requires_grad_() : base;
+
+  int64_t extra = 0;
+  double checksum = 0;
+  for (auto _ : state) {
+    tracker.reset_peak();
+    const int64_t before = tracker.live();
+    if (backward) {
+      const auto sum = method(logits, labels);
+      const auto grad = torch::autograd::grad({sum.sum()}, {logits})[0];
+      benchmark::DoNotOptimize(grad.data_ptr());
+      checksum = sum.sum().item<double>();
+    } else {
+      at::NoGradGuard no_grad;
+      checksum = method(logits, labels).sum().item<double>();
+    }
+    extra = std::max(extra, tracker.peak() - before);
+  }
+  const double logits_bytes = static_cast<double>(base.numel() * base.element_size());
+  state.counters["logits_MB"] = logits_bytes / 1e6;
+  state.counters["extra_MB"] = static_cast<double>(extra) / 1e6;
+  state.counters["extra_pct"] = 100.0 * static_cast<double>(extra) / logits_bytes;
+  if (backward)  // the logits gradient itself (1x logits) is the op's output, not overhead
+    state.counters["extra_beyond_grad_pct"] = 100.0 * (static_cast<double>(extra) - logits_bytes) / logits_bytes;
+  state.counters["checksum"] = checksum;  // the same for every method of a shape (up to dtype)
+}
+
+void register_all(bool smoke) {
+  const std::vector<std::pair<const char*, Method>> methods{
+      {"prefopt", prefopt_sum}, {"naive", naive_sum}, {"trl", trl_sum}};
+  const std::vector<int64_t> token_sizes = smoke ? std::vector<int64_t>{1024} : std::vector<int64_t>{2048, 8192};
+  const std::vector<int64_t> vocab_sizes = smoke ? std::vector<int64_t>{1000} : std::vector<int64_t>{32000, 128256};
+  for (int64_t tokens : token_sizes)
+    for (int64_t V : vocab_sizes)
+      for (int64_t bits : {32, 16})
+        for (bool backward : {false, true})
+          for (const auto& [name, method] : methods) {
+            const std::string label = std::string(backward ? "fwd_bwd/" : "fwd/") + name;
+            benchmark::RegisterBenchmark(label.c_str(), run, method, backward)
+                ->Args({tokens, V, bits})
+                ->ArgNames({"tokens", "V", "bits"})
+                ->Iterations(1)
+                ->Repetitions(3)
+                ->ReportAggregatesOnly(true)
+                ->Unit(benchmark::kMillisecond)
+                ->UseRealTime();
+          }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // --smoke: tiny shapes, so the test suite checks that the benchmark runs.
+  // --threads=N: intra-op threads for every method (default: all hardware threads; Debian's
+  // libtorch would otherwise start with fewer).
+  bool smoke = false;
+  int threads = static_cast<int>(std::thread::hardware_concurrency());
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--smoke") {
+      smoke = true;
+    } else if (arg.rfind("--threads=", 0) == 0) {
+      threads = std::stoi(arg.substr(10));
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
+  at::set_num_threads(std::max(threads, 1));
+  register_all(smoke);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("torch_threads", std::to_string(at::get_num_threads()));
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -4,9 +4,9 @@
 // beyond the logits (exact: every CPU tensor allocation is counted, see memory.h).
 //
 //   bench_logprobs [--smoke] [--threads=N] [--benchmark_filter=...] [--benchmark_repetitions=N]
+#include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
 #include <prefopt/logprobs.h>
-#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
@@ -103,15 +103,18 @@ void run(benchmark::State& state, Method method, bool backward) {
   state.counters["extra_MB"] = static_cast<double>(extra) / 1e6;
   state.counters["extra_pct"] = 100.0 * static_cast<double>(extra) / logits_bytes;
   if (backward)  // the logits gradient itself (1x logits) is the op's output, not overhead
-    state.counters["extra_beyond_grad_pct"] = 100.0 * (static_cast<double>(extra) - logits_bytes) / logits_bytes;
+    state.counters["extra_beyond_grad_pct"] =
+        100.0 * (static_cast<double>(extra) - logits_bytes) / logits_bytes;
   state.counters["checksum"] = checksum;  // the same for every method of a shape (up to dtype)
 }
 
 void register_all(bool smoke) {
   const std::vector<std::pair<const char*, Method>> methods{
       {"prefopt", prefopt_sum}, {"naive", naive_sum}, {"trl", trl_sum}};
-  const std::vector<int64_t> token_sizes = smoke ? std::vector<int64_t>{1024} : std::vector<int64_t>{2048, 8192};
-  const std::vector<int64_t> vocab_sizes = smoke ? std::vector<int64_t>{1000} : std::vector<int64_t>{32000, 128256};
+  const std::vector<int64_t> token_sizes =
+      smoke ? std::vector<int64_t>{1024} : std::vector<int64_t>{2048, 8192};
+  const std::vector<int64_t> vocab_sizes =
+      smoke ? std::vector<int64_t>{1000} : std::vector<int64_t>{32000, 128256};
   for (int64_t tokens : token_sizes)
     for (int64_t V : vocab_sizes)
       for (int64_t bits : {32, 16})

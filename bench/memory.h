@@ -37,7 +37,9 @@ class TrackingAllocator final : public c10::Allocator {
     return {data, ctx, &Context::release, c10::Device(c10::DeviceType::CPU)};
   }
 #if PREFOPT_TORCH_VERSION >= 203
-  void copy_data(void* dst, const void* src, std::size_t n) const override { default_copy_data(dst, src, n); }
+  void copy_data(void* dst, const void* src, std::size_t n) const override {
+    default_copy_data(dst, src, n);
+  }
 #endif
 
   int64_t live() const { return live_.load(); }

@@ -8,8 +8,8 @@
 //   quickstart [--data-dir ../shared/data]
 #include <prefopt/prefopt.h>
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include <filesystem>
 #include <string>
@@ -27,7 +27,8 @@ struct Example {
 
 // Continuations in the style of TinyStories (chosen) against ones it would not write (rejected).
 const std::vector<Example> kPairs = {
-    {"Once upon a time, there was a little girl named Lily.", " She loved to play outside in the park.",
+    {"Once upon a time, there was a little girl named Lily.",
+     " She loved to play outside in the park.",
      " Quarterly revenue exceeded analyst expectations."},
     {"Tom had a red ball.", " He liked to throw it to his dog.",
      " The ball computed a matrix inverse"},
@@ -39,13 +40,15 @@ const std::vector<Example> kPairs = {
 
 int main(int argc, char** argv) {
   CLI::App app{"prefopt quickstart: sequence log-probs of preference pairs under stories260K"};
-  std::string data_dir = (std::filesystem::path(PREFOPT_SOURCE_DIR) / ".." / "shared" / "data").string();
+  std::string data_dir =
+      (std::filesystem::path(PREFOPT_SOURCE_DIR) / ".." / "shared" / "data").string();
   app.add_option("--data-dir", data_dir, "folder holding stories260K/ (shared/data)");
   CLI11_PARSE(app, argc, argv);
 
   const auto dir = std::filesystem::path(data_dir) / "stories260K";
   if (!std::filesystem::exists(dir / "stories260K.bin")) {
-    fmt::print(stderr, "quickstart: {} not found; pass --data-dir\n", (dir / "stories260K.bin").string());
+    fmt::print(stderr, "quickstart: {} not found; pass --data-dir\n",
+               (dir / "stories260K.bin").string());
     return 1;
   }
   const auto model = llama2c::Model::load((dir / "stories260K.bin").string());
@@ -96,23 +99,25 @@ int main(int argc, char** argv) {
   const auto lp = F::gather_logprobs(logits, label, opts);
   const auto [chosen, rejected] = F::split_pairs(lp);
 
-  fmt::print("\n{:>4} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9}\n", "pair", "side", "logp sum", "logp mean",
-             "tokens", "accuracy", "entropy");
+  fmt::print("\n{:>4} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9}\n", "pair", "side", "logp sum",
+             "logp mean", "tokens", "accuracy", "entropy");
   for (int64_t i = 0; i < B; ++i) {
     for (const auto* s : {&chosen, &rejected}) {
       const double n = static_cast<double>(s->count[i].item<int64_t>());
       fmt::print("{:>4} {:>6} {:>10.3f} {:>9.3f} {:>8} {:>9.3f} {:>9.3f}\n", i,
-                 s == &chosen ? "chosen" : "reject", s->sum[i].item<float>(), s->mean[i].item<float>(),
-                 static_cast<int64_t>(n), s->correct[i].item<int64_t>() / n,
-                 s->entropy_sum[i].item<float>() / n);
+                 s == &chosen ? "chosen" : "reject", s->sum[i].item<float>(),
+                 s->mean[i].item<float>(), static_cast<int64_t>(n),
+                 s->correct[i].item<int64_t>() / n, s->entropy_sum[i].item<float>() / n);
     }
   }
   // TRL's `logps/*` is the mean over pairs of the summed log-probs; `logits/*` the
   // token-weighted mean of the vocabulary-mean logit over scored tokens.
-  fmt::print("\nlogps/chosen {:.4f}  logps/rejected {:.4f}  logits/chosen {:.4f}  logits/rejected {:.4f}\n",
-             chosen.sum.mean().item<float>(), rejected.sum.mean().item<float>(),
-             (chosen.logits_sum.sum() / chosen.count.sum()).item<float>(),
-             (rejected.logits_sum.sum() / rejected.count.sum()).item<float>());
+  fmt::print(
+      "\nlogps/chosen {:.4f}  logps/rejected {:.4f}  logits/chosen {:.4f}  logits/rejected "
+      "{:.4f}\n",
+      chosen.sum.mean().item<float>(), rejected.sum.mean().item<float>(),
+      (chosen.logits_sum.sum() / chosen.count.sum()).item<float>(),
+      (rejected.logits_sum.sum() / rejected.count.sum()).item<float>());
   const auto prefers = (chosen.sum > rejected.sum).sum().item<int64_t>();
   fmt::print("the model prefers the chosen continuation in {} of {} pairs\n", prefers, B);
 

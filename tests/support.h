@@ -2,9 +2,9 @@
 // Test helpers shared by prefopt's test files.
 #pragma once
 
-#include <gtest/gtest.h>
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -37,24 +37,24 @@ inline ::testing::AssertionResult AllClose(const at::Tensor& actual, const at::T
   const double excess = err.flatten()[worst].item<double>();
   if (!nan_mismatch && excess <= atol) return ::testing::AssertionSuccess();
   std::ostringstream os;
-  os << (nan_mismatch ? "NaN pattern differs; " : "") << "worst flat index " << worst
-     << ": actual " << a.flatten()[worst].item<double>() << " vs expected "
-     << e.flatten()[worst].item<double>() << " (rtol " << rtol << ", atol " << atol << ")";
+  os << (nan_mismatch ? "NaN pattern differs; " : "") << "worst flat index " << worst << ": actual "
+     << a.flatten()[worst].item<double>() << " vs expected " << e.flatten()[worst].item<double>()
+     << " (rtol " << rtol << ", atol " << atol << ")";
   return ::testing::AssertionFailure() << os.str();
 }
 
 /// Runs `stmt`, expecting a c10::Error whose message (without backtrace) contains `substr`.
-#define PREFOPT_EXPECT_THROWS_WITH(stmt, substr)                                          \
-  do {                                                                                   \
-    bool prefopt_threw = false;                                                          \
-    try {                                                                                \
-      (void)(stmt);                                                                      \
-    } catch (const c10::Error& e) {                                                      \
-      prefopt_threw = true;                                                              \
-      EXPECT_NE(std::string(e.what_without_backtrace()).find(substr), std::string::npos) \
+#define PREFOPT_EXPECT_THROWS_WITH(stmt, substr)                                                 \
+  do {                                                                                           \
+    bool prefopt_threw = false;                                                                  \
+    try {                                                                                        \
+      (void)(stmt);                                                                              \
+    } catch (const c10::Error& e) {                                                              \
+      prefopt_threw = true;                                                                      \
+      EXPECT_NE(std::string(e.what_without_backtrace()).find(substr), std::string::npos)         \
           << "message: " << e.what_without_backtrace() << "\nexpected to contain: " << (substr); \
-    }                                                                                    \
-    EXPECT_TRUE(prefopt_threw) << "expected an error containing: " << (substr);          \
+    }                                                                                            \
+    EXPECT_TRUE(prefopt_threw) << "expected an error containing: " << (substr);                  \
   } while (0)
 
 /// The shared data folder: $PREFOPT_DATA_DIR, else ../shared/data beside the source tree.

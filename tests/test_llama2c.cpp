@@ -26,7 +26,8 @@ class Stories260K : public ::testing::Test {
 TEST_F(Stories260K, TokenizerMatchesLlama2c) {
   const llama2c::Tokenizer tok((dir_ / "tok512.bin").string());
   EXPECT_EQ(tok.vocab_size(), 512);
-  const std::vector<int64_t> expect{403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426};
+  const std::vector<int64_t> expect{403, 407, 261, 378, 432, 383, 286, 261,
+                                    376, 298, 315, 421, 395, 317, 426};
   EXPECT_EQ(tok.encode("Once upon a time, there was a little girl named Lily."), expect);
   EXPECT_EQ(tok.decode(1, 403) + tok.decode(403, 407), "Once upon");
 }
@@ -38,7 +39,8 @@ TEST_F(Stories260K, GreedyDecodingMatchesUpstream) {
     const auto logits = model.forward(at::tensor(ids, at::kLong).unsqueeze(0));
     ids.push_back(logits[0][-1].argmax().item<int64_t>());
   }
-  const std::vector<int64_t> expect{1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338};
+  const std::vector<int64_t> expect{1,   403, 407, 261, 378, 432, 383, 286, 261,
+                                    376, 298, 315, 421, 395, 317, 426, 338};
   EXPECT_EQ(ids, expect);
   // Token accuracy of the model on its own greedy text is 1 by construction: gathered
   // log-probs agree with argmax.

@@ -27,17 +27,24 @@ struct Tol {
 };
 Tol value_tol(at::ScalarType st) {
   switch (st) {
-    case at::kDouble: return {1e-12, 1e-10};
-    case at::kFloat: return {2e-5, 2e-4};
-    default: return {5e-5, 5e-4};  // bf16/fp16: fp32 accumulation of exactly converted values
+    case at::kDouble:
+      return {1e-12, 1e-10};
+    case at::kFloat:
+      return {2e-5, 2e-4};
+    default:
+      return {5e-5, 5e-4};  // bf16/fp16: fp32 accumulation of exactly converted values
   }
 }
 Tol grad_tol(at::ScalarType st) {
   switch (st) {
-    case at::kDouble: return {1e-12, 1e-12};
-    case at::kFloat: return {1e-5, 1e-6};
-    case at::kBFloat16: return {1e-2, 1e-4};  // the gradient is stored in bf16: 8 mantissa bits
-    default: return {2e-3, 1e-5};             // fp16: 11 mantissa bits
+    case at::kDouble:
+      return {1e-12, 1e-12};
+    case at::kFloat:
+      return {1e-5, 1e-6};
+    case at::kBFloat16:
+      return {1e-2, 1e-4};  // the gradient is stored in bf16: 8 mantissa bits
+    default:
+      return {2e-3, 1e-5};  // fp16: 11 mantissa bits
   }
 }
 
@@ -74,8 +81,8 @@ TEST_P(GatherGrid, MatchesFp64Reference) {
     // The reference sees exactly the rounded values the op sees.
     const auto ref_in = logits_st.to(at::kDouble).requires_grad_();
     const auto ref = prefopt_ref::gather(ref_in, labels, labels != kIgnore);
-    const auto ref_loss = (ref.sum * g_sum).sum() + (ref.mean * g_mean).sum() +
-                          (ref.token_logps * g_tok).sum();
+    const auto ref_loss =
+        (ref.sum * g_sum).sum() + (ref.mean * g_mean).sum() + (ref.token_logps * g_tok).sum();
     const auto ref_grad = torch::autograd::grad({ref_loss}, {ref_in})[0];
 
     for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
@@ -99,7 +106,8 @@ TEST_P(GatherGrid, MatchesFp64Reference) {
       EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, rt, tol));
       EXPECT_TRUE(at::equal(lp.token_mask, ref.mask));
       EXPECT_TRUE(AllClose(lp.logits_sum, ref.logits_sum, rt, tol * std::max<int64_t>(T, 1)));
-      EXPECT_TRUE(AllClose(lp.logits_sum_all, ref.logits_sum_all, rt, tol * std::max<int64_t>(T, 1)));
+      EXPECT_TRUE(
+          AllClose(lp.logits_sum_all, ref.logits_sum_all, rt, tol * std::max<int64_t>(T, 1)));
       EXPECT_TRUE(at::equal(lp.positions, at::full({B}, T, at::kLong)));
       EXPECT_TRUE(at::equal(lp.correct, ref.correct));
       EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, rt, tol * std::max<int64_t>(T, 1)));
@@ -116,19 +124,18 @@ TEST_P(GatherGrid, MatchesFp64Reference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    OddSizes, GatherGrid,
-    ::testing::ValuesIn([] {
-      std::vector<Case> cases;
-      for (int64_t B : {1, 3, 17})
-        for (int64_t T : {1, 2, 33})
-          for (int64_t V : {1, 7, 1000, 50257}) cases.push_back({B, T, V});
-      return cases;
-    }()),
-    [](const ::testing::TestParamInfo<Case>& info) {
-      return "B" + std::to_string(info.param.B) + "_T" + std::to_string(info.param.T) + "_V" +
-             std::to_string(info.param.V);
-    });
+INSTANTIATE_TEST_SUITE_P(OddSizes, GatherGrid, ::testing::ValuesIn([] {
+                           std::vector<Case> cases;
+                           for (int64_t B : {1, 3, 17})
+                             for (int64_t T : {1, 2, 33})
+                               for (int64_t V : {1, 7, 1000, 50257}) cases.push_back({B, T, V});
+                           return cases;
+                         }()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return "B" + std::to_string(info.param.B) + "_T" +
+                                  std::to_string(info.param.T) + "_V" +
+                                  std::to_string(info.param.V);
+                         });
 
 using Gather = SeededTest;
 
@@ -136,7 +143,8 @@ using Gather = SeededTest;
 void expect_same_as_contiguous(const at::Tensor& view, const at::Tensor& labels) {
   for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
     SCOPED_TRACE(backend_name(backend));
-    const auto opts = GatherLogprobsOptions().backend(backend).with_entropy(true).with_logits_mean_unmasked(true);
+    const auto opts =
+        GatherLogprobsOptions().backend(backend).with_entropy(true).with_logits_mean_unmasked(true);
     const auto a = view.detach().requires_grad_();
     const auto b = view.detach().contiguous().requires_grad_();
     const auto la = F::gather_logprobs(a, labels, opts);
@@ -157,8 +165,9 @@ TEST_F(Gather, NonContiguousInputs) {
   const int64_t B = 3, T = 9, V = 1000;
   const auto labels = make_labels(B, T, V);
   // Slices: padded rows and a vocabulary window of a larger buffer.
-  expect_same_as_contiguous(at::randn({B + 2, T + 3, V + 24}).slice(0, 1, B + 1).slice(1, 2, T + 2).slice(2, 5, V + 5),
-                            labels);
+  expect_same_as_contiguous(
+      at::randn({B + 2, T + 3, V + 24}).slice(0, 1, B + 1).slice(1, 2, T + 2).slice(2, 5, V + 5),
+      labels);
   // Transposed storage: a [T, B, V] buffer seen as [B, T, V].
   expect_same_as_contiguous(at::randn({T, B, V}).transpose(0, 1), labels);
   // Strided vocabulary: every other element, and vocabulary-major storage.
@@ -172,7 +181,8 @@ TEST_F(Gather, AllMaskedRowsGiveZeroNotNaN) {
   const int64_t B = 4, T = 6, V = 50;
   const auto labels = at::full({B, T}, kIgnore, at::kLong);
   const auto logits = at::randn({B, T, V}).requires_grad_();
-  const auto lp = F::gather_logprobs(logits, labels, GatherLogprobsOptions().with_token_logps(true).with_wpo_weights(true));
+  const auto lp = F::gather_logprobs(
+      logits, labels, GatherLogprobsOptions().with_token_logps(true).with_wpo_weights(true));
   EXPECT_TRUE(at::equal(lp.count, at::zeros({B}, at::kLong)));
   EXPECT_TRUE(at::equal(lp.sum, at::zeros({B})));
   EXPECT_TRUE(at::equal(lp.mean, at::zeros({B})));
@@ -228,7 +238,8 @@ TEST_F(Gather, Int32LabelsAndNoShift) {
   const auto logits = at::randn({B, T, V}, at::kDouble);
   EXPECT_TRUE(at::equal(F::gather_logprobs(logits, labels.to(at::kInt)).sum,
                         F::gather_logprobs(logits, labels).sum));
-  const auto lp = F::gather_logprobs(logits, labels, GatherLogprobsOptions().shift(false).with_token_logps(true));
+  const auto lp = F::gather_logprobs(logits, labels,
+                                     GatherLogprobsOptions().shift(false).with_token_logps(true));
   const auto ref = prefopt_ref::gather(logits, labels, labels != kIgnore, /*shift=*/false);
   EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-12, 1e-12));
   EXPECT_EQ(lp.token_logps.sizes(), (at::IntArrayRef{B, T}));
@@ -245,12 +256,41 @@ TEST_F(Gather, ExtremeLogits) {
   for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
     SCOPED_TRACE(backend_name(backend));
     const auto x = logits.clone().requires_grad_();
-    const auto lp = F::gather_logprobs(x, labels, GatherLogprobsOptions().backend(backend).with_entropy(true));
+    const auto lp =
+        F::gather_logprobs(x, labels, GatherLogprobsOptions().backend(backend).with_entropy(true));
     const auto ref = prefopt_ref::gather(logits, labels, labels != kIgnore);
     EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-6, 1e-2));
     EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, 1e-5, 1e-3));
     const auto g = torch::autograd::grad({lp.sum.sum()}, {x})[0];
     EXPECT_TRUE(at::isfinite(g).all().item<bool>());
+  }
+}
+
+TEST_F(Gather, MaskedVocabularyEntriesInTheLogitsMean) {
+  // V = 20: one 16-lane block and a 4-entry tail. Row 0 has a −inf in the block, row 1 in the
+  // tail, row 2 none: the vocabulary mean is −inf, −inf, finite, on both backends.
+  auto logits = at::randn({1, 4, 20});
+  logits[0][0][3] = -std::numeric_limits<float>::infinity();
+  logits[0][1][18] = -std::numeric_limits<float>::infinity();
+  const auto labels = at::tensor({0, 1, 2, 5}, at::kLong).view({1, 4});
+  for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+    SCOPED_TRACE(backend_name(backend));
+    const auto opts = GatherLogprobsOptions().backend(backend).with_token_logps(true);
+    for (int64_t t = 0; t < 3; ++t) {
+      // One scored position at a time, so logits_sum is that row's vocabulary mean.
+      auto one = at::full_like(labels, kIgnore);
+      one[0][t + 1] = labels[0][t + 1];
+      const auto lp =
+          F::gather_logprobs(logits, one, GatherLogprobsOptions(opts).with_logits_mean(true));
+      const float mean = logits[0][t].mean().item<float>();
+      if (t < 2) {
+        EXPECT_TRUE(std::isinf(lp.logits_sum[0].item<float>()) &&
+                    lp.logits_sum[0].item<float>() < 0)
+            << t;
+      } else {
+        EXPECT_NEAR(lp.logits_sum[0].item<float>(), mean, 1e-5);
+      }
+    }
   }
 }
 
@@ -261,8 +301,11 @@ TEST_F(Gather, ChunkBoundariesOfTheATenPath) {
   const auto ref = prefopt_ref::gather(logits, labels, labels != kIgnore);
   // One row per chunk, a few rows, and everything at once.
   for (int64_t bytes : {int64_t{1}, int64_t{V * 24 * 5}, int64_t{1} << 30}) {
-    const auto lp = F::gather_logprobs(
-        logits, labels, GatherLogprobsOptions().backend(GatherBackend::kATen).chunk_bytes(bytes).with_logits_mean_unmasked(true));
+    const auto lp = F::gather_logprobs(logits, labels,
+                                       GatherLogprobsOptions()
+                                           .backend(GatherBackend::kATen)
+                                           .chunk_bytes(bytes)
+                                           .with_logits_mean_unmasked(true));
     EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-12, 1e-12)) << bytes;
     EXPECT_TRUE(AllClose(lp.logits_sum_all, ref.logits_sum_all, 1e-12, 1e-12)) << bytes;
   }
@@ -292,7 +335,8 @@ struct Packed {
 };
 
 /// Packs the first lengths[s] positions of each padded row back to back.
-Packed pack(const at::Tensor& logits, const at::Tensor& labels, const std::vector<int64_t>& lengths) {
+Packed pack(const at::Tensor& logits, const at::Tensor& labels,
+            const std::vector<int64_t>& lengths) {
   std::vector<at::Tensor> z, y;
   std::vector<int64_t> cu{0};
   for (size_t s = 0; s < lengths.size(); ++s) {
@@ -329,8 +373,10 @@ TEST_F(Gather, PackedEqualsPadded) {
       const auto packed_logits = p.logits.clone().requires_grad_();
       for (const auto& packed :
            {F::gather_packed_logprobs(packed_logits, p.labels, p.cu_seqlens, opts),
-            F::gather_packed_logprobs(packed_logits.unsqueeze(0), p.labels.unsqueeze(0), p.cu_seqlens, opts),
-            F::gather_packed_logprobs(packed_logits, p.labels, p.mask, p.cu_seqlens.to(at::kInt), opts)}) {
+            F::gather_packed_logprobs(packed_logits.unsqueeze(0), p.labels.unsqueeze(0),
+                                      p.cu_seqlens, opts),
+            F::gather_packed_logprobs(packed_logits, p.labels, p.mask, p.cu_seqlens.to(at::kInt),
+                                      opts)}) {
         EXPECT_TRUE(AllClose(packed.sum, padded.sum, 1e-6, 1e-6));
         EXPECT_TRUE(at::equal(packed.count, padded.count));
         EXPECT_TRUE(AllClose(packed.mean, padded.mean, 1e-6, 1e-6));
@@ -344,8 +390,10 @@ TEST_F(Gather, PackedEqualsPadded) {
       // Gradients: packed grads are the padded grads at the packed positions.
       const auto w = at::randn({B}, at::kDouble);
       const auto packed = F::gather_packed_logprobs(packed_logits, p.labels, p.cu_seqlens, opts);
-      const auto g_packed = torch::autograd::grad({(packed.sum.to(at::kDouble) * w).sum()}, {packed_logits})[0];
-      const auto g_padded = torch::autograd::grad({(padded.sum.to(at::kDouble) * w).sum()}, {padded_logits})[0];
+      const auto g_packed =
+          torch::autograd::grad({(packed.sum.to(at::kDouble) * w).sum()}, {packed_logits})[0];
+      const auto g_padded =
+          torch::autograd::grad({(padded.sum.to(at::kDouble) * w).sum()}, {padded_logits})[0];
       EXPECT_TRUE(AllClose(g_packed, pack(g_padded, labels, lengths).logits, 1e-9, 1e-9));
     }
   }
@@ -369,10 +417,12 @@ TEST_F(Gather, PackedShiftNeverCrossesABoundary) {
 TEST_F(Gather, PackedUnmaskedLogitsMean) {
   const auto logits = at::randn({9, 11}, at::kDouble);
   const auto labels = at::randint(11, {9}, at::kLong);
-  const auto lp = F::gather_packed_logprobs(logits, labels, at::tensor({0, 4, 9}, at::kLong),
-                                            GatherLogprobsOptions().with_logits_mean_unmasked(true));
+  const auto lp =
+      F::gather_packed_logprobs(logits, labels, at::tensor({0, 4, 9}, at::kLong),
+                                GatherLogprobsOptions().with_logits_mean_unmasked(true));
   const auto means = logits.mean(1);
-  EXPECT_NEAR(lp.logits_sum_all[0].item<double>(), means.slice(0, 0, 4).sum().item<double>(), 1e-12);
+  EXPECT_NEAR(lp.logits_sum_all[0].item<double>(), means.slice(0, 0, 4).sum().item<double>(),
+              1e-12);
   EXPECT_NEAR(lp.logits_sum_all[1].item<double>(), means.slice(0, 4).sum().item<double>(), 1e-12);
   EXPECT_TRUE(at::equal(lp.positions, at::tensor({4, 5}, at::kLong)));
 }
@@ -383,7 +433,8 @@ TEST_F(Gather, SplitPairs) {
   const int64_t B = 3, T = 6, V = 20;
   const auto logits = at::randn({2 * B, T, V});
   const auto labels = make_labels(2 * B, T, V);
-  const auto all = F::gather_logprobs(logits, labels, GatherLogprobsOptions().with_token_logps(true).with_entropy(true));
+  const auto all = F::gather_logprobs(
+      logits, labels, GatherLogprobsOptions().with_token_logps(true).with_entropy(true));
   const auto [chosen, rejected] = F::split_pairs(all);
   EXPECT_TRUE(at::equal(chosen.sum, all.sum.slice(0, 0, B)));
   EXPECT_TRUE(at::equal(rejected.sum, all.sum.slice(0, B)));
@@ -397,14 +448,16 @@ TEST_F(Gather, LdLogpsCountsPositionsWithinTheCompletion) {
   auto labels = make_labels(2 * B, T, V);
   labels[1].fill_(kIgnore);  // an empty chosen completion: nothing shared, nothing scaled
   const auto logits = at::randn({2 * B, T, V}, at::kDouble).requires_grad_();
-  const auto pair = F::split_pairs(F::gather_logprobs(logits, labels, GatherLogprobsOptions().with_token_logps(true)));
+  const auto pair = F::split_pairs(
+      F::gather_logprobs(logits, labels, GatherLogprobsOptions().with_token_logps(true)));
   const double alpha = 0.3;
   const auto ld = F::ld_logps(pair, alpha);
   // Independent loop: the k-th scored token (1-based) of each side counts fully when
   // k <= min(n_c, n_r), else by alpha.
   const auto lp = at::log_softmax(logits.detach(), -1);
   for (int64_t i = 0; i < B; ++i) {
-    const int64_t n_shared = std::min(pair.chosen.count[i].item<int64_t>(), pair.rejected.count[i].item<int64_t>());
+    const int64_t n_shared =
+        std::min(pair.chosen.count[i].item<int64_t>(), pair.rejected.count[i].item<int64_t>());
     for (int side = 0; side < 2; ++side) {
       const int64_t row = i + side * B;
       double expect = 0;
@@ -427,11 +480,13 @@ TEST_F(Gather, WpoPairWeights) {
   const int64_t B = 3, T = 8, V = 12;
   const auto labels = make_labels(2 * B, T, V);
   const auto logits = at::randn({2 * B, T, V}, at::kDouble) * 0.2;  // flat: weights near 1
-  const auto pair = F::split_pairs(F::gather_logprobs(logits, labels, GatherLogprobsOptions().with_wpo_weights(true)));
+  const auto pair = F::split_pairs(
+      F::gather_logprobs(logits, labels, GatherLogprobsOptions().with_wpo_weights(true)));
   const auto ref = prefopt_ref::gather(logits, labels, labels != kIgnore);
   const auto expect = ref.wpo_weights.slice(0, 0, B) * ref.wpo_weights.slice(0, B);
   EXPECT_TRUE(AllClose(F::wpo_pair_weights(pair), expect, 1e-10, 1e-12));
-  EXPECT_TRUE(AllClose(F::wpo_pair_weights(pair, /*clamp_max_one=*/true), expect.clamp_max(1), 1e-10, 1e-12));
+  EXPECT_TRUE(AllClose(F::wpo_pair_weights(pair, /*clamp_max_one=*/true), expect.clamp_max(1),
+                       1e-10, 1e-12));
   EXPECT_GT(F::wpo_pair_weights(pair).max().item<double>(), 1.0);  // so the clamp is exercised
 }
 
@@ -441,18 +496,22 @@ TEST_F(Gather, ErrorsNameTheFunctionAndStateExpectedVsActual) {
   const auto logits = at::randn({2, 4, 10});
   const auto labels = at::randint(10, {2, 4}, at::kLong);
   const char* fn = "prefopt::gather_logprobs: ";
-  PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(at::randn({8, 10}), labels),
-                             std::string(fn) + "expected logits of rank 3 [B, T, V], got shape [8, 10]");
-  PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(at::ones({2, 4, 10}, at::kLong), labels),
-                             "expected floating logits (float64, float32, bfloat16 or float16), got Long");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::gather_logprobs(at::randn({8, 10}), labels),
+      std::string(fn) + "expected logits of rank 3 [B, T, V], got shape [8, 10]");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::gather_logprobs(at::ones({2, 4, 10}, at::kLong), labels),
+      "expected floating logits (float64, float32, bfloat16 or float16), got Long");
   PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, labels.to(at::kFloat)),
                              "expected integer labels (int64 or int32), got Float");
-  PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, labels.slice(1, 0, 3)),
-                             "expected labels of shape [2, 4] to match the logits [2, 4, 10], got [2, 3]");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::gather_logprobs(logits, labels.slice(1, 0, 3)),
+      "expected labels of shape [2, 4] to match the logits [2, 4, 10], got [2, 3]");
   auto bad = labels.clone();
   bad[1][2] = 10;
   PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, bad),
-                             "expected labels in [0, 10) or equal to ignore_index = -100, got 10 at scored position (1, 1)");
+                             "expected labels in [0, 10) or equal to ignore_index = -100, got 10 "
+                             "at scored position (1, 1)");
   bad[1][2] = -5;
   PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, bad), "got -5 at scored position (1, 1)");
   // An out-of-range label at position 0 is never scored with the shift: no error.
@@ -477,19 +536,24 @@ TEST_F(Gather, ErrorsNameTheFunctionAndStateExpectedVsActual) {
                              "expected cu_seqlens to end at the token count N = 6, got 5");
   PREFOPT_EXPECT_THROWS_WITH(F::gather_packed_logprobs(z, y, at::tensor({0.0, 6.0})),
                              "expected integer cu_seqlens, got Double");
-  PREFOPT_EXPECT_THROWS_WITH(F::gather_packed_logprobs(z.unsqueeze(0).expand({2, 6, 10}), y, at::tensor({0, 6})),
-                             "expected packed logits of shape [N, V] or [1, N, V], got [2, 6, 10]");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::gather_packed_logprobs(z.unsqueeze(0).expand({2, 6, 10}), y, at::tensor({0, 6})),
+      "expected packed logits of shape [N, V] or [1, N, V], got [2, 6, 10]");
   PREFOPT_EXPECT_THROWS_WITH(F::gather_packed_logprobs(z, y.slice(0, 0, 5), at::tensor({0, 6})),
                              "expected labels of shape [6]");
 
   const auto odd = F::gather_logprobs(at::randn({3, 4, 10}), at::randint(10, {3, 4}, at::kLong));
-  PREFOPT_EXPECT_THROWS_WITH(F::split_pairs(odd),
-                             "prefopt::split_pairs: expected an even number of sequences [chosen..., rejected...], got 3");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::split_pairs(odd),
+      "prefopt::split_pairs: expected an even number of sequences [chosen..., rejected...], got 3");
   const auto pair = F::split_pairs(F::gather_logprobs(logits, labels));
-  PREFOPT_EXPECT_THROWS_WITH(F::ld_logps(pair, 1.5), "prefopt::ld_logps: expected ld_alpha in [0, 1], got 1.5");
-  PREFOPT_EXPECT_THROWS_WITH(F::ld_logps(pair, 0.5), "expected per-token log-probs (gather with with_token_logps(true))");
-  PREFOPT_EXPECT_THROWS_WITH(F::wpo_pair_weights(pair),
-                             "prefopt::wpo_pair_weights: expected WPO weights (gather with with_wpo_weights(true))");
+  PREFOPT_EXPECT_THROWS_WITH(F::ld_logps(pair, 1.5),
+                             "prefopt::ld_logps: expected ld_alpha in [0, 1], got 1.5");
+  PREFOPT_EXPECT_THROWS_WITH(F::ld_logps(pair, 0.5),
+                             "expected per-token log-probs (gather with with_token_logps(true))");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::wpo_pair_weights(pair),
+      "prefopt::wpo_pair_weights: expected WPO weights (gather with with_wpo_weights(true))");
 }
 
 // ---- CUDA: same op on the GPU, compared with the CPU kernels. Skips only without a GPU. ----
@@ -510,7 +574,9 @@ TEST_F(GatherCuda, MatchesCpuValuesAndGradients) {
       const auto labels = make_labels(B, T, V);
       const auto cpu = (at::randn({B, T, V}) * 3).to(st).requires_grad_();
       const auto gpu = cpu.detach().cuda().requires_grad_();
-      const auto opts = GatherLogprobsOptions().with_token_accuracy(true).with_entropy(true).with_wpo_weights(true);
+      const auto opts =
+          GatherLogprobsOptions().with_token_accuracy(true).with_entropy(true).with_wpo_weights(
+              true);
       const auto a = F::gather_logprobs(cpu, labels, opts);
       const auto b = F::gather_logprobs(gpu, labels.cuda(), opts);
       EXPECT_TRUE(b.sum.is_cuda());
@@ -535,7 +601,8 @@ TEST_F(GatherCuda, PackedAndErrors) {
   PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(z.view({2, 3, 10}), y.cpu().view({2, 3})),
                              "expected labels on cuda:0 like the logits, got cpu");
   PREFOPT_EXPECT_THROWS_WITH(
-      F::gather_logprobs(z.view({2, 3, 10}), y.view({2, 3}), GatherLogprobsOptions().backend(GatherBackend::kKernel)),
+      F::gather_logprobs(z.view({2, 3, 10}), y.view({2, 3}),
+                         GatherLogprobsOptions().backend(GatherBackend::kKernel)),
       "backend kKernel needs CPU logits");
 }
 

@@ -7,8 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <fstream>
 #include <limits>
 #include <stdexcept>
@@ -133,7 +133,8 @@ class Tokenizer {
     in.read(reinterpret_cast<char*>(&max_len), 4);
     float score;
     int32_t len;
-    while (in.read(reinterpret_cast<char*>(&score), 4) && in.read(reinterpret_cast<char*>(&len), 4)) {
+    while (in.read(reinterpret_cast<char*>(&score), 4) &&
+           in.read(reinterpret_cast<char*>(&len), 4)) {
       std::string piece(static_cast<size_t>(len), '\0');
       in.read(piece.data(), len);
       if (!in) throw std::runtime_error("llama2c: " + path + " is truncated");
@@ -154,7 +155,12 @@ class Tokenizer {
     for (size_t i = 0; i < s.size();) {
       size_t n = 1;  // UTF-8 code point length from the lead byte
       const auto c = static_cast<unsigned char>(s[i]);
-      if (c >= 0xF0) n = 4; else if (c >= 0xE0) n = 3; else if (c >= 0xC0) n = 2;
+      if (c >= 0xF0)
+        n = 4;
+      else if (c >= 0xE0)
+        n = 3;
+      else if (c >= 0xC0)
+        n = 2;
       n = std::min(n, s.size() - i);
       const auto it = ids_.find(s.substr(i, n));
       if (it != ids_.end()) {

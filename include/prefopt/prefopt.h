@@ -3,5 +3,6 @@
 #pragma once
 
 #include <prefopt/config.h>
+#include <prefopt/fused_logprobs.h>
 #include <prefopt/logprobs.h>
 #include <prefopt/version.h>

@@ -13,6 +13,6 @@
 #define PREFOPT_STRINGIFY_(x) #x
 #define PREFOPT_STRINGIFY(x) PREFOPT_STRINGIFY_(x)
 /// Version as a string, e.g. "0.1.0".
-#define PREFOPT_VERSION_STRING                                                    \
-  PREFOPT_STRINGIFY(PREFOPT_VERSION_MAJOR)                                        \
+#define PREFOPT_VERSION_STRING             \
+  PREFOPT_STRINGIFY(PREFOPT_VERSION_MAJOR) \
   "." PREFOPT_STRINGIFY(PREFOPT_VERSION_MINOR) "." PREFOPT_STRINGIFY(PREFOPT_VERSION_PATCH)

@@ -17,7 +17,8 @@
 
 // GCC's target_clones("arch=...") dispatches on the CPU model, not its features (an AMD EPYC
 // with AVX-512 is never "haswell"), so the dispatch below tests the features themselves.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PREFOPT_NO_DISPATCH)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(PREFOPT_NO_DISPATCH)
 #define PREFOPT_X86_DISPATCH 1
 #else
 #define PREFOPT_X86_DISPATCH 0
@@ -51,9 +52,7 @@ PREFOPT_ALWAYS_INLINE vu splatu(uint32_t x) {
   return r;
 }
 PREFOPT_ALWAYS_INLINE vu select(vu mask, vu a, vu b) { return (a & mask) | (b & ~mask); }
-PREFOPT_ALWAYS_INLINE vf selectf(vi mask, vf a, vf b) {
-  return (vf)select((vu)mask, (vu)a, (vu)b);
-}
+PREFOPT_ALWAYS_INLINE vf selectf(vi mask, vf a, vf b) { return (vf)select((vu)mask, (vu)a, (vu)b); }
 PREFOPT_ALWAYS_INLINE vf vmax(vf a, vf b) { return selectf(a > b, a, b); }
 PREFOPT_ALWAYS_INLINE double hsum(vf v) {
   double s = 0;
@@ -204,7 +203,13 @@ PREFOPT_ALWAYS_INLINE RowStats<float> stats_impl(const T* z, int64_t V, int64_t 
     const vf v = load_tail(z + nb * W, tail);
     mx = vmax(mx, v);
     nan |= (v != v);
-    if (want_sum) acc += selectf(v == splat(-std::numeric_limits<float>::infinity()), splat(0.0f), v);
+    if (want_sum) {  // only the real lanes: a −inf logit makes the sum −inf, as in ATen
+      vi lane;
+      for (int i = 0; i < W; ++i) lane[i] = i;
+      vi n;
+      for (int i = 0; i < W; ++i) n[i] = static_cast<int32_t>(tail);
+      acc += selectf(lane < n, v, splat(0.0f));
+    }
   }
   const float m = hmax(mx);
   if (want_sum) out.logit_sum = static_cast<float>(total + hsum(acc));
@@ -262,6 +267,8 @@ template <typename T>
 PREFOPT_ALWAYS_INLINE void grad_impl(const T* z, int64_t V, int64_t target, float lse, float g,
                                      T* out) {
   const int64_t nb = V / W, tail = V - nb * W;
+  // Read before the row is written: `out` may alias `z` (in-place gradients of the fused op).
+  const double p = target >= 0 ? std::exp(static_cast<double>(to_float(z + target)) - lse) : 0;
   const vf vl = splat(lse), vg = splat(-g);
   for (int64_t b = 0; b < nb; ++b) store(out + b * W, vg * vexp(load(z + b * W) - vl));
   if (tail) {
@@ -270,7 +277,6 @@ PREFOPT_ALWAYS_INLINE void grad_impl(const T* z, int64_t V, int64_t target, floa
     std::memcpy(out + nb * W, buf, tail * sizeof(T));
   }
   if (target >= 0) {
-    const double p = std::exp(static_cast<double>(to_float(z + target)) - lse);
     T buf[W];
     store(buf, splat(static_cast<float>(g * (1.0 - p))));
     out[target] = buf[0];
@@ -325,23 +331,23 @@ RowStats<double> stats_f64(const double* z, int64_t V, int64_t target, unsigned 
 
 // ---- entry points: one set per instruction-set level, chosen once at run time ----
 
-#define PREFOPT_ROW_ENTRIES(ISA, ATTR)                                                       \
-  ATTR RowStats<float> stats_##ISA(const float* z, int64_t V, int64_t t, unsigned f) {       \
-    return stats_impl(z, V, t, f);                                                           \
-  }                                                                                          \
-  ATTR RowStats<float> stats_##ISA(const bf16* z, int64_t V, int64_t t, unsigned f) {        \
-    return stats_impl(z, V, t, f);                                                           \
-  }                                                                                          \
-  ATTR RowStats<float> stats_##ISA(const f16* z, int64_t V, int64_t t, unsigned f) {         \
-    return stats_impl(z, V, t, f);                                                           \
-  }                                                                                          \
-  template <typename T>                                                                      \
-  ATTR void grad_##ISA(const T* z, int64_t V, int64_t t, float l, float g, T* o) {           \
-    grad_impl(z, V, t, l, g, o);                                                             \
-  }                                                                                          \
-  template <typename T>                                                                      \
-  ATTR float sum_##ISA(const T* z, int64_t V) {                                              \
-    return sum_impl(z, V);                                                                   \
+#define PREFOPT_ROW_ENTRIES(ISA, ATTR)                                                 \
+  ATTR RowStats<float> stats_##ISA(const float* z, int64_t V, int64_t t, unsigned f) { \
+    return stats_impl(z, V, t, f);                                                     \
+  }                                                                                    \
+  ATTR RowStats<float> stats_##ISA(const bf16* z, int64_t V, int64_t t, unsigned f) {  \
+    return stats_impl(z, V, t, f);                                                     \
+  }                                                                                    \
+  ATTR RowStats<float> stats_##ISA(const f16* z, int64_t V, int64_t t, unsigned f) {   \
+    return stats_impl(z, V, t, f);                                                     \
+  }                                                                                    \
+  template <typename T>                                                                \
+  ATTR void grad_##ISA(const T* z, int64_t V, int64_t t, float l, float g, T* o) {     \
+    grad_impl(z, V, t, l, g, o);                                                       \
+  }                                                                                    \
+  template <typename T>                                                                \
+  ATTR float sum_##ISA(const T* z, int64_t V) {                                        \
+    return sum_impl(z, V);                                                             \
   }
 
 namespace {
@@ -365,11 +371,14 @@ Isa detect_isa() {
 const Isa kIsa = detect_isa();
 
 #if PREFOPT_X86_DISPATCH
-#define PREFOPT_DISPATCH(NAME, ...)                                      \
-  switch (kIsa) {                                                        \
-    case Isa::avx512: return NAME##_avx512(__VA_ARGS__);                 \
-    case Isa::avx2: return NAME##_avx2(__VA_ARGS__);                     \
-    default: return NAME##_generic(__VA_ARGS__);                         \
+#define PREFOPT_DISPATCH(NAME, ...)       \
+  switch (kIsa) {                         \
+    case Isa::avx512:                     \
+      return NAME##_avx512(__VA_ARGS__);  \
+    case Isa::avx2:                       \
+      return NAME##_avx2(__VA_ARGS__);    \
+    default:                              \
+      return NAME##_generic(__VA_ARGS__); \
   }
 #else
 #define PREFOPT_DISPATCH(NAME, ...) return NAME##_generic(__VA_ARGS__);
@@ -378,9 +387,12 @@ const Isa kIsa = detect_isa();
 
 const char* row_kernel_isa() {
   switch (kIsa) {
-    case Isa::avx512: return "avx512";
-    case Isa::avx2: return "avx2";
-    default: return "generic";
+    case Isa::avx512:
+      return "avx512";
+    case Isa::avx2:
+      return "avx2";
+    default:
+      return "generic";
   }
 }
 
@@ -415,8 +427,9 @@ void row_grad<f16>(const f16* z, int64_t V, int64_t t, float l, float g, f16* o)
 }
 template <>
 void row_grad<double>(const double* z, int64_t V, int64_t t, double l, double g, double* o) {
+  const double p = t >= 0 ? std::exp(z[t] - l) : 0;  // before `o` (which may alias z) is written
   for (int64_t v = 0; v < V; ++v) o[v] = -g * std::exp(z[v] - l);
-  if (t >= 0) o[t] = g * (1.0 - std::exp(z[t] - l));
+  if (t >= 0) o[t] = g * (1.0 - p);
 }
 
 template <>

@@ -40,11 +40,11 @@ enum RowFlags : unsigned {
 
 template <typename A>
 struct RowStats {
-  A lse = 0;         ///< log Σ_v exp(z_v)
-  A target = 0;      ///< z_target (0 when target < 0)
-  A logit_sum = 0;   ///< Σ_v z_v                 (kLogitSum)
-  A entropy = 0;     ///< -Σ_v p_v log p_v        (kEntropy)
-  A log_sum_p2 = 0;  ///< log Σ_v p_v²            (kLogSumP2)
+  A lse = 0;            ///< log Σ_v exp(z_v)
+  A target = 0;         ///< z_target (0 when target < 0)
+  A logit_sum = 0;      ///< Σ_v z_v                 (kLogitSum)
+  A entropy = 0;        ///< -Σ_v p_v log p_v        (kEntropy)
+  A log_sum_p2 = 0;     ///< log Σ_v p_v²            (kLogSumP2)
   int64_t argmax = -1;  ///< first v with z_v = max (kArgmax)
 };
 
@@ -54,7 +54,7 @@ template <typename T>
 RowStats<acc_t<T>> row_stats(const T* z, int64_t V, int64_t target, unsigned flags);
 
 /// Gradient of `g · log_softmax(z)[target]` with respect to the row:
-/// `out_v = g · (1[v = target] − exp(z_v − lse))`, written in T.
+/// `out_v = g · (1[v = target] − exp(z_v − lse))`, written in T. `out` may be `z` (in place).
 template <typename T>
 void row_grad(const T* z, int64_t V, int64_t target, acc_t<T> lse, acc_t<T> g, T* out);
 

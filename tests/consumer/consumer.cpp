@@ -8,7 +8,8 @@
 
 int main() {
   if (std::strcmp(PREFOPT_VERSION_STRING, EXPECTED_VERSION) != 0) {
-    std::fprintf(stderr, "version.h says %s, the package %s\n", PREFOPT_VERSION_STRING, EXPECTED_VERSION);
+    std::fprintf(stderr, "version.h says %s, the package %s\n", PREFOPT_VERSION_STRING,
+                 EXPECTED_VERSION);
     return 1;
   }
   at::manual_seed(0);
@@ -19,11 +20,13 @@ int main() {
   const auto mask = labels.slice(1, 1) != -100;
   const auto naive = (at::log_softmax(logits.slice(1, 0, 8), -1)
                           .gather(2, labels.slice(1, 1).clamp_min(0).unsqueeze(2))
-                          .squeeze(2) * mask).sum(1);
+                          .squeeze(2) *
+                      mask)
+                         .sum(1);
   const double err = (lp.sum - naive).abs().max().item<double>();
   lp.sum.sum().backward();
   const bool grad_ok = logits.grad().defined() && logits.grad().isfinite().all().item<bool>();
-  std::printf("prefopt %s consumer: max |prefopt - naive| = %.3g, grad %s\n", PREFOPT_VERSION_STRING,
-              err, grad_ok ? "ok" : "MISSING");
+  std::printf("prefopt %s consumer: max |prefopt - naive| = %.3g, grad %s\n",
+              PREFOPT_VERSION_STRING, err, grad_ok ? "ok" : "MISSING");
   return err < 1e-4 && grad_ok ? 0 : 1;
 }

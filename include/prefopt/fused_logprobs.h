@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fused LM-head log-prob gathering: per-sequence log-probs straight from the final hidden
+// states and the LM-head weight, without materialising the [N, V] logits.
+#pragma once
+
+#include <prefopt/config.h>
+#include <prefopt/detail/compat.h>
+#include <prefopt/logprobs.h>
+
+#include <cstdint>
+
+PREFOPT_BEGIN_NAMESPACE
+
+/// Options of `functional::fused_logprobs` and `functional::fused_packed_logprobs`.
+///
+/// Example:
+/// ```
+/// auto opts = prefopt::FusedLogprobsOptions().chunk_bytes(64 << 20).softcap(30.0);
+/// ```
+struct FusedLogprobsOptions {
+  /// Causal shift, as in `GatherLogprobsOptions::shift`. Default: true.
+  TORCH_ARG(bool, shift) = true;
+  /// Label value of unscored positions (labels form only). Default: -100.
+  TORCH_ARG(int64_t, ignore_index) = -100;
+  /// Logits are divided by this before the softmax (sampling temperature, as TRL's
+  /// `temperature` for on-policy log-probs). Default: 1.
+  TORCH_ARG(double, temperature) = 1.0;
+  /// Final-logit softcapping `cap · tanh(z / cap)` (Gemma-2), applied after the temperature;
+  /// 0 turns it off. Default: 0.
+  TORCH_ARG(double, softcap) = 0.0;
+  /// Also return per-token log-probs and their mask (see `SequenceLogprobs`). Default: false.
+  TORCH_ARG(bool, with_token_logps) = false;
+  /// Also return `logits_sum` (vocabulary mean of the final logits, summed over scored
+  /// tokens: TRL's `logits/*`). Default: false.
+  TORCH_ARG(bool, with_logits_mean) = false;
+  /// Also return `correct` (argmax == label over scored tokens). Default: false.
+  TORCH_ARG(bool, with_token_accuracy) = false;
+  /// Also return `entropy_sum`. Default: false.
+  TORCH_ARG(bool, with_entropy) = false;
+  /// Also return `wpo_weights` (see `GatherLogprobsOptions::with_wpo_weights`). Default: false.
+  TORCH_ARG(bool, with_wpo_weights) = false;
+  /// Memory budget, in bytes, for the per-chunk logits buffers (forward: one [c, V] buffer in
+  /// the input dtype; backward: that buffer, a second one with softcapping, and an fp32 copy of
+  /// the chunk gradient for bf16/fp16 weights). The chunk size c is the largest that fits; a
+  /// budget below one row is an error. Default: 256 MiB.
+  TORCH_ARG(int64_t, chunk_bytes) = int64_t{256} << 20;
+  /// CPU row kernels or the ATen path for the per-chunk log-softmax (as for gathering).
+  /// Default: kAuto.
+  TORCH_ARG(GatherBackend, backend) = GatherBackend::kAuto;
+};
+
+namespace functional {
+
+using FusedLogprobsFuncOptions = FusedLogprobsOptions;
+
+/// Sequence log-probs of `labels` under the LM head `logits = hidden · weightᵀ + bias`, without
+/// materialising the logits.
+///
+/// `sum_b = Σ_t 1[y_{b,t+1} ≠ ignore] · log_softmax(f(h_{b,t} · Wᵀ + bias))[y_{b,t+1}]`, where f is
+/// the temperature and the optional softcap.
+///
+/// - `hidden`: [B, T, H] final hidden states; `weight`: [V, H]; `bias`: [V] or an undefined tensor.
+///   One floating dtype (fp64/fp32/bf16/fp16) and one device for all three.
+/// - `labels`: [B, T] as for `gather_logprobs` (int64/int32, `ignore_index` where unscored).
+///
+/// How: only the scored tokens are gathered (prompt and padding rows never reach a matmul),
+/// then processed in chunks of c rows whose logits buffer is allocated once and reused. The
+/// log-softmax is computed in fp32 (fp64 for fp64 inputs). Backward saves one logsumexp per
+/// token, recomputes each chunk's logits, forms the logits gradient in place, and returns
+/// gradients for `hidden`, `weight` (skipped when it does not require grad, e.g. a frozen head
+/// under LoRA) and `bias`. The weight and bias gradients are accumulated across chunks in fp32
+/// (fp64 for fp64) and cast to the parameter dtype once at the end. Without grad mode, or when
+/// nothing requires grad (a reference model), nothing is saved.
+///
+/// Returns the same `SequenceLogprobs` as `gather_logprobs`, so losses and metrics do not care
+/// which path produced them.
+///
+/// Example:
+/// ```
+/// auto h = model.hidden(input_ids);  // [2B, T, H]
+/// auto lp = F::fused_logprobs(h, lm_head.weight, {}, labels);
+/// auto [chosen, rejected] = F::split_pairs(lp);
+/// ```
+PREFOPT_API SequenceLogprobs fused_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                            const at::Tensor& bias, const at::Tensor& labels,
+                                            const FusedLogprobsFuncOptions& options = {});
+
+/// Completion-mask form: `input_ids` [B, T] are the labels, `completion_mask` [B, T] selects.
+PREFOPT_API SequenceLogprobs fused_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                            const at::Tensor& bias, const at::Tensor& input_ids,
+                                            const at::Tensor& completion_mask,
+                                            const FusedLogprobsFuncOptions& options = {});
+
+/// Packed sequences: `hidden` [N, H] or [1, N, H], `labels` [N] or [1, N], boundaries in
+/// `cu_seqlens` [S + 1] (as for `gather_packed_logprobs`).
+PREFOPT_API SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden,
+                                                   const at::Tensor& weight, const at::Tensor& bias,
+                                                   const at::Tensor& labels,
+                                                   const at::Tensor& cu_seqlens,
+                                                   const FusedLogprobsFuncOptions& options = {});
+
+/// Packed sequences in the completion-mask form.
+PREFOPT_API SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden,
+                                                   const at::Tensor& weight, const at::Tensor& bias,
+                                                   const at::Tensor& input_ids,
+                                                   const at::Tensor& completion_mask,
+                                                   const at::Tensor& cu_seqlens,
+                                                   const FusedLogprobsFuncOptions& options = {});
+
+}  // namespace functional
+
+/// Functor form of `functional::fused_logprobs`, holding its options.
+///
+/// Example:
+/// ```
+/// prefopt::FusedLogprobs head_logps(prefopt::FusedLogprobsOptions().chunk_bytes(64 << 20));
+/// auto lp = head_logps(hidden, lm_head_weight, {}, labels);
+/// ```
+class FusedLogprobs {
+ public:
+  explicit FusedLogprobs(FusedLogprobsOptions options = {}) : options_(std::move(options)) {}
+  SequenceLogprobs operator()(const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& labels) const {
+    return functional::fused_logprobs(hidden, weight, bias, labels, options_);
+  }
+  SequenceLogprobs operator()(const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& input_ids,
+                              const at::Tensor& completion_mask) const {
+    return functional::fused_logprobs(hidden, weight, bias, input_ids, completion_mask, options_);
+  }
+  const FusedLogprobsOptions& options() const { return options_; }
+
+ private:
+  FusedLogprobsOptions options_;
+};
+
+PREFOPT_END_NAMESPACE

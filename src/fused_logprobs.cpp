@@ -1,0 +1,301 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fused LM-head log-probs: chunked matmul + row log-softmax over the scored tokens only, with
+// a recomputing backward that never holds more than one chunk of logits.
+#include <prefopt/fused_logprobs.h>
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+
+#include "cpu/row_kernels.h"
+#include "rows.h"
+
+PREFOPT_BEGIN_NAMESPACE
+namespace detail {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+namespace kc = prefopt::detail::cpu;
+
+/// What one chunk pass needs besides the tensors: the options that shape the logits.
+struct HeadSpec {
+  double temperature = 1.0;
+  double softcap = 0.0;
+  GatherBackend backend = GatherBackend::kAuto;
+  int64_t chunk_rows = 1;
+};
+
+/// Bytes per row of the chunk buffers, forward and backward (see FusedLogprobsOptions).
+int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bool softcap) {
+  const int64_t e = static_cast<int64_t>(at::elementSize(st));
+  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
+  int64_t bwd = V * e * (softcap ? 2 : 1);
+  if (e != acc) bwd += (V + H) * acc;  // fp32 copies of the chunk gradient and hidden rows
+  return std::max(V * e, bwd);
+}
+
+/// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer).
+void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight, const at::Tensor& bias,
+                  const HeadSpec& spec, at::Tensor& z) {
+  if (bias.defined()) {
+    at::addmm_out(z, bias, h_c, weight.t());
+  } else {
+    at::mm_out(z, h_c, weight.t());
+  }
+  if (spec.temperature != 1.0) z.div_(spec.temperature);
+  if (spec.softcap > 0) z.div_(spec.softcap).tanh_().mul_(spec.softcap);
+}
+
+Rows identity_rows(const at::Tensor& target_c) {
+  const int64_t c = target_c.size(0);
+  const auto opts = target_c.options().dtype(at::kLong);
+  return Rows{at::zeros({c}, opts), at::arange(c, opts), target_c, {}};
+}
+
+/// The forward pass over all chunks: per-row log-probs, logsumexp and statistics.
+RowResults head_forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                        const at::Tensor& target, unsigned flags, const HeadSpec& spec) {
+  const int64_t n = h.size(0), V = weight.size(0);
+  const auto f = h.options().dtype(acc_type(h.scalar_type()));
+  RowResults r;
+  r.logp = at::empty({n}, f);
+  r.lse = at::empty({n}, f);
+  const auto empty = at::empty({0}, f);
+  r.logit_mean = (flags & kc::kLogitSum) ? at::empty({n}, f) : empty;
+  r.correct = (flags & kc::kArgmax) ? at::empty({n}, f.dtype(at::kLong)) : empty;
+  r.entropy = (flags & kc::kEntropy) ? at::empty({n}, f) : empty;
+  r.log_sum_p2 = (flags & kc::kLogSumP2) ? at::empty({n}, f) : empty;
+  at::Tensor buffer = at::empty({std::min(spec.chunk_rows, n), V}, h.options());
+  for (int64_t s = 0; s < n; s += spec.chunk_rows) {
+    const int64_t e = std::min(n, s + spec.chunk_rows);
+    auto z = buffer.narrow(0, 0, e - s);
+    chunk_logits(h.slice(0, s, e), weight, bias, spec, z);
+    const auto c = rows_forward(z.unsqueeze(0), identity_rows(target.slice(0, s, e)), flags,
+                                spec.backend, int64_t{1} << 62);
+    r.logp.slice(0, s, e).copy_(c.logp);
+    r.lse.slice(0, s, e).copy_(c.lse);
+    if (flags & kc::kLogitSum) r.logit_mean.slice(0, s, e).copy_(c.logit_mean);
+    if (flags & kc::kArgmax) r.correct.slice(0, s, e).copy_(c.correct);
+    if (flags & kc::kEntropy) r.entropy.slice(0, s, e).copy_(c.entropy);
+    if (flags & kc::kLogSumP2) r.log_sum_p2.slice(0, s, e).copy_(c.log_sum_p2);
+  }
+  return r;
+}
+
+// Saves hidden rows, weight, bias and targets (inputs: no copies) and one logsumexp per row.
+struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& target, int64_t flags,
+                               double temperature, double softcap, int64_t backend,
+                               int64_t chunk_rows) {
+    const HeadSpec spec{temperature, softcap, static_cast<GatherBackend>(backend), chunk_rows};
+    // `bias` is a [0] placeholder when the head has none: autograd inputs must be defined.
+    const at::Tensor b = bias.numel() > 0 ? bias : at::Tensor();
+    RowResults r = head_forward(h, weight, b, target, static_cast<unsigned>(flags), spec);
+    ctx->save_for_backward({h, weight, bias, target, r.lse});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["backend"] = backend;
+    ctx->saved_data["chunk_rows"] = chunk_rows;
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({r.logit_mean, r.correct, r.entropy, r.log_sum_p2});
+    return {r.logp, r.logit_mean, r.correct, r.entropy, r.log_sum_p2};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &h = saved[0], &weight = saved[1], &target = saved[3], &lse = saved[4];
+    const at::Tensor bias = saved[2].numel() > 0 ? saved[2] : at::Tensor();
+    if (!grads[0].defined()) return {{}, {}, {}, {}, {}, {}, {}, {}, {}};
+    const HeadSpec spec{ctx->saved_data["temperature"].toDouble(),
+                        ctx->saved_data["softcap"].toDouble(),
+                        static_cast<GatherBackend>(ctx->saved_data["backend"].toInt()),
+                        ctx->saved_data["chunk_rows"].toInt()};
+    const bool need_h = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_b = bias.defined() && ctx->needs_input_grad(2);
+    const int64_t n = h.size(0), V = weight.size(0), H = weight.size(1);
+    const auto acc = acc_type(h.scalar_type());
+    const bool upcast = acc != h.scalar_type();
+    const auto g = grads[0].to(acc).contiguous();
+
+    at::Tensor dh = need_h ? at::empty({n, H}, h.options()) : at::Tensor();
+    // fp32 (fp64) accumulators across chunks, cast once at the end.
+    at::Tensor dw = need_w ? at::zeros({V, H}, weight.options().dtype(acc)) : at::Tensor();
+    at::Tensor db = need_b ? at::zeros({V}, bias.options().dtype(acc)) : at::Tensor();
+    at::Tensor buffer = at::empty({std::min(spec.chunk_rows, n), V}, h.options());
+    at::Tensor cap_buffer = spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
+    for (int64_t s = 0; s < n; s += spec.chunk_rows) {
+      const int64_t e = std::min(n, s + spec.chunk_rows);
+      const auto h_c = h.slice(0, s, e);
+      auto z = buffer.narrow(0, 0, e - s);
+      chunk_logits(h_c, weight, bias, spec, z);
+      at::Tensor cap_factor;
+      if (spec.softcap > 0) {  // d(cap·tanh(x/cap))/dx = 1 − (y/cap)², from y before z is reused
+        cap_factor = cap_buffer.narrow(0, 0, e - s);
+        at::mul_out(cap_factor, z, z).mul_(-1.0 / (spec.softcap * spec.softcap)).add_(1.0);
+      }
+      auto z3 = z.unsqueeze(0);
+      rows_backward(z3, identity_rows(target.slice(0, s, e)), lse.slice(0, s, e), g.slice(0, s, e),
+                    spec.backend, int64_t{1} << 62, z3);  // z ← dL/dy
+      if (spec.softcap > 0) z.mul_(cap_factor);
+      if (spec.temperature != 1.0) z.div_(spec.temperature);  // z ← dL/d(logits)
+      if (need_h) {
+        auto dh_c = dh.narrow(0, s, e - s);
+        at::mm_out(dh_c, z, weight);
+      }
+      if (need_w || need_b) {
+        const auto dz = upcast ? z.to(acc) : z;
+        if (need_w) dw.addmm_(dz.t(), upcast ? h_c.to(acc) : h_c);
+        if (need_b) db.add_(dz.sum(0));
+      }
+    }
+    return {dh,
+            need_w ? dw.to(weight.scalar_type()) : at::Tensor(),
+            need_b ? db.to(bias.scalar_type()) : at::Tensor(),
+            {},
+            {},
+            {},
+            {},
+            {},
+            {}};
+  }
+};
+
+struct HeadInputs {
+  at::Tensor hidden;  ///< [B, T, H] or [1, N, H]
+  int64_t V = 0, H = 0;
+};
+
+HeadInputs check_head(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
+                      const at::Tensor& bias, bool packed, const FusedLogprobsOptions& o) {
+  TORCH_CHECK(hidden.defined(), fn, ": expected hidden states, got an undefined tensor");
+  TORCH_CHECK(weight.defined(), fn, ": expected the LM-head weight, got an undefined tensor");
+  if (packed) {
+    TORCH_CHECK(hidden.dim() == 2 || (hidden.dim() == 3 && hidden.size(0) == 1), fn,
+                ": expected packed hidden states of shape [N, H] or [1, N, H], got ",
+                hidden.sizes());
+  } else {
+    TORCH_CHECK(hidden.dim() == 3, fn, ": expected hidden states of rank 3 [B, T, H], got shape ",
+                hidden.sizes());
+  }
+  check_floating(fn, "hidden states", hidden);
+  TORCH_CHECK(weight.dim() == 2, fn, ": expected weight of shape [V, H], got ", weight.sizes());
+  TORCH_CHECK(weight.size(0) > 0, fn, ": expected a vocabulary of at least 1 entry, got V = 0");
+  TORCH_CHECK(weight.size(1) == hidden.size(-1), fn, ": expected weight of shape [V, ",
+              hidden.size(-1), "] to match the hidden size of ", hidden.sizes(), ", got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), fn, ": expected weight of dtype ",
+              hidden.scalar_type(), " like the hidden states, got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == hidden.device(), fn, ": expected weight on ", hidden.device(),
+              " like the hidden states, got ", weight.device());
+  if (bias.defined()) {
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), fn, ": expected bias of shape [",
+                weight.size(0), "] to match the weight ", weight.sizes(), ", got ", bias.sizes());
+    TORCH_CHECK(bias.scalar_type() == hidden.scalar_type(), fn, ": expected bias of dtype ",
+                hidden.scalar_type(), " like the hidden states, got ", bias.scalar_type());
+    TORCH_CHECK(bias.device() == hidden.device(), fn, ": expected bias on ", hidden.device(),
+                " like the hidden states, got ", bias.device());
+  }
+  TORCH_CHECK(o.temperature() > 0, fn, ": expected temperature > 0, got ", o.temperature());
+  TORCH_CHECK(o.softcap() >= 0, fn, ": expected softcap >= 0 (0: off), got ", o.softcap());
+  TORCH_CHECK(o.backend() != GatherBackend::kKernel || hidden.is_cpu(), fn,
+              ": backend kKernel needs CPU tensors, got ", hidden.device());
+  HeadInputs in;
+  in.hidden = hidden.dim() == 2 ? hidden.unsqueeze(0) : hidden;
+  in.V = weight.size(0);
+  in.H = weight.size(1);
+  return in;
+}
+
+SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor& weight,
+                          const at::Tensor& bias, const Selection& sel,
+                          const FusedLogprobsOptions& o) {
+  const auto st = in.hidden.scalar_type();
+  const int64_t per_row = bytes_per_row(in.V, in.H, st, o.softcap() > 0);
+  TORCH_CHECK(o.chunk_bytes() >= per_row, fn, ": memory budget chunk_bytes = ", o.chunk_bytes(),
+              " is below one row of logits buffers (", per_row, " bytes for V = ", in.V,
+              ", H = ", in.H, ", ", st, (o.softcap() > 0 ? ", softcap" : ""), ")");
+  const HeadSpec spec{o.temperature(), o.softcap(), o.backend(), o.chunk_bytes() / per_row};
+  const unsigned flags = stat_flags(o.with_logits_mean(), o.with_token_accuracy(), o.with_entropy(),
+                                    o.with_wpo_weights());
+  // Compaction: only scored tokens reach the matmuls (differentiable gather of hidden rows).
+  const auto h = in.hidden.index({sel.rows.b, sel.rows.t});
+  const bool grad = at::GradMode::is_enabled() && (h.requires_grad() || weight.requires_grad() ||
+                                                   (bias.defined() && bias.requires_grad()));
+  at::Tensor logp;
+  RowResults stats;
+  if (grad) {
+    const auto out = FusedHeadFunction::apply(
+        h, weight, bias.defined() ? bias : at::empty({0}, weight.options()), sel.rows.target,
+        static_cast<int64_t>(flags), spec.temperature, spec.softcap,
+        static_cast<int64_t>(spec.backend), spec.chunk_rows);
+    logp = out[0];
+    stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];
+    stats.log_sum_p2 = out[4];
+  } else {  // reference model / evaluation: nothing saved
+    at::NoGradGuard no_grad;
+    stats = head_forward(h, weight, bias, sel.rows.target, flags, spec);
+    logp = stats.logp;
+  }
+  return assemble(sel, logp, stats, flags, o.with_token_logps(), acc_type(st));
+}
+
+SequenceLogprobs fused_padded(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& labels,
+                              const at::Tensor* mask, const FusedLogprobsOptions& o) {
+  const auto in = check_head(fn, hidden, weight, bias, /*packed=*/false, o);
+  const auto sel = select_padded(fn, hidden, "hidden states", hidden.size(0), hidden.size(1), in.V,
+                                 labels, mask, o.shift(), o.ignore_index());
+  return run_head(fn, in, weight, bias, sel, o);
+}
+
+SequenceLogprobs fused_packed(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& labels,
+                              const at::Tensor* mask, const at::Tensor& cu_seqlens,
+                              const FusedLogprobsOptions& o) {
+  const auto in = check_head(fn, hidden, weight, bias, /*packed=*/true, o);
+  const auto sel = select_packed(fn, in.hidden, "hidden states", in.hidden.size(1), in.V, labels,
+                                 mask, cu_seqlens, o.shift(), o.ignore_index());
+  return run_head(fn, in, weight, bias, sel, o);
+}
+
+}  // namespace
+}  // namespace detail
+
+namespace functional {
+
+SequenceLogprobs fused_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                const at::Tensor& bias, const at::Tensor& labels,
+                                const FusedLogprobsFuncOptions& options) {
+  return detail::fused_padded("prefopt::fused_logprobs", hidden, weight, bias, labels, nullptr,
+                              options);
+}
+
+SequenceLogprobs fused_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                const at::Tensor& bias, const at::Tensor& input_ids,
+                                const at::Tensor& completion_mask,
+                                const FusedLogprobsFuncOptions& options) {
+  return detail::fused_padded("prefopt::fused_logprobs", hidden, weight, bias, input_ids,
+                              &completion_mask, options);
+}
+
+SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const at::Tensor& bias, const at::Tensor& labels,
+                                       const at::Tensor& cu_seqlens,
+                                       const FusedLogprobsFuncOptions& options) {
+  return detail::fused_packed("prefopt::fused_packed_logprobs", hidden, weight, bias, labels,
+                              nullptr, cu_seqlens, options);
+}
+
+SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const at::Tensor& bias, const at::Tensor& input_ids,
+                                       const at::Tensor& completion_mask,
+                                       const at::Tensor& cu_seqlens,
+                                       const FusedLogprobsFuncOptions& options) {
+  return detail::fused_packed("prefopt::fused_packed_logprobs", hidden, weight, bias, input_ids,
+                              &completion_mask, cu_seqlens, options);
+}
+
+}  // namespace functional
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,85 @@
+// SPDX-License-Identifier: Apache-2.0
+// Internal: what the gathering op and the fused LM-head op share. Selection of the scored rows
+// (labels or completion mask, shift, packed boundaries, input checks), per-row log-probs and
+// statistics over rows of logits (CPU row kernels or chunked ATen), their gradient, and the
+// reduction of row results to per-sequence ones.
+#pragma once
+
+#include <prefopt/logprobs.h>
+
+#include <cstdint>
+
+PREFOPT_BEGIN_NAMESPACE
+namespace detail {
+
+/// Scored rows: every token that gets a log-prob, flattened.
+struct Rows {
+  at::Tensor b, t;    ///< [n] int64: the logits row is logits[b, t]
+  at::Tensor target;  ///< [n] int64: the label it scores
+  at::Tensor seq;     ///< [n] int64: the sequence it belongs to
+};
+
+/// Per-row results, [n] each; statistics are empty tensors unless their flag was set.
+struct RowResults {
+  at::Tensor logp, lse, logit_mean, correct, entropy, log_sum_p2;
+};
+
+/// Which scored rows a batch has, and how they map to sequences.
+struct Selection {
+  Rows rows;
+  int64_t S = 0;       ///< number of sequences
+  at::Tensor scored;   ///< bool, [B, T'] (padded) or [N] (packed): the scored positions
+  at::Tensor seq_of;   ///< packed only: [N] sequence of each position
+  at::Tensor lengths;  ///< packed only: [S] sequence lengths
+};
+
+/// The accumulation dtype: fp64 for fp64 inputs, fp32 otherwise.
+inline at::ScalarType acc_type(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+/// RowFlags (src/cpu/row_kernels.h) for the statistics asked for.
+unsigned stat_flags(bool logits_mean, bool accuracy, bool entropy, bool wpo);
+
+/// `fn: expected <what> ...` checks shared by the public functions. `ref_name`/`ref` name the
+/// tensor whose shape and device the labels must follow (the logits, or the hidden states).
+void check_floating(const char* fn, const char* what, const at::Tensor& x);
+at::Tensor check_labels(const char* fn, const at::Tensor& labels, const char* what,
+                        at::IntArrayRef expected, const char* ref_name, const at::Tensor& ref);
+at::Tensor check_mask(const char* fn, const at::Tensor& mask, at::IntArrayRef expected,
+                      const char* ref_name, const at::Tensor& ref);
+
+/// Padded batch [B, T]: `labels_in` (and the completion mask, if given) select the rows.
+Selection select_padded(const char* fn, const at::Tensor& ref, const char* ref_name, int64_t B,
+                        int64_t T, int64_t V, const at::Tensor& labels_in,
+                        const at::Tensor* mask_in, bool shift, int64_t ignore_index);
+
+/// Packed batch of N positions with boundaries `cu_seqlens`; the shift stays inside sequences.
+Selection select_packed(const char* fn, const at::Tensor& ref, const char* ref_name, int64_t N,
+                        int64_t V, const at::Tensor& labels_in, const at::Tensor* mask_in,
+                        const at::Tensor& cu_seqlens, bool shift, int64_t ignore_index);
+
+/// Log-probs and statistics of `rows` of `logits` [B, T, V] (any strides).
+RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned flags,
+                        GatherBackend backend, int64_t chunk_bytes);
+
+/// Writes every element of `grad` (same shape as `logits`, contiguous, uninitialised):
+/// `g_i · (onehot(target_i) − softmax(row_i))` on the scored rows, zeros elsewhere.
+/// `grad` may be `logits` itself (in place) when both are contiguous.
+void rows_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
+                   const at::Tensor& g, GatherBackend backend, int64_t chunk_bytes,
+                   at::Tensor& grad);
+
+/// Vocabulary mean of every row of `logits` [B, T, V] → [B, T], in the accumulation dtype.
+at::Tensor all_row_means(const at::Tensor& logits, GatherBackend backend, int64_t chunk_bytes);
+
+/// Per-sequence results from per-row ones: `logp` (differentiable), and the statistics of
+/// `stats` as the flags say. `acc` is the result dtype.
+SequenceLogprobs assemble(const Selection& sel, const at::Tensor& logp, const RowResults& stats,
+                          unsigned flags, bool with_token_logps, at::ScalarType acc);
+
+/// Asks for huge pages on a large new CPU buffer (see cpu::advise_huge_pages).
+void advise_huge_pages(const at::Tensor& fresh);
+
+}  // namespace detail
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,328 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fused LM-head log-probs against the naive composite (matmul, temperature, softcap,
+// log_softmax, gather, masked sum) evaluated in fp64 by tests/reference/logprobs_reference.h.
+#include <prefopt/fused_logprobs.h>
+
+#include <torch/csrc/autograd/autograd.h>
+
+#include <vector>
+
+#include "reference/logprobs_reference.h"
+#include "support.h"
+
+namespace {
+
+namespace F = prefopt::functional;
+using prefopt::FusedLogprobsOptions;
+using prefopt::GatherBackend;
+using prefopt_test::AllClose;
+using prefopt_test::SeededTest;
+
+constexpr int64_t kIgnore = -100;
+
+at::Tensor make_labels(int64_t B, int64_t T, int64_t V) {
+  auto labels = at::randint(V, {B, T}, at::kLong);
+  labels.masked_fill_(at::rand({B, T}) < 0.3, kIgnore);
+  if (T > 0) labels.select(1, 0).fill_(kIgnore);
+  if (B > 1) labels[1].fill_(kIgnore);  // a sequence with nothing scored
+  return labels;
+}
+
+/// The naive composite: full logits, then the reference gathering.
+at::Tensor naive_logits(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
+                        double temperature, double softcap) {
+  auto z = at::matmul(h, w.t());
+  if (b.defined()) z = z + b;
+  z = z / temperature;
+  if (softcap > 0) z = softcap * at::tanh(z / softcap);
+  return z;
+}
+
+struct Head {
+  at::Tensor h, w, b;
+  Head(int64_t B, int64_t T, int64_t H, int64_t V, bool bias, at::ScalarType st) {
+    h = (at::randn({B, T, H}, at::kDouble)).to(st).requires_grad_();
+    w = (at::randn({V, H}, at::kDouble) / std::sqrt(static_cast<double>(H)) * 2)
+            .to(st)
+            .requires_grad_();
+    if (bias) b = (at::randn({V}, at::kDouble) * 0.5).to(st).requires_grad_();
+  }
+  std::vector<at::Tensor> params() const {
+    std::vector<at::Tensor> p{h, w};
+    if (b.defined()) p.push_back(b);
+    return p;
+  }
+  /// fp64 leaf copies for the reference.
+  Head as_double() const {
+    Head d = *this;
+    d.h = h.detach().to(at::kDouble).requires_grad_();
+    d.w = w.detach().to(at::kDouble).requires_grad_();
+    if (b.defined()) d.b = b.detach().to(at::kDouble).requires_grad_();
+    return d;
+  }
+};
+
+struct Shape {
+  int64_t B, T, H, V;
+};
+
+class FusedGrid : public SeededTest, public ::testing::WithParamInterface<Shape> {};
+
+TEST_P(FusedGrid, ValuesAndGradientsMatchTheNaiveCompositeInFp64) {
+  const auto [B, T, H, V] = GetParam();
+  const auto labels = make_labels(B, T, V);
+  const auto g_sum = at::randn({B}, at::kDouble), g_mean = at::randn({B}, at::kDouble);
+  const int64_t row = V * 8;  // one row of fp64 logits buffer
+  for (bool bias : {false, true})
+    for (double temperature : {1.0, 0.7})
+      for (double softcap : {0.0, 4.0}) {
+        const Head head(B, T, H, V, bias, at::kDouble);
+        const auto ref_head = head.as_double();
+        const auto z = naive_logits(ref_head.h, ref_head.w, ref_head.b, temperature, softcap);
+        const auto ref = prefopt_ref::gather(z, labels, labels != kIgnore);
+        const auto ref_grads = torch::autograd::grad(
+            {(ref.sum * g_sum).sum() + (ref.mean * g_mean).sum()}, ref_head.params());
+        // Chunks: one row, three rows (N rarely a multiple), everything at once.
+        const int64_t bytes_softcap = softcap > 0 ? 2 : 1;
+        for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{1} << 20})
+          for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+            SCOPED_TRACE(::testing::Message() << "bias " << bias << " temperature " << temperature
+                                              << " softcap " << softcap << " chunk rows " << rows
+                                              << " backend " << static_cast<int>(backend));
+            const auto opts =
+                FusedLogprobsOptions()
+                    .temperature(temperature)
+                    .softcap(softcap)
+                    .chunk_bytes(std::min<int64_t>(rows * row * bytes_softcap, int64_t{1} << 40))
+                    .backend(backend)
+                    .with_token_logps(true)
+                    .with_logits_mean(true)
+                    .with_token_accuracy(true)
+                    .with_entropy(true)
+                    .with_wpo_weights(true);
+            const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels, opts);
+            EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-11, 1e-11));
+            EXPECT_TRUE(AllClose(lp.mean, ref.mean, 1e-11, 1e-11));
+            EXPECT_TRUE(at::equal(lp.count, ref.count));
+            EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 1e-11, 1e-11));
+            EXPECT_TRUE(AllClose(lp.logits_sum, ref.logits_sum, 1e-11, 1e-11));
+            EXPECT_TRUE(at::equal(lp.correct, ref.correct));
+            EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, 1e-11, 1e-11));
+            EXPECT_TRUE(AllClose(lp.wpo_weights, ref.wpo_weights, 1e-10, 1e-12));
+            const auto grads = torch::autograd::grad(
+                {(lp.sum * g_sum).sum() + (lp.mean * g_mean).sum()}, head.params());
+            for (size_t i = 0; i < grads.size(); ++i)
+              EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 1e-10, 1e-11)) << "parameter " << i;
+          }
+      }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, FusedGrid,
+                         ::testing::Values(Shape{1, 1, 4, 5}, Shape{2, 9, 16, 37},
+                                           Shape{3, 17, 8, 1000}, Shape{4, 33, 24, 257}),
+                         [](const ::testing::TestParamInfo<Shape>& info) {
+                           const auto& s = info.param;
+                           return "B" + std::to_string(s.B) + "_T" + std::to_string(s.T) + "_H" +
+                                  std::to_string(s.H) + "_V" + std::to_string(s.V);
+                         });
+
+using Fused = SeededTest;
+
+// Low precision against the fp64 composite on the same (rounded) inputs. The op's logits are
+// rounded to the input dtype once (the chunk matmul's output), as any bf16 LM head's are; the
+// log-softmax and every accumulation are fp32. Stated tolerances: fp32 1e-4 per token;
+// bf16 about 2⁻⁸·|z| per token, so 3e-2 on per-token log-probs and 1e-2 relative on the
+// weight gradient at these magnitudes.
+TEST_F(Fused, LowPrecisionInputsAgainstFp64) {
+  const int64_t B = 4, T = 24, H = 64, V = 3000;
+  const auto labels = make_labels(B, T, V);
+  for (auto st : {at::kFloat, at::kBFloat16}) {
+    SCOPED_TRACE(::testing::Message() << st);
+    const Head head(B, T, H, V, /*bias=*/true, st);
+    const auto ref_head = head.as_double();
+    const auto ref = prefopt_ref::gather(naive_logits(ref_head.h, ref_head.w, ref_head.b, 1, 0),
+                                         labels, labels != kIgnore);
+    const auto ref_grads = torch::autograd::grad({ref.sum.sum()}, ref_head.params());
+    const auto lp =
+        F::fused_logprobs(head.h, head.w, head.b, labels,
+                          FusedLogprobsOptions().with_token_logps(true).chunk_bytes(V * 20 * 8));
+    EXPECT_EQ(lp.sum.scalar_type(), at::kFloat);
+    const double tok = st == at::kFloat ? 1e-4 : 3e-2;
+    EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 0, tok));
+    EXPECT_TRUE(AllClose(lp.mean, ref.mean, 0, tok));
+    const auto grads = torch::autograd::grad({lp.sum.sum()}, head.params());
+    for (size_t i = 0; i < grads.size(); ++i) {
+      EXPECT_EQ(grads[i].scalar_type(), st);
+      const double scale = ref_grads[i].abs().max().item<double>();
+      EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 0, (st == at::kFloat ? 1e-5 : 1e-2) * scale))
+          << "parameter " << i;
+    }
+  }
+}
+
+TEST_F(Fused, PackedEqualsPadded) {
+  const std::vector<int64_t> lengths{5, 1, 9, 0, 4};
+  const int64_t B = lengths.size(), T = 9, H = 12, V = 50;
+  auto labels = make_labels(B, T, V);
+  for (int64_t s = 0; s < B; ++s) labels[s].slice(0, lengths[s]).fill_(kIgnore);
+  const Head head(B, T, H, V, true, at::kDouble);
+  const auto opts = FusedLogprobsOptions().with_token_accuracy(true).chunk_bytes(V * 8 * 4);
+  const auto padded = F::fused_logprobs(head.h, head.w, head.b, labels, opts);
+  std::vector<at::Tensor> hs, ys;
+  std::vector<int64_t> cu{0};
+  for (int64_t s = 0; s < B; ++s) {
+    hs.push_back(head.h.detach()[s].slice(0, 0, lengths[s]));
+    ys.push_back(labels[s].slice(0, 0, lengths[s]));
+    cu.push_back(cu.back() + lengths[s]);
+  }
+  const auto hp = at::cat(hs).requires_grad_();
+  const auto yp = at::cat(ys);
+  const auto cu_t = at::tensor(cu, at::kLong);
+  for (const auto& packed :
+       {F::fused_packed_logprobs(hp, head.w, head.b, yp, cu_t, opts),
+        F::fused_packed_logprobs(hp.unsqueeze(0), head.w, head.b, yp, cu_t, opts),
+        F::fused_packed_logprobs(hp, head.w, head.b, yp, yp != kIgnore, cu_t, opts)}) {
+    EXPECT_TRUE(AllClose(packed.sum, padded.sum, 1e-12, 1e-12));
+    EXPECT_TRUE(at::equal(packed.count, padded.count));
+    EXPECT_TRUE(at::equal(packed.correct, padded.correct));
+  }
+  const auto w = at::randn({B}, at::kDouble);
+  const auto packed = F::fused_packed_logprobs(hp, head.w, head.b, yp, cu_t, opts);
+  const auto gp = torch::autograd::grad({(packed.sum * w).sum()}, {hp, head.w, head.b});
+  const auto gd = torch::autograd::grad({(padded.sum * w).sum()}, {head.h, head.w, head.b});
+  std::vector<at::Tensor> gd_packed;
+  for (int64_t s = 0; s < B; ++s) gd_packed.push_back(gd[0][s].slice(0, 0, lengths[s]));
+  EXPECT_TRUE(AllClose(gp[0], at::cat(gd_packed), 1e-12, 1e-12));
+  EXPECT_TRUE(AllClose(gp[1], gd[1], 1e-12, 1e-12));
+  EXPECT_TRUE(AllClose(gp[2], gd[2], 1e-12, 1e-12));
+}
+
+TEST_F(Fused, CompletionMaskFormEqualsLabelsForm) {
+  const int64_t B = 3, T = 10, H = 8, V = 40;
+  const auto labels = make_labels(B, T, V);
+  const auto mask = labels != kIgnore;
+  const auto ids = at::where(mask, labels, at::randint(V, {B, T}, at::kLong));
+  const Head head(B, T, H, V, false, at::kDouble);
+  const auto a = F::fused_logprobs(head.h, head.w, {}, labels);
+  const auto b = F::fused_logprobs(head.h, head.w, {}, ids, mask);
+  EXPECT_TRUE(at::equal(a.sum, b.sum));
+  const prefopt::FusedLogprobs functor;
+  EXPECT_TRUE(at::equal(functor(head.h, head.w, {}, labels).sum, a.sum));
+  // Same result as gathering from materialised logits.
+  const auto g = F::gather_logprobs(naive_logits(head.h, head.w, {}, 1, 0), labels);
+  EXPECT_TRUE(AllClose(a.sum, g.sum, 1e-12, 1e-12));
+}
+
+TEST_F(Fused, AllTokensMasked) {
+  const int64_t B = 2, T = 5, H = 6, V = 11;
+  const auto labels = at::full({B, T}, kIgnore, at::kLong);
+  const Head head(B, T, H, V, true, at::kFloat);
+  const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels);
+  EXPECT_TRUE(at::equal(lp.sum, at::zeros({B})));
+  EXPECT_TRUE(at::equal(lp.mean, at::zeros({B})));
+  EXPECT_TRUE(at::equal(lp.count, at::zeros({B}, at::kLong)));
+  const auto grads = torch::autograd::grad({lp.sum.sum()}, head.params(), {}, {}, false, true);
+  for (const auto& g : grads) EXPECT_TRUE(!g.defined() || g.abs().max().item<float>() == 0);
+}
+
+TEST_F(Fused, FrozenWeightGetsNoGradient) {
+  const int64_t B = 2, T = 7, H = 10, V = 33;
+  const auto labels = make_labels(B, T, V);
+  Head head(B, T, H, V, true, at::kDouble);
+  const auto ref_head = head.as_double();
+  head.w = head.w.detach();  // frozen LM head (LoRA)
+  const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels);
+  const auto ref = prefopt_ref::gather(naive_logits(ref_head.h, ref_head.w, ref_head.b, 1, 0),
+                                       labels, labels != kIgnore);
+  const auto ref_grads = torch::autograd::grad({ref.sum.sum()}, {ref_head.h, ref_head.b});
+  lp.sum.sum().backward();
+  EXPECT_TRUE(AllClose(head.h.grad(), ref_grads[0], 1e-11, 1e-12));
+  EXPECT_TRUE(AllClose(head.b.grad(), ref_grads[1], 1e-11, 1e-12));
+  EXPECT_FALSE(head.w.grad().defined());
+}
+
+TEST_F(Fused, NoGradModeLeavesNoGraph) {
+  const Head head(2, 6, 8, 20, true, at::kFloat);
+  const auto labels = make_labels(2, 6, 20);
+  {
+    at::NoGradGuard guard;
+    const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels);
+    EXPECT_FALSE(lp.sum.requires_grad());
+    EXPECT_FALSE(lp.sum.grad_fn());
+  }
+  const auto frozen = F::fused_logprobs(head.h.detach(), head.w.detach(), head.b.detach(), labels);
+  EXPECT_FALSE(frozen.sum.requires_grad());
+  const auto live =
+      F::fused_logprobs(head.h, head.w, head.b, labels, FusedLogprobsOptions().with_entropy(true));
+  EXPECT_TRUE(live.sum.requires_grad());
+  EXPECT_FALSE(live.entropy_sum.requires_grad());
+}
+
+TEST_F(Fused, Errors) {
+  const auto h = at::randn({2, 4, 8});
+  const auto w = at::randn({10, 8});
+  const auto y = at::randint(10, {2, 4}, at::kLong);
+  const std::string fn = "prefopt::fused_logprobs: ";
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h.view({8, 8}), w, {}, y),
+                             fn + "expected hidden states of rank 3 [B, T, H], got shape [8, 8]");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(h, at::randn({10, 7}), {}, y),
+      "expected weight of shape [V, 8] to match the hidden size of [2, 4, 8], got [10, 7]");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w.to(at::kDouble), {}, y),
+                             "expected weight of dtype Float like the hidden states, got Double");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, at::randn({9}), y),
+                             "expected bias of shape [10] to match the weight [10, 8], got [9]");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, at::randn({10}, at::kDouble), y),
+                             "expected bias of dtype Float like the hidden states, got Double");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(h, w, {}, y.slice(1, 0, 3)),
+      "expected labels of shape [2, 4] to match the hidden states [2, 4, 8], got [2, 3]");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, y.to(at::kFloat)),
+                             "expected integer labels (int64 or int32), got Float");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(h.to(at::kLong), w.to(at::kLong), {}, y),
+      "expected floating hidden states (float64, float32, bfloat16 or float16), got Long");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().chunk_bytes(39)),
+                             fn + "memory budget chunk_bytes = 39 is below one row of logits "
+                                  "buffers (40 bytes for V = 10, H = 8, Float)");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().temperature(0)),
+                             "expected temperature > 0, got 0");
+  auto bad = y.clone();
+  bad[0][3] = 10;
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, bad),
+                             "expected labels in [0, 10) or equal to ignore_index = -100, got 10 "
+                             "at scored position (0, 2)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_packed_logprobs(h[0], w, {}, y[0], at::tensor({0, 3}, at::kLong)),
+      "prefopt::fused_packed_logprobs: expected cu_seqlens to end at the token count N = 4, got 3");
+}
+
+class FusedCuda : public SeededTest {
+ protected:
+  void SetUp() override {
+    SeededTest::SetUp();
+    if (!prefopt::detail::cuda_available()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_F(FusedCuda, MatchesCpu) {
+  const int64_t B = 3, T = 40, H = 64, V = 5000;
+  const auto labels = make_labels(B, T, V);
+  for (auto st : {at::kFloat, at::kBFloat16}) {
+    const Head cpu(B, T, H, V, true, st);
+    const auto h = cpu.h.detach().cuda().requires_grad_(),
+               w = cpu.w.detach().cuda().requires_grad_(),
+               b = cpu.b.detach().cuda().requires_grad_();
+    const auto opts = FusedLogprobsOptions().chunk_bytes(V * 16 * 8);
+    const auto a = F::fused_logprobs(cpu.h, cpu.w, cpu.b, labels, opts);
+    const auto g = F::fused_logprobs(h, w, b, labels.cuda(), opts);
+    const double tol = st == at::kFloat ? 1e-3 : 5e-2;
+    EXPECT_TRUE(AllClose(g.sum, a.sum, 1e-4, tol * T));
+    const auto ga = torch::autograd::grad({a.sum.sum()}, cpu.params());
+    const auto gg = torch::autograd::grad({g.sum.sum()}, {h, w, b});
+    for (size_t i = 0; i < ga.size(); ++i)
+      EXPECT_TRUE(AllClose(gg[i], ga[i], 2e-2, tol * ga[i].abs().max().item<double>()));
+  }
+}
+
+}  // namespace

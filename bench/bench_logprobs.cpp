@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bench_main.h"
 #include "memory.h"
 
 namespace {
@@ -134,30 +135,4 @@ void register_all(bool smoke) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  // --smoke: tiny shapes, so the test suite checks that the benchmark runs.
-  // --threads=N: intra-op threads for every method (default: all hardware threads; Debian's
-  // libtorch would otherwise start with fewer).
-  bool smoke = false;
-  int threads = static_cast<int>(std::thread::hardware_concurrency());
-  int kept = 1;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--smoke") {
-      smoke = true;
-    } else if (arg.rfind("--threads=", 0) == 0) {
-      threads = std::stoi(arg.substr(10));
-    } else {
-      argv[kept++] = argv[i];
-    }
-  }
-  argc = kept;
-  at::set_num_threads(std::max(threads, 1));
-  register_all(smoke);
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::AddCustomContext("torch_threads", std::to_string(at::get_num_threads()));
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return prefopt_bench::bench_main(argc, argv, register_all); }

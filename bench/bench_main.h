@@ -1,0 +1,41 @@
+// SPDX-License-Identifier: Apache-2.0
+// The shared main() of prefopt's benchmarks: --smoke (tiny shapes, run by the test suite) and
+// --threads=N (intra-op threads for every method; default all hardware threads, since
+// Debian's libtorch would otherwise start with fewer), then Google Benchmark's own flags.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <string>
+#include <thread>
+
+namespace prefopt_bench {
+
+inline int bench_main(int argc, char** argv, void (*register_all)(bool smoke)) {
+  bool smoke = false;
+  int threads = static_cast<int>(std::thread::hardware_concurrency());
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--smoke") {
+      smoke = true;
+    } else if (arg.rfind("--threads=", 0) == 0) {
+      threads = std::stoi(arg.substr(10));
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
+  at::set_num_threads(std::max(threads, 1));
+  register_all(smoke);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("torch_threads", std::to_string(at::get_num_threads()));
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
+
+}  // namespace prefopt_bench

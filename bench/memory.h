@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <mutex>
+#include <unordered_map>
 
 namespace prefopt_bench {
 
@@ -28,14 +30,20 @@ class TrackingAllocator final : public c10::Allocator {
 #else
   c10::DataPtr allocate(size_t n) const override {
 #endif
-    auto* ctx = new Context{inner_->allocate(n), n, this};
+    c10::DataPtr inner = inner_->allocate(n);
+    void* data = inner.get();
+    if (data != nullptr) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks_.emplace(data, Block{std::move(inner), n});
+    }
     const int64_t live = live_.fetch_add(static_cast<int64_t>(n)) + static_cast<int64_t>(n);
     int64_t peak = peak_.load();
     while (live > peak && !peak_.compare_exchange_weak(peak, live)) {
     }
-    void* data = ctx->inner.get();
-    return {data, ctx, &Context::release, c10::Device(c10::DeviceType::CPU)};
+    // Context == data, as raw_allocate() (used by oneDNN) requires.
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 #if PREFOPT_TORCH_VERSION >= 203
   void copy_data(void* dst, const void* src, std::size_t n) const override {
     default_copy_data(dst, src, n);
@@ -48,18 +56,27 @@ class TrackingAllocator final : public c10::Allocator {
   void reset_peak() { peak_.store(live_.load()); }
 
  private:
-  struct Context {
-    c10::DataPtr inner;
+  struct Block {
+    c10::DataPtr inner;  // frees through the default allocator's deleter
     size_t n;
-    const TrackingAllocator* owner;
-    static void release(void* p) {
-      auto* ctx = static_cast<Context*>(p);
-      ctx->owner->live_.fetch_sub(static_cast<int64_t>(ctx->n));
-      delete ctx;  // frees the memory through the inner allocator's deleter
-    }
   };
+  static void release(void* data) {
+    if (data == nullptr) return;
+    auto& self = install();
+    Block block;
+    {
+      std::lock_guard<std::mutex> lock(self.mutex_);
+      auto it = self.blocks_.find(data);
+      if (it == self.blocks_.end()) return;
+      block = std::move(it->second);
+      self.blocks_.erase(it);
+    }
+    self.live_.fetch_sub(static_cast<int64_t>(block.n));
+  }
   explicit TrackingAllocator(c10::Allocator* inner) : inner_(inner) {}
   c10::Allocator* inner_;
+  mutable std::mutex mutex_;
+  mutable std::unordered_map<void*, Block> blocks_;
   mutable std::atomic<int64_t> live_{0}, peak_{0};
 };
 

@@ -26,12 +26,36 @@ def parse_console(text):
     return runs
 
 
+def fused_table(runs):
+    rows = {}
+    for r in runs:
+        m = re.match(r"fwd_bwd/(\w+)/N:(\d+)/H:(\d+)/V:(\d+)/bits:(\d+)/half_masked:(\d)", r["name"])
+        if not m or r.get("aggregate_name") != "median":
+            continue
+        method, n, h, v, bits, masked = m.groups()
+        key = (int(n), int(v), int(h), "fp32" if bits == "32" else "bf16", masked == "1")
+        rows.setdefault(key, {})[method] = r
+    print("| N | H | V | dtype | half masked | prefopt ms | naive ms | time prefopt/naive | "
+          "prefopt extra MB | naive extra MB | memory prefopt/naive |")
+    print("|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    for key in sorted(rows):
+        r = rows[key]
+        if "prefopt" not in r or "naive" not in r:
+            continue
+        p, q = r["prefopt"], r["naive"]
+        print(f"| {key[0]} | {key[2]} | {key[1]} | {key[3]} | {'yes' if key[4] else 'no'} | "
+              f"{p['real_time']:.0f} | {q['real_time']:.0f} | {p['real_time'] / q['real_time']:.2f} | "
+              f"{p['extra_MB']:.0f} | {q['extra_MB']:.0f} | {p['extra_MB'] / q['extra_MB']:.3f} |")
+
+
 def main(path):
     text = open(path).read()
     try:
         runs = json.loads(text)["benchmarks"]
     except ValueError:
         runs = parse_console(text)
+    if any(r["name"].startswith("fwd_bwd/") and "/N:" in r["name"] for r in runs):
+        return fused_table(runs)
     rows = {}
     for r in runs:
         if r.get("aggregate_name") != "median":
@@ -49,14 +73,18 @@ def main(path):
         print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for key in sorted(k for k in rows if k[0] == mode):
             r = rows[key]
-            if not all(m in r for m in ("prefopt", "naive", "trl")):
+            if not all(m in r for m in ("prefopt", "naive")):
                 continue
             t = {m: r[m]["real_time"] for m in r}
             e = {m: r[m][extra] for m in r}
+            has_trl = "trl" in r
+            trl_ms = f"{t['trl']:.1f}" if has_trl else "not run"
+            trl_x = f"{t['trl'] / t['prefopt']:.1f}x" if has_trl else "-"
+            trl_e = f"{e['trl']:.0f}" if has_trl else "-"
             print(f"| {key[1]} | {key[2]} | {key[3]} | {r['prefopt']['logits_MB']:.0f} | "
-                  f"{t['prefopt']:.1f} | {t['naive']:.1f} | {t['trl']:.1f} | "
-                  f"{t['naive'] / t['prefopt']:.1f}x | {t['trl'] / t['prefopt']:.1f}x | "
-                  f"{e['prefopt']:.3f} | {e['naive']:.0f} | {e['trl']:.0f} |")
+                  f"{t['prefopt']:.1f} | {t['naive']:.1f} | {trl_ms} | "
+                  f"{t['naive'] / t['prefopt']:.1f}x | {trl_x} | "
+                  f"{e['prefopt']:.3f} | {e['naive']:.0f} | {trl_e} |")
 
 
 if __name__ == "__main__":

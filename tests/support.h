@@ -57,6 +57,17 @@ inline ::testing::AssertionResult AllClose(const at::Tensor& actual, const at::T
     EXPECT_TRUE(prefopt_threw) << "expected an error containing: " << (substr);                  \
   } while (0)
 
+/// Random labels [B, T] in [0, V), with about a third of the positions set to `ignore`; the
+/// first position is always ignored (a prompt token) and sequence 1, when present, has nothing
+/// scored at all.
+inline at::Tensor make_labels(int64_t B, int64_t T, int64_t V, int64_t ignore = -100) {
+  auto labels = at::randint(V, {B, T}, at::kLong);
+  labels.masked_fill_(at::rand({B, T}) < 0.33, ignore);
+  if (T > 0) labels.select(1, 0).fill_(ignore);
+  if (B > 1) labels[1].fill_(ignore);
+  return labels;
+}
+
 /// The shared data folder: $PREFOPT_DATA_DIR, else ../shared/data beside the source tree.
 inline std::filesystem::path data_dir() {
   if (const char* env = std::getenv("PREFOPT_DATA_DIR")) return env;

@@ -16,17 +16,10 @@ namespace F = prefopt::functional;
 using prefopt::FusedLogprobsOptions;
 using prefopt::GatherBackend;
 using prefopt_test::AllClose;
+using prefopt_test::make_labels;
 using prefopt_test::SeededTest;
 
 constexpr int64_t kIgnore = -100;
-
-at::Tensor make_labels(int64_t B, int64_t T, int64_t V) {
-  auto labels = at::randint(V, {B, T}, at::kLong);
-  labels.masked_fill_(at::rand({B, T}) < 0.3, kIgnore);
-  if (T > 0) labels.select(1, 0).fill_(kIgnore);
-  if (B > 1) labels[1].fill_(kIgnore);  // a sequence with nothing scored
-  return labels;
-}
 
 /// The naive composite: full logits, then the reference gathering.
 at::Tensor naive_logits(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,

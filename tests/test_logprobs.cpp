@@ -16,6 +16,7 @@ namespace F = prefopt::functional;
 using prefopt::GatherBackend;
 using prefopt::GatherLogprobsOptions;
 using prefopt_test::AllClose;
+using prefopt_test::make_labels;
 using prefopt_test::SeededTest;
 
 constexpr int64_t kIgnore = -100;
@@ -49,16 +50,6 @@ Tol grad_tol(at::ScalarType st) {
 }
 
 const char* backend_name(GatherBackend b) { return b == GatherBackend::kATen ? "aten" : "kernel"; }
-
-/// Random labels with about a third of the positions ignored; sequence 1 (when present) has
-/// none scored at all, and the first position is always ignored (a prompt token).
-at::Tensor make_labels(int64_t B, int64_t T, int64_t V, int64_t ignore = kIgnore) {
-  auto labels = at::randint(V, {B, T}, at::kLong);
-  labels.masked_fill_(at::rand({B, T}) < 0.33, ignore);
-  if (T > 0) labels.select(1, 0).fill_(ignore);
-  if (B > 1) labels[1].fill_(ignore);
-  return labels;
-}
 
 struct Case {
   int64_t B, T, V;

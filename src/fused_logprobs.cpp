@@ -7,7 +7,6 @@
 
 #include <algorithm>
 
-#include "cpu/row_kernels.h"
 #include "rows.h"
 
 PREFOPT_BEGIN_NAMESPACE
@@ -16,7 +15,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-namespace kc = prefopt::detail::cpu;
 
 /// What one chunk pass needs besides the tensors: the options that shape the logits.
 struct HeadSpec {
@@ -57,28 +55,15 @@ Rows identity_rows(const at::Tensor& target_c) {
 RowResults head_forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                         const at::Tensor& target, unsigned flags, const HeadSpec& spec) {
   const int64_t n = h.size(0), V = weight.size(0);
-  const auto f = h.options().dtype(acc_type(h.scalar_type()));
-  RowResults r;
-  r.logp = at::empty({n}, f);
-  r.lse = at::empty({n}, f);
-  const auto empty = at::empty({0}, f);
-  r.logit_mean = (flags & kc::kLogitSum) ? at::empty({n}, f) : empty;
-  r.correct = (flags & kc::kArgmax) ? at::empty({n}, f.dtype(at::kLong)) : empty;
-  r.entropy = (flags & kc::kEntropy) ? at::empty({n}, f) : empty;
-  r.log_sum_p2 = (flags & kc::kLogSumP2) ? at::empty({n}, f) : empty;
+  RowResults r = alloc_row_results(n, flags, h.options().dtype(acc_type(h.scalar_type())));
   at::Tensor buffer = at::empty({std::min(spec.chunk_rows, n), V}, h.options());
   for (int64_t s = 0; s < n; s += spec.chunk_rows) {
     const int64_t e = std::min(n, s + spec.chunk_rows);
     auto z = buffer.narrow(0, 0, e - s);
     chunk_logits(h.slice(0, s, e), weight, bias, spec, z);
-    const auto c = rows_forward(z.unsqueeze(0), identity_rows(target.slice(0, s, e)), flags,
-                                spec.backend, int64_t{1} << 62);
-    r.logp.slice(0, s, e).copy_(c.logp);
-    r.lse.slice(0, s, e).copy_(c.lse);
-    if (flags & kc::kLogitSum) r.logit_mean.slice(0, s, e).copy_(c.logit_mean);
-    if (flags & kc::kArgmax) r.correct.slice(0, s, e).copy_(c.correct);
-    if (flags & kc::kEntropy) r.entropy.slice(0, s, e).copy_(c.entropy);
-    if (flags & kc::kLogSumP2) r.log_sum_p2.slice(0, s, e).copy_(c.log_sum_p2);
+    RowResults out = slice_rows(r, s, e);
+    rows_forward_into(z.unsqueeze(0), identity_rows(target.slice(0, s, e)), flags, spec.backend,
+                      int64_t{1} << 62, out);
   }
   return r;
 }

@@ -174,10 +174,7 @@ void aten_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor&
 
 }  // namespace
 
-RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned flags,
-                        GatherBackend backend, int64_t chunk_bytes) {
-  const int64_t n = rows.b.numel();
-  const auto f = logits.options().dtype(acc_type(logits.scalar_type()));
+RowResults alloc_row_results(int64_t n, unsigned flags, const at::TensorOptions& f) {
   const auto empty = at::empty({0}, f);
   RowResults r;
   r.logp = at::empty({n}, f);
@@ -186,12 +183,30 @@ RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned fla
   r.correct = (flags & kc::kArgmax) ? at::empty({n}, f.dtype(at::kLong)) : empty;
   r.entropy = (flags & kc::kEntropy) ? at::empty({n}, f) : empty;
   r.log_sum_p2 = (flags & kc::kLogSumP2) ? at::empty({n}, f) : empty;
-  if (n == 0) return r;
+  return r;
+}
+
+RowResults slice_rows(const RowResults& r, int64_t s, int64_t e) {
+  auto cut = [&](const at::Tensor& x) { return x.numel() > 0 ? x.slice(0, s, e) : x; };
+  return {cut(r.logp),    cut(r.lse),     cut(r.logit_mean),
+          cut(r.correct), cut(r.entropy), cut(r.log_sum_p2)};
+}
+
+void rows_forward_into(const at::Tensor& logits, const Rows& rows, unsigned flags,
+                       GatherBackend backend, int64_t chunk_bytes, RowResults& r) {
+  if (rows.b.numel() == 0) return;
   if (use_kernel(logits, backend)) {
     PREFOPT_DISPATCH_LOGITS(logits, kernel_forward, logits, rows, flags, r)
   } else {
     aten_forward(logits, rows, flags, chunk_bytes, r);
   }
+}
+
+RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned flags,
+                        GatherBackend backend, int64_t chunk_bytes) {
+  RowResults r = alloc_row_results(rows.b.numel(), flags,
+                                   logits.options().dtype(acc_type(logits.scalar_type())));
+  rows_forward_into(logits, rows, flags, backend, chunk_bytes, r);
   return r;
 }
 

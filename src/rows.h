@@ -59,7 +59,18 @@ Selection select_packed(const char* fn, const at::Tensor& ref, const char* ref_n
                         int64_t V, const at::Tensor& labels_in, const at::Tensor* mask_in,
                         const at::Tensor& cu_seqlens, bool shift, int64_t ignore_index);
 
-/// Log-probs and statistics of `rows` of `logits` [B, T, V] (any strides).
+/// Uninitialised results for n rows (statistics only where `flags` asks), in options `f`.
+RowResults alloc_row_results(int64_t n, unsigned flags, const at::TensorOptions& f);
+
+/// Views of rows [s, e) of `r`.
+RowResults slice_rows(const RowResults& r, int64_t s, int64_t e);
+
+/// Log-probs and statistics of `rows` of `logits` [B, T, V] (any strides), written into `out`
+/// (contiguous [n] tensors, e.g. slices of alloc_row_results).
+void rows_forward_into(const at::Tensor& logits, const Rows& rows, unsigned flags,
+                       GatherBackend backend, int64_t chunk_bytes, RowResults& out);
+
+/// rows_forward_into() into freshly allocated results.
 RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned flags,
                         GatherBackend backend, int64_t chunk_bytes);
 

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
+#include <prefopt/detail/compat.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -16,6 +17,14 @@ namespace prefopt_test {
 /// Seeds libtorch's generator before every test (torch's SeedingFixture).
 struct SeededTest : ::testing::Test {
   void SetUp() override { at::manual_seed(0); }
+};
+
+/// Seeded, and skipped (not passed) when libtorch has no CUDA or no device is present.
+struct CudaTest : SeededTest {
+  void SetUp() override {
+    SeededTest::SetUp();
+    if (!prefopt::detail::cuda_available()) GTEST_SKIP() << "no CUDA device";
+  }
 };
 
 /// Elementwise |actual − expected| ≤ atol + rtol·|expected|, compared in fp64; NaN only

@@ -290,13 +290,7 @@ TEST_F(Fused, Errors) {
       "prefopt::fused_packed_logprobs: expected cu_seqlens to end at the token count N = 4, got 3");
 }
 
-class FusedCuda : public SeededTest {
- protected:
-  void SetUp() override {
-    SeededTest::SetUp();
-    if (!prefopt::detail::cuda_available()) GTEST_SKIP() << "no CUDA device";
-  }
-};
+using FusedCuda = prefopt_test::CudaTest;
 
 TEST_F(FusedCuda, MatchesCpu) {
   const int64_t B = 3, T = 40, H = 64, V = 5000;

@@ -549,13 +549,7 @@ TEST_F(Gather, ErrorsNameTheFunctionAndStateExpectedVsActual) {
 
 // ---- CUDA: same op on the GPU, compared with the CPU kernels. Skips only without a GPU. ----
 
-class GatherCuda : public SeededTest {
- protected:
-  void SetUp() override {
-    SeededTest::SetUp();
-    if (!prefopt::detail::cuda_available()) GTEST_SKIP() << "no CUDA device";
-  }
-};
+using GatherCuda = prefopt_test::CudaTest;
 
 TEST_F(GatherCuda, MatchesCpuValuesAndGradients) {
   for (auto st : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {

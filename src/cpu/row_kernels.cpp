@@ -385,17 +385,6 @@ const Isa kIsa = detect_isa();
 #endif
 }  // namespace
 
-const char* row_kernel_isa() {
-  switch (kIsa) {
-    case Isa::avx512:
-      return "avx512";
-    case Isa::avx2:
-      return "avx2";
-    default:
-      return "generic";
-  }
-}
-
 template <>
 RowStats<float> row_stats<float>(const float* z, int64_t V, int64_t t, unsigned f) {
   PREFOPT_DISPATCH(stats, z, V, t, f)

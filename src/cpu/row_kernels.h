@@ -68,9 +68,6 @@ acc_t<T> row_sum(const T* z, int64_t V);
 /// project's CI VM, 450 ms for 262 MB against 15-25 ms with huge pages.
 void advise_huge_pages(void* data, std::size_t bytes);
 
-/// The instruction set the fp32 kernels run with on this machine: "avx512", "avx2", "generic".
-const char* row_kernel_isa();
-
 }  // namespace cpu
 }  // namespace detail
 }  // namespace v0

@@ -12,16 +12,6 @@ namespace prefopt {
 inline namespace v0 {
 namespace detail {
 
-/// `Tensor::const_data_ptr` appeared in torch 2.1; 1.13 only has `data_ptr`.
-template <typename T>
-inline const T* const_data(const at::Tensor& t) {
-#if PREFOPT_TORCH_VERSION >= 201
-  return t.const_data_ptr<T>();
-#else
-  return t.data_ptr<T>();
-#endif
-}
-
 /// True when libtorch was built with CUDA and a device is present.
 inline bool cuda_available() { return at::hasCUDA() && at::getNumGPUs() > 0; }
 

@@ -3,9 +3,12 @@
 // side by side in one process. Reports median time and the peak memory each method allocates
 // beyond the logits (exact: every CPU tensor allocation is counted, see memory.h).
 //
-//   bench_logprobs [--smoke] [--threads=N] [--benchmark_filter=...] [--benchmark_repetitions=N]
+//   bench_logprobs [--smoke] [--threads=N] [--device=cuda] [--benchmark_filter=...]
+//
+// prefopt_aten is prefopt's chunked ATen path (backend kATen), to show what the row kernels add.
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
+#include <c10/core/GradMode.h>
 #include <prefopt/logprobs.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -28,6 +31,12 @@ using Method = at::Tensor (*)(const at::Tensor& logits, const at::Tensor& labels
 
 at::Tensor prefopt_sum(const at::Tensor& logits, const at::Tensor& labels) {
   return F::gather_logprobs(logits, labels).sum;
+}
+
+at::Tensor prefopt_aten_sum(const at::Tensor& logits, const at::Tensor& labels) {
+  return F::gather_logprobs(logits, labels,
+                            prefopt::GatherLogprobsOptions().backend(prefopt::GatherBackend::kATen))
+      .sum;
 }
 
 /// What most training code writes: log_softmax over the whole vocabulary, gather, masked sum.
@@ -68,36 +77,45 @@ const at::Tensor& logits_for(int64_t tokens, int64_t V, at::ScalarType st) {
   if (key != std::make_tuple(tokens, V, st)) {
     logits = at::Tensor();  // free the previous one first
     at::manual_seed(0);
-    logits = (at::randn({tokens / kT, kT, V}) * 2).to(st);
+    logits = (at::randn({tokens / kT, kT, V},
+                        at::TensorOptions().device(prefopt_bench::bench_device())) *
+              2)
+                 .to(st);
     key = {tokens, V, st};
   }
   return logits;
 }
 
 void run(benchmark::State& state, Method method, bool backward) {
-  auto& tracker = prefopt_bench::TrackingAllocator::install();
+  const auto dev = prefopt_bench::bench_device();
+  prefopt_bench::MemoryMeter meter(dev);
   const int64_t tokens = state.range(0), V = state.range(1);
   const auto st = state.range(2) == 16 ? at::kBFloat16 : at::kFloat;
   const auto& base = logits_for(tokens, V, st);
-  auto labels = at::randint(V, {tokens / kT, kT}, at::kLong);
+  auto labels = at::randint(V, {tokens / kT, kT}, at::TensorOptions().device(dev).dtype(at::kLong));
   labels.slice(1, 0, 1).fill_(-100);  // the first token is a prompt token
   const auto logits = backward ? base.detach().requires_grad_() : base;
 
+  if (dev.is_cuda()) {  // warm-up
+    const auto sum = method(logits, labels);
+    if (backward) (void)torch::autograd::grad({sum.sum()}, {logits});
+    prefopt_bench::sync();
+  }
   int64_t extra = 0;
   double checksum = 0;
   for (auto _ : state) {
-    tracker.reset_peak();
-    const int64_t before = tracker.live();
+    meter.reset_peak();
+    const int64_t before = meter.live();
     if (backward) {
       const auto sum = method(logits, labels);
       const auto grad = torch::autograd::grad({sum.sum()}, {logits})[0];
       benchmark::DoNotOptimize(grad.data_ptr());
       checksum = sum.sum().item<double>();
     } else {
-      at::NoGradGuard no_grad;
+      c10::NoGradGuard no_grad;
       checksum = method(logits, labels).sum().item<double>();
     }
-    extra = std::max(extra, tracker.peak() - before);
+    extra = std::max(extra, meter.peak() - before);
   }
   const double logits_bytes = static_cast<double>(base.numel() * base.element_size());
   state.counters["logits_MB"] = logits_bytes / 1e6;
@@ -110,10 +128,13 @@ void run(benchmark::State& state, Method method, bool backward) {
 }
 
 void register_all(bool smoke) {
-  const std::vector<std::pair<const char*, Method>> methods{
+  const bool gpu = prefopt_bench::bench_device().is_cuda() && !smoke;
+  std::vector<std::pair<const char*, Method>> methods{
       {"prefopt", prefopt_sum}, {"naive", naive_sum}, {"trl", trl_sum}};
-  const std::vector<int64_t> token_sizes =
-      smoke ? std::vector<int64_t>{1024} : std::vector<int64_t>{2048, 8192};
+  if (gpu) methods.insert(methods.begin() + 1, {"prefopt_aten", prefopt_aten_sum});
+  const std::vector<int64_t> token_sizes = smoke ? std::vector<int64_t>{1024}
+                                           : gpu ? std::vector<int64_t>{16384}
+                                                 : std::vector<int64_t>{2048, 8192};
   const std::vector<int64_t> vocab_sizes =
       smoke ? std::vector<int64_t>{1000} : std::vector<int64_t>{32000, 128256};
   for (int64_t tokens : token_sizes)
@@ -126,7 +147,7 @@ void register_all(bool smoke) {
                 ->Args({tokens, V, bits})
                 ->ArgNames({"tokens", "V", "bits"})
                 ->Iterations(1)
-                ->Repetitions(3)
+                ->Repetitions(gpu ? 5 : 3)
                 ->ReportAggregatesOnly(true)
                 ->Unit(benchmark::kMillisecond)
                 ->UseRealTime();

@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 // The shared main() of prefopt's benchmarks: --smoke (tiny shapes, run by the test suite) and
 // --threads=N (intra-op threads for every method; default all hardware threads, since
-// Debian's libtorch would otherwise start with fewer), then Google Benchmark's own flags.
+// Debian's libtorch would otherwise start with fewer), --device=cpu|cuda (where the tensors
+// live; a CUDA build only), then Google Benchmark's own flags.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
 
@@ -13,6 +15,17 @@
 
 namespace prefopt_bench {
 
+/// The device every benchmark allocates its tensors on (--device).
+inline c10::Device& bench_device() {
+  static c10::Device device(c10::DeviceType::CPU);
+  return device;
+}
+
+/// Waits for the device, so that a timed iteration covers its work.
+inline void sync() {
+  if (bench_device().is_cuda()) at::empty({1}, at::TensorOptions().device(bench_device())).item();
+}
+
 inline int bench_main(int argc, char** argv, void (*register_all)(bool smoke)) {
   bool smoke = false;
   int threads = static_cast<int>(std::thread::hardware_concurrency());
@@ -21,6 +34,8 @@ inline int bench_main(int argc, char** argv, void (*register_all)(bool smoke)) {
     const std::string arg = argv[i];
     if (arg == "--smoke") {
       smoke = true;
+    } else if (arg.rfind("--device=", 0) == 0) {
+      bench_device() = c10::Device(arg.substr(9));
     } else if (arg.rfind("--threads=", 0) == 0) {
       threads = std::stoi(arg.substr(10));
     } else {
@@ -33,6 +48,7 @@ inline int bench_main(int argc, char** argv, void (*register_all)(bool smoke)) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("torch_threads", std::to_string(at::get_num_threads()));
+  benchmark::AddCustomContext("device", bench_device().str());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -12,6 +12,11 @@
 #include <cstdint>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
+
+#ifdef PREFOPT_BENCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 namespace prefopt_bench {
 
@@ -78,6 +83,37 @@ class TrackingAllocator final : public c10::Allocator {
   mutable std::mutex mutex_;
   mutable std::unordered_map<void*, Block> blocks_;
   mutable std::atomic<int64_t> live_{0}, peak_{0};
+};
+
+/// Live and peak bytes on one device: the tracking allocator on the CPU, the caching
+/// allocator's own statistics on CUDA (bytes handed to tensors, not the cache's reserve).
+class MemoryMeter {
+ public:
+  explicit MemoryMeter(c10::Device device) : device_(device) {
+    if (device.is_cpu()) cpu_ = &TrackingAllocator::install();
+  }
+  void reset_peak() {
+    if (cpu_) return cpu_->reset_peak();
+#ifdef PREFOPT_BENCH_CUDA
+    c10::cuda::CUDACachingAllocator::resetPeakStats(index());
+#endif
+  }
+  int64_t live() const { return cpu_ ? cpu_->live() : cuda_stat().first; }
+  int64_t peak() const { return cpu_ ? cpu_->peak() : cuda_stat().second; }
+
+ private:
+  /// (current, peak) allocated bytes, all pools (statistic index 0: aggregate).
+  std::pair<int64_t, int64_t> cuda_stat() const {
+#ifdef PREFOPT_BENCH_CUDA
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index());
+    return {stats.allocated_bytes[0].current, stats.allocated_bytes[0].peak};
+#else
+    return {0, 0};
+#endif
+  }
+  c10::DeviceIndex index() const { return device_.has_index() ? device_.index() : 0; }
+  c10::Device device_;
+  TrackingAllocator* cpu_ = nullptr;
 };
 
 }  // namespace prefopt_bench

@@ -14,9 +14,10 @@ endfunction()
 # Warnings are private to prefopt's own targets: consumers never inherit them.
 function(prefopt_set_warnings target)
   if(PREFOPT_WARNINGS AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-    target_compile_options(${target} PRIVATE -Wall -Wextra -Wno-unused-parameter)
+    # C++ only: nvcc takes host warnings through -Xcompiler.
+    target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wno-unused-parameter>)
     if(PREFOPT_WERROR)
-      target_compile_options(${target} PRIVATE -Werror)
+      target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-Werror>)
     endif()
   endif()
 endfunction()

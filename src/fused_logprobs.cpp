@@ -9,6 +9,12 @@
 
 #include "rows.h"
 
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+#include <ATen/cuda/CUDAContext.h>
+
+#include "cuda/row_kernels.h"
+#endif
+
 PREFOPT_BEGIN_NAMESPACE
 namespace detail {
 namespace {
@@ -21,16 +27,66 @@ struct HeadSpec {
   double temperature = 1.0;
   double softcap = 0.0;
   GatherBackend backend = GatherBackend::kAuto;
-  int64_t chunk_rows = 1;
+  int64_t chunk_rows = 1;   ///< token rows per forward (and kTokenChunks backward) chunk
+  int64_t chunk_bytes = 0;  ///< the budget, for the vocabulary blocks of the backward pass
+  FusedBackward backward = FusedBackward::kAuto;
 };
 
+/// What the backward pass needs, computed once.
+struct HeadGrads {
+  const at::Tensor &h, &weight, &bias, &target, &lse, &g;
+  bool need_h, need_w, need_b;
+  at::ScalarType acc;
+  bool upcast, mixed;
+};
+
+/// On CUDA, 16-bit weight gradients accumulate through one mixed-precision cuBLAS GEMM per
+/// chunk (16-bit operands, fp32 output), with no fp32 copies of the chunk.
+bool mixed_gemm(const at::Tensor& h) {
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+  return h.is_cuda() && (h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf);
+#else
+  (void)h;
+  return false;
+#endif
+}
+
 /// Bytes per row of the chunk buffers, forward and backward (see FusedLogprobsOptions).
-int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bool softcap) {
+int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bool softcap, bool mixed) {
   const int64_t e = static_cast<int64_t>(at::elementSize(st));
   const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
   int64_t bwd = V * e * (softcap ? 2 : 1);
-  if (e != acc) bwd += (V + H) * acc;  // fp32 copies of the chunk gradient and hidden rows
+  if (e != acc && !mixed) bwd += (V + H) * acc;  // fp32 copies of the chunk gradient and hidden
   return std::max(V * e, bwd);
+}
+
+/// c [m, n] (fp32) += op(a) · b for 16-bit a, b on CUDA: op(a) = aᵀ for a [k, m] when
+/// `trans_a`, else a [m, k]; fp32 accumulation inside one cuBLAS call.
+void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+  namespace kg = prefopt::detail::cuda;
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  TORCH_INTERNAL_ASSERT(c.is_contiguous() && c.scalar_type() == at::kFloat);
+  const int64_t m = c.size(0), n = c.size(1), k = bc.size(0);
+  const int code =
+      kg::gemm_f32acc(a.scalar_type() == at::kBFloat16 ? kg::DType::kBFloat16 : kg::DType::kFloat16,
+                      at::cuda::getCurrentCUDABlasHandle(), trans_a, m, n, k, ac.data_ptr(),
+                      ac.size(1), bc.data_ptr(), n, c.data_ptr<float>(), n);
+  TORCH_CHECK(code == 0, "prefopt: cublasGemmEx for a gradient failed with status ", code);
+#else
+  (void)c, (void)a, (void)trans_a, (void)b;
+  TORCH_INTERNAL_ASSERT(false, "mixed-precision GEMM without CUDA kernels");
+#endif
+}
+
+/// Bytes per vocabulary column of the kVocabBlocks backward buffers for n scored tokens.
+int64_t bytes_per_column(int64_t n, int64_t H, at::ScalarType st, bool softcap, bool mixed) {
+  const int64_t e = static_cast<int64_t>(at::elementSize(st));
+  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
+  int64_t col = n * e * (softcap ? 2 : 1);
+  // fp32 copies of the block gradient, the weight block and its gradient
+  if (e != acc && !mixed) col += (n + 2 * H) * acc;
+  return col;
 }
 
 /// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer).
@@ -73,7 +129,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& weight,
                                const at::Tensor& bias, const at::Tensor& target, int64_t flags,
                                double temperature, double softcap, int64_t backend,
-                               int64_t chunk_rows) {
+                               int64_t chunk_rows, int64_t chunk_bytes, int64_t backward) {
     const HeadSpec spec{temperature, softcap, static_cast<GatherBackend>(backend), chunk_rows};
     // `bias` is a [0] placeholder when the head has none: autograd inputs must be defined.
     const at::Tensor b = bias.numel() > 0 ? bias : at::Tensor();
@@ -83,6 +139,8 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["backend"] = backend;
     ctx->saved_data["chunk_rows"] = chunk_rows;
+    ctx->saved_data["chunk_bytes"] = chunk_bytes;
+    ctx->saved_data["backward"] = backward;
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({r.logit_mean, r.correct, r.entropy, r.log_sum_p2});
     return {r.logp, r.logit_mean, r.correct, r.entropy, r.log_sum_p2};
@@ -92,58 +150,127 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &h = saved[0], &weight = saved[1], &target = saved[3], &lse = saved[4];
     const at::Tensor bias = saved[2].numel() > 0 ? saved[2] : at::Tensor();
-    if (!grads[0].defined()) return {{}, {}, {}, {}, {}, {}, {}, {}, {}};
-    const HeadSpec spec{ctx->saved_data["temperature"].toDouble(),
-                        ctx->saved_data["softcap"].toDouble(),
-                        static_cast<GatherBackend>(ctx->saved_data["backend"].toInt()),
-                        ctx->saved_data["chunk_rows"].toInt()};
+    if (!grads[0].defined()) return result({}, {}, {});
+    HeadSpec spec{ctx->saved_data["temperature"].toDouble(), ctx->saved_data["softcap"].toDouble(),
+                  static_cast<GatherBackend>(ctx->saved_data["backend"].toInt()),
+                  ctx->saved_data["chunk_rows"].toInt()};
     const bool need_h = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_b = bias.defined() && ctx->needs_input_grad(2);
-    const int64_t n = h.size(0), V = weight.size(0), H = weight.size(1);
+    spec.chunk_bytes = ctx->saved_data["chunk_bytes"].toInt();
+    spec.backward = static_cast<FusedBackward>(ctx->saved_data["backward"].toInt());
     const auto acc = acc_type(h.scalar_type());
-    const bool upcast = acc != h.scalar_type();
     const auto g = grads[0].to(acc).contiguous();
+    const HeadGrads hg{h,
+                       weight,
+                       bias,
+                       target,
+                       lse,
+                       g,
+                       need_h,
+                       need_w,
+                       need_b,
+                       acc,
+                       acc != h.scalar_type(),
+                       mixed_gemm(h)};
+    const int64_t n = h.size(0), V = weight.size(0), H = weight.size(1);
+    const int64_t per_col =
+        std::max<int64_t>(1, bytes_per_column(n, H, h.scalar_type(), spec.softcap > 0, hg.mixed));
+    const bool vocab = spec.backward == FusedBackward::kVocabBlocks ||
+                       (spec.backward == FusedBackward::kAuto && n <= V);
+    if (vocab && spec.chunk_bytes >= per_col)
+      return backward_vocab(hg, spec, std::min(V, spec.chunk_bytes / per_col));
+    return backward_tokens(hg, spec);
+  }
 
-    at::Tensor dh = need_h ? at::empty({n, H}, h.options()) : at::Tensor();
-    // fp32 (fp64) accumulators across chunks, cast once at the end.
-    at::Tensor dw = need_w ? at::zeros({V, H}, weight.options().dtype(acc)) : at::Tensor();
-    at::Tensor db = need_b ? at::zeros({V}, bias.options().dtype(acc)) : at::Tensor();
-    at::Tensor buffer = at::empty({std::min(spec.chunk_rows, n), V}, h.options());
+  /// dz of one block of logits, in place: z ← dL/d(logits) for rows with targets `target_b`
+  /// (−1: the target is outside the block).
+  static void block_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
+                         const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor) {
+    if (spec.softcap > 0)  // d(cap·tanh(x/cap))/dx = 1 − (y/cap)², from y before z is reused
+      at::mul_out(cap_factor, z, z).mul_(-1.0 / (spec.softcap * spec.softcap)).add_(1.0);
+    auto z3 = z.unsqueeze(0);
+    rows_backward(z3, identity_rows(target_b), lse, g, spec.backend, int64_t{1} << 62,
+                  z3);  // z ← dL/dy
+    if (spec.softcap > 0) z.mul_(cap_factor);
+    if (spec.temperature != 1.0) z.div_(spec.temperature);
+  }
+
+  static variable_list result(at::Tensor dh, at::Tensor dw, at::Tensor db) {
+    return {std::move(dh), std::move(dw), std::move(db), {}, {}, {}, {}, {}, {}, {}, {}};
+  }
+
+  /// Token chunks: dh per chunk; dW and db accumulate across chunks in fp32 (fp64), cast once.
+  static variable_list backward_tokens(const HeadGrads& a, const HeadSpec& spec) {
+    const int64_t n = a.h.size(0), V = a.weight.size(0), H = a.weight.size(1);
+    at::Tensor dh = a.need_h ? at::empty({n, H}, a.h.options()) : at::Tensor();
+    at::Tensor dw = a.need_w ? at::zeros({V, H}, a.weight.options().dtype(a.acc)) : at::Tensor();
+    at::Tensor db = a.need_b ? at::zeros({V}, a.bias.options().dtype(a.acc)) : at::Tensor();
+    at::Tensor buffer = at::empty({std::min(spec.chunk_rows, n), V}, a.h.options());
     at::Tensor cap_buffer = spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
     for (int64_t s = 0; s < n; s += spec.chunk_rows) {
       const int64_t e = std::min(n, s + spec.chunk_rows);
-      const auto h_c = h.slice(0, s, e);
+      const auto h_c = a.h.slice(0, s, e);
       auto z = buffer.narrow(0, 0, e - s);
-      chunk_logits(h_c, weight, bias, spec, z);
-      at::Tensor cap_factor;
-      if (spec.softcap > 0) {  // d(cap·tanh(x/cap))/dx = 1 − (y/cap)², from y before z is reused
-        cap_factor = cap_buffer.narrow(0, 0, e - s);
-        at::mul_out(cap_factor, z, z).mul_(-1.0 / (spec.softcap * spec.softcap)).add_(1.0);
-      }
-      auto z3 = z.unsqueeze(0);
-      rows_backward(z3, identity_rows(target.slice(0, s, e)), lse.slice(0, s, e), g.slice(0, s, e),
-                    spec.backend, int64_t{1} << 62, z3);  // z ← dL/dy
-      if (spec.softcap > 0) z.mul_(cap_factor);
-      if (spec.temperature != 1.0) z.div_(spec.temperature);  // z ← dL/d(logits)
-      if (need_h) {
+      chunk_logits(h_c, a.weight, a.bias, spec, z);
+      auto cap = spec.softcap > 0 ? cap_buffer.narrow(0, 0, e - s) : at::Tensor();
+      block_grad(z, a.target.slice(0, s, e), a.lse.slice(0, s, e), a.g.slice(0, s, e), spec, cap);
+      if (a.need_h) {
         auto dh_c = dh.narrow(0, s, e - s);
-        at::mm_out(dh_c, z, weight);
+        at::mm_out(dh_c, z, a.weight);
       }
-      if (need_w || need_b) {
-        const auto dz = upcast ? z.to(acc) : z;
-        if (need_w) dw.addmm_(dz.t(), upcast ? h_c.to(acc) : h_c);
-        if (need_b) db.add_(dz.sum(0));
+      if (a.need_b) db.add_(z.sum(0, /*keepdim=*/false, a.acc));
+      if (a.need_w) {
+        if (a.mixed) {
+          gemm_f32acc(dw, z, /*trans_a=*/true, h_c);
+        } else {
+          dw.addmm_((a.upcast ? z.to(a.acc) : z).t(), a.upcast ? h_c.to(a.acc) : h_c);
+        }
       }
     }
-    return {dh,
-            need_w ? dw.to(weight.scalar_type()) : at::Tensor(),
-            need_b ? db.to(bias.scalar_type()) : at::Tensor(),
-            {},
-            {},
-            {},
-            {},
-            {},
-            {}};
+    return result(dh, a.need_w ? dw.to(a.weight.scalar_type()) : at::Tensor(),
+                  a.need_b ? db.to(a.bias.scalar_type()) : at::Tensor());
+  }
+
+  /// Vocabulary blocks of `cols` columns over all n tokens: each block's dW and db come from
+  /// one reduction over every token (rounded once to the parameter dtype); dh accumulates
+  /// across blocks (fp32 for 16-bit inputs).
+  static variable_list backward_vocab(const HeadGrads& a, const HeadSpec& spec, int64_t cols) {
+    const int64_t n = a.h.size(0), V = a.weight.size(0), H = a.weight.size(1);
+    at::Tensor dh = a.need_h ? at::zeros({n, H}, a.h.options().dtype(a.acc)) : at::Tensor();
+    at::Tensor dw = a.need_w ? at::empty({V, H}, a.weight.options()) : at::Tensor();
+    at::Tensor db = a.need_b ? at::empty({V}, a.bias.options()) : at::Tensor();
+    const bool copies = a.upcast && !a.mixed;  // CPU 16-bit: fp32 copies for the GEMMs
+    const at::Tensor h_acc = copies && a.need_w ? a.h.to(a.acc) : a.h;
+    at::Tensor buffer = at::empty({n * cols}, a.h.options());
+    at::Tensor cap_buffer = spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
+    for (int64_t v0 = 0; v0 < V; v0 += cols) {
+      const int64_t vb = std::min(V, v0 + cols) - v0;
+      const auto w_b = a.weight.narrow(0, v0, vb);
+      auto z = buffer.narrow(0, 0, n * vb).view({n, vb});
+      chunk_logits(a.h, w_b, a.bias.defined() ? a.bias.narrow(0, v0, vb) : a.bias, spec, z);
+      auto cap = spec.softcap > 0 ? cap_buffer.narrow(0, 0, n * vb).view({n, vb}) : at::Tensor();
+      const auto in_block = (a.target >= v0) & (a.target < v0 + vb);
+      block_grad(z, at::where(in_block, a.target - v0, at::full({}, -1, a.target.options())), a.lse,
+                 a.g, spec, cap);
+      const auto dz = copies ? z.to(a.acc) : z;
+      if (a.need_b) db.narrow(0, v0, vb).copy_(z.sum(0, /*keepdim=*/false, a.acc));
+      if (a.need_w) {
+        auto dw_b = dw.narrow(0, v0, vb);
+        if (copies) {
+          dw_b.copy_(at::mm(dz.t(), h_acc));
+        } else {
+          at::mm_out(dw_b, z.t(), a.h);  // 16-bit on CUDA: fp32 accumulation inside the GEMM
+        }
+      }
+      if (a.need_h) {
+        if (a.mixed) {
+          gemm_f32acc(dh, z, /*trans_a=*/false, w_b);
+        } else {
+          dh.addmm_(dz, copies ? w_b.to(a.acc) : w_b);
+        }
+      }
+    }
+    return result(a.need_h ? dh.to(a.h.scalar_type()) : at::Tensor(), dw, db);
   }
 };
 
@@ -184,8 +311,12 @@ HeadInputs check_head(const char* fn, const at::Tensor& hidden, const at::Tensor
   }
   TORCH_CHECK(o.temperature() > 0, fn, ": expected temperature > 0, got ", o.temperature());
   TORCH_CHECK(o.softcap() >= 0, fn, ": expected softcap >= 0 (0: off), got ", o.softcap());
-  TORCH_CHECK(o.backend() != GatherBackend::kKernel || hidden.is_cpu(), fn,
-              ": backend kKernel needs CPU tensors, got ", hidden.device());
+  TORCH_CHECK(
+      o.backend() != GatherBackend::kKernel || hidden.is_cpu() ||
+          (hidden.is_cuda() && has_cuda_kernels()),
+      fn,
+      ": backend kKernel needs CPU tensors, or CUDA tensors and a build with CUDA kernels, got ",
+      hidden.device());
   HeadInputs in;
   in.hidden = hidden.dim() == 2 ? hidden.unsqueeze(0) : hidden;
   in.V = weight.size(0);
@@ -197,7 +328,7 @@ SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor
                           const at::Tensor& bias, const Selection& sel,
                           const FusedLogprobsOptions& o) {
   const auto st = in.hidden.scalar_type();
-  const int64_t per_row = bytes_per_row(in.V, in.H, st, o.softcap() > 0);
+  const int64_t per_row = bytes_per_row(in.V, in.H, st, o.softcap() > 0, mixed_gemm(in.hidden));
   TORCH_CHECK(o.chunk_bytes() >= per_row, fn, ": memory budget chunk_bytes = ", o.chunk_bytes(),
               " is below one row of logits buffers (", per_row, " bytes for V = ", in.V,
               ", H = ", in.H, ", ", st, (o.softcap() > 0 ? ", softcap" : ""), ")");
@@ -214,12 +345,13 @@ SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor
     const auto out = FusedHeadFunction::apply(
         h, weight, bias.defined() ? bias : at::empty({0}, weight.options()), sel.rows.target,
         static_cast<int64_t>(flags), spec.temperature, spec.softcap,
-        static_cast<int64_t>(spec.backend), spec.chunk_rows);
+        static_cast<int64_t>(spec.backend), spec.chunk_rows, o.chunk_bytes(),
+        static_cast<int64_t>(o.backward()));
     logp = out[0];
     stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];
     stats.log_sum_p2 = out[4];
   } else {  // reference model / evaluation: nothing saved
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     stats = head_forward(h, weight, bias, sel.rows.target, flags, spec);
     logp = stats.logp;
   }

@@ -53,8 +53,10 @@ void check_logits(const char* fn, const at::Tensor& logits, int64_t dim,
               dim == 3 ? " [B, T, V]" : " [N, V]", ", got shape ", logits.sizes());
   check_floating(fn, "logits", logits);
   TORCH_CHECK(logits.size(-1) > 0, fn, ": expected a vocabulary of at least 1 entry, got V = 0");
-  TORCH_CHECK(o.backend() != GatherBackend::kKernel || logits.is_cpu(), fn,
-              ": backend kKernel needs CPU logits, got ", logits.device());
+  TORCH_CHECK(o.backend() != GatherBackend::kKernel || logits.is_cpu() ||
+                  (logits.is_cuda() && has_cuda_kernels()),
+              fn, ": backend kKernel needs CPU logits, or CUDA logits and a build with CUDA kernels, got ",
+              logits.device());
   TORCH_CHECK(o.chunk_bytes() > 0, fn, ": expected chunk_bytes > 0, got ", o.chunk_bytes());
 }
 
@@ -73,7 +75,7 @@ SequenceLogprobs gather(const at::Tensor& logits, const Selection& sel,
     stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];
     stats.log_sum_p2 = out[4];
   } else {  // no graph, nothing saved (reference models, evaluation)
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     stats = rows_forward(logits, rows, flags, o.backend(), o.chunk_bytes());
     logp = stats.logp;
   }
@@ -88,7 +90,7 @@ SequenceLogprobs gather_padded(const char* fn, const at::Tensor& logits, const a
       select_padded(fn, logits, "logits", B, T, V, labels, mask, o.shift(), o.ignore_index());
   SequenceLogprobs res = gather(logits, sel, o);
   if (o.with_logits_mean_unmasked()) {
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     res.logits_sum_all = all_row_means(logits, o.backend(), o.chunk_bytes()).sum(1);
     res.positions = at::full({B}, T, logits.options().dtype(at::kLong));
   }
@@ -110,7 +112,7 @@ SequenceLogprobs gather_packed(const char* fn, const at::Tensor& logits_in,
                                  o.ignore_index());
   SequenceLogprobs res = gather(logits, sel, o);
   if (o.with_logits_mean_unmasked()) {
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     const auto means = all_row_means(logits, o.backend(), o.chunk_bytes()).squeeze(0);
     res.logits_sum_all = at::zeros({sel.S}, means.options()).index_add_(0, sel.seq_of, means);
     res.positions = sel.lengths;

@@ -12,7 +12,23 @@
 
 #include "cpu/row_kernels.h"
 
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/row_kernels.h"
+#endif
+
 PREFOPT_BEGIN_NAMESPACE
+
+bool has_cuda_kernels() {
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+  return true;
+#else
+  return false;
+#endif
+}
+
 namespace detail {
 namespace {
 
@@ -28,6 +44,16 @@ bool use_kernel(const at::Tensor& logits, GatherBackend backend) {
     default:
       return cpu_ok;
   }
+}
+
+/// CUDA row kernels: built in, CUDA logits with unit vocabulary stride, backend not kATen.
+bool use_cuda_kernel(const at::Tensor& logits, GatherBackend backend) {
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+  return logits.is_cuda() && logits.stride(-1) == 1 && backend != GatherBackend::kATen;
+#else
+  (void)logits, (void)backend;
+  return false;
+#endif
 }
 
 int64_t rows_per_chunk(const at::Tensor& logits, int64_t chunk_bytes) {
@@ -117,6 +143,71 @@ void kernel_backward(const at::Tensor& logits, const Rows& rows, const at::Tenso
   });
 }
 
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+namespace kg = prefopt::detail::cuda;
+
+kg::DType cuda_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat:
+      return kg::DType::kFloat32;
+    case at::kDouble:
+      return kg::DType::kFloat64;
+    case at::kBFloat16:
+      return kg::DType::kBFloat16;
+    default:
+      return kg::DType::kFloat16;
+  }
+}
+
+void check_launch(int code, const char* what) {
+  TORCH_CHECK(code == 0, "prefopt: CUDA ", what, " kernel failed: ", kg::error_string(code));
+}
+
+void cuda_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, RowResults& r) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  kg::RowsArgs a;
+  a.logits = logits.data_ptr();
+  a.stride0 = logits.stride(0), a.stride1 = logits.stride(1), a.V = logits.size(2);
+  a.b = rows.b.data_ptr<int64_t>(), a.t = rows.t.data_ptr<int64_t>();
+  a.target = rows.target.data_ptr<int64_t>();
+  a.n = rows.b.numel();
+  kg::StatsOut o;
+  o.logp = r.logp.data_ptr(), o.lse = r.lse.data_ptr();
+  if (flags & kc::kLogitSum) o.logit_mean = r.logit_mean.data_ptr();
+  if (flags & kc::kArgmax) o.correct = r.correct.data_ptr<int64_t>();
+  if (flags & kc::kEntropy) o.entropy = r.entropy.data_ptr();
+  if (flags & kc::kLogSumP2) o.log_sum_p2 = r.log_sum_p2.data_ptr();
+  check_launch(kg::row_stats(cuda_dtype(logits.scalar_type()), a, flags, o,
+                             c10::cuda::getCurrentCUDAStream().stream()),
+               "row statistics");
+}
+
+void cuda_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
+                   const at::Tensor& g, at::Tensor& grad) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), T = logits.size(1), n = rows.b.numel();
+  // Scored rows come in row-major order (nonzero() or the fused op's identity), so with every
+  // row scored, logits row r is scored row r; otherwise map logits rows to scored rows.
+  at::Tensor row_of;
+  if (n != B * T) {
+    row_of = at::full({B * T}, -1, rows.b.options());
+    row_of.index_put_({rows.b * T + rows.t}, at::arange(n, rows.b.options()));
+  }
+  kg::GradArgs a;
+  a.logits = logits.data_ptr();
+  a.stride0 = logits.stride(0), a.stride1 = logits.stride(1);
+  a.grad = grad.data_ptr();
+  a.out0 = grad.stride(0), a.out1 = grad.stride(1);
+  a.rows = B * T, a.T = T, a.V = logits.size(2);
+  a.row_of = row_of.defined() ? row_of.data_ptr<int64_t>() : nullptr;
+  a.target = rows.target.data_ptr<int64_t>();
+  a.lse = lse.data_ptr(), a.g = g.data_ptr();
+  check_launch(
+      kg::row_grad(cuda_dtype(logits.scalar_type()), a, c10::cuda::getCurrentCUDAStream().stream()),
+      "row gradient");
+}
+#endif
+
 #define PREFOPT_DISPATCH_LOGITS(logits, NAME, ...)                                     \
   switch ((logits).scalar_type()) {                                                    \
     case at::kFloat:                                                                   \
@@ -167,7 +258,8 @@ void aten_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor&
     const auto bi = rows.b.slice(0, s, e), ti = rows.t.slice(0, s, e);
     const auto gs = g.slice(0, s, e).unsqueeze(1);
     auto dz = (logits.index({bi, ti}).to(acc) - lse.slice(0, s, e).unsqueeze(1)).exp_().mul_(-gs);
-    dz.scatter_add_(1, rows.target.slice(0, s, e).unsqueeze(1), gs);
+    const auto tg = rows.target.slice(0, s, e).unsqueeze(1);  // −1: no target in this row
+    dz.scatter_add_(1, tg.clamp_min(0), gs * (tg >= 0));
     grad.index_put_({bi, ti}, dz.to(logits.scalar_type()));
   });
 }
@@ -195,6 +287,9 @@ RowResults slice_rows(const RowResults& r, int64_t s, int64_t e) {
 void rows_forward_into(const at::Tensor& logits, const Rows& rows, unsigned flags,
                        GatherBackend backend, int64_t chunk_bytes, RowResults& r) {
   if (rows.b.numel() == 0) return;
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+  if (use_cuda_kernel(logits, backend)) return cuda_forward(logits, rows, flags, r);
+#endif
   if (use_kernel(logits, backend)) {
     PREFOPT_DISPATCH_LOGITS(logits, kernel_forward, logits, rows, flags, r)
   } else {
@@ -213,6 +308,9 @@ RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned fla
 void rows_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
                    const at::Tensor& g, GatherBackend backend, int64_t chunk_bytes,
                    at::Tensor& grad) {
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+  if (use_cuda_kernel(logits, backend)) return cuda_backward(logits, rows, lse, g, grad);
+#endif
   if (use_kernel(logits, backend)) {  // writes every row, zero or not
     PREFOPT_DISPATCH_LOGITS(logits, kernel_backward, logits, rows, lse, g, grad)
     return;

@@ -75,7 +75,8 @@ RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned fla
                         GatherBackend backend, int64_t chunk_bytes);
 
 /// Writes every element of `grad` (same shape as `logits`, contiguous, uninitialised):
-/// `g_i · (onehot(target_i) − softmax(row_i))` on the scored rows, zeros elsewhere.
+/// `g_i · (onehot(target_i) − softmax(row_i))` on the scored rows, zeros elsewhere. A target
+/// of −1 has no one-hot term (the fused op's vocabulary blocks that do not hold it).
 /// `grad` may be `logits` itself (in place) when both are contiguous.
 void rows_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
                    const at::Tensor& g, GatherBackend backend, int64_t chunk_bytes,

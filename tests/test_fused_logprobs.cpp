@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Fused LM-head log-probs against the naive composite (matmul, temperature, softcap,
 // log_softmax, gather, masked sum) evaluated in fp64 by tests/reference/logprobs_reference.h.
+#include <c10/core/GradMode.h>
 #include <prefopt/fused_logprobs.h>
 
 #include <torch/csrc/autograd/autograd.h>
@@ -13,6 +14,7 @@
 namespace {
 
 namespace F = prefopt::functional;
+using prefopt::FusedBackward;
 using prefopt::FusedLogprobsOptions;
 using prefopt::GatherBackend;
 using prefopt_test::AllClose;
@@ -77,36 +79,41 @@ TEST_P(FusedGrid, ValuesAndGradientsMatchTheNaiveCompositeInFp64) {
             {(ref.sum * g_sum).sum() + (ref.mean * g_mean).sum()}, ref_head.params());
         // Chunks: one row, three rows (N rarely a multiple), everything at once.
         const int64_t bytes_softcap = softcap > 0 ? 2 : 1;
-        for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{1} << 20})
-          for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
-            SCOPED_TRACE(::testing::Message() << "bias " << bias << " temperature " << temperature
-                                              << " softcap " << softcap << " chunk rows " << rows
-                                              << " backend " << static_cast<int>(backend));
-            const auto opts =
-                FusedLogprobsOptions()
-                    .temperature(temperature)
-                    .softcap(softcap)
-                    .chunk_bytes(std::min<int64_t>(rows * row * bytes_softcap, int64_t{1} << 40))
-                    .backend(backend)
-                    .with_token_logps(true)
-                    .with_logits_mean(true)
-                    .with_token_accuracy(true)
-                    .with_entropy(true)
-                    .with_wpo_weights(true);
-            const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels, opts);
-            EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-11, 1e-11));
-            EXPECT_TRUE(AllClose(lp.mean, ref.mean, 1e-11, 1e-11));
-            EXPECT_TRUE(at::equal(lp.count, ref.count));
-            EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 1e-11, 1e-11));
-            EXPECT_TRUE(AllClose(lp.logits_sum, ref.logits_sum, 1e-11, 1e-11));
-            EXPECT_TRUE(at::equal(lp.correct, ref.correct));
-            EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, 1e-11, 1e-11));
-            EXPECT_TRUE(AllClose(lp.wpo_weights, ref.wpo_weights, 1e-10, 1e-12));
-            const auto grads = torch::autograd::grad(
-                {(lp.sum * g_sum).sum() + (lp.mean * g_mean).sum()}, head.params());
-            for (size_t i = 0; i < grads.size(); ++i)
-              EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 1e-10, 1e-11)) << "parameter " << i;
-          }
+        // Backward in vocabulary blocks: the same budgets give blocks of about V / N columns
+        // (several, the last one partial) and one block.
+        for (auto bwd : {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks})
+          for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{1} << 20})
+            for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+              SCOPED_TRACE(::testing::Message()
+                           << "bias " << bias << " temperature " << temperature << " softcap "
+                           << softcap << " chunk rows " << rows << " backend "
+                           << static_cast<int>(backend) << " backward " << static_cast<int>(bwd));
+              const auto opts =
+                  FusedLogprobsOptions()
+                      .temperature(temperature)
+                      .softcap(softcap)
+                      .chunk_bytes(std::min<int64_t>(rows * row * bytes_softcap, int64_t{1} << 40))
+                      .backend(backend)
+                      .backward(bwd)
+                      .with_token_logps(true)
+                      .with_logits_mean(true)
+                      .with_token_accuracy(true)
+                      .with_entropy(true)
+                      .with_wpo_weights(true);
+              const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels, opts);
+              EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-11, 1e-11));
+              EXPECT_TRUE(AllClose(lp.mean, ref.mean, 1e-11, 1e-11));
+              EXPECT_TRUE(at::equal(lp.count, ref.count));
+              EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 1e-11, 1e-11));
+              EXPECT_TRUE(AllClose(lp.logits_sum, ref.logits_sum, 1e-11, 1e-11));
+              EXPECT_TRUE(at::equal(lp.correct, ref.correct));
+              EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, 1e-11, 1e-11));
+              EXPECT_TRUE(AllClose(lp.wpo_weights, ref.wpo_weights, 1e-10, 1e-12));
+              const auto grads = torch::autograd::grad(
+                  {(lp.sum * g_sum).sum() + (lp.mean * g_mean).sum()}, head.params());
+              for (size_t i = 0; i < grads.size(); ++i)
+                EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 1e-10, 1e-11)) << "parameter " << i;
+            }
       }
 }
 
@@ -136,19 +143,22 @@ TEST_F(Fused, LowPrecisionInputsAgainstFp64) {
     const auto ref = prefopt_ref::gather(naive_logits(ref_head.h, ref_head.w, ref_head.b, 1, 0),
                                          labels, labels != kIgnore);
     const auto ref_grads = torch::autograd::grad({ref.sum.sum()}, ref_head.params());
-    const auto lp =
-        F::fused_logprobs(head.h, head.w, head.b, labels,
-                          FusedLogprobsOptions().with_token_logps(true).chunk_bytes(V * 20 * 8));
-    EXPECT_EQ(lp.sum.scalar_type(), at::kFloat);
-    const double tok = st == at::kFloat ? 1e-4 : 3e-2;
-    EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 0, tok));
-    EXPECT_TRUE(AllClose(lp.mean, ref.mean, 0, tok));
-    const auto grads = torch::autograd::grad({lp.sum.sum()}, head.params());
-    for (size_t i = 0; i < grads.size(); ++i) {
-      EXPECT_EQ(grads[i].scalar_type(), st);
-      const double scale = ref_grads[i].abs().max().item<double>();
-      EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 0, (st == at::kFloat ? 1e-5 : 1e-2) * scale))
-          << "parameter " << i;
+    for (auto bwd : {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks}) {
+      SCOPED_TRACE(::testing::Message() << "backward " << static_cast<int>(bwd));
+      const auto lp = F::fused_logprobs(
+          head.h, head.w, head.b, labels,
+          FusedLogprobsOptions().with_token_logps(true).chunk_bytes(V * 20 * 8).backward(bwd));
+      EXPECT_EQ(lp.sum.scalar_type(), at::kFloat);
+      const double tok = st == at::kFloat ? 1e-4 : 3e-2;
+      EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 0, tok));
+      EXPECT_TRUE(AllClose(lp.mean, ref.mean, 0, tok));
+      const auto grads = torch::autograd::grad({lp.sum.sum()}, head.params());
+      for (size_t i = 0; i < grads.size(); ++i) {
+        EXPECT_EQ(grads[i].scalar_type(), st);
+        const double scale = ref_grads[i].abs().max().item<double>();
+        EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 0, (st == at::kFloat ? 1e-5 : 1e-2) * scale))
+            << "parameter " << i;
+      }
     }
   }
 }
@@ -238,7 +248,7 @@ TEST_F(Fused, NoGradModeLeavesNoGraph) {
   const Head head(2, 6, 8, 20, true, at::kFloat);
   const auto labels = make_labels(2, 6, 20);
   {
-    at::NoGradGuard guard;
+    c10::NoGradGuard guard;
     const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels);
     EXPECT_FALSE(lp.sum.requires_grad());
     EXPECT_FALSE(lp.sum.grad_fn());
@@ -295,20 +305,31 @@ using FusedCuda = prefopt_test::CudaTest;
 TEST_F(FusedCuda, MatchesCpu) {
   const int64_t B = 3, T = 40, H = 64, V = 5000;
   const auto labels = make_labels(B, T, V);
+  std::vector<GatherBackend> backends{GatherBackend::kATen};
+  if (prefopt::has_cuda_kernels()) backends.push_back(GatherBackend::kKernel);
   for (auto st : {at::kFloat, at::kBFloat16}) {
-    const Head cpu(B, T, H, V, true, st);
-    const auto h = cpu.h.detach().cuda().requires_grad_(),
-               w = cpu.w.detach().cuda().requires_grad_(),
-               b = cpu.b.detach().cuda().requires_grad_();
-    const auto opts = FusedLogprobsOptions().chunk_bytes(V * 16 * 8);
-    const auto a = F::fused_logprobs(cpu.h, cpu.w, cpu.b, labels, opts);
-    const auto g = F::fused_logprobs(h, w, b, labels.cuda(), opts);
-    const double tol = st == at::kFloat ? 1e-3 : 5e-2;
-    EXPECT_TRUE(AllClose(g.sum, a.sum, 1e-4, tol * T));
-    const auto ga = torch::autograd::grad({a.sum.sum()}, cpu.params());
-    const auto gg = torch::autograd::grad({g.sum.sum()}, {h, w, b});
-    for (size_t i = 0; i < ga.size(); ++i)
-      EXPECT_TRUE(AllClose(gg[i], ga[i], 2e-2, tol * ga[i].abs().max().item<double>()));
+    for (auto backend : backends) {
+      for (auto bwd : {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks}) {
+        for (double softcap : {0.0, 20.0}) {
+          SCOPED_TRACE(::testing::Message()
+                       << st << " backend " << static_cast<int>(backend) << " backward "
+                       << static_cast<int>(bwd) << " softcap " << softcap);
+          const Head cpu(B, T, H, V, true, st);
+          const auto h = cpu.h.detach().cuda().requires_grad_(),
+                     w = cpu.w.detach().cuda().requires_grad_(),
+                     b = cpu.b.detach().cuda().requires_grad_();
+          auto opts = FusedLogprobsOptions().chunk_bytes(V * 16 * 8).softcap(softcap).backward(bwd);
+          const auto a = F::fused_logprobs(cpu.h, cpu.w, cpu.b, labels, opts);
+          const auto g = F::fused_logprobs(h, w, b, labels.cuda(), opts.backend(backend));
+          const double tol = st == at::kFloat ? 1e-3 : 5e-2;
+          EXPECT_TRUE(AllClose(g.sum, a.sum, 1e-4, tol * T));
+          const auto ga = torch::autograd::grad({a.sum.sum()}, cpu.params());
+          const auto gg = torch::autograd::grad({g.sum.sum()}, {h, w, b});
+          for (size_t i = 0; i < ga.size(); ++i)
+            EXPECT_TRUE(AllClose(gg[i], ga[i], 2e-2, tol * ga[i].abs().max().item<double>()));
+        }
+      }
+    }
   }
 }
 

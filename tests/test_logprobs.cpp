@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Log-prob gathering against the fp64 naive reference (tests/reference/logprobs_reference.h).
+#include <c10/core/GradMode.h>
 #include <prefopt/logprobs.h>
 
 #include <torch/csrc/autograd/autograd.h>
@@ -306,7 +307,7 @@ TEST_F(Gather, NoGraphWithoutGrad) {
   const auto logits = at::randn({2, 4, 10}).requires_grad_();
   const auto labels = make_labels(2, 4, 10);
   {
-    at::NoGradGuard guard;
+    c10::NoGradGuard guard;
     const auto lp = F::gather_logprobs(logits, labels);
     EXPECT_FALSE(lp.sum.requires_grad());
     EXPECT_FALSE(lp.sum.grad_fn());
@@ -585,10 +586,69 @@ TEST_F(GatherCuda, PackedAndErrors) {
   EXPECT_TRUE(AllClose(lp.sum, cpu.sum, 1e-5, 1e-5));
   PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(z.view({2, 3, 10}), y.cpu().view({2, 3})),
                              "expected labels on cuda:0 like the logits, got cpu");
-  PREFOPT_EXPECT_THROWS_WITH(
-      F::gather_logprobs(z.view({2, 3, 10}), y.view({2, 3}),
-                         GatherLogprobsOptions().backend(GatherBackend::kKernel)),
-      "backend kKernel needs CPU logits");
+  if (!prefopt::has_cuda_kernels())
+    PREFOPT_EXPECT_THROWS_WITH(
+        F::gather_logprobs(z.view({2, 3, 10}), y.view({2, 3}),
+                           GatherLogprobsOptions().backend(GatherBackend::kKernel)),
+        "backend kKernel needs CPU logits, or CUDA logits and a build with CUDA kernels, got "
+        "cuda:0");
+}
+
+/// The CUDA row kernels against the ATen path on the GPU (itself checked against the CPU above):
+/// every dtype,
+/// vocabularies that leave scalar heads and tails, rows that start off a 16-byte boundary,
+/// -inf/+inf/NaN rows, and the gradient in every row (scored or not).
+TEST_F(GatherCuda, KernelsMatchATen) {
+  if (!prefopt::has_cuda_kernels()) GTEST_SKIP() << "built without the CUDA row kernels";
+  for (auto st : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+    for (int64_t V : {1, 7, 1000, 50257, 128256}) {
+      for (int64_t pad : {0, 3}) {  // pad: rows at odd offsets, unit vocabulary stride
+        SCOPED_TRACE(::testing::Message() << st << " V=" << V << " pad=" << pad);
+        const int64_t B = 3, T = 17;
+        auto labels = make_labels(B, T, V);
+        auto full = (at::randn({B, T, V + pad}, at::kCUDA) * 4).to(st);
+        if (V > 2) {  // scored rows of sequence 2: a -inf entry, all -inf, +inf, NaN
+          labels[2].slice(0, 5, 9).fill_(2);
+          full[2][4][1] = -INFINITY;
+          full[2][5].fill_(-INFINITY);
+          full[2][6][0] = INFINITY;
+          full[2][7][V - 1] = NAN;
+        }
+        labels = labels.cuda();
+        const auto logits = full.narrow(2, 0, V).requires_grad_(false);
+        auto opts = GatherLogprobsOptions()
+                        .with_token_logps(true)
+                        .with_logits_mean(true)
+                        .with_token_accuracy(true)
+                        .with_entropy(true)
+                        .with_wpo_weights(true);
+        std::vector<prefopt::SequenceLogprobs> res;
+        std::vector<at::Tensor> grads;
+        for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+          const auto x = logits.detach().clone().requires_grad_();
+          const auto x_in = pad ? at::constant_pad_nd(x, {0, pad}).narrow(2, 0, V) : x;
+          res.push_back(F::gather_logprobs(x_in, labels, opts.backend(backend)));
+          // Upstream weights 0 for sequence 2 (its NaN would reach every gradient).
+          const auto w = at::tensor({0.7, -1.3, 0.0}, res.back().sum.options());
+          grads.push_back(torch::autograd::grad({(res.back().sum * w).sum()}, {x})[0]);
+        }
+        const auto [rt, tol] = value_tol(st);
+        const auto& k = res[0];
+        const auto& a = res[1];
+        EXPECT_TRUE(AllClose(k.token_logps, a.token_logps, rt, tol));
+        EXPECT_TRUE(AllClose(k.sum, a.sum, rt, tol * T));
+        EXPECT_TRUE(at::equal(k.count, a.count));
+        EXPECT_TRUE(AllClose(k.logits_sum, a.logits_sum, rt, tol * T * 4));
+        EXPECT_TRUE(AllClose(k.entropy_sum, a.entropy_sum, rt, tol * T * 4));
+        EXPECT_TRUE(AllClose(k.wpo_weights, a.wpo_weights, rt * 10, tol * 10));
+        // Sequence 2's NaN and all -inf rows: ATen's argmax picks an index, the kernels none.
+        EXPECT_TRUE(at::equal(k.correct.slice(0, 0, 2), a.correct.slice(0, 0, 2)));
+        const auto [grt, gat] = grad_tol(st);
+        EXPECT_TRUE(AllClose(grads[0].slice(0, 0, 2), grads[1].slice(0, 0, 2), grt, gat));
+        EXPECT_TRUE(grads[0][2].eq(0).all().item<bool>());  // g = 0: zeros, not NaN
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -11,6 +11,20 @@
 
 PREFOPT_BEGIN_NAMESPACE
 
+/// How the backward pass walks the logits it recomputes.
+enum class FusedBackward {
+  /// kVocabBlocks when the scored tokens are at most the vocabulary size (and a column fits
+  /// the budget), else kTokenChunks: whichever needs the smaller fp32 accumulator.
+  kAuto,
+  /// Chunks of tokens, as the forward pass: `dh` is exact per chunk; the weight gradient
+  /// accumulates across chunks in an fp32 [V, H] buffer (16-bit weights).
+  kTokenChunks,
+  /// Blocks of vocabulary columns over all scored tokens: each block's weight gradient is one
+  /// GEMM over every token (fp32 accumulation inside it, one rounding, no [V, H] accumulator);
+  /// `dh` accumulates across blocks in an fp32 [N, H] buffer (16-bit inputs).
+  kVocabBlocks,
+};
+
 /// Options of `functional::fused_logprobs` and `functional::fused_packed_logprobs`.
 ///
 /// Example:
@@ -44,9 +58,11 @@ struct FusedLogprobsOptions {
   /// the chunk gradient for bf16/fp16 weights). The chunk size c is the largest that fits; a
   /// budget below one row is an error. Default: 256 MiB.
   TORCH_ARG(int64_t, chunk_bytes) = int64_t{256} << 20;
-  /// CPU row kernels or the ATen path for the per-chunk log-softmax (as for gathering).
+  /// Row kernels or the ATen path for the per-chunk log-softmax (as for gathering).
   /// Default: kAuto.
   TORCH_ARG(GatherBackend, backend) = GatherBackend::kAuto;
+  /// Blocking of the backward pass (see `FusedBackward`). Default: kAuto.
+  TORCH_ARG(FusedBackward, backward) = FusedBackward::kAuto;
 };
 
 namespace functional {

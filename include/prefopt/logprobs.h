@@ -12,10 +12,15 @@ PREFOPT_BEGIN_NAMESPACE
 
 /// Which implementation gathers the log-probs.
 enum class GatherBackend {
-  kAuto,    ///< CPU row kernels on CPU, the chunked ATen path elsewhere (CUDA).
-  kKernel,  ///< CPU row kernels (CPU tensors only): each row read twice, no temporaries.
+  kAuto,    ///< Row kernels where built for the device (CPU always, CUDA when
+            ///< `has_cuda_kernels()`), the chunked ATen path elsewhere.
+  kKernel,  ///< Row kernels (CPU, or CUDA when built): no logits-sized temporaries.
   kATen,    ///< Chunked ATen ops on any device; the oracle the kernels are tested against.
 };
+
+/// Whether this build of prefopt has the CUDA row kernels (built when the libtorch it was
+/// compiled against has CUDA). Without them CUDA tensors take the chunked ATen path.
+PREFOPT_API bool has_cuda_kernels();
 
 /// Options of `functional::gather_logprobs` and `functional::gather_packed_logprobs`.
 ///

@@ -329,10 +329,20 @@ SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor
                           const FusedLogprobsOptions& o) {
   const auto st = in.hidden.scalar_type();
   const int64_t per_row = bytes_per_row(in.V, in.H, st, o.softcap() > 0, mixed_gemm(in.hidden));
-  TORCH_CHECK(o.chunk_bytes() >= per_row, fn, ": memory budget chunk_bytes = ", o.chunk_bytes(),
+  TORCH_CHECK(o.chunk_bytes() >= 0, fn, ": expected chunk_bytes >= 0 (0: automatic), got ",
+              o.chunk_bytes());
+  TORCH_CHECK(o.chunk_bytes() == 0 || o.chunk_bytes() >= per_row, fn,
+              ": memory budget chunk_bytes = ", o.chunk_bytes(),
               " is below one row of logits buffers (", per_row, " bytes for V = ", in.V,
               ", H = ", in.H, ", ", st, (o.softcap() > 0 ? ", softcap" : ""), ")");
-  const HeadSpec spec{o.temperature(), o.softcap(), o.backend(), o.chunk_bytes() / per_row};
+  // Automatic: 1/16 of the scored tokens' logits, at most 256 MiB, at least one row.
+  const int64_t n = sel.rows.b.numel();
+  const int64_t budget =
+      o.chunk_bytes() > 0
+          ? o.chunk_bytes()
+          : std::max(per_row, std::min(int64_t{256} << 20,
+                                       n * in.V * static_cast<int64_t>(at::elementSize(st)) / 16));
+  const HeadSpec spec{o.temperature(), o.softcap(), o.backend(), budget / per_row};
   const unsigned flags = stat_flags(o.with_logits_mean(), o.with_token_accuracy(), o.with_entropy(),
                                     o.with_wpo_weights());
   // Compaction: only scored tokens reach the matmuls (differentiable gather of hidden rows).
@@ -345,7 +355,7 @@ SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor
     const auto out = FusedHeadFunction::apply(
         h, weight, bias.defined() ? bias : at::empty({0}, weight.options()), sel.rows.target,
         static_cast<int64_t>(flags), spec.temperature, spec.softcap,
-        static_cast<int64_t>(spec.backend), spec.chunk_rows, o.chunk_bytes(),
+        static_cast<int64_t>(spec.backend), spec.chunk_rows, budget,
         static_cast<int64_t>(o.backward()));
     logp = out[0];
     stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];

@@ -288,6 +288,9 @@ TEST_F(Fused, Errors) {
   PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().chunk_bytes(39)),
                              fn + "memory budget chunk_bytes = 39 is below one row of logits "
                                   "buffers (40 bytes for V = 10, H = 8, Float)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().chunk_bytes(-1)),
+      "prefopt::fused_logprobs: expected chunk_bytes >= 0 (0: automatic), got -1");
   PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().temperature(0)),
                              "expected temperature > 0, got 0");
   auto bad = y.clone();

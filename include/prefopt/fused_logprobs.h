@@ -53,11 +53,12 @@ struct FusedLogprobsOptions {
   TORCH_ARG(bool, with_entropy) = false;
   /// Also return `wpo_weights` (see `GatherLogprobsOptions::with_wpo_weights`). Default: false.
   TORCH_ARG(bool, with_wpo_weights) = false;
-  /// Memory budget, in bytes, for the per-chunk logits buffers (forward: one [c, V] buffer in
-  /// the input dtype; backward: that buffer, a second one with softcapping, and an fp32 copy of
-  /// the chunk gradient for bf16/fp16 weights). The chunk size c is the largest that fits; a
-  /// budget below one row is an error. Default: 256 MiB.
-  TORCH_ARG(int64_t, chunk_bytes) = int64_t{256} << 20;
+  /// Memory budget, in bytes, for the reused logits buffers: forward, one [c, V] buffer in the
+  /// input dtype; backward, that buffer (or an [N, c'] vocabulary block), a second one with
+  /// softcapping, and on CPU fp32 copies for bf16/fp16 GEMMs. Chunks are the largest that fit;
+  /// an explicit budget below one row is an error. 0 (the default) is automatic: 1/16 of the
+  /// scored tokens' logits in the input dtype, at most 256 MiB, at least one row.
+  TORCH_ARG(int64_t, chunk_bytes) = 0;
   /// Row kernels or the ATen path for the per-chunk log-softmax (as for gathering).
   /// Default: kAuto.
   TORCH_ARG(GatherBackend, backend) = GatherBackend::kAuto;

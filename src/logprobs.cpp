@@ -53,10 +53,11 @@ void check_logits(const char* fn, const at::Tensor& logits, int64_t dim,
               dim == 3 ? " [B, T, V]" : " [N, V]", ", got shape ", logits.sizes());
   check_floating(fn, "logits", logits);
   TORCH_CHECK(logits.size(-1) > 0, fn, ": expected a vocabulary of at least 1 entry, got V = 0");
-  TORCH_CHECK(o.backend() != GatherBackend::kKernel || logits.is_cpu() ||
-                  (logits.is_cuda() && has_cuda_kernels()),
-              fn, ": backend kKernel needs CPU logits, or CUDA logits and a build with CUDA kernels, got ",
-              logits.device());
+  TORCH_CHECK(
+      o.backend() != GatherBackend::kKernel || logits.is_cpu() ||
+          (logits.is_cuda() && has_cuda_kernels()),
+      fn, ": backend kKernel needs CPU logits, or CUDA logits and a build with CUDA kernels, got ",
+      logits.device());
   TORCH_CHECK(o.chunk_bytes() > 0, fn, ": expected chunk_bytes > 0, got ", o.chunk_bytes());
 }
 

@@ -110,14 +110,10 @@ void register_all(bool smoke) {
       for (int64_t bits : bitss)
         for (int64_t masked : {0, 1})
           for (const auto& [name, method] : methods)
-            benchmark::RegisterBenchmark((std::string("fwd_bwd/") + name).c_str(), run, method)
-                ->Args({N, H, V, bits, masked})
-                ->ArgNames({"N", "H", "V", "bits", "half_masked"})
-                ->Iterations(1)
-                ->Repetitions(gpu ? 5 : 3)
-                ->ReportAggregatesOnly(true)
-                ->Unit(benchmark::kMillisecond)
-                ->UseRealTime();
+            prefopt_bench::one_shot(
+                benchmark::RegisterBenchmark((std::string("fwd_bwd/") + name).c_str(), run, method)
+                    ->Args({N, H, V, bits, masked})
+                    ->ArgNames({"N", "H", "V", "bits", "half_masked"}));
 }
 
 }  // namespace

@@ -143,14 +143,10 @@ void register_all(bool smoke) {
         for (bool backward : {false, true})
           for (const auto& [name, method] : methods) {
             const std::string label = std::string(backward ? "fwd_bwd/" : "fwd/") + name;
-            benchmark::RegisterBenchmark(label.c_str(), run, method, backward)
-                ->Args({tokens, V, bits})
-                ->ArgNames({"tokens", "V", "bits"})
-                ->Iterations(1)
-                ->Repetitions(gpu ? 5 : 3)
-                ->ReportAggregatesOnly(true)
-                ->Unit(benchmark::kMillisecond)
-                ->UseRealTime();
+            prefopt_bench::one_shot(
+                benchmark::RegisterBenchmark(label.c_str(), run, method, backward)
+                    ->Args({tokens, V, bits})
+                    ->ArgNames({"tokens", "V", "bits"}));
           }
 }
 

@@ -26,6 +26,17 @@ inline void sync() {
   if (bench_device().is_cuda()) at::empty({1}, at::TensorOptions().device(bench_device())).item();
 }
 
+/// The settings every registered benchmark shares: one iteration per repetition (each is a
+/// whole forward/backward step), medians of 3 repetitions (5 on CUDA, whose runs are short),
+/// wall-clock milliseconds.
+inline benchmark::internal::Benchmark* one_shot(benchmark::internal::Benchmark* b) {
+  return b->Iterations(1)
+      ->Repetitions(bench_device().is_cuda() ? 5 : 3)
+      ->ReportAggregatesOnly(true)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+}
+
 inline int bench_main(int argc, char** argv, void (*register_all)(bool smoke)) {
   bool smoke = false;
   int threads = static_cast<int>(std::thread::hardware_concurrency());

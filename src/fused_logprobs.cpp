@@ -30,6 +30,24 @@ struct HeadSpec {
   int64_t chunk_rows = 1;   ///< token rows per forward (and kTokenChunks backward) chunk
   int64_t chunk_bytes = 0;  ///< the budget, for the vocabulary blocks of the backward pass
   FusedBackward backward = FusedBackward::kAuto;
+
+  void save(torch::autograd::AutogradContext* ctx) const {
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["backend"] = static_cast<int64_t>(backend);
+    ctx->saved_data["chunk_rows"] = chunk_rows;
+    ctx->saved_data["chunk_bytes"] = chunk_bytes;
+    ctx->saved_data["backward"] = static_cast<int64_t>(backward);
+  }
+  static HeadSpec load(torch::autograd::AutogradContext* ctx) {
+    auto& d = ctx->saved_data;
+    return {d["temperature"].toDouble(),
+            d["softcap"].toDouble(),
+            static_cast<GatherBackend>(d["backend"].toInt()),
+            d["chunk_rows"].toInt(),
+            d["chunk_bytes"].toInt(),
+            static_cast<FusedBackward>(d["backward"].toInt())};
+  }
 };
 
 /// What the backward pass needs, computed once.
@@ -128,19 +146,12 @@ RowResults head_forward(const at::Tensor& h, const at::Tensor& weight, const at:
 struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& weight,
                                const at::Tensor& bias, const at::Tensor& target, int64_t flags,
-                               double temperature, double softcap, int64_t backend,
-                               int64_t chunk_rows, int64_t chunk_bytes, int64_t backward) {
-    const HeadSpec spec{temperature, softcap, static_cast<GatherBackend>(backend), chunk_rows};
+                               const HeadSpec& spec) {
     // `bias` is a [0] placeholder when the head has none: autograd inputs must be defined.
     const at::Tensor b = bias.numel() > 0 ? bias : at::Tensor();
     RowResults r = head_forward(h, weight, b, target, static_cast<unsigned>(flags), spec);
     ctx->save_for_backward({h, weight, bias, target, r.lse});
-    ctx->saved_data["temperature"] = temperature;
-    ctx->saved_data["softcap"] = softcap;
-    ctx->saved_data["backend"] = backend;
-    ctx->saved_data["chunk_rows"] = chunk_rows;
-    ctx->saved_data["chunk_bytes"] = chunk_bytes;
-    ctx->saved_data["backward"] = backward;
+    spec.save(ctx);
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({r.logit_mean, r.correct, r.entropy, r.log_sum_p2});
     return {r.logp, r.logit_mean, r.correct, r.entropy, r.log_sum_p2};
@@ -151,13 +162,9 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     const at::Tensor &h = saved[0], &weight = saved[1], &target = saved[3], &lse = saved[4];
     const at::Tensor bias = saved[2].numel() > 0 ? saved[2] : at::Tensor();
     if (!grads[0].defined()) return result({}, {}, {});
-    HeadSpec spec{ctx->saved_data["temperature"].toDouble(), ctx->saved_data["softcap"].toDouble(),
-                  static_cast<GatherBackend>(ctx->saved_data["backend"].toInt()),
-                  ctx->saved_data["chunk_rows"].toInt()};
+    const HeadSpec spec = HeadSpec::load(ctx);
     const bool need_h = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_b = bias.defined() && ctx->needs_input_grad(2);
-    spec.chunk_bytes = ctx->saved_data["chunk_bytes"].toInt();
-    spec.backward = static_cast<FusedBackward>(ctx->saved_data["backward"].toInt());
     const auto acc = acc_type(h.scalar_type());
     const auto g = grads[0].to(acc).contiguous();
     const HeadGrads hg{h,
@@ -196,7 +203,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   }
 
   static variable_list result(at::Tensor dh, at::Tensor dw, at::Tensor db) {
-    return {std::move(dh), std::move(dw), std::move(db), {}, {}, {}, {}, {}, {}, {}, {}};
+    return {std::move(dh), std::move(dw), std::move(db), {}, {}, {}};
   }
 
   /// Token chunks: dh per chunk; dW and db accumulate across chunks in fp32 (fp64), cast once.
@@ -342,7 +349,8 @@ SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor
           ? o.chunk_bytes()
           : std::max(per_row, std::min(int64_t{256} << 20,
                                        n * in.V * static_cast<int64_t>(at::elementSize(st)) / 16));
-  const HeadSpec spec{o.temperature(), o.softcap(), o.backend(), budget / per_row};
+  const HeadSpec spec{o.temperature(),  o.softcap(), o.backend(),
+                      budget / per_row, budget,      o.backward()};
   const unsigned flags = stat_flags(o.with_logits_mean(), o.with_token_accuracy(), o.with_entropy(),
                                     o.with_wpo_weights());
   // Compaction: only scored tokens reach the matmuls (differentiable gather of hidden rows).
@@ -354,9 +362,7 @@ SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor
   if (grad) {
     const auto out = FusedHeadFunction::apply(
         h, weight, bias.defined() ? bias : at::empty({0}, weight.options()), sel.rows.target,
-        static_cast<int64_t>(flags), spec.temperature, spec.softcap,
-        static_cast<int64_t>(spec.backend), spec.chunk_rows, budget,
-        static_cast<int64_t>(o.backward()));
+        static_cast<int64_t>(flags), spec);
     logp = out[0];
     stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];
     stats.log_sum_p2 = out[4];

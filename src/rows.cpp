@@ -46,16 +46,6 @@ bool use_kernel(const at::Tensor& logits, GatherBackend backend) {
   }
 }
 
-/// CUDA row kernels: built in, CUDA logits with unit vocabulary stride, backend not kATen.
-bool use_cuda_kernel(const at::Tensor& logits, GatherBackend backend) {
-#ifdef PREFOPT_WITH_CUDA_KERNELS
-  return logits.is_cuda() && logits.stride(-1) == 1 && backend != GatherBackend::kATen;
-#else
-  (void)logits, (void)backend;
-  return false;
-#endif
-}
-
 int64_t rows_per_chunk(const at::Tensor& logits, int64_t chunk_bytes) {
   const int64_t V = logits.size(-1);
   // The row copy in its own dtype plus two temporaries in the accumulation dtype.
@@ -87,7 +77,7 @@ struct Storage<at::Half> {
 template <typename S>
 void kernel_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, RowResults& r) {
   using T = typename Storage<S>::type;
-  using A = kc::acc_t<T>;
+  using A = acc_t<T>;
   const T* base = reinterpret_cast<const T*>(logits.data_ptr<S>());
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1), V = logits.size(2);
   const int64_t n = rows.b.numel();
@@ -95,10 +85,10 @@ void kernel_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, 
                 *tg = rows.target.data_ptr<int64_t>();
   A* logp = r.logp.data_ptr<A>();
   A* lse = r.lse.data_ptr<A>();
-  A* lm = (flags & kc::kLogitSum) ? r.logit_mean.data_ptr<A>() : nullptr;
-  int64_t* ok = (flags & kc::kArgmax) ? r.correct.data_ptr<int64_t>() : nullptr;
-  A* ent = (flags & kc::kEntropy) ? r.entropy.data_ptr<A>() : nullptr;
-  A* p2 = (flags & kc::kLogSumP2) ? r.log_sum_p2.data_ptr<A>() : nullptr;
+  A* lm = (flags & kLogitSum) ? r.logit_mean.data_ptr<A>() : nullptr;
+  int64_t* ok = (flags & kArgmax) ? r.correct.data_ptr<int64_t>() : nullptr;
+  A* ent = (flags & kEntropy) ? r.entropy.data_ptr<A>() : nullptr;
+  A* p2 = (flags & kLogSumP2) ? r.log_sum_p2.data_ptr<A>() : nullptr;
   at::parallel_for(0, n, std::max<int64_t>(1, 32768 / V), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const auto st = kc::row_stats<T>(base + b[i] * s0 + t[i] * s1, V, tg[i], flags);
@@ -118,7 +108,7 @@ template <typename S>
 void kernel_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse_t,
                      const at::Tensor& g_t, at::Tensor& grad) {
   using T = typename Storage<S>::type;
-  using A = kc::acc_t<T>;
+  using A = acc_t<T>;
   const T* base = reinterpret_cast<const T*>(logits.data_ptr<S>());
   T* out = reinterpret_cast<T*>(grad.data_ptr<S>());
   const int64_t B = logits.size(0), Tn = logits.size(1), V = logits.size(2);
@@ -145,6 +135,11 @@ void kernel_backward(const at::Tensor& logits, const Rows& rows, const at::Tenso
 
 #ifdef PREFOPT_WITH_CUDA_KERNELS
 namespace kg = prefopt::detail::cuda;
+
+/// CUDA logits with unit vocabulary stride, backend not kATen.
+bool use_cuda_kernel(const at::Tensor& logits, GatherBackend backend) {
+  return logits.is_cuda() && logits.stride(-1) == 1 && backend != GatherBackend::kATen;
+}
 
 kg::DType cuda_dtype(at::ScalarType st) {
   switch (st) {
@@ -173,10 +168,10 @@ void cuda_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, Ro
   a.n = rows.b.numel();
   kg::StatsOut o;
   o.logp = r.logp.data_ptr(), o.lse = r.lse.data_ptr();
-  if (flags & kc::kLogitSum) o.logit_mean = r.logit_mean.data_ptr();
-  if (flags & kc::kArgmax) o.correct = r.correct.data_ptr<int64_t>();
-  if (flags & kc::kEntropy) o.entropy = r.entropy.data_ptr();
-  if (flags & kc::kLogSumP2) o.log_sum_p2 = r.log_sum_p2.data_ptr();
+  if (flags & kLogitSum) o.logit_mean = r.logit_mean.data_ptr();
+  if (flags & kArgmax) o.correct = r.correct.data_ptr<int64_t>();
+  if (flags & kEntropy) o.entropy = r.entropy.data_ptr();
+  if (flags & kLogSumP2) o.log_sum_p2 = r.log_sum_p2.data_ptr();
   check_launch(kg::row_stats(cuda_dtype(logits.scalar_type()), a, flags, o,
                              c10::cuda::getCurrentCUDAStream().stream()),
                "row statistics");
@@ -242,12 +237,11 @@ void aten_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, in
     const auto lse = m.squeeze(1) + log_s;
     r.lse.slice(0, s, e).copy_(lse);
     r.logp.slice(0, s, e).copy_(z.gather(1, tg.unsqueeze(1)).squeeze(1) - lse);
-    if (flags & kc::kLogitSum) r.logit_mean.slice(0, s, e).copy_(z.sum(1) / static_cast<double>(V));
-    if (flags & kc::kArgmax) r.correct.slice(0, s, e).copy_(z.argmax(1) == tg);
-    if (flags & kc::kEntropy)  // clamp: 0·(−inf) would be NaN where a logit is −inf
+    if (flags & kLogitSum) r.logit_mean.slice(0, s, e).copy_(z.sum(1) / static_cast<double>(V));
+    if (flags & kArgmax) r.correct.slice(0, s, e).copy_(z.argmax(1) == tg);
+    if (flags & kEntropy)  // clamp: 0·(−inf) would be NaN where a logit is −inf
       r.entropy.slice(0, s, e).copy_(log_s - (ex * x.clamp_min(-1e30)).sum(1) / log_s.exp());
-    if (flags & kc::kLogSumP2)
-      r.log_sum_p2.slice(0, s, e).copy_((ex * ex).sum(1).log() - 2 * log_s);
+    if (flags & kLogSumP2) r.log_sum_p2.slice(0, s, e).copy_((ex * ex).sum(1).log() - 2 * log_s);
   });
 }
 
@@ -271,10 +265,10 @@ RowResults alloc_row_results(int64_t n, unsigned flags, const at::TensorOptions&
   RowResults r;
   r.logp = at::empty({n}, f);
   r.lse = at::empty({n}, f);
-  r.logit_mean = (flags & kc::kLogitSum) ? at::empty({n}, f) : empty;
-  r.correct = (flags & kc::kArgmax) ? at::empty({n}, f.dtype(at::kLong)) : empty;
-  r.entropy = (flags & kc::kEntropy) ? at::empty({n}, f) : empty;
-  r.log_sum_p2 = (flags & kc::kLogSumP2) ? at::empty({n}, f) : empty;
+  r.logit_mean = (flags & kLogitSum) ? at::empty({n}, f) : empty;
+  r.correct = (flags & kArgmax) ? at::empty({n}, f.dtype(at::kLong)) : empty;
+  r.entropy = (flags & kEntropy) ? at::empty({n}, f) : empty;
+  r.log_sum_p2 = (flags & kLogSumP2) ? at::empty({n}, f) : empty;
   return r;
 }
 
@@ -333,7 +327,7 @@ at::Tensor all_row_means(const at::Tensor& logits, GatherBackend backend, int64_
     auto run = [&](auto tag) {
       using S = decltype(tag);
       using TT = typename Storage<S>::type;
-      using A = kc::acc_t<TT>;
+      using A = acc_t<TT>;
       const TT* base = reinterpret_cast<const TT*>(logits.data_ptr<S>());
       A* dst = out.data_ptr<A>();
       const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
@@ -404,8 +398,8 @@ at::Tensor check_mask(const char* fn, const at::Tensor& mask, at::IntArrayRef ex
 }
 
 unsigned stat_flags(bool logits_mean, bool accuracy, bool entropy, bool wpo) {
-  return (logits_mean ? kc::kLogitSum : 0u) | (accuracy ? kc::kArgmax : 0u) |
-         (entropy ? kc::kEntropy : 0u) | (wpo ? kc::kLogSumP2 : 0u);
+  return (logits_mean ? kLogitSum : 0u) | (accuracy ? kArgmax : 0u) | (entropy ? kEntropy : 0u) |
+         (wpo ? kLogSumP2 : 0u);
 }
 
 void advise_huge_pages(const at::Tensor& fresh) {
@@ -527,11 +521,11 @@ SequenceLogprobs assemble(const Selection& sel, const at::Tensor& logp, const Ro
                                             : zeros.index_put({rows.t}, logp.to(acc));
     res.token_mask = sel.scored;
   }
-  if (flags & kc::kLogitSum) res.logits_sum = seq_sum(stats.logit_mean);
-  if (flags & kc::kArgmax)
+  if (flags & kLogitSum) res.logits_sum = seq_sum(stats.logit_mean);
+  if (flags & kArgmax)
     res.correct = at::zeros({S}, fo.dtype(at::kLong)).index_add_(0, rows.seq, stats.correct);
-  if (flags & kc::kEntropy) res.entropy_sum = seq_sum(stats.entropy);
-  if (flags & kc::kLogSumP2)
+  if (flags & kEntropy) res.entropy_sum = seq_sum(stats.entropy);
+  if (flags & kLogSumP2)
     res.wpo_weights = (seq_sum(logp.detach() - stats.log_sum_p2) / denom).exp();
   return res;
 }

@@ -38,7 +38,7 @@ inline at::ScalarType acc_type(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-/// RowFlags (src/cpu/row_kernels.h) for the statistics asked for.
+/// RowFlags (src/row_common.h) for the statistics asked for.
 unsigned stat_flags(bool logits_mean, bool accuracy, bool entropy, bool wpo);
 
 /// `fn: expected <what> ...` checks shared by the public functions. `ref_name`/`ref` name the

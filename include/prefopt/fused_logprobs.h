@@ -21,7 +21,8 @@ enum class FusedBackward {
   kTokenChunks,
   /// Blocks of vocabulary columns over all scored tokens: each block's weight gradient is one
   /// GEMM over every token (fp32 accumulation inside it, one rounding, no [V, H] accumulator);
-  /// `dh` accumulates across blocks in an fp32 [N, H] buffer (16-bit inputs).
+  /// `dh` accumulates across blocks in an fp32 [N, H] buffer (16-bit inputs). Falls back to
+  /// kTokenChunks when one column of N tokens does not fit `chunk_bytes`.
   kVocabBlocks,
 };
 

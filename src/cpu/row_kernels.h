@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../row_common.h"
+
 namespace prefopt {
 inline namespace v0 {
 namespace detail {
@@ -16,26 +18,6 @@ struct bf16 {
 };
 struct f16 {
   uint16_t bits;
-};
-
-/// Accumulation type: fp64 for fp64 logits, fp32 otherwise.
-template <typename T>
-struct acc {
-  using type = float;
-};
-template <>
-struct acc<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename acc<T>::type;
-
-/// Which statistics a row pass computes beyond the log-sum-exp and the target logit.
-enum RowFlags : unsigned {
-  kLogitSum = 1u,  ///< sum over the vocabulary of the logits
-  kArgmax = 2u,    ///< index of the first maximal logit
-  kEntropy = 4u,   ///< entropy of the softmax
-  kLogSumP2 = 8u,  ///< log of the sum of squared probabilities (WPO)
 };
 
 template <typename A>

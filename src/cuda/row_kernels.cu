@@ -20,22 +20,13 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = int64_t{1} << 30;
 
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 
 template <typename T>
-__device__ __forceinline__ T from_acc(typename Acc<T>::type x);
+__device__ __forceinline__ T from_acc(acc_t<T> x);
 template <>
 __device__ __forceinline__ float from_acc<float>(float x) {
   return x;
@@ -55,24 +46,12 @@ __device__ __forceinline__ __half from_acc<__half>(float x) {
 
 // std::numeric_limits is host-only without --expt-relaxed-constexpr.
 template <typename A>
-__device__ __forceinline__ A inf();
-template <>
-__device__ __forceinline__ float inf<float>() {
-  return CUDART_INF_F;
-}
-template <>
-__device__ __forceinline__ double inf<double>() {
-  return CUDART_INF;
+__device__ __forceinline__ A inf() {
+  return static_cast<A>(CUDART_INF);
 }
 template <typename A>
-__device__ __forceinline__ A qnan();
-template <>
-__device__ __forceinline__ float qnan<float>() {
-  return CUDART_NAN_F;
-}
-template <>
-__device__ __forceinline__ double qnan<double>() {
-  return CUDART_NAN;
+__device__ __forceinline__ A qnan() {
+  return static_cast<A>(CUDART_NAN);
 }
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
@@ -175,7 +154,7 @@ __global__ void __launch_bounds__(kThreads)
     stats_kernel(const T* __restrict__ logits, int64_t s0, int64_t s1, int64_t V,
                  const int64_t* __restrict__ b, const int64_t* __restrict__ t,
                  const int64_t* __restrict__ target, int64_t n, unsigned flags, StatsOut out) {
-  using A = typename Acc<T>::type;
+  using A = acc_t<T>;
   __shared__ State<A> partial[kWarps];
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const T* z = logits + b[i] * s0 + t[i] * s1;
@@ -218,9 +197,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-__device__ __forceinline__ T grad_elem(T z, int64_t v, int64_t y, typename Acc<T>::type lse,
-                                       typename Acc<T>::type g) {
-  using A = typename Acc<T>::type;
+__device__ __forceinline__ T grad_elem(T z, int64_t v, int64_t y, acc_t<T> lse, acc_t<T> g) {
+  using A = acc_t<T>;
   const A p = exp_acc(to_acc(z) - lse);
   return from_acc<T>(g * ((v == y ? A(1) : A(0)) - p));
 }
@@ -230,7 +208,7 @@ __global__ void __launch_bounds__(kThreads)
     grad_kernel(const T* logits, int64_t s0, int64_t s1, T* grad, int64_t o0, int64_t o1,
                 int64_t rows, int64_t T_, int64_t V, const int64_t* __restrict__ row_of,
                 const int64_t* __restrict__ target, const void* lse_p, const void* g_p) {
-  using A = typename Acc<T>::type;
+  using A = acc_t<T>;
   const A* lse = static_cast<const A*>(lse_p);
   const A* gs = static_cast<const A*>(g_p);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {

@@ -6,16 +6,16 @@
 
 #include <cstdint>
 
+#include "../row_common.h"
+
 namespace prefopt {
 inline namespace v0 {
 namespace detail {
 namespace cuda {
 
-/// Storage dtype of the logits. Statistics are fp64 for kFloat64 and fp32 otherwise.
+/// Storage dtype of the logits. Statistics are fp64 for kFloat64 and fp32 otherwise; `flags`
+/// below are RowFlags (src/row_common.h).
 enum class DType : int { kFloat32, kFloat64, kBFloat16, kFloat16 };
-
-/// Bit flags of the statistics; the same values as cpu::RowFlags.
-enum RowFlags : unsigned { kLogitSum = 1u, kArgmax = 2u, kEntropy = 4u, kLogSumP2 = 8u };
 
 /// Rows of a logits tensor [B, T, V] with unit vocabulary stride: row i is
 /// `logits + b[i]·stride0 + t[i]·stride1` (strides in elements).

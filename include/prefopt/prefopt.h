@@ -5,4 +5,9 @@
 #include <prefopt/config.h>
 #include <prefopt/fused_logprobs.h>
 #include <prefopt/logprobs.h>
+#include <prefopt/losses/common.h>
+#include <prefopt/losses/cpo.h>
+#include <prefopt/losses/dpo.h>
+#include <prefopt/losses/kto.h>
+#include <prefopt/losses/orpo.h>
 #include <prefopt/version.h>

@@ -1,0 +1,132 @@
+// SPDX-License-Identifier: Apache-2.0
+// What every preference loss shares: the reduction tags, the pairwise inputs and the NLL term.
+#pragma once
+
+#include <prefopt/config.h>
+#include <prefopt/detail/compat.h>
+#include <prefopt/logprobs.h>
+#include <torch/enum.h>  // torch::kNone / kMean / kSum, the tags torch's own losses take
+
+#include <type_traits>
+#include <variant>
+
+PREFOPT_BEGIN_NAMESPACE
+
+/// How a loss reduces its per-pair (per-example for KTO) vector: `torch::kMean` (every anchor's
+/// default), `torch::kSum`, or `torch::kNone` (the `loss` field is then the vector itself).
+using LossReduction =
+    std::variant<torch::enumtype::kNone, torch::enumtype::kMean, torch::enumtype::kSum>;
+
+/// How the NLL term of a loss (DPO's `sft` and `rpo_alpha`, CPO/SimPO's `cpo_alpha`, ORPO's
+/// λ-free part) averages the chosen completions' negative log-likelihood.
+enum class NLLNormalization {
+  /// Σ_b −logp(chosen_b) / Σ_b n_b: cross-entropy averaged over every chosen completion token
+  /// of the batch (TRL's `sft` and CPO, Liger's `alpha` term, HF `cross_entropy`).
+  kTokenMean,
+  /// mean_b(−logp(chosen_b) / n_b): the per-sequence mean, averaged over pairs (LLaMA-Factory's
+  /// `pref_ftx` and ORPO, OpenRLHF's `nll_loss_coef`).
+  kSequenceMean,
+};
+
+/// The [B] tensors a pairwise loss (DPO family, CPO/SimPO/AlphaPO, ORPO) consumes. Only the
+/// policy log-probs are always needed; the rest depend on the loss and its options.
+///
+/// Log-probs are whatever the loss consumes: sums over the completion for the DPO family and
+/// CPO sigmoid/hinge, means (`SequenceLogprobs::mean`) for SimPO, AlphaPO, CPO ipo and ORPO.
+///
+/// Example:
+/// ```
+/// auto in = prefopt::PairInputs(policy_pair, reference_pair);  // from F::split_pairs
+/// auto in2 = prefopt::PairInputs().policy_chosen_logps(pc).policy_rejected_logps(pr);
+/// ```
+struct PairInputs {
+  PairInputs() = default;
+  /// Sums and token counts of the policy, and of the reference when given (the usual DPO
+  /// batch after `functional::split_pairs`).
+  PairInputs(const PairLogprobs& policy, const PairLogprobs& reference)
+      : PairInputs(policy) {
+    reference_chosen_logps_ = reference.chosen.sum;
+    reference_rejected_logps_ = reference.rejected.sum;
+  }
+  /// Sums and token counts of the policy only (reference-free losses).
+  explicit PairInputs(const PairLogprobs& policy)
+      : policy_chosen_logps_(policy.chosen.sum),
+        policy_rejected_logps_(policy.rejected.sum),
+        chosen_lengths_(policy.chosen.count),
+        rejected_lengths_(policy.rejected.count) {}
+
+  /// Per-token means of the policy and their token counts: what SimPO, AlphaPO, CPO ipo and
+  /// ORPO consume.
+  static PairInputs averaged(const PairLogprobs& policy) {
+    return PairInputs()
+        .policy_chosen_logps(policy.chosen.mean)
+        .policy_rejected_logps(policy.rejected.mean)
+        .chosen_lengths(policy.chosen.count)
+        .rejected_lengths(policy.rejected.count);
+  }
+
+  /// [B] policy log-probs of the chosen completions (differentiable).
+  TORCH_ARG(at::Tensor, policy_chosen_logps);
+  /// [B] policy log-probs of the rejected completions (differentiable).
+  TORCH_ARG(at::Tensor, policy_rejected_logps);
+  /// [B] reference log-probs of the chosen completions (no gradient flows into them).
+  TORCH_ARG(at::Tensor, reference_chosen_logps);
+  /// [B] reference log-probs of the rejected completions.
+  TORCH_ARG(at::Tensor, reference_rejected_logps);
+  /// [B] scored completion tokens of each chosen completion (any numeric dtype); needed by
+  /// per-token normalised losses (IPO, `sigmoid_norm`) and the token-mean NLL.
+  TORCH_ARG(at::Tensor, chosen_lengths);
+  /// [B] scored completion tokens of each rejected completion.
+  TORCH_ARG(at::Tensor, rejected_lengths);
+  /// [B] per-pair weights multiplying each per-pair loss, e.g. WPO's
+  /// `functional::wpo_pair_weights` (DPO family only).
+  TORCH_ARG(at::Tensor, weights);
+  /// Scalar NLL term computed by the host, used instead of the one derived from the chosen
+  /// log-probs: e.g. TRL ORPO's cross-entropy over prompt + completion, or the plain NLL when
+  /// the chosen log-probs are LD-DPO weighted.
+  TORCH_ARG(at::Tensor, nll_loss);
+};
+
+namespace detail {
+
+/// The dtype a loss computes in: fp64 for fp64 inputs, fp32 for everything else.
+inline at::ScalarType opmath_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+/// Applies a reduction to a per-pair loss vector.
+inline at::Tensor reduce(const at::Tensor& losses, const LossReduction& reduction) {
+  if (std::holds_alternative<torch::enumtype::kMean>(reduction)) {
+    // mean of nothing is 0, not NaN: an empty side contributes nothing.
+    return losses.numel() == 0 ? losses.sum() : losses.mean();
+  }
+  if (std::holds_alternative<torch::enumtype::kSum>(reduction)) return losses.sum();
+  return losses;
+}
+
+/// Checks a [B] log-prob input: defined, 1-D, floating, of batch size `batch` (when ≥ 0) and
+/// on `device`.
+PREFOPT_API void check_logps(const char* fn, const char* name, const at::Tensor& t,
+                             int64_t batch, const at::Device& device);
+
+/// Validates the tensors of `in` that a pairwise loss needs and returns the batch size.
+/// `needs_reference`: reference tensors must be present.
+PREFOPT_API int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_reference);
+
+/// NLL of the chosen completions from their log-probs (see `NLLNormalization`), or the host's
+/// `in.nll_loss()`. `averaged`: the chosen log-probs are per-token means, not sums. Returns a
+/// 0-dim tensor in `dtype`, or a [B] tensor for kSequenceMean when `per_pair` is set.
+PREFOPT_API at::Tensor chosen_nll(const char* fn, const PairInputs& in, bool averaged,
+                                  NLLNormalization norm, at::ScalarType dtype, bool per_pair);
+
+/// Implicit-construction helper: options structs take a reduction tag directly, as torch's do
+/// (`F::dpo_loss(pc, pr, rc, rr, torch::kSum)`).
+template <typename T>
+using if_reduction_tag =
+    std::enable_if_t<std::is_same_v<T, torch::enumtype::kNone> ||
+                     std::is_same_v<T, torch::enumtype::kMean> ||
+                     std::is_same_v<T, torch::enumtype::kSum>>;
+
+}  // namespace detail
+
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,243 @@
+// SPDX-License-Identifier: Apache-2.0
+// The DPO family: every TRL `loss_type` (sigmoid, hinge, ipo, robust, ...), f-divergences,
+// multi-loss (MPO) weights, the sft/RPO term and the bco_pair running-mean baseline.
+#pragma once
+
+#include <prefopt/losses/common.h>
+
+#include <string>
+#include <vector>
+
+PREFOPT_BEGIN_NAMESPACE
+
+/// The DPO-family losses, named as TRL's `loss_type` values. In the formulas, z = β·Δ with
+/// Δ = score_c − score_r, the scores being the log-ratios ρ = logp_policy − logp_reference
+/// mapped by the f-divergence (ρ itself by default), ℓ = log σ and ε = label_smoothing.
+enum class DPOLossType {
+  kSigmoid,      ///< `sigmoid`: −ℓ(z); with ε > 0, cDPO −(1−ε)ℓ(z) − εℓ(−z) (arXiv:2305.18290)
+  kHinge,        ///< `hinge`: relu(1 − z) (SLiC, RSO; arXiv:2309.06657)
+  kIPO,          ///< `ipo`: (Δ̄ − 1/(2β))², Δ̄ per-token normalised by default (arXiv:2310.12036)
+  kRobust,       ///< `robust`: [−(1−ε)ℓ(z) + εℓ(−z)] / (1 − 2ε) (rDPO, arXiv:2403.00409)
+  kExoPair,      ///< `exo_pair`: σ(z)[ℓ(z) − log(1−ε)] + σ(−z)[ℓ(−z) − log ε] (arXiv:2402.00856)
+  kNCAPair,      ///< `nca_pair`: −ℓ(βs_c) − ½ℓ(−βs_c) − ½ℓ(−βs_r) (arXiv:2402.05369)
+  kBCOPair,      ///< `bco_pair`: −ℓ(βs_c − δ) − ℓ(−(βs_r − δ)), δ = baseline or 0 (arXiv:2404.04656)
+  kSPPOHard,     ///< `sppo_hard`: (s_c − 1/(2β))² + (s_r + 1/(2β))² (arXiv:2405.00675)
+  kAOT,          ///< `aot`: cDPO form on sort(π_c − π_r) − sort(ref_c − ref_r) (arXiv:2406.05882)
+  kAOTUnpaired,  ///< `aot_unpaired`: cDPO form on sort(ρ_c) − sort(ρ_r)
+  kAPOZero,      ///< `apo_zero`: σ(−βρ_c) + σ(βρ_r) (arXiv:2408.06266)
+  kAPODown,      ///< `apo_down`: σ(βρ_c) + σ(−z)
+  kDiscoPOP,     ///< `discopop`: −ℓ(z)(1 − σ(z/τ)) + e^{−z}σ(z/τ) (arXiv:2406.08414)
+  kSigmoidNorm,  ///< `sigmoid_norm`: sigmoid on β(s_c/n_c − s_r/n_r) (Tulu 3)
+  kSFT,          ///< `sft`: the chosen completions' NLL, the same scalar for every pair
+};
+
+/// TRL's name of a loss type (`"sigmoid"`, `"exo_pair"`, ...).
+PREFOPT_API const char* dpo_loss_type_name(DPOLossType type);
+/// The loss type TRL calls `name`; a TORCH_CHECK_VALUE listing the names for anything else.
+PREFOPT_API DPOLossType dpo_loss_type_from_name(const std::string& name);
+
+/// The f-divergence that maps each log-ratio ρ to a score (TRL's `f_divergence_type`).
+enum class FDivergence {
+  kReverseKL,        ///< `reverse_kl`: ρ (standard DPO)
+  kForwardKL,        ///< `forward_kl`: −e^{−ρ}
+  kJSDivergence,     ///< `js_divergence`: ℓ(ρ)
+  kAlphaDivergence,  ///< `alpha_divergence`: e^{(α−1)ρ} / (α−1); ρ when |α − 1| < 1e-6
+};
+/// TRL's name of an f-divergence (`"reverse_kl"`, ...).
+PREFOPT_API const char* f_divergence_name(FDivergence f);
+/// The f-divergence TRL calls `name`; a TORCH_CHECK_VALUE for anything else.
+PREFOPT_API FDivergence f_divergence_from_name(const std::string& name);
+
+/// Whether IPO divides each side's score by its completion length.
+enum class IPONormalization {
+  kPerToken,  ///< Δ̄ = s_c/max(n_c,1) − s_r/max(n_r,1): TRL, LLaMA-Factory, the IPO authors
+  kNone,      ///< Δ̄ = Δ on summed log-probs: torchtune's removed `IPOLoss`, OpenRLHF `ipo=True`
+};
+
+/// Options of `functional::dpo_loss`. Defaults are TRL ≥ 0.29's; each anchor's deviation is an
+/// option (see the README's loss table).
+///
+/// Example:
+/// ```
+/// auto opts = prefopt::DPOLossOptions().beta(0.1).loss_type(prefopt::DPOLossType::kIPO);
+/// auto mpo = prefopt::DPOLossOptions()
+///                .loss_type({prefopt::DPOLossType::kSigmoid, prefopt::DPOLossType::kBCOPair,
+///                            prefopt::DPOLossType::kSFT})
+///                .loss_weights({0.8, 0.2, 1.0});
+/// ```
+struct DPOLossOptions {
+  DPOLossOptions() = default;
+  /// Lets a reduction tag stand for the options: `F::dpo_loss(pc, pr, rc, rr, torch::kSum)`.
+  template <typename R, typename = detail::if_reduction_tag<R>>
+  DPOLossOptions(R reduction) : reduction_(reduction) {}  // NOLINT(google-explicit-constructor)
+
+  /// One loss type. Default: kSigmoid.
+  DPOLossOptions& loss_type(DPOLossType type) {
+    loss_type_ = {type};
+    return *this;
+  }
+  /// Several loss types, summed with `loss_weights` (TRL's list form; MPO).
+  DPOLossOptions& loss_type(std::vector<DPOLossType> types) {
+    loss_type_ = std::move(types);
+    return *this;
+  }
+  const std::vector<DPOLossType>& loss_type() const noexcept { return loss_type_; }
+
+  /// Weight of each loss type; empty means 1 for each. The loss is Σ_k w_k·mean(losses_k).
+  /// Default: {}.
+  TORCH_ARG(std::vector<double>, loss_weights) = {};
+  /// β: the inverse temperature of the implicit reward β·ρ (IPO's τ). Must be > 0.
+  /// Default: 0.1.
+  TORCH_ARG(double, beta) = 0.1;
+  /// ε ∈ [0, 0.5): the label-flip rate of cDPO (`sigmoid`, `sigmoid_norm`), `robust`, `aot`,
+  /// `aot_unpaired`, and `exo_pair`'s target (which needs ε > 0). A non-zero ε with none of
+  /// these types is an error, never silently ignored. TRL ≥ 0.29 and Liger ignore it for
+  /// `sigmoid`; leave it 0 to reproduce them. Default: 0.
+  TORCH_ARG(double, label_smoothing) = 0.0;
+  /// The f-divergence mapping log-ratios to scores. Default: kReverseKL.
+  TORCH_ARG(FDivergence, f_divergence_type) = FDivergence::kReverseKL;
+  /// α of kAlphaDivergence. TRL ≤ 0.28's coefficient a (default 1.0) is α = 1 − a here.
+  /// Default: 0.5 (TRL ≥ 0.29).
+  TORCH_ARG(double, f_alpha_divergence_coef) = 0.5;
+  /// τ of `discopop`. Must be > 0. Default: 0.05.
+  TORCH_ARG(double, discopop_tau) = 0.05;
+  /// IPO's length normalisation. Default: kPerToken.
+  TORCH_ARG(IPONormalization, ipo_normalization) = IPONormalization::kPerToken;
+  /// Use 0 for the reference log-probs (which may then be undefined). Default: false.
+  TORCH_ARG(bool, reference_free) = false;
+  /// RPO (arXiv:2404.19733 v3, TRL ≤ 0.28): adds α·NLL to every pair's loss; the same as
+  /// appending kSFT with weight α. Default: 0.
+  TORCH_ARG(double, rpo_alpha) = 0.0;
+  /// How kSFT / `rpo_alpha` average the chosen NLL (ignored when `PairInputs::nll_loss` is
+  /// given). Default: kTokenMean (TRL).
+  TORCH_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
+  /// Rewards Σ_k w_k·β·ρ over the non-`sft` types, as TRL ≤ 0.28 logged them with several
+  /// loss types; otherwise β·ρ. Default: false.
+  TORCH_ARG(bool, weighted_rewards) = false;
+  /// Functor only: keep `bco_pair`'s running-mean baseline (TRL ≤ 0.28, LLaMA-Factory) in the
+  /// functor's `BCOBaseline`. Default: false (TRL ≥ 0.29 and Liger: no baseline).
+  TORCH_ARG(bool, bco_running_mean) = false;
+  /// Reduction of the per-pair losses. Default: torch::kMean.
+  TORCH_ARG(LossReduction, reduction) = torch::kMean;
+
+ private:
+  std::vector<DPOLossType> loss_type_{DPOLossType::kSigmoid};
+};
+
+/// Result of `functional::dpo_loss`.
+struct DPOLossResult {
+  at::Tensor loss;              ///< reduced loss (0-dim), or [B] with torch::kNone
+  at::Tensor losses;            ///< [B] per-pair loss, weights and all loss types included
+  at::Tensor chosen_rewards;    ///< [B] β·ρ_c (detached; see `weighted_rewards`)
+  at::Tensor rejected_rewards;  ///< [B] β·ρ_r (detached)
+  at::Tensor nll_loss;          ///< the NLL of kSFT / `rpo_alpha` (detached); undefined if unused
+};
+
+/// The running mean of `bco_pair`'s rewards, δ (TRL ≤ 0.28's `RunningMoments`, as used by
+/// BCO and LLaMA-Factory's MPO). Each step folds in the mean of that step's chosen and
+/// rejected rewards as one sample; across ranks, fold in the ranks' statistics instead
+/// (mean, biased variance and count of the per-rank means).
+///
+/// Example:
+/// ```
+/// prefopt::BCOBaseline baseline;
+/// auto delta = baseline.update(chosen_rewards, rejected_rewards);  // then PairInputs::bco_delta
+/// ```
+class PREFOPT_API BCOBaseline {
+ public:
+  /// Folds in `count` samples of mean `mean` and (biased) variance `var`; returns the new mean.
+  double update(double mean, double var = 0.0, double count = 1.0);
+  /// Folds in the mean of the step's β·ρ_c and β·ρ_r; returns δ as a 0-dim tensor on their
+  /// device. Reads one scalar from the device.
+  at::Tensor update(const at::Tensor& chosen_rewards, const at::Tensor& rejected_rewards);
+
+  double mean() const noexcept { return mean_; }
+  double var() const noexcept { return var_; }
+  double count() const noexcept { return count_; }
+  /// Restores a saved state (mean, var, count).
+  void load(double mean, double var, double count) {
+    mean_ = mean;
+    var_ = var;
+    count_ = count;
+  }
+
+ private:
+  double mean_ = 0.0;
+  double var_ = 1.0;
+  double count_ = 1e-24;  // TRL's initial count: the first update sets the mean.
+};
+
+namespace functional {
+
+using DPOLossFuncOptions = DPOLossOptions;
+
+/// DPO-family loss of B pairs (arXiv:2305.18290 and the papers of each `DPOLossType`).
+///
+/// `loss = Σ_k w_k · reduce(weights ⊙ losses_k) (+ rpo_alpha · NLL)`, e.g. for `sigmoid`
+/// `losses = −log σ(β[(π_c − π_r) − (ref_c − ref_r)])`.
+///
+/// - `policy_*_logps`: [B], summed completion log-probs, any floating dtype (bf16/fp16 are
+///   computed in fp32, fp64 in fp64); differentiable.
+/// - `reference_*_logps`: [B], same dtype family; undefined with `reference_free`.
+/// - `PairInputs` also carries `chosen_lengths`/`rejected_lengths` (IPO, `sigmoid_norm`,
+///   token-mean NLL), WPO `weights` and an explicit `nll_loss`; the overload below adds
+///   `bco_pair`'s baseline.
+///
+/// Returns `DPOLossResult` {loss, losses, chosen_rewards, rejected_rewards, nll_loss}.
+///
+/// Example:
+/// ```
+/// namespace F = prefopt::functional;
+/// auto r = F::dpo_loss(pc, pr, rc, rr);                        // sigmoid, β = 0.1
+/// auto ipo = F::dpo_loss(prefopt::PairInputs(policy, reference),
+///                        prefopt::DPOLossOptions().loss_type(prefopt::DPOLossType::kIPO));
+/// r.loss.backward();
+/// ```
+PREFOPT_API DPOLossResult dpo_loss(const PairInputs& inputs,
+                                   const DPOLossFuncOptions& options = {});
+
+/// `dpo_loss` on the four log-prob vectors alone.
+PREFOPT_API DPOLossResult dpo_loss(const at::Tensor& policy_chosen_logps,
+                                   const at::Tensor& policy_rejected_logps,
+                                   const at::Tensor& reference_chosen_logps,
+                                   const at::Tensor& reference_rejected_logps,
+                                   const DPOLossFuncOptions& options = {});
+
+/// `dpo_loss` with `bco_pair`'s running-mean baseline δ (0-dim tensor or a number): the
+/// functional form of what `DPOLoss` does with `bco_running_mean`.
+PREFOPT_API DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& bco_delta,
+                                   const DPOLossFuncOptions& options);
+
+}  // namespace functional
+
+/// Functor form of `functional::dpo_loss`. With `bco_running_mean` it also owns the
+/// `bco_pair` baseline and updates it on every call.
+///
+/// Example:
+/// ```
+/// prefopt::DPOLoss dpo(prefopt::DPOLossOptions().beta(0.1));
+/// auto r = dpo(prefopt::PairInputs(policy, reference));
+/// ```
+class PREFOPT_API DPOLoss {
+ public:
+  explicit DPOLoss(DPOLossOptions options = {}) : options_(std::move(options)) {}
+  DPOLossResult operator()(const PairInputs& inputs);
+  DPOLossResult operator()(const at::Tensor& policy_chosen_logps,
+                           const at::Tensor& policy_rejected_logps,
+                           const at::Tensor& reference_chosen_logps,
+                           const at::Tensor& reference_rejected_logps) {
+    return (*this)(PairInputs()
+                       .policy_chosen_logps(policy_chosen_logps)
+                       .policy_rejected_logps(policy_rejected_logps)
+                       .reference_chosen_logps(reference_chosen_logps)
+                       .reference_rejected_logps(reference_rejected_logps));
+  }
+  const DPOLossOptions& options() const noexcept { return options_; }
+  BCOBaseline& bco_baseline() noexcept { return baseline_; }
+
+ private:
+  DPOLossOptions options_;
+  BCOBaseline baseline_;
+};
+
+PREFOPT_END_NAMESPACE

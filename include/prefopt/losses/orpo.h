@@ -1,0 +1,88 @@
+// SPDX-License-Identifier: Apache-2.0
+// ORPO: the odds-ratio preference term with a stable log(1 − p), plus the chosen NLL.
+#pragma once
+
+#include <prefopt/losses/common.h>
+
+PREFOPT_BEGIN_NAMESPACE
+
+/// Options of `functional::orpo_loss`.
+///
+/// Example:
+/// ```
+/// auto opts = prefopt::ORPOLossOptions().beta(0.1);
+/// ```
+struct ORPOLossOptions {
+  ORPOLossOptions() = default;
+  /// Lets a reduction tag stand for the options.
+  template <typename R, typename = detail::if_reduction_tag<R>>
+  ORPOLossOptions(R reduction) : reduction_(reduction) {}  // NOLINT(google-explicit-constructor)
+
+  /// λ, the weight of the odds-ratio term (TRL calls it `beta`). Must be > 0. Default: 0.1.
+  TORCH_ARG(double, beta) = 0.1;
+  /// The NLL term when `PairInputs::nll_loss` is not given: kTokenMean over the chosen
+  /// completion tokens (Liger; needs `chosen_lengths`) or kSequenceMean, −mean(ā_c)
+  /// (LLaMA-Factory). TRL's NLL also covers the prompt: compute it with the gathering op on
+  /// prompt + completion labels and pass it as `nll_loss`. Default: kTokenMean.
+  TORCH_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
+  /// Reduction of the per-pair losses. Default: torch::kMean.
+  TORCH_ARG(LossReduction, reduction) = torch::kMean;
+};
+
+/// Result of `functional::orpo_loss`.
+struct ORPOLossResult {
+  at::Tensor loss;              ///< reduce(losses) = NLL − λ·mean(log σ(log_odds)) with kMean
+  at::Tensor losses;            ///< [B] NLL_b − λ·log σ(log_odds_b) (NLL_b: per pair or the batch's)
+  at::Tensor chosen_rewards;    ///< [B] λ·ā_c, detached
+  at::Tensor rejected_rewards;  ///< [B] λ·ā_r, detached
+  at::Tensor log_odds_ratio;    ///< [B] log σ(log_odds), detached (TRL logs its mean)
+  at::Tensor log_odds_chosen;   ///< [B] log_odds, detached (TRL logs its mean)
+  at::Tensor nll_loss;          ///< 0-dim NLL term, detached
+};
+
+namespace functional {
+
+using ORPOLossFuncOptions = ORPOLossOptions;
+
+/// ORPO (arXiv:2403.07691) on per-token mean log-probs ā (`PairInputs::averaged`).
+///
+/// `log_odds = (ā_c − ā_r) − (log(1 − e^{ā_c}) − log(1 − e^{ā_r}))`,
+/// `loss = NLL − λ · mean(log σ(log_odds))`.
+///
+/// log(1 − e^a) is computed in fp32 (fp64 for fp64) with the two-branch log1mexp, so
+/// confident completions (ā → 0⁻, e.g. −1e-7) give finite values and gradients; ā ≥ 0 is
+/// clamped to the largest negative value instead of producing inf.
+///
+/// - `inputs.policy_*_logps`: [B] per-token mean log-probs; differentiable.
+/// - `inputs.chosen_lengths` (token-mean NLL) or `inputs.nll_loss`.
+///
+/// Example:
+/// ```
+/// namespace F = prefopt::functional;
+/// auto r = F::orpo_loss(prefopt::PairInputs::averaged(policy));
+/// ```
+PREFOPT_API ORPOLossResult orpo_loss(const PairInputs& inputs,
+                                     const ORPOLossFuncOptions& options = {});
+
+}  // namespace functional
+
+/// Functor form of `functional::orpo_loss`.
+///
+/// Example:
+/// ```
+/// prefopt::ORPOLoss orpo(prefopt::ORPOLossOptions().beta(0.2));
+/// auto r = orpo(prefopt::PairInputs::averaged(policy));
+/// ```
+class ORPOLoss {
+ public:
+  explicit ORPOLoss(ORPOLossOptions options = {}) : options_(std::move(options)) {}
+  ORPOLossResult operator()(const PairInputs& inputs) const {
+    return functional::orpo_loss(inputs, options_);
+  }
+  const ORPOLossOptions& options() const noexcept { return options_; }
+
+ private:
+  ORPOLossOptions options_;
+};
+
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,452 @@
+// SPDX-License-Identifier: Apache-2.0
+// The DPO family, and the input checks and NLL term every pairwise loss shares.
+#include <prefopt/losses/dpo.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "losses/math.h"
+
+PREFOPT_BEGIN_NAMESPACE
+
+namespace detail {
+
+void check_logps(const char* fn, const char* name, const at::Tensor& t, int64_t batch,
+                 const at::Device& device) {
+  TORCH_CHECK(t.defined(), fn, ": expected ", name, " to be a defined tensor, got undefined");
+  TORCH_CHECK(t.dim() == 1, fn, ": expected ", name, " of shape [B] (1-D), got ", t.sizes());
+  TORCH_CHECK(batch < 0 || t.size(0) == batch, fn, ": expected ", name, " of shape [", batch,
+              "] like policy_chosen_logps, got ", t.sizes());
+  TORCH_CHECK(t.device() == device, fn, ": expected ", name, " on ", device, " like ",
+              "policy_chosen_logps, got ", t.device());
+}
+
+namespace {
+void check_floating(const char* fn, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": expected ", name,
+              " to be floating point (fp64/fp32/bf16/fp16), got ", t.scalar_type());
+}
+}  // namespace
+
+int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_reference) {
+  const auto& pc = in.policy_chosen_logps();
+  TORCH_CHECK(pc.defined(), fn, ": expected policy_chosen_logps to be a defined tensor, got ",
+              "undefined");
+  TORCH_CHECK(pc.dim() == 1, fn, ": expected policy_chosen_logps of shape [B] (1-D), got ",
+              pc.sizes());
+  const int64_t B = pc.size(0);
+  const auto dev = pc.device();
+  check_floating(fn, "policy_chosen_logps", pc);
+  check_logps(fn, "policy_rejected_logps", in.policy_rejected_logps(), B, dev);
+  check_floating(fn, "policy_rejected_logps", in.policy_rejected_logps());
+  if (needs_reference) {
+    check_logps(fn, "reference_chosen_logps", in.reference_chosen_logps(), B, dev);
+    check_logps(fn, "reference_rejected_logps", in.reference_rejected_logps(), B, dev);
+    check_floating(fn, "reference_chosen_logps", in.reference_chosen_logps());
+    check_floating(fn, "reference_rejected_logps", in.reference_rejected_logps());
+  }
+  if (in.chosen_lengths().defined()) check_logps(fn, "chosen_lengths", in.chosen_lengths(), B, dev);
+  if (in.rejected_lengths().defined())
+    check_logps(fn, "rejected_lengths", in.rejected_lengths(), B, dev);
+  if (in.weights().defined()) check_logps(fn, "weights", in.weights(), B, dev);
+  if (in.nll_loss().defined()) {
+    TORCH_CHECK(in.nll_loss().numel() == 1, fn, ": expected nll_loss to be a scalar, got shape ",
+                in.nll_loss().sizes());
+  }
+  return B;
+}
+
+at::Tensor chosen_nll(const char* fn, const PairInputs& in, bool averaged, NLLNormalization norm,
+                      at::ScalarType dtype, bool per_pair) {
+  if (in.nll_loss().defined()) return in.nll_loss().reshape({}).to(dtype);
+  const auto logps = in.policy_chosen_logps().to(dtype);
+  const auto& n = in.chosen_lengths();
+  if (norm == NLLNormalization::kSequenceMean) {
+    at::Tensor seq;
+    if (averaged) {
+      seq = logps.neg();
+    } else {
+      TORCH_CHECK(n.defined(), fn, ": the sequence-mean NLL of summed log-probs needs ",
+                  "chosen_lengths (or an explicit nll_loss), got none");
+      seq = logps.neg() / n.to(dtype).clamp_min(1);
+    }
+    return per_pair ? seq : reduce(seq, torch::kMean);
+  }
+  TORCH_CHECK(n.defined(), fn, ": the token-mean NLL needs chosen_lengths (token counts) or ",
+              "an explicit nll_loss, got neither");
+  const auto nf = n.to(dtype);
+  const auto sums = averaged ? logps * nf : logps;
+  // Σ over every chosen token / their number; an empty batch gives 0, not TRL's NaN.
+  return sums.sum().neg() / nf.sum().clamp_min(1);
+}
+
+}  // namespace detail
+
+namespace {
+
+constexpr const char* kFn = "prefopt::dpo_loss";
+
+struct TypeName {
+  DPOLossType type;
+  const char* name;
+};
+constexpr TypeName kTypeNames[] = {
+    {DPOLossType::kSigmoid, "sigmoid"},      {DPOLossType::kHinge, "hinge"},
+    {DPOLossType::kIPO, "ipo"},              {DPOLossType::kRobust, "robust"},
+    {DPOLossType::kExoPair, "exo_pair"},     {DPOLossType::kNCAPair, "nca_pair"},
+    {DPOLossType::kBCOPair, "bco_pair"},     {DPOLossType::kSPPOHard, "sppo_hard"},
+    {DPOLossType::kAOT, "aot"},              {DPOLossType::kAOTUnpaired, "aot_unpaired"},
+    {DPOLossType::kAPOZero, "apo_zero"},     {DPOLossType::kAPODown, "apo_down"},
+    {DPOLossType::kDiscoPOP, "discopop"},    {DPOLossType::kSigmoidNorm, "sigmoid_norm"},
+    {DPOLossType::kSFT, "sft"},
+};
+
+struct FDivName {
+  FDivergence f;
+  const char* name;
+};
+constexpr FDivName kFDivNames[] = {
+    {FDivergence::kReverseKL, "reverse_kl"},
+    {FDivergence::kForwardKL, "forward_kl"},
+    {FDivergence::kJSDivergence, "js_divergence"},
+    {FDivergence::kAlphaDivergence, "alpha_divergence"},
+};
+
+bool uses_label_smoothing(DPOLossType t) {
+  switch (t) {
+    case DPOLossType::kSigmoid:
+    case DPOLossType::kSigmoidNorm:
+    case DPOLossType::kRobust:
+    case DPOLossType::kExoPair:
+    case DPOLossType::kAOT:
+    case DPOLossType::kAOTUnpaired:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool has(const std::vector<DPOLossType>& types, DPOLossType t) {
+  return std::find(types.begin(), types.end(), t) != types.end();
+}
+
+void check_options(const DPOLossOptions& o) {
+  const auto& types = o.loss_type();
+  TORCH_CHECK_VALUE(!types.empty(), kFn, ": expected at least one loss_type, got none");
+  TORCH_CHECK_VALUE(o.loss_weights().empty() || o.loss_weights().size() == types.size(), kFn,
+                    ": expected one loss_weight per loss_type (", types.size(), "), got ",
+                    o.loss_weights().size());
+  for (double w : o.loss_weights())
+    TORCH_CHECK_VALUE(std::isfinite(w), kFn, ": expected finite loss_weights, got ", w);
+  TORCH_CHECK_VALUE(std::isfinite(o.beta()) && o.beta() > 0, kFn, ": expected beta > 0, got ",
+                    o.beta());
+  const double eps = o.label_smoothing();
+  TORCH_CHECK_VALUE(eps >= 0 && eps < 0.5, kFn, ": expected label_smoothing in [0, 0.5), got ",
+                    eps);
+  if (eps != 0) {
+    TORCH_CHECK_VALUE(std::any_of(types.begin(), types.end(), uses_label_smoothing), kFn,
+                      ": label_smoothing = ", eps, " is not used by any of the loss types ",
+                      "(only sigmoid, sigmoid_norm, robust, exo_pair, aot, aot_unpaired take it)");
+  }
+  TORCH_CHECK_VALUE(!has(types, DPOLossType::kExoPair) || eps > 0, kFn,
+                    ": exo_pair needs label_smoothing in (0, 0.5), got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(o.discopop_tau()) && o.discopop_tau() > 0, kFn,
+                    ": expected discopop_tau > 0, got ", o.discopop_tau());
+  TORCH_CHECK_VALUE(std::isfinite(o.f_alpha_divergence_coef()), kFn,
+                    ": expected a finite f_alpha_divergence_coef, got ",
+                    o.f_alpha_divergence_coef());
+  TORCH_CHECK_VALUE(std::isfinite(o.rpo_alpha()), kFn, ": expected a finite rpo_alpha, got ",
+                    o.rpo_alpha());
+}
+
+// Score of a log-ratio under the f-divergence (TRL ≥ 0.29's `_compute_loss`).
+at::Tensor f_score(const at::Tensor& rho, const DPOLossOptions& o) {
+  switch (o.f_divergence_type()) {
+    case FDivergence::kReverseKL:
+      return rho;
+    case FDivergence::kForwardKL:
+      return detail::capped_exp(rho.neg()).neg();
+    case FDivergence::kJSDivergence:
+      return at::log_sigmoid(rho);
+    case FDivergence::kAlphaDivergence: {
+      const double a1 = o.f_alpha_divergence_coef() - 1.0;
+      if (std::abs(a1) < 1e-6) return rho;
+      return detail::capped_exp(rho * a1) * (1.0 / a1);
+    }
+  }
+  return rho;
+}
+
+}  // namespace
+
+const char* dpo_loss_type_name(DPOLossType type) {
+  for (const auto& tn : kTypeNames)
+    if (tn.type == type) return tn.name;
+  return "?";
+}
+
+DPOLossType dpo_loss_type_from_name(const std::string& name) {
+  std::ostringstream known;
+  for (const auto& tn : kTypeNames) {
+    if (name == tn.name) return tn.type;
+    known << (&tn == kTypeNames ? "" : ", ") << tn.name;
+  }
+  TORCH_CHECK_VALUE(false, "prefopt::dpo_loss_type_from_name: unknown DPO loss type '", name,
+                    "'; expected one of ", known.str());
+}
+
+const char* f_divergence_name(FDivergence f) {
+  for (const auto& fn : kFDivNames)
+    if (fn.f == f) return fn.name;
+  return "?";
+}
+
+FDivergence f_divergence_from_name(const std::string& name) {
+  for (const auto& fn : kFDivNames)
+    if (name == fn.name) return fn.f;
+  TORCH_CHECK_VALUE(false, "prefopt::f_divergence_from_name: unknown f_divergence_type '", name,
+                    "'; expected one of reverse_kl, forward_kl, js_divergence, alpha_divergence");
+}
+
+double BCOBaseline::update(double mean, double var, double count) {
+  TORCH_CHECK_VALUE(count > 0 && std::isfinite(mean) && std::isfinite(var) && var >= 0,
+                    "prefopt::BCOBaseline::update: expected a finite mean, var >= 0 and ",
+                    "count > 0, got mean ", mean, ", var ", var, ", count ", count);
+  // Chan et al.'s parallel update, as TRL's RunningMoments does it.
+  const double delta = mean - mean_;
+  const double total = count_ + count;
+  const double m2 = var_ * count_ + delta * delta * count_ * count / total + var * count;
+  mean_ += delta * count / total;
+  var_ = m2 / total;
+  count_ = total;
+  return mean_;
+}
+
+at::Tensor BCOBaseline::update(const at::Tensor& chosen_rewards,
+                               const at::Tensor& rejected_rewards) {
+  const auto all = at::cat({chosen_rewards.detach().flatten(), rejected_rewards.detach().flatten()});
+  TORCH_CHECK(all.numel() > 0, "prefopt::BCOBaseline::update: expected at least one reward, ",
+              "got none");
+  const double m = update(all.to(at::kDouble).mean().item<double>());
+  return at::scalar_tensor(m, all.options());
+}
+
+namespace functional {
+
+namespace {
+
+DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta,
+                       const DPOLossOptions& o) {
+  check_options(o);
+  const bool ref_free = o.reference_free();
+  detail::check_pair_inputs(kFn, in, !ref_free);
+  const auto& types = o.loss_type();
+  const bool aot = has(types, DPOLossType::kAOT) || has(types, DPOLossType::kAOTUnpaired);
+  TORCH_CHECK(!(aot && in.weights().defined()), kFn,
+              ": aot and aot_unpaired sort the batch, so per-pair weights (WPO) cannot apply; ",
+              "got weights");
+  const double beta = o.beta();
+  const double eps = o.label_smoothing();
+
+  const auto dt = detail::opmath_type(in.policy_chosen_logps());
+  const auto pc = in.policy_chosen_logps().to(dt);
+  const auto pr = in.policy_rejected_logps().to(dt);
+  at::Tensor rc, rr, rho_c, rho_r;
+  if (ref_free) {
+    rho_c = pc;
+    rho_r = pr;
+  } else {
+    rc = in.reference_chosen_logps().to(dt);
+    rr = in.reference_rejected_logps().to(dt);
+    rho_c = pc - rc;
+    rho_r = pr - rr;
+  }
+  const bool plain_scores = o.f_divergence_type() == FDivergence::kReverseKL;
+  at::Tensor score_c, score_r, delta;
+  auto scores = [&] {
+    if (!score_c.defined()) {
+      score_c = plain_scores ? rho_c : f_score(rho_c, o);
+      score_r = plain_scores ? rho_r : f_score(rho_r, o);
+    }
+  };
+  auto z = [&] {  // β·Δ
+    if (!delta.defined()) {
+      scores();
+      delta = (score_c - score_r) * beta;
+    }
+    return delta;
+  };
+  auto lengths = [&](const char* type) {
+    TORCH_CHECK(in.chosen_lengths().defined() && in.rejected_lengths().defined(), kFn, ": ",
+                type, " normalises by completion length and needs chosen_lengths and ",
+                "rejected_lengths, got ",
+                in.chosen_lengths().defined() ? "no rejected_lengths" : "no chosen_lengths");
+    return std::make_pair(in.chosen_lengths().to(dt).clamp_min(1),
+                          in.rejected_lengths().to(dt).clamp_min(1));
+  };
+  at::Tensor nll;
+  auto get_nll = [&] {
+    if (!nll.defined()) {
+      nll = detail::chosen_nll(kFn, in, /*averaged=*/false, o.nll_normalization(), dt,
+                               /*per_pair=*/true);
+    }
+    return nll;
+  };
+
+  at::Tensor total;
+  for (size_t k = 0; k < types.size(); ++k) {
+    const double w = o.loss_weights().empty() ? 1.0 : o.loss_weights()[k];
+    at::Tensor l;
+    switch (types[k]) {
+      case DPOLossType::kSigmoid:
+        l = detail::smoothed_sigmoid(z(), eps);
+        break;
+      case DPOLossType::kHinge:
+        l = at::relu(1.0 - z());
+        break;
+      case DPOLossType::kIPO: {
+        scores();
+        at::Tensor d;
+        if (o.ipo_normalization() == IPONormalization::kPerToken) {
+          const auto [nc, nr] = lengths("ipo");
+          d = score_c / nc - score_r / nr;
+        } else {
+          d = score_c - score_r;
+        }
+        l = (d - 1.0 / (2.0 * beta)).square();
+        break;
+      }
+      case DPOLossType::kRobust:
+        l = (at::log_sigmoid(z()) * (eps - 1.0) + at::log_sigmoid(z().neg()) * eps) /
+            (1.0 - 2.0 * eps);
+        break;
+      case DPOLossType::kExoPair: {
+        const auto zz = z();
+        const auto lq = at::log_sigmoid(zz), lq_neg = at::log_sigmoid(zz.neg());
+        l = lq.exp() * (lq - std::log1p(-eps)) + lq_neg.exp() * (lq_neg - std::log(eps));
+        break;
+      }
+      case DPOLossType::kNCAPair: {
+        scores();
+        const auto c = score_c * beta, r = score_r * beta;
+        l = at::log_sigmoid(c).neg() - 0.5 * at::log_sigmoid(c.neg()) -
+            0.5 * at::log_sigmoid(r.neg());
+        break;
+      }
+      case DPOLossType::kBCOPair: {
+        scores();
+        auto c = score_c * beta, r = score_r * beta;
+        if (bco_delta != nullptr && bco_delta->defined()) {
+          const auto d = bco_delta->to(c.options()).reshape({});
+          c = c - d;
+          r = r - d;
+        }
+        l = at::log_sigmoid(c).neg() - at::log_sigmoid(r.neg());
+        break;
+      }
+      case DPOLossType::kSPPOHard:
+        scores();
+        l = (score_c - 0.5 / beta).square() + (score_r + 0.5 / beta).square();
+        break;
+      case DPOLossType::kAOT: {
+        const auto pi = std::get<0>(at::sort(pc - pr, 0));
+        const auto ref = ref_free ? at::zeros_like(pi) : std::get<0>(at::sort(rc - rr, 0));
+        l = detail::smoothed_sigmoid((pi - ref) * beta, eps);
+        break;
+      }
+      case DPOLossType::kAOTUnpaired: {
+        const auto c = std::get<0>(at::sort(rho_c, 0)), r = std::get<0>(at::sort(rho_r, 0));
+        l = detail::smoothed_sigmoid((c - r) * beta, eps);
+        break;
+      }
+      case DPOLossType::kAPOZero:
+        l = at::sigmoid(rho_c * -beta) + at::sigmoid(rho_r * beta);
+        break;
+      case DPOLossType::kAPODown:
+        l = at::sigmoid(rho_c * beta) + at::sigmoid(z().neg());
+        break;
+      case DPOLossType::kDiscoPOP: {
+        // −ℓ(z)(1 − σ(z/τ)) + e^{−z}σ(z/τ), with e^{−z}σ(z/τ) = exp(−z + ℓ(z/τ)): the product
+        // that overflows to inf·0 = NaN in TRL and Liger stays finite for any finite z.
+        const auto zz = z(), zt = zz / o.discopop_tau();
+        l = at::softplus(zz.neg()) * at::sigmoid(zt.neg()) + (at::log_sigmoid(zt) - zz).exp();
+        break;
+      }
+      case DPOLossType::kSigmoidNorm: {
+        scores();
+        const auto [nc, nr] = lengths("sigmoid_norm");
+        l = detail::smoothed_sigmoid((score_c / nc - score_r / nr) * beta, eps);
+        break;
+      }
+      case DPOLossType::kSFT:
+        l = get_nll().expand({pc.size(0)});
+        break;
+    }
+    if (w != 1.0) l = l * w;
+    total = total.defined() ? total + l : l;
+  }
+  if (o.rpo_alpha() != 0) total = total + get_nll() * o.rpo_alpha();
+  if (in.weights().defined()) total = total * in.weights().to(dt);
+
+  DPOLossResult r;
+  r.losses = total;
+  r.loss = detail::reduce(total, o.reduction());
+  const auto rc_d = rho_c.detach(), rr_d = rho_r.detach();
+  double reward_scale = beta;
+  if (o.weighted_rewards()) {
+    reward_scale = 0;
+    for (size_t k = 0; k < types.size(); ++k)
+      if (types[k] != DPOLossType::kSFT)
+        reward_scale += beta * (o.loss_weights().empty() ? 1.0 : o.loss_weights()[k]);
+  }
+  r.chosen_rewards = rc_d * reward_scale;
+  r.rejected_rewards = rr_d * reward_scale;
+  if (nll.defined()) r.nll_loss = detail::reduce(nll, torch::kMean).detach();
+  return r;
+}
+
+}  // namespace
+
+DPOLossResult dpo_loss(const PairInputs& inputs, const DPOLossFuncOptions& options) {
+  return dpo_impl(inputs, nullptr, options);
+}
+
+DPOLossResult dpo_loss(const at::Tensor& policy_chosen_logps,
+                       const at::Tensor& policy_rejected_logps,
+                       const at::Tensor& reference_chosen_logps,
+                       const at::Tensor& reference_rejected_logps,
+                       const DPOLossFuncOptions& options) {
+  return dpo_impl(PairInputs()
+                      .policy_chosen_logps(policy_chosen_logps)
+                      .policy_rejected_logps(policy_rejected_logps)
+                      .reference_chosen_logps(reference_chosen_logps)
+                      .reference_rejected_logps(reference_rejected_logps),
+                  nullptr, options);
+}
+
+DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& bco_delta,
+                       const DPOLossFuncOptions& options) {
+  TORCH_CHECK(!bco_delta.defined() || bco_delta.numel() == 1, kFn,
+              ": expected bco_delta to be a scalar, got shape ", bco_delta.sizes());
+  return dpo_impl(inputs, &bco_delta, options);
+}
+
+}  // namespace functional
+
+DPOLossResult DPOLoss::operator()(const PairInputs& inputs) {
+  if (!options_.bco_running_mean() || !has(options_.loss_type(), DPOLossType::kBCOPair))
+    return functional::dpo_loss(inputs, options_);
+  // The step's rewards join the running mean before the loss uses it (TRL ≤ 0.28).
+  detail::check_pair_inputs(kFn, inputs, !options_.reference_free());
+  auto rho = [&](const at::Tensor& p, const at::Tensor& ref) {
+    const auto d = p.detach().to(at::kDouble);
+    return options_.reference_free() ? d : d - ref.detach().to(at::kDouble);
+  };
+  const auto c = rho(inputs.policy_chosen_logps(), inputs.reference_chosen_logps());
+  const auto r = rho(inputs.policy_rejected_logps(), inputs.reference_rejected_logps());
+  const auto delta = baseline_.update(c * options_.beta(), r * options_.beta());
+  return functional::dpo_loss(inputs, delta, options_);
+}
+
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,245 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPO / SimPO / AlphaPO, ORPO and KTO.
+#include <prefopt/losses/cpo.h>
+#include <prefopt/losses/kto.h>
+#include <prefopt/losses/orpo.h>
+
+#include <cmath>
+
+#include "losses/math.h"
+
+PREFOPT_BEGIN_NAMESPACE
+
+namespace {
+
+void check_beta(const char* fn, double beta) {
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, fn, ": expected beta > 0, got ", beta);
+}
+
+void check_smoothing(const char* fn, double eps) {
+  TORCH_CHECK_VALUE(eps >= 0 && eps < 0.5, fn, ": expected label_smoothing in [0, 0.5), got ",
+                    eps);
+}
+
+struct CPOParams {
+  CPOLossType type;
+  double beta, eps, gamma, nll_weight, alpha;
+  NLLNormalization norm;
+  LossReduction reduction;
+};
+
+CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p) {
+  check_beta(fn, p.beta);
+  check_smoothing(fn, p.eps);
+  TORCH_CHECK_VALUE(p.eps == 0 || (p.type != CPOLossType::kHinge && p.type != CPOLossType::kIPO),
+                    fn, ": label_smoothing = ", p.eps, " is not used by ",
+                    cpo_loss_type_name(p.type), "; expected 0");
+  TORCH_CHECK_VALUE(std::isfinite(p.gamma), fn, ": expected a finite simpo_gamma, got ", p.gamma);
+  TORCH_CHECK_VALUE(std::isfinite(p.nll_weight), fn, ": expected a finite cpo_alpha, got ",
+                    p.nll_weight);
+  TORCH_CHECK_VALUE(std::isfinite(p.alpha), fn, ": expected a finite alpha, got ", p.alpha);
+  TORCH_CHECK(!in.weights().defined(), fn, ": per-pair weights are a DPO-family input; got ",
+              "weights");
+  detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
+
+  const auto dt = detail::opmath_type(in.policy_chosen_logps());
+  auto c = in.policy_chosen_logps().to(dt);
+  auto r = in.policy_rejected_logps().to(dt);
+  if (p.alpha != 0) {
+    // AlphaPO's r = (1 − p^{−α})/α = −expm1(−α·logp)/α, without forming p.
+    c = at::expm1(c * -p.alpha) * (-1.0 / p.alpha);
+    r = at::expm1(r * -p.alpha) * (-1.0 / p.alpha);
+  }
+  const auto m = c - r;
+  at::Tensor losses;
+  switch (p.type) {
+    case CPOLossType::kSigmoid:
+      losses = detail::smoothed_sigmoid(m * p.beta, p.eps);
+      break;
+    case CPOLossType::kHinge:
+      losses = at::relu(1.0 - m * p.beta);
+      break;
+    case CPOLossType::kIPO:
+      losses = (m - 1.0 / (2.0 * p.beta)).square();
+      break;
+    case CPOLossType::kSimPO:
+    case CPOLossType::kAlphaPO:
+      losses = detail::smoothed_sigmoid(m * p.beta - p.gamma, p.eps);
+      break;
+  }
+  CPOLossResult res;
+  res.losses = losses;
+  res.loss = detail::reduce(losses, p.reduction);
+  const double w = p.type == CPOLossType::kAlphaPO ? 0.0 : p.nll_weight;
+  if (w != 0) {
+    const bool averaged = p.type != CPOLossType::kSigmoid && p.type != CPOLossType::kHinge;
+    const auto nll = detail::chosen_nll(fn, in, averaged, p.norm, dt, /*per_pair=*/false);
+    res.loss = res.loss + nll * w;
+    res.nll_loss = nll.detach();
+  }
+  res.chosen_rewards = c.detach() * p.beta;
+  res.rejected_rewards = r.detach() * p.beta;
+  return res;
+}
+
+struct Named {
+  int value;
+  const char* name;
+};
+constexpr Named kCPONames[] = {
+    {static_cast<int>(CPOLossType::kSigmoid), "sigmoid"},
+    {static_cast<int>(CPOLossType::kHinge), "hinge"},
+    {static_cast<int>(CPOLossType::kIPO), "ipo"},
+    {static_cast<int>(CPOLossType::kSimPO), "simpo"},
+    {static_cast<int>(CPOLossType::kAlphaPO), "alphapo"},
+};
+constexpr Named kKTONames[] = {
+    {static_cast<int>(KTOLossType::kKTO), "kto"},
+    {static_cast<int>(KTOLossType::kAPOZeroUnpaired), "apo_zero_unpaired"},
+};
+
+}  // namespace
+
+const char* cpo_loss_type_name(CPOLossType type) {
+  for (const auto& n : kCPONames)
+    if (n.value == static_cast<int>(type)) return n.name;
+  return "?";
+}
+
+CPOLossType cpo_loss_type_from_name(const std::string& name) {
+  for (const auto& n : kCPONames)
+    if (name == n.name) return static_cast<CPOLossType>(n.value);
+  TORCH_CHECK_VALUE(false, "prefopt::cpo_loss_type_from_name: unknown CPO loss type '", name,
+                    "'; expected one of sigmoid, hinge, ipo, simpo, alphapo");
+}
+
+const char* kto_loss_type_name(KTOLossType type) {
+  for (const auto& n : kKTONames)
+    if (n.value == static_cast<int>(type)) return n.name;
+  return "?";
+}
+
+KTOLossType kto_loss_type_from_name(const std::string& name) {
+  for (const auto& n : kKTONames)
+    if (name == n.name) return static_cast<KTOLossType>(n.value);
+  TORCH_CHECK_VALUE(false, "prefopt::kto_loss_type_from_name: unknown KTO loss type '", name,
+                    "'; expected one of kto, apo_zero_unpaired");
+}
+
+namespace functional {
+
+CPOLossResult cpo_loss(const PairInputs& inputs, const CPOLossFuncOptions& o) {
+  return cpo_impl("prefopt::cpo_loss", inputs,
+                  {o.loss_type(), o.beta(), o.label_smoothing(), o.simpo_gamma(), o.cpo_alpha(),
+                   o.alpha(), o.nll_normalization(), o.reduction()});
+}
+
+CPOLossResult simpo_loss(const PairInputs& inputs, const SimPOLossFuncOptions& o) {
+  return cpo_impl("prefopt::simpo_loss", inputs,
+                  {CPOLossType::kSimPO, o.beta(), o.label_smoothing(), o.simpo_gamma(),
+                   o.cpo_alpha(), o.alpha(), o.nll_normalization(), o.reduction()});
+}
+
+CPOLossResult simpo_loss(const at::Tensor& policy_chosen_logps,
+                         const at::Tensor& policy_rejected_logps,
+                         const SimPOLossFuncOptions& options) {
+  return simpo_loss(
+      PairInputs().policy_chosen_logps(policy_chosen_logps).policy_rejected_logps(
+          policy_rejected_logps),
+      options);
+}
+
+ORPOLossResult orpo_loss(const PairInputs& in, const ORPOLossFuncOptions& o) {
+  constexpr const char* fn = "prefopt::orpo_loss";
+  check_beta(fn, o.beta());
+  TORCH_CHECK(!in.weights().defined(), fn, ": per-pair weights are a DPO-family input; got ",
+              "weights");
+  detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
+  const auto dt = detail::opmath_type(in.policy_chosen_logps());
+  const auto c = in.policy_chosen_logps().to(dt);
+  const auto r = in.policy_rejected_logps().to(dt);
+  const auto log_odds = (c - r) - (detail::log1mexp(c) - detail::log1mexp(r));
+  const auto ratio = at::log_sigmoid(log_odds);
+  // Per pair with the sequence mean (LLaMA-Factory's per-pair loss), the batch scalar else.
+  const auto nll = detail::chosen_nll(fn, in, /*averaged=*/true, o.nll_normalization(), dt,
+                                      /*per_pair=*/true);
+  ORPOLossResult res;
+  res.losses = nll - ratio * o.beta();
+  res.loss = detail::reduce(res.losses, o.reduction());
+  res.chosen_rewards = c.detach() * o.beta();
+  res.rejected_rewards = r.detach() * o.beta();
+  res.log_odds_ratio = ratio.detach();
+  res.log_odds_chosen = log_odds.detach();
+  res.nll_loss = detail::reduce(nll, torch::kMean).detach();
+  return res;
+}
+
+at::Tensor kto_kl(const at::Tensor& policy_KL_logps, const at::Tensor& reference_KL_logps) {
+  constexpr const char* fn = "prefopt::kto_kl";
+  TORCH_CHECK(policy_KL_logps.defined() && reference_KL_logps.defined(), fn,
+              ": expected policy_KL_logps and reference_KL_logps, got ",
+              policy_KL_logps.defined() ? "no reference_KL_logps" : "no policy_KL_logps");
+  detail::check_logps(fn, "policy_KL_logps", policy_KL_logps, -1, policy_KL_logps.device());
+  detail::check_logps(fn, "reference_KL_logps", reference_KL_logps, policy_KL_logps.size(0),
+                      policy_KL_logps.device());
+  const auto dt = detail::opmath_type(policy_KL_logps);
+  const auto d = policy_KL_logps.detach().to(dt) - reference_KL_logps.detach().to(dt);
+  return detail::reduce(d, torch::kMean).clamp_min(0);
+}
+
+KTOLossResult kto_loss(const KTOInputs& in, const KTOLossFuncOptions& o) {
+  constexpr const char* fn = "prefopt::kto_loss";
+  check_beta(fn, o.beta());
+  TORCH_CHECK_VALUE(std::isfinite(o.desirable_weight()) && o.desirable_weight() >= 0, fn,
+                    ": expected desirable_weight >= 0, got ", o.desirable_weight());
+  TORCH_CHECK_VALUE(std::isfinite(o.undesirable_weight()) && o.undesirable_weight() >= 0, fn,
+                    ": expected undesirable_weight >= 0, got ", o.undesirable_weight());
+  const auto& pc = in.policy_chosen_logps();
+  TORCH_CHECK(pc.defined(), fn, ": expected policy_chosen_logps (the desirable examples; an ",
+              "empty [0] tensor when there are none), got undefined");
+  TORCH_CHECK(pc.dim() == 1, fn, ": expected policy_chosen_logps of shape [N_d] (1-D), got ",
+              pc.sizes());
+  TORCH_CHECK(at::isFloatingType(pc.scalar_type()), fn,
+              ": expected floating-point log-probs, got ", pc.scalar_type());
+  const auto dev = pc.device();
+  detail::check_logps(fn, "policy_rejected_logps", in.policy_rejected_logps(), -1, dev);
+  detail::check_logps(fn, "reference_chosen_logps", in.reference_chosen_logps(), pc.size(0), dev);
+  detail::check_logps(fn, "reference_rejected_logps", in.reference_rejected_logps(),
+                      in.policy_rejected_logps().size(0), dev);
+  const auto dt = detail::opmath_type(pc);
+  at::Tensor z;
+  if (in.kl().defined()) {
+    TORCH_CHECK(in.kl().numel() == 1, fn, ": expected kl to be a scalar, got shape ",
+                in.kl().sizes());
+    z = in.kl().detach().reshape({}).to(dev, dt).clamp_min(0);
+  } else if (o.loss_type() == KTOLossType::kKTO &&
+             (in.policy_KL_logps().defined() || in.reference_KL_logps().defined())) {
+    z = kto_kl(in.policy_KL_logps(), in.reference_KL_logps()).to(dt);
+  } else {
+    z = at::zeros({}, pc.options().dtype(dt));
+  }
+  const auto rho_d = pc.to(dt) - in.reference_chosen_logps().to(dt);
+  const auto rho_u = in.policy_rejected_logps().to(dt) - in.reference_rejected_logps().to(dt);
+  const double beta = o.beta();
+  at::Tensor ld, lu;
+  if (o.loss_type() == KTOLossType::kKTO) {
+    ld = at::sigmoid((rho_d - z) * -beta);  // 1 − σ(β(ρ − z))
+    lu = at::sigmoid((rho_u - z) * beta);   // 1 − σ(β(z − ρ))
+  } else {
+    ld = at::sigmoid(rho_d * -beta);
+    lu = at::sigmoid(rho_u * beta);
+  }
+  if (o.desirable_weight() != 1.0) ld = ld * o.desirable_weight();
+  if (o.undesirable_weight() != 1.0) lu = lu * o.undesirable_weight();
+  KTOLossResult res;
+  res.losses = at::cat({ld, lu});
+  res.loss = detail::reduce(res.losses, o.reduction());
+  res.chosen_rewards = rho_d.detach() * beta;
+  res.rejected_rewards = rho_u.detach() * beta;
+  res.kl = z;
+  return res;
+}
+
+}  // namespace functional
+
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,129 @@
+// SPDX-License-Identifier: Apache-2.0
+// prefopt/losses/cpo.h: CPO, SimPO and AlphaPO against the fp64 reference and torchtune.
+#include <prefopt/losses/cpo.h>
+
+#include <cmath>
+#include <string>
+
+#include "reference/losses_reference.h"
+#include "support.h"
+
+namespace F = prefopt::functional;
+using prefopt::CPOLossOptions;
+using prefopt::CPOLossType;
+using prefopt::PairInputs;
+using prefopt_test::AllClose;
+
+struct CPOLossTest : prefopt_test::SeededTest {};
+
+TEST_F(CPOLossTest, EveryTypeMatchesReference) {
+  const int64_t B = 11;
+  const auto o64 = at::TensorOptions().dtype(at::kDouble);
+  const auto n = at::randint(1, 30, {B}, at::kLong);
+  for (const char* name : {"sigmoid", "hinge", "ipo", "simpo", "alphapo"}) {
+    const std::string t = name;
+    const bool averaged = t != "sigmoid" && t != "hinge";
+    // Sums around −30, or per-token means around −1.5.
+    const double scale = averaged ? 1.5 : 30.0;
+    const auto pc = (-scale * (1 + 0.3 * at::rand({B}, o64))).requires_grad_();
+    const auto pr = (-scale * (1 + 0.3 * at::rand({B}, o64))).requires_grad_();
+    const double alpha = t == "alphapo" ? 0.25 : 0.0;
+    const double eps = (t == "hinge" || t == "ipo") ? 0.0 : 0.1;
+    const auto o = CPOLossOptions()
+                       .loss_type(prefopt::cpo_loss_type_from_name(t))
+                       .beta(0.7)
+                       .label_smoothing(eps)
+                       .alpha(alpha);
+    const auto r = F::cpo_loss(PairInputs()
+                                   .policy_chosen_logps(pc)
+                                   .policy_rejected_logps(pr)
+                                   .chosen_lengths(n)
+                                   .rejected_lengths(n),
+                               o);
+    const auto ref = prefopt_ref::cpo_losses(t, 0.7, eps, 0.5, alpha, pc, pr);
+    // TRL: mean(losses) + cpo_alpha·NLL, NLL the token-mean CE of the chosen completions.
+    const auto sums = averaged ? pc * n.to(at::kDouble) : pc;
+    const auto nll = -sums.sum() / n.sum().to(at::kDouble);
+    const auto ref_loss = t == "alphapo" ? ref.mean() : ref.mean() + nll;
+    EXPECT_TRUE(AllClose(r.losses, ref, 1e-10, 1e-12)) << t;
+    EXPECT_TRUE(AllClose(r.loss, ref_loss, 1e-10, 1e-12)) << t;
+    const auto c = alpha != 0 ? (1 - at::pow(at::exp(pc), -alpha)) / alpha : pc;
+    EXPECT_TRUE(AllClose(r.chosen_rewards, 0.7 * c, 1e-10, 1e-12)) << t;
+    const auto g = torch::autograd::grad({r.loss}, {pc, pr});
+    const auto gr = torch::autograd::grad({ref_loss}, {pc, pr});
+    EXPECT_TRUE(AllClose(g[0], gr[0], 1e-9, 1e-12)) << t;
+    EXPECT_TRUE(AllClose(g[1], gr[1], 1e-9, 1e-12)) << t;
+  }
+}
+
+// torchtune's SimPOLoss(beta=2.0, gamma=0.5) expectation: −log(1/(1 + e^{[1.3, −39.5, −39.5]})).
+TEST_F(CPOLossTest, TorchtuneSimPOLiteral) {
+  const auto pc = at::tensor({-0.5, -10.0, -1.0}), pr = at::tensor({-0.1, -30.0, -21.0});
+  const auto r = F::simpo_loss(pc, pr, torch::kNone);
+  const auto expected = -(1 / (1 + at::exp(at::tensor({1.3, -39.5, -39.5})))).log();
+  EXPECT_TRUE(AllClose(r.losses, expected, 1e-5, 1e-4));
+  EXPECT_FALSE(r.nll_loss.defined());  // the paper's SimPO: no NLL
+  EXPECT_TRUE(AllClose(r.chosen_rewards, 2.0 * pc, 1e-12, 0));  // β·ā, not β·ā − γ
+}
+
+TEST_F(CPOLossTest, SimPOEqualsTRLSimPOWithoutNLL) {
+  const auto pc = -at::rand({5}, at::kDouble), pr = -at::rand({5}, at::kDouble) - 0.3;
+  const auto n = at::full({5}, 4, at::kLong);
+  const auto in = PairInputs().policy_chosen_logps(pc).policy_rejected_logps(pr).chosen_lengths(n);
+  const auto trl = F::cpo_loss(in, CPOLossOptions().loss_type(CPOLossType::kSimPO).beta(2.0));
+  const auto paper = F::simpo_loss(in, prefopt::SimPOLossOptions().cpo_alpha(1.0));
+  EXPECT_TRUE(AllClose(trl.loss, paper.loss, 1e-14, 0));
+  // LLaMA-Factory's NLL (pref_ftx): −mean(ā_c).
+  const auto lf = F::simpo_loss(
+      in, prefopt::SimPOLossOptions().cpo_alpha(1.0).nll_normalization(
+              prefopt::NLLNormalization::kSequenceMean));
+  EXPECT_TRUE(AllClose(lf.nll_loss, -pc.mean(), 1e-14, 0));
+}
+
+TEST_F(CPOLossTest, ExtremesAndLowPrecision) {
+  for (double s : {-1e4, 1e4}) {
+    const auto pc = at::tensor({s, 0.0}, at::kFloat).requires_grad_();
+    const auto pr = at::tensor({0.0, s}, at::kFloat).requires_grad_();
+    const auto n = at::tensor({0, 3});
+    for (const char* t : {"sigmoid", "hinge", "ipo", "simpo"}) {
+      const auto r = F::cpo_loss(
+          PairInputs().policy_chosen_logps(pc).policy_rejected_logps(pr).chosen_lengths(n),
+          CPOLossOptions().loss_type(prefopt::cpo_loss_type_from_name(t)));
+      const auto g = torch::autograd::grad({r.loss}, {pc, pr});
+      EXPECT_TRUE(at::isfinite(r.loss).item<bool>() && at::isfinite(g[0]).all().item<bool>() &&
+                  at::isfinite(g[1]).all().item<bool>())
+          << t << " " << s;
+    }
+  }
+  const auto pc = -at::rand({8}, at::kDouble) * 2, pr = -at::rand({8}, at::kDouble) * 2;
+  for (auto dt : {at::kBFloat16, at::kHalf}) {
+    const auto r = F::simpo_loss(pc.to(dt), pr.to(dt));
+    EXPECT_EQ(r.losses.scalar_type(), at::kFloat);
+    EXPECT_TRUE(AllClose(r.losses,
+                         prefopt_ref::cpo_losses("simpo", 2.0, 0, 0.5, 0, pc.to(dt).to(at::kDouble),
+                                                 pr.to(dt).to(at::kDouble)),
+                         1e-5, 1e-6));
+  }
+}
+
+TEST_F(CPOLossTest, Errors) {
+  const auto x = at::zeros({3}, at::kDouble);
+  const auto in = PairInputs().policy_chosen_logps(x).policy_rejected_logps(x);
+  PREFOPT_EXPECT_THROWS_WITH(F::cpo_loss(in, CPOLossOptions().beta(0).cpo_alpha(0)),
+                             "prefopt::cpo_loss: expected beta > 0, got 0");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::cpo_loss(in, CPOLossOptions().loss_type(CPOLossType::kHinge).label_smoothing(0.1)),
+      "prefopt::cpo_loss: label_smoothing = 0.1 is not used by hinge; expected 0");
+  PREFOPT_EXPECT_THROWS_WITH(F::cpo_loss(in, CPOLossOptions().label_smoothing(0.7)),
+                             "expected label_smoothing in [0, 0.5), got 0.7");
+  PREFOPT_EXPECT_THROWS_WITH(F::cpo_loss(in), "prefopt::cpo_loss: the token-mean NLL needs "
+                                              "chosen_lengths");
+  PREFOPT_EXPECT_THROWS_WITH(F::simpo_loss(x, x.narrow(0, 0, 2)),
+                             "prefopt::simpo_loss: expected policy_rejected_logps of shape [3]");
+  PREFOPT_EXPECT_THROWS_WITH(F::cpo_loss(PairInputs(in).weights(x), CPOLossOptions().cpo_alpha(0)),
+                             "per-pair weights are a DPO-family input");
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::cpo_loss_type_from_name("dpo"),
+                             "unknown CPO loss type 'dpo'");
+  PREFOPT_EXPECT_THROWS_WITH(F::simpo_loss(x, x, prefopt::SimPOLossOptions().simpo_gamma(NAN)),
+                             "expected a finite simpo_gamma");
+}

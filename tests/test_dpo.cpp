@@ -1,0 +1,501 @@
+// SPDX-License-Identifier: Apache-2.0
+// prefopt/losses/dpo.h against the fp64 reference, torchtune's literal expectations, hand
+// derivations, every §7 convention option, the numeric extremes and every TORCH_CHECK.
+#include <prefopt/losses/dpo.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "reference/losses_reference.h"
+#include "support.h"
+
+namespace F = prefopt::functional;
+using prefopt::DPOLossOptions;
+using prefopt::DPOLossType;
+using prefopt::FDivergence;
+using prefopt::PairInputs;
+using prefopt_test::AllClose;
+
+namespace {
+
+const std::vector<std::string> kAllTypes = {
+    "sigmoid", "hinge",    "ipo",       "robust",   "exo_pair", "nca_pair",  "bco_pair",
+    "sppo_hard", "aot",    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"};
+
+/// Random pairs: summed log-probs around −20, the reference near the policy so β·Δ is O(1).
+struct Batch {
+  at::Tensor pc, pr, rc, rr, nc, nr;
+  explicit Batch(int64_t B, at::ScalarType dt = at::kDouble, double spread = 8.0) {
+    const auto o = at::TensorOptions().dtype(at::kDouble);
+    pc = (-20 + spread * at::randn({B}, o)).to(dt).requires_grad_();
+    pr = (-24 + spread * at::randn({B}, o)).to(dt).requires_grad_();
+    rc = (pc.detach().to(at::kDouble) + 2 * at::randn({B}, o)).to(dt);
+    rr = (pr.detach().to(at::kDouble) + 2 * at::randn({B}, o)).to(dt);
+    nc = at::randint(0, 40, {B}, at::kLong);  // zero-length completions included
+    nr = at::randint(1, 40, {B}, at::kLong);
+  }
+  PairInputs inputs() const {
+    return PairInputs()
+        .policy_chosen_logps(pc)
+        .policy_rejected_logps(pr)
+        .reference_chosen_logps(rc)
+        .reference_rejected_logps(rr)
+        .chosen_lengths(nc)
+        .rejected_lengths(nr);
+  }
+  std::vector<at::Tensor> grads(const at::Tensor& loss) const {
+    auto g = torch::autograd::grad({loss}, {pc, pr}, {}, /*retain_graph=*/true);
+    return {g[0], g[1]};
+  }
+};
+
+prefopt_ref::DPORef ref_of(const DPOLossOptions& o) {
+  prefopt_ref::DPORef r;
+  r.type = prefopt::dpo_loss_type_name(o.loss_type().front());
+  r.f = prefopt::f_divergence_name(o.f_divergence_type());
+  r.alpha = o.f_alpha_divergence_coef();
+  r.beta = o.beta();
+  r.eps = o.label_smoothing();
+  r.tau = o.discopop_tau();
+  r.ipo_per_token = o.ipo_normalization() == prefopt::IPONormalization::kPerToken;
+  return r;
+}
+
+void expect_matches_reference(const Batch& b, const DPOLossOptions& o, const char* what) {
+  SCOPED_TRACE(what);
+  const auto r = F::dpo_loss(b.inputs(), o);
+  const auto nc = b.nc.to(at::kDouble), nr = b.nr.to(at::kDouble);
+  const auto ref = prefopt_ref::dpo_losses(ref_of(o), b.pc, b.pr, b.rc, b.rr, nc, nr);
+  EXPECT_TRUE(AllClose(r.losses, ref, 1e-10, 1e-12));
+  EXPECT_TRUE(AllClose(r.loss, ref.mean(), 1e-10, 1e-12));
+  EXPECT_TRUE(AllClose(r.chosen_rewards, o.beta() * (b.pc - b.rc), 1e-12, 1e-14));
+  EXPECT_TRUE(AllClose(r.rejected_rewards, o.beta() * (b.pr - b.rr), 1e-12, 1e-14));
+  const auto g = b.grads(r.loss);
+  const auto gref = b.grads(ref.mean());
+  EXPECT_TRUE(AllClose(g[0], gref[0], 1e-9, 1e-12));
+  EXPECT_TRUE(AllClose(g[1], gref[1], 1e-9, 1e-12));
+}
+
+}  // namespace
+
+struct DPOLossTest : prefopt_test::SeededTest {};
+
+TEST_F(DPOLossTest, EveryLossTypeMatchesReference) {
+  for (int64_t B : {1, 3, 17}) {
+    Batch b(B);
+    for (const auto& name : kAllTypes) {
+      auto o = DPOLossOptions().loss_type(prefopt::dpo_loss_type_from_name(name)).beta(0.2);
+      if (name == "exo_pair" || name == "robust") o.label_smoothing(0.1);
+      expect_matches_reference(b, o, (name + " B=" + std::to_string(B)).c_str());
+    }
+  }
+}
+
+TEST_F(DPOLossTest, FDivergencesMatchReference) {
+  Batch b(9, at::kDouble, 1.0);  // |ρ| ~ 2: e^{±ρ} stays tame for the naive reference
+  for (auto f : {FDivergence::kForwardKL, FDivergence::kJSDivergence, FDivergence::kAlphaDivergence})
+    for (double a : {0.5, 0.0, 1.0, 1.7})
+      for (const char* t : {"sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard",
+                            "apo_down", "discopop", "sigmoid_norm", "robust"}) {
+        auto o = DPOLossOptions()
+                     .loss_type(prefopt::dpo_loss_type_from_name(t))
+                     .f_divergence_type(f)
+                     .f_alpha_divergence_coef(a);
+        if (std::string(t) == "robust") o.label_smoothing(0.2);
+        expect_matches_reference(b, o, (std::string(prefopt::f_divergence_name(f)) + " " + t +
+                                        " a=" + std::to_string(a))
+                                           .c_str());
+      }
+}
+
+// torchtune's published expectations (tests/torchtune/rlhf/loss/test_dpo_loss.py) on its
+// inputs: Δ = [0, 10, 20].
+TEST_F(DPOLossTest, TorchtuneLiterals) {
+  const auto pc = at::tensor({-0.5, -10.0, -1.0}), pr = at::tensor({-0.1, -30.0, -21.0});
+  const auto rc = at::tensor({-0.5, -10.1, -0.1}), rr = at::tensor({-0.1, -20.1, -0.1});
+  // DPOLoss(beta=0.1, label_smoothing=0): −log(1/(1 + e^{−[0, 1, 2]})).
+  const auto dpo = F::dpo_loss(pc, pr, rc, rr, torch::kNone);
+  EXPECT_TRUE(AllClose(dpo.losses, -(1 / (1 + at::exp(at::tensor({0.0, -1.0, -2.0})))).log(),
+                       1e-5, 1e-4));
+  // RSOLoss(gamma=0.1): [1, 0, 0].
+  const auto rso = F::dpo_loss(pc, pr, rc, rr, DPOLossOptions().loss_type(DPOLossType::kHinge));
+  EXPECT_TRUE(AllClose(rso.losses, at::tensor({1.0, 0.0, 0.0}), 1e-5, 1e-4));
+  // The removed IPOLoss(tau=0.1), on summed log-probs: (Δ − 5)² = [25, 25, 225].
+  const auto ipo = F::dpo_loss(pc, pr, rc, rr,
+                               DPOLossOptions()
+                                   .loss_type(DPOLossType::kIPO)
+                                   .ipo_normalization(prefopt::IPONormalization::kNone));
+  EXPECT_TRUE(AllClose(ipo.losses, at::tensor({25.0, 25.0, 225.0}), 1e-5, 1e-4));
+  EXPECT_TRUE(AllClose(dpo.chosen_rewards, at::tensor({0.0, 0.01, -0.09}), 1e-5, 1e-6));
+}
+
+TEST_F(DPOLossTest, HandDerivedValues) {
+  const auto z = at::zeros({2}, at::kDouble);
+  // Δ = 0: sigmoid ln 2; hinge 1; discopop ½ln2 + ½; apo_zero ½ + ½; exo_pair(ε) at q = ½.
+  auto at0 = [&](DPOLossType t, double eps = 0) {
+    return F::dpo_loss(z, z, z, z, DPOLossOptions().loss_type(t).label_smoothing(eps))
+        .loss.item<double>();
+  };
+  EXPECT_NEAR(at0(DPOLossType::kSigmoid), std::log(2.0), 1e-15);
+  EXPECT_NEAR(at0(DPOLossType::kHinge), 1.0, 1e-15);
+  EXPECT_NEAR(at0(DPOLossType::kDiscoPOP), 0.5 * std::log(2.0) + 0.5, 1e-15);
+  EXPECT_NEAR(at0(DPOLossType::kAPOZero), 1.0, 1e-15);
+  EXPECT_NEAR(at0(DPOLossType::kAPODown), 1.0, 1e-15);
+  EXPECT_NEAR(at0(DPOLossType::kExoPair, 0.2),
+              0.5 * (std::log(0.5) - std::log(0.8)) + 0.5 * (std::log(0.5) - std::log(0.2)),
+              1e-15);
+  // NCA at 0: −ℓ(0) − ½ℓ(0) − ½ℓ(0) = 2 ln 2. SPPO at 0: 2·(1/(2β))² = 2·25.
+  EXPECT_NEAR(at0(DPOLossType::kNCAPair), 2 * std::log(2.0), 1e-15);
+  EXPECT_NEAR(at0(DPOLossType::kSPPOHard), 50.0, 1e-12);
+  // IPO per token: ρ_c = 6 over 3 tokens, ρ_r = −4 over 2 tokens → Δ̄ = 4; β = 0.25 → (4 − 2)².
+  const auto r = F::dpo_loss(PairInputs()
+                                 .policy_chosen_logps(at::tensor({-4.0}))
+                                 .policy_rejected_logps(at::tensor({-14.0}))
+                                 .reference_chosen_logps(at::tensor({-10.0}))
+                                 .reference_rejected_logps(at::tensor({-10.0}))
+                                 .chosen_lengths(at::tensor({3}))
+                                 .rejected_lengths(at::tensor({2})),
+                             DPOLossOptions().loss_type(DPOLossType::kIPO).beta(0.25));
+  EXPECT_NEAR(r.loss.item<double>(), 4.0, 1e-15);
+  // cDPO with ε = 0.25 at βΔ = ln 3: −¾ ln ¾ − ¼ ln ¼.
+  const double d = std::log(3.0) / 0.1;
+  const auto c = F::dpo_loss(at::tensor({d}), at::tensor({0.0}), at::tensor({0.0}),
+                             at::tensor({0.0}), DPOLossOptions().label_smoothing(0.25));
+  EXPECT_NEAR(c.loss.item<double>(), -0.75 * std::log(0.75) - 0.25 * std::log(0.25), 1e-14);
+}
+
+TEST_F(DPOLossTest, Reductions) {
+  Batch b(5);
+  const auto mean = F::dpo_loss(b.pc, b.pr, b.rc, b.rr);
+  const auto sum = F::dpo_loss(b.pc, b.pr, b.rc, b.rr, torch::kSum);
+  const auto none = F::dpo_loss(b.pc, b.pr, b.rc, b.rr, torch::kNone);
+  EXPECT_EQ(mean.loss.dim(), 0);
+  EXPECT_EQ(none.loss.sizes(), at::IntArrayRef({5}));
+  EXPECT_TRUE(AllClose(sum.loss, none.loss.sum(), 1e-14, 0));
+  EXPECT_TRUE(AllClose(mean.loss, none.loss.mean(), 1e-14, 0));
+  EXPECT_FALSE(mean.chosen_rewards.requires_grad());
+  EXPECT_FALSE(mean.rejected_rewards.requires_grad());
+}
+
+// reference/losses.md §7, row by row: each anchor's convention is an option.
+TEST_F(DPOLossTest, AnchorConventions) {
+  Batch b(7);
+  const auto in = b.inputs();
+  const auto nc = b.nc.to(at::kDouble), nr = b.nr.to(at::kDouble);
+  // sigmoid + label smoothing: cDPO (TRL ≤ 0.28, torchtune, OpenRLHF); ε = 0 is TRL ≥ 0.29.
+  {
+    prefopt_ref::DPORef ref;
+    ref.eps = 0.3;
+    const auto r = F::dpo_loss(in, DPOLossOptions().label_smoothing(0.3));
+    EXPECT_TRUE(AllClose(r.losses, prefopt_ref::dpo_losses(ref, b.pc, b.pr, b.rc, b.rr, nc, nr),
+                         1e-12, 1e-14));
+  }
+  // IPO: per-token (TRL, LLaMA-Factory) vs summed (torchtune's IPOLoss, OpenRLHF).
+  {
+    const auto per_token = F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kIPO));
+    const auto summed = F::dpo_loss(in, DPOLossOptions()
+                                            .loss_type(DPOLossType::kIPO)
+                                            .ipo_normalization(prefopt::IPONormalization::kNone));
+    const auto delta = (b.pc - b.rc) - (b.pr - b.rr);
+    EXPECT_TRUE(AllClose(summed.losses, (delta - 5.0).square(), 1e-12, 1e-12));
+    const auto avg = (b.pc - b.rc) / nc.clamp_min(1) - (b.pr - b.rr) / nr.clamp_min(1);
+    EXPECT_TRUE(AllClose(per_token.losses, (avg - 5.0).square(), 1e-12, 1e-12));
+    // TRL ≤ 0.28 / LLaMA-Factory: averaged log-probs in, so rewards are β·(averaged ρ).
+    const auto classic =
+        F::dpo_loss(PairInputs()
+                        .policy_chosen_logps(b.pc / nc.clamp_min(1))
+                        .policy_rejected_logps(b.pr / nr.clamp_min(1))
+                        .reference_chosen_logps(b.rc / nc.clamp_min(1))
+                        .reference_rejected_logps(b.rr / nr.clamp_min(1)),
+                    DPOLossOptions()
+                        .loss_type(DPOLossType::kIPO)
+                        .ipo_normalization(prefopt::IPONormalization::kNone));
+    EXPECT_TRUE(AllClose(classic.losses, per_token.losses, 1e-12, 1e-12));
+    EXPECT_TRUE(AllClose(classic.chosen_rewards, 0.1 * (b.pc - b.rc) / nc.clamp_min(1), 1e-12, 0));
+  }
+  // f-divergence α: TRL ≤ 0.28's coefficient a, Δ = (e^{−aρ_r} − e^{−aρ_c})/a, is α = 1 − a.
+  for (double a : {1.0, 0.3}) {
+    const auto r = F::dpo_loss(in, DPOLossOptions()
+                                       .f_divergence_type(FDivergence::kAlphaDivergence)
+                                       .f_alpha_divergence_coef(1 - a));
+    const auto delta = (at::exp(-a * (b.pr - b.rr)) - at::exp(-a * (b.pc - b.rc))) / a;
+    EXPECT_TRUE(AllClose(r.losses, -prefopt_ref::logsig(0.1 * delta), 1e-10, 1e-12));
+  }
+  // js_divergence: TRL ≤ 0.28's Δ − (softplus(ρ_c) − softplus(ρ_r)).
+  {
+    const auto r =
+        F::dpo_loss(in, DPOLossOptions().f_divergence_type(FDivergence::kJSDivergence));
+    const auto rc_ = b.pc - b.rc, rr_ = b.pr - b.rr;
+    const auto delta = (rc_ - rr_) - (at::softplus(rc_) - at::softplus(rr_));
+    EXPECT_TRUE(AllClose(r.losses, -prefopt_ref::logsig(0.1 * delta), 1e-10, 1e-12));
+  }
+  // Multi-loss rewards: β·ρ (TRL ≥ 0.29) vs Σ_k w_k·β·ρ over non-sft types (TRL ≤ 0.28).
+  {
+    auto o = DPOLossOptions()
+                 .loss_type({DPOLossType::kSigmoid, DPOLossType::kBCOPair, DPOLossType::kSFT})
+                 .loss_weights({0.8, 0.2, 1.0});
+    const auto plain = F::dpo_loss(in, o);
+    const auto weighted = F::dpo_loss(in, o.weighted_rewards(true));
+    EXPECT_TRUE(AllClose(plain.chosen_rewards, 0.1 * (b.pc - b.rc), 1e-12, 0));
+    EXPECT_TRUE(AllClose(weighted.chosen_rewards, (0.8 + 0.2) * 0.1 * (b.pc - b.rc), 1e-12, 0));
+  }
+  // NLL term: token mean (TRL sft) vs per-sequence mean (LLaMA-Factory pref_ftx, OpenRLHF).
+  {
+    const auto tok = F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kSFT));
+    const auto seq = F::dpo_loss(in, DPOLossOptions()
+                                         .loss_type(DPOLossType::kSFT)
+                                         .nll_normalization(prefopt::NLLNormalization::kSequenceMean));
+    EXPECT_TRUE(AllClose(tok.loss, -b.pc.sum() / nc.sum(), 1e-12, 0));
+    EXPECT_TRUE(AllClose(seq.loss, (-b.pc / nc.clamp_min(1)).mean(), 1e-12, 0));
+    // RPO (TRL ≤ 0.28): rpo_alpha·NLL added, the same as sft with that weight.
+    const auto rpo = F::dpo_loss(in, DPOLossOptions().rpo_alpha(0.5));
+    const auto mpo = F::dpo_loss(in, DPOLossOptions()
+                                         .loss_type({DPOLossType::kSigmoid, DPOLossType::kSFT})
+                                         .loss_weights({1.0, 0.5}));
+    EXPECT_TRUE(AllClose(rpo.losses, mpo.losses, 1e-14, 0));
+    EXPECT_TRUE(AllClose(rpo.nll_loss, tok.loss, 1e-14, 0));
+    // An explicit NLL (e.g. plain CE when the log-probs are LD-weighted) wins.
+    const auto given = F::dpo_loss(PairInputs(in).nll_loss(at::tensor(3.25, at::kDouble)),
+                                   DPOLossOptions().loss_type(DPOLossType::kSFT));
+    EXPECT_DOUBLE_EQ(given.loss.item<double>(), 3.25);
+  }
+  // WPO: per-pair weights multiply the combined loss; TRL ≤ 0.28 clamps them at 1 (done by
+  // wpo_pair_weights(clamp_max_one)).
+  {
+    const auto w = at::rand({7}, at::kDouble) * 2;
+    const auto r = F::dpo_loss(PairInputs(in).weights(w), torch::kNone);
+    const auto plain = F::dpo_loss(in, torch::kNone);
+    EXPECT_TRUE(AllClose(r.losses, plain.losses * w, 1e-14, 0));
+  }
+  // Reference-free (TRL ≤ 0.28's reference_free, CPO-like): ref = 0.
+  {
+    const auto r = F::dpo_loss(PairInputs().policy_chosen_logps(b.pc).policy_rejected_logps(b.pr),
+                               DPOLossOptions().reference_free(true));
+    EXPECT_TRUE(AllClose(r.losses, -prefopt_ref::logsig(0.1 * (b.pc - b.pr)), 1e-12, 1e-14));
+    EXPECT_TRUE(AllClose(r.chosen_rewards, 0.1 * b.pc, 1e-14, 0));
+  }
+}
+
+// bco_pair's running-mean baseline (TRL ≤ 0.28, LLaMA-Factory): δ is the running mean of the
+// per-step means of all β·ρ; the first step's δ is that step's mean.
+TEST_F(DPOLossTest, BCORunningMeanBaseline) {
+  prefopt::DPOLoss bco(DPOLossOptions().loss_type(DPOLossType::kBCOPair).bco_running_mean(true));
+  Batch s1(6), s2(4);
+  prefopt_ref::DPORef ref;
+  ref.type = "bco_pair";
+  const auto none = at::Tensor();
+  const double m1 = at::cat({0.1 * (s1.pc - s1.rc), 0.1 * (s1.pr - s1.rr)}).mean().item<double>();
+  const auto r1 = bco(s1.inputs());
+  EXPECT_TRUE(AllClose(r1.losses,
+                       prefopt_ref::dpo_losses(ref, s1.pc, s1.pr, s1.rc, s1.rr, none, none, m1),
+                       1e-10, 1e-12));
+  const double m2 = at::cat({0.1 * (s2.pc - s2.rc), 0.1 * (s2.pr - s2.rr)}).mean().item<double>();
+  const auto r2 = bco(s2.inputs());
+  const double delta2 = (m1 + m2) / 2;  // count 1e-24 + 1 + 1
+  EXPECT_NEAR(bco.bco_baseline().mean(), delta2, 1e-12);
+  EXPECT_TRUE(AllClose(r2.losses,
+                       prefopt_ref::dpo_losses(ref, s2.pc, s2.pr, s2.rc, s2.rr, none, none, delta2),
+                       1e-10, 1e-12));
+  // Without the option: TRL ≥ 0.29 and Liger, no baseline.
+  const auto plain = F::dpo_loss(s2.inputs(), DPOLossOptions().loss_type(DPOLossType::kBCOPair));
+  EXPECT_TRUE(AllClose(plain.losses,
+                       prefopt_ref::dpo_losses(ref, s2.pc, s2.pr, s2.rc, s2.rr, none, none, 0.0),
+                       1e-10, 1e-12));
+  // Cross-rank statistics fold in like TRL's get_global_statistics.
+  prefopt::BCOBaseline b;
+  b.update(1.0, 0.25, 2.0);
+  EXPECT_NEAR(b.mean(), 1.0, 1e-12);
+  b.update(3.0, 0.0, 2.0);
+  EXPECT_NEAR(b.mean(), 2.0, 1e-12);
+  // Pooled variance: (2·(0.25 + (1 − 2)²) + 2·(0 + (3 − 2)²)) / 4.
+  EXPECT_NEAR(b.var(), (2 * (0.25 + 1.0) + 2 * (0.0 + 1.0)) / 4, 1e-12);
+}
+
+TEST_F(DPOLossTest, MultiLossWeights) {
+  Batch b(6);
+  const auto in = b.inputs();
+  const auto o = DPOLossOptions()
+                     .loss_type({DPOLossType::kSigmoid, DPOLossType::kBCOPair, DPOLossType::kSFT})
+                     .loss_weights({0.8, 0.2, 1.0});
+  const auto r = F::dpo_loss(in, o);
+  const auto s = F::dpo_loss(in, DPOLossOptions()).loss;
+  const auto c = F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kBCOPair)).loss;
+  const auto nll = -b.pc.sum() / b.nc.to(at::kDouble).sum();
+  EXPECT_TRUE(AllClose(r.loss, 0.8 * s + 0.2 * c + nll, 1e-12, 0));
+  EXPECT_TRUE(AllClose(r.nll_loss, nll, 1e-12, 0));
+}
+
+// |β·Δ| up to 1e4 (and log-ratios of ±1e5): every loss and gradient finite.
+TEST_F(DPOLossTest, ExtremeMarginsStayFinite) {
+  for (double scale : {-1e5, -1e4, 1e4, 1e5}) {
+    for (auto dt : {at::kDouble, at::kFloat}) {
+      const auto pc = at::tensor({scale / 2, 0.0, scale}, dt).requires_grad_();
+      const auto pr = at::tensor({-scale / 2, -scale, 0.0}, dt).requires_grad_();
+      const auto zr = at::zeros({3}, dt);
+      const auto n = at::tensor({3, 0, 5});
+      for (const auto& name : kAllTypes) {
+        auto o = DPOLossOptions().loss_type(prefopt::dpo_loss_type_from_name(name));
+        if (name == "exo_pair" || name == "robust") o.label_smoothing(0.1);
+        const auto r = F::dpo_loss(PairInputs()
+                                       .policy_chosen_logps(pc)
+                                       .policy_rejected_logps(pr)
+                                       .reference_chosen_logps(zr)
+                                       .reference_rejected_logps(zr)
+                                       .chosen_lengths(n)
+                                       .rejected_lengths(n),
+                                   o);
+        const auto g = torch::autograd::grad({r.loss}, {pc, pr});
+        EXPECT_TRUE(at::isfinite(r.losses).all().item<bool>()) << name << " scale " << scale;
+        EXPECT_TRUE(at::isfinite(g[0]).all().item<bool>() && at::isfinite(g[1]).all().item<bool>())
+            << name << " scale " << scale << " " << dt;
+      }
+    }
+  }
+  // discopop's guarded form against the exact value where the naive one is still finite.
+  prefopt_ref::DPORef ref;
+  ref.type = "discopop";
+  const auto pc = at::tensor({-500.0, -80.0, 3.0, 400.0}, at::kDouble), z = at::zeros({4}, at::kDouble);
+  const auto r = F::dpo_loss(pc, z, z, z, DPOLossOptions().loss_type(DPOLossType::kDiscoPOP));
+  EXPECT_TRUE(AllClose(r.losses, prefopt_ref::dpo_losses(ref, pc, z, z, z, z, z), 1e-12, 1e-300));
+}
+
+TEST_F(DPOLossTest, LowPrecisionInputsComputeInFloat32) {
+  Batch b64(33);
+  for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const auto pc = b64.pc.detach().to(dt), pr = b64.pr.detach().to(dt);
+    const auto rc = b64.rc.to(dt), rr = b64.rr.to(dt);
+    for (const char* t : {"sigmoid", "ipo", "discopop", "exo_pair"}) {
+      auto o = DPOLossOptions().loss_type(prefopt::dpo_loss_type_from_name(t));
+      if (std::string(t) == "exo_pair") o.label_smoothing(0.1);
+      const auto in = PairInputs()
+                          .policy_chosen_logps(pc)
+                          .policy_rejected_logps(pr)
+                          .reference_chosen_logps(rc)
+                          .reference_rejected_logps(rr)
+                          .chosen_lengths(b64.nc)
+                          .rejected_lengths(b64.nr);
+      const auto r = F::dpo_loss(in, o);
+      EXPECT_EQ(r.losses.scalar_type(), at::kFloat) << t;
+      EXPECT_EQ(r.chosen_rewards.scalar_type(), at::kFloat);
+      // Same rounded inputs in fp64: only the fp32 arithmetic differs.
+      const auto ref = prefopt_ref::dpo_losses(
+          ref_of(o), pc.to(at::kDouble), pr.to(at::kDouble), rc.to(at::kDouble),
+          rr.to(at::kDouble), b64.nc.to(at::kDouble), b64.nr.to(at::kDouble));
+      EXPECT_TRUE(AllClose(r.losses, ref, 1e-5, 1e-5)) << t << " " << dt;
+    }
+  }
+}
+
+TEST_F(DPOLossTest, ZeroLengthCompletionsNeverNaN) {
+  const auto z = at::zeros({2}, at::kDouble);
+  const auto n0 = at::zeros({2}, at::kLong);
+  const auto in = PairInputs()
+                      .policy_chosen_logps(z)
+                      .policy_rejected_logps(z)
+                      .reference_chosen_logps(z)
+                      .reference_rejected_logps(z)
+                      .chosen_lengths(n0)
+                      .rejected_lengths(n0);
+  for (auto t : {DPOLossType::kIPO, DPOLossType::kSigmoidNorm, DPOLossType::kSFT}) {
+    const auto r = F::dpo_loss(in, DPOLossOptions().loss_type(t));
+    EXPECT_TRUE(at::isfinite(r.losses).all().item<bool>()) << prefopt::dpo_loss_type_name(t);
+  }
+  EXPECT_DOUBLE_EQ(F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kSFT)).loss.item<double>(),
+                   0.0);
+}
+
+TEST_F(DPOLossTest, NamesRoundTrip) {
+  for (const auto& name : kAllTypes)
+    EXPECT_EQ(prefopt::dpo_loss_type_name(prefopt::dpo_loss_type_from_name(name)), name);
+  EXPECT_STREQ(prefopt::dpo_loss_type_name(prefopt::dpo_loss_type_from_name("sft")), "sft");
+  for (const char* f : {"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"})
+    EXPECT_STREQ(prefopt::f_divergence_name(prefopt::f_divergence_from_name(f)), f);
+}
+
+TEST_F(DPOLossTest, Errors) {
+  Batch b(4);
+  const auto in = b.inputs();
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, DPOLossOptions().beta(0)),
+                             "prefopt::dpo_loss: expected beta > 0, got 0");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, DPOLossOptions().beta(-1)), "expected beta > 0");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, DPOLossOptions().label_smoothing(0.5)),
+                             "prefopt::dpo_loss: expected label_smoothing in [0, 0.5), got 0.5");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, DPOLossOptions().label_smoothing(-0.1)),
+                             "expected label_smoothing in [0, 0.5)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kHinge).label_smoothing(0.1)),
+      "label_smoothing = 0.1 is not used by any of the loss types");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kExoPair)),
+                             "exo_pair needs label_smoothing in (0, 0.5), got 0");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kDiscoPOP).discopop_tau(0)),
+      "expected discopop_tau > 0, got 0");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(in, DPOLossOptions()
+                          .loss_type({DPOLossType::kSigmoid, DPOLossType::kSFT})
+                          .loss_weights({1.0})),
+      "expected one loss_weight per loss_type (2), got 1");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, DPOLossOptions().loss_type(std::vector<DPOLossType>{})),
+                             "expected at least one loss_type, got none");
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::dpo_loss_type_from_name("kto_pair"),
+                             "unknown DPO loss type 'kto_pair'; expected one of sigmoid, hinge");
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::f_divergence_from_name("kl"),
+                             "unknown f_divergence_type 'kl'");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.pc, b.pr.narrow(0, 0, 3), b.rc, b.rr),
+                             "prefopt::dpo_loss: expected policy_rejected_logps of shape [4] like "
+                             "policy_chosen_logps, got [3]");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.pc, b.pr, b.rc.reshape({2, 2}), b.rr),
+                             "expected reference_chosen_logps of shape [B] (1-D), got [2, 2]");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.pc, b.pr, at::Tensor(), b.rr),
+                             "expected reference_chosen_logps to be a defined tensor, got undefined");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.pc, b.pr, b.rc.to(at::kLong), b.rr),
+                             "expected reference_chosen_logps to be floating point");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.pc, b.pr, b.rc.to(at::kMeta), b.rr),
+                             "expected reference_chosen_logps on cpu like policy_chosen_logps, "
+                             "got meta");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(PairInputs(in).chosen_lengths(at::Tensor()),
+                  DPOLossOptions().loss_type(DPOLossType::kIPO)),
+      "prefopt::dpo_loss: ipo normalises by completion length and needs chosen_lengths");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(PairInputs(in).chosen_lengths(at::Tensor()),
+                  DPOLossOptions().loss_type(DPOLossType::kSFT)),
+      "the token-mean NLL needs chosen_lengths");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(PairInputs(in).weights(at::ones({4}, at::kDouble)),
+                  DPOLossOptions().loss_type(DPOLossType::kAOT)),
+      "aot and aot_unpaired sort the batch");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(in).nll_loss(at::ones({2})), DPOLossOptions()),
+                             "expected nll_loss to be a scalar, got shape [2]");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, at::ones({2}), DPOLossOptions()),
+                             "expected bco_delta to be a scalar");
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::BCOBaseline().update(1.0, -1.0, 1.0),
+                             "prefopt::BCOBaseline::update: expected a finite mean, var >= 0");
+}
+
+struct DPOLossCuda : prefopt_test::CudaTest {};
+
+TEST_F(DPOLossCuda, MatchesCpu) {
+  Batch b(64, at::kFloat);
+  for (const auto& name : kAllTypes) {
+    auto o = DPOLossOptions().loss_type(prefopt::dpo_loss_type_from_name(name));
+    if (name == "exo_pair" || name == "robust") o.label_smoothing(0.1);
+    const auto cpu = F::dpo_loss(b.inputs(), o);
+    auto in = b.inputs();
+    const auto pc = b.pc.detach().cuda().requires_grad_();
+    const auto cuda = F::dpo_loss(PairInputs()
+                                      .policy_chosen_logps(pc)
+                                      .policy_rejected_logps(b.pr.detach().cuda())
+                                      .reference_chosen_logps(b.rc.cuda())
+                                      .reference_rejected_logps(b.rr.cuda())
+                                      .chosen_lengths(b.nc.cuda())
+                                      .rejected_lengths(b.nr.cuda()),
+                                  o);
+    EXPECT_TRUE(cuda.loss.is_cuda());
+    EXPECT_TRUE(AllClose(cuda.losses.cpu(), cpu.losses, 1e-5, 1e-6)) << name;
+    const auto g = torch::autograd::grad({cuda.loss}, {pc})[0];
+    const auto gc = torch::autograd::grad({cpu.loss}, {b.pc})[0];
+    EXPECT_TRUE(AllClose(g.cpu(), gc, 1e-4, 1e-7)) << name;
+  }
+}

@@ -1,0 +1,121 @@
+// SPDX-License-Identifier: Apache-2.0
+// prefopt/losses/kto.h against the fp64 reference, torchtune's literals, empty sides and KL.
+#include <prefopt/losses/kto.h>
+
+#include "reference/losses_reference.h"
+#include "support.h"
+
+namespace F = prefopt::functional;
+using prefopt::KTOInputs;
+using prefopt::KTOLossOptions;
+using prefopt_test::AllClose;
+
+struct KTOLossTest : prefopt_test::SeededTest {};
+
+TEST_F(KTOLossTest, MatchesReference) {
+  const auto o = at::TensorOptions().dtype(at::kDouble);
+  const auto pd = (-20 + 5 * at::randn({5}, o)).requires_grad_();
+  const auto pu = (-25 + 5 * at::randn({3}, o)).requires_grad_();
+  const auto rd = pd.detach() + at::randn({5}, o), ru = pu.detach() + at::randn({3}, o);
+  const auto pkl = -20 + 3 * at::randn({8}, o), rkl = pkl - 0.5 + at::randn({8}, o);
+  const auto in = KTOInputs()
+                      .policy_chosen_logps(pd)
+                      .policy_rejected_logps(pu)
+                      .reference_chosen_logps(rd)
+                      .reference_rejected_logps(ru)
+                      .policy_KL_logps(pkl)
+                      .reference_KL_logps(rkl);
+  const auto r = F::kto_loss(in, KTOLossOptions().desirable_weight(1.33).undesirable_weight(0.7));
+  const double z = std::max(0.0, (pkl - rkl).mean().item<double>());
+  EXPECT_NEAR(r.kl.item<double>(), z, 1e-14);
+  const auto ref = prefopt_ref::kto_losses(0.1, 1.33, 0.7, z, pd, rd, pu, ru);
+  EXPECT_TRUE(AllClose(r.losses, ref, 1e-12, 1e-14));
+  EXPECT_TRUE(AllClose(r.loss, ref.mean(), 1e-12, 1e-14));
+  EXPECT_TRUE(AllClose(r.chosen_rewards, 0.1 * (pd - rd), 1e-14, 0));
+  EXPECT_TRUE(AllClose(r.rejected_rewards, 0.1 * (pu - ru), 1e-14, 0));
+  const auto g = torch::autograd::grad({r.loss}, {pd, pu});
+  const auto gr = torch::autograd::grad({ref.mean()}, {pd, pu});
+  EXPECT_TRUE(AllClose(g[0], gr[0], 1e-10, 1e-14));
+  EXPECT_TRUE(AllClose(g[1], gr[1], 1e-10, 1e-14));
+  // apo_zero_unpaired: no KL.
+  const auto apo =
+      F::kto_loss(in, KTOLossOptions().loss_type(prefopt::KTOLossType::kAPOZeroUnpaired));
+  EXPECT_TRUE(AllClose(apo.losses, prefopt_ref::kto_losses(0.1, 1, 1, 0, pd, rd, pu, ru, true),
+                       1e-12, 1e-14));
+  // A KL reduced elsewhere (e.g. across ranks) replaces the local estimate, clamped at 0.
+  const auto given = F::kto_loss(KTOInputs(in).kl(at::tensor(-3.0, at::kDouble)));
+  EXPECT_EQ(given.kl.item<double>(), 0.0);
+  const auto given2 = F::kto_loss(KTOInputs(in).kl(at::tensor(0.4, at::kDouble)));
+  EXPECT_TRUE(AllClose(given2.losses, prefopt_ref::kto_losses(0.1, 1, 1, 0.4, pd, rd, pu, ru),
+                       1e-12, 1e-14));
+}
+
+// torchtune's KTOLoss(beta=0.1) expectation (KL clamps to 0 on its inputs).
+TEST_F(KTOLossTest, TorchtuneLiteral) {
+  const auto r = F::kto_loss(KTOInputs()
+                                 .policy_chosen_logps(at::tensor({-0.5, -10.0, -1.0}))
+                                 .policy_rejected_logps(at::tensor({-0.1, -30.0, -21.0}))
+                                 .reference_chosen_logps(at::tensor({-0.5, -10.1, -0.1}))
+                                 .reference_rejected_logps(at::tensor({-0.1, -20.1, -0.1}))
+                                 .policy_KL_logps(at::tensor({-1.0, 0.25, 1.0}))
+                                 .reference_KL_logps(at::tensor({0.4, 0.2, -0.2})));
+  EXPECT_TRUE(
+      AllClose(r.losses, at::tensor({0.5000, 0.4975, 0.5225, 0.5000, 0.2709, 0.1101}), 1e-5, 1e-4));
+  EXPECT_TRUE(AllClose(r.chosen_rewards, at::tensor({0.0, 0.01, -0.09}), 1e-5, 1e-6));
+  EXPECT_TRUE(AllClose(r.rejected_rewards, at::tensor({0.0, -0.99, -2.09}), 1e-5, 1e-6));
+}
+
+TEST_F(KTOLossTest, EmptySides) {
+  const auto e = at::zeros({0}, at::kDouble);
+  const auto x = at::tensor({-3.0, -4.0}, at::kDouble).requires_grad_();
+  const auto rx = at::tensor({-3.5, -3.0}, at::kDouble);
+  const auto only_desirable = F::kto_loss(KTOInputs()
+                                              .policy_chosen_logps(x)
+                                              .policy_rejected_logps(e)
+                                              .reference_chosen_logps(rx)
+                                              .reference_rejected_logps(e));
+  EXPECT_EQ(only_desirable.losses.numel(), 2);
+  EXPECT_EQ(only_desirable.rejected_rewards.numel(), 0);
+  EXPECT_TRUE(AllClose(only_desirable.loss,
+                       prefopt_ref::kto_losses(0.1, 1, 1, 0, x, rx, e, e).mean(), 1e-14, 0));
+  const auto only_undesirable = F::kto_loss(KTOInputs()
+                                                .policy_chosen_logps(e)
+                                                .policy_rejected_logps(x)
+                                                .reference_chosen_logps(e)
+                                                .reference_rejected_logps(rx));
+  EXPECT_TRUE(at::isfinite(only_undesirable.loss).item<bool>());
+  const auto nothing = F::kto_loss(KTOInputs()
+                                       .policy_chosen_logps(e)
+                                       .policy_rejected_logps(e)
+                                       .reference_chosen_logps(e)
+                                       .reference_rejected_logps(e)
+                                       .policy_KL_logps(e)
+                                       .reference_KL_logps(e));
+  EXPECT_EQ(nothing.loss.item<double>(), 0.0);  // TRL's nanmean would give NaN
+  EXPECT_EQ(nothing.kl.item<double>(), 0.0);
+}
+
+TEST_F(KTOLossTest, Errors) {
+  const auto x = at::zeros({2}, at::kDouble);
+  const auto in = KTOInputs()
+                      .policy_chosen_logps(x)
+                      .policy_rejected_logps(x)
+                      .reference_chosen_logps(x)
+                      .reference_rejected_logps(x);
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(in, KTOLossOptions().beta(-0.1)),
+                             "prefopt::kto_loss: expected beta > 0, got -0.1");
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(in, KTOLossOptions().desirable_weight(-1)),
+                             "prefopt::kto_loss: expected desirable_weight >= 0, got -1");
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(in, KTOLossOptions().undesirable_weight(NAN)),
+                             "expected undesirable_weight >= 0");
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).reference_chosen_logps(at::zeros({3}))),
+                             "prefopt::kto_loss: expected reference_chosen_logps of shape [2]");
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).policy_chosen_logps(at::Tensor())),
+                             "expected policy_chosen_logps (the desirable examples");
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).policy_KL_logps(x)),
+                             "prefopt::kto_kl: expected policy_KL_logps and reference_KL_logps, "
+                             "got no reference_KL_logps");
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).kl(x)), "expected kl to be a scalar");
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::kto_loss_type_from_name("kto_pair"),
+                             "unknown KTO loss type 'kto_pair'");
+}

@@ -62,7 +62,7 @@ TEST_F(CPOLossTest, TorchtuneSimPOLiteral) {
   const auto r = F::simpo_loss(pc, pr, torch::kNone);
   const auto expected = -(1 / (1 + at::exp(at::tensor({1.3, -39.5, -39.5})))).log();
   EXPECT_TRUE(AllClose(r.losses, expected, 1e-5, 1e-4));
-  EXPECT_FALSE(r.nll_loss.defined());  // the paper's SimPO: no NLL
+  EXPECT_FALSE(r.nll_loss.defined());                           // the paper's SimPO: no NLL
   EXPECT_TRUE(AllClose(r.chosen_rewards, 2.0 * pc, 1e-12, 0));  // β·ā, not β·ā − γ
 }
 
@@ -74,9 +74,8 @@ TEST_F(CPOLossTest, SimPOEqualsTRLSimPOWithoutNLL) {
   const auto paper = F::simpo_loss(in, prefopt::SimPOLossOptions().cpo_alpha(1.0));
   EXPECT_TRUE(AllClose(trl.loss, paper.loss, 1e-14, 0));
   // LLaMA-Factory's NLL (pref_ftx): −mean(ā_c).
-  const auto lf = F::simpo_loss(
-      in, prefopt::SimPOLossOptions().cpo_alpha(1.0).nll_normalization(
-              prefopt::NLLNormalization::kSequenceMean));
+  const auto lf = F::simpo_loss(in, prefopt::SimPOLossOptions().cpo_alpha(1.0).nll_normalization(
+                                        prefopt::NLLNormalization::kSequenceMean));
   EXPECT_TRUE(AllClose(lf.nll_loss, -pc.mean(), 1e-14, 0));
 }
 
@@ -116,8 +115,9 @@ TEST_F(CPOLossTest, Errors) {
       "prefopt::cpo_loss: label_smoothing = 0.1 is not used by hinge; expected 0");
   PREFOPT_EXPECT_THROWS_WITH(F::cpo_loss(in, CPOLossOptions().label_smoothing(0.7)),
                              "expected label_smoothing in [0, 0.5), got 0.7");
-  PREFOPT_EXPECT_THROWS_WITH(F::cpo_loss(in), "prefopt::cpo_loss: the token-mean NLL needs "
-                                              "chosen_lengths");
+  PREFOPT_EXPECT_THROWS_WITH(F::cpo_loss(in),
+                             "prefopt::cpo_loss: the token-mean NLL needs "
+                             "chosen_lengths");
   PREFOPT_EXPECT_THROWS_WITH(F::simpo_loss(x, x.narrow(0, 0, 2)),
                              "prefopt::simpo_loss: expected policy_rejected_logps of shape [3]");
   PREFOPT_EXPECT_THROWS_WITH(F::cpo_loss(PairInputs(in).weights(x), CPOLossOptions().cpo_alpha(0)),

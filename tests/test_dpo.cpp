@@ -20,8 +20,8 @@ using prefopt_test::AllClose;
 namespace {
 
 const std::vector<std::string> kAllTypes = {
-    "sigmoid", "hinge",    "ipo",       "robust",   "exo_pair", "nca_pair",  "bco_pair",
-    "sppo_hard", "aot",    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"};
+    "sigmoid",   "hinge", "ipo",          "robust",   "exo_pair", "nca_pair", "bco_pair",
+    "sppo_hard", "aot",   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"};
 
 /// Random pairs: summed log-probs around −20, the reference near the policy so β·Δ is O(1).
 struct Batch {
@@ -94,7 +94,8 @@ TEST_F(DPOLossTest, EveryLossTypeMatchesReference) {
 
 TEST_F(DPOLossTest, FDivergencesMatchReference) {
   Batch b(9, at::kDouble, 1.0);  // |ρ| ~ 2: e^{±ρ} stays tame for the naive reference
-  for (auto f : {FDivergence::kForwardKL, FDivergence::kJSDivergence, FDivergence::kAlphaDivergence})
+  for (auto f :
+       {FDivergence::kForwardKL, FDivergence::kJSDivergence, FDivergence::kAlphaDivergence})
     for (double a : {0.5, 0.0, 1.0, 1.7})
       for (const char* t : {"sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard",
                             "apo_down", "discopop", "sigmoid_norm", "robust"}) {
@@ -103,9 +104,10 @@ TEST_F(DPOLossTest, FDivergencesMatchReference) {
                      .f_divergence_type(f)
                      .f_alpha_divergence_coef(a);
         if (std::string(t) == "robust") o.label_smoothing(0.2);
-        expect_matches_reference(b, o, (std::string(prefopt::f_divergence_name(f)) + " " + t +
-                                        " a=" + std::to_string(a))
-                                           .c_str());
+        expect_matches_reference(
+            b, o,
+            (std::string(prefopt::f_divergence_name(f)) + " " + t + " a=" + std::to_string(a))
+                .c_str());
       }
 }
 
@@ -116,8 +118,8 @@ TEST_F(DPOLossTest, TorchtuneLiterals) {
   const auto rc = at::tensor({-0.5, -10.1, -0.1}), rr = at::tensor({-0.1, -20.1, -0.1});
   // DPOLoss(beta=0.1, label_smoothing=0): −log(1/(1 + e^{−[0, 1, 2]})).
   const auto dpo = F::dpo_loss(pc, pr, rc, rr, torch::kNone);
-  EXPECT_TRUE(AllClose(dpo.losses, -(1 / (1 + at::exp(at::tensor({0.0, -1.0, -2.0})))).log(),
-                       1e-5, 1e-4));
+  EXPECT_TRUE(
+      AllClose(dpo.losses, -(1 / (1 + at::exp(at::tensor({0.0, -1.0, -2.0})))).log(), 1e-5, 1e-4));
   // RSOLoss(gamma=0.1): [1, 0, 0].
   const auto rso = F::dpo_loss(pc, pr, rc, rr, DPOLossOptions().loss_type(DPOLossType::kHinge));
   EXPECT_TRUE(AllClose(rso.losses, at::tensor({1.0, 0.0, 0.0}), 1e-5, 1e-4));
@@ -143,8 +145,7 @@ TEST_F(DPOLossTest, HandDerivedValues) {
   EXPECT_NEAR(at0(DPOLossType::kAPOZero), 1.0, 1e-15);
   EXPECT_NEAR(at0(DPOLossType::kAPODown), 1.0, 1e-15);
   EXPECT_NEAR(at0(DPOLossType::kExoPair, 0.2),
-              0.5 * (std::log(0.5) - std::log(0.8)) + 0.5 * (std::log(0.5) - std::log(0.2)),
-              1e-15);
+              0.5 * (std::log(0.5) - std::log(0.8)) + 0.5 * (std::log(0.5) - std::log(0.2)), 1e-15);
   // NCA at 0: −ℓ(0) − ½ℓ(0) − ½ℓ(0) = 2 ln 2. SPPO at 0: 2·(1/(2β))² = 2·25.
   EXPECT_NEAR(at0(DPOLossType::kNCAPair), 2 * std::log(2.0), 1e-15);
   EXPECT_NEAR(at0(DPOLossType::kSPPOHard), 50.0, 1e-12);
@@ -202,15 +203,14 @@ TEST_F(DPOLossTest, AnchorConventions) {
     const auto avg = (b.pc - b.rc) / nc.clamp_min(1) - (b.pr - b.rr) / nr.clamp_min(1);
     EXPECT_TRUE(AllClose(per_token.losses, (avg - 5.0).square(), 1e-12, 1e-12));
     // TRL ≤ 0.28 / LLaMA-Factory: averaged log-probs in, so rewards are β·(averaged ρ).
-    const auto classic =
-        F::dpo_loss(PairInputs()
-                        .policy_chosen_logps(b.pc / nc.clamp_min(1))
-                        .policy_rejected_logps(b.pr / nr.clamp_min(1))
-                        .reference_chosen_logps(b.rc / nc.clamp_min(1))
-                        .reference_rejected_logps(b.rr / nr.clamp_min(1)),
-                    DPOLossOptions()
-                        .loss_type(DPOLossType::kIPO)
-                        .ipo_normalization(prefopt::IPONormalization::kNone));
+    const auto classic = F::dpo_loss(PairInputs()
+                                         .policy_chosen_logps(b.pc / nc.clamp_min(1))
+                                         .policy_rejected_logps(b.pr / nr.clamp_min(1))
+                                         .reference_chosen_logps(b.rc / nc.clamp_min(1))
+                                         .reference_rejected_logps(b.rr / nr.clamp_min(1)),
+                                     DPOLossOptions()
+                                         .loss_type(DPOLossType::kIPO)
+                                         .ipo_normalization(prefopt::IPONormalization::kNone));
     EXPECT_TRUE(AllClose(classic.losses, per_token.losses, 1e-12, 1e-12));
     EXPECT_TRUE(AllClose(classic.chosen_rewards, 0.1 * (b.pc - b.rc) / nc.clamp_min(1), 1e-12, 0));
   }
@@ -224,8 +224,7 @@ TEST_F(DPOLossTest, AnchorConventions) {
   }
   // js_divergence: TRL ≤ 0.28's Δ − (softplus(ρ_c) − softplus(ρ_r)).
   {
-    const auto r =
-        F::dpo_loss(in, DPOLossOptions().f_divergence_type(FDivergence::kJSDivergence));
+    const auto r = F::dpo_loss(in, DPOLossOptions().f_divergence_type(FDivergence::kJSDivergence));
     const auto rc_ = b.pc - b.rc, rr_ = b.pr - b.rr;
     const auto delta = (rc_ - rr_) - (at::softplus(rc_) - at::softplus(rr_));
     EXPECT_TRUE(AllClose(r.losses, -prefopt_ref::logsig(0.1 * delta), 1e-10, 1e-12));
@@ -243,9 +242,10 @@ TEST_F(DPOLossTest, AnchorConventions) {
   // NLL term: token mean (TRL sft) vs per-sequence mean (LLaMA-Factory pref_ftx, OpenRLHF).
   {
     const auto tok = F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kSFT));
-    const auto seq = F::dpo_loss(in, DPOLossOptions()
-                                         .loss_type(DPOLossType::kSFT)
-                                         .nll_normalization(prefopt::NLLNormalization::kSequenceMean));
+    const auto seq =
+        F::dpo_loss(in, DPOLossOptions()
+                            .loss_type(DPOLossType::kSFT)
+                            .nll_normalization(prefopt::NLLNormalization::kSequenceMean));
     EXPECT_TRUE(AllClose(tok.loss, -b.pc.sum() / nc.sum(), 1e-12, 0));
     EXPECT_TRUE(AllClose(seq.loss, (-b.pc / nc.clamp_min(1)).mean(), 1e-12, 0));
     // RPO (TRL ≤ 0.28): rpo_alpha·NLL added, the same as sft with that weight.
@@ -355,7 +355,8 @@ TEST_F(DPOLossTest, ExtremeMarginsStayFinite) {
   // discopop's guarded form against the exact value where the naive one is still finite.
   prefopt_ref::DPORef ref;
   ref.type = "discopop";
-  const auto pc = at::tensor({-500.0, -80.0, 3.0, 400.0}, at::kDouble), z = at::zeros({4}, at::kDouble);
+  const auto pc = at::tensor({-500.0, -80.0, 3.0, 400.0}, at::kDouble),
+             z = at::zeros({4}, at::kDouble);
   const auto r = F::dpo_loss(pc, z, z, z, DPOLossOptions().loss_type(DPOLossType::kDiscoPOP));
   EXPECT_TRUE(AllClose(r.losses, prefopt_ref::dpo_losses(ref, pc, z, z, z, z, z), 1e-12, 1e-300));
 }
@@ -379,9 +380,9 @@ TEST_F(DPOLossTest, LowPrecisionInputsComputeInFloat32) {
       EXPECT_EQ(r.losses.scalar_type(), at::kFloat) << t;
       EXPECT_EQ(r.chosen_rewards.scalar_type(), at::kFloat);
       // Same rounded inputs in fp64: only the fp32 arithmetic differs.
-      const auto ref = prefopt_ref::dpo_losses(
-          ref_of(o), pc.to(at::kDouble), pr.to(at::kDouble), rc.to(at::kDouble),
-          rr.to(at::kDouble), b64.nc.to(at::kDouble), b64.nr.to(at::kDouble));
+      const auto ref = prefopt_ref::dpo_losses(ref_of(o), pc.to(at::kDouble), pr.to(at::kDouble),
+                                               rc.to(at::kDouble), rr.to(at::kDouble),
+                                               b64.nc.to(at::kDouble), b64.nr.to(at::kDouble));
       EXPECT_TRUE(AllClose(r.losses, ref, 1e-5, 1e-5)) << t << " " << dt;
     }
   }
@@ -401,8 +402,8 @@ TEST_F(DPOLossTest, ZeroLengthCompletionsNeverNaN) {
     const auto r = F::dpo_loss(in, DPOLossOptions().loss_type(t));
     EXPECT_TRUE(at::isfinite(r.losses).all().item<bool>()) << prefopt::dpo_loss_type_name(t);
   }
-  EXPECT_DOUBLE_EQ(F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kSFT)).loss.item<double>(),
-                   0.0);
+  EXPECT_DOUBLE_EQ(
+      F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kSFT)).loss.item<double>(), 0.0);
 }
 
 TEST_F(DPOLossTest, NamesRoundTrip) {
@@ -436,8 +437,9 @@ TEST_F(DPOLossTest, Errors) {
                           .loss_type({DPOLossType::kSigmoid, DPOLossType::kSFT})
                           .loss_weights({1.0})),
       "expected one loss_weight per loss_type (2), got 1");
-  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, DPOLossOptions().loss_type(std::vector<DPOLossType>{})),
-                             "expected at least one loss_type, got none");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(in, DPOLossOptions().loss_type(std::vector<DPOLossType>{})),
+      "expected at least one loss_type, got none");
   PREFOPT_EXPECT_THROWS_WITH(prefopt::dpo_loss_type_from_name("kto_pair"),
                              "unknown DPO loss type 'kto_pair'; expected one of sigmoid, hinge");
   PREFOPT_EXPECT_THROWS_WITH(prefopt::f_divergence_from_name("kl"),
@@ -447,8 +449,9 @@ TEST_F(DPOLossTest, Errors) {
                              "policy_chosen_logps, got [3]");
   PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.pc, b.pr, b.rc.reshape({2, 2}), b.rr),
                              "expected reference_chosen_logps of shape [B] (1-D), got [2, 2]");
-  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.pc, b.pr, at::Tensor(), b.rr),
-                             "expected reference_chosen_logps to be a defined tensor, got undefined");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(b.pc, b.pr, at::Tensor(), b.rr),
+      "expected reference_chosen_logps to be a defined tensor, got undefined");
   PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.pc, b.pr, b.rc.to(at::kLong), b.rr),
                              "expected reference_chosen_logps to be floating point");
   PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.pc, b.pr, b.rc.to(at::kMeta), b.rr),
@@ -458,14 +461,12 @@ TEST_F(DPOLossTest, Errors) {
       F::dpo_loss(PairInputs(in).chosen_lengths(at::Tensor()),
                   DPOLossOptions().loss_type(DPOLossType::kIPO)),
       "prefopt::dpo_loss: ipo normalises by completion length and needs chosen_lengths");
-  PREFOPT_EXPECT_THROWS_WITH(
-      F::dpo_loss(PairInputs(in).chosen_lengths(at::Tensor()),
-                  DPOLossOptions().loss_type(DPOLossType::kSFT)),
-      "the token-mean NLL needs chosen_lengths");
-  PREFOPT_EXPECT_THROWS_WITH(
-      F::dpo_loss(PairInputs(in).weights(at::ones({4}, at::kDouble)),
-                  DPOLossOptions().loss_type(DPOLossType::kAOT)),
-      "aot and aot_unpaired sort the batch");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(in).chosen_lengths(at::Tensor()),
+                                         DPOLossOptions().loss_type(DPOLossType::kSFT)),
+                             "the token-mean NLL needs chosen_lengths");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(in).weights(at::ones({4}, at::kDouble)),
+                                         DPOLossOptions().loss_type(DPOLossType::kAOT)),
+                             "aot and aot_unpaired sort the batch");
   PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(in).nll_loss(at::ones({2})), DPOLossOptions()),
                              "expected nll_loss to be a scalar, got shape [2]");
   PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, at::ones({2}), DPOLossOptions()),

@@ -19,9 +19,9 @@ TEST_F(ORPOLossTest, MatchesReference) {
   const auto ac = (-2 * at::rand({B}, at::kDouble) - 0.05).requires_grad_();
   const auto ar = (-3 * at::rand({B}, at::kDouble) - 0.05).requires_grad_();
   const auto n = at::randint(1, 20, {B}, at::kLong);
-  const auto r = F::orpo_loss(
-      PairInputs().policy_chosen_logps(ac).policy_rejected_logps(ar).chosen_lengths(n),
-      ORPOLossOptions().beta(0.25));
+  const auto r =
+      F::orpo_loss(PairInputs().policy_chosen_logps(ac).policy_rejected_logps(ar).chosen_lengths(n),
+                   ORPOLossOptions().beta(0.25));
   const auto log_odds = prefopt_ref::orpo_log_odds(ac, ar);
   const auto ratio = prefopt_ref::logsig(log_odds);
   const auto nll = -(ac * n.to(at::kDouble)).sum() / n.sum().to(at::kDouble);  // Liger: token mean
@@ -42,8 +42,8 @@ TEST_F(ORPOLossTest, AnchorNLLDefinitions) {
   const auto ratio = prefopt_ref::logsig(prefopt_ref::orpo_log_odds(ac, ar));
   const auto in = PairInputs().policy_chosen_logps(ac).policy_rejected_logps(ar);
   // LLaMA-Factory: per pair −ā_c − β·ratio, then the mean.
-  const auto lf = F::orpo_loss(in, ORPOLossOptions().nll_normalization(
-                                       prefopt::NLLNormalization::kSequenceMean));
+  const auto lf = F::orpo_loss(
+      in, ORPOLossOptions().nll_normalization(prefopt::NLLNormalization::kSequenceMean));
   EXPECT_TRUE(AllClose(lf.losses, -ac - 0.1 * ratio, 1e-12, 1e-14));
   // TRL: the host's CE over prompt + completion, passed as nll_loss.
   const auto trl = F::orpo_loss(PairInputs(in).nll_loss(at::tensor(1.75, at::kDouble)));
@@ -55,22 +55,23 @@ TEST_F(ORPOLossTest, ConfidentCompletionsStayFinite) {
   for (auto dt : {at::kFloat, at::kBFloat16, at::kDouble}) {
     const auto ac = at::tensor({-1e-7, -1e-20, 0.0, -30.0}, at::kDouble).to(dt).requires_grad_();
     const auto ar = at::tensor({-2.0, -1e-7, -1e-3, -1e-7}, at::kDouble).to(dt).requires_grad_();
-    const auto r = F::orpo_loss(PairInputs().policy_chosen_logps(ac).policy_rejected_logps(ar),
-                                ORPOLossOptions().nll_normalization(
-                                    prefopt::NLLNormalization::kSequenceMean));
+    const auto r =
+        F::orpo_loss(PairInputs().policy_chosen_logps(ac).policy_rejected_logps(ar),
+                     ORPOLossOptions().nll_normalization(prefopt::NLLNormalization::kSequenceMean));
     const auto g = torch::autograd::grad({r.loss}, {ac, ar});
     EXPECT_TRUE(at::isfinite(r.losses).all().item<bool>()) << dt;
     EXPECT_TRUE(at::isfinite(g[0]).all().item<bool>() && at::isfinite(g[1]).all().item<bool>())
         << dt;
   }
   // At ā_c = −1e-7 the fp32 result agrees with fp64 (where the naive form is still accurate).
-  const auto c64 = at::tensor({-1e-7, -0.5}, at::kDouble), r64 = at::tensor({-1.0, -1e-6}, at::kDouble);
+  const auto c64 = at::tensor({-1e-7, -0.5}, at::kDouble),
+             r64 = at::tensor({-1.0, -1e-6}, at::kDouble);
   const auto exact = prefopt_ref::orpo_log_odds(c64, r64);
-  const auto f32 = F::orpo_loss(PairInputs()
-                                    .policy_chosen_logps(c64.to(at::kFloat))
-                                    .policy_rejected_logps(r64.to(at::kFloat)),
-                                ORPOLossOptions().nll_normalization(
-                                    prefopt::NLLNormalization::kSequenceMean));
+  const auto f32 =
+      F::orpo_loss(PairInputs()
+                       .policy_chosen_logps(c64.to(at::kFloat))
+                       .policy_rejected_logps(r64.to(at::kFloat)),
+                   ORPOLossOptions().nll_normalization(prefopt::NLLNormalization::kSequenceMean));
   EXPECT_TRUE(AllClose(f32.log_odds_chosen, exact, 1e-5, 1e-5));
 }
 
@@ -79,8 +80,9 @@ TEST_F(ORPOLossTest, Errors) {
   const auto in = PairInputs().policy_chosen_logps(x).policy_rejected_logps(x);
   PREFOPT_EXPECT_THROWS_WITH(F::orpo_loss(in, ORPOLossOptions().beta(0)),
                              "prefopt::orpo_loss: expected beta > 0, got 0");
-  PREFOPT_EXPECT_THROWS_WITH(F::orpo_loss(in), "prefopt::orpo_loss: the token-mean NLL needs "
-                                               "chosen_lengths");
+  PREFOPT_EXPECT_THROWS_WITH(F::orpo_loss(in),
+                             "prefopt::orpo_loss: the token-mean NLL needs "
+                             "chosen_lengths");
   PREFOPT_EXPECT_THROWS_WITH(F::orpo_loss(PairInputs().policy_chosen_logps(x)),
                              "prefopt::orpo_loss: expected policy_rejected_logps to be a defined "
                              "tensor");

@@ -92,13 +92,13 @@ struct TypeName {
   const char* name;
 };
 constexpr TypeName kTypeNames[] = {
-    {DPOLossType::kSigmoid, "sigmoid"},      {DPOLossType::kHinge, "hinge"},
-    {DPOLossType::kIPO, "ipo"},              {DPOLossType::kRobust, "robust"},
-    {DPOLossType::kExoPair, "exo_pair"},     {DPOLossType::kNCAPair, "nca_pair"},
-    {DPOLossType::kBCOPair, "bco_pair"},     {DPOLossType::kSPPOHard, "sppo_hard"},
-    {DPOLossType::kAOT, "aot"},              {DPOLossType::kAOTUnpaired, "aot_unpaired"},
-    {DPOLossType::kAPOZero, "apo_zero"},     {DPOLossType::kAPODown, "apo_down"},
-    {DPOLossType::kDiscoPOP, "discopop"},    {DPOLossType::kSigmoidNorm, "sigmoid_norm"},
+    {DPOLossType::kSigmoid, "sigmoid"},   {DPOLossType::kHinge, "hinge"},
+    {DPOLossType::kIPO, "ipo"},           {DPOLossType::kRobust, "robust"},
+    {DPOLossType::kExoPair, "exo_pair"},  {DPOLossType::kNCAPair, "nca_pair"},
+    {DPOLossType::kBCOPair, "bco_pair"},  {DPOLossType::kSPPOHard, "sppo_hard"},
+    {DPOLossType::kAOT, "aot"},           {DPOLossType::kAOTUnpaired, "aot_unpaired"},
+    {DPOLossType::kAPOZero, "apo_zero"},  {DPOLossType::kAPODown, "apo_down"},
+    {DPOLossType::kDiscoPOP, "discopop"}, {DPOLossType::kSigmoidNorm, "sigmoid_norm"},
     {DPOLossType::kSFT, "sft"},
 };
 
@@ -225,7 +225,8 @@ double BCOBaseline::update(double mean, double var, double count) {
 
 at::Tensor BCOBaseline::update(const at::Tensor& chosen_rewards,
                                const at::Tensor& rejected_rewards) {
-  const auto all = at::cat({chosen_rewards.detach().flatten(), rejected_rewards.detach().flatten()});
+  const auto all =
+      at::cat({chosen_rewards.detach().flatten(), rejected_rewards.detach().flatten()});
   TORCH_CHECK(all.numel() > 0, "prefopt::BCOBaseline::update: expected at least one reward, ",
               "got none");
   const double m = update(all.to(at::kDouble).mean().item<double>());
@@ -236,8 +237,7 @@ namespace functional {
 
 namespace {
 
-DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta,
-                       const DPOLossOptions& o) {
+DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const DPOLossOptions& o) {
   check_options(o);
   const bool ref_free = o.reference_free();
   detail::check_pair_inputs(kFn, in, !ref_free);
@@ -278,8 +278,8 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta,
     return delta;
   };
   auto lengths = [&](const char* type) {
-    TORCH_CHECK(in.chosen_lengths().defined() && in.rejected_lengths().defined(), kFn, ": ",
-                type, " normalises by completion length and needs chosen_lengths and ",
+    TORCH_CHECK(in.chosen_lengths().defined() && in.rejected_lengths().defined(), kFn, ": ", type,
+                " normalises by completion length and needs chosen_lengths and ",
                 "rejected_lengths, got ",
                 in.chosen_lengths().defined() ? "no rejected_lengths" : "no chosen_lengths");
     return std::make_pair(in.chosen_lengths().to(dt).clamp_min(1),

@@ -17,8 +17,7 @@ void check_beta(const char* fn, double beta) {
 }
 
 void check_smoothing(const char* fn, double eps) {
-  TORCH_CHECK_VALUE(eps >= 0 && eps < 0.5, fn, ": expected label_smoothing in [0, 0.5), got ",
-                    eps);
+  TORCH_CHECK_VALUE(eps >= 0 && eps < 0.5, fn, ": expected label_smoothing in [0, 0.5), got ", eps);
 }
 
 struct CPOParams {
@@ -143,10 +142,10 @@ CPOLossResult simpo_loss(const PairInputs& inputs, const SimPOLossFuncOptions& o
 CPOLossResult simpo_loss(const at::Tensor& policy_chosen_logps,
                          const at::Tensor& policy_rejected_logps,
                          const SimPOLossFuncOptions& options) {
-  return simpo_loss(
-      PairInputs().policy_chosen_logps(policy_chosen_logps).policy_rejected_logps(
-          policy_rejected_logps),
-      options);
+  return simpo_loss(PairInputs()
+                        .policy_chosen_logps(policy_chosen_logps)
+                        .policy_rejected_logps(policy_rejected_logps),
+                    options);
 }
 
 ORPOLossResult orpo_loss(const PairInputs& in, const ORPOLossFuncOptions& o) {
@@ -199,8 +198,8 @@ KTOLossResult kto_loss(const KTOInputs& in, const KTOLossFuncOptions& o) {
               "empty [0] tensor when there are none), got undefined");
   TORCH_CHECK(pc.dim() == 1, fn, ": expected policy_chosen_logps of shape [N_d] (1-D), got ",
               pc.sizes());
-  TORCH_CHECK(at::isFloatingType(pc.scalar_type()), fn,
-              ": expected floating-point log-probs, got ", pc.scalar_type());
+  TORCH_CHECK(at::isFloatingType(pc.scalar_type()), fn, ": expected floating-point log-probs, got ",
+              pc.scalar_type());
   const auto dev = pc.device();
   detail::check_logps(fn, "policy_rejected_logps", in.policy_rejected_logps(), -1, dev);
   detail::check_logps(fn, "reference_chosen_logps", in.reference_chosen_logps(), pc.size(0), dev);

@@ -43,15 +43,15 @@ inline at::Tensor dpo_losses(const DPORef& o, const at::Tensor& pc, const at::Te
   if (o.type == "sigmoid") return -(1 - e) * logsig(z) - e * logsig(-z);
   if (o.type == "hinge") return at::relu(1 - z);
   if (o.type == "ipo") {
-    const auto d = o.ipo_per_token ? sc / at::clamp_min(nc, 1) - sr / at::clamp_min(nr, 1) : sc - sr;
+    const auto d =
+        o.ipo_per_token ? sc / at::clamp_min(nc, 1) - sr / at::clamp_min(nr, 1) : sc - sr;
     return at::pow(d - 1 / (2 * b), 2);
   }
   if (o.type == "robust") return (-(1 - e) * logsig(z) + e * logsig(-z)) / (1 - 2 * e);
   if (o.type == "exo_pair")
     return at::sigmoid(z) * (logsig(z) - std::log(1 - e)) +
            at::sigmoid(-z) * (logsig(-z) - std::log(e));
-  if (o.type == "nca_pair")
-    return -logsig(b * sc) - 0.5 * logsig(-b * sc) - 0.5 * logsig(-b * sr);
+  if (o.type == "nca_pair") return -logsig(b * sc) - 0.5 * logsig(-b * sc) - 0.5 * logsig(-b * sr);
   if (o.type == "bco_pair") return -logsig(b * sc - bco_delta) - logsig(-(b * sr - bco_delta));
   if (o.type == "sppo_hard") return at::pow(sc - 0.5 / b, 2) + at::pow(sr + 0.5 / b, 2);
   if (o.type == "aot" || o.type == "aot_unpaired") {

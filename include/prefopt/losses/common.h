@@ -43,8 +43,7 @@ struct PairInputs {
   PairInputs() = default;
   /// Sums and token counts of the policy, and of the reference when given (the usual DPO
   /// batch after `functional::split_pairs`).
-  PairInputs(const PairLogprobs& policy, const PairLogprobs& reference)
-      : PairInputs(policy) {
+  PairInputs(const PairLogprobs& policy, const PairLogprobs& reference) : PairInputs(policy) {
     reference_chosen_logps_ = reference.chosen.sum;
     reference_rejected_logps_ = reference.rejected.sum;
   }
@@ -106,8 +105,8 @@ inline at::Tensor reduce(const at::Tensor& losses, const LossReduction& reductio
 
 /// Checks a [B] log-prob input: defined, 1-D, floating, of batch size `batch` (when ≥ 0) and
 /// on `device`.
-PREFOPT_API void check_logps(const char* fn, const char* name, const at::Tensor& t,
-                             int64_t batch, const at::Device& device);
+PREFOPT_API void check_logps(const char* fn, const char* name, const at::Tensor& t, int64_t batch,
+                             const at::Device& device);
 
 /// Validates the tensors of `in` that a pairwise loss needs and returns the batch size.
 /// `needs_reference`: reference tensors must be present.
@@ -122,10 +121,9 @@ PREFOPT_API at::Tensor chosen_nll(const char* fn, const PairInputs& in, bool ave
 /// Implicit-construction helper: options structs take a reduction tag directly, as torch's do
 /// (`F::dpo_loss(pc, pr, rc, rr, torch::kSum)`).
 template <typename T>
-using if_reduction_tag =
-    std::enable_if_t<std::is_same_v<T, torch::enumtype::kNone> ||
-                     std::is_same_v<T, torch::enumtype::kMean> ||
-                     std::is_same_v<T, torch::enumtype::kSum>>;
+using if_reduction_tag = std::enable_if_t<std::is_same_v<T, torch::enumtype::kNone> ||
+                                          std::is_same_v<T, torch::enumtype::kMean> ||
+                                          std::is_same_v<T, torch::enumtype::kSum>>;
 
 }  // namespace detail
 

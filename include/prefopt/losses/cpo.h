@@ -16,7 +16,7 @@ enum class CPOLossType {
   kSigmoid,  ///< `sigmoid` (CPO, arXiv:2401.08417): −(1−ε)ℓ(βm) − εℓ(−βm)
   kHinge,    ///< `hinge`: relu(1 − βm)
   kIPO,      ///< `ipo`: (m − 1/(2β))²
-  kSimPO,    ///< `simpo` (arXiv:2405.14734): sigmoid form on m − γ/β, i.e. −ℓ(βm − γ) at ε = 0
+  kSimPO,  ///< `simpo` (arXiv:2405.14734): sigmoid form on m − γ/β, i.e. −ℓ(βm − γ) at ε = 0
   kAlphaPO,  ///< `alphapo` (arXiv:2501.03884): kSimPO with α ≠ 0 and no NLL term, as TRL sets it
 };
 

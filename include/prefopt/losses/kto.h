@@ -10,7 +10,7 @@ PREFOPT_BEGIN_NAMESPACE
 
 /// TRL `KTOTrainer`'s `loss_type`.
 enum class KTOLossType {
-  kKTO,              ///< `kto`: desirable 1 − σ(β(ρ − z)), undesirable 1 − σ(β(z − ρ))
+  kKTO,  ///< `kto`: desirable 1 − σ(β(ρ − z)), undesirable 1 − σ(β(z − ρ))
   kAPOZeroUnpaired,  ///< `apo_zero_unpaired`: desirable 1 − σ(βρ), undesirable σ(βρ); no KL
 };
 /// TRL's name of a KTO loss type.
@@ -77,7 +77,7 @@ struct KTOLossResult {
   at::Tensor losses;            ///< [N_d + N_u] weighted losses, desirable first
   at::Tensor chosen_rewards;    ///< [N_d] β·ρ of the desirable examples, detached
   at::Tensor rejected_rewards;  ///< [N_u] β·ρ of the undesirable examples, detached
-  at::Tensor kl;                ///< 0-dim z = max(0, mean(π_KL − ref_KL)), detached (0 without KL)
+  at::Tensor kl;  ///< 0-dim z = max(0, mean(π_KL − ref_KL)), detached (0 without KL)
 };
 
 namespace functional {
@@ -96,8 +96,7 @@ using KTOLossFuncOptions = KTOLossOptions;
 /// namespace F = prefopt::functional;
 /// auto r = F::kto_loss(prefopt::KTOInputs().policy_chosen_logps(pd) /* ... */);
 /// ```
-PREFOPT_API KTOLossResult kto_loss(const KTOInputs& inputs,
-                                   const KTOLossFuncOptions& options = {});
+PREFOPT_API KTOLossResult kto_loss(const KTOInputs& inputs, const KTOLossFuncOptions& options = {});
 
 /// The KL estimate of KTO: max(0, mean(policy_KL_logps − reference_KL_logps)), detached;
 /// 0 for empty inputs.

@@ -31,8 +31,8 @@ struct ORPOLossOptions {
 
 /// Result of `functional::orpo_loss`.
 struct ORPOLossResult {
-  at::Tensor loss;              ///< reduce(losses) = NLL − λ·mean(log σ(log_odds)) with kMean
-  at::Tensor losses;            ///< [B] NLL_b − λ·log σ(log_odds_b) (NLL_b: per pair or the batch's)
+  at::Tensor loss;    ///< reduce(losses) = NLL − λ·mean(log σ(log_odds)) with kMean
+  at::Tensor losses;  ///< [B] NLL_b − λ·log σ(log_odds_b) (NLL_b: per pair or the batch's)
   at::Tensor chosen_rewards;    ///< [B] λ·ā_c, detached
   at::Tensor rejected_rewards;  ///< [B] λ·ā_r, detached
   at::Tensor log_odds_ratio;    ///< [B] log σ(log_odds), detached (TRL logs its mean)

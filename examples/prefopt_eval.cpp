@@ -1,0 +1,416 @@
+// SPDX-License-Identifier: Apache-2.0
+// prefopt-eval: evaluates prefopt's losses on JSON requests, in float64, so that anyone can
+// check them against their Python trainer with the same numbers.
+//
+//   echo '{"loss": "sigmoid", "params": {"beta": 0.1}, "inputs": {...}}' | prefopt-eval
+//   prefopt-eval requests.json
+#include <prefopt/prefopt.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <iostream>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace F = prefopt::functional;
+using json = nlohmann::json;
+
+namespace {
+
+/// A request that cannot be answered; its message goes to {"error": ...}.
+struct RequestError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string join(const std::set<std::string>& names) {
+  std::string s;
+  for (const auto& n : names) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
+/// The request's params, each read at most once; anything left over is unknown.
+class Params {
+ public:
+  Params(const json& params, std::set<std::string> allowed)
+      : p_(params), allowed_(std::move(allowed)) {
+    if (!p_.is_object()) throw RequestError("\"params\" must be an object");
+    for (const auto& [key, value] : p_.items()) {
+      if (!allowed_.count(key))
+        throw RequestError("unknown param '" + key + "' for this loss; known: " + join(allowed_));
+    }
+  }
+  bool has(const std::string& k) const { return p_.contains(k); }
+  double number(const std::string& k, double fallback) const {
+    if (!has(k)) return fallback;
+    if (!p_[k].is_number()) throw RequestError("param '" + k + "' must be a number");
+    return p_[k].get<double>();
+  }
+  bool boolean(const std::string& k, bool fallback) const {
+    if (!has(k)) return fallback;
+    if (!p_[k].is_boolean()) throw RequestError("param '" + k + "' must be true or false");
+    return p_[k].get<bool>();
+  }
+  std::string string(const std::string& k, const std::string& fallback) const {
+    if (!has(k)) return fallback;
+    if (!p_[k].is_string()) throw RequestError("param '" + k + "' must be a string");
+    return p_[k].get<std::string>();
+  }
+  const json& raw(const std::string& k) const { return p_[k]; }
+
+ private:
+  const json& p_;
+  std::set<std::string> allowed_;
+};
+
+class Inputs {
+ public:
+  Inputs(const json& inputs, std::set<std::string> allowed) : in_(inputs) {
+    if (!in_.is_object()) throw RequestError("\"inputs\" must be an object");
+    for (const auto& [key, value] : in_.items()) {
+      if (!allowed.count(key))
+        throw RequestError("unknown input '" + key + "' for this loss; known: " + join(allowed));
+    }
+  }
+  /// [N] float64 tensor, or an undefined one when absent.
+  at::Tensor vector(const std::string& k) const {
+    if (!in_.contains(k)) return {};
+    const auto& v = in_[k];
+    if (!v.is_array()) throw RequestError("input '" + k + "' must be an array of numbers");
+    std::vector<double> xs;
+    xs.reserve(v.size());
+    for (const auto& x : v) {
+      if (!x.is_number()) throw RequestError("input '" + k + "' must be an array of numbers");
+      xs.push_back(x.get<double>());
+    }
+    return at::tensor(xs, at::kDouble).reshape({static_cast<int64_t>(xs.size())});
+  }
+  /// 0-dim float64 tensor, or undefined when absent.
+  at::Tensor scalar(const std::string& k) const {
+    if (!in_.contains(k)) return {};
+    if (!in_[k].is_number()) throw RequestError("input '" + k + "' must be a number");
+    return at::scalar_tensor(in_[k].get<double>(), at::kDouble);
+  }
+
+ private:
+  const json& in_;
+};
+
+json to_json(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  const auto c = t.detach().to(at::kDouble).contiguous();
+  if (c.dim() == 0) return c.item<double>();
+  return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
+
+double mean_or_zero(const at::Tensor& t) {
+  return t.numel() == 0 ? 0.0 : t.to(at::kDouble).mean().item<double>();
+}
+
+prefopt::LossReduction reduction(const Params& p) {
+  const auto r = p.string("reduction", "mean");
+  if (r == "mean") return torch::kMean;
+  if (r == "sum") return torch::kSum;
+  if (r == "none") return torch::kNone;
+  throw RequestError("param 'reduction' must be \"mean\", \"sum\" or \"none\", got \"" + r + "\"");
+}
+
+prefopt::NLLNormalization nll_normalization(const Params& p) {
+  const auto n = p.string("nll_normalization", "token_mean");
+  if (n == "token_mean") return prefopt::NLLNormalization::kTokenMean;
+  if (n == "sequence_mean") return prefopt::NLLNormalization::kSequenceMean;
+  throw RequestError(
+      "param 'nll_normalization' must be \"token_mean\" or \"sequence_mean\", got \"" + n + "\"");
+}
+
+const std::set<std::string> kPairInputs = {"policy_chosen_logps",
+                                           "policy_rejected_logps",
+                                           "reference_chosen_logps",
+                                           "reference_rejected_logps",
+                                           "chosen_lengths",
+                                           "rejected_lengths",
+                                           "weights",
+                                           "nll_loss"};
+
+prefopt::PairInputs pair_inputs(const Inputs& in) {
+  return prefopt::PairInputs()
+      .policy_chosen_logps(in.vector("policy_chosen_logps"))
+      .policy_rejected_logps(in.vector("policy_rejected_logps"))
+      .reference_chosen_logps(in.vector("reference_chosen_logps"))
+      .reference_rejected_logps(in.vector("reference_rejected_logps"))
+      .chosen_lengths(in.vector("chosen_lengths"))
+      .rejected_lengths(in.vector("rejected_lengths"))
+      .weights(in.vector("weights"))
+      .nll_loss(in.scalar("nll_loss"));
+}
+
+/// TRL's logged reward metrics of a pairwise batch.
+json pair_metrics(const at::Tensor& chosen, const at::Tensor& rejected) {
+  json m;
+  m["rewards/chosen"] = mean_or_zero(chosen);
+  m["rewards/rejected"] = mean_or_zero(rejected);
+  m["rewards/accuracies"] = mean_or_zero((chosen > rejected).to(at::kDouble));  // ties: 0
+  m["rewards/margins"] = mean_or_zero(chosen - rejected);
+  return m;
+}
+
+json result(const at::Tensor& loss, const at::Tensor& losses, const at::Tensor& chosen,
+            const at::Tensor& rejected, json metrics) {
+  return {{"loss", to_json(loss)},
+          {"losses", to_json(losses)},
+          {"chosen_rewards", to_json(chosen)},
+          {"rejected_rewards", to_json(rejected)},
+          {"metrics", std::move(metrics)}};
+}
+
+json eval_dpo(const std::string& loss, const json& params, const json& inputs) {
+  std::set<std::string> allowed = {"beta",
+                                   "label_smoothing",
+                                   "loss_weights",
+                                   "f_divergence_type",
+                                   "f_alpha_divergence_coef",
+                                   "discopop_tau",
+                                   "reference_free",
+                                   "rpo_alpha",
+                                   "ipo_normalization",
+                                   "nll_normalization",
+                                   "weighted_rewards",
+                                   "reduction"};
+  if (loss == "dpo") allowed.insert("loss_type");
+  const Params p(params, allowed);
+  auto in_names = kPairInputs;
+  in_names.insert("bco_delta");
+  const Inputs in(inputs, in_names);
+
+  prefopt::DPOLossOptions o;
+  if (loss != "dpo") {
+    o.loss_type(prefopt::dpo_loss_type_from_name(loss));
+  } else if (p.has("loss_type")) {
+    const auto& t = p.raw("loss_type");
+    if (t.is_string()) {
+      o.loss_type(prefopt::dpo_loss_type_from_name(t.get<std::string>()));
+    } else if (t.is_array()) {
+      std::vector<prefopt::DPOLossType> types;
+      for (const auto& x : t) {
+        if (!x.is_string())
+          throw RequestError("param 'loss_type' must be a name or a list of names");
+        types.push_back(prefopt::dpo_loss_type_from_name(x.get<std::string>()));
+      }
+      o.loss_type(types);
+    } else {
+      throw RequestError("param 'loss_type' must be a name or a list of names");
+    }
+  }
+  if (p.has("loss_weights")) {
+    const auto& w = p.raw("loss_weights");
+    if (!w.is_array()) throw RequestError("param 'loss_weights' must be a list of numbers");
+    std::vector<double> ws;
+    for (const auto& x : w) {
+      if (!x.is_number()) throw RequestError("param 'loss_weights' must be a list of numbers");
+      ws.push_back(x.get<double>());
+    }
+    o.loss_weights(ws);
+  }
+  o.beta(p.number("beta", o.beta()))
+      .label_smoothing(p.number("label_smoothing", o.label_smoothing()))
+      .f_divergence_type(
+          prefopt::f_divergence_from_name(p.string("f_divergence_type", "reverse_kl")))
+      .f_alpha_divergence_coef(p.number("f_alpha_divergence_coef", o.f_alpha_divergence_coef()))
+      .discopop_tau(p.number("discopop_tau", o.discopop_tau()))
+      .reference_free(p.boolean("reference_free", false))
+      .rpo_alpha(p.number("rpo_alpha", 0.0))
+      .nll_normalization(nll_normalization(p))
+      .weighted_rewards(p.boolean("weighted_rewards", false))
+      .reduction(reduction(p));
+  const auto ipo = p.string("ipo_normalization", "per_token");
+  if (ipo == "per_token") {
+    o.ipo_normalization(prefopt::IPONormalization::kPerToken);
+  } else if (ipo == "none") {
+    o.ipo_normalization(prefopt::IPONormalization::kNone);
+  } else {
+    throw RequestError("param 'ipo_normalization' must be \"per_token\" or \"none\", got \"" + ipo +
+                       "\"");
+  }
+  const auto r = F::dpo_loss(pair_inputs(in), in.scalar("bco_delta"), o);
+  auto m = pair_metrics(r.chosen_rewards, r.rejected_rewards);
+  if (r.nll_loss.defined()) m["nll_loss"] = r.nll_loss.item<double>();
+  return result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m));
+}
+
+json eval_cpo(const std::string& loss, const json& params, const json& inputs) {
+  std::set<std::string> allowed = {"beta",  "label_smoothing",   "simpo_gamma", "cpo_alpha",
+                                   "alpha", "nll_normalization", "reduction"};
+  if (loss == "cpo") allowed.insert("loss_type");
+  const Params p(params, allowed);
+  const Inputs in(inputs, kPairInputs);
+  prefopt::CPOLossResult r;
+  if (loss == "cpo") {
+    prefopt::CPOLossOptions o;
+    o.loss_type(prefopt::cpo_loss_type_from_name(p.string("loss_type", "sigmoid")))
+        .beta(p.number("beta", o.beta()))
+        .label_smoothing(p.number("label_smoothing", o.label_smoothing()))
+        .simpo_gamma(p.number("simpo_gamma", o.simpo_gamma()))
+        .cpo_alpha(p.number("cpo_alpha", o.cpo_alpha()))
+        .alpha(p.number("alpha", o.alpha()))
+        .nll_normalization(nll_normalization(p))
+        .reduction(reduction(p));
+    r = F::cpo_loss(pair_inputs(in), o);
+  } else {
+    prefopt::SimPOLossOptions o;
+    o.beta(p.number("beta", o.beta()))
+        .label_smoothing(p.number("label_smoothing", o.label_smoothing()))
+        .simpo_gamma(p.number("simpo_gamma", o.simpo_gamma()))
+        .cpo_alpha(p.number("cpo_alpha", o.cpo_alpha()))
+        .alpha(p.number("alpha", o.alpha()))
+        .nll_normalization(nll_normalization(p))
+        .reduction(reduction(p));
+    r = F::simpo_loss(pair_inputs(in), o);
+  }
+  auto m = pair_metrics(r.chosen_rewards, r.rejected_rewards);
+  if (r.nll_loss.defined()) m["nll_loss"] = r.nll_loss.item<double>();
+  return result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m));
+}
+
+json eval_orpo(const json& params, const json& inputs) {
+  const Params p(params, {"beta", "nll_normalization", "reduction"});
+  const Inputs in(inputs, kPairInputs);
+  prefopt::ORPOLossOptions o;
+  o.beta(p.number("beta", o.beta()))
+      .nll_normalization(nll_normalization(p))
+      .reduction(reduction(p));
+  const auto r = F::orpo_loss(pair_inputs(in), o);
+  auto m = pair_metrics(r.chosen_rewards, r.rejected_rewards);
+  m["log_odds_ratio"] = mean_or_zero(r.log_odds_ratio);
+  m["log_odds_chosen"] = mean_or_zero(r.log_odds_chosen);
+  m["nll_loss"] = r.nll_loss.item<double>();
+  return result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m));
+}
+
+json eval_kto(const std::string& loss, const json& params, const json& inputs) {
+  const Params p(params, {"beta", "desirable_weight", "undesirable_weight", "reduction"});
+  const Inputs in(inputs,
+                  {"policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+                   "reference_rejected_logps", "policy_KL_logps", "reference_KL_logps", "kl"});
+  prefopt::KTOLossOptions o;
+  o.loss_type(prefopt::kto_loss_type_from_name(loss))
+      .beta(p.number("beta", o.beta()))
+      .desirable_weight(p.number("desirable_weight", o.desirable_weight()))
+      .undesirable_weight(p.number("undesirable_weight", o.undesirable_weight()))
+      .reduction(reduction(p));
+  auto side = [&](const char* name) {
+    auto t = in.vector(name);
+    return t.defined() ? t : at::zeros({0}, at::kDouble);  // an absent side is an empty one
+  };
+  const auto r = F::kto_loss(prefopt::KTOInputs()
+                                 .policy_chosen_logps(side("policy_chosen_logps"))
+                                 .policy_rejected_logps(side("policy_rejected_logps"))
+                                 .reference_chosen_logps(side("reference_chosen_logps"))
+                                 .reference_rejected_logps(side("reference_rejected_logps"))
+                                 .policy_KL_logps(in.vector("policy_KL_logps"))
+                                 .reference_KL_logps(in.vector("reference_KL_logps"))
+                                 .kl(in.scalar("kl")),
+                             o);
+  json m;
+  if (r.chosen_rewards.numel() > 0) m["rewards/chosen"] = mean_or_zero(r.chosen_rewards);
+  if (r.rejected_rewards.numel() > 0) m["rewards/rejected"] = mean_or_zero(r.rejected_rewards);
+  if (r.chosen_rewards.numel() > 0 && r.rejected_rewards.numel() > 0)
+    m["rewards/margins"] = mean_or_zero(r.chosen_rewards) - mean_or_zero(r.rejected_rewards);
+  m["kl"] = r.kl.item<double>();
+  return result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m));
+}
+
+const std::set<std::string> kDPONames = {"sigmoid",  "hinge",        "ipo",      "robust",
+                                         "exo_pair", "nca_pair",     "bco_pair", "sppo_hard",
+                                         "aot",      "aot_unpaired", "apo_zero", "apo_down",
+                                         "discopop", "sigmoid_norm", "sft",      "dpo"};
+
+json evaluate(const json& request) {
+  if (!request.is_object())
+    throw RequestError("a request must be an object {\"loss\", \"params\", \"inputs\"}");
+  for (const auto& [key, value] : request.items()) {
+    if (key != "loss" && key != "params" && key != "inputs")
+      throw RequestError("unknown request field '" + key + "'; known: loss, params, inputs");
+  }
+  if (!request.contains("loss") || !request["loss"].is_string())
+    throw RequestError("a request needs \"loss\": a loss name");
+  if (!request.contains("inputs")) throw RequestError("a request needs \"inputs\"");
+  const auto loss = request["loss"].get<std::string>();
+  const json empty = json::object();
+  const json& params = request.contains("params") ? request["params"] : empty;
+  const json& inputs = request["inputs"];
+  if (kDPONames.count(loss)) return eval_dpo(loss, params, inputs);
+  if (loss == "cpo" || loss == "simpo") return eval_cpo(loss, params, inputs);
+  if (loss == "orpo") return eval_orpo(params, inputs);
+  if (loss == "kto" || loss == "apo_zero_unpaired") return eval_kto(loss, params, inputs);
+  throw RequestError("unknown loss '" + loss + "'; expected a DPO loss_type (" + join(kDPONames) +
+                     "), cpo, simpo, orpo, kto or apo_zero_unpaired");
+}
+
+/// Answers one request; on failure writes the message to stderr and returns {"error"}.
+json answer(const json& request, bool& failed) {
+  try {
+    return evaluate(request);
+  } catch (const c10::Error& e) {
+    failed = true;
+    std::cerr << "prefopt-eval: " << e.what_without_backtrace() << "\n";
+    return {{"error", e.what_without_backtrace()}};
+  } catch (const std::exception& e) {
+    failed = true;
+    std::cerr << "prefopt-eval: " << e.what() << "\n";
+    return {{"error", e.what()}};
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "Evaluates prefopt's preference losses on JSON requests, in float64.\n"
+      "A request is {\"loss\": L, \"params\": {...}, \"inputs\": {...}}, or an array of them;\n"
+      "the answer is {\"loss\", \"losses\", \"chosen_rewards\", \"rejected_rewards\", "
+      "\"metrics\"}\n"
+      "per request, or {\"error\": ...} (then the exit status is 2). See the README."};
+  std::string path = "-";
+  int indent = -1;
+  app.add_option("file", path, "Request file; - or nothing reads standard input");
+  app.add_option("--indent", indent, "Pretty-print the JSON with this indent (default: one line)");
+  CLI11_PARSE(app, argc, argv);
+
+  std::string text;
+  if (path == "-") {
+    std::ostringstream ss;
+    ss << std::cin.rdbuf();
+    text = ss.str();
+  } else {
+    std::ifstream f(path);
+    if (!f) {
+      std::cerr << "prefopt-eval: cannot read " << path << "\n";
+      std::cout << json{{"error", "cannot read " + path}}.dump() << "\n";
+      return 2;
+    }
+    std::ostringstream ss;
+    ss << f.rdbuf();
+    text = ss.str();
+  }
+  json request;
+  try {
+    request = json::parse(text);
+  } catch (const json::parse_error& e) {
+    std::cerr << "prefopt-eval: malformed JSON: " << e.what() << "\n";
+    std::cout << json{{"error", std::string("malformed JSON: ") + e.what()}}.dump() << "\n";
+    return 2;
+  }
+  bool failed = false;
+  json out;
+  if (request.is_array()) {
+    out = json::array();
+    for (const auto& r : request) out.push_back(answer(r, failed));
+  } else {
+    out = answer(request, failed);
+  }
+  std::cout << out.dump(indent) << "\n";
+  return failed ? 2 : 0;
+}

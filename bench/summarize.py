@@ -48,12 +48,29 @@ def fused_table(runs):
               f"{p['extra_MB']:.0f} | {q['extra_MB']:.0f} | {p['extra_MB'] / q['extra_MB']:.3f} |")
 
 
+def loss_table(runs):
+    """bench_losses: each loss on 64 pairs, prefopt against its hand-written composite."""
+    rows = {}
+    for r in runs:
+        m = re.match(r"loss/(\w+)/(prefopt|composite)", r["name"])
+        if m and r.get("aggregate_name") == "median":
+            rows.setdefault(m.group(1), {})[m.group(2)] = r["real_time"]
+    print("| loss | prefopt us | composite us | prefopt/composite |")
+    print("|---|---:|---:|---:|")
+    for name, t in rows.items():
+        if "prefopt" in t and "composite" in t:
+            print(f"| {name} | {t['prefopt']:.1f} | {t['composite']:.1f} | "
+                  f"{t['prefopt'] / t['composite']:.2f}x |")
+
+
 def main(path):
     text = open(path).read()
     try:
         runs = json.loads(text)["benchmarks"]
     except ValueError:
         runs = parse_console(text)
+    if any(r["name"].startswith("loss/") for r in runs):
+        return loss_table(runs)
     if any(r["name"].startswith("fwd_bwd/") and "/N:" in r["name"] for r in runs):
         return fused_table(runs)
     rows = {}

@@ -59,8 +59,8 @@ int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_refer
 
 at::Tensor chosen_nll(const char* fn, const PairInputs& in, bool averaged, NLLNormalization norm,
                       at::ScalarType dtype, bool per_pair) {
-  if (in.nll_loss().defined()) return in.nll_loss().reshape({}).to(dtype);
-  const auto logps = in.policy_chosen_logps().to(dtype);
+  if (in.nll_loss().defined()) return cast(in.nll_loss().reshape({}), dtype);
+  const auto logps = cast(in.policy_chosen_logps(), dtype);
   const auto& n = in.chosen_lengths();
   if (norm == NLLNormalization::kSequenceMean) {
     at::Tensor seq;
@@ -69,15 +69,15 @@ at::Tensor chosen_nll(const char* fn, const PairInputs& in, bool averaged, NLLNo
     } else {
       TORCH_CHECK(n.defined(), fn, ": the sequence-mean NLL of summed log-probs needs ",
                   "chosen_lengths (or an explicit nll_loss), got none");
-      seq = logps.neg() / n.to(dtype).clamp_min(1);
+      seq = logps.neg() / cast(n, dtype).clamp_min(1);
     }
     return per_pair ? seq : reduce(seq, torch::kMean);
   }
   TORCH_CHECK(n.defined(), fn, ": the token-mean NLL needs chosen_lengths (token counts) or ",
               "an explicit nll_loss, got neither");
-  const auto nf = n.to(dtype);
-  const auto sums = averaged ? logps * nf : logps;
   // Σ over every chosen token / their number; an empty batch gives 0, not TRL's NaN.
+  const auto nf = cast(n, dtype);  // same-dtype arithmetic: mixed dtypes take a slower path
+  const auto sums = averaged ? logps * nf : logps;
   return sums.sum().neg() / nf.sum().clamp_min(1);
 }
 
@@ -250,15 +250,15 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
   const double eps = o.label_smoothing();
 
   const auto dt = detail::opmath_type(in.policy_chosen_logps());
-  const auto pc = in.policy_chosen_logps().to(dt);
-  const auto pr = in.policy_rejected_logps().to(dt);
+  const auto pc = detail::cast(in.policy_chosen_logps(), dt);
+  const auto pr = detail::cast(in.policy_rejected_logps(), dt);
   at::Tensor rc, rr, rho_c, rho_r;
   if (ref_free) {
     rho_c = pc;
     rho_r = pr;
   } else {
-    rc = in.reference_chosen_logps().to(dt);
-    rr = in.reference_rejected_logps().to(dt);
+    rc = detail::cast(in.reference_chosen_logps(), dt);
+    rr = detail::cast(in.reference_rejected_logps(), dt);
     rho_c = pc - rc;
     rho_r = pr - rr;
   }
@@ -282,8 +282,8 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
                 " normalises by completion length and needs chosen_lengths and ",
                 "rejected_lengths, got ",
                 in.chosen_lengths().defined() ? "no rejected_lengths" : "no chosen_lengths");
-    return std::make_pair(in.chosen_lengths().to(dt).clamp_min(1),
-                          in.rejected_lengths().to(dt).clamp_min(1));
+    return std::make_pair(detail::cast(in.chosen_lengths(), dt).clamp_min(1),
+                          detail::cast(in.rejected_lengths(), dt).clamp_min(1));
   };
   at::Tensor nll;
   auto get_nll = [&] {
@@ -387,7 +387,7 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
     total = total.defined() ? total + l : l;
   }
   if (o.rpo_alpha() != 0) total = total + get_nll() * o.rpo_alpha();
-  if (in.weights().defined()) total = total * in.weights().to(dt);
+  if (in.weights().defined()) total = total * detail::cast(in.weights(), dt);
 
   DPOLossResult r;
   r.losses = total;
@@ -402,7 +402,7 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
   }
   r.chosen_rewards = rc_d * reward_scale;
   r.rejected_rewards = rr_d * reward_scale;
-  if (nll.defined()) r.nll_loss = detail::reduce(nll, torch::kMean).detach();
+  if (nll.defined()) r.nll_loss = (nll.dim() == 0 ? nll : nll.mean()).detach();
   return r;
 }
 

@@ -42,8 +42,8 @@ CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p)
   detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
 
   const auto dt = detail::opmath_type(in.policy_chosen_logps());
-  auto c = in.policy_chosen_logps().to(dt);
-  auto r = in.policy_rejected_logps().to(dt);
+  auto c = detail::cast(in.policy_chosen_logps(), dt);
+  auto r = detail::cast(in.policy_rejected_logps(), dt);
   if (p.alpha != 0) {
     // AlphaPO's r = (1 − p^{−α})/α = −expm1(−α·logp)/α, without forming p.
     c = at::expm1(c * -p.alpha) * (-1.0 / p.alpha);
@@ -73,7 +73,7 @@ CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p)
   if (w != 0) {
     const bool averaged = p.type != CPOLossType::kSigmoid && p.type != CPOLossType::kHinge;
     const auto nll = detail::chosen_nll(fn, in, averaged, p.norm, dt, /*per_pair=*/false);
-    res.loss = res.loss + nll * w;
+    res.loss = res.loss + (w == 1.0 ? nll : nll * w);
     res.nll_loss = nll.detach();
   }
   res.chosen_rewards = c.detach() * p.beta;
@@ -155,9 +155,9 @@ ORPOLossResult orpo_loss(const PairInputs& in, const ORPOLossFuncOptions& o) {
               "weights");
   detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
   const auto dt = detail::opmath_type(in.policy_chosen_logps());
-  const auto c = in.policy_chosen_logps().to(dt);
-  const auto r = in.policy_rejected_logps().to(dt);
-  const auto log_odds = (c - r) - (detail::log1mexp(c) - detail::log1mexp(r));
+  const auto c = detail::cast(in.policy_chosen_logps(), dt);
+  const auto r = detail::cast(in.policy_rejected_logps(), dt);
+  const auto log_odds = detail::orpo_log_odds(c, r);
   const auto ratio = at::log_sigmoid(log_odds);
   // Per pair with the sequence mean (LLaMA-Factory's per-pair loss), the batch scalar else.
   const auto nll = detail::chosen_nll(fn, in, /*averaged=*/true, o.nll_normalization(), dt,
@@ -169,7 +169,7 @@ ORPOLossResult orpo_loss(const PairInputs& in, const ORPOLossFuncOptions& o) {
   res.rejected_rewards = r.detach() * o.beta();
   res.log_odds_ratio = ratio.detach();
   res.log_odds_chosen = log_odds.detach();
-  res.nll_loss = detail::reduce(nll, torch::kMean).detach();
+  res.nll_loss = (nll.dim() == 0 ? nll : nll.mean()).detach();
   return res;
 }
 
@@ -182,7 +182,8 @@ at::Tensor kto_kl(const at::Tensor& policy_KL_logps, const at::Tensor& reference
   detail::check_logps(fn, "reference_KL_logps", reference_KL_logps, policy_KL_logps.size(0),
                       policy_KL_logps.device());
   const auto dt = detail::opmath_type(policy_KL_logps);
-  const auto d = policy_KL_logps.detach().to(dt) - reference_KL_logps.detach().to(dt);
+  const auto d =
+      detail::cast(policy_KL_logps.detach(), dt) - detail::cast(reference_KL_logps.detach(), dt);
   return detail::reduce(d, torch::kMean).clamp_min(0);
 }
 
@@ -213,12 +214,13 @@ KTOLossResult kto_loss(const KTOInputs& in, const KTOLossFuncOptions& o) {
     z = in.kl().detach().reshape({}).to(dev, dt).clamp_min(0);
   } else if (o.loss_type() == KTOLossType::kKTO &&
              (in.policy_KL_logps().defined() || in.reference_KL_logps().defined())) {
-    z = kto_kl(in.policy_KL_logps(), in.reference_KL_logps()).to(dt);
+    z = detail::cast(kto_kl(in.policy_KL_logps(), in.reference_KL_logps()), dt);
   } else {
     z = at::zeros({}, pc.options().dtype(dt));
   }
-  const auto rho_d = pc.to(dt) - in.reference_chosen_logps().to(dt);
-  const auto rho_u = in.policy_rejected_logps().to(dt) - in.reference_rejected_logps().to(dt);
+  const auto rho_d = detail::cast(pc, dt) - detail::cast(in.reference_chosen_logps(), dt);
+  const auto rho_u = detail::cast(in.policy_rejected_logps(), dt) -
+                     detail::cast(in.reference_rejected_logps(), dt);
   const double beta = o.beta();
   at::Tensor ld, lu;
   if (o.loss_type() == KTOLossType::kKTO) {

@@ -49,9 +49,11 @@ using ORPOLossFuncOptions = ORPOLossOptions;
 /// `log_odds = (ā_c − ā_r) − (log(1 − e^{ā_c}) − log(1 − e^{ā_r}))`,
 /// `loss = NLL − λ · mean(log σ(log_odds))`.
 ///
-/// log(1 − e^a) is computed in fp32 (fp64 for fp64) with the two-branch log1mexp, so
-/// confident completions (ā → 0⁻, e.g. −1e-7) give finite values and gradients; ā ≥ 0 is
-/// clamped to the largest negative value instead of producing inf.
+/// The log(1 − e^a) difference is computed in fp32 (fp64 for fp64) as
+/// log(expm1(ā_c) / expm1(ā_r)): expm1 is exact near 0, where the naive log1p(−exp(a)) of
+/// LLaMA-Factory and Liger cancels, so confident completions (ā → 0⁻, e.g. −1e-7) give finite
+/// values and gradients (trl#2564). ā ≥ 0 (e.g. an empty completion's mean of 0) is clamped to
+/// the largest negative value instead of producing inf.
 ///
 /// - `inputs.policy_*_logps`: [B] per-token mean log-probs; differentiable.
 /// - `inputs.chosen_lengths` (token-mean NLL) or `inputs.nll_loss`.

@@ -24,9 +24,17 @@ int main() {
                       mask)
                          .sum(1);
   const double err = (lp.sum - naive).abs().max().item<double>();
-  lp.sum.sum().backward();
+  // One DPO loss on the pairs [0, 1] vs [2, 3], against its formula (reference = 0).
+  const auto pair = prefopt::functional::split_pairs(lp);
+  const auto dpo = prefopt::functional::dpo_loss(prefopt::PairInputs(pair),
+                                                 prefopt::DPOLossOptions().reference_free(true));
+  const double dpo_err =
+      (dpo.loss - (-at::log_sigmoid(0.1 * (pair.chosen.sum - pair.rejected.sum))).mean())
+          .abs()
+          .item<double>();
+  dpo.loss.backward();
   const bool grad_ok = logits.grad().defined() && logits.grad().isfinite().all().item<bool>();
-  std::printf("prefopt %s consumer: max |prefopt - naive| = %.3g, grad %s\n",
-              PREFOPT_VERSION_STRING, err, grad_ok ? "ok" : "MISSING");
-  return err < 1e-4 && grad_ok ? 0 : 1;
+  std::printf("prefopt %s consumer: max |prefopt - naive| = %.3g, dpo error %.3g, grad %s\n",
+              PREFOPT_VERSION_STRING, err, dpo_err, grad_ok ? "ok" : "MISSING");
+  return err < 1e-4 && dpo_err < 1e-6 && grad_ok ? 0 : 1;
 }

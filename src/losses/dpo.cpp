@@ -76,9 +76,9 @@ at::Tensor chosen_nll(const char* fn, const PairInputs& in, bool averaged, NLLNo
   TORCH_CHECK(n.defined(), fn, ": the token-mean NLL needs chosen_lengths (token counts) or ",
               "an explicit nll_loss, got neither");
   // Σ over every chosen token / their number; an empty batch gives 0, not TRL's NaN.
-  const auto nf = cast(n, dtype);  // same-dtype arithmetic: mixed dtypes take a slower path
-  const auto sums = averaged ? logps * nf : logps;
-  return sums.sum().neg() / nf.sum().clamp_min(1);
+  if (!averaged) return logps.sum().neg() / n.sum().clamp_min(1);
+  const auto nf = cast(n, dtype);  // same-dtype product: mixed dtypes take a slower path
+  return (logps * nf).sum().neg() / nf.sum().clamp_min(1);
 }
 
 }  // namespace detail

@@ -246,29 +246,22 @@ json eval_cpo(const std::string& loss, const json& params, const json& inputs) {
   if (loss == "cpo") allowed.insert("loss_type");
   const Params p(params, allowed);
   const Inputs in(inputs, kPairInputs);
-  prefopt::CPOLossResult r;
-  if (loss == "cpo") {
-    prefopt::CPOLossOptions o;
-    o.loss_type(prefopt::cpo_loss_type_from_name(p.string("loss_type", "sigmoid")))
-        .beta(p.number("beta", o.beta()))
+  // CPOLossOptions and SimPOLossOptions share these names; only their defaults differ.
+  auto fill = [&p](auto o) {
+    return o.beta(p.number("beta", o.beta()))
         .label_smoothing(p.number("label_smoothing", o.label_smoothing()))
         .simpo_gamma(p.number("simpo_gamma", o.simpo_gamma()))
         .cpo_alpha(p.number("cpo_alpha", o.cpo_alpha()))
         .alpha(p.number("alpha", o.alpha()))
         .nll_normalization(nll_normalization(p))
         .reduction(reduction(p));
-    r = F::cpo_loss(pair_inputs(in), o);
-  } else {
-    prefopt::SimPOLossOptions o;
-    o.beta(p.number("beta", o.beta()))
-        .label_smoothing(p.number("label_smoothing", o.label_smoothing()))
-        .simpo_gamma(p.number("simpo_gamma", o.simpo_gamma()))
-        .cpo_alpha(p.number("cpo_alpha", o.cpo_alpha()))
-        .alpha(p.number("alpha", o.alpha()))
-        .nll_normalization(nll_normalization(p))
-        .reduction(reduction(p));
-    r = F::simpo_loss(pair_inputs(in), o);
-  }
+  };
+  const auto r =
+      loss == "cpo"
+          ? F::cpo_loss(pair_inputs(in),
+                        fill(prefopt::CPOLossOptions().loss_type(
+                            prefopt::cpo_loss_type_from_name(p.string("loss_type", "sigmoid")))))
+          : F::simpo_loss(pair_inputs(in), fill(prefopt::SimPOLossOptions()));
   auto m = pair_metrics(r.chosen_rewards, r.rejected_rewards);
   if (r.nll_loss.defined()) m["nll_loss"] = r.nll_loss.item<double>();
   return result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m));

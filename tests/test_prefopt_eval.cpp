@@ -117,6 +117,13 @@ TEST(PrefoptEval, EveryFamilyAndStdin) {
     "inputs": {"policy_chosen_logps": [-0.5, -10.0, -1.0], "policy_rejected_logps": [-0.1, -30.0, -21.0]}})");
   ASSERT_EQ(simpo.status, 0) << simpo.out.dump();
   EXPECT_NEAR(simpo.out["losses"][0].get<double>(), -std::log(1 / (1 + std::exp(1.3))), 1e-12);
+  // The paper's defaults (β = 2, γ = 0.5, no NLL) under the name "simpo": torchtune's literal.
+  const auto paper =
+      run_eval(R"({"loss": "simpo", "inputs": {"policy_chosen_logps": [-0.5, -10.0, -1.0],
+    "policy_rejected_logps": [-0.1, -30.0, -21.0]}})");
+  ASSERT_EQ(paper.status, 0) << paper.out.dump();
+  EXPECT_EQ(paper.out["losses"], simpo.out["losses"]);
+  EXPECT_FALSE(paper.out["metrics"].contains("nll_loss"));
 
   const auto kto = run_eval(R"({"loss": "kto", "params": {"beta": 0.1},
     "inputs": {"policy_chosen_logps": [-0.5, -10.0, -1.0], "policy_rejected_logps": [-0.1, -30.0, -21.0],

@@ -483,7 +483,6 @@ TEST_F(DPOLossCuda, MatchesCpu) {
     auto o = DPOLossOptions().loss_type(prefopt::dpo_loss_type_from_name(name));
     if (name == "exo_pair" || name == "robust") o.label_smoothing(0.1);
     const auto cpu = F::dpo_loss(b.inputs(), o);
-    auto in = b.inputs();
     const auto pc = b.pc.detach().cuda().requires_grad_();
     const auto cuda = F::dpo_loss(PairInputs()
                                       .policy_chosen_logps(pc)

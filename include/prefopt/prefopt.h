@@ -3,6 +3,7 @@
 #pragma once
 
 #include <prefopt/config.h>
+#include <prefopt/distributed.h>
 #include <prefopt/fused_logprobs.h>
 #include <prefopt/logprobs.h>
 #include <prefopt/losses/common.h>
@@ -10,4 +11,5 @@
 #include <prefopt/losses/dpo.h>
 #include <prefopt/losses/kto.h>
 #include <prefopt/losses/orpo.h>
+#include <prefopt/metrics.h>
 #include <prefopt/version.h>

@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: Apache-2.0
+// Distributed training on c10d: a process group from torchrun's environment, KTO's KL and
+// bco_pair's baseline across ranks, and vocabulary-parallel log-prob gathering.
+#pragma once
+
+#include <prefopt/config.h>
+#include <prefopt/detail/compat.h>
+#include <prefopt/logprobs.h>
+#include <prefopt/losses/dpo.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+PREFOPT_BEGIN_NAMESPACE
+
+/// The c10d backend of a process group.
+enum class DistBackend {
+  kAuto,  ///< NCCL when CUDA is available and this build has NCCL, Gloo otherwise
+  kGloo,  ///< Gloo: CPU tensors (and CUDA tensors, staged through the host)
+  kNCCL,  ///< NCCL: CUDA tensors; needs a CUDA libtorch with NCCL
+};
+
+/// Options of `init_process_group`. Unset fields come from torchrun's environment variables.
+///
+/// Example:
+/// ```
+/// auto opts = prefopt::ProcessGroupOptions().timeout(std::chrono::seconds(60));
+/// ```
+struct ProcessGroupOptions {
+  /// Backend. Default: kGloo (the CPU backend; ask for kNCCL or kAuto on GPUs).
+  TORCH_ARG(DistBackend, backend) = DistBackend::kGloo;
+  /// How long to wait for the master's store, for every rank to join, and for any collective
+  /// of the group. Default: 300 s.
+  TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::seconds(300);
+  /// This process's rank; -1: `RANK`.
+  TORCH_ARG(int, rank) = -1;
+  /// Number of processes; -1: `WORLD_SIZE`.
+  TORCH_ARG(int, world_size) = -1;
+  /// Address of rank 0's TCPStore; empty: `MASTER_ADDR`.
+  TORCH_ARG(std::string, master_addr) = "";
+  /// Port of rank 0's TCPStore; -1: `MASTER_PORT`.
+  TORCH_ARG(int, master_port) = -1;
+};
+
+/// A process group and what it was made of.
+struct DistributedContext {
+  c10::intrusive_ptr<c10d::ProcessGroup> group;  ///< pass `group.get()` to prefopt's functions
+  c10::intrusive_ptr<c10d::Store> store;         ///< the TCPStore the ranks met at
+  int rank = 0;
+  int world_size = 1;
+  /// `LOCAL_RANK` (the GPU index under torchrun), or `rank` when unset.
+  int local_rank = 0;
+  DistBackend backend = DistBackend::kGloo;
+};
+
+/// Creates a process group the way torchrun's workers do: rank 0 hosts a TCPStore at
+/// `MASTER_ADDR:MASTER_PORT`, every rank connects and the backend forms its mesh through it.
+///
+/// Errors (TORCH_CHECKs naming this function): a missing or malformed `RANK`, `WORLD_SIZE`,
+/// `MASTER_ADDR` or `MASTER_PORT`; a rank outside [0, WORLD_SIZE); an unreachable master or a
+/// rank that never joins within `timeout`; NCCL asked for in a build without it.
+///
+/// Example (two CPU processes on one machine):
+/// ```
+/// // RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 ./train &
+/// // RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 ./train
+/// auto dist = prefopt::init_process_group();
+/// auto m = metrics.compute(dist.group.get());
+/// ```
+PREFOPT_API DistributedContext init_process_group(const ProcessGroupOptions& options = {});
+
+/// Whether this build can create NCCL process groups.
+PREFOPT_API bool has_nccl();
+
+/// Sums `tensor` over the ranks of `group`, in place (a no-op for one rank or no group).
+/// Waits for the result; a dead peer or a timeout surfaces as a c10::Error naming `what`.
+PREFOPT_API void all_reduce_sum(at::Tensor& tensor, c10d::ProcessGroup* group, const char* what);
+
+/// The bco_pair baseline update of TRL ≤ 0.28 across ranks: every rank's mean of this step's
+/// β·ρ_c and β·ρ_r is gathered, and the baseline folds in their mean, (biased) variance and
+/// count, as `RunningMoments.update` does after `accelerator.gather`. One collective. A rank
+/// without rewards contributes nothing. Returns δ (0-dim, on the rewards' device), the same on
+/// every rank.
+///
+/// Example:
+/// ```
+/// auto delta = prefopt::update_bco_baseline(baseline, r.chosen_rewards, r.rejected_rewards,
+///                                           dist.group.get());
+/// ```
+PREFOPT_API at::Tensor update_bco_baseline(BCOBaseline& baseline, const at::Tensor& chosen_rewards,
+                                           const at::Tensor& rejected_rewards,
+                                           c10d::ProcessGroup* group);
+
+/// Options of the vocabulary-parallel gathering functions.
+struct VocabParallelOptions {
+  /// First vocabulary id this rank's shard holds: its logits (or weight rows) are ids
+  /// [vocab_start, vocab_start + V_local). Shards of all ranks tile [0, V) without overlap.
+  TORCH_ARG(int64_t, vocab_start) = 0;
+  /// Causal shift, as in `GatherLogprobsOptions`. Default: true.
+  TORCH_ARG(bool, shift) = true;
+  /// Label value of unscored positions. Default: -100.
+  TORCH_ARG(int64_t, ignore_index) = -100;
+  /// Also return `token_logps` and `token_mask`. Default: false.
+  TORCH_ARG(bool, with_token_logps) = false;
+  /// Most bytes of fp32 logits a chunk may materialise. Default: 64 MiB.
+  TORCH_ARG(int64_t, chunk_bytes) = int64_t{64} << 20;
+};
+
+namespace functional {
+
+/// KTO's KL estimate over the ranks of `group`, as TRL computes it: each rank's
+/// mean(policy_KL − reference_KL), averaged over the ranks, then clamped at 0; detached, the
+/// same on every rank. `by_example = true` weights ranks by their number of KL examples
+/// instead (the KL of the concatenated batch). A rank with no KL examples contributes
+/// nothing; none anywhere gives 0. One collective. Pass the result as `KTOInputs::kl`.
+///
+/// Example:
+/// ```
+/// auto kl = F::kto_kl(policy_KL_logps, reference_KL_logps, dist.group.get());
+/// auto r = F::kto_loss(inputs.kl(kl), opts);
+/// ```
+PREFOPT_API at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
+                              const at::Tensor& reference_KL_logps, c10d::ProcessGroup* group,
+                              bool by_example = false);
+
+/// Sequence log-probs when each rank holds a slice of the vocabulary (Megatron's
+/// tensor-parallel LM head): `logits` [B, T, V_local] are this rank's columns, `labels` [B, T]
+/// are global ids and the same on every rank.
+///
+/// `log p(y) = z_y − (M + log Σ_r Σ_{v ∈ r} exp(z_v − M))`, `M = max_r max_{v ∈ r} z_v`: one
+/// all-reduce (max) of the per-token maxima and one (sum) of the packed sum-exps and owned
+/// target logits. The results (fp32, fp64 for fp64 logits) are identical on every rank, so a
+/// loss built from them is too; backward is local and exact: each rank's logits receive
+/// `g · (1[v = y] − softmax_v)` over its columns. Only per-token logsumexps are saved.
+///
+/// Example:
+/// ```
+/// auto lp = F::vocab_parallel_gather_logprobs(local_logits, labels, dist.group.get(),
+///               prefopt::VocabParallelOptions().vocab_start(rank * V_local));
+/// ```
+PREFOPT_API SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor& logits,
+                                                            const at::Tensor& labels,
+                                                            c10d::ProcessGroup* group,
+                                                            const VocabParallelOptions& options);
+
+/// The same from hidden states and this rank's rows of the LM head: `hidden` [B, T, H] (the
+/// same on every rank), `weight` [V_local, H]. Logits are made in chunks and never whole.
+/// Backward gives `weight` its exact gradient locally and `hidden` the full gradient, summed
+/// over ranks with one all-reduce: do not also route `hidden` through a region that
+/// all-reduces its gradient (Megatron's `copy_to_tensor_model_parallel_region`).
+///
+/// Example:
+/// ```
+/// auto lp = F::vocab_parallel_fused_logprobs(hidden, weight_shard, labels, dist.group.get(),
+///               prefopt::VocabParallelOptions().vocab_start(rank * V_local));
+/// ```
+PREFOPT_API SequenceLogprobs vocab_parallel_fused_logprobs(const at::Tensor& hidden,
+                                                           const at::Tensor& weight,
+                                                           const at::Tensor& labels,
+                                                           c10d::ProcessGroup* group,
+                                                           const VocabParallelOptions& options);
+
+}  // namespace functional
+
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,218 @@
+// SPDX-License-Identifier: Apache-2.0
+// Training metrics with TRL's names, reduced exactly over gradient-accumulation micro-steps and
+// over ranks (one collective per log step), and a JSON Lines writer for them.
+#pragma once
+
+#include <prefopt/config.h>
+#include <prefopt/detail/compat.h>
+#include <prefopt/logprobs.h>
+#include <prefopt/losses/common.h>
+#include <prefopt/losses/cpo.h>
+#include <prefopt/losses/dpo.h>
+#include <prefopt/losses/kto.h>
+#include <prefopt/losses/orpo.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace c10d {
+class ProcessGroup;
+}
+
+PREFOPT_BEGIN_NAMESPACE
+
+/// How a per-example metric is averaged over the micro-steps (and ranks) of one logging
+/// window. Token metrics (`logits/*`, `entropy`, `mean_token_accuracy`) are token-weighted
+/// over the whole window and every rank in both modes.
+enum class MetricWindow {
+  /// The mean over micro-steps of each micro-step's mean, where a micro-step's mean pools the
+  /// examples of every rank: TRL ≥ 0.29 (`log()` averages the stored per-step values). A
+  /// micro-step without examples of a metric is left out of that metric's mean.
+  kMeanOfSteps,
+  /// Σ values / Σ counts over the whole window and every rank: TRL ≤ 0.28's KTO and
+  /// LLaMA-Factory's KTO. With equal counts in every micro-step both windows agree.
+  kCountWeighted,
+};
+
+/// Which positions `logits/chosen` and `logits/rejected` average the vocabulary-mean logit
+/// over.
+enum class LogitsMetric {
+  kScored,        ///< completion tokens that are scored (TRL ≥ 0.29); needs `with_logits_mean`
+  kAllPositions,  ///< every position, prompt and padding included (LLaMA-Factory, torchtune,
+                  ///< Liger); needs `with_logits_mean_unmasked`
+};
+
+/// Options of `MetricAccumulator`.
+///
+/// Example:
+/// ```
+/// auto opts = prefopt::MetricsOptions().window(prefopt::MetricWindow::kCountWeighted);
+/// ```
+struct MetricsOptions {
+  /// Averaging over the window. Default: kMeanOfSteps (TRL ≥ 0.29).
+  TORCH_ARG(MetricWindow, window) = MetricWindow::kMeanOfSteps;
+  /// Prefix of every name: "" in training, "eval_" in evaluation (as TRL logs them).
+  TORCH_ARG(std::string, prefix) = "";
+  /// Positions of `logits/*`. Default: kScored.
+  TORCH_ARG(LogitsMetric, logits) = LogitsMetric::kScored;
+};
+
+/// The metrics of one log step: names in a fixed order (TRL's), each with its value.
+///
+/// Example:
+/// ```
+/// prefopt::Metrics m = acc.compute();
+/// double acc1 = m.at("rewards/accuracies");
+/// for (const auto& [name, value] : m) { ... }
+/// ```
+class PREFOPT_API Metrics {
+ public:
+  using value_type = std::pair<std::string, double>;
+  using const_iterator = std::vector<value_type>::const_iterator;
+
+  /// Sets `name` (appended if new, replaced in place otherwise).
+  void set(const std::string& name, double value);
+  /// The value of `name`; a TORCH_CHECK_INDEX naming the metrics present if it is missing.
+  double at(const std::string& name) const;
+  /// Pointer to the value of `name`, or nullptr.
+  const double* find(const std::string& name) const;
+  bool contains(const std::string& name) const { return find(name) != nullptr; }
+
+  const_iterator begin() const noexcept { return items_.begin(); }
+  const_iterator end() const noexcept { return items_.end(); }
+  size_t size() const noexcept { return items_.size(); }
+  bool empty() const noexcept { return items_.empty(); }
+
+ private:
+  std::vector<value_type> items_;
+};
+
+/// Accumulates the metrics of every micro-step between two log steps and reduces them, over
+/// the micro-steps and over the ranks of a c10d process group, when `compute` is called.
+///
+/// What each micro-step contributes (names as TRL logs them, `prefix` prepended):
+/// - `loss` (the mean when `loss` is a vector), `nll_loss`, `kl`, and scalars from
+///   `add_scalar`: one sample per micro-step and rank;
+/// - `rewards/chosen`, `rewards/rejected`, `logps/chosen`, `logps/rejected`: the examples of
+///   each side (`logps/*` are the log-probs the loss consumed: sums for DPO, means for
+///   SimPO/ORPO, as TRL logs them);
+/// - `rewards/accuracies`: the fraction of pairs with r_c > r_r (ties are not accurate);
+/// - `rewards/margins`: `rewards/chosen − rewards/rejected` of the same window (for pairs this
+///   is the mean of r_c − r_r; for KTO a micro-step needs both sides);
+/// - `log_odds_ratio`, `log_odds_chosen` (ORPO): pair means;
+/// - from the policy's `SequenceLogprobs`, token-weighted: `logits/chosen`, `logits/rejected`
+///   (see `LogitsMetric`), `entropy` (`with_entropy`), `mean_token_accuracy`
+///   (`with_token_accuracy`) over both sides; `num_tokens`: scored tokens seen since the
+///   accumulator was made, summed over ranks (TRL counts prompt tokens too).
+///
+/// A side with no examples contributes nothing and breaks nothing: its metrics are absent
+/// from a window that has none, never NaN. Nothing is read from the device before `compute`.
+///
+/// Every rank must make the same calls (the same number of micro-steps, the same
+/// `add_scalar` names in the same order) before the collective `compute(group)`.
+///
+/// Example:
+/// ```
+/// prefopt::MetricAccumulator metrics;
+/// for (int micro = 0; micro < grad_accum; ++micro) {
+///   auto r = F::dpo_loss(prefopt::PairInputs(policy, reference), opts);
+///   (r.loss / grad_accum).backward();
+///   metrics.add(r, prefopt::PairInputs(policy, reference), policy);
+/// }
+/// prefopt::Metrics m = metrics.compute(group.get());  // nullptr: this process alone
+/// fmt::print("{}\n", m);                              // with <prefopt/fmt.h>
+/// ```
+class PREFOPT_API MetricAccumulator {
+ public:
+  explicit MetricAccumulator(MetricsOptions options = {});
+
+  /// A DPO-family micro-step; `policy` (optional) feeds the token metrics.
+  void add(const DPOLossResult& result, const PairInputs& inputs);
+  void add(const DPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
+  /// A CPO / SimPO / AlphaPO micro-step.
+  void add(const CPOLossResult& result, const PairInputs& inputs);
+  void add(const CPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
+  /// An ORPO micro-step (also `log_odds_ratio`, `log_odds_chosen`).
+  void add(const ORPOLossResult& result, const PairInputs& inputs);
+  void add(const ORPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
+  /// A KTO micro-step (also `kl`); either side may be empty.
+  void add(const KTOLossResult& result, const KTOInputs& inputs);
+  void add(const KTOLossResult& result, const KTOInputs& inputs, const SequenceLogprobs& chosen,
+           const SequenceLogprobs& rejected);
+  /// Adds one sample of a scalar metric (e.g. `aux_loss`, `grad_norm`) to the current
+  /// micro-step: the one the last `add` started, or, before any `add` in the window, the one
+  /// the next `add` fills. `value` (0-dim, any device) is read only at `compute`.
+  void add_scalar(const std::string& name, const at::Tensor& value);
+  void add_scalar(const std::string& name, double value);
+
+  /// Reduces the window over its micro-steps and, with a group, over the group's ranks (one
+  /// all-reduce of one packed fp64 tensor, on the device the losses were on), then starts a
+  /// new window. Returns the metrics in TRL's order; an empty window gives only `num_tokens`
+  /// if tokens were ever counted.
+  Metrics compute(c10d::ProcessGroup* group = nullptr);
+
+  /// Micro-steps in the current window.
+  int64_t steps() const noexcept { return static_cast<int64_t>(steps_.size()); }
+  const MetricsOptions& options() const noexcept { return options_; }
+
+ private:
+  struct Slot {
+    std::string name;
+    bool scalar;  // a per-micro-step sample, not a per-example mean
+  };
+  // Per micro-step: one [2] fp64 tensor (Σ value, count) per slot, undefined where absent.
+  using Step = std::vector<at::Tensor>;
+
+  Step& new_step();
+  Step& current_step();
+  size_t slot(const std::string& name, bool scalar);
+  void put(Step& step, size_t slot, const at::Tensor& sum, const at::Tensor& count);
+  void put_examples(Step& step, size_t slot, const at::Tensor& values);
+  void put_pairs(Step& step, const at::Tensor& loss, const at::Tensor& chosen_rewards,
+                 const at::Tensor& rejected_rewards, const PairInputs& inputs);
+  void put_tokens(Step& step, const SequenceLogprobs& chosen, const SequenceLogprobs& rejected);
+
+  MetricsOptions options_;
+  std::vector<Slot> slots_;
+  std::vector<Step> steps_;
+  bool open_step_ = false;  // add_scalar before any add opens a step the next add reuses
+  double num_tokens_ = 0;
+  bool counted_tokens_ = false;
+};
+
+/// Appends one JSON object per log step to a file: `{"step": N, "<name>": value, ...}` and a
+/// newline, written with a single `write` on a file opened for appending, so a crash loses at
+/// most the line being written and concurrent writers never interleave within a line.
+/// Non-finite values are written as `null`. Uses nlohmann-json for the encoding.
+///
+/// Example:
+/// ```
+/// prefopt::JsonlWriter log("metrics.jsonl");
+/// log.write(step, metrics.compute(group));
+/// ```
+class PREFOPT_API JsonlWriter {
+ public:
+  /// Opens (creating if needed) `path` for appending; `sync`: also fsync every line.
+  explicit JsonlWriter(const std::string& path, bool sync = false);
+  ~JsonlWriter();
+  JsonlWriter(const JsonlWriter&) = delete;
+  JsonlWriter& operator=(const JsonlWriter&) = delete;
+  JsonlWriter(JsonlWriter&& other) noexcept;
+  JsonlWriter& operator=(JsonlWriter&& other) noexcept;
+
+  /// Writes one line: `step` first, then the metrics in order.
+  void write(int64_t step, const Metrics& metrics);
+  const std::string& path() const noexcept { return path_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  bool sync_ = false;
+};
+
+/// One JSON object (no newline) as `JsonlWriter` writes it.
+PREFOPT_API std::string to_json(int64_t step, const Metrics& metrics);
+
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,417 @@
+// SPDX-License-Identifier: Apache-2.0
+#include <prefopt/metrics.h>
+
+#include <prefopt/distributed.h>
+
+#include <ATen/ATen.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <nlohmann/json.hpp>
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+PREFOPT_BEGIN_NAMESPACE
+
+// ----------------------------------------------------------------------------------- Metrics
+
+void Metrics::set(const std::string& name, double value) {
+  for (auto& item : items_) {
+    if (item.first == name) {
+      item.second = value;
+      return;
+    }
+  }
+  items_.emplace_back(name, value);
+}
+
+const double* Metrics::find(const std::string& name) const {
+  for (const auto& item : items_)
+    if (item.first == name) return &item.second;
+  return nullptr;
+}
+
+double Metrics::at(const std::string& name) const {
+  if (const double* v = find(name)) return *v;
+  std::ostringstream names;
+  for (const auto& item : items_) names << (names.tellp() > 0 ? ", " : "") << item.first;
+  TORCH_CHECK_INDEX(false, "prefopt::Metrics::at: no metric named '", name, "'; present: [",
+                    names.str(), "]");
+}
+
+// ------------------------------------------------------------------------- MetricAccumulator
+
+namespace {
+
+// The built-in slots, in the order TRL logs them. Margins and num_tokens are derived at
+// compute time but keep their place in the order.
+enum Builtin : size_t {
+  kLoss,
+  kRewardsChosen,
+  kRewardsRejected,
+  kAccuracies,
+  kMargins,
+  kLogpsChosen,
+  kLogpsRejected,
+  kLogitsChosen,
+  kLogitsRejected,
+  kNLL,
+  kLogOddsRatio,
+  kLogOddsChosen,
+  kKL,
+  kEntropy,
+  kTokenAccuracy,
+  kNumTokens,
+  kNumBuiltins,
+};
+
+constexpr const char* kBuiltinNames[kNumBuiltins] = {"loss",
+                                                     "rewards/chosen",
+                                                     "rewards/rejected",
+                                                     "rewards/accuracies",
+                                                     "rewards/margins",
+                                                     "logps/chosen",
+                                                     "logps/rejected",
+                                                     "logits/chosen",
+                                                     "logits/rejected",
+                                                     "nll_loss",
+                                                     "log_odds_ratio",
+                                                     "log_odds_chosen",
+                                                     "kl",
+                                                     "entropy",
+                                                     "mean_token_accuracy",
+                                                     "num_tokens"};
+
+constexpr bool kBuiltinScalar[kNumBuiltins] = {true,  false, false, false, false, false,
+                                               false, false, false, true,  false, false,
+                                               true,  false, false, false};
+
+bool token_weighted(size_t slot) {
+  return slot == kLogitsChosen || slot == kLogitsRejected || slot == kEntropy ||
+         slot == kTokenAccuracy;
+}
+
+at::Tensor as_double(const at::Tensor& t) { return t.detach().to(at::kDouble); }
+
+at::Tensor count_tensor(double n, const at::Tensor& like) {
+  return at::scalar_tensor(n, like.options().dtype(at::kDouble));
+}
+
+}  // namespace
+
+MetricAccumulator::MetricAccumulator(MetricsOptions options) : options_(std::move(options)) {
+  for (size_t i = 0; i < kNumBuiltins; ++i) slots_.push_back({kBuiltinNames[i], kBuiltinScalar[i]});
+}
+
+MetricAccumulator::Step& MetricAccumulator::new_step() {
+  if (open_step_) {
+    open_step_ = false;
+    return steps_.back();
+  }
+  steps_.emplace_back(slots_.size());
+  return steps_.back();
+}
+
+MetricAccumulator::Step& MetricAccumulator::current_step() {
+  if (steps_.empty()) {
+    steps_.emplace_back(slots_.size());
+    open_step_ = true;
+  }
+  return steps_.back();
+}
+
+size_t MetricAccumulator::slot(const std::string& name, bool scalar) {
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].name == name) {
+      TORCH_CHECK(slots_[i].scalar == scalar && i != kMargins && i != kNumTokens,
+                  "prefopt::MetricAccumulator::add_scalar: '", name,
+                  "' is a built-in per-example metric; pick another name");
+      return i;
+    }
+  }
+  slots_.push_back({name, scalar});
+  return slots_.size() - 1;
+}
+
+void MetricAccumulator::put(Step& step, size_t slot, const at::Tensor& sum,
+                            const at::Tensor& count) {
+  if (step.size() <= slot) step.resize(slots_.size());
+  auto entry =
+      at::stack({as_double(sum).reshape({}), as_double(count).reshape({}).to(sum.device())});
+  step[slot] = step[slot].defined() ? step[slot] + entry : entry;
+}
+
+void MetricAccumulator::put_examples(Step& step, size_t slot, const at::Tensor& values) {
+  if (!values.defined()) return;
+  // An empty side contributes (0, 0): present in the layout, absent from the means.
+  put(step, slot, as_double(values).sum(),
+      count_tensor(static_cast<double>(values.numel()), values));
+}
+
+void MetricAccumulator::put_pairs(Step& step, const at::Tensor& loss,
+                                  const at::Tensor& chosen_rewards,
+                                  const at::Tensor& rejected_rewards, const PairInputs& inputs) {
+  if (loss.defined() && loss.numel() > 0)
+    put(step, kLoss, as_double(loss).mean(), count_tensor(1, loss));
+  put_examples(step, kRewardsChosen, chosen_rewards);
+  put_examples(step, kRewardsRejected, rejected_rewards);
+  if (chosen_rewards.defined() && rejected_rewards.defined()) {
+    TORCH_CHECK(
+        chosen_rewards.numel() == rejected_rewards.numel(),
+        "prefopt::MetricAccumulator::add: expected as many chosen as rejected rewards, got ",
+        chosen_rewards.numel(), " and ", rejected_rewards.numel());
+    // Strict: a tie is not an accurate pair.
+    put_examples(step, kAccuracies, chosen_rewards.gt(rejected_rewards));
+  }
+  put_examples(step, kLogpsChosen, inputs.policy_chosen_logps());
+  put_examples(step, kLogpsRejected, inputs.policy_rejected_logps());
+}
+
+void MetricAccumulator::put_tokens(Step& step, const SequenceLogprobs& chosen,
+                                   const SequenceLogprobs& rejected) {
+  const bool scored = options_.logits() == LogitsMetric::kScored;
+  const auto logits = [&](size_t slot, const SequenceLogprobs& lp) {
+    const auto& sum = scored ? lp.logits_sum : lp.logits_sum_all;
+    const auto& count = scored ? lp.count : lp.positions;
+    if (sum.defined() && count.defined()) put(step, slot, as_double(sum).sum(), count.sum());
+  };
+  logits(kLogitsChosen, chosen);
+  logits(kLogitsRejected, rejected);
+  const auto both = [&](size_t slot, const at::Tensor& c, const at::Tensor& r) {
+    if (!c.defined() && !r.defined()) return;
+    at::Tensor sum = count_tensor(0, c.defined() ? c : r);
+    at::Tensor n = sum.clone();
+    if (c.defined()) {
+      sum = sum + as_double(c).sum();
+      n = n + chosen.count.sum();
+    }
+    if (r.defined()) {
+      sum = sum + as_double(r).sum();
+      n = n + rejected.count.sum();
+    }
+    put(step, slot, sum, n);
+  };
+  both(kEntropy, chosen.entropy_sum, rejected.entropy_sum);
+  both(kTokenAccuracy, chosen.correct, rejected.correct);
+  // num_tokens is a running total: its count half only marks that tokens were counted.
+  at::Tensor tokens = as_double(chosen.count).sum() + as_double(rejected.count).sum();
+  put(step, kNumTokens, tokens, count_tensor(1, tokens));
+}
+
+void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in) {
+  Step& step = new_step();
+  put_pairs(step, r.loss, r.chosen_rewards, r.rejected_rewards, in);
+  if (r.nll_loss.defined()) put(step, kNLL, r.nll_loss, count_tensor(1, r.nll_loss));
+  const auto& c = in.chosen_lengths();
+  const auto& rj = in.rejected_lengths();
+  if (c.defined() && rj.defined())
+    put(step, kNumTokens, as_double(c).sum() + as_double(rj).sum(), count_tensor(1, c));
+}
+
+void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in,
+                            const PairLogprobs& policy) {
+  Step& step = new_step();
+  put_pairs(step, r.loss, r.chosen_rewards, r.rejected_rewards, in);
+  if (r.nll_loss.defined()) put(step, kNLL, r.nll_loss, count_tensor(1, r.nll_loss));
+  put_tokens(step, policy.chosen, policy.rejected);
+}
+
+void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in) {
+  add(DPOLossResult{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss}, in);
+}
+
+void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in,
+                            const PairLogprobs& policy) {
+  add(DPOLossResult{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss}, in,
+      policy);
+}
+
+void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in) {
+  add(DPOLossResult{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss}, in);
+  put_examples(steps_.back(), kLogOddsRatio, r.log_odds_ratio);
+  put_examples(steps_.back(), kLogOddsChosen, r.log_odds_chosen);
+}
+
+void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in,
+                            const PairLogprobs& policy) {
+  add(DPOLossResult{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss}, in,
+      policy);
+  put_examples(steps_.back(), kLogOddsRatio, r.log_odds_ratio);
+  put_examples(steps_.back(), kLogOddsChosen, r.log_odds_chosen);
+}
+
+void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in) {
+  Step& step = new_step();
+  if (r.loss.defined() && r.loss.numel() > 0)
+    put(step, kLoss, as_double(r.loss).mean(), count_tensor(1, r.loss));
+  put_examples(step, kRewardsChosen, r.chosen_rewards);
+  put_examples(step, kRewardsRejected, r.rejected_rewards);
+  put_examples(step, kLogpsChosen, in.policy_chosen_logps());
+  put_examples(step, kLogpsRejected, in.policy_rejected_logps());
+  if (r.kl.defined()) put(step, kKL, r.kl, count_tensor(1, r.kl));
+}
+
+void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in,
+                            const SequenceLogprobs& chosen, const SequenceLogprobs& rejected) {
+  add(r, in);
+  put_tokens(steps_.back(), chosen, rejected);
+}
+
+void MetricAccumulator::add_scalar(const std::string& name, const at::Tensor& value) {
+  TORCH_CHECK(value.defined() && value.numel() == 1,
+              "prefopt::MetricAccumulator::add_scalar: expected a one-element tensor for '", name,
+              "', got ", value.defined() ? value.sizes() : at::IntArrayRef{}, " (",
+              value.defined() ? "defined" : "undefined", ")");
+  const size_t s = slot(name, true);
+  put(current_step(), s, value, count_tensor(1, value));
+}
+
+void MetricAccumulator::add_scalar(const std::string& name, double value) {
+  add_scalar(name, at::scalar_tensor(value, at::kDouble));
+}
+
+Metrics MetricAccumulator::compute(c10d::ProcessGroup* group) {
+  const size_t n_steps = steps_.size();
+  const size_t n_slots = slots_.size();
+  Metrics out;
+  at::Tensor totals;  // [n_steps, n_slots, 2] on the CPU
+  if (n_steps > 0) {
+    // Pack on the device of the results (NCCL needs CUDA tensors), read once.
+    at::Device device(at::kCPU);
+    for (const auto& step : steps_)
+      for (const auto& e : step)
+        if (e.defined() && !e.is_cpu()) device = e.device();
+    const auto zeros = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));
+    std::vector<at::Tensor> parts;
+    parts.reserve(n_steps * n_slots);
+    for (const auto& step : steps_)
+      for (size_t s = 0; s < n_slots; ++s)
+        parts.push_back(s < step.size() && step[s].defined() ? step[s].to(device) : zeros);
+    at::Tensor packed = at::stack(parts);
+    all_reduce_sum(packed, group, "prefopt::MetricAccumulator::compute");
+    totals =
+        packed.cpu().reshape({static_cast<int64_t>(n_steps), static_cast<int64_t>(n_slots), 2});
+  }
+  steps_.clear();
+  open_step_ = false;
+
+  const bool mean_of_steps = options_.window() == MetricWindow::kMeanOfSteps;
+  // Window value of slot s, or NaN when no step had any example of it.
+  const auto window_value = [&](size_t s, double* value) {
+    if (n_steps == 0) return false;
+    auto acc = totals.accessor<double, 3>();
+    double num = 0, den = 0;
+    // Token metrics pool their tokens over the whole window in either mode.
+    const bool per_step = mean_of_steps && !token_weighted(s);
+    for (size_t i = 0; i < n_steps; ++i) {
+      const double sum = acc[i][s][0], count = acc[i][s][1];
+      if (count <= 0) continue;
+      num += per_step ? sum / count : sum;
+      den += per_step ? 1.0 : count;
+    }
+    if (den <= 0) return false;
+    *value = num / den;
+    return true;
+  };
+  const auto margins = [&](double* value) {
+    if (n_steps == 0) return false;
+    if (!mean_of_steps) {
+      double c = 0, r = 0;
+      if (!window_value(kRewardsChosen, &c) || !window_value(kRewardsRejected, &r)) return false;
+      *value = c - r;
+      return true;
+    }
+    auto acc = totals.accessor<double, 3>();
+    double num = 0;
+    int64_t den = 0;
+    for (size_t i = 0; i < n_steps; ++i) {
+      const double nc = acc[i][kRewardsChosen][1], nr = acc[i][kRewardsRejected][1];
+      if (nc <= 0 || nr <= 0) continue;
+      num += acc[i][kRewardsChosen][0] / nc - acc[i][kRewardsRejected][0] / nr;
+      ++den;
+    }
+    if (den == 0) return false;
+    *value = num / static_cast<double>(den);
+    return true;
+  };
+
+  const auto& prefix = options_.prefix();
+  for (size_t s = 0; s < n_slots; ++s) {
+    double v = 0;
+    if (s == kMargins) {
+      if (margins(&v)) out.set(prefix + slots_[s].name, v);
+    } else if (s == kNumTokens) {
+      if (n_steps > 0) {
+        auto acc = totals.accessor<double, 3>();
+        for (size_t i = 0; i < n_steps; ++i) {
+          num_tokens_ += acc[i][s][0];
+          counted_tokens_ = counted_tokens_ || acc[i][s][1] > 0;
+        }
+      }
+      if (counted_tokens_) out.set(prefix + slots_[s].name, num_tokens_);
+    } else if (window_value(s, &v)) {
+      out.set(prefix + slots_[s].name, v);
+    }
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ JSONL
+
+std::string to_json(int64_t step, const Metrics& metrics) {
+  nlohmann::ordered_json j;
+  j["step"] = step;
+  for (const auto& [name, value] : metrics) {
+    if (std::isfinite(value)) {
+      j[name] = value;
+    } else {
+      j[name] = nullptr;
+    }
+  }
+  return j.dump();
+}
+
+JsonlWriter::JsonlWriter(const std::string& path, bool sync) : path_(path), sync_(sync) {
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  TORCH_CHECK(fd_ >= 0, "prefopt::JsonlWriter: cannot open '", path,
+              "' for appending: ", std::strerror(errno));
+}
+
+JsonlWriter::~JsonlWriter() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+JsonlWriter::JsonlWriter(JsonlWriter&& other) noexcept
+    : path_(std::move(other.path_)), fd_(other.fd_), sync_(other.sync_) {
+  other.fd_ = -1;
+}
+
+JsonlWriter& JsonlWriter::operator=(JsonlWriter&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    path_ = std::move(other.path_);
+    fd_ = other.fd_;
+    sync_ = other.sync_;
+    other.fd_ = -1;
+  }
+  return *this;
+}
+
+void JsonlWriter::write(int64_t step, const Metrics& metrics) {
+  TORCH_CHECK(fd_ >= 0, "prefopt::JsonlWriter::write: the writer was moved from");
+  const std::string line = to_json(step, metrics) + "\n";
+  // One write call per line: O_APPEND places it atomically at the end of the file.
+  size_t done = 0;
+  while (done < line.size()) {
+    const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    TORCH_CHECK(n > 0, "prefopt::JsonlWriter::write: writing to '", path_,
+                "' failed: ", std::strerror(errno));
+    done += static_cast<size_t>(n);
+  }
+  if (sync_) ::fsync(fd_);
+}
+
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,647 @@
+// SPDX-License-Identifier: Apache-2.0
+// prefopt/distributed.h over real c10d Gloo groups on loopback: each `Distributed.*` test
+// launches this binary 2 or 3 times as the ranks of a group (the `DistWorker.*` tests, which
+// only run inside such a launch), waits for them with a deadline and kills them past it.
+#include <prefopt/distributed.h>
+#include <prefopt/losses/dpo.h>
+#include <prefopt/losses/kto.h>
+#include <prefopt/metrics.h>
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#include "support.h"
+
+extern char** environ;
+
+namespace F = prefopt::functional;
+using prefopt::MetricAccumulator;
+using prefopt::Metrics;
+using prefopt::MetricsOptions;
+using prefopt::MetricWindow;
+using prefopt_test::AllClose;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+bool is_worker() { return std::getenv("PREFOPT_TEST_WORKER") != nullptr; }
+
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+    return 29500 + static_cast<int>(::getpid() % 1000);
+  const int port = ntohs(addr.sin_port);
+  ::close(fd);
+  return port;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// Runs `DistWorker.<scenario>` as ranks `ranks` (default: all) of a `world`-rank group.
+// Succeeds when every launched rank exits 0 before `deadline`; otherwise kills what is left
+// and reports each rank's output.
+::testing::AssertionResult launch(const std::string& scenario, int world,
+                                  std::vector<int> ranks = {},
+                                  std::chrono::seconds deadline = std::chrono::seconds(120)) {
+  if (ranks.empty())
+    for (int r = 0; r < world; ++r) ranks.push_back(r);
+  const std::string exe = std::filesystem::read_symlink("/proc/self/exe").string();
+  const std::string filter = "--gtest_filter=DistWorker." + scenario;
+  const int port = free_port();
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("prefopt_dist_" + std::to_string(::getpid()) + "_" + scenario);
+  std::filesystem::create_directories(dir);
+
+  std::vector<pid_t> pids;
+  std::vector<std::string> logs;
+  for (int rank : ranks) {
+    // Everything the child needs is built before fork: it only calls exec-safe functions.
+    std::vector<std::string> env;
+    for (char** e = environ; *e != nullptr; ++e) env.emplace_back(*e);
+    env.push_back("PREFOPT_TEST_WORKER=1");
+    env.push_back("RANK=" + std::to_string(rank));
+    env.push_back("LOCAL_RANK=" + std::to_string(rank));
+    env.push_back("WORLD_SIZE=" + std::to_string(world));
+    env.push_back("MASTER_ADDR=127.0.0.1");
+    env.push_back("MASTER_PORT=" + std::to_string(port));
+    env.push_back("OMP_NUM_THREADS=1");
+    std::vector<char*> envp;
+    for (auto& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    std::vector<std::string> args{exe, filter};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    logs.push_back((dir / ("rank" + std::to_string(rank) + ".log")).string());
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      const int fd = ::open(logs.back().c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (fd >= 0) {
+        ::dup2(fd, 1);
+        ::dup2(fd, 2);
+      }
+      ::execve(exe.c_str(), argv.data(), envp.data());
+      ::_exit(127);
+    }
+    pids.push_back(pid);
+  }
+
+  std::vector<int> status(pids.size(), -1);
+  size_t running = pids.size();
+  const auto stop = Clock::now() + deadline;
+  while (running > 0 && Clock::now() < stop) {
+    for (size_t i = 0; i < pids.size(); ++i) {
+      if (status[i] != -1) continue;
+      int st = 0;
+      if (::waitpid(pids[i], &st, WNOHANG) == pids[i]) {
+        status[i] = st;
+        --running;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  bool ok = running == 0;
+  for (size_t i = 0; i < pids.size(); ++i) {
+    if (status[i] == -1) {
+      ::kill(pids[i], SIGKILL);
+      ::waitpid(pids[i], &status[i], 0);
+      status[i] = -2;
+    }
+    ok = ok && WIFEXITED(status[i]) && WEXITSTATUS(status[i]) == 0;
+  }
+  if (ok) {
+    std::filesystem::remove_all(dir);
+    return ::testing::AssertionSuccess();
+  }
+  auto failure = ::testing::AssertionFailure();
+  failure << scenario << " with " << world << " ranks failed"
+          << (running > 0 ? " (deadline passed; killed)" : "") << "\n";
+  for (size_t i = 0; i < pids.size(); ++i)
+    failure << "---- rank " << ranks[i] << " (status " << status[i] << ")\n" << read_file(logs[i]);
+  return failure;
+}
+
+prefopt::DistributedContext join(std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+  return prefopt::init_process_group(prefopt::ProcessGroupOptions().timeout(timeout));
+}
+
+const auto kF64 = at::TensorOptions().dtype(at::kDouble);
+
+void expect_same_metrics(const Metrics& actual, const Metrics& expected,
+                         const std::vector<std::string>& skip = {}) {
+  std::vector<std::string> a, e;
+  for (const auto& [name, v] : actual)
+    if (std::find(skip.begin(), skip.end(), name) == skip.end()) a.push_back(name);
+  for (const auto& [name, v] : expected)
+    if (std::find(skip.begin(), skip.end(), name) == skip.end()) e.push_back(name);
+  EXPECT_EQ(a, e);
+  for (const auto& name : e) {
+    if (!actual.contains(name)) continue;
+    const double x = actual.at(name), y = expected.at(name);
+    EXPECT_NEAR(x, y, 1e-12 * std::max(1.0, std::abs(y))) << name;
+  }
+}
+
+// One rank's share of a DPO micro-step: 2 pairs and their token statistics.
+struct DpoPiece {
+  at::Tensor pc, pr, rc, rr;
+  prefopt::PairLogprobs policy;
+};
+
+DpoPiece dpo_piece(int64_t pairs) {
+  DpoPiece p;
+  p.pc = -20 + 3 * at::randn({pairs}, kF64);
+  p.pr = -22 + 3 * at::randn({pairs}, kF64);
+  p.rc = -21 + 3 * at::randn({pairs}, kF64);
+  p.rr = -21 + 3 * at::randn({pairs}, kF64);
+  for (auto* side : {&p.policy.chosen, &p.policy.rejected}) {
+    side->count = at::randint(0, 6, {pairs}, at::kLong);
+    side->logits_sum = at::randn({pairs}, kF64) * side->count;
+    side->entropy_sum = at::rand({pairs}, kF64) * side->count;
+    side->correct =
+        (at::rand({pairs}, kF64) * (side->count + 1)).floor().clamp_max(side->count).to(at::kLong);
+  }
+  return p;
+}
+
+prefopt::SequenceLogprobs cat_side(const std::vector<const prefopt::SequenceLogprobs*>& s) {
+  prefopt::SequenceLogprobs out;
+  std::vector<at::Tensor> count, logits, entropy, correct;
+  for (const auto* x : s) {
+    count.push_back(x->count);
+    logits.push_back(x->logits_sum);
+    entropy.push_back(x->entropy_sum);
+    correct.push_back(x->correct);
+  }
+  out.count = at::cat(count);
+  out.logits_sum = at::cat(logits);
+  out.entropy_sum = at::cat(entropy);
+  out.correct = at::cat(correct);
+  return out;
+}
+
+DpoPiece cat_pieces(const std::vector<DpoPiece>& ps) {
+  DpoPiece out;
+  std::vector<at::Tensor> pc, pr, rc, rr;
+  std::vector<const prefopt::SequenceLogprobs*> c, r;
+  for (const auto& p : ps) {
+    pc.push_back(p.pc);
+    pr.push_back(p.pr);
+    rc.push_back(p.rc);
+    rr.push_back(p.rr);
+    c.push_back(&p.policy.chosen);
+    r.push_back(&p.policy.rejected);
+  }
+  out.pc = at::cat(pc);
+  out.pr = at::cat(pr);
+  out.rc = at::cat(rc);
+  out.rr = at::cat(rr);
+  out.policy.chosen = cat_side(c);
+  out.policy.rejected = cat_side(r);
+  return out;
+}
+
+void add_dpo(MetricAccumulator& acc, const DpoPiece& p) {
+  const auto in = prefopt::PairInputs()
+                      .policy_chosen_logps(p.pc)
+                      .policy_rejected_logps(p.pr)
+                      .reference_chosen_logps(p.rc)
+                      .reference_rejected_logps(p.rr);
+  acc.add(F::dpo_loss(in), in, p.policy);
+}
+
+// One rank's share of a KTO micro-step: sides of any size (zero included) and KL pairs.
+struct KtoPiece {
+  at::Tensor pd, rd, pu, ru, pkl, rkl;
+};
+
+KtoPiece kto_piece(int64_t n_d, int64_t n_u, int64_t n_kl) {
+  KtoPiece p;
+  p.pd = -20 + 3 * at::randn({n_d}, kF64);
+  p.rd = -21 + 3 * at::randn({n_d}, kF64);
+  p.pu = -22 + 3 * at::randn({n_u}, kF64);
+  p.ru = -21 + 3 * at::randn({n_u}, kF64);
+  p.pkl = -20 + 3 * at::randn({n_kl}, kF64);
+  p.rkl = p.pkl - 0.5 + at::randn({n_kl}, kF64);
+  return p;
+}
+
+prefopt::KTOInputs kto_inputs(const KtoPiece& p, const at::Tensor& kl) {
+  return prefopt::KTOInputs()
+      .policy_chosen_logps(p.pd)
+      .reference_chosen_logps(p.rd)
+      .policy_rejected_logps(p.pu)
+      .reference_rejected_logps(p.ru)
+      .kl(kl);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ the workers
+
+TEST(DistWorker, Metrics) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join();
+  const int world = ctx.world_size, me = ctx.rank;
+  ASSERT_EQ(ctx.group->getSize(), world);
+  ASSERT_EQ(ctx.group->getRank(), me);
+  for (auto window : {MetricWindow::kMeanOfSteps, MetricWindow::kCountWeighted}) {
+    // DPO: every rank draws the whole data set; it adds its own share, the reference adds
+    // each micro-step's concatenation over ranks.
+    at::manual_seed(11);
+    MetricAccumulator dist(MetricsOptions().window(window)), whole(MetricsOptions().window(window));
+    for (int step = 0; step < 4; ++step) {
+      std::vector<DpoPiece> pieces;
+      for (int r = 0; r < world; ++r) pieces.push_back(dpo_piece(2));
+      add_dpo(dist, pieces[me]);
+      add_dpo(whole, cat_pieces(pieces));
+    }
+    expect_same_metrics(dist.compute(ctx.group.get()), whole.compute());
+
+    // KTO with uneven sides, some empty on some ranks; the KL over ranks by example equals the
+    // KL of the concatenated batch. `loss` is a per-rank sample (uneven sizes): not compared.
+    at::manual_seed(12);
+    MetricAccumulator kdist(MetricsOptions().window(window)),
+        kwhole(MetricsOptions().window(window));
+    for (int step = 0; step < 4; ++step) {
+      std::vector<KtoPiece> pieces;
+      for (int r = 0; r < world; ++r)
+        pieces.push_back(kto_piece((step + r) % 3, (2 * step + r + 1) % 3, 1 + r));
+      std::vector<at::Tensor> pd, rd, pu, ru, pkl, rkl;
+      for (const auto& p : pieces) {
+        pd.push_back(p.pd);
+        rd.push_back(p.rd);
+        pu.push_back(p.pu);
+        ru.push_back(p.ru);
+        pkl.push_back(p.pkl);
+        rkl.push_back(p.rkl);
+      }
+      const KtoPiece all{at::cat(pd), at::cat(rd),  at::cat(pu),
+                         at::cat(ru), at::cat(pkl), at::cat(rkl)};
+      const auto& mine = pieces[me];
+      const auto kl = F::kto_kl(mine.pkl, mine.rkl, ctx.group.get(), /*by_example=*/true);
+      const auto kl_whole = F::kto_kl(all.pkl, all.rkl);
+      EXPECT_NEAR(kl.item<double>(), kl_whole.item<double>(), 1e-13);
+      const auto in = kto_inputs(mine, kl);
+      kdist.add(F::kto_loss(in), in);
+      const auto win = kto_inputs(all, kl_whole);
+      kwhole.add(F::kto_loss(win), win);
+    }
+    expect_same_metrics(kdist.compute(ctx.group.get()), kwhole.compute(), {"loss"});
+  }
+}
+
+TEST(DistWorker, KtoKl) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join();
+  const int world = ctx.world_size, me = ctx.rank;
+  at::manual_seed(5);
+  std::vector<KtoPiece> pieces;
+  for (int r = 0; r < world; ++r) pieces.push_back(kto_piece(0, 0, r == 1 ? 0 : 3 + r));
+  // TRL: the mean of the ranks' means (a rank without KL pairs contributes nothing), clamped.
+  double sum = 0;
+  int ranks = 0;
+  for (const auto& p : pieces) {
+    if (p.pkl.numel() == 0) continue;
+    sum += (p.pkl - p.rkl).mean().item<double>();
+    ++ranks;
+  }
+  const auto kl = F::kto_kl(pieces[me].pkl, pieces[me].rkl, ctx.group.get());
+  EXPECT_NEAR(kl.item<double>(), std::max(0.0, sum / ranks), 1e-13);
+  EXPECT_EQ(kl.scalar_type(), at::kDouble);
+  // Equal sizes: the same as the concatenated batch's KL, which may clamp to 0.
+  at::manual_seed(6);
+  std::vector<KtoPiece> even;
+  for (int r = 0; r < world; ++r) even.push_back(kto_piece(0, 0, 4));
+  std::vector<at::Tensor> pkl, rkl;
+  for (const auto& p : even) {
+    pkl.push_back(p.pkl);
+    rkl.push_back(p.rkl);
+  }
+  EXPECT_NEAR(F::kto_kl(even[me].pkl, even[me].rkl, ctx.group.get()).item<double>(),
+              F::kto_kl(at::cat(pkl), at::cat(rkl)).item<double>(), 1e-13);
+  const auto negative = F::kto_kl(even[me].pkl - 100, even[me].rkl, ctx.group.get());
+  EXPECT_EQ(negative.item<double>(), 0.0);
+  // No KL pairs on any rank: 0.
+  const auto none = at::empty({0}, kF64);
+  EXPECT_EQ(F::kto_kl(none, none, ctx.group.get()).item<double>(), 0.0);
+}
+
+TEST(DistWorker, BcoBaseline) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join();
+  const int world = ctx.world_size, me = ctx.rank;
+  at::manual_seed(8);
+  std::vector<double> means;
+  std::vector<std::pair<at::Tensor, at::Tensor>> rewards;
+  for (int r = 0; r < world; ++r) {
+    auto c = at::randn({2 + r}, kF64), rj = at::randn({2 + r}, kF64) - 1;
+    means.push_back(at::cat({c, rj}).mean().item<double>());
+    rewards.emplace_back(c, rj);
+  }
+  double mu = 0, var = 0;
+  for (double m : means) mu += m / world;
+  for (double m : means) var += (m - mu) * (m - mu) / world;
+  prefopt::BCOBaseline baseline;
+  const auto delta = prefopt::update_bco_baseline(baseline, rewards[me].first, rewards[me].second,
+                                                  ctx.group.get());
+  // The fresh baseline's count of 1e-24 leaves the gathered statistics as they are.
+  EXPECT_NEAR(delta.item<double>(), mu, 1e-13);
+  EXPECT_NEAR(baseline.mean(), mu, 1e-13);
+  EXPECT_NEAR(baseline.var(), var, 1e-12);
+  EXPECT_NEAR(baseline.count(), world, 1e-12);
+}
+
+TEST(DistWorker, GradientAccumulation) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join();
+  const int world = ctx.world_size, me = ctx.rank;
+  constexpr int64_t kSteps = 4, kPairs = 2, T = 6, H = 5, V = 13;
+  at::manual_seed(21);
+  const auto w0 = at::randn({V, H}, kF64);
+  // hidden [steps, ranks, 2 * pairs, T, H], labels with a prompt of 2 tokens, ref logps.
+  const auto hidden = at::randn({kSteps, world, 2 * kPairs, T, H}, kF64);
+  auto labels = at::randint(0, V, {kSteps, world, 2 * kPairs, T}, at::kLong);
+  labels.narrow(3, 0, 2).fill_(-100);
+  const auto ref = -20 + at::randn({kSteps, world, 2 * kPairs}, kF64);
+  const auto gopts = prefopt::GatherLogprobsOptions()
+                         .with_logits_mean(true)
+                         .with_entropy(true)
+                         .with_token_accuracy(true);
+
+  const auto micro = [&](const at::Tensor& w, const at::Tensor& h, const at::Tensor& y,
+                         const at::Tensor& rf) {
+    const auto pol = F::split_pairs(F::gather_logprobs(at::matmul(h, w.t()), y, gopts));
+    const int64_t b = rf.size(0) / 2;
+    const auto in = prefopt::PairInputs(pol)
+                        .reference_chosen_logps(rf.narrow(0, 0, b))
+                        .reference_rejected_logps(rf.narrow(0, b, b));
+    return std::make_tuple(F::dpo_loss(in), in, pol);
+  };
+
+  for (auto window : {MetricWindow::kMeanOfSteps, MetricWindow::kCountWeighted}) {
+    const auto w = w0.clone().requires_grad_();
+    MetricAccumulator dist(MetricsOptions().window(window));
+    for (int64_t s = 0; s < kSteps; ++s) {
+      auto [r, in, pol] = micro(w, hidden[s][me], labels[s][me], ref[s][me]);
+      (r.loss / kSteps).backward();
+      dist.add(r, in, pol);
+    }
+    at::Tensor grad = w.grad().clone();
+    prefopt::all_reduce_sum(grad, ctx.group.get(), "test");
+    grad /= world;
+
+    // One big step: every pair of every micro-step and rank, chosen halves first.
+    std::vector<at::Tensor> hc, hr, yc, yr, fc, fr;
+    for (int64_t s = 0; s < kSteps; ++s) {
+      for (int r = 0; r < world; ++r) {
+        hc.push_back(hidden[s][r].narrow(0, 0, kPairs));
+        hr.push_back(hidden[s][r].narrow(0, kPairs, kPairs));
+        yc.push_back(labels[s][r].narrow(0, 0, kPairs));
+        yr.push_back(labels[s][r].narrow(0, kPairs, kPairs));
+        fc.push_back(ref[s][r].narrow(0, 0, kPairs));
+        fr.push_back(ref[s][r].narrow(0, kPairs, kPairs));
+      }
+    }
+    const auto wb = w0.clone().requires_grad_();
+    auto [rb, inb, polb] =
+        micro(wb, at::cat({at::cat(hc), at::cat(hr)}), at::cat({at::cat(yc), at::cat(yr)}),
+              at::cat({at::cat(fc), at::cat(fr)}));
+    rb.loss.backward();
+    EXPECT_TRUE(AllClose(grad, wb.grad(), 1e-12, 1e-14));
+    MetricAccumulator big(MetricsOptions().window(window));
+    big.add(rb, inb, polb);
+    // Equal micro-batches: per-example means agree in both windows; tokens are pooled.
+    expect_same_metrics(dist.compute(ctx.group.get()), big.compute());
+  }
+}
+
+TEST(DistWorker, VocabParallel) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join();
+  const int world = ctx.world_size, me = ctx.rank;
+  constexpr int64_t B = 3, T = 9, H = 7, V = 37;  // shards of uneven width
+  at::manual_seed(31);
+  const auto logits = at::randn({B, T, V}, kF64) * 3;
+  auto labels = at::randint(0, V, {B, T}, at::kLong);
+  labels.index_put_({0, at::indexing::Slice(0, 3)}, -100);
+  labels.index_put_({2, at::indexing::Slice(5, T)}, -100);
+  const auto upstream = at::randn({B}, kF64);
+  const auto up_tokens = at::randn({B, T - 1}, kF64);
+  const int64_t start = V * me / world, stop = V * (me + 1) / world;
+  const auto opts =
+      prefopt::VocabParallelOptions().vocab_start(start).with_token_logps(true).chunk_bytes(64);
+
+  // From logits.
+  const auto full = logits.clone().requires_grad_();
+  const auto ref =
+      F::gather_logprobs(full, labels, prefopt::GatherLogprobsOptions().with_token_logps(true));
+  ((ref.sum * upstream).sum() + (ref.token_logps * up_tokens).sum()).backward();
+  const auto shard = logits.narrow(2, start, stop - start).clone().requires_grad_();
+  const auto lp = F::vocab_parallel_gather_logprobs(shard, labels, ctx.group.get(), opts);
+  EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-12, 1e-12));
+  EXPECT_TRUE(AllClose(lp.mean, ref.mean, 1e-12, 1e-12));
+  EXPECT_TRUE(at::equal(lp.count, ref.count));
+  EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 1e-12, 1e-12));
+  EXPECT_TRUE(at::equal(lp.token_mask, ref.token_mask));
+  ((lp.sum * upstream).sum() + (lp.token_logps * up_tokens).sum()).backward();
+  EXPECT_TRUE(AllClose(shard.grad(), full.grad().narrow(2, start, stop - start), 1e-12, 1e-13));
+
+  // From hidden states and the weight's rows: hidden gets the full gradient on every rank.
+  const auto h = at::randn({B, T, H}, kF64).requires_grad_();
+  const auto w = at::randn({V, H}, kF64).requires_grad_();
+  const auto ref2 = F::gather_logprobs(at::matmul(h, w.t()), labels);
+  (ref2.sum * upstream).sum().backward();
+  const auto hs = h.detach().clone().requires_grad_();
+  const auto ws = w.detach().narrow(0, start, stop - start).clone().requires_grad_();
+  const auto lp2 = F::vocab_parallel_fused_logprobs(
+      hs, ws, labels, ctx.group.get(), prefopt::VocabParallelOptions(opts).chunk_bytes(100));
+  EXPECT_TRUE(AllClose(lp2.sum, ref2.sum, 1e-12, 1e-12));
+  (lp2.sum * upstream).sum().backward();
+  EXPECT_TRUE(AllClose(ws.grad(), w.grad().narrow(0, start, stop - start), 1e-12, 1e-13));
+  EXPECT_TRUE(AllClose(hs.grad(), h.grad(), 1e-12, 1e-13));
+
+  // fp32 and bf16 logits: computed in fp32.
+  const auto shard32 = shard.detach().to(at::kFloat);
+  const auto lp32 = F::vocab_parallel_gather_logprobs(shard32, labels, ctx.group.get(), opts);
+  EXPECT_EQ(lp32.sum.scalar_type(), at::kFloat);
+  EXPECT_TRUE(AllClose(lp32.sum.to(at::kDouble), ref.sum, 1e-5, 1e-4));
+  const auto lp16 = F::vocab_parallel_gather_logprobs(shard.detach().to(at::kBFloat16), labels,
+                                                      ctx.group.get(), opts);
+  const auto ref16 = F::gather_logprobs(logits.to(at::kBFloat16), labels);
+  EXPECT_TRUE(AllClose(lp16.sum, ref16.sum, 1e-5, 1e-4));
+
+  // Labels no rank owns, or shards that overlap: a clear error on every rank, not a wrong
+  // answer.
+  auto beyond = labels.clone();
+  beyond[1][4] = V;
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::vocab_parallel_gather_logprobs(shard, beyond, ctx.group.get(), opts),
+      "exactly one rank's vocabulary slice");
+  auto first = labels.clone();
+  first[1][4] = 0;
+  PREFOPT_EXPECT_THROWS_WITH(F::vocab_parallel_gather_logprobs(shard, first, ctx.group.get(),
+                                                               prefopt::VocabParallelOptions()),
+                             "exactly one rank's vocabulary slice");
+}
+
+TEST(DistWorker, NeverJoins) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  const auto t0 = Clock::now();
+  PREFOPT_EXPECT_THROWS_WITH(join(std::chrono::seconds(3)), "could not form the group");
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(20));
+}
+
+TEST(DistWorker, MasterUnreachable) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  const auto t0 = Clock::now();
+  PREFOPT_EXPECT_THROWS_WITH(join(std::chrono::seconds(3)), "could not reach the master");
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(20));
+}
+
+TEST(DistWorker, PeerDies) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join(std::chrono::seconds(5));
+  if (ctx.rank == 1) std::_Exit(0);  // dies before the log step's collective
+  MetricAccumulator acc;
+  acc.add_scalar("loss", 1.0);
+  const auto t0 = Clock::now();
+  PREFOPT_EXPECT_THROWS_WITH(acc.compute(ctx.group.get()), "all-reduce over 2 ranks failed");
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(20));
+}
+
+// ------------------------------------------------------------------------ the launches
+
+TEST(Distributed, MetricsTwoRanks) { EXPECT_TRUE(launch("Metrics", 2)); }
+TEST(Distributed, MetricsThreeRanks) { EXPECT_TRUE(launch("Metrics", 3)); }
+TEST(Distributed, KtoKlThreeRanks) { EXPECT_TRUE(launch("KtoKl", 3)); }
+TEST(Distributed, BcoBaselineThreeRanks) { EXPECT_TRUE(launch("BcoBaseline", 3)); }
+TEST(Distributed, GradientAccumulationTwoRanks) { EXPECT_TRUE(launch("GradientAccumulation", 2)); }
+TEST(Distributed, VocabParallelTwoRanks) { EXPECT_TRUE(launch("VocabParallel", 2)); }
+TEST(Distributed, VocabParallelThreeRanks) { EXPECT_TRUE(launch("VocabParallel", 3)); }
+TEST(Distributed, RankThatNeverJoins) {
+  EXPECT_TRUE(launch("NeverJoins", 2, {0}, std::chrono::seconds(60)));
+}
+TEST(Distributed, MasterThatNeverStarts) {
+  EXPECT_TRUE(launch("MasterUnreachable", 2, {1}, std::chrono::seconds(60)));
+}
+TEST(Distributed, RankThatDies) {
+  EXPECT_TRUE(launch("PeerDies", 2, {}, std::chrono::seconds(60)));
+}
+
+// -------------------------------------------------------------------- in-process checks
+
+namespace {
+
+// Sets (or, for nullptr, unsets) environment variables for one scope.
+struct ScopedEnv {
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved;
+  ScopedEnv(std::initializer_list<std::pair<const char*, const char*>> vars) {
+    for (const auto& [k, v] : vars) {
+      const char* old = std::getenv(k);
+      saved.emplace_back(k, old ? std::optional<std::string>(old) : std::nullopt);
+      if (v == nullptr) {
+        ::unsetenv(k);
+      } else {
+        ::setenv(k, v, 1);
+      }
+    }
+  }
+  ~ScopedEnv() {
+    for (const auto& [k, v] : saved) {
+      if (v) {
+        ::setenv(k.c_str(), v->c_str(), 1);
+      } else {
+        ::unsetenv(k.c_str());
+      }
+    }
+  }
+};
+
+}  // namespace
+
+TEST(Distributed, EnvironmentErrors) {
+  using prefopt::ProcessGroupOptions;
+  {
+    ScopedEnv env{{"RANK", nullptr},
+                  {"WORLD_SIZE", nullptr},
+                  {"MASTER_ADDR", nullptr},
+                  {"MASTER_PORT", nullptr}};
+    PREFOPT_EXPECT_THROWS_WITH(prefopt::init_process_group(), "WORLD_SIZE is not set");
+  }
+  {
+    ScopedEnv env{{"RANK", "x1"}, {"WORLD_SIZE", "2"}};
+    PREFOPT_EXPECT_THROWS_WITH(prefopt::init_process_group(), "RANK='x1' is not an integer");
+  }
+  {
+    ScopedEnv env{{"RANK", "2"}, {"WORLD_SIZE", "2"}};
+    PREFOPT_EXPECT_THROWS_WITH(prefopt::init_process_group(),
+                               "expected RANK in [0, WORLD_SIZE = 2)");
+  }
+  {
+    ScopedEnv env{{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"MASTER_ADDR", nullptr}};
+    PREFOPT_EXPECT_THROWS_WITH(prefopt::init_process_group(), "MASTER_ADDR is not set");
+  }
+  {
+    ScopedEnv env{
+        {"RANK", "0"}, {"WORLD_SIZE", "1"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "70000"}};
+    PREFOPT_EXPECT_THROWS_WITH(prefopt::init_process_group(),
+                               "MASTER_PORT='70000' is not an integer in [1, 65535]");
+  }
+  if (!prefopt::has_nccl()) {
+    PREFOPT_EXPECT_THROWS_WITH(
+        prefopt::init_process_group(ProcessGroupOptions()
+                                        .rank(0)
+                                        .world_size(1)
+                                        .master_addr("127.0.0.1")
+                                        .master_port(free_port())
+                                        .backend(prefopt::DistBackend::kNCCL)),
+        "NCCL asked for");
+  }
+}
+
+TEST(Distributed, SingleRankGroup) {
+  ScopedEnv env{{"LOCAL_RANK", nullptr}};
+  auto ctx = prefopt::init_process_group(prefopt::ProcessGroupOptions()
+                                             .rank(0)
+                                             .world_size(1)
+                                             .master_addr("127.0.0.1")
+                                             .master_port(free_port())
+                                             .timeout(std::chrono::seconds(10)));
+  EXPECT_EQ(ctx.world_size, 1);
+  EXPECT_EQ(ctx.local_rank, 0);
+  EXPECT_EQ(ctx.group->getSize(), 1);
+  MetricAccumulator acc;
+  acc.add_scalar("loss", 2.0);
+  EXPECT_DOUBLE_EQ(acc.compute(ctx.group.get()).at("loss"), 2.0);
+  // One rank holding the whole vocabulary: the plain gather.
+  const auto logits = at::randn({2, 5, 11}, kF64);
+  const auto labels = at::randint(0, 11, {2, 5}, at::kLong);
+  EXPECT_TRUE(AllClose(F::vocab_parallel_gather_logprobs(logits, labels, ctx.group.get(), {}).sum,
+                       F::gather_logprobs(logits, labels).sum, 1e-13, 1e-13));
+}

@@ -1,0 +1,346 @@
+// SPDX-License-Identifier: Apache-2.0
+// prefopt/metrics.h and prefopt/fmt.h: every metric name in both windows against values
+// worked out by hand, empty sides, prefixes, the formatters and the JSON Lines writer.
+#include <prefopt/fmt.h>
+#include <prefopt/losses/dpo.h>
+#include <prefopt/metrics.h>
+
+#include <unistd.h>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "support.h"
+
+namespace F = prefopt::functional;
+using prefopt::MetricAccumulator;
+using prefopt::Metrics;
+using prefopt::MetricsOptions;
+using prefopt::MetricWindow;
+
+namespace {
+
+at::Tensor d(std::initializer_list<double> v) {
+  return at::tensor(std::vector<double>(v), at::TensorOptions().dtype(at::kDouble));
+}
+at::Tensor l(std::initializer_list<int64_t> v) { return at::tensor(std::vector<int64_t>(v)); }
+
+// A DPO micro-step as the loss would return it, with chosen rewards rc, rejected rr.
+struct Step {
+  prefopt::DPOLossResult result;
+  prefopt::PairInputs inputs;
+  prefopt::PairLogprobs policy;
+};
+
+Step dpo_step(double loss, at::Tensor rc, at::Tensor rr, at::Tensor pc, at::Tensor pr) {
+  Step s;
+  s.result.loss = at::scalar_tensor(loss, at::kDouble);
+  s.result.chosen_rewards = rc;
+  s.result.rejected_rewards = rr;
+  s.inputs = prefopt::PairInputs().policy_chosen_logps(pc).policy_rejected_logps(pr);
+  return s;
+}
+
+// The two micro-steps of the hand-worked window below.
+std::vector<Step> two_steps() {
+  std::vector<Step> steps;
+  // Step 1: 2 pairs, the second a tie. Step 2: 3 pairs.
+  steps.push_back(dpo_step(0.7, d({1.0, -0.5}), d({0.5, -0.5}), d({-10, -12}), d({-11, -13})));
+  steps.push_back(
+      dpo_step(0.4, d({2.0, 0.0, 1.0}), d({1.0, 1.0, -1.0}), d({-5, -6, -7}), d({-8, -9, -10})));
+  // Token statistics: logits sums over (2, 3) and (4, 1) scored tokens per side and step.
+  steps[0].policy.chosen.count = l({2, 3});
+  steps[0].policy.chosen.logits_sum = d({1.0, 2.0});
+  steps[0].policy.chosen.entropy_sum = d({4.0, 6.0});
+  steps[0].policy.chosen.correct = l({1, 3});
+  steps[0].policy.rejected.count = l({1, 1});
+  steps[0].policy.rejected.logits_sum = d({-1.0, 0.0});
+  steps[0].policy.rejected.entropy_sum = d({1.0, 1.0});
+  steps[0].policy.rejected.correct = l({0, 1});
+  steps[1].policy.chosen.count = l({4, 0, 2});
+  steps[1].policy.chosen.logits_sum = d({8.0, 0.0, 3.0});
+  steps[1].policy.chosen.entropy_sum = d({2.0, 0.0, 2.0});
+  steps[1].policy.chosen.correct = l({4, 0, 1});
+  steps[1].policy.rejected.count = l({1, 2, 3});
+  steps[1].policy.rejected.logits_sum = d({0.5, 0.5, 2.0});
+  steps[1].policy.rejected.entropy_sum = d({1.0, 1.0, 3.0});
+  steps[1].policy.rejected.correct = l({1, 1, 1});
+  return steps;
+}
+
+Metrics run(const std::vector<Step>& steps, MetricWindow window, bool tokens) {
+  MetricAccumulator acc(MetricsOptions().window(window));
+  for (const auto& s : steps) {
+    if (tokens) {
+      acc.add(s.result, s.inputs, s.policy);
+    } else {
+      acc.add(s.result, s.inputs);
+    }
+  }
+  EXPECT_EQ(acc.steps(), static_cast<int64_t>(steps.size()));
+  return acc.compute();
+}
+
+std::vector<std::string> names(const Metrics& m) {
+  std::vector<std::string> out;
+  for (const auto& item : m) out.push_back(item.first);
+  return out;
+}
+
+}  // namespace
+
+TEST(Metrics, DpoMeanOfStepsByHand) {
+  const auto m = run(two_steps(), MetricWindow::kMeanOfSteps, true);
+  EXPECT_EQ(names(m), (std::vector<std::string>{
+                          "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                          "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
+                          "logits/rejected", "entropy", "mean_token_accuracy", "num_tokens"}));
+  EXPECT_DOUBLE_EQ(m.at("loss"), (0.7 + 0.4) / 2);
+  // Per step: chosen (0.5/2, 3/3), rejected (0/2, 1/3), accuracies (1/2, 2/3): the tie is
+  // not accurate.
+  EXPECT_DOUBLE_EQ(m.at("rewards/chosen"), (0.25 + 1.0) / 2);
+  EXPECT_DOUBLE_EQ(m.at("rewards/rejected"), (0.0 + 1.0 / 3) / 2);
+  EXPECT_DOUBLE_EQ(m.at("rewards/accuracies"), (0.5 + 2.0 / 3) / 2);
+  EXPECT_DOUBLE_EQ(m.at("rewards/margins"), (0.25 + (1.0 - 1.0 / 3)) / 2);
+  EXPECT_DOUBLE_EQ(m.at("logps/chosen"), (-11.0 + -6.0) / 2);
+  EXPECT_DOUBLE_EQ(m.at("logps/rejected"), (-12.0 + -9.0) / 2);
+  // Token metrics pool the window's tokens: chosen 3 / 5 and 11 / 6, rejected -1 / 2, 3 / 6.
+  EXPECT_DOUBLE_EQ(m.at("logits/chosen"), (3.0 + 11.0) / (5 + 6));
+  EXPECT_DOUBLE_EQ(m.at("logits/rejected"), (-1.0 + 3.0) / (2 + 6));
+  EXPECT_DOUBLE_EQ(m.at("entropy"), (10.0 + 2.0 + 4.0 + 5.0) / (5 + 2 + 6 + 6));
+  EXPECT_DOUBLE_EQ(m.at("mean_token_accuracy"), (4.0 + 1.0 + 5.0 + 3.0) / (5 + 2 + 6 + 6));
+  EXPECT_DOUBLE_EQ(m.at("num_tokens"), 5 + 2 + 6 + 6);
+}
+
+TEST(Metrics, DpoCountWeightedByHand) {
+  const auto m = run(two_steps(), MetricWindow::kCountWeighted, true);
+  EXPECT_DOUBLE_EQ(m.at("loss"), (0.7 + 0.4) / 2);
+  EXPECT_DOUBLE_EQ(m.at("rewards/chosen"), (0.5 + 3.0) / 5);
+  EXPECT_DOUBLE_EQ(m.at("rewards/rejected"), (0.0 + 1.0) / 5);
+  EXPECT_DOUBLE_EQ(m.at("rewards/accuracies"), 3.0 / 5);
+  EXPECT_DOUBLE_EQ(m.at("rewards/margins"), (0.5 + 3.0) / 5 - 1.0 / 5);
+  EXPECT_DOUBLE_EQ(m.at("logps/chosen"), (-22.0 - 18.0) / 5);
+  EXPECT_DOUBLE_EQ(m.at("logps/rejected"), (-24.0 - 27.0) / 5);
+  EXPECT_DOUBLE_EQ(m.at("logits/chosen"), 14.0 / 11);
+  EXPECT_DOUBLE_EQ(m.at("num_tokens"), 19);
+}
+
+TEST(Metrics, WithoutTokenStatisticsOnlyPairMetrics) {
+  const auto m = run(two_steps(), MetricWindow::kMeanOfSteps, false);
+  EXPECT_FALSE(m.contains("logits/chosen"));
+  EXPECT_FALSE(m.contains("entropy"));
+  EXPECT_FALSE(m.contains("num_tokens"));  // no lengths in the inputs
+  EXPECT_TRUE(m.contains("rewards/margins"));
+  // With lengths, num_tokens counts them.
+  auto steps = two_steps();
+  MetricAccumulator acc;
+  acc.add(steps[0].result, steps[0].inputs.chosen_lengths(l({2, 3})).rejected_lengths(l({1, 1})));
+  EXPECT_DOUBLE_EQ(acc.compute().at("num_tokens"), 7);
+}
+
+TEST(Metrics, AccuraciesNeverExceedOne) {
+  MetricAccumulator mos, cw(MetricsOptions().window(MetricWindow::kCountWeighted));
+  for (int i = 0; i < 8; ++i) {
+    auto s =
+        dpo_step(0.1, d({1.0, 2.0, 3.0}), d({0.0, 1.0, 2.0}), d({-1, -1, -1}), d({-2, -2, -2}));
+    mos.add(s.result, s.inputs);
+    cw.add(s.result, s.inputs);
+  }
+  EXPECT_EQ(mos.compute().at("rewards/accuracies"), 1.0);
+  EXPECT_EQ(cw.compute().at("rewards/accuracies"), 1.0);
+}
+
+TEST(Metrics, KtoWindowsDisagreeByHand) {
+  // Step 1: 3 desirable, 1 undesirable; step 2: 1 desirable, 2 undesirable.
+  const auto kto = [](at::Tensor rc, at::Tensor rr, double kl) {
+    prefopt::KTOLossResult r;
+    r.loss = at::scalar_tensor(0.5, at::kDouble);
+    r.chosen_rewards = rc;
+    r.rejected_rewards = rr;
+    r.kl = at::scalar_tensor(kl, at::kDouble);
+    return r;
+  };
+  const auto in = [](at::Tensor pc, at::Tensor pr) {
+    return prefopt::KTOInputs().policy_chosen_logps(pc).policy_rejected_logps(pr);
+  };
+  const auto fill = [&](MetricAccumulator& acc) {
+    acc.add(kto(d({1, 2, 3}), d({-1}), 0.2), in(d({-3, -4, -5}), d({-9})));
+    acc.add(kto(d({5}), d({-2, -4}), 0.4), in(d({-1}), d({-7, -8})));
+  };
+  MetricAccumulator mos, cw(MetricsOptions().window(MetricWindow::kCountWeighted));
+  fill(mos);
+  fill(cw);
+  const auto a = mos.compute(), b = cw.compute();
+  EXPECT_DOUBLE_EQ(a.at("rewards/chosen"), (2.0 + 5.0) / 2);
+  EXPECT_DOUBLE_EQ(b.at("rewards/chosen"), 11.0 / 4);
+  EXPECT_DOUBLE_EQ(a.at("rewards/rejected"), (-1.0 + -3.0) / 2);
+  EXPECT_DOUBLE_EQ(b.at("rewards/rejected"), -7.0 / 3);
+  EXPECT_DOUBLE_EQ(a.at("rewards/margins"), ((2.0 + 1.0) + (5.0 + 3.0)) / 2);
+  EXPECT_DOUBLE_EQ(b.at("rewards/margins"), 11.0 / 4 + 7.0 / 3);
+  EXPECT_DOUBLE_EQ(a.at("logps/chosen"), (-4.0 + -1.0) / 2);
+  EXPECT_DOUBLE_EQ(b.at("logps/chosen"), -13.0 / 4);
+  EXPECT_DOUBLE_EQ(a.at("kl"), 0.3);
+  EXPECT_DOUBLE_EQ(b.at("kl"), 0.3);
+  EXPECT_FALSE(a.contains("rewards/accuracies"));  // unpaired: TRL logs none
+}
+
+TEST(Metrics, KtoEmptySidesContributeNothing) {
+  const auto o = at::TensorOptions().dtype(at::kDouble);
+  const auto step = [&](at::Tensor pc, at::Tensor pr) {
+    const auto in = prefopt::KTOInputs()
+                        .policy_chosen_logps(pc)
+                        .policy_rejected_logps(pr)
+                        .reference_chosen_logps(at::zeros_like(pc))
+                        .reference_rejected_logps(at::zeros_like(pr));
+    return std::make_pair(F::kto_loss(in), in);
+  };
+  MetricAccumulator acc;
+  // Step 1 has no undesirable example, step 2 no desirable one.
+  auto [r1, i1] = step(d({-1.0, -3.0}), at::empty({0}, o));
+  auto [r2, i2] = step(at::empty({0}, o), d({-2.0}));
+  acc.add(r1, i1);
+  acc.add(r2, i2);
+  const auto m = acc.compute();
+  EXPECT_DOUBLE_EQ(m.at("rewards/chosen"), 0.1 * -2.0);
+  EXPECT_DOUBLE_EQ(m.at("rewards/rejected"), 0.1 * -2.0);
+  EXPECT_FALSE(m.contains("rewards/margins"));  // no micro-step had both sides
+  for (const auto& [name, value] : m) EXPECT_TRUE(std::isfinite(value)) << name;
+  // A window with no undesirable examples at all: no rejected metrics, no NaN.
+  MetricAccumulator only_chosen(MetricsOptions().window(MetricWindow::kCountWeighted));
+  only_chosen.add(r1, i1);
+  const auto c = only_chosen.compute();
+  EXPECT_TRUE(c.contains("rewards/chosen"));
+  EXPECT_FALSE(c.contains("rewards/rejected"));
+  EXPECT_FALSE(c.contains("logps/rejected"));
+  EXPECT_FALSE(c.contains("rewards/margins"));
+}
+
+TEST(Metrics, OrpoAndCpoExtras) {
+  prefopt::ORPOLossResult r;
+  r.loss = at::scalar_tensor(1.5, at::kDouble);
+  r.chosen_rewards = d({-0.1, -0.2});
+  r.rejected_rewards = d({-0.3, -0.1});
+  r.log_odds_ratio = d({-0.5, -0.7});
+  r.log_odds_chosen = d({0.4, 0.2});
+  r.nll_loss = at::scalar_tensor(1.2, at::kDouble);
+  const auto in =
+      prefopt::PairInputs().policy_chosen_logps(d({-1, -2})).policy_rejected_logps(d({-3, -1}));
+  MetricAccumulator acc(MetricsOptions().prefix("eval_"));
+  acc.add(r, in);
+  const auto m = acc.compute();
+  EXPECT_DOUBLE_EQ(m.at("eval_log_odds_ratio"), -0.6);
+  EXPECT_DOUBLE_EQ(m.at("eval_log_odds_chosen"), 0.3);
+  EXPECT_DOUBLE_EQ(m.at("eval_nll_loss"), 1.2);
+  EXPECT_DOUBLE_EQ(m.at("eval_rewards/accuracies"), 0.5);
+  EXPECT_FALSE(m.contains("loss"));
+  prefopt::CPOLossResult c{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss};
+  MetricAccumulator acc2;
+  acc2.add(c, in);
+  EXPECT_DOUBLE_EQ(acc2.compute().at("nll_loss"), 1.2);
+}
+
+TEST(Metrics, MatchesTheLossOutputs) {
+  const auto o = at::TensorOptions().dtype(at::kDouble);
+  at::manual_seed(3);
+  const auto pc = -20 + at::randn({16}, o), pr = -22 + at::randn({16}, o);
+  const auto rc = -21 + at::randn({16}, o), rr = -21 + at::randn({16}, o);
+  const auto r = F::dpo_loss(pc, pr, rc, rr);
+  MetricAccumulator acc;
+  acc.add(r, prefopt::PairInputs().policy_chosen_logps(pc).policy_rejected_logps(pr));
+  const auto m = acc.compute();
+  EXPECT_NEAR(m.at("loss"), r.loss.item<double>(), 1e-15);
+  EXPECT_NEAR(m.at("rewards/chosen"), (0.1 * (pc - rc)).mean().item<double>(), 1e-14);
+  EXPECT_NEAR(m.at("rewards/margins"), (0.1 * ((pc - rc) - (pr - rr))).mean().item<double>(),
+              1e-14);
+  EXPECT_NEAR(m.at("rewards/accuracies"),
+              (pc - rc).gt(pr - rr).to(at::kDouble).mean().item<double>(), 0);
+  EXPECT_NEAR(m.at("logps/rejected"), pr.mean().item<double>(), 1e-12);
+  // compute() starts a new window.
+  EXPECT_EQ(acc.steps(), 0);
+  EXPECT_TRUE(acc.compute().empty());
+}
+
+TEST(Metrics, ScalarsAndNumTokensAcrossWindows) {
+  MetricAccumulator acc;
+  acc.add_scalar("grad_norm", 2.0);  // before the step's add: joins it
+  auto s = two_steps();
+  acc.add(s[0].result, s[0].inputs, s[0].policy);
+  acc.add_scalar("aux_loss", at::scalar_tensor(0.25));
+  acc.add(s[1].result, s[1].inputs, s[1].policy);
+  acc.add_scalar("grad_norm", 4.0);
+  auto m = acc.compute();
+  EXPECT_EQ(acc.steps(), 0);
+  EXPECT_DOUBLE_EQ(m.at("grad_norm"), 3.0);
+  EXPECT_DOUBLE_EQ(m.at("aux_loss"), 0.25);
+  EXPECT_DOUBLE_EQ(m.at("num_tokens"), 7 + 12);
+  EXPECT_EQ(names(m).back(), "aux_loss");  // custom metrics follow the built-in ones
+  acc.add(s[1].result, s[1].inputs, s[1].policy);
+  EXPECT_DOUBLE_EQ(acc.compute().at("num_tokens"), 7 + 12 + 12);  // a running total
+  PREFOPT_EXPECT_THROWS_WITH(acc.add_scalar("rewards/chosen", 1.0), "built-in per-example");
+  PREFOPT_EXPECT_THROWS_WITH(acc.add_scalar("x", at::ones({2})), "one-element tensor");
+  PREFOPT_EXPECT_THROWS_WITH(m.at("nope"), "no metric named 'nope'");
+}
+
+TEST(Metrics, BadPairsAreRejected) {
+  auto s = dpo_step(0.1, d({1.0, 2.0}), d({0.0}), d({-1, -1}), d({-2}));
+  MetricAccumulator acc;
+  PREFOPT_EXPECT_THROWS_WITH(acc.add(s.result, s.inputs), "as many chosen as rejected");
+}
+
+TEST(MetricsFmt, LineAndTable) {
+  Metrics m;
+  m.set("loss", 0.6931471805599453);
+  m.set("rewards/accuracies", 0.75);
+  m.set("num_tokens", 1234);
+  EXPECT_EQ(fmt::format("{}", m), "loss=0.693147 rewards/accuracies=0.75 num_tokens=1234");
+  EXPECT_EQ(fmt::format("{:.3}", m), "loss=0.693 rewards/accuracies=0.75 num_tokens=1.23e+03");
+  EXPECT_EQ(fmt::format("{:t}", m),
+            "loss                     0.693147\n"
+            "rewards/accuracies           0.75\n"
+            "num_tokens                   1234");
+  m.set("loss", 0.5);  // replaced in place
+  EXPECT_EQ(fmt::format("{:l.2}", m), "loss=0.5 rewards/accuracies=0.75 num_tokens=1.2e+03");
+}
+
+TEST(MetricsJsonl, AppendsOneObjectPerLine) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("prefopt_jsonl_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto path = (dir / "metrics.jsonl").string();
+  {
+    std::ofstream(path) << "{\"step\":0}\n";  // an earlier run's line stays
+  }
+  Metrics m;
+  m.set("loss", 0.1);
+  m.set("eval_rewards/chosen", -0.25);
+  m.set("kl", std::numeric_limits<double>::quiet_NaN());
+  {
+    prefopt::JsonlWriter w(path);
+    w.write(10, m);
+    // Flushed per line: visible before the writer closes.
+    std::ifstream in(path);
+    std::string a, b;
+    std::getline(in, a);
+    std::getline(in, b);
+    EXPECT_EQ(a, "{\"step\":0}");
+    const auto j = nlohmann::json::parse(b);
+    EXPECT_EQ(j["step"], 10);
+    EXPECT_DOUBLE_EQ(j["loss"].get<double>(), 0.1);
+    EXPECT_DOUBLE_EQ(j["eval_rewards/chosen"].get<double>(), -0.25);
+    EXPECT_TRUE(j["kl"].is_null());
+    prefopt::JsonlWriter moved = std::move(w);
+    moved.write(11, m);
+  }
+  std::ifstream in(path);
+  std::string line;
+  int lines = 0;
+  while (std::getline(in, line)) ++lines;
+  EXPECT_EQ(lines, 3);
+  EXPECT_EQ(prefopt::to_json(1, Metrics()), "{\"step\":1}");
+  // Keys keep the metrics' order.
+  EXPECT_EQ(prefopt::to_json(2, m).substr(0, 20), "{\"step\":2,\"loss\":0.1");
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::JsonlWriter((dir / "no/such/dir/x.jsonl").string()),
+                             "cannot open");
+  std::filesystem::remove_all(dir);
+}

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // A user's program: gathers sequence log-probs with prefopt and checks them against the naive
 // composite. Exits non-zero on any mismatch.
+#include <prefopt/fmt.h>
 #include <prefopt/prefopt.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 
@@ -34,7 +36,17 @@ int main() {
           .item<double>();
   dpo.loss.backward();
   const bool grad_ok = logits.grad().defined() && logits.grad().isfinite().all().item<bool>();
-  std::printf("prefopt %s consumer: max |prefopt - naive| = %.3g, dpo error %.3g, grad %s\n",
-              PREFOPT_VERSION_STRING, err, dpo_err, grad_ok ? "ok" : "MISSING");
-  return err < 1e-4 && dpo_err < 1e-6 && grad_ok ? 0 : 1;
+  // Its metrics, formatted with fmt.
+  prefopt::MetricAccumulator metrics;
+  metrics.add(dpo, prefopt::PairInputs(pair), pair);
+  const auto m = metrics.compute();
+  const double margin_err =
+      std::abs(m.at("rewards/margins") -
+               (0.1 * (pair.chosen.sum - pair.rejected.sum)).mean().item<double>());
+  std::printf(
+      "prefopt %s consumer: max |prefopt - naive| = %.3g, dpo error %.3g, grad %s, "
+      "margin error %.3g\n%s\n",
+      PREFOPT_VERSION_STRING, err, dpo_err, grad_ok ? "ok" : "MISSING", margin_err,
+      fmt::format("{}", m).c_str());
+  return err < 1e-4 && dpo_err < 1e-6 && grad_ok && margin_err < 1e-6 ? 0 : 1;
 }

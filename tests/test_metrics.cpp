@@ -126,6 +126,27 @@ TEST(Metrics, DpoCountWeightedByHand) {
   EXPECT_DOUBLE_EQ(m.at("num_tokens"), 19);
 }
 
+TEST(Metrics, LogitsOverAllPositions) {
+  // LLaMA-Factory / torchtune: every position's vocabulary mean, prompt and padding included.
+  auto steps = two_steps();
+  steps[0].policy.chosen.logits_sum_all = d({5.0, 1.0});
+  steps[0].policy.chosen.positions = l({8, 8});
+  steps[0].policy.rejected.logits_sum_all = d({-2.0, -2.0});
+  steps[0].policy.rejected.positions = l({8, 8});
+  steps[1].policy.chosen.logits_sum_all = d({1.0, 1.0, 1.0});
+  steps[1].policy.chosen.positions = l({4, 4, 4});
+  steps[1].policy.rejected.logits_sum_all = d({0.0, 3.0, 0.0});
+  steps[1].policy.rejected.positions = l({4, 4, 4});
+  for (auto window : {MetricWindow::kMeanOfSteps, MetricWindow::kCountWeighted}) {
+    MetricAccumulator acc(
+        MetricsOptions().window(window).logits(prefopt::LogitsMetric::kAllPositions));
+    for (const auto& s : steps) acc.add(s.result, s.inputs, s.policy);
+    const auto m = acc.compute();
+    EXPECT_DOUBLE_EQ(m.at("logits/chosen"), (6.0 + 3.0) / (16 + 12));
+    EXPECT_DOUBLE_EQ(m.at("logits/rejected"), (-4.0 + 3.0) / (16 + 12));
+  }
+}
+
 TEST(Metrics, WithoutTokenStatisticsOnlyPairMetrics) {
   const auto m = run(two_steps(), MetricWindow::kMeanOfSteps, false);
   EXPECT_FALSE(m.contains("logits/chosen"));

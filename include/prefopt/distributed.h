@@ -51,7 +51,8 @@ struct DistributedContext {
   c10::intrusive_ptr<c10d::Store> store;         ///< the TCPStore the ranks met at
   int rank = 0;
   int world_size = 1;
-  /// `LOCAL_RANK` (the GPU index under torchrun), or `rank` when unset.
+  /// `LOCAL_RANK` (the GPU index under torchrun), or `rank` when unset. With NCCL, make
+  /// `cuda:local_rank` the current device before the first collective.
   int local_rank = 0;
   DistBackend backend = DistBackend::kGloo;
 };

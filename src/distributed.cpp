@@ -324,23 +324,43 @@ Reduced finish(const char* fn, const at::Tensor& local_max, const at::Tensor& lo
   return r;
 }
 
+// Forward of both forms: `logits_chunk(i, c)` gives rows [i, i + c) of this rank's logits in the
+// compute dtype; the chunks' statistics are reduced over ranks into log-probs.
+template <typename LogitsChunk>
+Reduced shard_logprobs(const char* fn, const at::Tensor& local, int64_t rows,
+                       const at::TensorOptions& opts, c10d::ProcessGroup* group,
+                       const LogitsChunk& logits_chunk) {
+  const int64_t n = local.numel();
+  ShardStats s{at::empty({n}, opts), at::empty({n}, opts), at::empty({n}, opts),
+               at::empty({n}, opts)};
+  for (int64_t i = 0; i < n; i += rows) {
+    const int64_t c = std::min(rows, n - i);
+    add_chunk(s, i, logits_chunk(i, c), local.narrow(0, i, c));
+  }
+  return finish(fn, s.max, s.sumexp, s.target, s.owned, group);
+}
+
+// d log p(y) / d z_v = 1[v = y] − softmax_v over this rank's columns, softmax from the global
+// logsumexp, times the upstream gradient: z [c, V_local], lse, g, local [c].
+at::Tensor logit_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& g,
+                      const at::Tensor& local) {
+  auto gz = (z - lse.unsqueeze(1)).exp_().mul_(g.unsqueeze(1)).neg_();
+  const auto owned = local.ge(0).logical_and(local.lt(z.size(1))).nonzero().reshape({-1});
+  gz.index_put_({owned, local.index_select(0, owned)}, g.index_select(0, owned),
+                /*accumulate=*/true);
+  return gz;
+}
+
 struct VocabParallelLogitsFunction : public torch::autograd::Function<VocabParallelLogitsFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& b,
                                const at::Tensor& t, const at::Tensor& local, int64_t rows,
                                c10d::ProcessGroup* group) {
     constexpr const char* fn = "prefopt::functional::vocab_parallel_gather_logprobs";
     const auto dt = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const int64_t n = b.numel();
-    const auto opts = logits.options().dtype(dt);
-    at::Tensor mx = at::empty({n}, opts), se = at::empty({n}, opts), tg = at::empty({n}, opts),
-               ow = at::empty({n}, opts);
-    ShardStats s{mx, se, tg, ow};
-    for (int64_t i = 0; i < n; i += rows) {
-      const int64_t c = std::min(rows, n - i);
-      const auto z = logits.index({b.narrow(0, i, c), t.narrow(0, i, c)}).to(dt);
-      add_chunk(s, i, z, local.narrow(0, i, c));
-    }
-    auto r = finish(fn, mx, se, tg, ow, group);
+    auto r = shard_logprobs(fn, local, rows, logits.options().dtype(dt), group,
+                            [&](int64_t i, int64_t c) {
+                              return logits.index({b.narrow(0, i, c), t.narrow(0, i, c)}).to(dt);
+                            });
     ctx->save_for_backward({logits, b, t, local, r.lse});
     ctx->saved_data["rows"] = rows;
     return {r.logp};
@@ -353,18 +373,12 @@ struct VocabParallelLogitsFunction : public torch::autograd::Function<VocabParal
     const auto dt = lse.scalar_type();
     const auto g = grads[0].to(dt);
     at::Tensor grad = at::zeros_like(logits, at::MemoryFormat::Contiguous);
-    const int64_t n = b.numel(), v = logits.size(2);
+    const int64_t n = b.numel();
     for (int64_t i = 0; i < n; i += rows) {
       const int64_t c = std::min(rows, n - i);
-      const auto bi = b.narrow(0, i, c), ti = t.narrow(0, i, c), li = local.narrow(0, i, c);
-      const auto gi = g.narrow(0, i, c).unsqueeze(1);
-      // d log p(y) / d z_v = 1[v = y] − softmax_v, softmax from the global logsumexp.
-      auto gz =
-          (logits.index({bi, ti}).to(dt) - lse.narrow(0, i, c).unsqueeze(1)).exp_().mul_(gi).neg_();
-      const auto owned = li.ge(0).logical_and(li.lt(v));
-      const auto rows_owned = owned.nonzero().reshape({-1});
-      gz.index_put_({rows_owned, li.index_select(0, rows_owned)},
-                    gi.squeeze(1).index_select(0, rows_owned), /*accumulate=*/true);
+      const auto bi = b.narrow(0, i, c), ti = t.narrow(0, i, c);
+      const auto gz = logit_grad(logits.index({bi, ti}).to(dt), lse.narrow(0, i, c),
+                                 g.narrow(0, i, c), local.narrow(0, i, c));
       grad.index_put_({bi, ti}, gz.to(logits.scalar_type()));
     }
     return {grad, {}, {}, {}, {}, {}};
@@ -377,17 +391,11 @@ struct VocabParallelHeadFunction : public torch::autograd::Function<VocabParalle
                                const at::Tensor& local, int64_t rows, c10d::ProcessGroup* group) {
     constexpr const char* fn = "prefopt::functional::vocab_parallel_fused_logprobs";
     const auto dt = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const int64_t n = b.numel();
-    const auto opts = hidden.options().dtype(dt);
-    at::Tensor mx = at::empty({n}, opts), se = at::empty({n}, opts), tg = at::empty({n}, opts),
-               ow = at::empty({n}, opts);
-    ShardStats s{mx, se, tg, ow};
-    for (int64_t i = 0; i < n; i += rows) {
-      const int64_t c = std::min(rows, n - i);
-      const auto h = hidden.index({b.narrow(0, i, c), t.narrow(0, i, c)});
-      add_chunk(s, i, at::matmul(h, weight.t()).to(dt), local.narrow(0, i, c));
-    }
-    auto r = finish(fn, mx, se, tg, ow, group);
+    auto r = shard_logprobs(fn, local, rows, hidden.options().dtype(dt), group,
+                            [&](int64_t i, int64_t c) {
+                              const auto h = hidden.index({b.narrow(0, i, c), t.narrow(0, i, c)});
+                              return at::matmul(h, weight.t()).to(dt);
+                            });
     ctx->save_for_backward({hidden, weight, b, t, local, r.lse});
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["group"] = reinterpret_cast<int64_t>(group);
@@ -403,22 +411,14 @@ struct VocabParallelHeadFunction : public torch::autograd::Function<VocabParalle
     auto* group = reinterpret_cast<c10d::ProcessGroup*>(ctx->saved_data["group"].toInt());
     const auto dt = lse.scalar_type();
     const auto g = grads[0].to(dt);
-    const int64_t n = b.numel(), v = weight.size(0);
+    const int64_t n = b.numel();
     at::Tensor dw = at::zeros(weight.sizes(), weight.options().dtype(dt));
     at::Tensor dh_rows = at::empty({n, hidden.size(2)}, hidden.options().dtype(dt));
     for (int64_t i = 0; i < n; i += rows) {
       const int64_t c = std::min(rows, n - i);
-      const auto li = local.narrow(0, i, c);
-      const auto gi = g.narrow(0, i, c).unsqueeze(1);
       const auto h = hidden.index({b.narrow(0, i, c), t.narrow(0, i, c)});
-      auto gz = (at::matmul(h, weight.t()).to(dt) - lse.narrow(0, i, c).unsqueeze(1))
-                    .exp_()
-                    .mul_(gi)
-                    .neg_();
-      const auto owned = li.ge(0).logical_and(li.lt(v));
-      const auto rows_owned = owned.nonzero().reshape({-1});
-      gz.index_put_({rows_owned, li.index_select(0, rows_owned)},
-                    gi.squeeze(1).index_select(0, rows_owned), /*accumulate=*/true);
+      const auto gz = logit_grad(at::matmul(h, weight.t()).to(dt), lse.narrow(0, i, c),
+                                 g.narrow(0, i, c), local.narrow(0, i, c));
       dw.addmm_(gz.t(), h.to(dt));
       dh_rows.narrow(0, i, c).copy_(at::matmul(gz.to(weight.scalar_type()), weight).to(dt));
     }

@@ -5,10 +5,12 @@
 //
 //   bench_logprobs [--smoke] [--threads=N] [--device=cuda] [--benchmark_filter=...]
 //
-// prefopt_aten is prefopt's chunked ATen path (backend kATen), to show what the row kernels add.
+// prefopt_aten is prefopt's chunked ATen path (backend kATen), to show what the row kernels add;
+// vocab_parallel is distributed.h's vocabulary-parallel gather on a single rank.
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
 #include <c10/core/GradMode.h>
+#include <prefopt/distributed.h>
 #include <prefopt/logprobs.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -37,6 +39,12 @@ at::Tensor prefopt_aten_sum(const at::Tensor& logits, const at::Tensor& labels) 
   return F::gather_logprobs(logits, labels,
                             prefopt::GatherLogprobsOptions().backend(prefopt::GatherBackend::kATen))
       .sum;
+}
+
+/// The vocabulary-parallel gather on one rank holding the whole vocabulary (no group): the
+/// per-rank compute of a tensor-parallel LM head, without the collectives.
+at::Tensor vocab_parallel_sum(const at::Tensor& logits, const at::Tensor& labels) {
+  return F::vocab_parallel_gather_logprobs(logits, labels, nullptr, {}).sum;
 }
 
 /// What most training code writes: log_softmax over the whole vocabulary, gather, masked sum.
@@ -129,8 +137,10 @@ void run(benchmark::State& state, Method method, bool backward) {
 
 void register_all(bool smoke) {
   const bool gpu = prefopt_bench::bench_device().is_cuda() && !smoke;
-  std::vector<std::pair<const char*, Method>> methods{
-      {"prefopt", prefopt_sum}, {"naive", naive_sum}, {"trl", trl_sum}};
+  std::vector<std::pair<const char*, Method>> methods{{"prefopt", prefopt_sum},
+                                                      {"naive", naive_sum},
+                                                      {"trl", trl_sum},
+                                                      {"vocab_parallel", vocab_parallel_sum}};
   if (gpu) methods.insert(methods.begin() + 1, {"prefopt_aten", prefopt_aten_sum});
   const std::vector<int64_t> token_sizes = smoke ? std::vector<int64_t>{1024}
                                            : gpu ? std::vector<int64_t>{16384}

@@ -11,9 +11,11 @@
 #endif
 
 #include <algorithm>
+
 #include <cerrno>
 #include <cstdlib>
 #include <string>
+#include "rows.h"
 
 PREFOPT_BEGIN_NAMESPACE
 
@@ -296,6 +298,17 @@ void add_chunk(ShardStats& s, int64_t at_row, const at::Tensor& z, const at::Ten
   s.owned.narrow(0, at_row, n).copy_(owned.to(tgt.scalar_type()));
 }
 
+// Every scored label must be owned by exactly one rank.
+void check_owners(const char* fn, const at::Tensor& owners) {
+  const auto bad = owners.ne(1);
+  if (!bad.any().item<bool>()) return;
+  const auto first = bad.nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK(false, fn, ": expected every label to fall in exactly one rank's vocabulary slice; ",
+              bad.sum().item<int64_t>(), " scored tokens do not (the first is owned by ",
+              owners[first].item<double>(),
+              " ranks): labels >= V, or vocab_start values that overlap or leave gaps");
+}
+
 // Shared by both forms: turns the local chunks into the reduced log-probs.
 struct Reduced {
   at::Tensor logp, lse;  // [N]
@@ -309,15 +322,7 @@ Reduced finish(const char* fn, const at::Tensor& local_max, const at::Tensor& lo
     run_allreduce(global_max, group, c10d::ReduceOp::MAX, fn);
   at::Tensor packed = at::stack({local_sumexp * (local_max - global_max).exp(), target, owned});
   all_reduce_sum(packed, group, fn);
-  const auto bad = packed[2].ne(1);
-  if (bad.any().item<bool>()) {
-    const auto first = bad.nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK(false, fn,
-                ": expected every label to fall in exactly one rank's vocabulary slice; ",
-                bad.sum().item<int64_t>(), " scored tokens do not (the first is owned by ",
-                packed[2][first].item<double>(),
-                " ranks): labels >= V, or vocab_start values that overlap or leave gaps");
-  }
+  check_owners(fn, packed[2]);
   Reduced r;
   r.lse = global_max + packed[0].log();
   r.logp = packed[1] - r.lse;
@@ -351,36 +356,49 @@ at::Tensor logit_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tens
   return gz;
 }
 
+// The logits form runs on the gathering op's row kernels (src/rows.h): each rank's per-token
+// logsumexp over its columns and log-prob of owned labels, then lse_r plays the role of the
+// max: M = max_r lse_r, LSE = M + log Σ_r exp(lse_r − M), log p(y) = (z_y − M) − log Σ_r ...
 struct VocabParallelLogitsFunction : public torch::autograd::Function<VocabParallelLogitsFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& b,
-                               const at::Tensor& t, const at::Tensor& local, int64_t rows,
+                               const at::Tensor& t, const at::Tensor& local, int64_t chunk_bytes,
                                c10d::ProcessGroup* group) {
     constexpr const char* fn = "prefopt::functional::vocab_parallel_gather_logprobs";
-    const auto dt = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    auto r = shard_logprobs(fn, local, rows, logits.options().dtype(dt), group,
-                            [&](int64_t i, int64_t c) {
-                              return logits.index({b.narrow(0, i, c), t.narrow(0, i, c)}).to(dt);
-                            });
-    ctx->save_for_backward({logits, b, t, local, r.lse});
-    ctx->saved_data["rows"] = rows;
-    return {r.logp};
+    const int64_t v = logits.size(2);
+    const auto owned = local.ge(0).logical_and(local.lt(v));
+    const auto r = detail::rows_forward(
+        logits, detail::Rows{b, t, local.clamp(0, std::max<int64_t>(v - 1, 0)), {}}, 0,
+        GatherBackend::kAuto, chunk_bytes);
+    at::Tensor lse = r.lse;
+    at::Tensor logp = r.logp;
+    if (b.numel() > 0) {  // labels agree across ranks: all or none have tokens
+      at::Tensor global_max = r.lse.clone();
+      if (group != nullptr && group->getSize() > 1)
+        run_allreduce(global_max, group, c10d::ReduceOp::MAX, fn);
+      const auto own = owned.to(r.lse.scalar_type());
+      at::Tensor packed =
+          at::stack({(r.lse - global_max).exp(), (r.logp + (r.lse - global_max)) * own, own});
+      all_reduce_sum(packed, group, fn);
+      check_owners(fn, packed[2]);
+      const auto log_sum = packed[0].log();
+      lse = global_max + log_sum;
+      logp = packed[1] - log_sum;
+    }
+    // Non-owned rows get no one-hot term in backward.
+    ctx->save_for_backward({logits, b, t, at::where(owned, local, at::full_like(local, -1)), lse});
+    ctx->saved_data["chunk_bytes"] = chunk_bytes;
+    return {logp};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &logits = saved[0], &b = saved[1], &t = saved[2], &local = saved[3], &lse = saved[4];
-    const int64_t rows = ctx->saved_data["rows"].toInt();
-    const auto dt = lse.scalar_type();
-    const auto g = grads[0].to(dt);
-    at::Tensor grad = at::zeros_like(logits, at::MemoryFormat::Contiguous);
-    const int64_t n = b.numel();
-    for (int64_t i = 0; i < n; i += rows) {
-      const int64_t c = std::min(rows, n - i);
-      const auto bi = b.narrow(0, i, c), ti = t.narrow(0, i, c);
-      const auto gz = logit_grad(logits.index({bi, ti}).to(dt), lse.narrow(0, i, c),
-                                 g.narrow(0, i, c), local.narrow(0, i, c));
-      grad.index_put_({bi, ti}, gz.to(logits.scalar_type()));
-    }
+    const auto& logits = saved[0];
+    const auto g = grads[0].to(saved[4].scalar_type()).contiguous();
+    at::Tensor grad =
+        at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+    detail::advise_huge_pages(grad);
+    detail::rows_backward(logits, detail::Rows{saved[1], saved[2], saved[3], {}}, saved[4], g,
+                          GatherBackend::kAuto, ctx->saved_data["chunk_bytes"].toInt(), grad);
     return {grad, {}, {}, {}, {}, {}};
   }
 };
@@ -471,8 +489,8 @@ SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor& logits, const 
               labels.defined() ? labels.sizes() : at::IntArrayRef{});
   const auto p = scored_positions(fn, labels.to(logits.device()), o);
   const auto local = p.label - o.vocab_start();
-  const auto logp = VocabParallelLogitsFunction::apply(
-      logits, p.b, p.t, local, chunk_rows(logits.size(2), o.chunk_bytes()), group)[0];
+  const auto logp =
+      VocabParallelLogitsFunction::apply(logits, p.b, p.t, local, o.chunk_bytes(), group)[0];
   return assemble(p, logp, o);
 }
 

@@ -106,7 +106,8 @@ struct VocabParallelOptions {
   TORCH_ARG(int64_t, ignore_index) = -100;
   /// Also return `token_logps` and `token_mask`. Default: false.
   TORCH_ARG(bool, with_token_logps) = false;
-  /// Most bytes of fp32 logits a chunk may materialise. Default: 64 MiB.
+  /// Most bytes of fp32 logits the hidden-state form materialises per chunk (and the logits
+  /// form's chunked ATen path, where no row kernel runs). Default: 64 MiB.
   TORCH_ARG(int64_t, chunk_bytes) = int64_t{64} << 20;
 };
 
@@ -131,11 +132,12 @@ PREFOPT_API at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
 /// tensor-parallel LM head): `logits` [B, T, V_local] are this rank's columns, `labels` [B, T]
 /// are global ids and the same on every rank.
 ///
-/// `log p(y) = z_y − (M + log Σ_r Σ_{v ∈ r} exp(z_v − M))`, `M = max_r max_{v ∈ r} z_v`: one
-/// all-reduce (max) of the per-token maxima and one (sum) of the packed sum-exps and owned
-/// target logits. The results (fp32, fp64 for fp64 logits) are identical on every rank, so a
-/// loss built from them is too; backward is local and exact: each rank's logits receive
-/// `g · (1[v = y] − softmax_v)` over its columns. Only per-token logsumexps are saved.
+/// `log p(y) = z_y − (M + log Σ_r exp(lse_r − M))`, `lse_r` the logsumexp over rank r's
+/// columns (the gathering op's row kernels) and `M = max_r lse_r`: one all-reduce (max) of the
+/// per-token `lse_r` and one (sum) of the packed rescaled sums and owned target logits. The results
+/// (fp32, fp64 for fp64 logits) are identical on every rank, so a loss built from them is too;
+/// backward is local and exact: each rank's logits receive `g · (1[v = y] − softmax_v)` over its
+/// columns. Only per-token logsumexps are saved.
 ///
 /// Example:
 /// ```

@@ -134,10 +134,10 @@ PREFOPT_API at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
 ///
 /// `log p(y) = z_y − (M + log Σ_r exp(lse_r − M))`, `lse_r` the logsumexp over rank r's
 /// columns (the gathering op's row kernels) and `M = max_r lse_r`: one all-reduce (max) of the
-/// per-token `lse_r` and one (sum) of the packed rescaled sums and owned target logits. The results
-/// (fp32, fp64 for fp64 logits) are identical on every rank, so a loss built from them is too;
-/// backward is local and exact: each rank's logits receive `g · (1[v = y] − softmax_v)` over its
-/// columns. Only per-token logsumexps are saved.
+/// per-token `lse_r` and one (sum) of the packed rescaled sums and owned target logits. The
+/// results (fp32, fp64 for fp64 logits) are identical on every rank, so a loss built from them
+/// is too; backward is local and exact: each rank's logits receive `g · (1[v = y] − softmax_v)`
+/// over its columns. Only per-token logsumexps are saved.
 ///
 /// Example:
 /// ```

@@ -102,10 +102,11 @@ class PREFOPT_API Metrics {
 /// - `rewards/margins`: `rewards/chosen − rewards/rejected` of the same window (for pairs this
 ///   is the mean of r_c − r_r; for KTO a micro-step needs both sides);
 /// - `log_odds_ratio`, `log_odds_chosen` (ORPO): pair means;
-/// - from the policy's `SequenceLogprobs`, token-weighted: `logits/chosen`, `logits/rejected`
-///   (see `LogitsMetric`), `entropy` (`with_entropy`), `mean_token_accuracy`
-///   (`with_token_accuracy`) over both sides; `num_tokens`: scored tokens seen since the
-///   accumulator was made, summed over ranks (TRL counts prompt tokens too).
+/// - from the policy's `SequenceLogprobs`, token-weighted over the window and the ranks:
+///   `logits/chosen`, `logits/rejected` (see `LogitsMetric`), `entropy` (`with_entropy`),
+///   `mean_token_accuracy` (`with_token_accuracy`) over both sides; `num_tokens`: scored
+///   tokens seen since the accumulator was made, summed over ranks (TRL counts prompt tokens
+///   too).
 ///
 /// A side with no examples contributes nothing and breaks nothing: its metrics are absent
 /// from a window that has none, never NaN. Nothing is read from the device before `compute`.

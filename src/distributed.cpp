@@ -278,26 +278,6 @@ int64_t chunk_rows(int64_t cols, int64_t bytes) {
   return std::max<int64_t>(1, bytes / (4 * std::max<int64_t>(cols, 1)));
 }
 
-// Per-token statistics of one rank's vocabulary slice, reduced over ranks into the log-prob:
-// max (all-reduce MAX), then the rescaled sum-exp, the owned target logit and the owner count
-// (one all-reduce SUM of the three packed).
-struct ShardStats {
-  at::Tensor max, sumexp, target, owned;  // [N], computed in `dt`
-};
-
-void add_chunk(ShardStats& s, int64_t at_row, const at::Tensor& z, const at::Tensor& local) {
-  // z: [n, V_local] in the compute dtype; local: [n] label − vocab_start.
-  const int64_t n = z.size(0);
-  const int64_t v = z.size(1);
-  const auto owned = local.ge(0).logical_and(local.lt(v));
-  const auto m = z.amax(1);
-  s.max.narrow(0, at_row, n).copy_(m);
-  s.sumexp.narrow(0, at_row, n).copy_((z - m.unsqueeze(1)).exp_().sum(1));
-  const auto tgt = z.gather(1, local.clamp(0, std::max<int64_t>(v - 1, 0)).unsqueeze(1)).squeeze(1);
-  s.target.narrow(0, at_row, n).copy_(at::where(owned, tgt, at::zeros_like(tgt)));
-  s.owned.narrow(0, at_row, n).copy_(owned.to(tgt.scalar_type()));
-}
-
 // Every scored label must be owned by exactly one rank.
 void check_owners(const char* fn, const at::Tensor& owners) {
   const auto bad = owners.ne(1);
@@ -309,40 +289,50 @@ void check_owners(const char* fn, const at::Tensor& owners) {
               " ranks): labels >= V, or vocab_start values that overlap or leave gaps");
 }
 
-// Shared by both forms: turns the local chunks into the reduced log-probs.
 struct Reduced {
-  at::Tensor logp, lse;  // [N]
+  at::Tensor logp, lse;  // [N]: global log-probs and logsumexps
 };
 
-Reduced finish(const char* fn, const at::Tensor& local_max, const at::Tensor& local_sumexp,
-               const at::Tensor& target, const at::Tensor& owned, c10d::ProcessGroup* group) {
-  at::Tensor global_max = local_max.clone();
-  if (local_max.numel() == 0) return {local_max, local_max};  // labels agree: no rank has tokens
+// Both forms: each rank's per-token logsumexp over its columns (lse_r) and log-prob of the
+// labels it owns (logp_r) become global ones. lse_r plays the role of a max:
+// M = max_r lse_r, LSE = M + log Σ_r exp(lse_r − M), log p(y) = (z_y − M) − log Σ_r exp(lse_r − M),
+// z_y − M = logp_r + lse_r − M on the owning rank. One MAX and one packed SUM all-reduce.
+Reduced reduce_over_ranks(const char* fn, const at::Tensor& lse_local, const at::Tensor& logp_local,
+                          const at::Tensor& owned, c10d::ProcessGroup* group) {
+  if (lse_local.numel() == 0) return {logp_local, lse_local};  // labels agree: none anywhere
+  at::Tensor global_max = lse_local.clone();
   if (group != nullptr && group->getSize() > 1)
     run_allreduce(global_max, group, c10d::ReduceOp::MAX, fn);
-  at::Tensor packed = at::stack({local_sumexp * (local_max - global_max).exp(), target, owned});
+  const auto own = owned.to(lse_local.scalar_type());
+  at::Tensor packed = at::stack(
+      {(lse_local - global_max).exp(), (logp_local + (lse_local - global_max)) * own, own});
   all_reduce_sum(packed, group, fn);
   check_owners(fn, packed[2]);
-  Reduced r;
-  r.lse = global_max + packed[0].log();
-  r.logp = packed[1] - r.lse;
-  return r;
+  const auto log_sum = packed[0].log();
+  return {packed[1] - log_sum, global_max + log_sum};
 }
 
-// Forward of both forms: `logits_chunk(i, c)` gives rows [i, i + c) of this rank's logits in the
-// compute dtype; the chunks' statistics are reduced over ranks into log-probs.
+// The hidden-state form's forward: `logits_chunk(i, c)` gives rows [i, i + c) of this rank's
+// logits in the compute dtype.
 template <typename LogitsChunk>
 Reduced shard_logprobs(const char* fn, const at::Tensor& local, int64_t rows,
                        const at::TensorOptions& opts, c10d::ProcessGroup* group,
                        const LogitsChunk& logits_chunk) {
   const int64_t n = local.numel();
-  ShardStats s{at::empty({n}, opts), at::empty({n}, opts), at::empty({n}, opts),
-               at::empty({n}, opts)};
+  at::Tensor lse = at::empty({n}, opts), logp = at::empty({n}, opts);
+  at::Tensor owned = at::empty({n}, opts.dtype(at::kBool));
   for (int64_t i = 0; i < n; i += rows) {
     const int64_t c = std::min(rows, n - i);
-    add_chunk(s, i, logits_chunk(i, c), local.narrow(0, i, c));
+    const auto z = logits_chunk(i, c);
+    const int64_t v = z.size(1);
+    const auto li = local.narrow(0, i, c);
+    const auto l = z.logsumexp(1);
+    lse.narrow(0, i, c).copy_(l);
+    logp.narrow(0, i, c).copy_(
+        z.gather(1, li.clamp(0, std::max<int64_t>(v - 1, 0)).unsqueeze(1)).squeeze(1) - l);
+    owned.narrow(0, i, c).copy_(li.ge(0).logical_and(li.lt(v)));
   }
-  return finish(fn, s.max, s.sumexp, s.target, s.owned, group);
+  return reduce_over_ranks(fn, lse, logp, owned, group);
 }
 
 // d log p(y) / d z_v = 1[v = y] − softmax_v over this rank's columns, softmax from the global
@@ -356,9 +346,7 @@ at::Tensor logit_grad(const at::Tensor& z, const at::Tensor& lse, const at::Tens
   return gz;
 }
 
-// The logits form runs on the gathering op's row kernels (src/rows.h): each rank's per-token
-// logsumexp over its columns and log-prob of owned labels, then lse_r plays the role of the
-// max: M = max_r lse_r, LSE = M + log Σ_r exp(lse_r − M), log p(y) = (z_y − M) − log Σ_r ...
+// The logits form runs on the gathering op's row kernels (src/rows.h) for lse_r and logp_r.
 struct VocabParallelLogitsFunction : public torch::autograd::Function<VocabParallelLogitsFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& b,
                                const at::Tensor& t, const at::Tensor& local, int64_t chunk_bytes,
@@ -369,25 +357,12 @@ struct VocabParallelLogitsFunction : public torch::autograd::Function<VocabParal
     const auto r = detail::rows_forward(
         logits, detail::Rows{b, t, local.clamp(0, std::max<int64_t>(v - 1, 0)), {}}, 0,
         GatherBackend::kAuto, chunk_bytes);
-    at::Tensor lse = r.lse;
-    at::Tensor logp = r.logp;
-    if (b.numel() > 0) {  // labels agree across ranks: all or none have tokens
-      at::Tensor global_max = r.lse.clone();
-      if (group != nullptr && group->getSize() > 1)
-        run_allreduce(global_max, group, c10d::ReduceOp::MAX, fn);
-      const auto own = owned.to(r.lse.scalar_type());
-      at::Tensor packed =
-          at::stack({(r.lse - global_max).exp(), (r.logp + (r.lse - global_max)) * own, own});
-      all_reduce_sum(packed, group, fn);
-      check_owners(fn, packed[2]);
-      const auto log_sum = packed[0].log();
-      lse = global_max + log_sum;
-      logp = packed[1] - log_sum;
-    }
+    const auto red = reduce_over_ranks(fn, r.lse, r.logp, owned, group);
     // Non-owned rows get no one-hot term in backward.
-    ctx->save_for_backward({logits, b, t, at::where(owned, local, at::full_like(local, -1)), lse});
+    ctx->save_for_backward(
+        {logits, b, t, at::where(owned, local, at::full_like(local, -1)), red.lse});
     ctx->saved_data["chunk_bytes"] = chunk_bytes;
-    return {logp};
+    return {red.logp};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -467,10 +442,9 @@ SequenceLogprobs assemble(const Positions& p, const at::Tensor& logp,
   return out;
 }
 
-void check_common(const char* fn, c10d::ProcessGroup* group, const VocabParallelOptions& o) {
+void check_common(const char* fn, const VocabParallelOptions& o) {
   TORCH_CHECK(o.vocab_start() >= 0, fn, ": expected vocab_start >= 0, got ", o.vocab_start());
   TORCH_CHECK(o.chunk_bytes() > 0, fn, ": expected chunk_bytes > 0, got ", o.chunk_bytes());
-  (void)group;  // nullptr: a single rank holding the whole vocabulary
 }
 
 }  // namespace
@@ -479,7 +453,7 @@ SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor& logits, const 
                                                 c10d::ProcessGroup* group,
                                                 const VocabParallelOptions& o) {
   constexpr const char* fn = "prefopt::functional::vocab_parallel_gather_logprobs";
-  check_common(fn, group, o);
+  check_common(fn, o);
   TORCH_CHECK(logits.defined() && logits.dim() == 3 && at::isFloatingType(logits.scalar_type()), fn,
               ": expected floating logits [B, T, V_local], got ",
               logits.defined() ? logits.sizes() : at::IntArrayRef{});
@@ -498,7 +472,7 @@ SequenceLogprobs vocab_parallel_fused_logprobs(const at::Tensor& hidden, const a
                                                const at::Tensor& labels, c10d::ProcessGroup* group,
                                                const VocabParallelOptions& o) {
   constexpr const char* fn = "prefopt::functional::vocab_parallel_fused_logprobs";
-  check_common(fn, group, o);
+  check_common(fn, o);
   TORCH_CHECK(hidden.defined() && hidden.dim() == 3 && at::isFloatingType(hidden.scalar_type()), fn,
               ": expected floating hidden states [B, T, H], got ",
               hidden.defined() ? hidden.sizes() : at::IntArrayRef{});

@@ -196,8 +196,22 @@ void MetricAccumulator::put_tokens(Step& step, const SequenceLogprobs& chosen,
   both(kEntropy, chosen.entropy_sum, rejected.entropy_sum);
   both(kTokenAccuracy, chosen.correct, rejected.correct);
   // num_tokens is a running total: its count half only marks that tokens were counted.
-  at::Tensor tokens = as_double(chosen.count).sum() + as_double(rejected.count).sum();
+  at::Tensor tokens = as_double(chosen.count).sum();
+  if (rejected.count.defined()) tokens = tokens + as_double(rejected.count).sum();
   put(step, kNumTokens, tokens, count_tensor(1, tokens));
+}
+
+void MetricAccumulator::add(const at::Tensor& loss, const SequenceLogprobs& lp) {
+  TORCH_CHECK(loss.defined() && loss.numel() == 1,
+              "prefopt::MetricAccumulator::add: expected a one-element SFT loss, got ",
+              loss.defined() ? loss.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(lp.count.defined(),
+              "prefopt::MetricAccumulator::add: the SFT log-probs have no token counts");
+  Step& step = new_step();
+  put(step, kLoss, as_double(loss).reshape({}), count_tensor(1, loss));
+  SequenceLogprobs tokens = lp;  // SFTTrainer logs no logits/*
+  tokens.logits_sum = tokens.logits_sum_all = at::Tensor();
+  put_tokens(step, tokens, SequenceLogprobs{});
 }
 
 void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in) {

@@ -303,6 +303,32 @@ TEST(Metrics, ScalarsAndNumTokensAcrossWindows) {
   PREFOPT_EXPECT_THROWS_WITH(m.at("nope"), "no metric named 'nope'");
 }
 
+TEST(Metrics, SftStepsByHand) {
+  // Two SFT micro-steps: loss per step, token metrics token-weighted, no pair metrics, and no
+  // logits/* even when the log-probs carry them (SFTTrainer does not log them).
+  prefopt::SequenceLogprobs a, b;
+  a.count = l({3, 1});
+  a.correct = l({2, 1});
+  a.entropy_sum = d({3.0, 1.0});
+  a.logits_sum = d({1.0, 1.0});
+  b.count = l({4});
+  b.correct = l({1});
+  b.entropy_sum = d({0.4});
+  MetricAccumulator acc;
+  acc.add(at::scalar_tensor(2.0), a);
+  acc.add_scalar("grad_norm", 1.0);
+  acc.add(at::scalar_tensor(1.0, at::kDouble).view({1}), b);
+  const auto m = acc.compute();
+  EXPECT_EQ(names(m), (std::vector<std::string>{"loss", "entropy", "mean_token_accuracy",
+                                                "num_tokens", "grad_norm"}));
+  EXPECT_DOUBLE_EQ(m.at("loss"), 1.5);
+  EXPECT_DOUBLE_EQ(m.at("mean_token_accuracy"), 4.0 / 8.0);
+  EXPECT_DOUBLE_EQ(m.at("entropy"), 4.4 / 8.0);
+  EXPECT_DOUBLE_EQ(m.at("num_tokens"), 8.0);
+  PREFOPT_EXPECT_THROWS_WITH(acc.add(at::ones({2}), a), "one-element SFT loss");
+  PREFOPT_EXPECT_THROWS_WITH(acc.add(at::ones({}), prefopt::SequenceLogprobs{}), "no token counts");
+}
+
 TEST(Metrics, BadPairsAreRejected) {
   auto s = dpo_step(0.1, d({1.0, 2.0}), d({0.0}), d({-1, -1}), d({-2}));
   MetricAccumulator acc;

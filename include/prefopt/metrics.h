@@ -142,6 +142,10 @@ class PREFOPT_API MetricAccumulator {
   void add(const KTOLossResult& result, const KTOInputs& inputs);
   void add(const KTOLossResult& result, const KTOInputs& inputs, const SequenceLogprobs& chosen,
            const SequenceLogprobs& rejected);
+  /// An SFT micro-step (TRL's SFTTrainer): `loss` (0-dim) and, from the log-probs of the
+  /// scored tokens, `mean_token_accuracy` (`with_token_accuracy`), `entropy` (`with_entropy`)
+  /// and `num_tokens`, token-weighted like the pairwise token metrics.
+  void add(const at::Tensor& loss, const SequenceLogprobs& lp);
   /// Adds one sample of a scalar metric (e.g. `aux_loss`, `grad_norm`) to the current
   /// micro-step: the one the last `add` started, or, before any `add` in the window, the one
   /// the next `add` fills. `value` (0-dim, any device) is read only at `compute`.

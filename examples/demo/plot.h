@@ -1,0 +1,96 @@
+// SPDX-License-Identifier: Apache-2.0
+// Training curves drawn by gnuplot (pngcairo): the data goes in as inline datablocks through a
+// pipe, so no temporary files and no plotting code of our own.
+#pragma once
+#include <prefopt/metrics.h>
+
+#include <fmt/core.h>
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace demo {
+
+using History = std::vector<std::pair<int64_t, prefopt::Metrics>>;
+
+// One panel: a title and up to two (metric name, legend) series from `block`.
+struct Panel {
+  std::string title;
+  std::string block;  // "train" or "eval"
+  std::vector<std::pair<std::string, std::string>> series;
+  std::string key = "top left";  // gnuplot's legend position
+};
+
+namespace detail {
+
+inline std::string datablock(const std::string& name, const History& rows,
+                             const std::vector<std::string>& columns) {
+  std::string out = fmt::format("${} << EOD\n", name);
+  for (const auto& [step, m] : rows) {
+    out += std::to_string(step);
+    for (const auto& c : columns) {
+      const double* v = m.find(c);
+      out += v && std::isfinite(*v) ? fmt::format(" {:.9g}", *v) : std::string(" NaN");
+    }
+    out += "\n";
+  }
+  return out + "EOD\n";
+}
+
+}  // namespace detail
+
+// Writes a PNG of `panels` (3 per row) to `path`. Returns false, with the reason in `error`,
+// when gnuplot is not installed or fails.
+inline bool plot_png(const std::string& path, const std::string& title, const History& train,
+                     const History& eval, const std::vector<Panel>& panels, std::string& error) {
+  std::vector<std::string> train_cols, eval_cols;
+  for (const auto& p : panels) {
+    auto& cols = p.block == "train" ? train_cols : eval_cols;
+    for (const auto& s : p.series) cols.push_back(s.first);
+  }
+  const auto column = [&](const Panel& p, const std::string& name) {
+    const auto& cols = p.block == "train" ? train_cols : eval_cols;
+    for (size_t i = 0; i < cols.size(); ++i)
+      if (cols[i] == name) return i + 2;  // column 1 is the step
+    return size_t{0};
+  };
+
+  std::string script = "set datafile missing 'NaN'\n";
+  script +=
+      detail::datablock("train", train, train_cols) + detail::datablock("eval", eval, eval_cols);
+  const int rows = static_cast<int>((panels.size() + 2) / 3);
+  script += fmt::format(
+      "set terminal pngcairo size 1500,{} font 'sans,10'\nset output '{}'\n"
+      "set multiplot layout {},3 title '{}' font 'sans,13'\nset grid\n"
+      "set xlabel 'step'\n",
+      430 * rows + 40, path, rows, title);
+  for (const auto& p : panels) {
+    script += fmt::format("set title '{}'\nset key {}\nplot ", p.title, p.key);
+    for (size_t i = 0; i < p.series.size(); ++i) {
+      script +=
+          fmt::format("{}${} using 1:{} with linespoints pt 7 ps 0.4 lw 2 title '{}'",
+                      i ? ", " : "", p.block, column(p, p.series[i].first), p.series[i].second);
+    }
+    script += "\n";
+  }
+  script += "unset multiplot\n";
+
+  FILE* gp = popen("gnuplot 2>&1", "w");
+  if (!gp) {
+    error = "could not start gnuplot";
+    return false;
+  }
+  std::fwrite(script.data(), 1, script.size(), gp);
+  const int rc = pclose(gp);
+  if (rc != 0) {
+    error = fmt::format(
+        "gnuplot exited with status {} (is it installed? apt-get install gnuplot-nox)", rc);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace demo

@@ -157,13 +157,39 @@ TEST(Demo, DeterministicForASeed) {
 TEST(Demo, HelpDocumentsEveryOption) {
   const auto r = run_demo("--help");
   EXPECT_EQ(r.status, 0);
-  for (const char* opt :
-       {"--seed", "--threads", "--digits", "--out", "--no-plot", "--dim", "--layers", "--heads",
-        "--sft-steps", "--sft-batch", "--sft-lr", "--sft-noise", "--save-sft", "--load-sft",
-        "--loss", "--from", "--steps", "--batch", "--pairs", "--lr", "--max-grad-norm", "--beta",
-        "--label-smoothing", "--rpo-alpha", "--simpo-gamma", "--cpo-alpha", "--cpo-loss-type",
-        "--desirable-weight", "--undesirable-weight", "--log-every", "--eval-every",
-        "--eval-size"})
+  for (const char* opt : {"--seed",
+                          "--threads",
+                          "--digits",
+                          "--out",
+                          "--no-plot",
+                          "--dim",
+                          "--layers",
+                          "--heads",
+                          "--sft-steps",
+                          "--sft-batch",
+                          "--sft-lr",
+                          "--sft-noise",
+                          "--save-sft",
+                          "--load-sft",
+                          "--loss",
+                          "--from",
+                          "--steps",
+                          "--batch",
+                          "--pairs",
+                          "--lr",
+                          "--max-grad-norm",
+                          "--beta",
+                          "--label-smoothing",
+                          "--rpo-alpha",
+                          "--simpo-gamma",
+                          "--cpo-alpha",
+                          "--cpo-loss-type",
+                          "--desirable-weight",
+                          "--undesirable-weight",
+                          "--log-every",
+                          "--print-every",
+                          "--eval-every",
+                          "--eval-size"})
     EXPECT_NE(r.output.find(opt), std::string::npos) << opt;
 }
 

@@ -73,7 +73,7 @@ struct Options {
   double label_smoothing = 0.0, rpo_alpha = 0.0, simpo_gamma = 0.5;
   double desirable_weight = 1.0, undesirable_weight = 1.0;
   // logging and evaluation
-  int64_t log_every = 10, eval_every = 25, eval_size = 500;
+  int64_t log_every = 10, print_every = 50, eval_every = 25, eval_size = 500;
 };
 
 Family family_of(const std::string& loss) {
@@ -285,10 +285,10 @@ Scores run_sft(const Options& o, demo::TinyGPT& model, const arith::Task& task,
     if (step % o.log_every == 0 || step == o.sft_steps) {
       const auto m = metrics.compute();
       log.write(step, m, history);
-      bar.update(step, fmt::format("loss {:.4f}", m.at("loss")));
-    } else {
-      bar.update(step);
+      bar.status(fmt::format("loss {:.4f}", m.at("loss")));
+      if (step % o.print_every == 0) bar.print_line(fmt::format("sft step {:>4} {:.4}", step, m));
     }
+    bar.update(step);
   }
   return evaluate(model, task, held_out, nullptr, false, false);
 }
@@ -402,7 +402,7 @@ Scores run_preference(const Options& o, demo::TinyGPT& model, PairSet& train, Pa
   std::vector<int64_t> order(static_cast<size_t>(train.size()));
   std::iota(order.begin(), order.end(), 0);
   size_t cursor = order.size();
-  demo::Progress bar(fmt::format("{:<5}", o.loss.substr(0, 5)), o.steps);
+  demo::Progress bar(o.loss, o.steps);
   Scores last = before;
   for (int64_t step = 1; step <= o.steps; ++step) {
     if (cursor + static_cast<size_t>(o.batch) > order.size()) {  // a new epoch
@@ -424,19 +424,20 @@ Scores run_preference(const Options& o, demo::TinyGPT& model, PairSet& train, Pa
     opt.step();
     metrics.add_scalar("grad_norm", grad_norm);
 
-    std::string extra;
     if (step % o.log_every == 0 || step == o.steps) {
       const auto m = metrics.compute();
       log.write(step, m, history);
-      extra = fmt::format("loss {:.4f} margins {:.3f}", m.at("loss"), m.at("rewards/margins"));
+      bar.status(fmt::format("loss {:.4f} margins {:.3f}", m.at("loss"), m.at("rewards/margins")));
+      if (step % o.print_every == 0) bar.print_line(fmt::format("step {:>4} {:.4}", step, m));
     }
     if (step % o.eval_every == 0 || step == o.steps) {
       last = evaluate(model, task, held_out, &train, true, with_reference);
       const auto m = last.metrics();
       log.write(step, m, eval_history);
-      bar.print_line(fmt::format("step {:>4} {:.4}", step, m));
+      if (step % o.print_every == 0 || step == o.steps)
+        bar.print_line(fmt::format("eval {:>4} {:.4}", step, m));
     }
-    bar.update(step, extra);
+    bar.update(step);
   }
   return last;
 }
@@ -447,10 +448,12 @@ void print_summary(const Options& o, const Scores& before, const Scores& after,
     const auto f = [](double v) {
       return std::isnan(v) ? std::string("n/a") : fmt::format("{:.3f}", v);
     };
-    fmt::print("  {:<40} {:>8} {:>8} {:>+8.3f}\n", name, f(b), f(a), std::isnan(b) ? 0.0 : a - b);
+    const auto change =
+        std::isnan(a) || std::isnan(b) ? std::string() : fmt::format("{:+.3f}", a - b);
+    fmt::print("  {:<42} {:>8} {:>8} {:>8}\n", name, f(b), f(a), change);
   };
   fmt::print("\nheld-out prompts ({}), {} -> {}:\n", o.eval_size, before_name, o.loss);
-  fmt::print("  {:<40} {:>8} {:>8} {:>8}\n", "", "before", "after", "change");
+  fmt::print("  {:<42} {:>8} {:>8} {:>8}\n", "", "before", "after", "change");
   row("exact match (greedy)", before.exact, after.exact);
   row("exact match, problems with a carry", before.exact_carry, after.exact_carry);
   row("exact match, problems without", before.exact_no_carry, after.exact_no_carry);
@@ -694,6 +697,9 @@ int main(int argc, char** argv) {
 
   auto* logging = app.add_option_group("logging and evaluation");
   logging->add_option("--log-every", o.log_every, "steps per metrics record")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  logging->add_option("--print-every", o.print_every, "steps between metrics lines on the terminal")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   logging->add_option("--eval-every", o.eval_every, "steps between held-out evaluations")

@@ -25,22 +25,28 @@ class Progress {
         tty_(isatty(fileno(stdout)) != 0),
         start_(Clock::now()) {}
 
-  // Call after each step; `extra` is shown after the ETA (e.g. the current loss).
-  void update(int64_t step, const std::string& extra = {}) {
+  // Text shown after the ETA until replaced (e.g. the last logged loss).
+  void status(std::string text) { status_ = std::move(text); }
+
+  // Call after each step. A terminal is redrawn at most 10 times a second.
+  void update(int64_t step) {
     const double elapsed = seconds();
+    if (tty_ && step < total_ && elapsed - drawn_ < 0.1) return;
+    drawn_ = elapsed;
     const double rate = step / std::max(elapsed, 1e-9);
     const double eta = (total_ - step) / std::max(rate, 1e-9);
     if (tty_) {
       constexpr int kWidth = 28;
       const int filled = static_cast<int>(kWidth * step / total_);
       fmt::print("\r{} [{:=<{}}{:<{}}] {}/{} {:.1f} it/s ETA {} {}\033[K", label_, "", filled,
-                 step < total_ ? ">" : "", kWidth - filled, step, total_, rate, clock(eta), extra);
+                 step < total_ ? ">" : "", kWidth - filled, step, total_, rate, clock(eta),
+                 status_);
       if (step == total_) fmt::print("\n");
       std::fflush(stdout);
       active_ = step < total_;
     } else if (step % every_ == 0 || step == total_) {
       fmt::print("{} {}/{} {:.1f} it/s elapsed {} ETA {} {}\n", label_, step, total_, rate,
-                 clock(elapsed), clock(eta), extra);
+                 clock(elapsed), clock(eta), status_);
       std::fflush(stdout);
     }
   }
@@ -64,6 +70,8 @@ class Progress {
   int64_t total_, every_;
   bool tty_;
   bool active_ = false;
+  double drawn_ = -1.0;
+  std::string status_;
   Clock::time_point start_;
 };
 

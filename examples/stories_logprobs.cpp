@@ -40,7 +40,8 @@ const std::vector<Example> kPairs = {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"prefopt stories_logprobs: sequence log-probs of preference pairs under stories260K"};
+  CLI::App app{
+      "prefopt stories_logprobs: sequence log-probs of preference pairs under stories260K"};
   // --data-dir, else $PREFOPT_DATA_DIR, else ../shared/data beside the source tree.
   const char* env = std::getenv("PREFOPT_DATA_DIR");
   std::string data_dir =

@@ -7,7 +7,6 @@
 
 #include <cstdint>
 #include <random>
-#include <string>
 #include <unordered_set>
 #include <vector>
 
@@ -53,13 +52,6 @@ class Task {
     out.push_back(kEquals);
     append_digits(out, answer, digits_ + 1);
     return out;
-  }
-
-  std::string text(const Problem& p, int64_t answer) const {
-    std::string s;
-    for (auto t : tokens(p, answer))
-      s += t < 10 ? static_cast<char>('0' + t) : t == kPlus ? '+' : '=';
-    return s;
   }
 
   // [B, seq_len] ids and labels (-100 on the prompt, so only the answer is scored).

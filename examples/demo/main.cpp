@@ -257,8 +257,7 @@ Scores run_sft(const Options& o, demo::TinyGPT& model, const arith::Task& task,
                arith::Sampler& sampler, const PairSet& held_out, const fs::path& out) {
   torch::optim::AdamW opt(model->parameters(),
                           torch::optim::AdamWOptions(o.sft_lr).weight_decay(0.01));
-  Logger log(out / "sft_metrics.jsonl");
-  demo::History history;
+  prefopt::JsonlWriter log((out / "sft_metrics.jsonl").string());
   prefopt::MetricAccumulator metrics;
   demo::Progress bar("sft ", o.sft_steps);
   const auto opts = prefopt::FusedLogprobsOptions().with_token_accuracy(true);
@@ -283,7 +282,7 @@ Scores run_sft(const Options& o, demo::TinyGPT& model, const arith::Task& task,
     metrics.add_scalar("grad_norm", grad_norm);
     if (step % o.log_every == 0 || step == o.sft_steps) {
       const auto m = metrics.compute();
-      log.write(step, m, history);
+      log.write(step, m);
       bar.status(fmt::format("loss {:.4f}", m.at("loss")));
       if (step % o.print_every == 0) bar.print_line(fmt::format("sft step {:>4} {:.4}", step, m));
     }

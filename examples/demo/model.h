@@ -45,7 +45,7 @@ TORCH_MODULE(Block);
 
 class TinyGPTImpl : public torch::nn::Module {
  public:
-  explicit TinyGPTImpl(const ModelConfig& cfg) : cfg_(cfg) {
+  explicit TinyGPTImpl(const ModelConfig& cfg) {
     tok_ = register_module("tok", torch::nn::Embedding(cfg.vocab, cfg.dim));
     pos_ = register_parameter("pos", torch::randn({cfg.max_len, cfg.dim}) * 0.02);
     for (int64_t i = 0; i < cfg.layers; ++i) blocks_->push_back(Block(cfg.dim, cfg.heads));
@@ -87,10 +87,7 @@ class TinyGPTImpl : public torch::nn::Module {
     return prompts.narrow(1, prompts.size(1) - n, n);
   }
 
-  const ModelConfig& config() const { return cfg_; }
-
  private:
-  ModelConfig cfg_;
   torch::nn::Embedding tok_{nullptr};
   torch::Tensor pos_;
   torch::nn::ModuleList blocks_;

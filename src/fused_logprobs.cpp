@@ -28,7 +28,8 @@ struct HeadSpec {
   double softcap = 0.0;
   GatherBackend backend = GatherBackend::kAuto;
   int64_t chunk_rows = 1;   ///< token rows per forward (and kTokenChunks backward) chunk
-  int64_t chunk_bytes = 0;  ///< the budget, for the vocabulary blocks of the backward pass
+  int64_t chunk_bytes = 0;  ///< the budget of the forward chunks and kVocabBlocks
+  int64_t tile_bytes = 0;   ///< the budget of the kTiles backward
   FusedBackward backward = FusedBackward::kAuto;
 
   void save(torch::autograd::AutogradContext* ctx) const {
@@ -37,6 +38,7 @@ struct HeadSpec {
     ctx->saved_data["backend"] = static_cast<int64_t>(backend);
     ctx->saved_data["chunk_rows"] = chunk_rows;
     ctx->saved_data["chunk_bytes"] = chunk_bytes;
+    ctx->saved_data["tile_bytes"] = tile_bytes;
     ctx->saved_data["backward"] = static_cast<int64_t>(backward);
   }
   static HeadSpec load(torch::autograd::AutogradContext* ctx) {
@@ -46,16 +48,24 @@ struct HeadSpec {
             static_cast<GatherBackend>(d["backend"].toInt()),
             d["chunk_rows"].toInt(),
             d["chunk_bytes"].toInt(),
+            d["tile_bytes"].toInt(),
             static_cast<FusedBackward>(d["backward"].toInt())};
   }
 };
 
-/// What the backward pass needs, computed once.
+/// What the backward pass needs, computed once. `h` holds every row of the batch ([R, H]);
+/// `rows` [n] are the scored ones, in the order of `target`, `lse` and `g`.
 struct HeadGrads {
-  const at::Tensor &h, &weight, &bias, &target, &lse, &g;
+  const at::Tensor &h, &rows, &weight, &bias, &target, &lse, &g;
   bool need_h, need_w, need_b;
   at::ScalarType acc;
   bool upcast, mixed;
+};
+
+/// The backward pass's blocking: row chunks of `rows` scored tokens × blocks of `cols`
+/// vocabulary columns.
+struct Tiling {
+  int64_t rows, cols;
 };
 
 /// On CUDA, 16-bit weight gradients accumulate through one mixed-precision cuBLAS GEMM per
@@ -107,6 +117,23 @@ int64_t bytes_per_column(int64_t n, int64_t H, at::ScalarType st, bool softcap, 
   return col;
 }
 
+/// The kTiles blocking within `budget` bytes. Per row: the gathered hidden row and its `dh`
+/// accumulator (and an fp32 copy for CPU 16-bit GEMMs); per logit: the tile, a second one
+/// with softcapping (and an fp32 copy on CPU 16-bit). Rows come first, as many as fit beside
+/// blocks of 512 columns: every row chunk reads W twice and updates dW once, so fewer, taller
+/// chunks move less memory.
+Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t H, at::ScalarType st,
+                    bool softcap, bool mixed) {
+  const int64_t e = static_cast<int64_t>(at::elementSize(st));
+  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
+  const bool copies = e != acc && !mixed;
+  const int64_t per_row = H * (e + acc + (copies ? acc : 0));
+  const int64_t per_logit = e * (softcap ? 2 : 1) + (copies ? acc : 0);
+  const int64_t rows =
+      std::clamp<int64_t>(budget / (per_row + 512 * per_logit), 1, std::max<int64_t>(n, 1));
+  return {rows, std::clamp<int64_t>((budget / rows - per_row) / per_logit, 1, V)};
+}
+
 /// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer).
 void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight, const at::Tensor& bias,
                   const HeadSpec& spec, at::Tensor& z) {
@@ -125,16 +152,21 @@ Rows identity_rows(const at::Tensor& target_c) {
   return Rows{at::zeros({c}, opts), at::arange(c, opts), target_c, {}};
 }
 
-/// The forward pass over all chunks: per-row log-probs, logsumexp and statistics.
-RowResults head_forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
-                        const at::Tensor& target, unsigned flags, const HeadSpec& spec) {
-  const int64_t n = h.size(0), V = weight.size(0);
+/// The forward pass over all chunks: per-row log-probs, logsumexp and statistics of the
+/// scored `rows` of `h` [R, H], gathered chunk by chunk into a reused buffer.
+RowResults head_forward(const at::Tensor& h, const at::Tensor& rows, const at::Tensor& weight,
+                        const at::Tensor& bias, const at::Tensor& target, unsigned flags,
+                        const HeadSpec& spec) {
+  const int64_t n = rows.size(0), V = weight.size(0), c = std::min(spec.chunk_rows, n);
   RowResults r = alloc_row_results(n, flags, h.options().dtype(acc_type(h.scalar_type())));
-  at::Tensor buffer = at::empty({std::min(spec.chunk_rows, n), V}, h.options());
-  for (int64_t s = 0; s < n; s += spec.chunk_rows) {
-    const int64_t e = std::min(n, s + spec.chunk_rows);
+  at::Tensor buffer = at::empty({c, V}, h.options());
+  at::Tensor h_buffer = at::empty({c, h.size(1)}, h.options());
+  for (int64_t s = 0; s < n; s += c) {
+    const int64_t e = std::min(n, s + c);
     auto z = buffer.narrow(0, 0, e - s);
-    chunk_logits(h.slice(0, s, e), weight, bias, spec, z);
+    auto h_c = h_buffer.narrow(0, 0, e - s);
+    at::index_select_out(h_c, h, 0, rows.slice(0, s, e));
+    chunk_logits(h_c, weight, bias, spec, z);
     RowResults out = slice_rows(r, s, e);
     rows_forward_into(z.unsqueeze(0), identity_rows(target.slice(0, s, e)), flags, spec.backend,
                       int64_t{1} << 62, out);
@@ -142,15 +174,16 @@ RowResults head_forward(const at::Tensor& h, const at::Tensor& weight, const at:
   return r;
 }
 
-// Saves hidden rows, weight, bias and targets (inputs: no copies) and one logsumexp per row.
+// Saves the inputs (no copies: the hidden states of every row, not a compacted copy) and one
+// logsumexp per scored row.
 struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& weight,
-                               const at::Tensor& bias, const at::Tensor& target, int64_t flags,
-                               const HeadSpec& spec) {
+                               const at::Tensor& bias, const at::Tensor& rows,
+                               const at::Tensor& target, int64_t flags, const HeadSpec& spec) {
     // `bias` is a [0] placeholder when the head has none: autograd inputs must be defined.
     const at::Tensor b = bias.numel() > 0 ? bias : at::Tensor();
-    RowResults r = head_forward(h, weight, b, target, static_cast<unsigned>(flags), spec);
-    ctx->save_for_backward({h, weight, bias, target, r.lse});
+    RowResults r = head_forward(h, rows, weight, b, target, static_cast<unsigned>(flags), spec);
+    ctx->save_for_backward({h, weight, bias, rows, target, r.lse});
     spec.save(ctx);
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({r.logit_mean, r.correct, r.entropy, r.log_sum_p2});
@@ -159,34 +192,46 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &h = saved[0], &weight = saved[1], &target = saved[3], &lse = saved[4];
+    const at::Tensor &h = saved[0], &weight = saved[1], &rows = saved[3], &target = saved[4],
+                     &lse = saved[5];
     const at::Tensor bias = saved[2].numel() > 0 ? saved[2] : at::Tensor();
     if (!grads[0].defined()) return result({}, {}, {});
     const HeadSpec spec = HeadSpec::load(ctx);
-    const bool need_h = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
-               need_b = bias.defined() && ctx->needs_input_grad(2);
     const auto acc = acc_type(h.scalar_type());
     const auto g = grads[0].to(acc).contiguous();
     const HeadGrads hg{h,
+                       rows,
                        weight,
                        bias,
                        target,
                        lse,
                        g,
-                       need_h,
-                       need_w,
-                       need_b,
+                       ctx->needs_input_grad(0),
+                       ctx->needs_input_grad(1),
+                       bias.defined() && ctx->needs_input_grad(2),
                        acc,
                        acc != h.scalar_type(),
                        mixed_gemm(h)};
-    const int64_t n = h.size(0), V = weight.size(0), H = weight.size(1);
-    const int64_t per_col =
-        std::max<int64_t>(1, bytes_per_column(n, H, h.scalar_type(), spec.softcap > 0, hg.mixed));
-    const bool vocab = spec.backward == FusedBackward::kVocabBlocks ||
-                       (spec.backward == FusedBackward::kAuto && n <= V);
-    if (vocab && spec.chunk_bytes >= per_col)
-      return backward_vocab(hg, spec, std::min(V, spec.chunk_bytes / per_col));
-    return backward_tokens(hg, spec);
+    return backward_tiles(hg, spec, tiling(hg, spec));
+  }
+
+  /// The blocking that `spec.backward` asks for (see FusedBackward).
+  static Tiling tiling(const HeadGrads& a, const HeadSpec& spec) {
+    const int64_t n = a.rows.size(0), V = a.weight.size(0), H = a.weight.size(1);
+    const auto st = a.h.scalar_type();
+    const bool cap = spec.softcap > 0;
+    auto mode = spec.backward;
+    if (mode == FusedBackward::kAuto)
+      mode = !a.upcast ? FusedBackward::kTiles
+             : n <= V  ? FusedBackward::kVocabBlocks
+                       : FusedBackward::kTokenChunks;
+    if (mode == FusedBackward::kTiles)
+      return tiles_within(spec.tile_bytes, n, V, H, st, cap, a.mixed);
+    if (mode == FusedBackward::kVocabBlocks) {
+      const int64_t per_col = std::max<int64_t>(1, bytes_per_column(n, H, st, cap, a.mixed));
+      if (spec.chunk_bytes >= per_col) return {n, std::min(V, spec.chunk_bytes / per_col)};
+    }
+    return {spec.chunk_rows, V};  // token chunks, also when one column of every row won't fit
   }
 
   /// dz of one block of logits, in place: z ← dL/d(logits) for rows with targets `target_b`
@@ -203,81 +248,88 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   }
 
   static variable_list result(at::Tensor dh, at::Tensor dw, at::Tensor db) {
-    return {std::move(dh), std::move(dw), std::move(db), {}, {}, {}};
+    return {std::move(dh), std::move(dw), std::move(db), {}, {}, {}, {}};
   }
 
-  /// Token chunks: dh per chunk; dW and db accumulate across chunks in fp32 (fp64), cast once.
-  static variable_list backward_tokens(const HeadGrads& a, const HeadSpec& spec) {
-    const int64_t n = a.h.size(0), V = a.weight.size(0), H = a.weight.size(1);
-    at::Tensor dh = a.need_h ? at::empty({n, H}, a.h.options()) : at::Tensor();
-    at::Tensor dw = a.need_w ? at::zeros({V, H}, a.weight.options().dtype(a.acc)) : at::Tensor();
-    at::Tensor db = a.need_b ? at::zeros({V}, a.bias.options().dtype(a.acc)) : at::Tensor();
-    at::Tensor buffer = at::empty({std::min(spec.chunk_rows, n), V}, a.h.options());
-    at::Tensor cap_buffer = spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
-    for (int64_t s = 0; s < n; s += spec.chunk_rows) {
-      const int64_t e = std::min(n, s + spec.chunk_rows);
-      const auto h_c = a.h.slice(0, s, e);
-      auto z = buffer.narrow(0, 0, e - s);
-      chunk_logits(h_c, a.weight, a.bias, spec, z);
-      auto cap = spec.softcap > 0 ? cap_buffer.narrow(0, 0, e - s) : at::Tensor();
-      block_grad(z, a.target.slice(0, s, e), a.lse.slice(0, s, e), a.g.slice(0, s, e), spec, cap);
-      if (a.need_h) {
-        auto dh_c = dh.narrow(0, s, e - s);
-        at::mm_out(dh_c, z, a.weight);
-      }
-      if (a.need_b) db.add_(z.sum(0, /*keepdim=*/false, a.acc));
-      if (a.need_w) {
-        if (a.mixed) {
-          gemm_f32acc(dw, z, /*trans_a=*/true, h_c);
-        } else {
-          dw.addmm_((a.upcast ? z.to(a.acc) : z).t(), a.upcast ? h_c.to(a.acc) : h_c);
-        }
-      }
-    }
-    return result(dh, a.need_w ? dw.to(a.weight.scalar_type()) : at::Tensor(),
-                  a.need_b ? db.to(a.bias.scalar_type()) : at::Tensor());
-  }
-
-  /// Vocabulary blocks of `cols` columns over all n tokens: each block's dW and db come from
-  /// one reduction over every token (rounded once to the parameter dtype); dh accumulates
-  /// across blocks (fp32 for 16-bit inputs).
-  static variable_list backward_vocab(const HeadGrads& a, const HeadSpec& spec, int64_t cols) {
-    const int64_t n = a.h.size(0), V = a.weight.size(0), H = a.weight.size(1);
-    at::Tensor dh = a.need_h ? at::zeros({n, H}, a.h.options().dtype(a.acc)) : at::Tensor();
-    at::Tensor dw = a.need_w ? at::empty({V, H}, a.weight.options()) : at::Tensor();
-    at::Tensor db = a.need_b ? at::empty({V}, a.bias.options()) : at::Tensor();
+  /// Row chunks × vocabulary blocks, one reused tile buffer. Per row chunk, its hidden rows are
+  /// gathered and `dh` accumulates across the blocks (fp32 for 16-bit inputs; written
+  /// directly when one block spans V), then lands in the [R, H] gradient. The weight and bias
+  /// gradients: with one row chunk, each block's is one GEMM over every scored token (fp32
+  /// accumulation inside it, rounded once, no [V, H] accumulator); with several, they
+  /// accumulate in place for fp32/fp64 weights and in an fp32 [V, H] buffer for 16-bit ones,
+  /// cast once at the end.
+  static variable_list backward_tiles(const HeadGrads& a, const HeadSpec& spec, Tiling t) {
+    const int64_t n = a.rows.size(0), V = a.weight.size(0), H = a.weight.size(1);
+    const auto opt = [&](bool need, const at::Tensor& x) {
+      return need ? at::zeros_like(x) : at::Tensor();
+    };
+    if (n == 0) return result(opt(a.need_h, a.h), opt(a.need_w, a.weight), opt(a.need_b, a.bias));
+    const int64_t c = std::min(t.rows, n), cols = std::min(t.cols, V);
+    const bool one_chunk = c == n, one_block = cols == V;
     const bool copies = a.upcast && !a.mixed;  // CPU 16-bit: fp32 copies for the GEMMs
-    const at::Tensor h_acc = copies && a.need_w ? a.h.to(a.acc) : a.h;
-    at::Tensor buffer = at::empty({n * cols}, a.h.options());
+    const auto acc_opts = a.h.options().dtype(a.acc);
+    at::Tensor dw = !a.need_w   ? at::Tensor()
+                    : one_chunk ? at::empty({V, H}, a.weight.options())
+                                : at::zeros({V, H}, acc_opts);
+    at::Tensor db = a.need_b ? at::zeros({V}, acc_opts) : at::Tensor();
+    at::Tensor dh;  // [R, H]: allocated once the first chunk is done (after the tiles with one)
+    at::Tensor h_buffer = at::empty({c, H}, a.h.options());
+    at::Tensor dh_buffer =
+        a.need_h ? at::empty({c, H}, one_block ? a.h.options() : acc_opts) : at::Tensor();
+    at::Tensor buffer = at::empty({c * cols}, a.h.options());
     at::Tensor cap_buffer = spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
-    for (int64_t v0 = 0; v0 < V; v0 += cols) {
-      const int64_t vb = std::min(V, v0 + cols) - v0;
-      const auto w_b = a.weight.narrow(0, v0, vb);
-      auto z = buffer.narrow(0, 0, n * vb).view({n, vb});
-      chunk_logits(a.h, w_b, a.bias.defined() ? a.bias.narrow(0, v0, vb) : a.bias, spec, z);
-      auto cap = spec.softcap > 0 ? cap_buffer.narrow(0, 0, n * vb).view({n, vb}) : at::Tensor();
-      const auto in_block = (a.target >= v0) & (a.target < v0 + vb);
-      block_grad(z, at::where(in_block, a.target - v0, at::full({}, -1, a.target.options())), a.lse,
-                 a.g, spec, cap);
-      const auto dz = copies ? z.to(a.acc) : z;
-      if (a.need_b) db.narrow(0, v0, vb).copy_(z.sum(0, /*keepdim=*/false, a.acc));
-      if (a.need_w) {
-        auto dw_b = dw.narrow(0, v0, vb);
-        if (copies) {
-          dw_b.copy_(at::mm(dz.t(), h_acc));
-        } else {
-          at::mm_out(dw_b, z.t(), a.h);  // 16-bit on CUDA: fp32 accumulation inside the GEMM
+    const auto outside = at::full({}, -1, a.target.options());
+    for (int64_t s = 0; s < n; s += c) {
+      const int64_t e = std::min(n, s + c), m = e - s;
+      const auto rows_c = a.rows.slice(0, s, e), target_c = a.target.slice(0, s, e);
+      auto h_c = h_buffer.narrow(0, 0, m);
+      at::index_select_out(h_c, a.h, 0, rows_c);
+      const at::Tensor h_acc = copies && a.need_w ? h_c.to(a.acc) : h_c;
+      auto dh_c = a.need_h ? dh_buffer.narrow(0, 0, m) : at::Tensor();
+      if (a.need_h && !one_block) dh_c.zero_();
+      for (int64_t v0 = 0; v0 < V; v0 += cols) {
+        const int64_t vb = std::min(V, v0 + cols) - v0;
+        const auto w_b = a.weight.narrow(0, v0, vb);
+        auto z = buffer.narrow(0, 0, m * vb).view({m, vb});
+        chunk_logits(h_c, w_b, a.bias.defined() ? a.bias.narrow(0, v0, vb) : a.bias, spec, z);
+        auto cap = spec.softcap > 0 ? cap_buffer.narrow(0, 0, m * vb).view({m, vb}) : at::Tensor();
+        block_grad(z,
+                   one_block
+                       ? target_c
+                       : at::where((target_c >= v0) & (target_c < v0 + vb), target_c - v0, outside),
+                   a.lse.slice(0, s, e), a.g.slice(0, s, e), spec, cap);
+        const auto dz = copies ? z.to(a.acc) : z;
+        if (a.need_b) db.narrow(0, v0, vb).add_(z.sum(0, /*keepdim=*/false, a.acc));
+        if (a.need_w) {
+          auto dw_b = dw.narrow(0, v0, vb);
+          if (one_chunk && copies) {
+            dw_b.copy_(at::mm(dz.t(), h_acc));
+          } else if (one_chunk) {
+            at::mm_out(dw_b, z.t(), h_c);  // 16-bit on CUDA: fp32 accumulation inside the GEMM
+          } else if (a.mixed) {
+            gemm_f32acc(dw_b, z, /*trans_a=*/true, h_c);
+          } else {
+            dw_b.addmm_(dz.t(), h_acc);
+          }
+        }
+        if (a.need_h) {
+          if (one_block) {
+            at::mm_out(dh_c, z, a.weight);
+          } else if (a.mixed) {
+            gemm_f32acc(dh_c, z, /*trans_a=*/false, w_b);
+          } else {
+            dh_c.addmm_(dz, copies ? w_b.to(a.acc) : w_b);
+          }
         }
       }
       if (a.need_h) {
-        if (a.mixed) {
-          gemm_f32acc(dh, z, /*trans_a=*/false, w_b);
-        } else {
-          dh.addmm_(dz, copies ? w_b.to(a.acc) : w_b);
-        }
+        if (e == n) buffer = cap_buffer = at::Tensor();  // free the tiles before a last new dh
+        if (!dh.defined()) dh = at::zeros({a.h.size(0), H}, a.h.options());
+        dh.index_copy_(0, rows_c, dh_c.to(a.h.scalar_type()));
       }
     }
-    return result(a.need_h ? dh.to(a.h.scalar_type()) : at::Tensor(), dw, db);
+    if (dw.defined()) dw = dw.to(a.weight.scalar_type());
+    return result(dh, dw, a.need_b ? db.to(a.bias.scalar_type()) : at::Tensor());
   }
 };
 
@@ -342,33 +394,39 @@ SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor
               ": memory budget chunk_bytes = ", o.chunk_bytes(),
               " is below one row of logits buffers (", per_row, " bytes for V = ", in.V,
               ", H = ", in.H, ", ", st, (o.softcap() > 0 ? ", softcap" : ""), ")");
-  // Automatic: 1/16 of the scored tokens' logits, at most 256 MiB, at least one row.
   const int64_t n = sel.rows.b.numel();
-  const int64_t budget =
-      o.chunk_bytes() > 0
-          ? o.chunk_bytes()
-          : std::max(per_row, std::min(int64_t{256} << 20,
-                                       n * in.V * static_cast<int64_t>(at::elementSize(st)) / 16));
-  const HeadSpec spec{o.temperature(),  o.softcap(), o.backend(),
-                      budget / per_row, budget,      o.backward()};
+  // Automatic: the chunks, 1/16 of the scored tokens' logits (at most 256 MiB, at least one
+  // row); the tiles, 1/128 of them in fp32 (4 to 64 MiB).
+  const int64_t logits_bytes = n * in.V * static_cast<int64_t>(at::elementSize(st));
+  const int64_t acc_logits_bytes = n * in.V * static_cast<int64_t>(at::elementSize(acc_type(st)));
+  const int64_t budget = o.chunk_bytes() > 0
+                             ? o.chunk_bytes()
+                             : std::max(per_row, std::min(int64_t{256} << 20, logits_bytes / 16));
+  const int64_t tile_budget =
+      o.chunk_bytes() > 0 ? o.chunk_bytes()
+                          : std::clamp(acc_logits_bytes / 128, int64_t{4} << 20, int64_t{64} << 20);
+  const HeadSpec spec{o.temperature(), o.softcap(), o.backend(), budget / per_row,
+                      budget,          tile_budget, o.backward()};
   const unsigned flags = stat_flags(o.with_logits_mean(), o.with_token_accuracy(), o.with_entropy(),
                                     o.with_wpo_weights());
-  // Compaction: only scored tokens reach the matmuls (differentiable gather of hidden rows).
-  const auto h = in.hidden.index({sel.rows.b, sel.rows.t});
+  // Only the scored rows reach the matmuls: they are gathered chunk by chunk from a flat view
+  // of the hidden states (no compacted copy of them is made or saved).
+  const auto h = in.hidden.reshape({-1, in.H});
+  const auto rows = sel.rows.b * in.hidden.size(1) + sel.rows.t;
   const bool grad = at::GradMode::is_enabled() && (h.requires_grad() || weight.requires_grad() ||
                                                    (bias.defined() && bias.requires_grad()));
   at::Tensor logp;
   RowResults stats;
   if (grad) {
     const auto out = FusedHeadFunction::apply(
-        h, weight, bias.defined() ? bias : at::empty({0}, weight.options()), sel.rows.target,
+        h, weight, bias.defined() ? bias : at::empty({0}, weight.options()), rows, sel.rows.target,
         static_cast<int64_t>(flags), spec);
     logp = out[0];
     stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];
     stats.log_sum_p2 = out[4];
   } else {  // reference model / evaluation: nothing saved
     c10::NoGradGuard no_grad;
-    stats = head_forward(h, weight, bias, sel.rows.target, flags, spec);
+    stats = head_forward(h, rows, weight, bias, sel.rows.target, flags, spec);
     logp = stats.logp;
   }
   return assemble(sel, logp, stats, flags, o.with_token_logps(), acc_type(st));

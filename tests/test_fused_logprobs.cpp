@@ -81,7 +81,8 @@ TEST_P(FusedGrid, ValuesAndGradientsMatchTheNaiveCompositeInFp64) {
         const int64_t bytes_softcap = softcap > 0 ? 2 : 1;
         // Backward in vocabulary blocks: the same budgets give blocks of about V / N columns
         // (several, the last one partial) and one block.
-        for (auto bwd : {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks})
+        for (auto bwd :
+             {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles})
           for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{1} << 20})
             for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
               SCOPED_TRACE(::testing::Message()
@@ -143,7 +144,8 @@ TEST_F(Fused, LowPrecisionInputsAgainstFp64) {
     const auto ref = prefopt_ref::gather(naive_logits(ref_head.h, ref_head.w, ref_head.b, 1, 0),
                                          labels, labels != kIgnore);
     const auto ref_grads = torch::autograd::grad({ref.sum.sum()}, ref_head.params());
-    for (auto bwd : {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks}) {
+    for (auto bwd :
+         {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles}) {
       SCOPED_TRACE(::testing::Message() << "backward " << static_cast<int>(bwd));
       const auto lp = F::fused_logprobs(
           head.h, head.w, head.b, labels,
@@ -312,7 +314,8 @@ TEST_F(FusedCuda, MatchesCpu) {
   if (prefopt::has_cuda_kernels()) backends.push_back(GatherBackend::kKernel);
   for (auto st : {at::kFloat, at::kBFloat16}) {
     for (auto backend : backends) {
-      for (auto bwd : {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks}) {
+      for (auto bwd :
+           {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles}) {
         for (double softcap : {0.0, 20.0}) {
           SCOPED_TRACE(::testing::Message()
                        << st << " backend " << static_cast<int>(backend) << " backward "

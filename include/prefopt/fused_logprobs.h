@@ -11,19 +11,28 @@
 
 PREFOPT_BEGIN_NAMESPACE
 
-/// How the backward pass walks the logits it recomputes.
+/// How the backward pass walks the logits it recomputes: row chunks × vocabulary blocks
+/// (tiles) of one reused buffer. Each row chunk reads W twice and updates dW once; each
+/// vocabulary block adds to the chunk's `dh`.
 enum class FusedBackward {
-  /// kVocabBlocks when the scored tokens are at most the vocabulary size (and a column fits
-  /// the budget), else kTokenChunks: whichever needs the smaller fp32 accumulator.
+  /// kTiles for fp32/fp64 inputs (the least memory: no accumulator beyond the returned
+  /// gradients). For 16-bit inputs, kVocabBlocks when the scored tokens are at most the
+  /// vocabulary size (and a column fits the budget), else kTokenChunks: whichever needs the
+  /// smaller fp32 accumulator.
   kAuto,
   /// Chunks of tokens, as the forward pass: `dh` is exact per chunk; the weight gradient
-  /// accumulates across chunks in an fp32 [V, H] buffer (16-bit weights).
+  /// accumulates across chunks in place (fp32/fp64) or in an fp32 [V, H] buffer (16-bit).
   kTokenChunks,
   /// Blocks of vocabulary columns over all scored tokens: each block's weight gradient is one
   /// GEMM over every token (fp32 accumulation inside it, one rounding, no [V, H] accumulator);
-  /// `dh` accumulates across blocks in an fp32 [N, H] buffer (16-bit inputs). Falls back to
-  /// kTokenChunks when one column of N tokens does not fit `chunk_bytes`.
+  /// `dh` accumulates across blocks in an [N, H] buffer (fp32 for 16-bit inputs). Falls back
+  /// to kTokenChunks when one column of N tokens does not fit `chunk_bytes`.
   kVocabBlocks,
+  /// Tiles of c tokens × c' columns within the tile budget (see `chunk_bytes`): c as large as
+  /// fits beside blocks of 512 columns. The weight gradient accumulates across row chunks as
+  /// for kTokenChunks and `dh` across blocks in a [c, H] buffer, so for fp32 weights the
+  /// backward holds the returned gradients and a few MiB.
+  kTiles,
 };
 
 /// Options of `functional::fused_logprobs` and `functional::fused_packed_logprobs`.
@@ -54,11 +63,13 @@ struct FusedLogprobsOptions {
   TORCH_ARG(bool, with_entropy) = false;
   /// Also return `wpo_weights` (see `GatherLogprobsOptions::with_wpo_weights`). Default: false.
   TORCH_ARG(bool, with_wpo_weights) = false;
-  /// Memory budget, in bytes, for the reused logits buffers: forward, one [c, V] buffer in the
-  /// input dtype; backward, that buffer (or an [N, c'] vocabulary block), a second one with
-  /// softcapping, and on CPU fp32 copies for bf16/fp16 GEMMs. Chunks are the largest that fit;
-  /// an explicit budget below one row is an error. 0 (the default) is automatic: 1/16 of the
-  /// scored tokens' logits in the input dtype, at most 256 MiB, at least one row.
+  /// Memory budget, in bytes, for the reused buffers: forward, one [c, V] logits buffer in the
+  /// input dtype (and c gathered hidden rows); backward, that buffer, an [N, c'] vocabulary
+  /// block or a kTiles tile with its [c, H] row buffers, a second one with softcapping, and on
+  /// CPU fp32 copies for bf16/fp16 GEMMs. Chunks are the largest that fit; an explicit budget
+  /// below one row is an error. 0 (the default) is automatic: chunks and vocabulary blocks
+  /// get 1/16 of the scored tokens' logits in the input dtype (at most 256 MiB, at least one
+  /// row); tiles get 1/128 of them in fp32 (fp64 for fp64), from 4 MiB to 64 MiB.
   TORCH_ARG(int64_t, chunk_bytes) = 0;
   /// Row kernels or the ATen path for the per-chunk log-softmax (as for gathering).
   /// Default: kAuto.
@@ -81,14 +92,16 @@ using FusedLogprobsFuncOptions = FusedLogprobsOptions;
 ///   One floating dtype (fp64/fp32/bf16/fp16) and one device for all three.
 /// - `labels`: [B, T] as for `gather_logprobs` (int64/int32, `ignore_index` where unscored).
 ///
-/// How: only the scored tokens are gathered (prompt and padding rows never reach a matmul),
-/// then processed in chunks of c rows whose logits buffer is allocated once and reused. The
-/// log-softmax is computed in fp32 (fp64 for fp64 inputs). Backward saves one logsumexp per
-/// token, recomputes each chunk's logits, forms the logits gradient in place, and returns
-/// gradients for `hidden`, `weight` (skipped when it does not require grad, e.g. a frozen head
-/// under LoRA) and `bias`. The weight and bias gradients are accumulated across chunks in fp32
-/// (fp64 for fp64) and cast to the parameter dtype once at the end. Without grad mode, or when
-/// nothing requires grad (a reference model), nothing is saved.
+/// How: only the scored tokens reach a matmul (prompt and padding rows never do): chunks of c
+/// scored rows are gathered into a reused buffer, and each chunk's logits buffer is allocated
+/// once and reused. The log-softmax is computed in fp32 (fp64 for fp64 inputs). Backward
+/// saves the inputs and one logsumexp per token (no copy of the hidden states), recomputes
+/// the logits tile by tile (see `FusedBackward`), forms the logits gradient in place, and
+/// returns gradients for `hidden`, `weight` (skipped when it does not require grad, e.g. a
+/// frozen head under LoRA) and `bias`. The weight and bias gradients are accumulated in fp32
+/// (fp64 for fp64), or formed by one GEMM with fp32 accumulation per vocabulary block, and
+/// cast to the parameter dtype once at the end. Without grad mode, or when nothing requires
+/// grad (a reference model), nothing is saved.
 ///
 /// Returns the same `SequenceLogprobs` as `gather_logprobs`, so losses and metrics do not care
 /// which path produced them.

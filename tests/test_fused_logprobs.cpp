@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "memory.h"  // bench/: the tracking CPU allocator
 #include "reference/logprobs_reference.h"
 #include "support.h"
 
@@ -162,6 +163,34 @@ TEST_F(Fused, LowPrecisionInputsAgainstFp64) {
             << "parameter " << i;
       }
     }
+  }
+}
+
+// Peak memory beside the inputs, counted by the bench's tracking CPU allocator: an fp32
+// forward + backward holds the gradients it returns, one `chunk_bytes` budget of buffers and
+// O(N) per-token state. Nothing of O(N·V), and no copy of the hidden states (a compacted
+// copy, saved or gathered for backward, would add 2·n·H·4 bytes: about 0.5 MB here).
+TEST_F(Fused, Fp32PeakMemoryIsTheGradientsAndOneBudget) {
+  auto& meter = prefopt_bench::TrackingAllocator::install();
+  const int64_t B = 4, T = 128, H = 256, V = 8000, budget = 256 << 10;
+  const auto labels = make_labels(B, T, V);
+  const int64_t n = (labels.slice(1, 1) != kIgnore).sum().item<int64_t>();
+  const Head head(B, T, H, V, /*bias=*/false, at::kFloat);
+  const int64_t grads_bytes = (V * H + B * T * H) * 4;
+  for (auto bwd : {FusedBackward::kAuto, FusedBackward::kTiles, FusedBackward::kTokenChunks}) {
+    SCOPED_TRACE(::testing::Message() << "backward " << static_cast<int>(bwd));
+    meter.reset_peak();
+    const int64_t before = meter.live();
+    {
+      const auto lp = F::fused_logprobs(head.h, head.w, {}, labels,
+                                        FusedLogprobsOptions().chunk_bytes(budget).backward(bwd));
+      const auto grads = torch::autograd::grad({lp.sum.sum()}, {head.h, head.w});
+      EXPECT_EQ(grads[1].numel(), V * H);
+    }
+    const int64_t extra = meter.peak() - before;
+    EXPECT_GT(extra, grads_bytes);
+    EXPECT_LE(extra, grads_bytes + budget + n * 64 + (64 << 10))
+        << "gradients " << grads_bytes << " B, budget " << budget << " B, n = " << n;
   }
 }
 

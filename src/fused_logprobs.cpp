@@ -260,7 +260,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   /// cast once at the end.
   static variable_list backward_tiles(const HeadGrads& a, const HeadSpec& spec, Tiling t) {
     const int64_t n = a.rows.size(0), V = a.weight.size(0), H = a.weight.size(1);
-    const auto opt = [&](bool need, const at::Tensor& x) {
+    const auto opt = [](bool need, const at::Tensor& x) {
       return need ? at::zeros_like(x) : at::Tensor();
     };
     if (n == 0) return result(opt(a.need_h, a.h), opt(a.need_w, a.weight), opt(a.need_b, a.bias));

@@ -17,6 +17,7 @@ endfunction()
 
 set(configure_args -G ${GENERATOR} -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=${COMPILER}
   -DTorch_DIR=${TORCH_DIR} -DEXPECTED_VERSION=${VERSION})
+string(REPLACE "|" ";" prefix_path "${PREFIX_PATH}")
 if(LAUNCHER)
   list(APPEND configure_args -DCMAKE_CXX_COMPILER_LAUNCHER=${LAUNCHER})
 endif()
@@ -24,15 +25,19 @@ endif()
 if(MODE STREQUAL "find_package")
   run(${CMAKE_COMMAND} --install ${PREFOPT_BINARY_DIR} --prefix ${work}/prefix)
   foreach(f include/prefopt/prefopt.h include/prefopt/logprobs.h lib/cmake/prefopt/prefoptConfig.cmake
-            lib/cmake/prefopt/prefoptConfigVersion.cmake lib/cmake/prefopt/prefoptTargets.cmake)
+            lib/cmake/prefopt/prefoptConfigVersion.cmake lib/cmake/prefopt/prefoptTargets.cmake
+            lib/cmake/prefopt/prefoptTorch.cmake)
     if(NOT EXISTS ${work}/prefix/${f})
       message(FATAL_ERROR "packaging test: ${f} was not installed")
     endif()
   endforeach()
-  list(APPEND configure_args -DCMAKE_PREFIX_PATH=${work}/prefix)
+  list(PREPEND prefix_path ${work}/prefix)
 else()
   list(APPEND configure_args -DPREFOPT_SOURCE_DIR=${PREFOPT_SOURCE_DIR})
 endif()
+# Through the environment: a ';' list does not survive as one argument of execute_process.
+string(REPLACE ";" ":" prefix_path "${prefix_path}")
+set(ENV{CMAKE_PREFIX_PATH} "${prefix_path}")
 
 run(${CMAKE_COMMAND} -S ${CMAKE_CURRENT_LIST_DIR}/${MODE} -B ${work}/build ${configure_args})
 run(${CMAKE_COMMAND} --build ${work}/build)

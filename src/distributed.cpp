@@ -10,9 +10,12 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <signal.h>
+
 #include <algorithm>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdlib>
 #include <string>
 #include "rows.h"
@@ -131,6 +134,13 @@ bool has_nccl() {
 }
 
 DistributedContext init_process_group(const ProcessGroupOptions& o) {
+  // A peer that dies closes its sockets, and the next write to one raises SIGPIPE, whose
+  // default action kills this process before the failure can surface as an error. Python, the
+  // usual host of c10d, ignores SIGPIPE; do the same where the host left the default in place.
+  struct sigaction pipe_action {};
+  if (::sigaction(SIGPIPE, nullptr, &pipe_action) == 0 && pipe_action.sa_handler == SIG_DFL) {
+    ::signal(SIGPIPE, SIG_IGN);
+  }
   DistributedContext ctx;
   ctx.world_size = env_int("WORLD_SIZE", o.world_size(), 1, 1 << 20);
   ctx.rank = env_int("RANK", o.rank(), 0, 1 << 20);

@@ -14,9 +14,31 @@
 
 namespace prefopt_test {
 
+/// Resolves oneMKL's VML kernels (the CPU exp, log, ... of the torch wheels) on one thread
+/// before any test uses them. Their dispatch is lazy and races when the first call is split
+/// over the intra-op threads, and one thread can then run a low-accuracy kernel for its whole
+/// chunk (pytorch/pytorch#188792). Seen here with torch 2.14.1: in 7 of 200 fresh processes
+/// the first fp64 softmax of a [4, 33, 257] batch summed to 131.9999999948 instead of 132,
+/// enough to fail an fp64 reference at 1e-11. Calls below the parallel grain size run on the
+/// calling thread alone.
+inline void warm_up_cpu_math() {
+  static const bool done = [] {
+    for (auto dt : {at::kDouble, at::kFloat}) {
+      const auto x = at::rand({256}, at::TensorOptions().dtype(dt)) + 0.5;
+      (void)x.exp(), (void)x.log(), (void)x.log1p(), (void)x.expm1(), (void)x.tanh(),
+          (void)x.sigmoid(), (void)x.sqrt(), (void)at::log_softmax(x, 0);
+    }
+    return true;
+  }();
+  (void)done;
+}
+
 /// Seeds libtorch's generator before every test (torch's SeedingFixture).
 struct SeededTest : ::testing::Test {
-  void SetUp() override { at::manual_seed(0); }
+  void SetUp() override {
+    warm_up_cpu_math();
+    at::manual_seed(0);
+  }
 };
 
 /// Seeded, and skipped (not passed) when libtorch has no CUDA or no device is present.
@@ -46,6 +68,7 @@ inline ::testing::AssertionResult AllClose(const at::Tensor& actual, const at::T
   const double excess = err.flatten()[worst].item<double>();
   if (!nan_mismatch && excess <= atol) return ::testing::AssertionSuccess();
   std::ostringstream os;
+  os.precision(17);
   os << (nan_mismatch ? "NaN pattern differs; " : "") << "worst flat index " << worst << ": actual "
      << a.flatten()[worst].item<double>() << " vs expected " << e.flatten()[worst].item<double>()
      << " (rtol " << rtol << ", atol " << atol << ")";

@@ -60,6 +60,9 @@ struct DistributedContext {
 /// Creates a process group the way torchrun's workers do: rank 0 hosts a TCPStore at
 /// `MASTER_ADDR:MASTER_PORT`, every rank connects and the backend forms its mesh through it.
 ///
+/// A process that keeps the default SIGPIPE action gets it ignored (as Python does), so that a
+/// peer that dies mid-collective gives an error on this rank instead of killing it.
+///
 /// Errors (TORCH_CHECKs naming this function): a missing or malformed `RANK`, `WORLD_SIZE`,
 /// `MASTER_ADDR` or `MASTER_PORT`; a rank outside [0, WORLD_SIZE); an unreachable master or a
 /// rank that never joins within `timeout`; NCCL asked for in a build without it.

@@ -40,7 +40,8 @@ struct Inputs {
         .reference_chosen_logps(rc)
         .reference_rejected_logps(rr)
         .chosen_lengths(nc)
-        .rejected_lengths(nr);
+        .rejected_lengths(nr)
+        .logps_form(prefopt::LogpsForm::kSum);
   }
 };
 
@@ -150,7 +151,8 @@ std::vector<Case> cases() {
     auto r = F::orpo_loss(prefopt::PairInputs()
                               .policy_chosen_logps(in.pc / 100)
                               .policy_rejected_logps(in.pr / 100)
-                              .chosen_lengths(in.nc));
+                              .chosen_lengths(in.nc)
+                              .logps_form(prefopt::LogpsForm::kMean));
     return Out{r.loss, r.chosen_rewards, r.rejected_rewards};
   };
   auto orpo_composite = [](const Inputs& in, bool naive) {

@@ -47,8 +47,10 @@ int main(int argc, char** argv) {
   std::unique_ptr<prefopt::JsonlWriter> log;
   if (rank == 0 && !log_path.empty()) log = std::make_unique<prefopt::JsonlWriter>(log_path);
 
-  const auto gather_opts =
-      prefopt::GatherLogprobsOptions().with_logits_mean(true).with_token_accuracy(true);
+  const auto gather_opts = prefopt::GatherLogprobsOptions()
+                               .with_logits_mean(true)
+                               .with_token_accuracy(true)
+                               .with_entropy(true);
   for (int step = 1; step <= steps; ++step) {
     for (int micro = 0; micro < grad_accum; ++micro) {
       // Every rank draws the global batch and keeps its shard: a stand-in for a sampler.

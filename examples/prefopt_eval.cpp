@@ -8,7 +8,9 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <set>
 #include <sstream>
@@ -135,7 +137,17 @@ const std::set<std::string> kPairInputs = {"policy_chosen_logps",
                                            "weights",
                                            "nll_loss"};
 
-prefopt::PairInputs pair_inputs(const Inputs& in) {
+/// The form of the request's log-probs: `logps_form` ("sum" or "mean") when given, else
+/// `native`, the form the anchor's loss function receives them in.
+prefopt::LogpsForm logps_form(const Params& p, prefopt::LogpsForm native) {
+  if (!p.has("logps_form")) return native;
+  const auto f = p.string("logps_form", "");
+  if (f == "sum") return prefopt::LogpsForm::kSum;
+  if (f == "mean") return prefopt::LogpsForm::kMean;
+  throw RequestError("param 'logps_form' must be \"sum\" or \"mean\", got \"" + f + "\"");
+}
+
+prefopt::PairInputs pair_inputs(const Inputs& in, prefopt::LogpsForm form) {
   return prefopt::PairInputs()
       .policy_chosen_logps(in.vector("policy_chosen_logps"))
       .policy_rejected_logps(in.vector("policy_rejected_logps"))
@@ -144,7 +156,8 @@ prefopt::PairInputs pair_inputs(const Inputs& in) {
       .chosen_lengths(in.vector("chosen_lengths"))
       .rejected_lengths(in.vector("rejected_lengths"))
       .weights(in.vector("weights"))
-      .nll_loss(in.scalar("nll_loss"));
+      .nll_loss(in.scalar("nll_loss"))
+      .logps_form(form);
 }
 
 /// TRL's logged reward metrics of a pairwise batch.
@@ -157,6 +170,26 @@ json pair_metrics(const at::Tensor& chosen, const at::Tensor& rejected) {
   return m;
 }
 
+/// One loss request evaluated: its answer, and how to add it as a micro-step to a metric
+/// accumulator (with the policy's token statistics, when the request gave them).
+struct Evaluated {
+  json answer;
+  std::function<void(prefopt::MetricAccumulator&, const prefopt::PairLogprobs*)> feed;
+};
+
+/// `feed` for the pairwise results (DPO, CPO/SimPO, TPO, ORPO).
+template <typename Result>
+Evaluated pairwise(json answer, const Result& r, const prefopt::PairInputs& in) {
+  return {std::move(answer),
+          [r, in](prefopt::MetricAccumulator& acc, const prefopt::PairLogprobs* tokens) {
+            if (tokens != nullptr) {
+              acc.add(r, in, *tokens);
+            } else {
+              acc.add(r, in);
+            }
+          }};
+}
+
 json result(const at::Tensor& loss, const at::Tensor& losses, const at::Tensor& chosen,
             const at::Tensor& rejected, json metrics) {
   return {{"loss", to_json(loss)},
@@ -166,9 +199,11 @@ json result(const at::Tensor& loss, const at::Tensor& losses, const at::Tensor& 
           {"metrics", std::move(metrics)}};
 }
 
-json eval_dpo(const std::string& loss, const json& params, const json& inputs) {
+Evaluated eval_dpo(const std::string& loss, const json& params, const json& inputs) {
   std::set<std::string> allowed = {"beta",
                                    "label_smoothing",
+                                   "cdpo",
+                                   "logps_form",
                                    "loss_weights",
                                    "f_divergence_type",
                                    "f_alpha_divergence_coef",
@@ -216,6 +251,7 @@ json eval_dpo(const std::string& loss, const json& params, const json& inputs) {
   }
   o.beta(p.number("beta", o.beta()))
       .label_smoothing(p.number("label_smoothing", o.label_smoothing()))
+      .cdpo(p.boolean("cdpo", false))
       .f_divergence_type(
           prefopt::f_divergence_from_name(p.string("f_divergence_type", "reverse_kl")))
       .f_alpha_divergence_coef(p.number("f_alpha_divergence_coef", o.f_alpha_divergence_coef()))
@@ -234,18 +270,27 @@ json eval_dpo(const std::string& loss, const json& params, const json& inputs) {
     throw RequestError("param 'ipo_normalization' must be \"per_token\" or \"none\", got \"" + ipo +
                        "\"");
   }
-  const auto r = F::dpo_loss(pair_inputs(in), in.scalar("bco_delta"), o);
+  const auto pair = pair_inputs(in, logps_form(p, prefopt::LogpsForm::kSum));
+  const auto r = F::dpo_loss(pair, in.scalar("bco_delta"), o);
   auto m = pair_metrics(r.chosen_rewards, r.rejected_rewards);
   if (r.nll_loss.defined()) m["nll_loss"] = r.nll_loss.item<double>();
-  return result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m));
+  return pairwise(result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m)), r,
+                  pair);
 }
 
-json eval_cpo(const std::string& loss, const json& params, const json& inputs) {
+Evaluated eval_cpo(const std::string& loss, const json& params, const json& inputs) {
   std::set<std::string> allowed = {"beta",  "label_smoothing",   "simpo_gamma", "cpo_alpha",
-                                   "alpha", "nll_normalization", "reduction"};
+                                   "alpha", "nll_normalization", "reduction",   "logps_form"};
   if (loss == "cpo") allowed.insert("loss_type");
   const Params p(params, allowed);
   const Inputs in(inputs, kPairInputs);
+  const auto type = loss == "cpo"
+                        ? prefopt::cpo_loss_type_from_name(p.string("loss_type", "sigmoid"))
+                        : prefopt::CPOLossType::kSimPO;
+  // TRL's CPOTrainer hands sums to sigmoid and hinge, per-token means to the others.
+  const bool sums = type == prefopt::CPOLossType::kSigmoid || type == prefopt::CPOLossType::kHinge;
+  const auto pair =
+      pair_inputs(in, logps_form(p, sums ? prefopt::LogpsForm::kSum : prefopt::LogpsForm::kMean));
   // CPOLossOptions and SimPOLossOptions share these names; only their defaults differ.
   auto fill = [&p](auto o) {
     return o.beta(p.number("beta", o.beta()))
@@ -256,33 +301,64 @@ json eval_cpo(const std::string& loss, const json& params, const json& inputs) {
         .nll_normalization(nll_normalization(p))
         .reduction(reduction(p));
   };
-  const auto r =
-      loss == "cpo"
-          ? F::cpo_loss(pair_inputs(in),
-                        fill(prefopt::CPOLossOptions().loss_type(
-                            prefopt::cpo_loss_type_from_name(p.string("loss_type", "sigmoid")))))
-          : F::simpo_loss(pair_inputs(in), fill(prefopt::SimPOLossOptions()));
+  const auto r = loss == "cpo" ? F::cpo_loss(pair, fill(prefopt::CPOLossOptions().loss_type(type)))
+                               : F::simpo_loss(pair, fill(prefopt::SimPOLossOptions()));
   auto m = pair_metrics(r.chosen_rewards, r.rejected_rewards);
   if (r.nll_loss.defined()) m["nll_loss"] = r.nll_loss.item<double>();
-  return result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m));
+  return pairwise(result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m)), r,
+                  pair);
 }
 
-json eval_orpo(const json& params, const json& inputs) {
-  const Params p(params, {"beta", "nll_normalization", "reduction"});
+Evaluated eval_orpo(const json& params, const json& inputs) {
+  const Params p(params, {"beta", "nll_normalization", "reduction", "logps_form"});
   const Inputs in(inputs, kPairInputs);
   prefopt::ORPOLossOptions o;
   o.beta(p.number("beta", o.beta()))
       .nll_normalization(nll_normalization(p))
       .reduction(reduction(p));
-  const auto r = F::orpo_loss(pair_inputs(in), o);
+  const auto pair = pair_inputs(in, logps_form(p, prefopt::LogpsForm::kMean));
+  const auto r = F::orpo_loss(pair, o);
   auto m = pair_metrics(r.chosen_rewards, r.rejected_rewards);
   m["log_odds_ratio"] = mean_or_zero(r.log_odds_ratio);
   m["log_odds_chosen"] = mean_or_zero(r.log_odds_chosen);
   m["nll_loss"] = r.nll_loss.item<double>();
-  return result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m));
+  return pairwise(result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m)), r,
+                  pair);
 }
 
-json eval_kto(const std::string& loss, const json& params, const json& inputs) {
+Evaluated eval_tpo(const json& params, const json& inputs) {
+  const Params p(params, {"loss_type", "beta", "label_smoothing", "tpo_alpha", "tpo_l_gamma",
+                          "reduction", "logps_form"});
+  auto names = kPairInputs;
+  names.insert({"gold_logps", "gold_lengths"});
+  const Inputs in(inputs, names);
+  prefopt::TPOLossOptions o;
+  o.loss_type(prefopt::tpo_loss_type_from_name(p.string("loss_type", "sigmoid")))
+      .beta(p.number("beta", o.beta()))
+      .label_smoothing(p.number("label_smoothing", o.label_smoothing()))
+      .tpo_alpha(p.number("tpo_alpha", o.tpo_alpha()))
+      .tpo_l_gamma(p.number("tpo_l_gamma", o.tpo_l_gamma()))
+      .reduction(reduction(p));
+  const bool sums = o.loss_type() == prefopt::TPOLossType::kSigmoid ||
+                    o.loss_type() == prefopt::TPOLossType::kHinge;
+  const auto pair =
+      pair_inputs(in, logps_form(p, sums ? prefopt::LogpsForm::kSum : prefopt::LogpsForm::kMean));
+  prefopt::TPOLossResult r;
+  const auto gold_logps = in.vector("gold_logps");
+  if (gold_logps.defined() || in.vector("gold_lengths").defined()) {
+    prefopt::SequenceLogprobs gold;
+    gold.sum = gold_logps;
+    gold.count = in.vector("gold_lengths");
+    r = F::tpo_loss(pair, gold, o);
+  } else {
+    r = F::tpo_loss(pair, o);
+  }
+  auto m = pair_metrics(r.chosen_rewards, r.rejected_rewards);
+  return pairwise(result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m)), r,
+                  pair);
+}
+
+Evaluated eval_kto(const std::string& loss, const json& params, const json& inputs) {
   const Params p(params, {"beta", "desirable_weight", "undesirable_weight", "reduction"});
   const Inputs in(inputs,
                   {"policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
@@ -297,22 +373,29 @@ json eval_kto(const std::string& loss, const json& params, const json& inputs) {
     auto t = in.vector(name);
     return t.defined() ? t : at::zeros({0}, at::kDouble);  // an absent side is an empty one
   };
-  const auto r = F::kto_loss(prefopt::KTOInputs()
-                                 .policy_chosen_logps(side("policy_chosen_logps"))
-                                 .policy_rejected_logps(side("policy_rejected_logps"))
-                                 .reference_chosen_logps(side("reference_chosen_logps"))
-                                 .reference_rejected_logps(side("reference_rejected_logps"))
-                                 .policy_KL_logps(in.vector("policy_KL_logps"))
-                                 .reference_KL_logps(in.vector("reference_KL_logps"))
-                                 .kl(in.scalar("kl")),
-                             o);
+  const auto kin = prefopt::KTOInputs()
+                       .policy_chosen_logps(side("policy_chosen_logps"))
+                       .policy_rejected_logps(side("policy_rejected_logps"))
+                       .reference_chosen_logps(side("reference_chosen_logps"))
+                       .reference_rejected_logps(side("reference_rejected_logps"))
+                       .policy_KL_logps(in.vector("policy_KL_logps"))
+                       .reference_KL_logps(in.vector("reference_KL_logps"))
+                       .kl(in.scalar("kl"));
+  const auto r = F::kto_loss(kin, o);
   json m;
   if (r.chosen_rewards.numel() > 0) m["rewards/chosen"] = mean_or_zero(r.chosen_rewards);
   if (r.rejected_rewards.numel() > 0) m["rewards/rejected"] = mean_or_zero(r.rejected_rewards);
   if (r.chosen_rewards.numel() > 0 && r.rejected_rewards.numel() > 0)
     m["rewards/margins"] = mean_or_zero(r.chosen_rewards) - mean_or_zero(r.rejected_rewards);
   m["kl"] = r.kl.item<double>();
-  return result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m));
+  return {result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m)),
+          [r, kin](prefopt::MetricAccumulator& acc, const prefopt::PairLogprobs* tokens) {
+            if (tokens != nullptr) {
+              acc.add(r, kin, tokens->chosen, tokens->rejected);
+            } else {
+              acc.add(r, kin);
+            }
+          }};
 }
 
 const std::set<std::string> kDPONames = {"sigmoid",  "hinge",        "ipo",      "robust",
@@ -320,12 +403,16 @@ const std::set<std::string> kDPONames = {"sigmoid",  "hinge",        "ipo",     
                                          "aot",      "aot_unpaired", "apo_zero", "apo_down",
                                          "discopop", "sigmoid_norm", "sft",      "dpo"};
 
-json evaluate(const json& request) {
+/// A loss request {"loss", "params", "inputs"} (and, inside a metrics request, "tokens" and
+/// "scalars", which `allow_step_fields` admits).
+Evaluated evaluate_loss(const json& request, bool allow_step_fields) {
   if (!request.is_object())
     throw RequestError("a request must be an object {\"loss\", \"params\", \"inputs\"}");
   for (const auto& [key, value] : request.items()) {
-    if (key != "loss" && key != "params" && key != "inputs")
-      throw RequestError("unknown request field '" + key + "'; known: loss, params, inputs");
+    const bool step_field = key == "tokens" || key == "scalars";
+    if (key != "loss" && key != "params" && key != "inputs" && !(allow_step_fields && step_field))
+      throw RequestError("unknown request field '" + key + "'; known: loss, params, inputs" +
+                         (allow_step_fields ? ", tokens, scalars" : ""));
   }
   if (!request.contains("loss") || !request["loss"].is_string())
     throw RequestError("a request needs \"loss\": a loss name");
@@ -337,9 +424,113 @@ json evaluate(const json& request) {
   if (kDPONames.count(loss)) return eval_dpo(loss, params, inputs);
   if (loss == "cpo" || loss == "simpo") return eval_cpo(loss, params, inputs);
   if (loss == "orpo") return eval_orpo(params, inputs);
+  if (loss == "tpo") return eval_tpo(params, inputs);
   if (loss == "kto" || loss == "apo_zero_unpaired") return eval_kto(loss, params, inputs);
   throw RequestError("unknown loss '" + loss + "'; expected a DPO loss_type (" + join(kDPONames) +
-                     "), cpo, simpo, orpo, kto or apo_zero_unpaired");
+                     "), cpo, simpo, orpo, tpo, kto or apo_zero_unpaired");
+}
+
+/// One side's token statistics of a metrics step: {"count", "logits_sum", "logits_sum_all",
+/// "positions", "correct", "entropy_sum"}, each [N].
+prefopt::SequenceLogprobs token_side(const json& side, const char* name) {
+  if (!side.is_object())
+    throw RequestError(std::string("\"tokens\".\"") + name + "\" must be an object");
+  const Inputs in(side,
+                  {"count", "logits_sum", "logits_sum_all", "positions", "correct", "entropy_sum"});
+  prefopt::SequenceLogprobs lp;
+  lp.count = in.vector("count");
+  if (!lp.count.defined())
+    throw RequestError(std::string("\"tokens\".\"") + name + "\" needs \"count\"");
+  lp.logits_sum = in.vector("logits_sum");
+  lp.logits_sum_all = in.vector("logits_sum_all");
+  lp.positions = in.vector("positions");
+  lp.correct = in.vector("correct");
+  lp.entropy_sum = in.vector("entropy_sum");
+  return lp;
+}
+
+/// {"metrics": {"logits", "prefix"}, "steps": [micro-step, ...]}: a logging window. A
+/// micro-step is a loss request with optional "tokens" {"chosen", "rejected"} and "scalars"
+/// {name: value}, or an array of them, one per rank. Answers the metrics under both windows.
+json evaluate_metrics(const json& request) {
+  for (const auto& [key, value] : request.items()) {
+    if (key != "metrics" && key != "steps")
+      throw RequestError("unknown metrics-request field '" + key + "'; known: metrics, steps");
+  }
+  const Params p(request.contains("metrics") ? request["metrics"] : json::object(),
+                 {"logits", "prefix"});
+  prefopt::MetricsOptions opts;
+  opts.prefix(p.string("prefix", ""));
+  const auto logits = p.string("logits", "scored");
+  if (logits == "all_positions") {
+    opts.logits(prefopt::LogitsMetric::kAllPositions);
+  } else if (logits != "scored") {
+    throw RequestError("param 'logits' must be \"scored\" or \"all_positions\", got \"" + logits +
+                       "\"");
+  }
+  if (!request.contains("steps") || !request["steps"].is_array() || request["steps"].empty())
+    throw RequestError("a metrics request needs \"steps\": a non-empty array of micro-steps");
+  const auto& steps = request["steps"];
+  const size_t n_ranks = steps[0].is_array() ? steps[0].size() : 1;
+  if (n_ranks == 0) throw RequestError("a micro-step needs at least one rank");
+  const prefopt::MetricWindow windows[2] = {prefopt::MetricWindow::kMeanOfSteps,
+                                            prefopt::MetricWindow::kCountWeighted};
+  std::vector<prefopt::MetricAccumulator> accs[2];
+  for (int w = 0; w < 2; ++w)
+    accs[w].assign(n_ranks,
+                   prefopt::MetricAccumulator(prefopt::MetricsOptions(opts).window(windows[w])));
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const json one = json::array({steps[i]});
+    const json& ranks = steps[i].is_array() ? steps[i] : one;
+    if (ranks.size() != n_ranks)
+      throw RequestError("micro-step " + std::to_string(i) + " has " +
+                         std::to_string(ranks.size()) + " ranks, micro-step 0 has " +
+                         std::to_string(n_ranks));
+    for (size_t k = 0; k < n_ranks; ++k) {
+      const json& step = ranks[k];
+      const Evaluated ev = evaluate_loss(step, /*allow_step_fields=*/true);
+      prefopt::PairLogprobs tokens;
+      const bool has_tokens = step.contains("tokens");
+      if (has_tokens) {
+        const json& t = step["tokens"];
+        if (!t.is_object()) throw RequestError("\"tokens\" must be an object");
+        for (const auto& [key, value] : t.items()) {
+          if (key != "chosen" && key != "rejected")
+            throw RequestError("unknown \"tokens\" field '" + key + "'; known: chosen, rejected");
+        }
+        if (t.contains("chosen")) tokens.chosen = token_side(t["chosen"], "chosen");
+        if (t.contains("rejected")) tokens.rejected = token_side(t["rejected"], "rejected");
+      }
+      for (auto& acc : accs) {
+        ev.feed(acc[k], has_tokens ? &tokens : nullptr);
+        if (step.contains("scalars")) {
+          const json& sc = step["scalars"];
+          if (!sc.is_object()) throw RequestError("\"scalars\" must be an object");
+          for (const auto& [name, value] : sc.items()) {
+            if (!value.is_number()) throw RequestError("scalar '" + name + "' must be a number");
+            acc[k].add_scalar(name, value.get<double>());
+          }
+        }
+      }
+    }
+  }
+  json out = json::object();
+  const char* names[2] = {"mean_of_steps", "count_weighted"};
+  for (int w = 0; w < 2; ++w) {
+    std::vector<prefopt::MetricAccumulator*> ranks;
+    for (auto& a : accs[w]) ranks.push_back(&a);
+    json m = json::object();
+    for (const auto& [name, value] : prefopt::MetricAccumulator::compute_ranks(ranks))
+      m[name] = std::isfinite(value) ? json(value) : json(nullptr);
+    out[names[w]] = std::move(m);
+  }
+  return {{"metrics", std::move(out)}};
+}
+
+json evaluate(const json& request) {
+  if (request.is_object() && (request.contains("steps") || request.contains("metrics")))
+    return evaluate_metrics(request);
+  return evaluate_loss(request, /*allow_step_fields=*/false).answer;
 }
 
 /// Answers one request; on failure writes the message to stderr and returns {"error"}.

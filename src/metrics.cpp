@@ -88,11 +88,6 @@ constexpr bool kBuiltinScalar[kNumBuiltins] = {true,  false, false, false, false
                                                false, false, false, true,  false, false,
                                                true,  false, false, false};
 
-bool token_weighted(size_t slot) {
-  return slot == kLogitsChosen || slot == kLogitsRejected || slot == kEntropy ||
-         slot == kTokenAccuracy;
-}
-
 at::Tensor as_double(const at::Tensor& t) { return t.detach().to(at::kDouble); }
 
 at::Tensor count_tensor(double n, const at::Tensor& like) {
@@ -150,6 +145,14 @@ void MetricAccumulator::put_examples(Step& step, size_t slot, const at::Tensor& 
       count_tensor(static_cast<double>(values.numel()), values));
 }
 
+void MetricAccumulator::put_logps(Step& step, const at::Tensor& chosen, const at::Tensor& rejected,
+                                  const PairInputs& inputs) {
+  // What the loss consumed (sums or means, after any conversion), as TRL logs logps/*.
+  put_examples(step, kLogpsChosen, chosen.defined() ? chosen : inputs.policy_chosen_logps());
+  put_examples(step, kLogpsRejected,
+               rejected.defined() ? rejected : inputs.policy_rejected_logps());
+}
+
 void MetricAccumulator::put_pairs(Step& step, const at::Tensor& loss,
                                   const at::Tensor& chosen_rewards,
                                   const at::Tensor& rejected_rewards, const PairInputs& inputs) {
@@ -165,40 +168,66 @@ void MetricAccumulator::put_pairs(Step& step, const at::Tensor& loss,
     // Strict: a tie is not an accurate pair.
     put_examples(step, kAccuracies, chosen_rewards.gt(rejected_rewards));
   }
-  put_examples(step, kLogpsChosen, inputs.policy_chosen_logps());
-  put_examples(step, kLogpsRejected, inputs.policy_rejected_logps());
 }
 
 void MetricAccumulator::put_tokens(Step& step, const SequenceLogprobs& chosen,
-                                   const SequenceLogprobs& rejected) {
-  const bool scored = options_.logits() == LogitsMetric::kScored;
-  const auto logits = [&](size_t slot, const SequenceLogprobs& lp) {
-    const auto& sum = scored ? lp.logits_sum : lp.logits_sum_all;
-    const auto& count = scored ? lp.count : lp.positions;
-    if (sum.defined() && count.defined()) put(step, slot, as_double(sum).sum(), count.sum());
-  };
-  logits(kLogitsChosen, chosen);
-  logits(kLogitsRejected, rejected);
-  const auto both = [&](size_t slot, const at::Tensor& c, const at::Tensor& r) {
-    if (!c.defined() && !r.defined()) return;
-    at::Tensor sum = count_tensor(0, c.defined() ? c : r);
-    at::Tensor n = sum.clone();
-    if (c.defined()) {
-      sum = sum + as_double(c).sum();
-      n = n + chosen.count.sum();
+                                   const SequenceLogprobs& rejected, TokenSides sides) {
+  constexpr const char* fn = "prefopt::MetricAccumulator::add";
+  // A metric TRL logs whose statistic was not gathered is left out, and said so once.
+  if (sides.logits) {
+    const bool scored = options_.logits() == LogitsMetric::kScored;
+    const auto logits = [&](size_t slot, const SequenceLogprobs& lp) {
+      const auto& sum = scored ? lp.logits_sum : lp.logits_sum_all;
+      const auto& count = scored ? lp.count : lp.positions;
+      if (sum.defined() && count.defined()) put(step, slot, as_double(sum).sum(), count.sum());
+      return sum.defined() && count.defined();
+    };
+    const bool got_c = logits(kLogitsChosen, chosen);
+    const bool got_r = logits(kLogitsRejected, rejected);
+    if ((chosen.count.defined() && !got_c) || (rejected.count.defined() && !got_r)) {
+      if (scored) {
+        TORCH_WARN_ONCE(fn, ": logits/chosen and logits/rejected are not logged: the log-probs ",
+                        "carry no logits statistics; gather them with ",
+                        "with_logits_mean(true) (GatherLogprobsOptions or FusedLogprobsOptions)");
+      } else {
+        TORCH_WARN_ONCE(fn, ": logits/chosen and logits/rejected (LogitsMetric::kAllPositions) ",
+                        "are not logged: gather the log-probs with ",
+                        "GatherLogprobsOptions::with_logits_mean_unmasked(true)");
+      }
     }
-    if (r.defined()) {
-      sum = sum + as_double(r).sum();
-      n = n + rejected.count.sum();
-    }
-    put(step, slot, sum, n);
+  }
+  // Σ statistic / Σ tokens over the sides given; false when a side given lacks the statistic.
+  // A side is present when its token counts are (a KTO step may have only one).
+  const auto pool = [&](size_t slot, const at::Tensor& c, const at::Tensor& r, bool use_r) {
+    const bool has_c = chosen.count.defined(), has_r = use_r && rejected.count.defined();
+    if ((has_c && !c.defined()) || (has_r && !r.defined())) return false;
+    at::Tensor sum, n;
+    const auto add_side = [&](const at::Tensor& stat, const at::Tensor& count) {
+      sum = sum.defined() ? sum + as_double(stat).sum() : as_double(stat).sum();
+      n = n.defined() ? n + as_double(count).sum() : as_double(count).sum();
+    };
+    if (has_c) add_side(c, chosen.count);
+    if (has_r) add_side(r, rejected.count);
+    if (sum.defined()) put(step, slot, sum, n);
+    return true;
   };
-  both(kEntropy, chosen.entropy_sum, rejected.entropy_sum);
-  both(kTokenAccuracy, chosen.correct, rejected.correct);
+  if (!pool(kEntropy, chosen.entropy_sum, rejected.entropy_sum, true)) {
+    TORCH_WARN_ONCE(fn, ": entropy is not logged: the log-probs carry no entropy; gather them ",
+                    "with with_entropy(true) (GatherLogprobsOptions or FusedLogprobsOptions)");
+  }
+  if (!pool(kTokenAccuracy, chosen.correct, rejected.correct, sides.accuracy_rejected)) {
+    TORCH_WARN_ONCE(fn, ": mean_token_accuracy is not logged: the log-probs carry no ",
+                    "correct-token counts; gather them with with_token_accuracy(true) ",
+                    "(GatherLogprobsOptions or FusedLogprobsOptions)");
+  }
   // num_tokens is a running total: its count half only marks that tokens were counted.
-  at::Tensor tokens = as_double(chosen.count).sum();
-  if (rejected.count.defined()) tokens = tokens + as_double(rejected.count).sum();
-  put(step, kNumTokens, tokens, count_tensor(1, tokens));
+  at::Tensor tokens;
+  for (const auto* lp : {&chosen, &rejected}) {
+    if (!lp->count.defined()) continue;
+    const auto t = as_double(lp->count).sum();
+    tokens = tokens.defined() ? tokens + t : t;
+  }
+  if (tokens.defined()) put(step, kNumTokens, tokens, count_tensor(1, tokens));
 }
 
 void MetricAccumulator::add(const at::Tensor& loss, const SequenceLogprobs& lp) {
@@ -209,14 +238,13 @@ void MetricAccumulator::add(const at::Tensor& loss, const SequenceLogprobs& lp) 
               "prefopt::MetricAccumulator::add: the SFT log-probs have no token counts");
   Step& step = new_step();
   put(step, kLoss, as_double(loss).reshape({}), count_tensor(1, loss));
-  SequenceLogprobs tokens = lp;  // SFTTrainer logs no logits/*
-  tokens.logits_sum = tokens.logits_sum_all = at::Tensor();
-  put_tokens(step, tokens, SequenceLogprobs{});
+  put_tokens(step, lp, SequenceLogprobs{}, {/*logits=*/false, /*accuracy_rejected=*/false});
 }
 
 void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in) {
   Step& step = new_step();
   put_pairs(step, r.loss, r.chosen_rewards, r.rejected_rewards, in);
+  put_logps(step, r.chosen_logps, r.rejected_logps, in);
   if (r.nll_loss.defined()) put(step, kNLL, r.nll_loss, count_tensor(1, r.nll_loss));
   const auto& c = in.chosen_lengths();
   const auto& rj = in.rejected_lengths();
@@ -226,32 +254,39 @@ void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in) {
 
 void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in,
                             const PairLogprobs& policy) {
-  Step& step = new_step();
-  put_pairs(step, r.loss, r.chosen_rewards, r.rejected_rewards, in);
-  if (r.nll_loss.defined()) put(step, kNLL, r.nll_loss, count_tensor(1, r.nll_loss));
-  put_tokens(step, policy.chosen, policy.rejected);
+  add(r, in);
+  // Pairwise: mean_token_accuracy over the chosen completions only (TRL ≥ 0.29).
+  put_tokens(steps_.back(), policy.chosen, policy.rejected,
+             {/*logits=*/true, /*accuracy_rejected=*/false});
 }
 
-void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in) {
-  add(DPOLossResult{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss}, in);
+namespace {
+DPOLossResult as_dpo(const CPOLossResult& r) {
+  return {r.loss,     r.losses,       r.chosen_rewards, r.rejected_rewards,
+          r.nll_loss, r.chosen_logps, r.rejected_logps};
 }
+DPOLossResult as_dpo(const ORPOLossResult& r) {
+  return {r.loss,     r.losses,       r.chosen_rewards, r.rejected_rewards,
+          r.nll_loss, r.chosen_logps, r.rejected_logps};
+}
+}  // namespace
+
+void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in) { add(as_dpo(r), in); }
 
 void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in,
                             const PairLogprobs& policy) {
-  add(DPOLossResult{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss}, in,
-      policy);
+  add(as_dpo(r), in, policy);
 }
 
 void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in) {
-  add(DPOLossResult{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss}, in);
+  add(as_dpo(r), in);
   put_examples(steps_.back(), kLogOddsRatio, r.log_odds_ratio);
   put_examples(steps_.back(), kLogOddsChosen, r.log_odds_chosen);
 }
 
 void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in,
                             const PairLogprobs& policy) {
-  add(DPOLossResult{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss}, in,
-      policy);
+  add(as_dpo(r), in, policy);
   put_examples(steps_.back(), kLogOddsRatio, r.log_odds_ratio);
   put_examples(steps_.back(), kLogOddsChosen, r.log_odds_chosen);
 }
@@ -270,7 +305,7 @@ void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in) {
 void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in,
                             const SequenceLogprobs& chosen, const SequenceLogprobs& rejected) {
   add(r, in);
-  put_tokens(steps_.back(), chosen, rejected);
+  put_tokens(steps_.back(), chosen, rejected, {/*logits=*/true, /*accuracy_rejected=*/true});
 }
 
 void MetricAccumulator::add_scalar(const std::string& name, const at::Tensor& value) {
@@ -286,25 +321,59 @@ void MetricAccumulator::add_scalar(const std::string& name, double value) {
   add_scalar(name, at::scalar_tensor(value, at::kDouble));
 }
 
+at::Tensor MetricAccumulator::pack() const {
+  if (steps_.empty()) return {};
+  // Pack on the device of the results (NCCL needs CUDA tensors), read once.
+  at::Device device(at::kCPU);
+  for (const auto& step : steps_)
+    for (const auto& e : step)
+      if (e.defined() && !e.is_cpu()) device = e.device();
+  const auto zeros = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));
+  std::vector<at::Tensor> parts;
+  parts.reserve(steps_.size() * slots_.size());
+  for (const auto& step : steps_)
+    for (size_t s = 0; s < slots_.size(); ++s)
+      parts.push_back(s < step.size() && step[s].defined() ? step[s].to(device) : zeros);
+  return at::stack(parts);
+}
+
 Metrics MetricAccumulator::compute(c10d::ProcessGroup* group) {
-  const size_t n_steps = steps_.size();
+  at::Tensor packed = pack();
+  if (packed.defined()) all_reduce_sum(packed, group, "prefopt::MetricAccumulator::compute");
+  return finish(packed);
+}
+
+Metrics MetricAccumulator::compute_ranks(const std::vector<MetricAccumulator*>& ranks) {
+  constexpr const char* fn = "prefopt::MetricAccumulator::compute_ranks";
+  TORCH_CHECK(!ranks.empty() && ranks[0] != nullptr, fn, ": expected at least one accumulator");
+  const auto& first = *ranks[0];
+  at::Tensor total;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    TORCH_CHECK(ranks[i] != nullptr, fn, ": accumulator ", i, " is null");
+    const auto& r = *ranks[i];
+    TORCH_CHECK(r.steps_.size() == first.steps_.size(), fn, ": rank ", i, " has ", r.steps_.size(),
+                " micro-steps in its window, rank 0 has ", first.steps_.size(),
+                "; every rank must make the same calls");
+    TORCH_CHECK(r.slots_.size() == first.slots_.size(), fn, ": rank ", i, " logs ",
+                r.slots_.size() - kNumBuiltins, " add_scalar names, rank 0 logs ",
+                first.slots_.size() - kNumBuiltins);
+    for (size_t s = 0; s < r.slots_.size(); ++s) {
+      TORCH_CHECK(r.slots_[s].name == first.slots_[s].name, fn, ": rank ", i, " logs '",
+                  r.slots_[s].name, "' where rank 0 logs '", first.slots_[s].name, "'");
+    }
+    const auto p = r.pack();
+    if (p.defined()) total = total.defined() ? total + p.to(total.device()) : p;
+  }
+  for (size_t i = 1; i < ranks.size(); ++i) ranks[i]->finish(at::Tensor());  // clear them
+  return ranks[0]->finish(total);
+}
+
+Metrics MetricAccumulator::finish(const at::Tensor& packed) {
+  const size_t n_steps = packed.defined() ? steps_.size() : 0;
   const size_t n_slots = slots_.size();
   Metrics out;
   at::Tensor totals;  // [n_steps, n_slots, 2] on the CPU
   if (n_steps > 0) {
-    // Pack on the device of the results (NCCL needs CUDA tensors), read once.
-    at::Device device(at::kCPU);
-    for (const auto& step : steps_)
-      for (const auto& e : step)
-        if (e.defined() && !e.is_cpu()) device = e.device();
-    const auto zeros = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));
-    std::vector<at::Tensor> parts;
-    parts.reserve(n_steps * n_slots);
-    for (const auto& step : steps_)
-      for (size_t s = 0; s < n_slots; ++s)
-        parts.push_back(s < step.size() && step[s].defined() ? step[s].to(device) : zeros);
-    at::Tensor packed = at::stack(parts);
-    all_reduce_sum(packed, group, "prefopt::MetricAccumulator::compute");
     totals =
         packed.cpu().reshape({static_cast<int64_t>(n_steps), static_cast<int64_t>(n_slots), 2});
   }
@@ -317,8 +386,9 @@ Metrics MetricAccumulator::compute(c10d::ProcessGroup* group) {
     if (n_steps == 0) return false;
     auto acc = totals.accessor<double, 3>();
     double num = 0, den = 0;
-    // Token metrics pool their tokens over the whole window in either mode.
-    const bool per_step = mean_of_steps && !token_weighted(s);
+    // kMeanOfSteps: each micro-step's value (its examples or tokens pooled over the ranks),
+    // then the plain mean of the steps, as TRL's log() does; kCountWeighted pools the window.
+    const bool per_step = mean_of_steps;
     for (size_t i = 0; i < n_steps; ++i) {
       const double sum = acc[i][s][0], count = acc[i][s][1];
       if (count <= 0) continue;

@@ -42,7 +42,8 @@ struct Batch {
         .reference_chosen_logps(rc)
         .reference_rejected_logps(rr)
         .chosen_lengths(nc)
-        .rejected_lengths(nr);
+        .rejected_lengths(nr)
+        .logps_form(prefopt::LogpsForm::kSum);
   }
   std::vector<at::Tensor> grads(const at::Tensor& loss) const {
     auto g = torch::autograd::grad({loss}, {pc, pr}, {}, /*retain_graph=*/true);
@@ -56,7 +57,9 @@ prefopt_ref::DPORef ref_of(const DPOLossOptions& o) {
   r.f = prefopt::f_divergence_name(o.f_divergence_type());
   r.alpha = o.f_alpha_divergence_coef();
   r.beta = o.beta();
-  r.eps = o.label_smoothing();
+  // sigmoid and sigmoid_norm read ε only under cdpo (TRL ≥ 0.29).
+  const bool sigmoid_form = r.type == "sigmoid" || r.type == "sigmoid_norm";
+  r.eps = sigmoid_form && !o.cdpo() ? 0.0 : o.label_smoothing();
   r.tau = o.discopop_tau();
   r.ipo_per_token = o.ipo_normalization() == prefopt::IPONormalization::kPerToken;
   return r;
@@ -162,7 +165,7 @@ TEST_F(DPOLossTest, HandDerivedValues) {
   // cDPO with ε = 0.25 at βΔ = ln 3: −¾ ln ¾ − ¼ ln ¼.
   const double d = std::log(3.0) / 0.1;
   const auto c = F::dpo_loss(at::tensor({d}), at::tensor({0.0}), at::tensor({0.0}),
-                             at::tensor({0.0}), DPOLossOptions().label_smoothing(0.25));
+                             at::tensor({0.0}), DPOLossOptions().label_smoothing(0.25).cdpo(true));
   EXPECT_NEAR(c.loss.item<double>(), -0.75 * std::log(0.75) - 0.25 * std::log(0.25), 1e-14);
 }
 
@@ -184,11 +187,11 @@ TEST_F(DPOLossTest, AnchorConventions) {
   Batch b(7);
   const auto in = b.inputs();
   const auto nc = b.nc.to(at::kDouble), nr = b.nr.to(at::kDouble);
-  // sigmoid + label smoothing: cDPO (TRL ≤ 0.28, torchtune, OpenRLHF); ε = 0 is TRL ≥ 0.29.
+  // sigmoid + label smoothing under cdpo: cDPO (TRL ≤ 0.28, torchtune, OpenRLHF).
   {
     prefopt_ref::DPORef ref;
     ref.eps = 0.3;
-    const auto r = F::dpo_loss(in, DPOLossOptions().label_smoothing(0.3));
+    const auto r = F::dpo_loss(in, DPOLossOptions().label_smoothing(0.3).cdpo(true));
     EXPECT_TRUE(AllClose(r.losses, prefopt_ref::dpo_losses(ref, b.pc, b.pr, b.rc, b.rr, nc, nr),
                          1e-12, 1e-14));
   }
@@ -229,7 +232,8 @@ TEST_F(DPOLossTest, AnchorConventions) {
     const auto delta = (rc_ - rr_) - (at::softplus(rc_) - at::softplus(rr_));
     EXPECT_TRUE(AllClose(r.losses, -prefopt_ref::logsig(0.1 * delta), 1e-10, 1e-12));
   }
-  // Multi-loss rewards: β·ρ (TRL ≥ 0.29) vs Σ_k w_k·β·ρ over non-sft types (TRL ≤ 0.28).
+  // Multi-loss rewards: β·ρ (TRL ≥ 0.29) vs Σ_k w_k·β·ρ over every type, sft's weight
+  // included (TRL ≤ 0.28).
   {
     auto o = DPOLossOptions()
                  .loss_type({DPOLossType::kSigmoid, DPOLossType::kBCOPair, DPOLossType::kSFT})
@@ -237,7 +241,8 @@ TEST_F(DPOLossTest, AnchorConventions) {
     const auto plain = F::dpo_loss(in, o);
     const auto weighted = F::dpo_loss(in, o.weighted_rewards(true));
     EXPECT_TRUE(AllClose(plain.chosen_rewards, 0.1 * (b.pc - b.rc), 1e-12, 0));
-    EXPECT_TRUE(AllClose(weighted.chosen_rewards, (0.8 + 0.2) * 0.1 * (b.pc - b.rc), 1e-12, 0));
+    EXPECT_TRUE(
+        AllClose(weighted.chosen_rewards, (0.8 + 0.2 + 1.0) * 0.1 * (b.pc - b.rc), 1e-12, 0));
   }
   // NLL term: token mean (TRL sft) vs per-sequence mean (LLaMA-Factory pref_ftx, OpenRLHF).
   {
@@ -274,13 +279,19 @@ TEST_F(DPOLossTest, AnchorConventions) {
                                DPOLossOptions().reference_free(true));
     EXPECT_TRUE(AllClose(r.losses, -prefopt_ref::logsig(0.1 * (b.pc - b.pr)), 1e-12, 1e-14));
     EXPECT_TRUE(AllClose(r.chosen_rewards, 0.1 * b.pc, 1e-14, 0));
+    // With a reference given, TRL still logs β·(π − ref) and only the loss drops it.
+    const auto with_ref = F::dpo_loss(in, DPOLossOptions().reference_free(true));
+    EXPECT_TRUE(AllClose(with_ref.losses, r.losses, 1e-14, 0));
+    EXPECT_TRUE(AllClose(with_ref.chosen_rewards, 0.1 * (b.pc - b.rc), 1e-14, 0));
+    EXPECT_TRUE(AllClose(with_ref.rejected_rewards, 0.1 * (b.pr - b.rr), 1e-14, 0));
   }
 }
 
 // bco_pair's running-mean baseline (TRL ≤ 0.28, LLaMA-Factory): δ is the running mean of the
 // per-step means of all β·ρ; the first step's δ is that step's mean.
 TEST_F(DPOLossTest, BCORunningMeanBaseline) {
-  prefopt::DPOLoss bco(DPOLossOptions().loss_type(DPOLossType::kBCOPair).bco_running_mean(true));
+  const prefopt::DPOLoss bco(
+      DPOLossOptions().loss_type(DPOLossType::kBCOPair).bco_running_mean(true));
   Batch s1(6), s2(4);
   prefopt_ref::DPORef ref;
   ref.type = "bco_pair";
@@ -472,7 +483,202 @@ TEST_F(DPOLossTest, Errors) {
   PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, at::ones({2}), DPOLossOptions()),
                              "expected bco_delta to be a scalar");
   PREFOPT_EXPECT_THROWS_WITH(prefopt::BCOBaseline().update(1.0, -1.0, 1.0),
-                             "prefopt::BCOBaseline::update: expected a finite mean, var >= 0");
+                             "prefopt::BCOBaseline::update: expected a finite mean, a finite var "
+                             ">= 0 and a finite count > 0, got mean 1, var -1, count 1");
+  // An infinite count made the mean NaN; load() took any state.
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::BCOBaseline().update(1.0, 0.0, INFINITY),
+                             "prefopt::BCOBaseline::update: expected a finite mean");
+  prefopt::BCOBaseline loaded;
+  PREFOPT_EXPECT_THROWS_WITH(loaded.load(NAN, -1.0, -5.0),
+                             "prefopt::BCOBaseline::load: expected a finite mean, a finite var >= "
+                             "0 and a finite count > 0, got mean nan, var -1, count -5");
+  EXPECT_EQ(loaded.count(), 1e-24);  // unchanged
+  loaded.load(0.5, 0.25, 3.0);
+  EXPECT_EQ(loaded.mean(), 0.5);
+}
+
+// ------------------------------------------------------------------ TRL 1.x (issue #16)
+
+// The four repros of issue #16 and its conventions, each against values computed by hand in
+// double from the formulas (ℓ = log σ).
+namespace {
+double logsig(double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
+at::Tensor t1(double x) { return at::tensor({x}, at::kDouble); }
+}  // namespace
+
+TEST_F(DPOLossTest, ReferenceLogpsGetNoGradient) {
+  // A reference computed with autograd on (no NoGradGuard): a graph hangs off it.
+  const auto leaf_c = at::tensor({-3.0, -1.0}, at::kDouble).requires_grad_();
+  const auto leaf_r = at::tensor({-2.0, -4.0}, at::kDouble).requires_grad_();
+  const auto rc = leaf_c * 1.0, rr = leaf_r * 1.0;
+  ASSERT_TRUE(rc.requires_grad());
+  for (const auto& name : kAllTypes) {
+    auto o = DPOLossOptions().loss_type(prefopt::dpo_loss_type_from_name(name));
+    if (name == "exo_pair" || name == "robust") o.label_smoothing(0.1);
+    const auto pc = at::tensor({-1.0, -2.0}, at::kDouble).requires_grad_();
+    const auto pr = at::tensor({-2.5, -1.5}, at::kDouble).requires_grad_();
+    const auto r = F::dpo_loss(PairInputs()
+                                   .policy_chosen_logps(pc)
+                                   .policy_rejected_logps(pr)
+                                   .reference_chosen_logps(rc)
+                                   .reference_rejected_logps(rr)
+                                   .chosen_lengths(at::tensor({2, 3}))
+                                   .rejected_lengths(at::tensor({4, 1}))
+                                   .logps_form(prefopt::LogpsForm::kSum),
+                               o);
+    // The loss's graph does not reach the reference's leaves at all.
+    const auto g = torch::autograd::grad({r.loss}, {pc, leaf_c, leaf_r}, {}, false, false,
+                                         /*allow_unused=*/true);
+    EXPECT_TRUE(g[0].defined()) << name;
+    EXPECT_FALSE(g[1].defined()) << name;
+    EXPECT_FALSE(g[2].defined()) << name;
+  }
+}
+
+// Repro 3: weighted_rewards counts sft's weight: (1 + 0.5)·β·ρ = 1.5·0.5 = 0.75.
+TEST_F(DPOLossTest, WeightedRewardsCountSftWeight) {
+  const auto in = PairInputs()
+                      .policy_chosen_logps(t1(-1.0))
+                      .policy_rejected_logps(t1(-2.0))
+                      .reference_chosen_logps(t1(-1.5))
+                      .reference_rejected_logps(t1(-1.5))
+                      .nll_loss(at::scalar_tensor(1.0, at::kDouble))
+                      .logps_form(prefopt::LogpsForm::kSum);
+  const auto r = F::dpo_loss(in, DPOLossOptions()
+                                     .beta(1.0)
+                                     .loss_type({DPOLossType::kSigmoid, DPOLossType::kSFT})
+                                     .loss_weights({1.0, 0.5})
+                                     .weighted_rewards(true));
+  EXPECT_NEAR(r.chosen_rewards.item<double>(), 0.75, 1e-15);
+  EXPECT_NEAR(r.rejected_rewards.item<double>(), -0.75, 1e-15);
+  // loss = −ℓ(1·(0.5 − (−0.5))) + 0.5·1.
+  EXPECT_NEAR(r.loss.item<double>(), -logsig(1.0) + 0.5, 1e-15);
+}
+
+// Repro 4: reference_free logs β·(π − ref) when a reference is given: 2.0 and −1.0.
+TEST_F(DPOLossTest, ReferenceFreeLogsRewardsWithTheReference) {
+  prefopt::detail::WarningCapture warnings;
+  const auto r = F::dpo_loss(t1(-1.0), t1(-2.0), t1(-3.0), t1(-1.0),
+                             DPOLossOptions().beta(1.0).reference_free(true));
+  EXPECT_NEAR(r.chosen_rewards.item<double>(), 2.0, 1e-15);
+  EXPECT_NEAR(r.rejected_rewards.item<double>(), -1.0, 1e-15);
+  EXPECT_NEAR(r.loss.item<double>(), -logsig(-1.0 - (-2.0)), 1e-15);  // reference left out
+  EXPECT_TRUE(warnings.contains("reference_free(true) leaves the reference log-probs out"));
+}
+
+// Item 7: one ε serves a mixed list as in TRL ≥ 0.29: sigmoid ignores it, robust takes it.
+TEST_F(DPOLossTest, LabelSmoothingInAMixedListFollowsTrl) {
+  const double beta = 0.1, eps = 0.1;
+  const double pc = -3.0, pr = -9.0, rc = -4.0, rr = -5.0;  // Δ = 1 − (−4) = 5, z = 0.5
+  const double z = beta * ((pc - rc) - (pr - rr));
+  const double sigmoid = -logsig(z);
+  const double robust = (-(1 - eps) * logsig(z) + eps * logsig(-z)) / (1 - 2 * eps);
+  const double cdpo = -(1 - eps) * logsig(z) - eps * logsig(-z);
+  const auto mixed = DPOLossOptions().beta(beta).label_smoothing(eps).loss_type(
+      {DPOLossType::kSigmoid, DPOLossType::kRobust});
+  EXPECT_NEAR(F::dpo_loss(t1(pc), t1(pr), t1(rc), t1(rr), mixed).loss.item<double>(),
+              sigmoid + robust, 1e-14);
+  // Conservative DPO is its own choice: cdpo(true) smooths sigmoid too (TRL ≤ 0.28).
+  auto with_cdpo = mixed;
+  with_cdpo.cdpo(true);
+  EXPECT_NEAR(F::dpo_loss(t1(pc), t1(pr), t1(rc), t1(rr), with_cdpo).loss.item<double>(),
+              cdpo + robust, 1e-14);
+  // A single sigmoid with ε and no cdpo would silently ignore ε in TRL: here it is an error
+  // that names the migration.
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(t1(pc), t1(pr), t1(rc), t1(rr), DPOLossOptions().label_smoothing(eps)),
+      "sigmoid and sigmoid_norm only with cdpo(true)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(t1(pc), t1(pr), t1(rc), t1(rr),
+                  DPOLossOptions().loss_type(DPOLossType::kRobust).label_smoothing(eps).cdpo(true)),
+      "cdpo(true) smooths sigmoid and sigmoid_norm, and neither is among the loss types");
+  // sigmoid_norm under cdpo: −(1−ε)ℓ(β(ρ_c/n_c − ρ_r/n_r)) − εℓ(−…).
+  const auto in = PairInputs()
+                      .policy_chosen_logps(t1(pc))
+                      .policy_rejected_logps(t1(pr))
+                      .reference_chosen_logps(t1(rc))
+                      .reference_rejected_logps(t1(rr))
+                      .chosen_lengths(at::tensor({2}))
+                      .rejected_lengths(at::tensor({4}))
+                      .logps_form(prefopt::LogpsForm::kSum);
+  const double zn = beta * ((pc - rc) / 2 - (pr - rr) / 4);
+  EXPECT_NEAR(F::dpo_loss(in, DPOLossOptions()
+                                  .loss_type(DPOLossType::kSigmoidNorm)
+                                  .beta(beta)
+                                  .label_smoothing(eps)
+                                  .cdpo(true))
+                  .loss.item<double>(),
+              -(1 - eps) * logsig(zn) - eps * logsig(-zn), 1e-14);
+  EXPECT_NEAR(F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kSigmoidNorm).beta(beta))
+                  .loss.item<double>(),
+              -logsig(zn), 1e-14);
+}
+
+// The inputs say what they hold: DPO converts per-token means with the lengths, refuses them
+// without, and warns when the form is not said.
+TEST_F(DPOLossTest, SumsAndMeansAreConvertedOrRefused) {
+  Batch b(6);
+  const auto nc = b.nc.to(at::kDouble).clamp_min(1), nr = b.nr.to(at::kDouble);
+  // Means of a zero-length completion are 0, like SequenceLogprobs::mean; its sum is 0 too.
+  const auto zero = b.nc.eq(0);
+  const auto pc = b.pc.detach().masked_fill(zero, 0), rc = b.rc.masked_fill(zero, 0);
+  const auto sums = PairInputs()
+                        .policy_chosen_logps(pc)
+                        .policy_rejected_logps(b.pr)
+                        .reference_chosen_logps(rc)
+                        .reference_rejected_logps(b.rr)
+                        .chosen_lengths(b.nc)
+                        .rejected_lengths(b.nr)
+                        .logps_form(prefopt::LogpsForm::kSum);
+  const auto means = PairInputs(sums)
+                         .policy_chosen_logps(pc / nc)
+                         .policy_rejected_logps(b.pr / nr)
+                         .reference_chosen_logps(rc / nc)
+                         .reference_rejected_logps(b.rr / nr)
+                         .logps_form(prefopt::LogpsForm::kMean);
+  const auto a = F::dpo_loss(sums), m = F::dpo_loss(means);
+  EXPECT_TRUE(AllClose(m.losses, a.losses, 1e-12, 1e-14));
+  EXPECT_TRUE(AllClose(m.chosen_rewards, a.chosen_rewards, 1e-12, 1e-14));
+  EXPECT_TRUE(AllClose(m.chosen_logps, pc, 1e-12, 1e-14));  // logps/*: the sums consumed
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(means).chosen_lengths(at::Tensor())),
+                             "prefopt::dpo_loss: dpo_loss consumes sums of the log-probs; got "
+                             "per-token means without chosen_lengths to convert them");
+  prefopt::detail::WarningCapture warnings;
+  F::dpo_loss(PairInputs(sums).logps_form(prefopt::LogpsForm::kUnspecified));
+  EXPECT_TRUE(
+      warnings.contains("PairInputs does not say whether its log-probs are sums or "
+                        "per-token means; taking them as sums"));
+}
+
+// The functor is const-callable; a call that throws leaves the bco baseline as it was.
+TEST_F(DPOLossTest, FunctorIsConstAndItsBaselineSurvivesErrors) {
+  const prefopt::DPOLoss plain;
+  Batch b(3);
+  EXPECT_TRUE(AllClose(plain(b.inputs()).loss, F::dpo_loss(b.inputs()).loss, 0, 0));
+  PREFOPT_EXPECT_THROWS_WITH(plain.bco_baseline(), "this loss keeps no baseline");
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::DPOLoss(DPOLossOptions().bco_running_mean(true)),
+                             "bco_running_mean(true) keeps bco_pair's baseline, and bco_pair is "
+                             "not among the loss types");
+  const prefopt::DPOLoss bco(
+      DPOLossOptions().loss_type(DPOLossType::kBCOPair).bco_running_mean(true));
+  bco(b.inputs());
+  const double mean = bco.bco_baseline().mean(), count = bco.bco_baseline().count();
+  // Invalid options and inputs: the step throws before it touches the baseline.
+  const prefopt::DPOLoss bad(
+      DPOLossOptions().loss_type(DPOLossType::kBCOPair).bco_running_mean(true).beta(0));
+  PREFOPT_EXPECT_THROWS_WITH(bad(b.inputs()), "expected beta > 0, got 0");
+  EXPECT_EQ(bad.bco_baseline().count(), 1e-24);
+  const prefopt::DPOLoss& same = bco;
+  PREFOPT_EXPECT_THROWS_WITH(same(PairInputs(b.inputs()).chosen_lengths(at::ones({2}))),
+                             "expected chosen_lengths of shape [3]");
+  const prefopt::DPOLoss list(DPOLossOptions()
+                                  .loss_type({DPOLossType::kBCOPair, DPOLossType::kIPO})
+                                  .bco_running_mean(true));
+  PREFOPT_EXPECT_THROWS_WITH(list(PairInputs(b.inputs()).chosen_lengths(at::Tensor())),
+                             "ipo normalises by completion length");
+  EXPECT_EQ(list.bco_baseline().count(), 1e-24);
+  EXPECT_EQ(bco.bco_baseline().mean(), mean);
+  EXPECT_EQ(bco.bco_baseline().count(), count);
 }
 
 struct DPOLossCuda : prefopt_test::CudaTest {};

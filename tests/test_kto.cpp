@@ -119,3 +119,25 @@ TEST_F(KTOLossTest, Errors) {
   PREFOPT_EXPECT_THROWS_WITH(prefopt::kto_loss_type_from_name("kto_pair"),
                              "unknown KTO loss type 'kto_pair'");
 }
+
+// Issue #16, bug 1: a reference computed with autograd on gets no gradient and its graph is
+// not kept alive through the loss. Also: the rejected and reference tensors' dtype is checked.
+TEST_F(KTOLossTest, ReferenceGetsNoGradientAndDtypesAreChecked) {
+  const auto leaf = at::tensor({-4.0, -6.0, -5.0}, at::kDouble).requires_grad_();
+  const auto ref = leaf * 1.0;  // a graph hangs off it
+  const auto pd = at::tensor({-3.0, -7.0}, at::kDouble).requires_grad_();
+  const auto pu = at::tensor({-2.0}, at::kDouble).requires_grad_();
+  const auto in = KTOInputs()
+                      .policy_chosen_logps(pd)
+                      .policy_rejected_logps(pu)
+                      .reference_chosen_logps(ref.narrow(0, 0, 2))
+                      .reference_rejected_logps(ref.narrow(0, 2, 1));
+  const auto r = F::kto_loss(in);
+  const auto g = torch::autograd::grad({r.loss}, {pd, pu, leaf}, {}, false, false, true);
+  EXPECT_TRUE(g[0].defined() && g[1].defined());
+  EXPECT_FALSE(g[2].defined());
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).policy_rejected_logps(at::tensor({1}))),
+                             "prefopt::kto_loss: expected policy_rejected_logps to be floating");
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).reference_chosen_logps(at::tensor({1, 2}))),
+                             "prefopt::kto_loss: expected reference_chosen_logps to be floating");
+}

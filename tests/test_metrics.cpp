@@ -105,11 +105,14 @@ TEST(Metrics, DpoMeanOfStepsByHand) {
   EXPECT_DOUBLE_EQ(m.at("rewards/margins"), (0.25 + (1.0 - 1.0 / 3)) / 2);
   EXPECT_DOUBLE_EQ(m.at("logps/chosen"), (-11.0 + -6.0) / 2);
   EXPECT_DOUBLE_EQ(m.at("logps/rejected"), (-12.0 + -9.0) / 2);
-  // Token metrics pool the window's tokens: chosen 3 / 5 and 11 / 6, rejected -1 / 2, 3 / 6.
-  EXPECT_DOUBLE_EQ(m.at("logits/chosen"), (3.0 + 11.0) / (5 + 6));
-  EXPECT_DOUBLE_EQ(m.at("logits/rejected"), (-1.0 + 3.0) / (2 + 6));
-  EXPECT_DOUBLE_EQ(m.at("entropy"), (10.0 + 2.0 + 4.0 + 5.0) / (5 + 2 + 6 + 6));
-  EXPECT_DOUBLE_EQ(m.at("mean_token_accuracy"), (4.0 + 1.0 + 5.0 + 3.0) / (5 + 2 + 6 + 6));
+  // Token metrics per micro-step (tokens pooled within it), then the mean of the steps, as
+  // TRL's log() does: chosen 3 / 5 and 11 / 6, rejected -1 / 2 and 3 / 6.
+  EXPECT_DOUBLE_EQ(m.at("logits/chosen"), (3.0 / 5 + 11.0 / 6) / 2);
+  EXPECT_DOUBLE_EQ(m.at("logits/rejected"), (-1.0 / 2 + 3.0 / 6) / 2);
+  // entropy over both sides: (10 + 2) / 7 and (4 + 5) / 12.
+  EXPECT_DOUBLE_EQ(m.at("entropy"), ((10.0 + 2.0) / (5 + 2) + (4.0 + 5.0) / (6 + 6)) / 2);
+  // mean_token_accuracy over the chosen side only (TRL ≥ 0.29): 4 / 5 and 5 / 6.
+  EXPECT_DOUBLE_EQ(m.at("mean_token_accuracy"), (4.0 / 5 + 5.0 / 6) / 2);
   EXPECT_DOUBLE_EQ(m.at("num_tokens"), 5 + 2 + 6 + 6);
 }
 
@@ -122,7 +125,10 @@ TEST(Metrics, DpoCountWeightedByHand) {
   EXPECT_DOUBLE_EQ(m.at("rewards/margins"), (0.5 + 3.0) / 5 - 1.0 / 5);
   EXPECT_DOUBLE_EQ(m.at("logps/chosen"), (-22.0 - 18.0) / 5);
   EXPECT_DOUBLE_EQ(m.at("logps/rejected"), (-24.0 - 27.0) / 5);
+  // Tokens pooled over the whole window.
   EXPECT_DOUBLE_EQ(m.at("logits/chosen"), 14.0 / 11);
+  EXPECT_DOUBLE_EQ(m.at("entropy"), (10.0 + 2.0 + 4.0 + 5.0) / (5 + 2 + 6 + 6));
+  EXPECT_DOUBLE_EQ(m.at("mean_token_accuracy"), (4.0 + 5.0) / (5 + 6));
   EXPECT_DOUBLE_EQ(m.at("num_tokens"), 19);
 }
 
@@ -142,8 +148,13 @@ TEST(Metrics, LogitsOverAllPositions) {
         MetricsOptions().window(window).logits(prefopt::LogitsMetric::kAllPositions));
     for (const auto& s : steps) acc.add(s.result, s.inputs, s.policy);
     const auto m = acc.compute();
-    EXPECT_DOUBLE_EQ(m.at("logits/chosen"), (6.0 + 3.0) / (16 + 12));
-    EXPECT_DOUBLE_EQ(m.at("logits/rejected"), (-4.0 + 3.0) / (16 + 12));
+    if (window == MetricWindow::kMeanOfSteps) {
+      EXPECT_DOUBLE_EQ(m.at("logits/chosen"), (6.0 / 16 + 3.0 / 12) / 2);
+      EXPECT_DOUBLE_EQ(m.at("logits/rejected"), (-4.0 / 16 + 3.0 / 12) / 2);
+    } else {
+      EXPECT_DOUBLE_EQ(m.at("logits/chosen"), (6.0 + 3.0) / (16 + 12));
+      EXPECT_DOUBLE_EQ(m.at("logits/rejected"), (-4.0 + 3.0) / (16 + 12));
+    }
   }
 }
 
@@ -255,7 +266,8 @@ TEST(Metrics, OrpoAndCpoExtras) {
   EXPECT_DOUBLE_EQ(m.at("eval_nll_loss"), 1.2);
   EXPECT_DOUBLE_EQ(m.at("eval_rewards/accuracies"), 0.5);
   EXPECT_FALSE(m.contains("loss"));
-  prefopt::CPOLossResult c{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss};
+  prefopt::CPOLossResult c{r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss,
+                           {},     {}};
   MetricAccumulator acc2;
   acc2.add(c, in);
   EXPECT_DOUBLE_EQ(acc2.compute().at("nll_loss"), 1.2);
@@ -390,4 +402,108 @@ TEST(MetricsJsonl, AppendsOneObjectPerLine) {
   PREFOPT_EXPECT_THROWS_WITH(prefopt::JsonlWriter((dir / "no/such/dir/x.jsonl").string()),
                              "cannot open");
   std::filesystem::remove_all(dir);
+}
+
+// Issue #16, item 5: two micro-steps of 1 and 3 chosen tokens. TRL averages the per-step
+// values (−0.8 and −0.0333…: −0.4167); pooling the window gives (−0.8 − 0.1) / 4 = −0.225.
+TEST(Metrics, TokenMetricsPerMicroStepUnderMeanOfSteps) {
+  auto step = [](double logits, int64_t tokens) {
+    Step s = dpo_step(0.5, d({0.1}), d({0.0}), d({-2}), d({-3}));
+    s.policy.chosen.count = l({tokens});
+    s.policy.chosen.logits_sum = d({logits});
+    s.policy.chosen.entropy_sum = d({1.5 * static_cast<double>(tokens)});
+    s.policy.chosen.correct = l({tokens});
+    s.policy.rejected.count = l({tokens});
+    s.policy.rejected.logits_sum = d({0.0});
+    s.policy.rejected.entropy_sum = d({0.5 * static_cast<double>(tokens)});
+    s.policy.rejected.correct = l({0});
+    return s;
+  };
+  const std::vector<Step> steps = {step(-0.8, 1), step(-0.1, 3)};
+  const auto mos = run(steps, MetricWindow::kMeanOfSteps, true);
+  const auto cw = run(steps, MetricWindow::kCountWeighted, true);
+  EXPECT_DOUBLE_EQ(mos.at("logits/chosen"), (-0.8 / 1 + -0.1 / 3) / 2);
+  EXPECT_DOUBLE_EQ(cw.at("logits/chosen"), (-0.8 - 0.1) / 4);
+  // entropy over both sides: 1.0 per token in each step; accuracy of the chosen side: 1.
+  EXPECT_DOUBLE_EQ(mos.at("entropy"), 1.0);
+  EXPECT_DOUBLE_EQ(mos.at("mean_token_accuracy"), 1.0);
+  EXPECT_DOUBLE_EQ(cw.at("mean_token_accuracy"), 1.0);
+}
+
+// Issue #16: a metric whose statistic was not gathered is left out with a warning that names
+// the gather option.
+TEST(Metrics, MissingTokenStatisticsWarnNamingTheOption) {
+  auto steps = two_steps();
+  for (auto& s : steps) {
+    s.policy.chosen.entropy_sum = s.policy.rejected.entropy_sum = at::Tensor();
+    s.policy.chosen.logits_sum = s.policy.rejected.logits_sum = at::Tensor();
+    s.policy.chosen.correct = s.policy.rejected.correct = at::Tensor();
+  }
+  prefopt::detail::WarningCapture warnings;
+  const auto m = run(steps, MetricWindow::kMeanOfSteps, true);
+  EXPECT_FALSE(m.contains("entropy"));
+  EXPECT_FALSE(m.contains("logits/chosen"));
+  EXPECT_FALSE(m.contains("mean_token_accuracy"));
+  EXPECT_TRUE(warnings.contains("entropy is not logged") &&
+              warnings.contains("with_entropy(true)"));
+  EXPECT_TRUE(warnings.contains("logits/chosen and logits/rejected are not logged") &&
+              warnings.contains("with_logits_mean(true)"));
+  EXPECT_TRUE(warnings.contains("mean_token_accuracy is not logged") &&
+              warnings.contains("with_token_accuracy(true)"));
+}
+
+// logps/* are the log-probs the loss consumed (the result's), not the raw inputs: a loss fed
+// sums that consumes means logs the means.
+TEST(Metrics, LogpsAreWhatTheLossConsumed) {
+  const auto in = prefopt::PairInputs()
+                      .policy_chosen_logps(d({-6.0, -3.0}))
+                      .policy_rejected_logps(d({-8.0, -9.0}))
+                      .chosen_lengths(l({3, 1}))
+                      .rejected_lengths(l({2, 3}))
+                      .logps_form(prefopt::LogpsForm::kSum);
+  const auto r = F::simpo_loss(in);
+  MetricAccumulator acc;
+  acc.add(r, in);
+  const auto m = acc.compute();
+  EXPECT_DOUBLE_EQ(m.at("logps/chosen"), (-2.0 - 3.0) / 2);
+  EXPECT_DOUBLE_EQ(m.at("logps/rejected"), (-4.0 - 3.0) / 2);
+}
+
+// Ranks reduced in one process equal the pooled window; a layout that differs is refused.
+TEST(Metrics, ComputeRanksPoolsLikeTheAllReduce) {
+  auto steps = two_steps();
+  MetricAccumulator r0, r1, both;
+  // Rank 0 gets the first pair of each step, rank 1 the rest; `both` sees all of it as one
+  // rank with the same calls.
+  const auto half = [](const Step& s, int64_t from, int64_t len) {
+    Step h = dpo_step(s.result.loss.item<double>(), s.result.chosen_rewards.narrow(0, from, len),
+                      s.result.rejected_rewards.narrow(0, from, len),
+                      s.inputs.policy_chosen_logps().narrow(0, from, len),
+                      s.inputs.policy_rejected_logps().narrow(0, from, len));
+    return h;
+  };
+  for (const auto& s : steps) {
+    const int64_t n = s.result.chosen_rewards.numel();
+    const auto a = half(s, 0, 1), b = half(s, 1, n - 1);
+    r0.add(a.result, a.inputs);
+    r1.add(b.result, b.inputs);
+    both.add(s.result, s.inputs);
+    r0.add_scalar("grad_norm", 1.0);
+    r1.add_scalar("grad_norm", 3.0);
+    both.add_scalar("grad_norm", 2.0);
+  }
+  const auto m = MetricAccumulator::compute_ranks({&r0, &r1});
+  const auto ref = both.compute();
+  for (const char* name : {"rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                           "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"})
+    EXPECT_DOUBLE_EQ(m.at(name), ref.at(name)) << name;
+  EXPECT_EQ(r0.steps(), 0);
+  EXPECT_EQ(r1.steps(), 0);
+  MetricAccumulator a, b;
+  a.add(steps[0].result, steps[0].inputs);
+  a.add_scalar("grad_norm", 1.0);
+  b.add(steps[0].result, steps[0].inputs);
+  b.add_scalar("aux_loss", 1.0);
+  PREFOPT_EXPECT_THROWS_WITH(MetricAccumulator::compute_ranks({&a, &b}),
+                             "rank 1 logs 'aux_loss' where rank 0 logs 'grad_norm'");
 }

@@ -89,3 +89,85 @@ TEST_F(ORPOLossTest, Errors) {
   PREFOPT_EXPECT_THROWS_WITH(F::orpo_loss(PairInputs(in).weights(x)),
                              "per-pair weights are a DPO-family input");
 }
+
+// Issue #16, repro 2: the log-odds of very unlikely completions are not clamped. TRL:
+// log-odds −799.4587 and loss 879.9459 (fp64 from the formula: (a − b) + log((1 − e^b)/(1 − e^a))).
+TEST_F(ORPOLossTest, VeryUnlikelyCompletionsKeepExactLogOdds) {
+  const double a = -800.0, b = -1.0;
+  const double log_odds = (a - b) + std::log(-std::expm1(b)) - std::log(-std::expm1(a));
+  ASSERT_NEAR(log_odds, -799.4587, 1e-4);
+  for (auto dt : {at::kDouble, at::kFloat}) {
+    const auto ac = at::tensor({a}, at::kDouble).to(dt).requires_grad_();
+    const auto ar = at::tensor({b}, at::kDouble).to(dt);
+    const auto r = F::orpo_loss(PairInputs()
+                                    .policy_chosen_logps(ac)
+                                    .policy_rejected_logps(ar)
+                                    .nll_loss(at::scalar_tensor(800.0, at::kDouble))
+                                    .logps_form(prefopt::LogpsForm::kMean),
+                                ORPOLossOptions().beta(0.1));
+    const double tol = dt == at::kDouble ? 1e-12 : 1e-6;
+    EXPECT_NEAR(r.log_odds_chosen.item<double>(), log_odds, std::abs(log_odds) * tol) << dt;
+    // loss = 800 − 0.1·log σ(log_odds); log σ(x) = x − log1p(e^x) for x < 0.
+    const double loss = 800.0 - 0.1 * (log_odds - std::log1p(std::exp(log_odds)));
+    EXPECT_NEAR(r.loss.item<double>(), loss, loss * tol) << dt;
+    // d loss / d a = −0.1·σ(−log_odds)·(1 + e^a/(1 − e^a)) ≈ −0.1: not zeroed by a clamp.
+    const auto g = torch::autograd::grad({r.loss}, {ac})[0].item<double>();
+    EXPECT_NEAR(g, -0.1, 1e-6) << dt;
+  }
+}
+
+// ā = 0 (an empty completion's mean, or a bf16 mean that rounds to 0) and ā = −1e-8: finite
+// values and gradients, in every dtype (TRL's two-branch form gives −inf / NaN there).
+TEST_F(ORPOLossTest, ZeroAndTinyMeansStayFiniteWithGradients) {
+  for (auto dt : {at::kDouble, at::kFloat, at::kBFloat16}) {
+    for (double x : {0.0, -1e-8}) {
+      const auto ac = at::tensor({x, -0.7}, at::kDouble).to(dt).requires_grad_();
+      const auto ar = at::tensor({-0.5, x}, at::kDouble).to(dt).requires_grad_();
+      const auto r = F::orpo_loss(PairInputs()
+                                      .policy_chosen_logps(ac)
+                                      .policy_rejected_logps(ar)
+                                      .chosen_lengths(at::tensor({1, 3}))
+                                      .logps_form(prefopt::LogpsForm::kMean));
+      const auto g = torch::autograd::grad({r.loss}, {ac, ar});
+      EXPECT_TRUE(at::isfinite(r.losses).all().item<bool>()) << dt << " " << x;
+      EXPECT_TRUE(at::isfinite(r.log_odds_chosen).all().item<bool>()) << dt << " " << x;
+      EXPECT_TRUE(at::isfinite(g[0]).all().item<bool>() && at::isfinite(g[1]).all().item<bool>())
+          << dt << " " << x;
+    }
+  }
+}
+
+// Sums are converted to the per-token means ORPO consumes, or refused without lengths; an
+// empty batch's sequence-mean NLL is 0, not NaN.
+TEST_F(ORPOLossTest, SumsAreConvertedAndEmptyBatchesGiveZero) {
+  const auto sc = at::tensor({-3.0, -1.2}, at::kDouble), sr = at::tensor({-8.0, -2.0}, at::kDouble);
+  const auto nc = at::tensor({3, 2}), nr = at::tensor({4, 1});
+  const auto sums = PairInputs()
+                        .policy_chosen_logps(sc)
+                        .policy_rejected_logps(sr)
+                        .chosen_lengths(nc)
+                        .rejected_lengths(nr)
+                        .logps_form(prefopt::LogpsForm::kSum);
+  const auto means = PairInputs(sums)
+                         .policy_chosen_logps(at::tensor({-1.0, -0.6}, at::kDouble))
+                         .policy_rejected_logps(at::tensor({-2.0, -2.0}, at::kDouble))
+                         .logps_form(prefopt::LogpsForm::kMean);
+  const auto a = F::orpo_loss(sums), b = F::orpo_loss(means);
+  EXPECT_TRUE(AllClose(a.losses, b.losses, 1e-14, 1e-15));
+  EXPECT_TRUE(AllClose(a.chosen_logps, at::tensor({-1.0, -0.6}, at::kDouble), 1e-15, 0));
+  PREFOPT_EXPECT_THROWS_WITH(F::orpo_loss(PairInputs(sums).rejected_lengths(at::Tensor())),
+                             "prefopt::orpo_loss: orpo consumes per-token means of the log-probs; "
+                             "got sums without rejected_lengths");
+  const auto empty = at::zeros({0}, at::kDouble);
+  for (auto norm :
+       {prefopt::NLLNormalization::kSequenceMean, prefopt::NLLNormalization::kTokenMean}) {
+    const auto r = F::orpo_loss(PairInputs()
+                                    .policy_chosen_logps(empty)
+                                    .policy_rejected_logps(empty)
+                                    .chosen_lengths(at::zeros({0}, at::kLong))
+                                    .logps_form(prefopt::LogpsForm::kMean),
+                                ORPOLossOptions().nll_normalization(norm));
+    EXPECT_EQ(r.nll_loss.item<double>(), 0.0);
+    EXPECT_EQ(r.loss.item<double>(), 0.0);
+  }
+}

@@ -189,3 +189,105 @@ TEST(PrefoptEval, ErrorPaths) {
                   "unknown request field 'mode'"));
   EXPECT_TRUE(has(error_of(R"([1])"), "a request must be an object"));
 }
+
+// Issue #16's four repros, as the issue states them, against TRL's numbers (computed by hand
+// in double from TRL's formulas here).
+TEST(PrefoptEval, Trl1xRepros) {
+  const auto orpo = run_eval(R"({"loss":"orpo","params":{"beta":0.1},"inputs":{
+    "policy_chosen_logps":[-800.0],"policy_rejected_logps":[-1.0],"nll_loss":800.0}})");
+  ASSERT_EQ(orpo.status, 0) << orpo.out.dump();
+  const double log_odds = (-800.0 + 1.0) + std::log(-std::expm1(-1.0));  // −log(1 − e^−800) = 0
+  EXPECT_NEAR(orpo.out["metrics"]["log_odds_chosen"].get<double>(), log_odds, 1e-12);
+  EXPECT_NEAR(orpo.out["metrics"]["log_odds_chosen"].get<double>(), -799.4587, 1e-4);
+  EXPECT_NEAR(orpo.out["loss"].get<double>(), 879.9459, 1e-4);
+
+  const auto mpo = run_eval(R"({"loss":"dpo","params":{"beta":1.0,"loss_type":["sigmoid","sft"],
+    "loss_weights":[1.0,0.5],"weighted_rewards":true},"inputs":{"policy_chosen_logps":[-1.0],
+    "policy_rejected_logps":[-2.0],"reference_chosen_logps":[-1.5],"reference_rejected_logps":[-1.5],
+    "nll_loss":1.0}})");
+  ASSERT_EQ(mpo.status, 0) << mpo.out.dump();
+  EXPECT_DOUBLE_EQ(mpo.out["chosen_rewards"][0].get<double>(), 0.75);
+  EXPECT_DOUBLE_EQ(mpo.out["rejected_rewards"][0].get<double>(), -0.75);
+
+  const auto free = run_eval(R"({"loss":"sigmoid","params":{"beta":1.0,"reference_free":true},
+    "inputs":{"policy_chosen_logps":[-1.0],"policy_rejected_logps":[-2.0],
+    "reference_chosen_logps":[-3.0],"reference_rejected_logps":[-1.0]}})");
+  ASSERT_EQ(free.status, 0) << free.out.dump();
+  EXPECT_DOUBLE_EQ(free.out["chosen_rewards"][0].get<double>(), 2.0);
+  EXPECT_DOUBLE_EQ(free.out["rejected_rewards"][0].get<double>(), -1.0);
+
+  // ["sigmoid","robust"], β 0.1, ε 0.1: sigmoid ignores ε, robust takes it.
+  const auto mixed = run_eval(R"({"loss":"dpo","params":{"beta":0.1,"label_smoothing":0.1,
+    "loss_type":["sigmoid","robust"]},"inputs":{"policy_chosen_logps":[-3.0],
+    "policy_rejected_logps":[-9.0],"reference_chosen_logps":[-4.0],"reference_rejected_logps":[-5.0]}})");
+  ASSERT_EQ(mixed.status, 0) << mixed.out.dump();
+  const double z = 0.1 * ((-3.0 + 4.0) - (-9.0 + 5.0));
+  const double ls = -std::log1p(std::exp(-z)), lsn = -z - std::log1p(std::exp(-z));
+  EXPECT_NEAR(mixed.out["loss"].get<double>(), -ls + (-(0.9) * ls + 0.1 * lsn) / 0.8, 1e-14);
+  const auto cdpo = run_eval(R"({"loss":"sigmoid","params":{"beta":0.1,"label_smoothing":0.1,
+    "cdpo":true},"inputs":{"policy_chosen_logps":[-3.0],"policy_rejected_logps":[-9.0],
+    "reference_chosen_logps":[-4.0],"reference_rejected_logps":[-5.0]}})");
+  ASSERT_EQ(cdpo.status, 0) << cdpo.out.dump();
+  EXPECT_NEAR(cdpo.out["loss"].get<double>(), -0.9 * ls - 0.1 * lsn, 1e-14);
+}
+
+TEST(PrefoptEval, TpoRequest) {
+  // tpo-l on means (sums / lengths), β 2, γ 0.5, plus the gold NLL 6 / 4 with tpo_alpha 1.
+  const auto r = run_eval(R"({"loss":"tpo","inputs":{
+    "policy_chosen_logps":[-6.0,-10.0],"policy_rejected_logps":[-9.0,-8.0],
+    "chosen_lengths":[3,5],"rejected_lengths":[3,2],"gold_logps":[-4.0,-2.0],"gold_lengths":[2,2]},
+    "params":{"loss_type":"tpo-l","beta":2.0,"logps_form":"sum"}})");
+  ASSERT_EQ(r.status, 0) << r.out.dump();
+  double expected = 6.0 / 4.0;
+  for (auto [c, rj] : {std::pair<double, double>{-2.0, -3.0}, {-2.0, -4.0}}) {
+    const double x = 2.0 * (c - rj) - 0.5;
+    expected += std::log1p(std::exp(-x)) / 2;
+  }
+  EXPECT_NEAR(r.out["loss"].get<double>(), expected, 1e-14);
+}
+
+// The metric reducer: two micro-steps of 1 and 3 chosen tokens, on two ranks in the second
+// request; answered under both windows.
+TEST(PrefoptEval, MetricsRequest) {
+  const std::string step = R"({"loss":"sigmoid","inputs":{"policy_chosen_logps":[-2.0],
+      "policy_rejected_logps":[-3.0],"reference_chosen_logps":[-2.5],"reference_rejected_logps":[-2.5]},
+      "tokens":{"chosen":{"count":[N],"logits_sum":[L],"correct":[N],"entropy_sum":[N]},
+                "rejected":{"count":[N],"logits_sum":[0],"correct":[0],"entropy_sum":[N]}},
+      "scalars":{"grad_norm":G}})";
+  auto make = [&](const char* n, const char* l, const char* g) {
+    std::string s = step;
+    for (auto [key, value] :
+         {std::pair<std::string, std::string>{"[N]", std::string("[") + n + "]"},
+          {"[L]", std::string("[") + l + "]"},
+          {"G}", std::string(g) + "}"}}) {
+      for (size_t at = s.find(key); at != std::string::npos; at = s.find(key))
+        s.replace(at, key.size(), value);
+    }
+    return s;
+  };
+  const auto r = run_eval(R"({"metrics":{},"steps":[)" + make("1", "-0.8", "1.0") + "," +
+                          make("3", "-0.1", "3.0") + "]}");
+  ASSERT_EQ(r.status, 0) << r.out.dump();
+  const auto& mos = r.out["metrics"]["mean_of_steps"];
+  const auto& cw = r.out["metrics"]["count_weighted"];
+  EXPECT_DOUBLE_EQ(mos["logits/chosen"].get<double>(), (-0.8 + -0.1 / 3) / 2);
+  EXPECT_DOUBLE_EQ(cw["logits/chosen"].get<double>(), -0.9 / 4);
+  EXPECT_DOUBLE_EQ(mos["mean_token_accuracy"].get<double>(), 1.0);  // chosen side only
+  EXPECT_DOUBLE_EQ(mos["entropy"].get<double>(), 1.0);
+  EXPECT_DOUBLE_EQ(mos["grad_norm"].get<double>(), 2.0);
+  EXPECT_DOUBLE_EQ(mos["rewards/chosen"].get<double>(), 0.1 * 0.5);
+  EXPECT_DOUBLE_EQ(mos["num_tokens"].get<double>(), 8.0);
+  // Two ranks per micro-step: tokens pool over the ranks within a step.
+  const auto two =
+      run_eval(R"({"steps":[[)" + make("1", "-0.8", "1.0") + "," + make("3", "-0.1", "1.0") +
+               "],[" + make("2", "-1.0", "1.0") + "," + make("2", "1.0", "1.0") + "]]}");
+  ASSERT_EQ(two.status, 0) << two.out.dump();
+  EXPECT_DOUBLE_EQ(two.out["metrics"]["mean_of_steps"]["logits/chosen"].get<double>(),
+                   (-0.9 / 4 + 0.0 / 4) / 2);
+  const auto bad = run_eval(R"({"steps":[[)" + make("1", "-0.8", "1.0") + "],[" +
+                            make("2", "-1.0", "1.0") + "," + make("2", "1.0", "1.0") + "]]}");
+  EXPECT_EQ(bad.status, 2);
+  EXPECT_NE(
+      bad.out["error"].get<std::string>().find("micro-step 1 has 2 ranks, micro-step 0 has 1"),
+      std::string::npos);
+}

@@ -70,6 +70,7 @@ struct Options {
   double lr = 1e-4, beta = 2.0, max_grad_norm = 1.0;  // lr: 3e-3 from the base; beta: per loss
   std::optional<double> cpo_alpha;
   double label_smoothing = 0.0, rpo_alpha = 0.0, simpo_gamma = 0.5;
+  bool cdpo = false;
   double desirable_weight = 1.0, undesirable_weight = 1.0;
   // logging and evaluation
   int64_t log_every = 10, print_every = 50, eval_every = 25, eval_size = 500;
@@ -260,7 +261,7 @@ Scores run_sft(const Options& o, demo::TinyGPT& model, const arith::Task& task,
   prefopt::JsonlWriter log((out / "sft_metrics.jsonl").string());
   prefopt::MetricAccumulator metrics;
   demo::Progress bar("sft ", o.sft_steps);
-  const auto opts = prefopt::FusedLogprobsOptions().with_token_accuracy(true);
+  const auto opts = prefopt::FusedLogprobsOptions().with_token_accuracy(true).with_entropy(true);
   for (int64_t step = 1; step <= o.sft_steps; ++step) {
     auto problems = sampler.draw(o.sft_batch);
     std::vector<int64_t> answers;
@@ -318,6 +319,7 @@ struct Loss {
     auto opts = prefopt::DPOLossOptions()
                     .beta(o.beta)
                     .label_smoothing(o.label_smoothing)
+                    .cdpo(o.cdpo)
                     .rpo_alpha(o.rpo_alpha);
     if (family_of(o.loss) == Family::kDPO) opts.loss_type(prefopt::dpo_loss_type_from_name(o.loss));
     return opts;
@@ -327,8 +329,10 @@ struct Loss {
   // and the metrics. Returns the loss to backpropagate.
   at::Tensor operator()(demo::TinyGPT& model, const PairSet& s, const at::Tensor& idx,
                         prefopt::MetricAccumulator& metrics) {
-    const auto opts =
-        prefopt::FusedLogprobsOptions().with_logits_mean(true).with_token_accuracy(true);
+    const auto opts = prefopt::FusedLogprobsOptions()
+                          .with_logits_mean(true)
+                          .with_token_accuracy(true)
+                          .with_entropy(true);
     const auto ids =
         at::cat({s.chosen_ids.index_select(0, idx), s.rejected_ids.index_select(0, idx)});
     const auto labels =
@@ -679,7 +683,10 @@ int main(int argc, char** argv) {
   std::optional<double> label_smoothing;
   pref->add_option(
       "--label-smoothing", label_smoothing,
-      "label smoothing epsilon (cDPO, robust, exo_pair, aot, CPO, SimPO) [0; exo_pair 1e-3]");
+      "label smoothing epsilon (robust, exo_pair, aot, CPO, SimPO; sigmoid with --cdpo) [0; "
+      "exo_pair 1e-3]");
+  pref->add_flag("--cdpo", o.cdpo,
+                 "conservative DPO: --label-smoothing also smooths sigmoid (TRL <= 0.28)");
   pref->add_option("--rpo-alpha", o.rpo_alpha, "weight of the chosen NLL added to DPO losses (RPO)")
       ->capture_default_str();
   pref->add_option("--simpo-gamma", o.simpo_gamma, "SimPO's target reward margin gamma")

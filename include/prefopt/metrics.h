@@ -23,16 +23,18 @@ class ProcessGroup;
 
 PREFOPT_BEGIN_NAMESPACE
 
-/// How a per-example metric is averaged over the micro-steps (and ranks) of one logging
-/// window. Token metrics (`logits/*`, `entropy`, `mean_token_accuracy`) are token-weighted
-/// over the whole window and every rank in both modes.
+/// How a metric is averaged over the micro-steps (and ranks) of one logging window.
 enum class MetricWindow {
-  /// The mean over micro-steps of each micro-step's mean, where a micro-step's mean pools the
-  /// examples of every rank: TRL ≥ 0.29 (`log()` averages the stored per-step values). A
-  /// micro-step without examples of a metric is left out of that metric's mean.
+  /// The plain mean over micro-steps of each micro-step's value, where a micro-step's value
+  /// pools every rank: its examples for the per-example metrics, its tokens for the token
+  /// metrics (`logits/*`, `entropy`, `mean_token_accuracy`), its ranks' samples for scalars.
+  /// Current TRL (DPO, CPO, ORPO, TPO; KTO since 1.6): `log()` averages the stored per-step
+  /// values. A micro-step without examples (or tokens) of a metric is left out of that
+  /// metric's mean, where TRL would average in a 0.
   kMeanOfSteps,
-  /// Σ values / Σ counts over the whole window and every rank: TRL ≤ 0.28's KTO and
-  /// LLaMA-Factory's KTO. With equal counts in every micro-step both windows agree.
+  /// Σ values / Σ counts over the whole window and every rank, tokens pooled likewise: TRL's
+  /// KTO up to 1.5.x and LLaMA-Factory's KTO. With equal counts in every micro-step both
+  /// windows agree.
   kCountWeighted,
 };
 
@@ -51,7 +53,7 @@ enum class LogitsMetric {
 /// auto opts = prefopt::MetricsOptions().window(prefopt::MetricWindow::kCountWeighted);
 /// ```
 struct MetricsOptions {
-  /// Averaging over the window. Default: kMeanOfSteps (TRL ≥ 0.29).
+  /// Averaging over the window. Default: kMeanOfSteps (current TRL).
   TORCH_ARG(MetricWindow, window) = MetricWindow::kMeanOfSteps;
   /// Prefix of every name: "" in training, "eval_" in evaluation (as TRL logs them).
   TORCH_ARG(std::string, prefix) = "";
@@ -96,17 +98,20 @@ class PREFOPT_API Metrics {
 /// - `loss` (the mean when `loss` is a vector), `nll_loss`, `kl`, and scalars from
 ///   `add_scalar`: one sample per micro-step and rank;
 /// - `rewards/chosen`, `rewards/rejected`, `logps/chosen`, `logps/rejected`: the examples of
-///   each side (`logps/*` are the log-probs the loss consumed: sums for DPO, means for
-///   SimPO/ORPO, as TRL logs them);
+///   each side (`logps/*` are the log-probs the loss consumed, the result's `chosen_logps`:
+///   sums for DPO, means for SimPO/ORPO, as TRL logs them);
 /// - `rewards/accuracies`: the fraction of pairs with r_c > r_r (ties are not accurate);
 /// - `rewards/margins`: `rewards/chosen − rewards/rejected` of the same window (for pairs this
 ///   is the mean of r_c − r_r; for KTO a micro-step needs both sides);
 /// - `log_odds_ratio`, `log_odds_chosen` (ORPO): pair means;
-/// - from the policy's `SequenceLogprobs`, token-weighted over the window and the ranks:
-///   `logits/chosen`, `logits/rejected` (see `LogitsMetric`), `entropy` (`with_entropy`),
-///   `mean_token_accuracy` (`with_token_accuracy`) over both sides; `num_tokens`: scored
-///   tokens seen since the accumulator was made, summed over ranks (TRL counts prompt tokens
-///   too).
+/// - from the policy's `SequenceLogprobs`, token-weighted over the ranks (and averaged over
+///   the micro-steps as the window says): `logits/chosen`, `logits/rejected` (see
+///   `LogitsMetric`; gather with `with_logits_mean`), `entropy` over both sides
+///   (`with_entropy`), `mean_token_accuracy` (`with_token_accuracy`) over the chosen side for
+///   pairwise losses (TRL ≥ 0.29), both sides for KTO; a statistic that was not gathered
+///   leaves its metric out with a warning (once per process) naming the option;
+///   `num_tokens`: scored tokens seen since the accumulator was made, summed over ranks (TRL
+///   counts prompt tokens too).
 ///
 /// A side with no examples contributes nothing and breaks nothing: its metrics are absent
 /// from a window that has none, never NaN. Nothing is read from the device before `compute`.
@@ -132,7 +137,7 @@ class PREFOPT_API MetricAccumulator {
   /// A DPO-family micro-step; `policy` (optional) feeds the token metrics.
   void add(const DPOLossResult& result, const PairInputs& inputs);
   void add(const DPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
-  /// A CPO / SimPO / AlphaPO micro-step.
+  /// A CPO / SimPO / AlphaPO / TPO micro-step.
   void add(const CPOLossResult& result, const PairInputs& inputs);
   void add(const CPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
   /// An ORPO micro-step (also `log_odds_ratio`, `log_odds_chosen`).
@@ -158,6 +163,21 @@ class PREFOPT_API MetricAccumulator {
   /// if tokens were ever counted.
   Metrics compute(c10d::ProcessGroup* group = nullptr);
 
+  /// Reduces the windows of several accumulators in this process as if each were one rank of
+  /// a process group (the all-reduce done locally), and returns what `compute(group)` would
+  /// return on every rank; each accumulator starts a new window. For checking a multi-rank
+  /// trainer's logged numbers offline (`prefopt-eval`'s metrics requests) and for tests. The
+  /// accumulators must have made the same calls (same micro-steps, same `add_scalar` names):
+  /// a TORCH_CHECK names the first difference. Uses the options of `ranks[0]`.
+  ///
+  /// Example:
+  /// ```
+  /// prefopt::MetricAccumulator rank0, rank1;
+  /// rank0.add(r0, in0);  rank1.add(r1, in1);
+  /// auto m = prefopt::MetricAccumulator::compute_ranks({&rank0, &rank1});
+  /// ```
+  static Metrics compute_ranks(const std::vector<MetricAccumulator*>& ranks);
+
   /// Micro-steps in the current window.
   int64_t steps() const noexcept { return static_cast<int64_t>(steps_.size()); }
   const MetricsOptions& options() const noexcept { return options_; }
@@ -170,6 +190,8 @@ class PREFOPT_API MetricAccumulator {
   // Per micro-step: one [2] fp64 tensor (Σ value, count) per slot, undefined where absent.
   using Step = std::vector<at::Tensor>;
 
+  at::Tensor pack() const;  // [steps · slots, 2] fp64, or undefined for an empty window
+  Metrics finish(const at::Tensor& packed);  // reduces `pack()`'s sum over ranks, clears
   Step& new_step();
   Step& current_step();
   size_t slot(const std::string& name, bool scalar);
@@ -177,7 +199,14 @@ class PREFOPT_API MetricAccumulator {
   void put_examples(Step& step, size_t slot, const at::Tensor& values);
   void put_pairs(Step& step, const at::Tensor& loss, const at::Tensor& chosen_rewards,
                  const at::Tensor& rejected_rewards, const PairInputs& inputs);
-  void put_tokens(Step& step, const SequenceLogprobs& chosen, const SequenceLogprobs& rejected);
+  void put_logps(Step& step, const at::Tensor& chosen, const at::Tensor& rejected,
+                 const PairInputs& inputs);
+  struct TokenSides {
+    bool logits;             // log logits/* (not for SFT steps)
+    bool accuracy_rejected;  // mean_token_accuracy over the rejected side too (KTO)
+  };
+  void put_tokens(Step& step, const SequenceLogprobs& chosen, const SequenceLogprobs& rejected,
+                  TokenSides sides);
 
   MetricsOptions options_;
   std::vector<Slot> slots_;

@@ -11,5 +11,6 @@
 #include <prefopt/losses/dpo.h>
 #include <prefopt/losses/kto.h>
 #include <prefopt/losses/orpo.h>
+#include <prefopt/losses/tpo.h>
 #include <prefopt/metrics.h>
 #include <prefopt/version.h>

@@ -40,7 +40,10 @@ int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_refer
   check_floating(fn, "policy_chosen_logps", pc);
   check_logps(fn, "policy_rejected_logps", in.policy_rejected_logps(), B, dev);
   check_floating(fn, "policy_rejected_logps", in.policy_rejected_logps());
-  if (needs_reference) {
+  // A reference that is given is checked even where the loss does not need it (it still
+  // feeds the logged rewards of reference_free DPO).
+  if (needs_reference || in.reference_chosen_logps().defined() ||
+      in.reference_rejected_logps().defined()) {
     check_logps(fn, "reference_chosen_logps", in.reference_chosen_logps(), B, dev);
     check_logps(fn, "reference_rejected_logps", in.reference_rejected_logps(), B, dev);
     check_floating(fn, "reference_chosen_logps", in.reference_chosen_logps());
@@ -57,10 +60,47 @@ int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_refer
   return B;
 }
 
-at::Tensor chosen_nll(const char* fn, const PairInputs& in, bool averaged, NLLNormalization norm,
-                      at::ScalarType dtype, bool per_pair) {
+FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in, LogpsForm native,
+                     at::ScalarType dtype) {
+  FormLogps out;
+  out.given = in.logps_form();
+  const char* native_name = native == LogpsForm::kMean ? "per-token means" : "sums";
+  if (out.given == LogpsForm::kUnspecified) {
+    TORCH_WARN_ONCE(fn, ": PairInputs does not say whether its log-probs are sums or per-token ",
+                    "means; taking them as ", native_name, ", the form ", loss,
+                    " consumes. Build it with PairInputs(policy[, reference]) or ",
+                    "PairInputs::averaged(policy), or set logps_form.");
+    out.given = native;
+  }
+  const bool convert = out.given != native;
+  const auto get = [&](const at::Tensor& t, const at::Tensor& n, const char* side) {
+    if (!t.defined()) return t;
+    const auto x = cast(t, dtype);
+    if (!convert) return x;
+    TORCH_CHECK(n.defined(), fn, ": ", loss, " consumes ", native_name, " of the log-probs; ",
+                "got ", native == LogpsForm::kMean ? "sums" : "per-token means", " without ", side,
+                "_lengths to convert them. Pass the token counts (PairInputs(policy) and ",
+                "PairInputs::averaged(policy) carry them), or the log-probs as ", native_name);
+    const auto nf = cast(n, dtype);
+    return native == LogpsForm::kMean ? x / nf.clamp_min(1) : x * nf;
+  };
+  const auto& nc = in.chosen_lengths();
+  const auto& nr = in.rejected_lengths();
+  out.policy_chosen = get(in.policy_chosen_logps(), nc, "chosen");
+  out.policy_rejected = get(in.policy_rejected_logps(), nr, "rejected");
+  // The reference is a constant of the loss: no gradient reaches it, and a reference computed
+  // with autograd on does not keep its graph alive through this loss.
+  const auto detached = [](const at::Tensor& t) { return t.defined() ? t.detach() : t; };
+  out.reference_chosen = get(detached(in.reference_chosen_logps()), nc, "chosen");
+  out.reference_rejected = get(detached(in.reference_rejected_logps()), nr, "rejected");
+  return out;
+}
+
+at::Tensor chosen_nll(const char* fn, const PairInputs& in, const at::Tensor& chosen,
+                      LogpsForm form, NLLNormalization norm, at::ScalarType dtype, bool per_pair) {
   if (in.nll_loss().defined()) return cast(in.nll_loss().reshape({}), dtype);
-  const auto logps = cast(in.policy_chosen_logps(), dtype);
+  const auto logps = cast(chosen, dtype);
+  const bool averaged = form == LogpsForm::kMean;
   const auto& n = in.chosen_lengths();
   if (norm == NLLNormalization::kSequenceMean) {
     at::Tensor seq;
@@ -113,10 +153,12 @@ constexpr FDivName kFDivNames[] = {
     {FDivergence::kAlphaDivergence, "alpha_divergence"},
 };
 
-bool uses_label_smoothing(DPOLossType t) {
+// The types that read ε: as in TRL ≥ 0.29, plus sigmoid and sigmoid_norm under cdpo.
+bool uses_label_smoothing(DPOLossType t, bool cdpo) {
   switch (t) {
     case DPOLossType::kSigmoid:
     case DPOLossType::kSigmoidNorm:
+      return cdpo;
     case DPOLossType::kRobust:
     case DPOLossType::kExoPair:
     case DPOLossType::kAOT:
@@ -144,10 +186,23 @@ void check_options(const DPOLossOptions& o) {
   const double eps = o.label_smoothing();
   TORCH_CHECK_VALUE(eps >= 0 && eps < 0.5, kFn, ": expected label_smoothing in [0, 0.5), got ",
                     eps);
+  const bool cdpo = o.cdpo();
   if (eps != 0) {
-    TORCH_CHECK_VALUE(std::any_of(types.begin(), types.end(), uses_label_smoothing), kFn,
-                      ": label_smoothing = ", eps, " is not used by any of the loss types ",
-                      "(only sigmoid, sigmoid_norm, robust, exo_pair, aot, aot_unpaired take it)");
+    TORCH_CHECK_VALUE(
+        std::any_of(types.begin(), types.end(),
+                    [cdpo](DPOLossType t) { return uses_label_smoothing(t, cdpo); }),
+        kFn, ": label_smoothing = ", eps, " is not used by any of the loss types (robust, ",
+        "exo_pair, aot and aot_unpaired take it; sigmoid and sigmoid_norm only with cdpo(true), ",
+        "conservative DPO, since TRL 0.29 ignores it there)");
+  }
+  if (cdpo) {
+    TORCH_CHECK_VALUE(has(types, DPOLossType::kSigmoid) || has(types, DPOLossType::kSigmoidNorm),
+                      kFn, ": cdpo(true) smooths sigmoid and sigmoid_norm, and neither is among ",
+                      "the loss types");
+    if (eps == 0) {
+      TORCH_WARN_ONCE(kFn, ": cdpo(true) with label_smoothing 0 is plain sigmoid; set the ",
+                      "label-flip rate with label_smoothing");
+    }
   }
   TORCH_CHECK_VALUE(!has(types, DPOLossType::kExoPair) || eps > 0, kFn,
                     ": exo_pair needs label_smoothing in (0, 0.5), got ", eps);
@@ -158,6 +213,20 @@ void check_options(const DPOLossOptions& o) {
                     o.f_alpha_divergence_coef());
   TORCH_CHECK_VALUE(std::isfinite(o.rpo_alpha()), kFn, ": expected a finite rpo_alpha, got ",
                     o.rpo_alpha());
+  const int ipo = static_cast<int>(o.ipo_normalization());
+  TORCH_CHECK_VALUE(ipo == 0 || ipo == 1, kFn, ": ipo_normalization is not an IPONormalization ",
+                    "value (got ", ipo, ")");
+  const int nll = static_cast<int>(o.nll_normalization());
+  TORCH_CHECK_VALUE(nll == 0 || nll == 1, kFn, ": nll_normalization is not an NLLNormalization ",
+                    "value (got ", nll, ")");
+  const int f = static_cast<int>(o.f_divergence_type());
+  TORCH_CHECK_VALUE(f >= 0 && f <= 3, kFn, ": f_divergence_type is not an FDivergence value (got ",
+                    f, ")");
+  for (DPOLossType t : types) {
+    const int k = static_cast<int>(t);
+    TORCH_CHECK_VALUE(k >= 0 && k <= static_cast<int>(DPOLossType::kSFT), kFn,
+                      ": loss_type holds a value that is not a DPOLossType (", k, ")");
+  }
 }
 
 // Score of a log-ratio under the f-divergence (TRL ≥ 0.29's `_compute_loss`).
@@ -209,10 +278,25 @@ FDivergence f_divergence_from_name(const std::string& name) {
                     "'; expected one of reverse_kl, forward_kl, js_divergence, alpha_divergence");
 }
 
+namespace {
+bool valid_moments(double mean, double var, double count) {
+  return std::isfinite(mean) && std::isfinite(var) && var >= 0 && std::isfinite(count) && count > 0;
+}
+}  // namespace
+
+void BCOBaseline::load(double mean, double var, double count) {
+  TORCH_CHECK_VALUE(valid_moments(mean, var, count), "prefopt::BCOBaseline::load: expected a ",
+                    "finite mean, a finite var >= 0 and a finite count > 0, got mean ", mean,
+                    ", var ", var, ", count ", count);
+  mean_ = mean;
+  var_ = var;
+  count_ = count;
+}
+
 double BCOBaseline::update(double mean, double var, double count) {
-  TORCH_CHECK_VALUE(count > 0 && std::isfinite(mean) && std::isfinite(var) && var >= 0,
-                    "prefopt::BCOBaseline::update: expected a finite mean, var >= 0 and ",
-                    "count > 0, got mean ", mean, ", var ", var, ", count ", count);
+  TORCH_CHECK_VALUE(valid_moments(mean, var, count), "prefopt::BCOBaseline::update: expected a ",
+                    "finite mean, a finite var >= 0 and a finite count > 0, got mean ", mean,
+                    ", var ", var, ", count ", count);
   // Chan et al.'s parallel update, as TRL's RunningMoments does it.
   const double delta = mean - mean_;
   const double total = count_ + count;
@@ -241,6 +325,12 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
   check_options(o);
   const bool ref_free = o.reference_free();
   detail::check_pair_inputs(kFn, in, !ref_free);
+  const bool has_ref = in.reference_chosen_logps().defined();
+  if (ref_free && has_ref) {
+    TORCH_WARN_ONCE(kFn, ": reference_free(true) leaves the reference log-probs out of the ",
+                    "loss; they only feed the logged rewards beta*(policy - reference), as in ",
+                    "TRL <= 0.28");
+  }
   const auto& types = o.loss_type();
   const bool aot = has(types, DPOLossType::kAOT) || has(types, DPOLossType::kAOTUnpaired);
   TORCH_CHECK(!(aot && in.weights().defined()), kFn,
@@ -250,15 +340,16 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
   const double eps = o.label_smoothing();
 
   const auto dt = detail::opmath_type(in.policy_chosen_logps());
-  const auto pc = detail::cast(in.policy_chosen_logps(), dt);
-  const auto pr = detail::cast(in.policy_rejected_logps(), dt);
+  const auto lp = detail::form_logps(kFn, "dpo_loss", in, LogpsForm::kSum, dt);
+  const auto& pc = lp.policy_chosen;
+  const auto& pr = lp.policy_rejected;
   at::Tensor rc, rr, rho_c, rho_r;
   if (ref_free) {
     rho_c = pc;
     rho_r = pr;
   } else {
-    rc = detail::cast(in.reference_chosen_logps(), dt);
-    rr = detail::cast(in.reference_rejected_logps(), dt);
+    rc = lp.reference_chosen;
+    rr = lp.reference_rejected;
     rho_c = pc - rc;
     rho_r = pr - rr;
   }
@@ -288,7 +379,7 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
   at::Tensor nll;
   auto get_nll = [&] {
     if (!nll.defined()) {
-      nll = detail::chosen_nll(kFn, in, /*averaged=*/false, o.nll_normalization(), dt,
+      nll = detail::chosen_nll(kFn, in, pc, LogpsForm::kSum, o.nll_normalization(), dt,
                                /*per_pair=*/true);
     }
     return nll;
@@ -300,7 +391,7 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
     at::Tensor l;
     switch (types[k]) {
       case DPOLossType::kSigmoid:
-        l = detail::smoothed_sigmoid(z(), eps);
+        l = detail::smoothed_sigmoid(z(), o.cdpo() ? eps : 0.0);
         break;
       case DPOLossType::kHinge:
         l = at::relu(1.0 - z());
@@ -376,7 +467,7 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
       case DPOLossType::kSigmoidNorm: {
         scores();
         const auto [nc, nr] = lengths("sigmoid_norm");
-        l = detail::smoothed_sigmoid((score_c / nc - score_r / nr) * beta, eps);
+        l = detail::smoothed_sigmoid((score_c / nc - score_r / nr) * beta, o.cdpo() ? eps : 0.0);
         break;
       }
       case DPOLossType::kSFT:
@@ -392,17 +483,23 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
   DPOLossResult r;
   r.losses = total;
   r.loss = detail::reduce(total, o.reduction());
-  const auto rc_d = rho_c.detach(), rr_d = rho_r.detach();
+  // Logged rewards β·(π − ref), with the reference whenever one is given (reference_free
+  // drops it from the loss only).
+  const auto rc_d = has_ref ? (pc - lp.reference_chosen).detach() : pc.detach();
+  const auto rr_d = has_ref ? (pr - lp.reference_rejected).detach() : pr.detach();
   double reward_scale = beta;
   if (o.weighted_rewards()) {
+    // TRL ≤ 0.28 summed each type's rewards β·ρ with its weight, `sft`'s included.
     reward_scale = 0;
     for (size_t k = 0; k < types.size(); ++k)
-      if (types[k] != DPOLossType::kSFT)
-        reward_scale += beta * (o.loss_weights().empty() ? 1.0 : o.loss_weights()[k]);
+      reward_scale += beta * (o.loss_weights().empty() ? 1.0 : o.loss_weights()[k]);
   }
   r.chosen_rewards = rc_d * reward_scale;
   r.rejected_rewards = rr_d * reward_scale;
-  if (nll.defined()) r.nll_loss = (nll.dim() == 0 ? nll : nll.mean()).detach();
+  r.chosen_logps = pc.detach();
+  r.rejected_logps = pr.detach();
+  if (nll.defined())
+    r.nll_loss = (nll.dim() == 0 ? nll : detail::reduce(nll, torch::kMean)).detach();
   return r;
 }
 
@@ -421,7 +518,8 @@ DPOLossResult dpo_loss(const at::Tensor& policy_chosen_logps,
                       .policy_chosen_logps(policy_chosen_logps)
                       .policy_rejected_logps(policy_rejected_logps)
                       .reference_chosen_logps(reference_chosen_logps)
-                      .reference_rejected_logps(reference_rejected_logps),
+                      .reference_rejected_logps(reference_rejected_logps)
+                      .logps_form(LogpsForm::kSum),
                   nullptr, options);
 }
 
@@ -434,19 +532,41 @@ DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& bco_delta,
 
 }  // namespace functional
 
-DPOLossResult DPOLoss::operator()(const PairInputs& inputs) {
-  if (!options_.bco_running_mean() || !has(options_.loss_type(), DPOLossType::kBCOPair))
-    return functional::dpo_loss(inputs, options_);
-  // The step's rewards join the running mean before the loss uses it (TRL ≤ 0.28).
+DPOLoss::DPOLoss(DPOLossOptions options) : options_(std::move(options)) {
+  if (options_.bco_running_mean()) {
+    TORCH_CHECK_VALUE(has(options_.loss_type(), DPOLossType::kBCOPair), "prefopt::DPOLoss: ",
+                      "bco_running_mean(true) keeps bco_pair's baseline, and bco_pair is not ",
+                      "among the loss types");
+    baseline_ = std::make_shared<BCOBaseline>();
+  }
+}
+
+BCOBaseline& DPOLoss::bco_baseline() const {
+  TORCH_CHECK(baseline_ != nullptr, "prefopt::DPOLoss::bco_baseline: this loss keeps no ",
+              "baseline; construct it with bco_running_mean(true) and bco_pair");
+  return *baseline_;
+}
+
+DPOLossResult DPOLoss::operator()(const PairInputs& inputs) const {
+  if (baseline_ == nullptr) return functional::dpo_loss(inputs, options_);
+  // The step's rewards join the running mean before the loss uses it (TRL ≤ 0.28). The update
+  // goes to a copy that replaces the baseline only once the loss succeeded: a call that throws
+  // leaves the state as it was.
+  check_options(options_);
   detail::check_pair_inputs(kFn, inputs, !options_.reference_free());
-  auto rho = [&](const at::Tensor& p, const at::Tensor& ref) {
+  const auto dt = detail::opmath_type(inputs.policy_chosen_logps());
+  const auto lp = detail::form_logps(kFn, "dpo_loss", inputs, LogpsForm::kSum, dt);
+  const auto rho = [&](const at::Tensor& p, const at::Tensor& ref) {
     const auto d = p.detach().to(at::kDouble);
-    return options_.reference_free() ? d : d - ref.detach().to(at::kDouble);
+    return options_.reference_free() ? d : d - ref.to(at::kDouble);
   };
-  const auto c = rho(inputs.policy_chosen_logps(), inputs.reference_chosen_logps());
-  const auto r = rho(inputs.policy_rejected_logps(), inputs.reference_rejected_logps());
-  const auto delta = baseline_.update(c * options_.beta(), r * options_.beta());
-  return functional::dpo_loss(inputs, delta, options_);
+  const auto c = rho(lp.policy_chosen, lp.reference_chosen);
+  const auto r = rho(lp.policy_rejected, lp.reference_rejected);
+  BCOBaseline next = *baseline_;
+  const auto delta = next.update(c * options_.beta(), r * options_.beta());
+  auto result = functional::dpo_loss(inputs, delta, options_);
+  *baseline_ = next;
+  return result;
 }
 
 PREFOPT_END_NAMESPACE

@@ -21,17 +21,20 @@ inline at::Tensor capped_exp(const at::Tensor& x) {
   return x.clamp_max(x.scalar_type() == at::kDouble ? 700.0 : 80.0).exp();
 }
 
-/// ORPO's log-odds (a − b) − (log(1 − e^a) − log(1 − e^b)) for a, b < 0, rewritten as
-/// log(expm1(−b) / expm1(−a)) (since a − log(1 − e^a) = −log(e^{−a} − 1)). expm1 is exact to
-/// rounding near 0, where log1p(−exp(a)) cancels to log(0) (trl#1473, #2564); one log and no
-/// subtraction keep the op count below the naive form's, which is the whole cost on [B]
-/// vectors. Inputs ≥ 0 (an empty completion's mean of 0) are moved to the smallest positive
-/// distance from 0 instead of giving ±inf; below −80 (fp32) the quotient would overflow, so
-/// −a is capped there (per-token means that low are not log-probs of any trained model).
+/// ORPO's log-odds (a − b) − (log(1 − e^a) − log(1 − e^b)) for a, b < 0 (per-token mean
+/// log-probs), as (a − b) + log(expm1(b) / expm1(a)), since 1 − e^x = −expm1(x):
+/// - expm1 is exact to rounding near 0, where log1p(−exp(a)) cancels to log(0) (trl#1473,
+///   #2564), so confident completions (a → 0⁻) keep finite values and gradients;
+/// - both expm1 values lie in (−1, 0), so the quotient neither overflows nor saturates for
+///   any a, b < 0: a = −800 gives its exact log-odds (no clamp on the low side);
+/// - one log and two expm1 keep the op count at the naive form's, which is the whole cost on
+///   [B] vectors.
+/// Inputs ≥ 0 (an empty completion's mean of 0) are moved to the largest value below 0 that
+/// keeps the quotient finite (−1e-37 in fp32, −1e-300 in fp64) instead of giving ±inf.
 inline at::Tensor orpo_log_odds(const at::Tensor& a, const at::Tensor& b) {
-  const bool f64 = a.scalar_type() == at::kDouble;
-  const double tiny = f64 ? 1e-300 : 1e-37, cap = f64 ? 700.0 : 80.0;
-  return at::log(at::expm1(b.neg().clamp(tiny, cap)) / at::expm1(a.neg().clamp(tiny, cap)));
+  const double tiny = a.scalar_type() == at::kDouble ? -1e-300 : -1e-37;
+  const auto ac = a.clamp_max(tiny), bc = b.clamp_max(tiny);
+  return (ac - bc) + at::log(at::expm1(bc) / at::expm1(ac));
 }
 
 /// −(1−ε)·log σ(z) − ε·log σ(−z): the label-smoothed (cDPO) sigmoid loss; −log σ(z) at ε = 0.

@@ -3,6 +3,7 @@
 #include <prefopt/losses/cpo.h>
 #include <prefopt/losses/kto.h>
 #include <prefopt/losses/orpo.h>
+#include <prefopt/losses/tpo.h>
 
 #include <cmath>
 
@@ -25,14 +26,21 @@ struct CPOParams {
   double beta, eps, gamma, nll_weight, alpha;
   NLLNormalization norm;
   LossReduction reduction;
+  const char* name = nullptr;  // the loss's name in messages; default: the CPO type's
 };
 
 CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p) {
+  const int type = static_cast<int>(p.type);
+  TORCH_CHECK_VALUE(type >= 0 && type <= static_cast<int>(CPOLossType::kAlphaPO), fn,
+                    ": loss_type is not a CPOLossType value (got ", type, ")");
+  const int norm = static_cast<int>(p.norm);
+  TORCH_CHECK_VALUE(norm == 0 || norm == 1, fn, ": nll_normalization is not an ",
+                    "NLLNormalization value (got ", norm, ")");
   check_beta(fn, p.beta);
   check_smoothing(fn, p.eps);
+  const char* name = p.name != nullptr ? p.name : cpo_loss_type_name(p.type);
   TORCH_CHECK_VALUE(p.eps == 0 || (p.type != CPOLossType::kHinge && p.type != CPOLossType::kIPO),
-                    fn, ": label_smoothing = ", p.eps, " is not used by ",
-                    cpo_loss_type_name(p.type), "; expected 0");
+                    fn, ": label_smoothing = ", p.eps, " is not used by ", name, "; expected 0");
   TORCH_CHECK_VALUE(std::isfinite(p.gamma), fn, ": expected a finite simpo_gamma, got ", p.gamma);
   TORCH_CHECK_VALUE(std::isfinite(p.nll_weight), fn, ": expected a finite cpo_alpha, got ",
                     p.nll_weight);
@@ -42,8 +50,13 @@ CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p)
   detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
 
   const auto dt = detail::opmath_type(in.policy_chosen_logps());
-  auto c = detail::cast(in.policy_chosen_logps(), dt);
-  auto r = detail::cast(in.policy_rejected_logps(), dt);
+  // sigmoid and hinge take sums (TRL's CPO and TPO), the others per-token means.
+  const bool sums = p.type == CPOLossType::kSigmoid || p.type == CPOLossType::kHinge;
+  const auto native = sums ? LogpsForm::kSum : LogpsForm::kMean;
+  const auto lp = detail::form_logps(fn, name, in, native, dt);
+  auto c = lp.policy_chosen;
+  auto r = lp.policy_rejected;
+  const auto logps_c = c.detach(), logps_r = r.detach();
   if (p.alpha != 0) {
     // AlphaPO's r = (1 − p^{−α})/α = −expm1(−α·logp)/α, without forming p.
     c = at::expm1(c * -p.alpha) * (-1.0 / p.alpha);
@@ -71,13 +84,15 @@ CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p)
   res.loss = detail::reduce(losses, p.reduction);
   const double w = p.type == CPOLossType::kAlphaPO ? 0.0 : p.nll_weight;
   if (w != 0) {
-    const bool averaged = p.type != CPOLossType::kSigmoid && p.type != CPOLossType::kHinge;
-    const auto nll = detail::chosen_nll(fn, in, averaged, p.norm, dt, /*per_pair=*/false);
+    const auto nll = detail::chosen_nll(fn, in, lp.policy_chosen, native, p.norm, dt,
+                                        /*per_pair=*/false);
     res.loss = res.loss + (w == 1.0 ? nll : nll * w);
     res.nll_loss = nll.detach();
   }
   res.chosen_rewards = c.detach() * p.beta;
   res.rejected_rewards = r.detach() * p.beta;
+  res.chosen_logps = logps_c;
+  res.rejected_logps = logps_r;
   return res;
 }
 
@@ -91,6 +106,12 @@ constexpr Named kCPONames[] = {
     {static_cast<int>(CPOLossType::kIPO), "ipo"},
     {static_cast<int>(CPOLossType::kSimPO), "simpo"},
     {static_cast<int>(CPOLossType::kAlphaPO), "alphapo"},
+};
+constexpr Named kTPONames[] = {
+    {static_cast<int>(TPOLossType::kSigmoid), "sigmoid"},
+    {static_cast<int>(TPOLossType::kHinge), "hinge"},
+    {static_cast<int>(TPOLossType::kIPO), "ipo"},
+    {static_cast<int>(TPOLossType::kTPOL), "tpo-l"},
 };
 constexpr Named kKTONames[] = {
     {static_cast<int>(KTOLossType::kKTO), "kto"},
@@ -110,6 +131,19 @@ CPOLossType cpo_loss_type_from_name(const std::string& name) {
     if (name == n.name) return static_cast<CPOLossType>(n.value);
   TORCH_CHECK_VALUE(false, "prefopt::cpo_loss_type_from_name: unknown CPO loss type '", name,
                     "'; expected one of sigmoid, hinge, ipo, simpo, alphapo");
+}
+
+const char* tpo_loss_type_name(TPOLossType type) {
+  for (const auto& n : kTPONames)
+    if (n.value == static_cast<int>(type)) return n.name;
+  return "?";
+}
+
+TPOLossType tpo_loss_type_from_name(const std::string& name) {
+  for (const auto& n : kTPONames)
+    if (name == n.name) return static_cast<TPOLossType>(n.value);
+  TORCH_CHECK_VALUE(false, "prefopt::tpo_loss_type_from_name: unknown TPO loss type '", name,
+                    "'; expected one of sigmoid, hinge, ipo, tpo-l");
 }
 
 const char* kto_loss_type_name(KTOLossType type) {
@@ -144,23 +178,89 @@ CPOLossResult simpo_loss(const at::Tensor& policy_chosen_logps,
                          const SimPOLossFuncOptions& options) {
   return simpo_loss(PairInputs()
                         .policy_chosen_logps(policy_chosen_logps)
-                        .policy_rejected_logps(policy_rejected_logps),
+                        .policy_rejected_logps(policy_rejected_logps)
+                        .logps_form(LogpsForm::kMean),
                     options);
+}
+
+namespace {
+
+// TPO is CPO's machinery with its own names: sigmoid/hinge/ipo as CPO's, tpo-l as SimPO's,
+// and the NLL of the gold response instead of the chosen one.
+TPOLossResult tpo_impl(const PairInputs& in, const TPOLossOptions& o) {
+  constexpr const char* fn = "prefopt::tpo_loss";
+  CPOLossType type = CPOLossType::kSigmoid;
+  switch (o.loss_type()) {
+    case TPOLossType::kSigmoid:
+      type = CPOLossType::kSigmoid;
+      break;
+    case TPOLossType::kHinge:
+      type = CPOLossType::kHinge;
+      break;
+    case TPOLossType::kIPO:
+      type = CPOLossType::kIPO;
+      break;
+    case TPOLossType::kTPOL:
+      type = CPOLossType::kSimPO;
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, fn, ": loss_type is not a TPOLossType value (got ",
+                        static_cast<int>(o.loss_type()), ")");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(o.tpo_alpha()), fn, ": expected a finite tpo_alpha, got ",
+                    o.tpo_alpha());
+  TORCH_CHECK(o.tpo_alpha() == 0 || in.nll_loss().defined(), fn, ": tpo_alpha = ", o.tpo_alpha(),
+              " weights the gold response's NLL; pass the gold SequenceLogprobs (or nll_loss), ",
+              "or set tpo_alpha(0)");
+  return cpo_impl(fn, in,
+                  {type, o.beta(), o.label_smoothing(), o.tpo_l_gamma(), o.tpo_alpha(), 0.0,
+                   NLLNormalization::kTokenMean, o.reduction(), tpo_loss_type_name(o.loss_type())});
+}
+
+}  // namespace
+
+TPOLossResult tpo_loss(const PairInputs& inputs, const SequenceLogprobs& gold,
+                       const TPOLossFuncOptions& o) {
+  constexpr const char* fn = "prefopt::tpo_loss";
+  if (o.tpo_alpha() == 0) return tpo_impl(inputs, o);
+  TORCH_CHECK(gold.sum.defined() && gold.count.defined(), fn, ": expected the gold responses' ",
+              "SequenceLogprobs with sum and count, got ",
+              gold.sum.defined() ? "no count" : "no sum");
+  TORCH_CHECK(gold.sum.dim() == 1 && gold.count.sizes() == gold.sum.sizes(), fn,
+              ": expected gold.sum and gold.count of shape [B], got ", gold.sum.sizes(), " and ",
+              gold.count.sizes());
+  TORCH_CHECK(at::isFloatingType(gold.sum.scalar_type()), fn,
+              ": expected gold.sum to be floating point, got ", gold.sum.scalar_type());
+  TORCH_CHECK(!inputs.nll_loss().defined(), fn, ": got both the gold SequenceLogprobs and ",
+              "nll_loss; pass one");
+  // TRL's cross-entropy over every gold completion token of the batch; 0 over none.
+  const auto dt = detail::opmath_type(gold.sum);
+  const auto nll =
+      detail::cast(gold.sum, dt).sum().neg() / detail::cast(gold.count, dt).sum().clamp_min(1);
+  return tpo_impl(PairInputs(inputs).nll_loss(nll), o);
+}
+
+TPOLossResult tpo_loss(const PairInputs& inputs, const TPOLossFuncOptions& o) {
+  return tpo_impl(inputs, o);
 }
 
 ORPOLossResult orpo_loss(const PairInputs& in, const ORPOLossFuncOptions& o) {
   constexpr const char* fn = "prefopt::orpo_loss";
   check_beta(fn, o.beta());
+  const int norm = static_cast<int>(o.nll_normalization());
+  TORCH_CHECK_VALUE(norm == 0 || norm == 1, fn, ": nll_normalization is not an ",
+                    "NLLNormalization value (got ", norm, ")");
   TORCH_CHECK(!in.weights().defined(), fn, ": per-pair weights are a DPO-family input; got ",
               "weights");
   detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
   const auto dt = detail::opmath_type(in.policy_chosen_logps());
-  const auto c = detail::cast(in.policy_chosen_logps(), dt);
-  const auto r = detail::cast(in.policy_rejected_logps(), dt);
+  const auto lp = detail::form_logps(fn, "orpo", in, LogpsForm::kMean, dt);
+  const auto& c = lp.policy_chosen;
+  const auto& r = lp.policy_rejected;
   const auto log_odds = detail::orpo_log_odds(c, r);
   const auto ratio = at::log_sigmoid(log_odds);
   // Per pair with the sequence mean (LLaMA-Factory's per-pair loss), the batch scalar else.
-  const auto nll = detail::chosen_nll(fn, in, /*averaged=*/true, o.nll_normalization(), dt,
+  const auto nll = detail::chosen_nll(fn, in, c, LogpsForm::kMean, o.nll_normalization(), dt,
                                       /*per_pair=*/true);
   ORPOLossResult res;
   res.losses = nll - ratio * o.beta();
@@ -169,7 +269,10 @@ ORPOLossResult orpo_loss(const PairInputs& in, const ORPOLossFuncOptions& o) {
   res.rejected_rewards = r.detach() * o.beta();
   res.log_odds_ratio = ratio.detach();
   res.log_odds_chosen = log_odds.detach();
-  res.nll_loss = (nll.dim() == 0 ? nll : nll.mean()).detach();
+  // The batch's NLL; an empty batch gives 0 under either normalisation, never NaN.
+  res.nll_loss = (nll.dim() == 0 ? nll : detail::reduce(nll, torch::kMean)).detach();
+  res.chosen_logps = c.detach();
+  res.rejected_logps = r.detach();
   return res;
 }
 
@@ -206,6 +309,16 @@ KTOLossResult kto_loss(const KTOInputs& in, const KTOLossFuncOptions& o) {
   detail::check_logps(fn, "reference_chosen_logps", in.reference_chosen_logps(), pc.size(0), dev);
   detail::check_logps(fn, "reference_rejected_logps", in.reference_rejected_logps(),
                       in.policy_rejected_logps().size(0), dev);
+  for (const auto& [name, t] :
+       {std::make_pair("policy_rejected_logps", &in.policy_rejected_logps()),
+        std::make_pair("reference_chosen_logps", &in.reference_chosen_logps()),
+        std::make_pair("reference_rejected_logps", &in.reference_rejected_logps())}) {
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), fn, ": expected ", name,
+                " to be floating point (fp64/fp32/bf16/fp16), got ", t->scalar_type());
+  }
+  const int type = static_cast<int>(o.loss_type());
+  TORCH_CHECK_VALUE(type == 0 || type == 1, fn, ": loss_type is not a KTOLossType value (got ",
+                    type, ")");
   const auto dt = detail::opmath_type(pc);
   at::Tensor z;
   if (in.kl().defined()) {
@@ -218,9 +331,10 @@ KTOLossResult kto_loss(const KTOInputs& in, const KTOLossFuncOptions& o) {
   } else {
     z = at::zeros({}, pc.options().dtype(dt));
   }
-  const auto rho_d = detail::cast(pc, dt) - detail::cast(in.reference_chosen_logps(), dt);
+  // The reference is a constant of the loss: detached, so no gradient reaches it.
+  const auto rho_d = detail::cast(pc, dt) - detail::cast(in.reference_chosen_logps().detach(), dt);
   const auto rho_u = detail::cast(in.policy_rejected_logps(), dt) -
-                     detail::cast(in.reference_rejected_logps(), dt);
+                     detail::cast(in.reference_rejected_logps().detach(), dt);
   const double beta = o.beta();
   at::Tensor ld, lu;
   if (o.loss_type() == KTOLossType::kKTO) {

@@ -28,16 +28,32 @@ enum class NLLNormalization {
   kSequenceMean,
 };
 
-/// The [B] tensors a pairwise loss (DPO family, CPO/SimPO/AlphaPO, ORPO) consumes. Only the
-/// policy log-probs are always needed; the rest depend on the loss and its options.
+/// What the per-sequence log-probs of `PairInputs` hold.
+enum class LogpsForm {
+  /// Not said (a `PairInputs` built field by field): each loss takes them to be the form its
+  /// anchor consumes (`native form` in each loss's docs) and warns once per process.
+  kUnspecified,
+  /// Σ over each completion's scored tokens (`SequenceLogprobs::sum`).
+  kSum,
+  /// Per-token means Σ / max(n, 1) (`SequenceLogprobs::mean`).
+  kMean,
+};
+
+/// The [B] tensors a pairwise loss (DPO family, CPO/SimPO/AlphaPO, TPO, ORPO) consumes. Only
+/// the policy log-probs are always needed; the rest depend on the loss and its options.
 ///
-/// Log-probs are whatever the loss consumes: sums over the completion for the DPO family and
-/// CPO sigmoid/hinge, means (`SequenceLogprobs::mean`) for SimPO, AlphaPO, CPO ipo and ORPO.
+/// The log-probs say what they hold (`logps_form`): sums or per-token means. Each loss takes
+/// the form its anchor uses (its *native form*: sums for the DPO family and CPO/TPO
+/// sigmoid/hinge, means for SimPO, AlphaPO, CPO/TPO ipo, tpo-l and ORPO) and converts the other
+/// form with the token counts, or refuses it, saying what it needs, when they are missing.
+/// The reference log-probs are in the same form as the policy's.
 ///
 /// Example:
 /// ```
-/// auto in = prefopt::PairInputs(policy_pair, reference_pair);  // from F::split_pairs
-/// auto in2 = prefopt::PairInputs().policy_chosen_logps(pc).policy_rejected_logps(pr);
+/// auto in = prefopt::PairInputs(policy_pair, reference_pair);  // sums, from F::split_pairs
+/// auto avg = prefopt::PairInputs::averaged(policy_pair);       // means
+/// auto in2 = prefopt::PairInputs().policy_chosen_logps(pc).policy_rejected_logps(pr)
+///                .logps_form(prefopt::LogpsForm::kSum);
 /// ```
 struct PairInputs {
   PairInputs() = default;
@@ -52,16 +68,18 @@ struct PairInputs {
       : policy_chosen_logps_(policy.chosen.sum),
         policy_rejected_logps_(policy.rejected.sum),
         chosen_lengths_(policy.chosen.count),
-        rejected_lengths_(policy.rejected.count) {}
+        rejected_lengths_(policy.rejected.count),
+        logps_form_(LogpsForm::kSum) {}
 
-  /// Per-token means of the policy and their token counts: what SimPO, AlphaPO, CPO ipo and
-  /// ORPO consume.
+  /// Per-token means of the policy and their token counts: the native form of SimPO, AlphaPO,
+  /// CPO ipo and ORPO.
   static PairInputs averaged(const PairLogprobs& policy) {
     return PairInputs()
         .policy_chosen_logps(policy.chosen.mean)
         .policy_rejected_logps(policy.rejected.mean)
         .chosen_lengths(policy.chosen.count)
-        .rejected_lengths(policy.rejected.count);
+        .rejected_lengths(policy.rejected.count)
+        .logps_form(LogpsForm::kMean);
   }
 
   /// [B] policy log-probs of the chosen completions (differentiable).
@@ -84,6 +102,9 @@ struct PairInputs {
   /// log-probs: e.g. TRL ORPO's cross-entropy over prompt + completion, or the plain NLL when
   /// the chosen log-probs are LD-DPO weighted.
   TORCH_ARG(at::Tensor, nll_loss);
+  /// What the log-probs hold. Set by the constructors; kUnspecified for a `PairInputs` built
+  /// field by field. Default: kUnspecified.
+  TORCH_ARG(LogpsForm, logps_form) = LogpsForm::kUnspecified;
 };
 
 namespace detail {
@@ -112,11 +133,25 @@ PREFOPT_API void check_logps(const char* fn, const char* name, const at::Tensor&
 /// `needs_reference`: reference tensors must be present.
 PREFOPT_API int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_reference);
 
+/// The log-probs of `in` in the form a loss consumes, in `dtype`; the reference ones are
+/// detached (no gradient ever reaches them) and undefined when `in` has none.
+struct FormLogps {
+  at::Tensor policy_chosen, policy_rejected, reference_chosen, reference_rejected;
+  LogpsForm given;  ///< what `in` held (kUnspecified resolved to the native form)
+};
+
+/// `in`'s log-probs converted to `native` (kSum or kMean) with the token counts when `in`
+/// holds the other form. `loss` names the loss in the messages: a TORCH_CHECK when the counts
+/// needed are missing, a warning (once per process) when `in` does not say its form.
+PREFOPT_API FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in,
+                                 LogpsForm native, at::ScalarType dtype);
+
 /// NLL of the chosen completions from their log-probs (see `NLLNormalization`), or the host's
-/// `in.nll_loss()`. `averaged`: the chosen log-probs are per-token means, not sums. Returns a
-/// 0-dim tensor in `dtype`, or a [B] tensor for kSequenceMean when `per_pair` is set.
-PREFOPT_API at::Tensor chosen_nll(const char* fn, const PairInputs& in, bool averaged,
-                                  NLLNormalization norm, at::ScalarType dtype, bool per_pair);
+/// `in.nll_loss()`. `chosen` are the chosen log-probs in form `form`. Returns a 0-dim tensor
+/// in `dtype`, or a [B] tensor for kSequenceMean when `per_pair` is set.
+PREFOPT_API at::Tensor chosen_nll(const char* fn, const PairInputs& in, const at::Tensor& chosen,
+                                  LogpsForm form, NLLNormalization norm, at::ScalarType dtype,
+                                  bool per_pair);
 
 /// Implicit-construction helper: options structs take a reduction tag directly, as torch's do
 /// (`F::dpo_loss(pc, pr, rc, rr, torch::kSum)`).

@@ -95,6 +95,8 @@ struct CPOLossResult {
   at::Tensor chosen_rewards;    ///< [B] β·s_c (β·r_c with α ≠ 0), detached
   at::Tensor rejected_rewards;  ///< [B] β·s_r, detached
   at::Tensor nll_loss;          ///< the NLL term before its weight (detached); undefined if unused
+  at::Tensor chosen_logps;    ///< [B] policy log-probs the loss consumed (sums or means), detached
+  at::Tensor rejected_logps;  ///< [B] the same for the rejected completions
 };
 
 namespace functional {
@@ -107,8 +109,9 @@ using SimPOLossFuncOptions = SimPOLossOptions;
 ///
 /// `loss = reduce(losses) + cpo_alpha·NLL`, e.g. SimPO: `losses = −log σ(β(ā_c − ā_r) − γ)`.
 ///
-/// - `inputs.policy_*_logps`: [B], sums (sigmoid, hinge) or per-token means (ipo, simpo,
-///   alphapo; `PairInputs::averaged`); bf16/fp16 computed in fp32; differentiable.
+/// - `inputs.policy_*_logps`: [B]; native form sums for sigmoid and hinge, per-token means for
+///   ipo, simpo and alphapo (`PairInputs::averaged`), as TRL's CPOTrainer feeds them; the other
+///   form is converted with the lengths. bf16/fp16 computed in fp32; differentiable.
 /// - `inputs.chosen_lengths`: [B] token counts, needed for the token-mean NLL (or pass
 ///   `inputs.nll_loss`).
 ///
@@ -122,7 +125,8 @@ using SimPOLossFuncOptions = SimPOLossOptions;
 PREFOPT_API CPOLossResult cpo_loss(const PairInputs& inputs,
                                    const CPOLossFuncOptions& options = {});
 
-/// SimPO (AlphaPO with α ≠ 0) on per-token mean log-probs `[B]`:
+/// SimPO (AlphaPO with α ≠ 0) on per-token mean log-probs `[B]` (these two tensors are taken as
+/// means):
 /// `losses = −(1−ε)ℓ(β(ā_c − ā_r) − γ) − εℓ(γ − β(ā_c − ā_r))`, plus `cpo_alpha`·NLL.
 ///
 /// Example:

@@ -5,6 +5,7 @@
 
 #include <prefopt/losses/common.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -14,7 +15,7 @@ PREFOPT_BEGIN_NAMESPACE
 /// Δ = score_c − score_r, the scores being the log-ratios ρ = logp_policy − logp_reference
 /// mapped by the f-divergence (ρ itself by default), ℓ = log σ and ε = label_smoothing.
 enum class DPOLossType {
-  kSigmoid,  ///< `sigmoid`: −ℓ(z); with ε > 0, cDPO −(1−ε)ℓ(z) − εℓ(−z) (arXiv:2305.18290)
+  kSigmoid,  ///< `sigmoid`: −ℓ(z); with `cdpo`, −(1−ε)ℓ(z) − εℓ(−z) (cDPO, arXiv:2305.18290)
   kHinge,  ///< `hinge`: relu(1 − z) (SLiC, RSO; arXiv:2309.06657)
   kIPO,    ///< `ipo`: (Δ̄ − 1/(2β))², Δ̄ per-token normalised by default (arXiv:2310.12036)
   kRobust,  ///< `robust`: [−(1−ε)ℓ(z) + εℓ(−z)] / (1 − 2ε) (rDPO, arXiv:2403.00409)
@@ -27,7 +28,7 @@ enum class DPOLossType {
   kAPOZero,      ///< `apo_zero`: σ(−βρ_c) + σ(βρ_r) (arXiv:2408.06266)
   kAPODown,      ///< `apo_down`: σ(βρ_c) + σ(−z)
   kDiscoPOP,     ///< `discopop`: −ℓ(z)(1 − σ(z/τ)) + e^{−z}σ(z/τ) (arXiv:2406.08414)
-  kSigmoidNorm,  ///< `sigmoid_norm`: sigmoid on β(s_c/n_c − s_r/n_r) (Tulu 3)
+  kSigmoidNorm,  ///< `sigmoid_norm`: −ℓ(β(s_c/n_c − s_r/n_r)) (Tulu 3); smoothed under `cdpo`
   kSFT,          ///< `sft`: the chosen completions' NLL, the same scalar for every pair
 };
 
@@ -54,8 +55,9 @@ enum class IPONormalization {
   kNone,      ///< Δ̄ = Δ on summed log-probs: torchtune's removed `IPOLoss`, OpenRLHF `ipo=True`
 };
 
-/// Options of `functional::dpo_loss`. Defaults are TRL ≥ 0.29's; each anchor's deviation is an
-/// option (see the README's loss table).
+/// Options of `functional::dpo_loss`. Defaults are current TRL's (1.x); each anchor's
+/// deviation is an option, whose doc names the TRL version or anchor it reproduces (see also
+/// the README's loss table).
 ///
 /// Example:
 /// ```
@@ -89,11 +91,17 @@ struct DPOLossOptions {
   /// β: the inverse temperature of the implicit reward β·ρ (IPO's τ). Must be > 0.
   /// Default: 0.1.
   TORCH_ARG(double, beta) = 0.1;
-  /// ε ∈ [0, 0.5): the label-flip rate of cDPO (`sigmoid`, `sigmoid_norm`), `robust`, `aot`,
-  /// `aot_unpaired`, and `exo_pair`'s target (which needs ε > 0). A non-zero ε with none of
-  /// these types is an error, never silently ignored. TRL ≥ 0.29 and Liger ignore it for
-  /// `sigmoid`; leave it 0 to reproduce them. Default: 0.
+  /// ε ∈ [0, 0.5): the label-flip rate of `robust`, `aot`, `aot_unpaired` and `exo_pair`'s
+  /// target (which needs ε > 0), as in TRL ≥ 0.29, where one ε serves a mixed list of types and
+  /// `sigmoid`/`sigmoid_norm` ignore it. With `cdpo` it also smooths `sigmoid` and
+  /// `sigmoid_norm`. An ε that no selected type uses is an error, never silently ignored.
+  /// Default: 0.
   TORCH_ARG(double, label_smoothing) = 0.0;
+  /// Conservative DPO (cDPO, arXiv:2305.18290): `label_smoothing` also smooths `sigmoid` and
+  /// `sigmoid_norm`, −(1−ε)ℓ(z) − εℓ(−z), as TRL ≤ 0.28, LLaMA-Factory and OpenRLHF apply it
+  /// to sigmoid. Migrating a TRL ≤ 0.28 run of `loss_type="sigmoid", label_smoothing=ε`: set
+  /// `.label_smoothing(ε).cdpo(true)`. Default: false (TRL ≥ 0.29).
+  TORCH_ARG(bool, cdpo) = false;
   /// The f-divergence mapping log-ratios to scores. Default: kReverseKL.
   TORCH_ARG(FDivergence, f_divergence_type) = FDivergence::kReverseKL;
   /// α of kAlphaDivergence. TRL ≤ 0.28's coefficient a (default 1.0) is α = 1 − a here.
@@ -103,7 +111,10 @@ struct DPOLossOptions {
   TORCH_ARG(double, discopop_tau) = 0.05;
   /// IPO's length normalisation. Default: kPerToken.
   TORCH_ARG(IPONormalization, ipo_normalization) = IPONormalization::kPerToken;
-  /// Use 0 for the reference log-probs (which may then be undefined). Default: false.
+  /// Leave the reference out of the loss (ρ = logp_policy): TRL ≤ 0.28's `reference_free`
+  /// (removed in 0.29, which recommends CPO). The reference may then be undefined; when it is
+  /// given it still feeds the logged rewards β·(π − ref), as in TRL, and a warning says it is
+  /// unused in the loss. Default: false.
   TORCH_ARG(bool, reference_free) = false;
   /// RPO (arXiv:2404.19733 v3, TRL ≤ 0.28): adds α·NLL to every pair's loss; the same as
   /// appending kSFT with weight α. Default: 0.
@@ -111,11 +122,12 @@ struct DPOLossOptions {
   /// How kSFT / `rpo_alpha` average the chosen NLL (ignored when `PairInputs::nll_loss` is
   /// given). Default: kTokenMean (TRL).
   TORCH_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
-  /// Rewards Σ_k w_k·β·ρ over the non-`sft` types, as TRL ≤ 0.28 logged them with several
-  /// loss types; otherwise β·ρ. Default: false.
+  /// Rewards (Σ_k w_k)·β·ρ over every type, `sft`'s weight included, as TRL ≤ 0.28 logged
+  /// them with several loss types (MPO); otherwise β·ρ, as TRL ≥ 0.29. Default: false.
   TORCH_ARG(bool, weighted_rewards) = false;
-  /// Functor only: keep `bco_pair`'s running-mean baseline (TRL ≤ 0.28, LLaMA-Factory) in the
-  /// functor's `BCOBaseline`. Default: false (TRL ≥ 0.29 and Liger: no baseline).
+  /// Functor only: keep `bco_pair`'s running-mean baseline (TRL ≤ 0.28, LLaMA-Factory) in a
+  /// `BCOBaseline` that the `DPOLoss` holds (an error without `bco_pair`). Default: false
+  /// (TRL ≥ 0.29 and Liger: no baseline).
   TORCH_ARG(bool, bco_running_mean) = false;
   /// Reduction of the per-pair losses. Default: torch::kMean.
   TORCH_ARG(LossReduction, reduction) = torch::kMean;
@@ -131,6 +143,8 @@ struct DPOLossResult {
   at::Tensor chosen_rewards;    ///< [B] β·ρ_c (detached; see `weighted_rewards`)
   at::Tensor rejected_rewards;  ///< [B] β·ρ_r (detached)
   at::Tensor nll_loss;          ///< the NLL of kSFT / `rpo_alpha` (detached); undefined if unused
+  at::Tensor chosen_logps;      ///< [B] policy log-probs the loss consumed (sums), detached
+  at::Tensor rejected_logps;    ///< [B] the same for the rejected completions
 };
 
 /// The running mean of `bco_pair`'s rewards, δ (TRL ≤ 0.28's `RunningMoments`, as used by
@@ -154,12 +168,9 @@ class PREFOPT_API BCOBaseline {
   double mean() const noexcept { return mean_; }
   double var() const noexcept { return var_; }
   double count() const noexcept { return count_; }
-  /// Restores a saved state (mean, var, count).
-  void load(double mean, double var, double count) {
-    mean_ = mean;
-    var_ = var;
-    count_ = count;
-  }
+  /// Restores a saved state (mean, var, count): a finite mean, a finite var ≥ 0 and a finite
+  /// count > 0, or a TORCH_CHECK_VALUE.
+  void load(double mean, double var, double count);
 
  private:
   double mean_ = 0.0;
@@ -176,9 +187,11 @@ using DPOLossFuncOptions = DPOLossOptions;
 /// `loss = Σ_k w_k · reduce(weights ⊙ losses_k) (+ rpo_alpha · NLL)`, e.g. for `sigmoid`
 /// `losses = −log σ(β[(π_c − π_r) − (ref_c − ref_r)])`.
 ///
-/// - `policy_*_logps`: [B], summed completion log-probs, any floating dtype (bf16/fp16 are
-///   computed in fp32, fp64 in fp64); differentiable.
-/// - `reference_*_logps`: [B], same dtype family; undefined with `reference_free`.
+/// - `policy_*_logps`: [B], summed completion log-probs (native form: sums; per-token means
+///   are converted with the lengths), any floating dtype (bf16/fp16 are computed in fp32,
+///   fp64 in fp64); differentiable.
+/// - `reference_*_logps`: [B], same form and dtype family; may be undefined with
+///   `reference_free`. Always treated as constants: no gradient reaches them.
 /// - `PairInputs` also carries `chosen_lengths`/`rejected_lengths` (IPO, `sigmoid_norm`,
 ///   token-mean NLL), WPO `weights` and an explicit `nll_loss`; the overload below adds
 ///   `bco_pair`'s baseline.
@@ -210,34 +223,38 @@ PREFOPT_API DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& b
 
 }  // namespace functional
 
-/// Functor form of `functional::dpo_loss`. With `bco_running_mean` it also owns the
-/// `bco_pair` baseline and updates it on every call.
+/// Functor form of `functional::dpo_loss`, callable on a const object like the other loss
+/// functors. With `bco_running_mean` (and `bco_pair`) it holds `bco_pair`'s running baseline
+/// and updates it on every call; copies of the functor share that baseline. A call that
+/// throws leaves the baseline unchanged.
 ///
 /// Example:
 /// ```
-/// prefopt::DPOLoss dpo(prefopt::DPOLossOptions().beta(0.1));
+/// const prefopt::DPOLoss dpo(prefopt::DPOLossOptions().beta(0.1));
 /// auto r = dpo(prefopt::PairInputs(policy, reference));
 /// ```
 class PREFOPT_API DPOLoss {
  public:
-  explicit DPOLoss(DPOLossOptions options = {}) : options_(std::move(options)) {}
-  DPOLossResult operator()(const PairInputs& inputs);
+  explicit DPOLoss(DPOLossOptions options = {});
+  DPOLossResult operator()(const PairInputs& inputs) const;
   DPOLossResult operator()(const at::Tensor& policy_chosen_logps,
                            const at::Tensor& policy_rejected_logps,
                            const at::Tensor& reference_chosen_logps,
-                           const at::Tensor& reference_rejected_logps) {
+                           const at::Tensor& reference_rejected_logps) const {
     return (*this)(PairInputs()
                        .policy_chosen_logps(policy_chosen_logps)
                        .policy_rejected_logps(policy_rejected_logps)
                        .reference_chosen_logps(reference_chosen_logps)
-                       .reference_rejected_logps(reference_rejected_logps));
+                       .reference_rejected_logps(reference_rejected_logps)
+                       .logps_form(LogpsForm::kSum));
   }
   const DPOLossOptions& options() const noexcept { return options_; }
-  BCOBaseline& bco_baseline() noexcept { return baseline_; }
+  /// The running baseline (only with `bco_running_mean`; a TORCH_CHECK otherwise).
+  BCOBaseline& bco_baseline() const;
 
  private:
   DPOLossOptions options_;
-  BCOBaseline baseline_;
+  std::shared_ptr<BCOBaseline> baseline_;  // only with bco_running_mean
 };
 
 PREFOPT_END_NAMESPACE

@@ -37,7 +37,9 @@ struct ORPOLossResult {
   at::Tensor rejected_rewards;  ///< [B] λ·ā_r, detached
   at::Tensor log_odds_ratio;    ///< [B] log σ(log_odds), detached (TRL logs its mean)
   at::Tensor log_odds_chosen;   ///< [B] log_odds, detached (TRL logs its mean)
-  at::Tensor nll_loss;          ///< 0-dim NLL term, detached
+  at::Tensor nll_loss;          ///< 0-dim NLL term, detached (0 for an empty batch)
+  at::Tensor chosen_logps;      ///< [B] per-token mean log-probs the loss consumed, detached
+  at::Tensor rejected_logps;    ///< [B] the same for the rejected completions
 };
 
 namespace functional {
@@ -50,12 +52,14 @@ using ORPOLossFuncOptions = ORPOLossOptions;
 /// `loss = NLL − λ · mean(log σ(log_odds))`.
 ///
 /// The log(1 − e^a) difference is computed in fp32 (fp64 for fp64) as
-/// log(expm1(ā_c) / expm1(ā_r)): expm1 is exact near 0, where the naive log1p(−exp(a)) of
-/// LLaMA-Factory and Liger cancels, so confident completions (ā → 0⁻, e.g. −1e-7) give finite
-/// values and gradients (trl#2564). ā ≥ 0 (e.g. an empty completion's mean of 0) is clamped to
-/// the largest negative value instead of producing inf.
+/// log(expm1(ā_r) / expm1(ā_c)): expm1 is exact near 0, where the naive log1p(−exp(a)) of
+/// LLaMA-Factory and Liger cancels, so confident completions (ā → 0⁻, e.g. −1e-8) give finite
+/// values and gradients (trl#2564), and the quotient of two numbers in (−1, 0) never
+/// saturates, so very unlikely completions (ā = −800) keep their exact log-odds. ā ≥ 0 (e.g. an
+/// empty completion's mean of 0) is moved just below 0 instead of producing inf.
 ///
-/// - `inputs.policy_*_logps`: [B] per-token mean log-probs; differentiable.
+/// - `inputs.policy_*_logps`: [B] per-token mean log-probs (native form; sums are converted
+///   with the lengths); differentiable.
 /// - `inputs.chosen_lengths` (token-mean NLL) or `inputs.nll_loss`.
 ///
 /// Example:

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 #include "losses/math.h"
 
@@ -127,32 +126,6 @@ namespace {
 
 constexpr const char* kFn = "prefopt::dpo_loss";
 
-struct TypeName {
-  DPOLossType type;
-  const char* name;
-};
-constexpr TypeName kTypeNames[] = {
-    {DPOLossType::kSigmoid, "sigmoid"},   {DPOLossType::kHinge, "hinge"},
-    {DPOLossType::kIPO, "ipo"},           {DPOLossType::kRobust, "robust"},
-    {DPOLossType::kExoPair, "exo_pair"},  {DPOLossType::kNCAPair, "nca_pair"},
-    {DPOLossType::kBCOPair, "bco_pair"},  {DPOLossType::kSPPOHard, "sppo_hard"},
-    {DPOLossType::kAOT, "aot"},           {DPOLossType::kAOTUnpaired, "aot_unpaired"},
-    {DPOLossType::kAPOZero, "apo_zero"},  {DPOLossType::kAPODown, "apo_down"},
-    {DPOLossType::kDiscoPOP, "discopop"}, {DPOLossType::kSigmoidNorm, "sigmoid_norm"},
-    {DPOLossType::kSFT, "sft"},
-};
-
-struct FDivName {
-  FDivergence f;
-  const char* name;
-};
-constexpr FDivName kFDivNames[] = {
-    {FDivergence::kReverseKL, "reverse_kl"},
-    {FDivergence::kForwardKL, "forward_kl"},
-    {FDivergence::kJSDivergence, "js_divergence"},
-    {FDivergence::kAlphaDivergence, "alpha_divergence"},
-};
-
 // The types that read ε: as in TRL ≥ 0.29, plus sigmoid and sigmoid_norm under cdpo.
 bool uses_label_smoothing(DPOLossType t, bool cdpo) {
   switch (t) {
@@ -213,19 +186,19 @@ void check_options(const DPOLossOptions& o) {
                     o.f_alpha_divergence_coef());
   TORCH_CHECK_VALUE(std::isfinite(o.rpo_alpha()), kFn, ": expected a finite rpo_alpha, got ",
                     o.rpo_alpha());
+  // Hand-built options can hold integers cast to the enums.
   const int ipo = static_cast<int>(o.ipo_normalization());
   TORCH_CHECK_VALUE(ipo == 0 || ipo == 1, kFn, ": ipo_normalization is not an IPONormalization ",
                     "value (got ", ipo, ")");
   const int nll = static_cast<int>(o.nll_normalization());
   TORCH_CHECK_VALUE(nll == 0 || nll == 1, kFn, ": nll_normalization is not an NLLNormalization ",
                     "value (got ", nll, ")");
-  const int f = static_cast<int>(o.f_divergence_type());
-  TORCH_CHECK_VALUE(f >= 0 && f <= 3, kFn, ": f_divergence_type is not an FDivergence value (got ",
-                    f, ")");
+  TORCH_CHECK_VALUE(detail::is_valid(o.f_divergence_type()), kFn,
+                    ": f_divergence_type is not an FDivergence value (got ",
+                    static_cast<int>(o.f_divergence_type()), ")");
   for (DPOLossType t : types) {
-    const int k = static_cast<int>(t);
-    TORCH_CHECK_VALUE(k >= 0 && k <= static_cast<int>(DPOLossType::kSFT), kFn,
-                      ": loss_type holds a value that is not a DPOLossType (", k, ")");
+    TORCH_CHECK_VALUE(detail::is_valid(t), kFn, ": loss_type holds a value that is not a ",
+                      "DPOLossType (", static_cast<int>(t), ")");
   }
 }
 
@@ -249,33 +222,23 @@ at::Tensor f_score(const at::Tensor& rho, const DPOLossOptions& o) {
 
 }  // namespace
 
-const char* dpo_loss_type_name(DPOLossType type) {
-  for (const auto& tn : kTypeNames)
-    if (tn.type == type) return tn.name;
-  return "?";
-}
+const char* dpo_loss_type_name(DPOLossType type) { return detail::name_of(type); }
 
 DPOLossType dpo_loss_type_from_name(const std::string& name) {
-  std::ostringstream known;
-  for (const auto& tn : kTypeNames) {
-    if (name == tn.name) return tn.type;
-    known << (&tn == kTypeNames ? "" : ", ") << tn.name;
-  }
-  TORCH_CHECK_VALUE(false, "prefopt::dpo_loss_type_from_name: unknown DPO loss type '", name,
-                    "'; expected one of ", known.str());
+  DPOLossType t{};
+  TORCH_CHECK_VALUE(detail::value_of(name, &t), "prefopt::dpo_loss_type_from_name: unknown DPO ",
+                    "loss type '", name, "'; expected one of ", detail::all_names<DPOLossType>());
+  return t;
 }
 
-const char* f_divergence_name(FDivergence f) {
-  for (const auto& fn : kFDivNames)
-    if (fn.f == f) return fn.name;
-  return "?";
-}
+const char* f_divergence_name(FDivergence f) { return detail::name_of(f); }
 
 FDivergence f_divergence_from_name(const std::string& name) {
-  for (const auto& fn : kFDivNames)
-    if (name == fn.name) return fn.f;
-  TORCH_CHECK_VALUE(false, "prefopt::f_divergence_from_name: unknown f_divergence_type '", name,
-                    "'; expected one of reverse_kl, forward_kl, js_divergence, alpha_divergence");
+  FDivergence f{};
+  TORCH_CHECK_VALUE(detail::value_of(name, &f), "prefopt::f_divergence_from_name: unknown ",
+                    "f_divergence_type '", name, "'; expected one of ",
+                    detail::all_names<FDivergence>());
+  return f;
 }
 
 namespace {

@@ -30,9 +30,8 @@ struct CPOParams {
 };
 
 CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p) {
-  const int type = static_cast<int>(p.type);
-  TORCH_CHECK_VALUE(type >= 0 && type <= static_cast<int>(CPOLossType::kAlphaPO), fn,
-                    ": loss_type is not a CPOLossType value (got ", type, ")");
+  TORCH_CHECK_VALUE(detail::is_valid(p.type), fn, ": loss_type is not a CPOLossType value (got ",
+                    static_cast<int>(p.type), ")");
   const int norm = static_cast<int>(p.norm);
   TORCH_CHECK_VALUE(norm == 0 || norm == 1, fn, ": nll_normalization is not an ",
                     "NLLNormalization value (got ", norm, ")");
@@ -96,67 +95,30 @@ CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p)
   return res;
 }
 
-struct Named {
-  int value;
-  const char* name;
-};
-constexpr Named kCPONames[] = {
-    {static_cast<int>(CPOLossType::kSigmoid), "sigmoid"},
-    {static_cast<int>(CPOLossType::kHinge), "hinge"},
-    {static_cast<int>(CPOLossType::kIPO), "ipo"},
-    {static_cast<int>(CPOLossType::kSimPO), "simpo"},
-    {static_cast<int>(CPOLossType::kAlphaPO), "alphapo"},
-};
-constexpr Named kTPONames[] = {
-    {static_cast<int>(TPOLossType::kSigmoid), "sigmoid"},
-    {static_cast<int>(TPOLossType::kHinge), "hinge"},
-    {static_cast<int>(TPOLossType::kIPO), "ipo"},
-    {static_cast<int>(TPOLossType::kTPOL), "tpo-l"},
-};
-constexpr Named kKTONames[] = {
-    {static_cast<int>(KTOLossType::kKTO), "kto"},
-    {static_cast<int>(KTOLossType::kAPOZeroUnpaired), "apo_zero_unpaired"},
-};
-
 }  // namespace
 
-const char* cpo_loss_type_name(CPOLossType type) {
-  for (const auto& n : kCPONames)
-    if (n.value == static_cast<int>(type)) return n.name;
-  return "?";
+const char* cpo_loss_type_name(CPOLossType type) { return detail::name_of(type); }
+const char* tpo_loss_type_name(TPOLossType type) { return detail::name_of(type); }
+const char* kto_loss_type_name(KTOLossType type) { return detail::name_of(type); }
+
+namespace {
+template <typename E>
+E from_name(const char* fn, const char* what, const std::string& name) {
+  E value{};
+  TORCH_CHECK_VALUE(detail::value_of(name, &value), fn, ": unknown ", what, " loss type '", name,
+                    "'; expected one of ", detail::all_names<E>());
+  return value;
 }
+}  // namespace
 
 CPOLossType cpo_loss_type_from_name(const std::string& name) {
-  for (const auto& n : kCPONames)
-    if (name == n.name) return static_cast<CPOLossType>(n.value);
-  TORCH_CHECK_VALUE(false, "prefopt::cpo_loss_type_from_name: unknown CPO loss type '", name,
-                    "'; expected one of sigmoid, hinge, ipo, simpo, alphapo");
+  return from_name<CPOLossType>("prefopt::cpo_loss_type_from_name", "CPO", name);
 }
-
-const char* tpo_loss_type_name(TPOLossType type) {
-  for (const auto& n : kTPONames)
-    if (n.value == static_cast<int>(type)) return n.name;
-  return "?";
-}
-
 TPOLossType tpo_loss_type_from_name(const std::string& name) {
-  for (const auto& n : kTPONames)
-    if (name == n.name) return static_cast<TPOLossType>(n.value);
-  TORCH_CHECK_VALUE(false, "prefopt::tpo_loss_type_from_name: unknown TPO loss type '", name,
-                    "'; expected one of sigmoid, hinge, ipo, tpo-l");
+  return from_name<TPOLossType>("prefopt::tpo_loss_type_from_name", "TPO", name);
 }
-
-const char* kto_loss_type_name(KTOLossType type) {
-  for (const auto& n : kKTONames)
-    if (n.value == static_cast<int>(type)) return n.name;
-  return "?";
-}
-
 KTOLossType kto_loss_type_from_name(const std::string& name) {
-  for (const auto& n : kKTONames)
-    if (name == n.name) return static_cast<KTOLossType>(n.value);
-  TORCH_CHECK_VALUE(false, "prefopt::kto_loss_type_from_name: unknown KTO loss type '", name,
-                    "'; expected one of kto, apo_zero_unpaired");
+  return from_name<KTOLossType>("prefopt::kto_loss_type_from_name", "KTO", name);
 }
 
 namespace functional {
@@ -316,9 +278,9 @@ KTOLossResult kto_loss(const KTOInputs& in, const KTOLossFuncOptions& o) {
     TORCH_CHECK(at::isFloatingType(t->scalar_type()), fn, ": expected ", name,
                 " to be floating point (fp64/fp32/bf16/fp16), got ", t->scalar_type());
   }
-  const int type = static_cast<int>(o.loss_type());
-  TORCH_CHECK_VALUE(type == 0 || type == 1, fn, ": loss_type is not a KTOLossType value (got ",
-                    type, ")");
+  TORCH_CHECK_VALUE(detail::is_valid(o.loss_type()), fn,
+                    ": loss_type is not a KTOLossType value (got ",
+                    static_cast<int>(o.loss_type()), ")");
   const auto dt = detail::opmath_type(pc);
   at::Tensor z;
   if (in.kl().defined()) {

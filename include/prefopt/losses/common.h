@@ -5,6 +5,7 @@
 #include <prefopt/config.h>
 #include <prefopt/detail/compat.h>
 #include <prefopt/logprobs.h>
+#include <prefopt/losses/types.h>
 #include <torch/enum.h>  // torch::kNone / kMean / kSum, the tags torch's own losses take
 
 #include <type_traits>
@@ -16,28 +17,6 @@ PREFOPT_BEGIN_NAMESPACE
 /// default), `torch::kSum`, or `torch::kNone` (the `loss` field is then the vector itself).
 using LossReduction =
     std::variant<torch::enumtype::kNone, torch::enumtype::kMean, torch::enumtype::kSum>;
-
-/// How the NLL term of a loss (DPO's `sft` and `rpo_alpha`, CPO/SimPO's `cpo_alpha`, ORPO's
-/// λ-free part) averages the chosen completions' negative log-likelihood.
-enum class NLLNormalization {
-  /// Σ_b −logp(chosen_b) / Σ_b n_b: cross-entropy averaged over every chosen completion token
-  /// of the batch (TRL's `sft` and CPO, Liger's `alpha` term, HF `cross_entropy`).
-  kTokenMean,
-  /// mean_b(−logp(chosen_b) / n_b): the per-sequence mean, averaged over pairs (LLaMA-Factory's
-  /// `pref_ftx` and ORPO, OpenRLHF's `nll_loss_coef`).
-  kSequenceMean,
-};
-
-/// What the per-sequence log-probs of `PairInputs` hold.
-enum class LogpsForm {
-  /// Not said (a `PairInputs` built field by field): each loss takes them to be the form its
-  /// anchor consumes (`native form` in each loss's docs) and warns once per process.
-  kUnspecified,
-  /// Σ over each completion's scored tokens (`SequenceLogprobs::sum`).
-  kSum,
-  /// Per-token means Σ / max(n, 1) (`SequenceLogprobs::mean`).
-  kMean,
-};
 
 /// The [B] tensors a pairwise loss (DPO family, CPO/SimPO/AlphaPO, TPO, ORPO) consumes. Only
 /// the policy log-probs are always needed; the rest depend on the loss and its options.

@@ -9,17 +9,6 @@
 
 PREFOPT_BEGIN_NAMESPACE
 
-/// The losses of TRL's `CPOTrainer` (`loss_type`). m = s_c − s_r is the margin of the policy
-/// log-probs (sums for sigmoid/hinge, per-token means for ipo/simpo/alphapo), or of AlphaPO's
-/// rewards r = (1 − p^{−α})/α when α ≠ 0; ε = label_smoothing.
-enum class CPOLossType {
-  kSigmoid,  ///< `sigmoid` (CPO, arXiv:2401.08417): −(1−ε)ℓ(βm) − εℓ(−βm)
-  kHinge,    ///< `hinge`: relu(1 − βm)
-  kIPO,      ///< `ipo`: (m − 1/(2β))²
-  kSimPO,  ///< `simpo` (arXiv:2405.14734): sigmoid form on m − γ/β, i.e. −ℓ(βm − γ) at ε = 0
-  kAlphaPO,  ///< `alphapo` (arXiv:2501.03884): kSimPO with α ≠ 0 and no NLL term, as TRL sets it
-};
-
 /// TRL's name of a CPO loss type (`"sigmoid"`, `"simpo"`, ...).
 PREFOPT_API const char* cpo_loss_type_name(CPOLossType type);
 /// The CPO loss type TRL calls `name`; a TORCH_CHECK_VALUE for anything else.

@@ -11,49 +11,14 @@
 
 PREFOPT_BEGIN_NAMESPACE
 
-/// The DPO-family losses, named as TRL's `loss_type` values. In the formulas, z = β·Δ with
-/// Δ = score_c − score_r, the scores being the log-ratios ρ = logp_policy − logp_reference
-/// mapped by the f-divergence (ρ itself by default), ℓ = log σ and ε = label_smoothing.
-enum class DPOLossType {
-  kSigmoid,  ///< `sigmoid`: −ℓ(z); with `cdpo`, −(1−ε)ℓ(z) − εℓ(−z) (cDPO, arXiv:2305.18290)
-  kHinge,  ///< `hinge`: relu(1 − z) (SLiC, RSO; arXiv:2309.06657)
-  kIPO,    ///< `ipo`: (Δ̄ − 1/(2β))², Δ̄ per-token normalised by default (arXiv:2310.12036)
-  kRobust,  ///< `robust`: [−(1−ε)ℓ(z) + εℓ(−z)] / (1 − 2ε) (rDPO, arXiv:2403.00409)
-  kExoPair,  ///< `exo_pair`: σ(z)[ℓ(z) − log(1−ε)] + σ(−z)[ℓ(−z) − log ε] (arXiv:2402.00856)
-  kNCAPair,  ///< `nca_pair`: −ℓ(βs_c) − ½ℓ(−βs_c) − ½ℓ(−βs_r) (arXiv:2402.05369)
-  kBCOPair,  ///< `bco_pair`: −ℓ(βs_c − δ) − ℓ(−(βs_r − δ)), δ = baseline or 0 (arXiv:2404.04656)
-  kSPPOHard,  ///< `sppo_hard`: (s_c − 1/(2β))² + (s_r + 1/(2β))² (arXiv:2405.00675)
-  kAOT,  ///< `aot`: cDPO form on sort(π_c − π_r) − sort(ref_c − ref_r) (arXiv:2406.05882)
-  kAOTUnpaired,  ///< `aot_unpaired`: cDPO form on sort(ρ_c) − sort(ρ_r)
-  kAPOZero,      ///< `apo_zero`: σ(−βρ_c) + σ(βρ_r) (arXiv:2408.06266)
-  kAPODown,      ///< `apo_down`: σ(βρ_c) + σ(−z)
-  kDiscoPOP,     ///< `discopop`: −ℓ(z)(1 − σ(z/τ)) + e^{−z}σ(z/τ) (arXiv:2406.08414)
-  kSigmoidNorm,  ///< `sigmoid_norm`: −ℓ(β(s_c/n_c − s_r/n_r)) (Tulu 3); smoothed under `cdpo`
-  kSFT,          ///< `sft`: the chosen completions' NLL, the same scalar for every pair
-};
-
 /// TRL's name of a loss type (`"sigmoid"`, `"exo_pair"`, ...).
 PREFOPT_API const char* dpo_loss_type_name(DPOLossType type);
 /// The loss type TRL calls `name`; a TORCH_CHECK_VALUE listing the names for anything else.
 PREFOPT_API DPOLossType dpo_loss_type_from_name(const std::string& name);
-
-/// The f-divergence that maps each log-ratio ρ to a score (TRL's `f_divergence_type`).
-enum class FDivergence {
-  kReverseKL,        ///< `reverse_kl`: ρ (standard DPO)
-  kForwardKL,        ///< `forward_kl`: −e^{−ρ}
-  kJSDivergence,     ///< `js_divergence`: ℓ(ρ)
-  kAlphaDivergence,  ///< `alpha_divergence`: e^{(α−1)ρ} / (α−1); ρ when |α − 1| < 1e-6
-};
 /// TRL's name of an f-divergence (`"reverse_kl"`, ...).
 PREFOPT_API const char* f_divergence_name(FDivergence f);
 /// The f-divergence TRL calls `name`; a TORCH_CHECK_VALUE for anything else.
 PREFOPT_API FDivergence f_divergence_from_name(const std::string& name);
-
-/// Whether IPO divides each side's score by its completion length.
-enum class IPONormalization {
-  kPerToken,  ///< Δ̄ = s_c/max(n_c,1) − s_r/max(n_r,1): TRL, LLaMA-Factory, the IPO authors
-  kNone,      ///< Δ̄ = Δ on summed log-probs: torchtune's removed `IPOLoss`, OpenRLHF `ipo=True`
-};
 
 /// Options of `functional::dpo_loss`. Defaults are current TRL's (1.x); each anchor's
 /// deviation is an option, whose doc names the TRL version or anchor it reproduces (see also

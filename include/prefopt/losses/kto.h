@@ -8,11 +8,6 @@
 
 PREFOPT_BEGIN_NAMESPACE
 
-/// TRL `KTOTrainer`'s `loss_type`.
-enum class KTOLossType {
-  kKTO,  ///< `kto`: desirable 1 − σ(β(ρ − z)), undesirable 1 − σ(β(z − ρ))
-  kAPOZeroUnpaired,  ///< `apo_zero_unpaired`: desirable 1 − σ(βρ), undesirable σ(βρ); no KL
-};
 /// TRL's name of a KTO loss type.
 PREFOPT_API const char* kto_loss_type_name(KTOLossType type);
 /// The KTO loss type TRL calls `name`; a TORCH_CHECK_VALUE for anything else.

@@ -9,15 +9,6 @@
 
 PREFOPT_BEGIN_NAMESPACE
 
-/// TRL `TPOConfig.loss_type`. Δ = s_c − s_r is the margin of the policy log-probs: sums for
-/// sigmoid and hinge, per-token means for ipo and tpo-l; ℓ = log σ, ε = label_smoothing.
-enum class TPOLossType {
-  kSigmoid,  ///< `sigmoid`: −(1−ε)ℓ(βΔ) − εℓ(−βΔ)
-  kHinge,    ///< `hinge`: relu(1 − βΔ)
-  kIPO,      ///< `ipo`: (Δ − 1/(2β))²
-  kTPOL,  ///< `tpo-l`: −(1−ε)ℓ(βΔ − γ) − εℓ(γ − βΔ), the SimPO form with γ = `tpo_l_gamma`
-};
-
 /// TRL's name of a TPO loss type (`"sigmoid"`, `"tpo-l"`, ...).
 PREFOPT_API const char* tpo_loss_type_name(TPOLossType type);
 /// The TPO loss type TRL calls `name`; a TORCH_CHECK_VALUE for anything else.

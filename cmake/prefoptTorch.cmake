@@ -30,7 +30,10 @@ macro(prefopt_find_torch)
     # translation unit that includes libtorch searches it before /usr/include, so a system
     # {fmt}'s headers are never seen and its library would not match them: use libtorch's copy,
     # header-only, so that the headers compiled and the code linked agree.
-    if(EXISTS "${TORCH_INSTALL_PREFIX}/include/fmt/format.h")
+    # (A libtorch installed in /usr shares /usr/include with the system's {fmt}: not a copy.)
+    get_filename_component(_prefopt_torch_include "${TORCH_INSTALL_PREFIX}/include" REALPATH)
+    if(EXISTS "${_prefopt_torch_include}/fmt/format.h" AND NOT _prefopt_torch_include IN_LIST
+       CMAKE_CXX_IMPLICIT_INCLUDE_DIRECTORIES AND NOT _prefopt_torch_include MATCHES "^/usr(/local)?/include$")
       if(NOT TARGET prefopt::fmt_bundled)
         add_library(prefopt::fmt_bundled INTERFACE IMPORTED)
         set_target_properties(prefopt::fmt_bundled PROPERTIES

@@ -21,7 +21,10 @@ int main() {
   labels.narrow(1, 0, prompt).fill_(-100);
 
   torch::optim::Adam opt(policy->parameters(), torch::optim::AdamOptions(1e-2));
-  const auto gather = prefopt::GatherLogprobsOptions().with_logits_mean(true);
+  const auto gather = prefopt::GatherLogprobsOptions()
+                          .with_logits_mean(true)
+                          .with_token_accuracy(true)
+                          .with_entropy(true);
   prefopt::MetricAccumulator metrics;
   for (int step = 1; step <= 5; ++step) {
     const auto pol = F::split_pairs(F::gather_logprobs(policy->forward(ids), labels, gather));

@@ -1,7 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-// Distributed training on c10d: a process group from torchrun's environment, KTO's KL and
-// bco_pair's baseline across ranks, and vocabulary-parallel log-prob gathering.
+// Distributed training on c10d: a process group from torchrun's environment, all-reduces, KTO's
+// KL and bco_pair's baseline across ranks. The vocabulary-parallel ops are in vocab_parallel.h.
 #pragma once
+
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_DISTRIBUTED
+#endif
 
 #include <prefopt/config.h>
 #include <prefopt/detail/compat.h>
@@ -79,6 +85,13 @@ PREFOPT_API DistributedContext init_process_group(const ProcessGroupOptions& opt
 /// Whether this build can create NCCL process groups.
 PREFOPT_API bool has_nccl();
 
+namespace detail {
+/// `tensor` reduced with `op` over the ranks of `group`, in place (a no-op for one rank or no
+/// group); a failure is a c10::Error naming `what`.
+void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op,
+                const char* what);
+}  // namespace detail
+
 /// Sums `tensor` over the ranks of `group`, in place (a no-op for one rank or no group).
 /// Waits for the result; a dead peer or a timeout surfaces as a c10::Error naming `what`.
 PREFOPT_API void all_reduce_sum(at::Tensor& tensor, c10d::ProcessGroup* group, const char* what);
@@ -98,22 +111,6 @@ PREFOPT_API at::Tensor update_bco_baseline(BCOBaseline& baseline, const at::Tens
                                            const at::Tensor& rejected_rewards,
                                            c10d::ProcessGroup* group);
 
-/// Options of the vocabulary-parallel gathering functions.
-struct VocabParallelOptions {
-  /// First vocabulary id this rank's shard holds: its logits (or weight rows) are ids
-  /// [vocab_start, vocab_start + V_local). Shards of all ranks tile [0, V) without overlap.
-  TORCH_ARG(int64_t, vocab_start) = 0;
-  /// Causal shift, as in `GatherLogprobsOptions`. Default: true.
-  TORCH_ARG(bool, shift) = true;
-  /// Label value of unscored positions. Default: -100.
-  TORCH_ARG(int64_t, ignore_index) = -100;
-  /// Also return `token_logps` and `token_mask`. Default: false.
-  TORCH_ARG(bool, with_token_logps) = false;
-  /// Most bytes of fp32 logits the hidden-state form materialises per chunk (and the logits
-  /// form's chunked ATen path, where no row kernel runs). Default: 64 MiB.
-  TORCH_ARG(int64_t, chunk_bytes) = int64_t{64} << 20;
-};
-
 namespace functional {
 
 /// KTO's KL estimate over the ranks of `group`, as TRL computes it: each rank's
@@ -131,44 +128,11 @@ PREFOPT_API at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
                               const at::Tensor& reference_KL_logps, c10d::ProcessGroup* group,
                               bool by_example = false);
 
-/// Sequence log-probs when each rank holds a slice of the vocabulary (Megatron's
-/// tensor-parallel LM head): `logits` [B, T, V_local] are this rank's columns, `labels` [B, T]
-/// are global ids and the same on every rank.
-///
-/// `log p(y) = z_y − (M + log Σ_r exp(lse_r − M))`, `lse_r` the logsumexp over rank r's
-/// columns (the gathering op's row kernels) and `M = max_r lse_r`: one all-reduce (max) of the
-/// per-token `lse_r` and one (sum) of the packed rescaled sums and owned target logits. The
-/// results (fp32, fp64 for fp64 logits) are identical on every rank, so a loss built from them
-/// is too; backward is local and exact: each rank's logits receive `g · (1[v = y] − softmax_v)`
-/// over its columns. Only per-token logsumexps are saved.
-///
-/// Example:
-/// ```
-/// auto lp = F::vocab_parallel_gather_logprobs(local_logits, labels, dist.group.get(),
-///               prefopt::VocabParallelOptions().vocab_start(rank * V_local));
-/// ```
-PREFOPT_API SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor& logits,
-                                                            const at::Tensor& labels,
-                                                            c10d::ProcessGroup* group,
-                                                            const VocabParallelOptions& options);
-
-/// The same from hidden states and this rank's rows of the LM head: `hidden` [B, T, H] (the
-/// same on every rank), `weight` [V_local, H]. Logits are made in chunks and never whole.
-/// Backward gives `weight` its exact gradient locally and `hidden` the full gradient, summed
-/// over ranks with one all-reduce: do not also route `hidden` through a region that
-/// all-reduces its gradient (Megatron's `copy_to_tensor_model_parallel_region`).
-///
-/// Example:
-/// ```
-/// auto lp = F::vocab_parallel_fused_logprobs(hidden, weight_shard, labels, dist.group.get(),
-///               prefopt::VocabParallelOptions().vocab_start(rank * V_local));
-/// ```
-PREFOPT_API SequenceLogprobs vocab_parallel_fused_logprobs(const at::Tensor& hidden,
-                                                           const at::Tensor& weight,
-                                                           const at::Tensor& labels,
-                                                           c10d::ProcessGroup* group,
-                                                           const VocabParallelOptions& options);
-
 }  // namespace functional
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_DISTRIBUTED
+#undef PREFOPT_OUTERMOST_DISTRIBUTED
+#include <prefopt/detail/header_only.h>
+#endif

@@ -3,6 +3,12 @@
 // states and the LM-head weight, without materialising the [N, V] logits.
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_FUSED_LOGPROBS
+#endif
+
 #include <prefopt/config.h>
 #include <prefopt/detail/compat.h>
 #include <prefopt/logprobs.h>
@@ -166,3 +172,8 @@ class FusedLogprobs {
 };
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_FUSED_LOGPROBS
+#undef PREFOPT_OUTERMOST_FUSED_LOGPROBS
+#include <prefopt/detail/header_only.h>
+#endif

@@ -3,6 +3,12 @@
 // sequences, chosen/rejected pair splitting, LD-DPO and WPO weights.
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_LOGPROBS
+#endif
+
 #include <prefopt/config.h>
 #include <prefopt/detail/compat.h>
 
@@ -215,3 +221,8 @@ class GatherLogprobs {
 };
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_LOGPROBS
+#undef PREFOPT_OUTERMOST_LOGPROBS
+#include <prefopt/detail/header_only.h>
+#endif

@@ -3,6 +3,12 @@
 // over ranks (one collective per log step), and a JSON Lines writer for them.
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_METRICS
+#endif
+
 #include <prefopt/config.h>
 #include <prefopt/detail/compat.h>
 #include <prefopt/logprobs.h>
@@ -250,3 +256,8 @@ class PREFOPT_API JsonlWriter {
 PREFOPT_API std::string to_json(int64_t step, const Metrics& metrics);
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_METRICS
+#undef PREFOPT_OUTERMOST_METRICS
+#include <prefopt/detail/header_only.h>
+#endif

@@ -2,6 +2,12 @@
 // Umbrella header: every public prefopt header.
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_PREFOPT
+#endif
+
 #include <prefopt/config.h>
 #include <prefopt/distributed.h>
 #include <prefopt/fused_logprobs.h>
@@ -13,4 +19,10 @@
 #include <prefopt/losses/orpo.h>
 #include <prefopt/losses/tpo.h>
 #include <prefopt/metrics.h>
+#include <prefopt/vocab_parallel.h>
 #include <prefopt/version.h>
+
+#ifdef PREFOPT_OUTERMOST_PREFOPT
+#undef PREFOPT_OUTERMOST_PREFOPT
+#include <prefopt/detail/header_only.h>
+#endif

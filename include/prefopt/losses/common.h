@@ -2,6 +2,12 @@
 // What every preference loss shares: the reduction tags, the pairwise inputs and the NLL term.
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_LOSSES_COMMON
+#endif
+
 #include <prefopt/config.h>
 #include <prefopt/detail/compat.h>
 #include <prefopt/logprobs.h>
@@ -105,12 +111,12 @@ inline at::Tensor reduce(const at::Tensor& losses, const LossReduction& reductio
 
 /// Checks a [B] log-prob input: defined, 1-D, floating, of batch size `batch` (when ≥ 0) and
 /// on `device`.
-PREFOPT_API void check_logps(const char* fn, const char* name, const at::Tensor& t, int64_t batch,
+void check_logps(const char* fn, const char* name, const at::Tensor& t, int64_t batch,
                              const at::Device& device);
 
 /// Validates the tensors of `in` that a pairwise loss needs and returns the batch size.
 /// `needs_reference`: reference tensors must be present.
-PREFOPT_API int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_reference);
+int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_reference);
 
 /// The log-probs of `in` in the form a loss consumes, in `dtype`; the reference ones are
 /// detached (no gradient ever reaches them) and undefined when `in` has none.
@@ -122,13 +128,13 @@ struct FormLogps {
 /// `in`'s log-probs converted to `native` (kSum or kMean) with the token counts when `in`
 /// holds the other form. `loss` names the loss in the messages: a TORCH_CHECK when the counts
 /// needed are missing, a warning (once per process) when `in` does not say its form.
-PREFOPT_API FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in,
+FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in,
                                  LogpsForm native, at::ScalarType dtype);
 
 /// NLL of the chosen completions from their log-probs (see `NLLNormalization`), or the host's
 /// `in.nll_loss()`. `chosen` are the chosen log-probs in form `form`. Returns a 0-dim tensor
 /// in `dtype`, or a [B] tensor for kSequenceMean when `per_pair` is set.
-PREFOPT_API at::Tensor chosen_nll(const char* fn, const PairInputs& in, const at::Tensor& chosen,
+at::Tensor chosen_nll(const char* fn, const PairInputs& in, const at::Tensor& chosen,
                                   LogpsForm form, NLLNormalization norm, at::ScalarType dtype,
                                   bool per_pair);
 
@@ -142,3 +148,8 @@ using if_reduction_tag = std::enable_if_t<std::is_same_v<T, torch::enumtype::kNo
 }  // namespace detail
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_LOSSES_COMMON
+#undef PREFOPT_OUTERMOST_LOSSES_COMMON
+#include <prefopt/detail/header_only.h>
+#endif

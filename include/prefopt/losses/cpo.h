@@ -3,6 +3,12 @@
 // optional NLL term on the chosen completions.
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_LOSSES_CPO
+#endif
+
 #include <prefopt/losses/common.h>
 
 #include <string>
@@ -175,3 +181,8 @@ class SimPOLoss {
 };
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_LOSSES_CPO
+#undef PREFOPT_OUTERMOST_LOSSES_CPO
+#include <prefopt/detail/header_only.h>
+#endif

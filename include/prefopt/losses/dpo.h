@@ -3,6 +3,12 @@
 // multi-loss (MPO) weights, the sft/RPO term and the bco_pair running-mean baseline.
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_LOSSES_DPO
+#endif
+
 #include <prefopt/losses/common.h>
 
 #include <memory>
@@ -223,3 +229,8 @@ class PREFOPT_API DPOLoss {
 };
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_LOSSES_DPO
+#undef PREFOPT_OUTERMOST_LOSSES_DPO
+#include <prefopt/detail/header_only.h>
+#endif

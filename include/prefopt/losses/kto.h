@@ -2,6 +2,12 @@
 // KTO on unpaired desirable/undesirable completions, and APO-zero's unpaired form.
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_LOSSES_KTO
+#endif
+
 #include <prefopt/losses/common.h>
 
 #include <string>
@@ -120,3 +126,8 @@ class KTOLoss {
 };
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_LOSSES_KTO
+#undef PREFOPT_OUTERMOST_LOSSES_KTO
+#include <prefopt/detail/header_only.h>
+#endif

@@ -2,6 +2,12 @@
 // ORPO: the odds-ratio preference term with a stable log(1 − p), plus the chosen NLL.
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_LOSSES_ORPO
+#endif
+
 #include <prefopt/losses/common.h>
 
 PREFOPT_BEGIN_NAMESPACE
@@ -92,3 +98,8 @@ class ORPOLoss {
 };
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_LOSSES_ORPO
+#undef PREFOPT_OUTERMOST_LOSSES_ORPO
+#include <prefopt/detail/header_only.h>
+#endif

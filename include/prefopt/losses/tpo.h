@@ -3,6 +3,12 @@
 // plus the NLL of a third, gold response, as TRL's experimental TPOTrainer (TRL ≥ 1.3).
 #pragma once
 
+// Header-only mode: the outermost prefopt header includes every implementation at its end.
+#if defined(PREFOPT_HEADER_ONLY) && !defined(PREFOPT_INCLUDING)
+#define PREFOPT_INCLUDING
+#define PREFOPT_OUTERMOST_LOSSES_TPO
+#endif
+
 #include <prefopt/losses/cpo.h>
 
 #include <string>
@@ -102,3 +108,8 @@ class TPOLoss {
 };
 
 PREFOPT_END_NAMESPACE
+
+#ifdef PREFOPT_OUTERMOST_LOSSES_TPO
+#undef PREFOPT_OUTERMOST_LOSSES_TPO
+#include <prefopt/detail/header_only.h>
+#endif

@@ -1,133 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0
-// The DPO family, and the input checks and NLL term every pairwise loss shares.
+// The DPO family: every loss type, f-divergences, multi-loss weights, the bco baseline.
+#pragma once
+
+#include <prefopt/losses/common-inl.h>
 #include <prefopt/losses/dpo.h>
 
 #include <algorithm>
 #include <cmath>
 
-#include "losses/math.h"
-
 PREFOPT_BEGIN_NAMESPACE
 
 namespace detail {
-
-void check_logps(const char* fn, const char* name, const at::Tensor& t, int64_t batch,
-                 const at::Device& device) {
-  TORCH_CHECK(t.defined(), fn, ": expected ", name, " to be a defined tensor, got undefined");
-  TORCH_CHECK(t.dim() == 1, fn, ": expected ", name, " of shape [B] (1-D), got ", t.sizes());
-  TORCH_CHECK(batch < 0 || t.size(0) == batch, fn, ": expected ", name, " of shape [", batch,
-              "] like policy_chosen_logps, got ", t.sizes());
-  TORCH_CHECK(t.device() == device, fn, ": expected ", name, " on ", device, " like ",
-              "policy_chosen_logps, got ", t.device());
-}
-
-namespace {
-void check_floating(const char* fn, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": expected ", name,
-              " to be floating point (fp64/fp32/bf16/fp16), got ", t.scalar_type());
-}
-}  // namespace
-
-int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_reference) {
-  const auto& pc = in.policy_chosen_logps();
-  TORCH_CHECK(pc.defined(), fn, ": expected policy_chosen_logps to be a defined tensor, got ",
-              "undefined");
-  TORCH_CHECK(pc.dim() == 1, fn, ": expected policy_chosen_logps of shape [B] (1-D), got ",
-              pc.sizes());
-  const int64_t B = pc.size(0);
-  const auto dev = pc.device();
-  check_floating(fn, "policy_chosen_logps", pc);
-  check_logps(fn, "policy_rejected_logps", in.policy_rejected_logps(), B, dev);
-  check_floating(fn, "policy_rejected_logps", in.policy_rejected_logps());
-  // A reference that is given is checked even where the loss does not need it (it still
-  // feeds the logged rewards of reference_free DPO).
-  if (needs_reference || in.reference_chosen_logps().defined() ||
-      in.reference_rejected_logps().defined()) {
-    check_logps(fn, "reference_chosen_logps", in.reference_chosen_logps(), B, dev);
-    check_logps(fn, "reference_rejected_logps", in.reference_rejected_logps(), B, dev);
-    check_floating(fn, "reference_chosen_logps", in.reference_chosen_logps());
-    check_floating(fn, "reference_rejected_logps", in.reference_rejected_logps());
-  }
-  if (in.chosen_lengths().defined()) check_logps(fn, "chosen_lengths", in.chosen_lengths(), B, dev);
-  if (in.rejected_lengths().defined())
-    check_logps(fn, "rejected_lengths", in.rejected_lengths(), B, dev);
-  if (in.weights().defined()) check_logps(fn, "weights", in.weights(), B, dev);
-  if (in.nll_loss().defined()) {
-    TORCH_CHECK(in.nll_loss().numel() == 1, fn, ": expected nll_loss to be a scalar, got shape ",
-                in.nll_loss().sizes());
-  }
-  return B;
-}
-
-FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in, LogpsForm native,
-                     at::ScalarType dtype) {
-  FormLogps out;
-  out.given = in.logps_form();
-  const char* native_name = native == LogpsForm::kMean ? "per-token means" : "sums";
-  if (out.given == LogpsForm::kUnspecified) {
-    TORCH_WARN_ONCE(fn, ": PairInputs does not say whether its log-probs are sums or per-token ",
-                    "means; taking them as ", native_name, ", the form ", loss,
-                    " consumes. Build it with PairInputs(policy[, reference]) or ",
-                    "PairInputs::averaged(policy), or set logps_form.");
-    out.given = native;
-  }
-  const bool convert = out.given != native;
-  const auto get = [&](const at::Tensor& t, const at::Tensor& n, const char* side) {
-    if (!t.defined()) return t;
-    const auto x = cast(t, dtype);
-    if (!convert) return x;
-    TORCH_CHECK(n.defined(), fn, ": ", loss, " consumes ", native_name, " of the log-probs; ",
-                "got ", native == LogpsForm::kMean ? "sums" : "per-token means", " without ", side,
-                "_lengths to convert them. Pass the token counts (PairInputs(policy) and ",
-                "PairInputs::averaged(policy) carry them), or the log-probs as ", native_name);
-    const auto nf = cast(n, dtype);
-    return native == LogpsForm::kMean ? x / nf.clamp_min(1) : x * nf;
-  };
-  const auto& nc = in.chosen_lengths();
-  const auto& nr = in.rejected_lengths();
-  out.policy_chosen = get(in.policy_chosen_logps(), nc, "chosen");
-  out.policy_rejected = get(in.policy_rejected_logps(), nr, "rejected");
-  // The reference is a constant of the loss: no gradient reaches it, and a reference computed
-  // with autograd on does not keep its graph alive through this loss.
-  const auto detached = [](const at::Tensor& t) { return t.defined() ? t.detach() : t; };
-  out.reference_chosen = get(detached(in.reference_chosen_logps()), nc, "chosen");
-  out.reference_rejected = get(detached(in.reference_rejected_logps()), nr, "rejected");
-  return out;
-}
-
-at::Tensor chosen_nll(const char* fn, const PairInputs& in, const at::Tensor& chosen,
-                      LogpsForm form, NLLNormalization norm, at::ScalarType dtype, bool per_pair) {
-  if (in.nll_loss().defined()) return cast(in.nll_loss().reshape({}), dtype);
-  const auto logps = cast(chosen, dtype);
-  const bool averaged = form == LogpsForm::kMean;
-  const auto& n = in.chosen_lengths();
-  if (norm == NLLNormalization::kSequenceMean) {
-    at::Tensor seq;
-    if (averaged) {
-      seq = logps.neg();
-    } else {
-      TORCH_CHECK(n.defined(), fn, ": the sequence-mean NLL of summed log-probs needs ",
-                  "chosen_lengths (or an explicit nll_loss), got none");
-      seq = logps.neg() / cast(n, dtype).clamp_min(1);
-    }
-    return per_pair ? seq : reduce(seq, torch::kMean);
-  }
-  TORCH_CHECK(n.defined(), fn, ": the token-mean NLL needs chosen_lengths (token counts) or ",
-              "an explicit nll_loss, got neither");
-  // Σ over every chosen token / their number; an empty batch gives 0, not TRL's NaN.
-  if (!averaged) return logps.sum().neg() / n.sum().clamp_min(1);
-  const auto nf = cast(n, dtype);  // same-dtype product: mixed dtypes take a slower path
-  return (logps * nf).sum().neg() / nf.sum().clamp_min(1);
-}
-
-}  // namespace detail
-
-namespace {
+namespace dpo {
 
 constexpr const char* kFn = "prefopt::dpo_loss";
 
 // The types that read ε: as in TRL ≥ 0.29, plus sigmoid and sigmoid_norm under cdpo.
-bool uses_label_smoothing(DPOLossType t, bool cdpo) {
+PREFOPT_INLINE bool uses_label_smoothing(DPOLossType t, bool cdpo) {
   switch (t) {
     case DPOLossType::kSigmoid:
     case DPOLossType::kSigmoidNorm:
@@ -142,11 +31,11 @@ bool uses_label_smoothing(DPOLossType t, bool cdpo) {
   }
 }
 
-bool has(const std::vector<DPOLossType>& types, DPOLossType t) {
+PREFOPT_INLINE bool has(const std::vector<DPOLossType>& types, DPOLossType t) {
   return std::find(types.begin(), types.end(), t) != types.end();
 }
 
-void check_options(const DPOLossOptions& o) {
+PREFOPT_INLINE void check_options(const DPOLossOptions& o) {
   const auto& types = o.loss_type();
   TORCH_CHECK_VALUE(!types.empty(), kFn, ": expected at least one loss_type, got none");
   TORCH_CHECK_VALUE(o.loss_weights().empty() || o.loss_weights().size() == types.size(), kFn,
@@ -203,7 +92,7 @@ void check_options(const DPOLossOptions& o) {
 }
 
 // Score of a log-ratio under the f-divergence (TRL ≥ 0.29's `_compute_loss`).
-at::Tensor f_score(const at::Tensor& rho, const DPOLossOptions& o) {
+PREFOPT_INLINE at::Tensor f_score(const at::Tensor& rho, const DPOLossOptions& o) {
   switch (o.f_divergence_type()) {
     case FDivergence::kReverseKL:
       return rho;
@@ -220,20 +109,21 @@ at::Tensor f_score(const at::Tensor& rho, const DPOLossOptions& o) {
   return rho;
 }
 
-}  // namespace
+}  // namespace dpo
+}  // namespace detail
 
-const char* dpo_loss_type_name(DPOLossType type) { return detail::name_of(type); }
+PREFOPT_INLINE const char* dpo_loss_type_name(DPOLossType type) { return detail::name_of(type); }
 
-DPOLossType dpo_loss_type_from_name(const std::string& name) {
+PREFOPT_INLINE DPOLossType dpo_loss_type_from_name(const std::string& name) {
   DPOLossType t{};
   TORCH_CHECK_VALUE(detail::value_of(name, &t), "prefopt::dpo_loss_type_from_name: unknown DPO ",
                     "loss type '", name, "'; expected one of ", detail::all_names<DPOLossType>());
   return t;
 }
 
-const char* f_divergence_name(FDivergence f) { return detail::name_of(f); }
+PREFOPT_INLINE const char* f_divergence_name(FDivergence f) { return detail::name_of(f); }
 
-FDivergence f_divergence_from_name(const std::string& name) {
+PREFOPT_INLINE FDivergence f_divergence_from_name(const std::string& name) {
   FDivergence f{};
   TORCH_CHECK_VALUE(detail::value_of(name, &f), "prefopt::f_divergence_from_name: unknown ",
                     "f_divergence_type '", name, "'; expected one of ",
@@ -241,14 +131,16 @@ FDivergence f_divergence_from_name(const std::string& name) {
   return f;
 }
 
-namespace {
-bool valid_moments(double mean, double var, double count) {
+namespace detail {
+namespace dpo {
+PREFOPT_INLINE bool valid_moments(double mean, double var, double count) {
   return std::isfinite(mean) && std::isfinite(var) && var >= 0 && std::isfinite(count) && count > 0;
 }
-}  // namespace
+}  // namespace dpo
+}  // namespace detail
 
-void BCOBaseline::load(double mean, double var, double count) {
-  TORCH_CHECK_VALUE(valid_moments(mean, var, count), "prefopt::BCOBaseline::load: expected a ",
+PREFOPT_INLINE void BCOBaseline::load(double mean, double var, double count) {
+  TORCH_CHECK_VALUE(detail::dpo::valid_moments(mean, var, count), "prefopt::BCOBaseline::load: expected a ",
                     "finite mean, a finite var >= 0 and a finite count > 0, got mean ", mean,
                     ", var ", var, ", count ", count);
   mean_ = mean;
@@ -256,8 +148,8 @@ void BCOBaseline::load(double mean, double var, double count) {
   count_ = count;
 }
 
-double BCOBaseline::update(double mean, double var, double count) {
-  TORCH_CHECK_VALUE(valid_moments(mean, var, count), "prefopt::BCOBaseline::update: expected a ",
+PREFOPT_INLINE double BCOBaseline::update(double mean, double var, double count) {
+  TORCH_CHECK_VALUE(detail::dpo::valid_moments(mean, var, count), "prefopt::BCOBaseline::update: expected a ",
                     "finite mean, a finite var >= 0 and a finite count > 0, got mean ", mean,
                     ", var ", var, ", count ", count);
   // Chan et al.'s parallel update, as TRL's RunningMoments does it.
@@ -270,7 +162,7 @@ double BCOBaseline::update(double mean, double var, double count) {
   return mean_;
 }
 
-at::Tensor BCOBaseline::update(const at::Tensor& chosen_rewards,
+PREFOPT_INLINE at::Tensor BCOBaseline::update(const at::Tensor& chosen_rewards,
                                const at::Tensor& rejected_rewards) {
   const auto all =
       at::cat({chosen_rewards.detach().flatten(), rejected_rewards.detach().flatten()});
@@ -280,11 +172,10 @@ at::Tensor BCOBaseline::update(const at::Tensor& chosen_rewards,
   return at::scalar_tensor(m, all.options());
 }
 
-namespace functional {
+namespace detail {
+namespace dpo {
 
-namespace {
-
-DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const DPOLossOptions& o) {
+PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const DPOLossOptions& o) {
   check_options(o);
   const bool ref_free = o.reference_free();
   detail::check_pair_inputs(kFn, in, !ref_free);
@@ -466,18 +357,21 @@ DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const 
   return r;
 }
 
-}  // namespace
+}  // namespace dpo
+}  // namespace detail
 
-DPOLossResult dpo_loss(const PairInputs& inputs, const DPOLossFuncOptions& options) {
-  return dpo_impl(inputs, nullptr, options);
+namespace functional {
+
+PREFOPT_INLINE DPOLossResult dpo_loss(const PairInputs& inputs, const DPOLossFuncOptions& options) {
+  return detail::dpo::dpo_impl(inputs, nullptr, options);
 }
 
-DPOLossResult dpo_loss(const at::Tensor& policy_chosen_logps,
+PREFOPT_INLINE DPOLossResult dpo_loss(const at::Tensor& policy_chosen_logps,
                        const at::Tensor& policy_rejected_logps,
                        const at::Tensor& reference_chosen_logps,
                        const at::Tensor& reference_rejected_logps,
                        const DPOLossFuncOptions& options) {
-  return dpo_impl(PairInputs()
+  return detail::dpo::dpo_impl(PairInputs()
                       .policy_chosen_logps(policy_chosen_logps)
                       .policy_rejected_logps(policy_rejected_logps)
                       .reference_chosen_logps(reference_chosen_logps)
@@ -486,39 +380,39 @@ DPOLossResult dpo_loss(const at::Tensor& policy_chosen_logps,
                   nullptr, options);
 }
 
-DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& bco_delta,
+PREFOPT_INLINE DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& bco_delta,
                        const DPOLossFuncOptions& options) {
-  TORCH_CHECK(!bco_delta.defined() || bco_delta.numel() == 1, kFn,
+  TORCH_CHECK(!bco_delta.defined() || bco_delta.numel() == 1, detail::dpo::kFn,
               ": expected bco_delta to be a scalar, got shape ", bco_delta.sizes());
-  return dpo_impl(inputs, &bco_delta, options);
+  return detail::dpo::dpo_impl(inputs, &bco_delta, options);
 }
 
 }  // namespace functional
 
-DPOLoss::DPOLoss(DPOLossOptions options) : options_(std::move(options)) {
+PREFOPT_INLINE DPOLoss::DPOLoss(DPOLossOptions options) : options_(std::move(options)) {
   if (options_.bco_running_mean()) {
-    TORCH_CHECK_VALUE(has(options_.loss_type(), DPOLossType::kBCOPair), "prefopt::DPOLoss: ",
+    TORCH_CHECK_VALUE(detail::dpo::has(options_.loss_type(), DPOLossType::kBCOPair), "prefopt::DPOLoss: ",
                       "bco_running_mean(true) keeps bco_pair's baseline, and bco_pair is not ",
                       "among the loss types");
     baseline_ = std::make_shared<BCOBaseline>();
   }
 }
 
-BCOBaseline& DPOLoss::bco_baseline() const {
+PREFOPT_INLINE BCOBaseline& DPOLoss::bco_baseline() const {
   TORCH_CHECK(baseline_ != nullptr, "prefopt::DPOLoss::bco_baseline: this loss keeps no ",
               "baseline; construct it with bco_running_mean(true) and bco_pair");
   return *baseline_;
 }
 
-DPOLossResult DPOLoss::operator()(const PairInputs& inputs) const {
+PREFOPT_INLINE DPOLossResult DPOLoss::operator()(const PairInputs& inputs) const {
   if (baseline_ == nullptr) return functional::dpo_loss(inputs, options_);
   // The step's rewards join the running mean before the loss uses it (TRL ≤ 0.28). The update
   // goes to a copy that replaces the baseline only once the loss succeeded: a call that throws
   // leaves the state as it was.
-  check_options(options_);
-  detail::check_pair_inputs(kFn, inputs, !options_.reference_free());
+  detail::dpo::check_options(options_);
+  detail::check_pair_inputs(detail::dpo::kFn, inputs, !options_.reference_free());
   const auto dt = detail::opmath_type(inputs.policy_chosen_logps());
-  const auto lp = detail::form_logps(kFn, "dpo_loss", inputs, LogpsForm::kSum, dt);
+  const auto lp = detail::form_logps(detail::dpo::kFn, "dpo_loss", inputs, LogpsForm::kSum, dt);
   const auto rho = [&](const at::Tensor& p, const at::Tensor& ref) {
     const auto d = p.detach().to(at::kDouble);
     return options_.reference_free() ? d : d - ref.to(at::kDouble);

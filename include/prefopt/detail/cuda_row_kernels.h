@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "../row_common.h"
+#include <prefopt/detail/row_common.h>
 
 namespace prefopt {
 inline namespace v0 {

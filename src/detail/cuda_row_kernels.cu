@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA row kernels: one block per logits row, 16-byte loads, fp32 (fp64) accumulation.
-#include "row_kernels.h"
+#include <prefopt/detail/cuda_row_kernels.h>
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>

@@ -5,7 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "../row_common.h"
+#include <prefopt/config.h>
+#include <prefopt/detail/row_common.h>
 
 namespace prefopt {
 inline namespace v0 {
@@ -33,16 +34,16 @@ struct RowStats {
 /// One pass pair over a contiguous row `z[0..V)`: max (+ logit sum), then exp sums.
 /// Non-finite rows give NaN statistics, as log_softmax does.
 template <typename T>
-RowStats<acc_t<T>> row_stats(const T* z, int64_t V, int64_t target, unsigned flags);
+PREFOPT_HIDDEN RowStats<acc_t<T>> row_stats(const T* z, int64_t V, int64_t target, unsigned flags);
 
 /// Gradient of `g · log_softmax(z)[target]` with respect to the row:
 /// `out_v = g · (1[v = target] − exp(z_v − lse))`, written in T. `out` may be `z` (in place).
 template <typename T>
-void row_grad(const T* z, int64_t V, int64_t target, acc_t<T> lse, acc_t<T> g, T* out);
+PREFOPT_HIDDEN void row_grad(const T* z, int64_t V, int64_t target, acc_t<T> lse, acc_t<T> g, T* out);
 
 /// Σ_v z_v of a contiguous row.
 template <typename T>
-acc_t<T> row_sum(const T* z, int64_t V);
+PREFOPT_HIDDEN acc_t<T> row_sum(const T* z, int64_t V);
 
 /// Asks the kernel to back a large, freshly allocated and not yet touched buffer with huge
 /// pages (Linux transparent huge pages in `madvise` mode; a no-op elsewhere and below 4 MiB).
@@ -54,3 +55,4 @@ void advise_huge_pages(void* data, std::size_t bytes);
 }  // namespace detail
 }  // namespace v0
 }  // namespace prefopt
+

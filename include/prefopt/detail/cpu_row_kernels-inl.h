@@ -5,7 +5,8 @@
 // Vectorised with GCC/Clang vector extensions, 16 lanes at a time; on x86-64 each entry point
 // is compiled for AVX2+FMA and AVX-512 too and picked once at run time, so the binary runs on
 // any x86-64 and is fast where the instructions exist.
-#include "cpu/row_kernels.h"
+#pragma once
+#include <prefopt/detail/cpu_row_kernels.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -24,12 +25,20 @@
 #define PREFOPT_X86_DISPATCH 0
 #endif
 #define PREFOPT_ALWAYS_INLINE inline __attribute__((always_inline))
+#define PREFOPT_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+
+// The kernels pass 64-byte vectors between always-inlined helpers only; GCC's note that such
+// a vector's ABI depends on AVX-512 is noise here (and would reach users in header-only mode).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace prefopt {
 inline namespace v0 {
 namespace detail {
 namespace cpu {
-namespace {
+namespace kernels {
 
 constexpr int W = 16;  // lanes per block
 typedef float vf __attribute__((vector_size(64)));
@@ -240,7 +249,9 @@ PREFOPT_ALWAYS_INLINE RowStats<float> stats_impl(const T* z, int64_t V, int64_t 
   const vf vm = splat(m), lo = splat(kExpLo);
   vf s = splat(0.0f), t = splat(0.0f), w = splat(0.0f);
   double S = 0, Tt = 0, Wt = 0;
-  auto step = [&](vf v) {
+  // Inlined like every helper here: a lambda does not inherit the caller's target ISA, and a
+  // 64-byte vector passed to an out-of-line generic copy from AVX-512 code arrives garbled.
+  auto step = [&](vf v) PREFOPT_ALWAYS_INLINE_LAMBDA {
     const vf x = v - vm;
     const vf e = vexp(x);
     s += e;
@@ -298,7 +309,7 @@ PREFOPT_ALWAYS_INLINE float sum_impl(const T* z, int64_t V) {
 
 // ---- fp64 rows: plain scalar loops, fp64 throughout ----
 
-RowStats<double> stats_f64(const double* z, int64_t V, int64_t target, unsigned flags) {
+PREFOPT_INLINE RowStats<double> stats_f64(const double* z, int64_t V, int64_t target, unsigned flags) {
   RowStats<double> out;
   double m = -std::numeric_limits<double>::infinity(), total = 0;
   bool nan = false;
@@ -327,20 +338,24 @@ RowStats<double> stats_f64(const double* z, int64_t V, int64_t target, unsigned 
   return out;
 }
 
-}  // namespace
+}  // namespace kernels
+using namespace kernels;  // NOLINT: the vector helpers above, in detail::cpu only
 
 // ---- entry points: one set per instruction-set level, chosen once at run time ----
 
-#define PREFOPT_ROW_ENTRIES(ISA, ATTR)                                                 \
-  ATTR RowStats<float> stats_##ISA(const float* z, int64_t V, int64_t t, unsigned f) { \
-    return stats_impl(z, V, t, f);                                                     \
-  }                                                                                    \
-  ATTR RowStats<float> stats_##ISA(const bf16* z, int64_t V, int64_t t, unsigned f) {  \
-    return stats_impl(z, V, t, f);                                                     \
-  }                                                                                    \
-  ATTR RowStats<float> stats_##ISA(const f16* z, int64_t V, int64_t t, unsigned f) {   \
-    return stats_impl(z, V, t, f);                                                     \
-  }                                                                                    \
+#define PREFOPT_ROW_ENTRIES(ISA, ATTR)                                                     \
+  PREFOPT_INLINE ATTR RowStats<float> stats_##ISA(const float* z, int64_t V, int64_t t,    \
+                                                  unsigned f) {                            \
+    return stats_impl(z, V, t, f);                                                         \
+  }                                                                                        \
+  PREFOPT_INLINE ATTR RowStats<float> stats_##ISA(const bf16* z, int64_t V, int64_t t,     \
+                                                  unsigned f) {                            \
+    return stats_impl(z, V, t, f);                                                         \
+  }                                                                                        \
+  PREFOPT_INLINE ATTR RowStats<float> stats_##ISA(const f16* z, int64_t V, int64_t t,      \
+                                                  unsigned f) {                            \
+    return stats_impl(z, V, t, f);                                                         \
+  }                                                                                        \
   template <typename T>                                                                \
   ATTR void grad_##ISA(const T* z, int64_t V, int64_t t, float l, float g, T* o) {     \
     grad_impl(z, V, t, l, g, o);                                                       \
@@ -350,7 +365,7 @@ RowStats<double> stats_f64(const double* z, int64_t V, int64_t target, unsigned 
     return sum_impl(z, V);                                                             \
   }
 
-namespace {
+namespace kernels {
 PREFOPT_ROW_ENTRIES(generic, )
 #if PREFOPT_X86_DISPATCH
 PREFOPT_ROW_ENTRIES(avx2, __attribute__((target("avx2,fma,f16c"))))
@@ -358,7 +373,7 @@ PREFOPT_ROW_ENTRIES(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx
 #endif
 
 enum class Isa { generic, avx2, avx512 };
-Isa detect_isa() {
+PREFOPT_INLINE Isa detect_isa() {
 #if PREFOPT_X86_DISPATCH
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -368,11 +383,16 @@ Isa detect_isa() {
 #endif
   return Isa::generic;
 }
-const Isa kIsa = detect_isa();
+// Detected once, on first use (not at static initialisation: header-only mode has one copy
+// per translation unit, and other initialisers may run first).
+inline Isa isa() {
+  static const Isa detected = detect_isa();
+  return detected;
+}
 
 #if PREFOPT_X86_DISPATCH
 #define PREFOPT_DISPATCH(NAME, ...)       \
-  switch (kIsa) {                         \
+  switch (isa()) {                         \
     case Isa::avx512:                     \
       return NAME##_avx512(__VA_ARGS__);  \
     case Isa::avx2:                       \
@@ -383,64 +403,64 @@ const Isa kIsa = detect_isa();
 #else
 #define PREFOPT_DISPATCH(NAME, ...) return NAME##_generic(__VA_ARGS__);
 #endif
-}  // namespace
+}  // namespace kernels
 
 template <>
-RowStats<float> row_stats<float>(const float* z, int64_t V, int64_t t, unsigned f) {
+PREFOPT_INLINE RowStats<float> row_stats<float>(const float* z, int64_t V, int64_t t, unsigned f) {
   PREFOPT_DISPATCH(stats, z, V, t, f)
 }
 template <>
-RowStats<float> row_stats<bf16>(const bf16* z, int64_t V, int64_t t, unsigned f) {
+PREFOPT_INLINE RowStats<float> row_stats<bf16>(const bf16* z, int64_t V, int64_t t, unsigned f) {
   PREFOPT_DISPATCH(stats, z, V, t, f)
 }
 template <>
-RowStats<float> row_stats<f16>(const f16* z, int64_t V, int64_t t, unsigned f) {
+PREFOPT_INLINE RowStats<float> row_stats<f16>(const f16* z, int64_t V, int64_t t, unsigned f) {
   PREFOPT_DISPATCH(stats, z, V, t, f)
 }
 template <>
-RowStats<double> row_stats<double>(const double* z, int64_t V, int64_t t, unsigned f) {
+PREFOPT_INLINE RowStats<double> row_stats<double>(const double* z, int64_t V, int64_t t, unsigned f) {
   return stats_f64(z, V, t, f);
 }
 
 template <>
-void row_grad<float>(const float* z, int64_t V, int64_t t, float l, float g, float* o) {
+PREFOPT_INLINE void row_grad<float>(const float* z, int64_t V, int64_t t, float l, float g, float* o) {
   PREFOPT_DISPATCH(grad, z, V, t, l, g, o)
 }
 template <>
-void row_grad<bf16>(const bf16* z, int64_t V, int64_t t, float l, float g, bf16* o) {
+PREFOPT_INLINE void row_grad<bf16>(const bf16* z, int64_t V, int64_t t, float l, float g, bf16* o) {
   PREFOPT_DISPATCH(grad, z, V, t, l, g, o)
 }
 template <>
-void row_grad<f16>(const f16* z, int64_t V, int64_t t, float l, float g, f16* o) {
+PREFOPT_INLINE void row_grad<f16>(const f16* z, int64_t V, int64_t t, float l, float g, f16* o) {
   PREFOPT_DISPATCH(grad, z, V, t, l, g, o)
 }
 template <>
-void row_grad<double>(const double* z, int64_t V, int64_t t, double l, double g, double* o) {
+PREFOPT_INLINE void row_grad<double>(const double* z, int64_t V, int64_t t, double l, double g, double* o) {
   const double p = t >= 0 ? std::exp(z[t] - l) : 0;  // before `o` (which may alias z) is written
   for (int64_t v = 0; v < V; ++v) o[v] = -g * std::exp(z[v] - l);
   if (t >= 0) o[t] = g * (1.0 - p);
 }
 
 template <>
-float row_sum<float>(const float* z, int64_t V) {
+PREFOPT_INLINE float row_sum<float>(const float* z, int64_t V) {
   PREFOPT_DISPATCH(sum, z, V)
 }
 template <>
-float row_sum<bf16>(const bf16* z, int64_t V) {
+PREFOPT_INLINE float row_sum<bf16>(const bf16* z, int64_t V) {
   PREFOPT_DISPATCH(sum, z, V)
 }
 template <>
-float row_sum<f16>(const f16* z, int64_t V) {
+PREFOPT_INLINE float row_sum<f16>(const f16* z, int64_t V) {
   PREFOPT_DISPATCH(sum, z, V)
 }
 template <>
-double row_sum<double>(const double* z, int64_t V) {
+PREFOPT_INLINE double row_sum<double>(const double* z, int64_t V) {
   double s = 0;
   for (int64_t v = 0; v < V; ++v) s += z[v];
   return s;
 }
 
-void advise_huge_pages(void* data, std::size_t bytes) {
+PREFOPT_INLINE void advise_huge_pages(void* data, std::size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
   if (bytes < 2 * kHuge) return;
@@ -458,3 +478,7 @@ void advise_huge_pages(void* data, std::size_t bytes) {
 }  // namespace detail
 }  // namespace v0
 }  // namespace prefopt
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

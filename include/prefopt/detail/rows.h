@@ -5,7 +5,9 @@
 // reduction of row results to per-sequence ones.
 #pragma once
 
+#include <prefopt/fused_logprobs.h>
 #include <prefopt/logprobs.h>
+#include <ATen/core/ivalue.h>
 
 #include <cstdint>
 
@@ -93,5 +95,70 @@ SequenceLogprobs assemble(const Selection& sel, const at::Tensor& logp, const Ro
 /// Asks for huge pages on a large new CPU buffer (see cpu::advise_huge_pages).
 void advise_huge_pages(const at::Tensor& fresh);
 
+/// What the vocabulary-parallel ops (vocab_parallel.h) add to the single-device ones: the
+/// reduction of this rank's per-row results over the ranks that hold the other vocabulary
+/// slices. The autograd graph holds it, and with it the process group, for as long as backward
+/// needs it.
+struct CrossRank : torch::CustomClassHolder {
+  /// `lse` and `logp` [n] over this rank's slice (`logp` valid where `owned`: the label lies in
+  /// the slice) become the global ones, in place; every label must have exactly one owner.
+  virtual void reduce_rows(at::Tensor& lse, at::Tensor& logp, const at::Tensor& owned) = 0;
+  /// Sums `t` over the ranks, in place.
+  virtual void sum(at::Tensor& t) = 0;
+};
+using CrossRankPtr = c10::intrusive_ptr<CrossRank>;
+
+/// The hook as an IValue for an autograd context's saved_data (a capsule), and back.
+inline c10::IValue cross_rank_ivalue(const CrossRankPtr& cross) {
+  return cross ? c10::IValue::make_capsule(cross) : c10::IValue();
+}
+inline CrossRankPtr cross_rank_of(const c10::IValue& v) {
+  return v.isCapsule() ? c10::static_intrusive_pointer_cast<CrossRank>(v.toCapsule())
+                       : CrossRankPtr();
+}
+
+/// Targets of a vocabulary slice of `V` columns: valid indices for the forward pass (labels
+/// outside the slice point at column 0, their log-prob unused), the rows that own their label,
+/// and the backward targets (−1, no one-hot term, where the label is outside).
+struct SliceTargets {
+  at::Tensor forward, owned, backward;
+};
+inline SliceTargets slice_targets(const at::Tensor& target, int64_t V) {
+  SliceTargets s;
+  s.owned = target.ge(0).logical_and(target.lt(V));
+  s.forward = at::where(s.owned, target, at::zeros_like(target));
+  s.backward = at::where(s.owned, target, at::full_like(target, -1));
+  return s;
+}
+
+// The pieces of the single-device ops that the vocabulary-parallel ones reuse (defined in
+// logprobs-inl.h and fused_logprobs-inl.h).
+namespace gather {
+/// `fn`'s checks of logits of rank `dim` ([B, T, V] or [N, V]) and of the options.
+void check_logits(const char* fn, const at::Tensor& logits, int64_t dim,
+                  const GatherLogprobsOptions& o);
+/// The selected rows' log-probs (and statistics) of `logits`, with autograd; `cross` reduces
+/// them over the ranks (vocabulary-parallel), or is null.
+SequenceLogprobs gather(const at::Tensor& logits, const Selection& sel,
+                        const GatherLogprobsOptions& o, const CrossRankPtr& cross);
+}  // namespace gather
+namespace fused {
+/// The fused op's checked inputs.
+struct HeadInputs {
+  at::Tensor hidden;  ///< [B, T, H] or [1, N, H]
+  int64_t V = 0, H = 0;
+};
+/// Bytes per scored row of the chunk buffers (the least `chunk_bytes` the fused op takes).
+int64_t row_budget(const HeadInputs& in, const FusedLogprobsOptions& o);
+/// `fn`'s checks of the hidden states, the head and the options.
+HeadInputs check_head(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
+                      const at::Tensor& bias, bool packed, const FusedLogprobsOptions& o);
+/// The selected rows' log-probs through the LM head, chunked, with autograd; `cross` as above.
+SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor& weight,
+                          const at::Tensor& bias, const Selection& sel,
+                          const FusedLogprobsOptions& o, const CrossRankPtr& cross);
+}  // namespace fused
+
 }  // namespace detail
 PREFOPT_END_NAMESPACE
+

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Row selection, per-row log-probs over logits rows (CPU row kernels or chunked ATen), their
 // gradient, and the per-sequence reduction: shared by the gathering and fused LM-head ops.
-#include "rows.h"
+#pragma once
+#include <prefopt/detail/rows.h>
 
 #include <ATen/Parallel.h>
 
@@ -10,18 +11,18 @@
 #include <string>
 #include <vector>
 
-#include "cpu/row_kernels.h"
+#include <prefopt/detail/cpu_row_kernels.h>
 
 #ifdef PREFOPT_WITH_CUDA_KERNELS
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cuda/row_kernels.h"
+#include <prefopt/detail/cuda_row_kernels.h>
 #endif
 
 PREFOPT_BEGIN_NAMESPACE
 
-bool has_cuda_kernels() {
+PREFOPT_INLINE bool has_cuda_kernels() {
 #ifdef PREFOPT_WITH_CUDA_KERNELS
   return true;
 #else
@@ -30,11 +31,11 @@ bool has_cuda_kernels() {
 }
 
 namespace detail {
-namespace {
+namespace rows_impl {
 
 namespace kc = prefopt::detail::cpu;
 
-bool use_kernel(const at::Tensor& logits, GatherBackend backend) {
+PREFOPT_INLINE bool use_kernel(const at::Tensor& logits, GatherBackend backend) {
   const bool cpu_ok = logits.device().is_cpu() && logits.stride(-1) == 1;
   switch (backend) {
     case GatherBackend::kKernel:  // the public functions check the device
@@ -46,7 +47,7 @@ bool use_kernel(const at::Tensor& logits, GatherBackend backend) {
   }
 }
 
-int64_t rows_per_chunk(const at::Tensor& logits, int64_t chunk_bytes) {
+PREFOPT_INLINE int64_t rows_per_chunk(const at::Tensor& logits, int64_t chunk_bytes) {
   const int64_t V = logits.size(-1);
   // The row copy in its own dtype plus two temporaries in the accumulation dtype.
   const int64_t per_row =
@@ -137,11 +138,11 @@ void kernel_backward(const at::Tensor& logits, const Rows& rows, const at::Tenso
 namespace kg = prefopt::detail::cuda;
 
 /// CUDA logits with unit vocabulary stride, backend not kATen.
-bool use_cuda_kernel(const at::Tensor& logits, GatherBackend backend) {
+PREFOPT_INLINE bool use_cuda_kernel(const at::Tensor& logits, GatherBackend backend) {
   return logits.is_cuda() && logits.stride(-1) == 1 && backend != GatherBackend::kATen;
 }
 
-kg::DType cuda_dtype(at::ScalarType st) {
+PREFOPT_INLINE kg::DType cuda_dtype(at::ScalarType st) {
   switch (st) {
     case at::kFloat:
       return kg::DType::kFloat32;
@@ -154,11 +155,11 @@ kg::DType cuda_dtype(at::ScalarType st) {
   }
 }
 
-void check_launch(int code, const char* what) {
+PREFOPT_INLINE void check_launch(int code, const char* what) {
   TORCH_CHECK(code == 0, "prefopt: CUDA ", what, " kernel failed: ", kg::error_string(code));
 }
 
-void cuda_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, RowResults& r) {
+PREFOPT_INLINE void cuda_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, RowResults& r) {
   const c10::cuda::CUDAGuard guard(logits.device());
   kg::RowsArgs a;
   a.logits = logits.data_ptr();
@@ -177,7 +178,7 @@ void cuda_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, Ro
                "row statistics");
 }
 
-void cuda_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
+PREFOPT_INLINE void cuda_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
                    const at::Tensor& g, at::Tensor& grad) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), T = logits.size(1), n = rows.b.numel();
@@ -223,7 +224,7 @@ void cuda_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor&
 
 // ---- chunked ATen path (any device) ----
 
-void aten_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, int64_t chunk_bytes,
+PREFOPT_INLINE void aten_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, int64_t chunk_bytes,
                   RowResults& r) {
   const int64_t V = logits.size(2);
   const auto acc = acc_type(logits.scalar_type());
@@ -245,7 +246,7 @@ void aten_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, in
   });
 }
 
-void aten_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
+PREFOPT_INLINE void aten_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
                    const at::Tensor& g, int64_t chunk_bytes, at::Tensor& grad) {
   const auto acc = acc_type(logits.scalar_type());
   for_each_chunk(rows.b.numel(), rows_per_chunk(logits, chunk_bytes), [&](int64_t s, int64_t e) {
@@ -258,9 +259,10 @@ void aten_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor&
   });
 }
 
-}  // namespace
+}  // namespace rows_impl
+using namespace rows_impl;  // NOLINT: the helpers above, in detail only
 
-RowResults alloc_row_results(int64_t n, unsigned flags, const at::TensorOptions& f) {
+PREFOPT_INLINE RowResults alloc_row_results(int64_t n, unsigned flags, const at::TensorOptions& f) {
   const auto empty = at::empty({0}, f);
   RowResults r;
   r.logp = at::empty({n}, f);
@@ -272,13 +274,13 @@ RowResults alloc_row_results(int64_t n, unsigned flags, const at::TensorOptions&
   return r;
 }
 
-RowResults slice_rows(const RowResults& r, int64_t s, int64_t e) {
+PREFOPT_INLINE RowResults slice_rows(const RowResults& r, int64_t s, int64_t e) {
   auto cut = [&](const at::Tensor& x) { return x.numel() > 0 ? x.slice(0, s, e) : x; };
   return {cut(r.logp),    cut(r.lse),     cut(r.logit_mean),
           cut(r.correct), cut(r.entropy), cut(r.log_sum_p2)};
 }
 
-void rows_forward_into(const at::Tensor& logits, const Rows& rows, unsigned flags,
+PREFOPT_INLINE void rows_forward_into(const at::Tensor& logits, const Rows& rows, unsigned flags,
                        GatherBackend backend, int64_t chunk_bytes, RowResults& r) {
   if (rows.b.numel() == 0) return;
 #ifdef PREFOPT_WITH_CUDA_KERNELS
@@ -291,7 +293,7 @@ void rows_forward_into(const at::Tensor& logits, const Rows& rows, unsigned flag
   }
 }
 
-RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned flags,
+PREFOPT_INLINE RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned flags,
                         GatherBackend backend, int64_t chunk_bytes) {
   RowResults r = alloc_row_results(rows.b.numel(), flags,
                                    logits.options().dtype(acc_type(logits.scalar_type())));
@@ -299,7 +301,7 @@ RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned fla
   return r;
 }
 
-void rows_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
+PREFOPT_INLINE void rows_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
                    const at::Tensor& g, GatherBackend backend, int64_t chunk_bytes,
                    at::Tensor& grad) {
 #ifdef PREFOPT_WITH_CUDA_KERNELS
@@ -320,7 +322,7 @@ void rows_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor&
   aten_backward(logits, rows, lse, g, chunk_bytes, grad);
 }
 
-at::Tensor all_row_means(const at::Tensor& logits, GatherBackend backend, int64_t chunk_bytes) {
+PREFOPT_INLINE at::Tensor all_row_means(const at::Tensor& logits, GatherBackend backend, int64_t chunk_bytes) {
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   if (use_kernel(logits, backend)) {
     auto out = at::empty({B, T}, logits.options().dtype(acc_type(logits.scalar_type())));
@@ -366,13 +368,13 @@ at::Tensor all_row_means(const at::Tensor& logits, GatherBackend backend, int64_
 // ------------------------------------------------------------------------------------------
 // Input checks. Messages name the public function and state what was expected and given.
 
-void check_floating(const char* fn, const char* what, const at::Tensor& x) {
+PREFOPT_INLINE void check_floating(const char* fn, const char* what, const at::Tensor& x) {
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, fn,
               ": expected floating ", what, " (float64, float32, bfloat16 or float16), got ", st);
 }
 
-at::Tensor check_labels(const char* fn, const at::Tensor& labels, const char* what,
+PREFOPT_INLINE at::Tensor check_labels(const char* fn, const at::Tensor& labels, const char* what,
                         at::IntArrayRef expected, const char* ref_name, const at::Tensor& logits) {
   TORCH_CHECK(labels.defined(), fn, ": expected ", what, ", got an undefined tensor");
   TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) &&
@@ -385,7 +387,7 @@ at::Tensor check_labels(const char* fn, const at::Tensor& labels, const char* wh
   return labels.to(at::kLong);
 }
 
-at::Tensor check_mask(const char* fn, const at::Tensor& mask, at::IntArrayRef expected,
+PREFOPT_INLINE at::Tensor check_mask(const char* fn, const at::Tensor& mask, at::IntArrayRef expected,
                       const char* ref_name, const at::Tensor& logits) {
   TORCH_CHECK(mask.defined(), fn, ": expected completion_mask, got an undefined tensor");
   TORCH_CHECK(!at::isFloatingType(mask.scalar_type()), fn,
@@ -397,19 +399,19 @@ at::Tensor check_mask(const char* fn, const at::Tensor& mask, at::IntArrayRef ex
   return mask.to(at::kBool);
 }
 
-unsigned stat_flags(bool logits_mean, bool accuracy, bool entropy, bool wpo) {
+PREFOPT_INLINE unsigned stat_flags(bool logits_mean, bool accuracy, bool entropy, bool wpo) {
   return (logits_mean ? kLogitSum : 0u) | (accuracy ? kArgmax : 0u) | (entropy ? kEntropy : 0u) |
          (wpo ? kLogSumP2 : 0u);
 }
 
-void advise_huge_pages(const at::Tensor& fresh) {
+PREFOPT_INLINE void advise_huge_pages(const at::Tensor& fresh) {
   if (fresh.is_cpu()) kc::advise_huge_pages(fresh.data_ptr(), fresh.nbytes());
 }
 
-namespace {
+namespace rows_impl {
 
 /// Scored labels must index the vocabulary. One reduction and, on error only, a readable report.
-void check_targets(const char* fn, const at::Tensor& targets, const at::Tensor& scored, int64_t V,
+PREFOPT_INLINE void check_targets(const char* fn, const at::Tensor& targets, const at::Tensor& scored, int64_t V,
                    bool has_ignore, int64_t ignore_index) {
   const auto bad = scored & ((targets < 0) | (targets >= V));
   if (!bad.any().item<bool>()) return;
@@ -428,7 +430,7 @@ void check_targets(const char* fn, const at::Tensor& targets, const at::Tensor& 
   }
 }
 
-Rows padded_rows(const at::Tensor& targets, const at::Tensor& scored) {
+PREFOPT_INLINE Rows padded_rows(const at::Tensor& targets, const at::Tensor& scored) {
   const auto idx = scored.nonzero();
   Rows rows;
   rows.b = idx.select(1, 0).contiguous();
@@ -438,9 +440,9 @@ Rows padded_rows(const at::Tensor& targets, const at::Tensor& scored) {
   return rows;
 }
 
-}  // namespace
+}  // namespace rows_impl
 
-Selection select_padded(const char* fn, const at::Tensor& ref, const char* ref_name, int64_t B,
+PREFOPT_INLINE Selection select_padded(const char* fn, const at::Tensor& ref, const char* ref_name, int64_t B,
                         int64_t T, int64_t V, const at::Tensor& labels_in,
                         const at::Tensor* mask_in, bool shift, int64_t ignore_index) {
   const auto labels =
@@ -456,7 +458,7 @@ Selection select_padded(const char* fn, const at::Tensor& ref, const char* ref_n
   return sel;
 }
 
-Selection select_packed(const char* fn, const at::Tensor& ref, const char* ref_name, int64_t N,
+PREFOPT_INLINE Selection select_packed(const char* fn, const at::Tensor& ref, const char* ref_name, int64_t N,
                         int64_t V, const at::Tensor& labels_in, const at::Tensor* mask_in,
                         const at::Tensor& cu_seqlens, bool shift, int64_t ignore_index) {
   auto flat = [&](const at::Tensor& x) { return x.defined() && x.dim() == 2 ? x.squeeze(0) : x; };
@@ -502,7 +504,7 @@ Selection select_packed(const char* fn, const at::Tensor& ref, const char* ref_n
   return sel;
 }
 
-SequenceLogprobs assemble(const Selection& sel, const at::Tensor& logp, const RowResults& stats,
+PREFOPT_INLINE SequenceLogprobs assemble(const Selection& sel, const at::Tensor& logp, const RowResults& stats,
                           unsigned flags, bool with_token_logps, at::ScalarType acc) {
   const auto& rows = sel.rows;
   const int64_t S = sel.S;

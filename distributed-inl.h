@@ -1,0 +1,1 @@
+#include <prefopt/distributed-inl.h>

@@ -1,0 +1,1 @@
+#include <prefopt/fused_logprobs-inl.h>

@@ -1,0 +1,527 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fused LM-head log-probs: chunked matmul + row log-softmax over the scored tokens only, with
+// a recomputing backward that never holds more than one chunk of logits.
+#pragma once
+#include <prefopt/fused_logprobs.h>
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+
+#include <prefopt/detail/rows.h>
+
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+#include <ATen/cuda/CUDAContext.h>
+
+#include <prefopt/detail/cuda_row_kernels.h>
+#endif
+
+PREFOPT_BEGIN_NAMESPACE
+namespace detail {
+namespace fused {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+/// What one chunk pass needs besides the tensors: the options that shape the logits.
+struct HeadSpec {
+  double temperature = 1.0;
+  double softcap = 0.0;
+  GatherBackend backend = GatherBackend::kAuto;
+  int64_t chunk_rows = 1;   ///< token rows per forward (and kTokenChunks backward) chunk
+  int64_t chunk_bytes = 0;  ///< the budget of the forward chunks and kVocabBlocks
+  int64_t tile_bytes = 0;   ///< the budget of the kTiles backward
+  FusedBackward backward = FusedBackward::kAuto;
+
+  void save(torch::autograd::AutogradContext* ctx) const {
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["backend"] = static_cast<int64_t>(backend);
+    ctx->saved_data["chunk_rows"] = chunk_rows;
+    ctx->saved_data["chunk_bytes"] = chunk_bytes;
+    ctx->saved_data["tile_bytes"] = tile_bytes;
+    ctx->saved_data["backward"] = static_cast<int64_t>(backward);
+  }
+  static HeadSpec load(torch::autograd::AutogradContext* ctx) {
+    auto& d = ctx->saved_data;
+    return {d["temperature"].toDouble(),
+            d["softcap"].toDouble(),
+            static_cast<GatherBackend>(d["backend"].toInt()),
+            d["chunk_rows"].toInt(),
+            d["chunk_bytes"].toInt(),
+            d["tile_bytes"].toInt(),
+            static_cast<FusedBackward>(d["backward"].toInt())};
+  }
+};
+
+/// What the backward pass needs, computed once. `h` holds every row of the batch ([R, H]);
+/// `rows` [n] are the scored ones, in the order of `target`, `lse` and `g`.
+struct HeadGrads {
+  const at::Tensor &h, &rows, &weight, &bias, &target, &lse, &g;
+  bool need_h, need_w, need_b;
+  at::ScalarType acc;
+  bool upcast, mixed;
+  CrossRank* cross;  ///< vocabulary-parallel: dh is summed over the ranks; else nullptr
+};
+
+/// The backward pass's blocking: row chunks of `rows` scored tokens × blocks of `cols`
+/// vocabulary columns.
+struct Tiling {
+  int64_t rows, cols;
+};
+
+/// On CUDA, 16-bit weight gradients accumulate through one mixed-precision cuBLAS GEMM per
+/// chunk (16-bit operands, fp32 output), with no fp32 copies of the chunk.
+PREFOPT_INLINE bool mixed_gemm(const at::Tensor& h) {
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+  return h.is_cuda() && (h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf);
+#else
+  (void)h;
+  return false;
+#endif
+}
+
+/// Bytes per row of the chunk buffers, forward and backward (see FusedLogprobsOptions).
+PREFOPT_INLINE int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bool softcap, bool mixed) {
+  const int64_t e = static_cast<int64_t>(at::elementSize(st));
+  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
+  int64_t bwd = V * e * (softcap ? 2 : 1);
+  if (e != acc && !mixed) bwd += (V + H) * acc;  // fp32 copies of the chunk gradient and hidden
+  return std::max(V * e, bwd);
+}
+
+/// c [m, n] (fp32) += op(a) · b for 16-bit a, b on CUDA: op(a) = aᵀ for a [k, m] when
+/// `trans_a`, else a [m, k]; fp32 accumulation inside one cuBLAS call.
+PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
+#ifdef PREFOPT_WITH_CUDA_KERNELS
+  namespace kg = prefopt::detail::cuda;
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  TORCH_INTERNAL_ASSERT(c.is_contiguous() && c.scalar_type() == at::kFloat);
+  const int64_t m = c.size(0), n = c.size(1), k = bc.size(0);
+  const int code =
+      kg::gemm_f32acc(a.scalar_type() == at::kBFloat16 ? kg::DType::kBFloat16 : kg::DType::kFloat16,
+                      at::cuda::getCurrentCUDABlasHandle(), trans_a, m, n, k, ac.data_ptr(),
+                      ac.size(1), bc.data_ptr(), n, c.data_ptr<float>(), n);
+  TORCH_CHECK(code == 0, "prefopt: cublasGemmEx for a gradient failed with status ", code);
+#else
+  (void)c, (void)a, (void)trans_a, (void)b;
+  TORCH_INTERNAL_ASSERT(false, "mixed-precision GEMM without CUDA kernels");
+#endif
+}
+
+/// Bytes per vocabulary column of the kVocabBlocks backward buffers for n scored tokens.
+PREFOPT_INLINE int64_t bytes_per_column(int64_t n, int64_t H, at::ScalarType st, bool softcap, bool mixed) {
+  const int64_t e = static_cast<int64_t>(at::elementSize(st));
+  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
+  int64_t col = n * e * (softcap ? 2 : 1);
+  // fp32 copies of the block gradient, the weight block and its gradient
+  if (e != acc && !mixed) col += (n + 2 * H) * acc;
+  return col;
+}
+
+/// The kTiles blocking within `budget` bytes. Per row: the gathered hidden row and its `dh`
+/// accumulator (and an fp32 copy for CPU 16-bit GEMMs); per logit: the tile, a second one
+/// with softcapping (and an fp32 copy on CPU 16-bit). Rows come first, as many as fit beside
+/// blocks of 512 columns: every row chunk reads W twice and updates dW once, so fewer, taller
+/// chunks move less memory.
+PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t H, at::ScalarType st,
+                    bool softcap, bool mixed) {
+  const int64_t e = static_cast<int64_t>(at::elementSize(st));
+  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
+  const bool copies = e != acc && !mixed;
+  const int64_t per_row = H * (e + acc + (copies ? acc : 0));
+  const int64_t per_logit = e * (softcap ? 2 : 1) + (copies ? acc : 0);
+  const int64_t rows =
+      std::clamp<int64_t>(budget / (per_row + 512 * per_logit), 1, std::max<int64_t>(n, 1));
+  return {rows, std::clamp<int64_t>((budget / rows - per_row) / per_logit, 1, V)};
+}
+
+/// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer).
+PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight, const at::Tensor& bias,
+                  const HeadSpec& spec, at::Tensor& z) {
+  if (bias.defined()) {
+    at::addmm_out(z, bias, h_c, weight.t());
+  } else {
+    at::mm_out(z, h_c, weight.t());
+  }
+  if (spec.temperature != 1.0) z.div_(spec.temperature);
+  if (spec.softcap > 0) z.div_(spec.softcap).tanh_().mul_(spec.softcap);
+}
+
+PREFOPT_INLINE Rows identity_rows(const at::Tensor& target_c) {
+  const int64_t c = target_c.size(0);
+  const auto opts = target_c.options().dtype(at::kLong);
+  return Rows{at::zeros({c}, opts), at::arange(c, opts), target_c, {}};
+}
+
+/// The forward pass over all chunks: per-row log-probs, logsumexp and statistics of the
+/// scored `rows` of `h` [R, H], gathered chunk by chunk into a reused buffer.
+PREFOPT_INLINE RowResults head_forward(const at::Tensor& h, const at::Tensor& rows, const at::Tensor& weight,
+                        const at::Tensor& bias, const at::Tensor& target, unsigned flags,
+                        const HeadSpec& spec) {
+  const int64_t n = rows.size(0), V = weight.size(0), c = std::min(spec.chunk_rows, n);
+  RowResults r = alloc_row_results(n, flags, h.options().dtype(acc_type(h.scalar_type())));
+  at::Tensor buffer = at::empty({c, V}, h.options());
+  at::Tensor h_buffer = at::empty({c, h.size(1)}, h.options());
+  for (int64_t s = 0; s < n; s += c) {
+    const int64_t e = std::min(n, s + c);
+    auto z = buffer.narrow(0, 0, e - s);
+    auto h_c = h_buffer.narrow(0, 0, e - s);
+    at::index_select_out(h_c, h, 0, rows.slice(0, s, e));
+    chunk_logits(h_c, weight, bias, spec, z);
+    RowResults out = slice_rows(r, s, e);
+    rows_forward_into(z.unsqueeze(0), identity_rows(target.slice(0, s, e)), flags, spec.backend,
+                      int64_t{1} << 62, out);
+  }
+  return r;
+}
+
+// Saves the inputs (no copies: the hidden states of every row, not a compacted copy) and one
+// logsumexp per scored row. With `cross` (the vocabulary-parallel form) `weight` is this rank's
+// slice of the head, the per-row results are reduced over the ranks, and backward sums the
+// hidden states' gradient over them.
+struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& rows,
+                               const at::Tensor& target, int64_t flags, const HeadSpec& spec,
+                               const CrossRankPtr& cross) {
+    // `bias` is a [0] placeholder when the head has none: autograd inputs must be defined.
+    const at::Tensor b = bias.numel() > 0 ? bias : at::Tensor();
+    RowResults r;
+    at::Tensor saved_target = target;
+    if (cross) {
+      const auto st = slice_targets(target, weight.size(0));
+      r = head_forward(h, rows, weight, b, st.forward, static_cast<unsigned>(flags), spec);
+      cross->reduce_rows(r.lse, r.logp, st.owned);
+      saved_target = st.backward;
+    } else {
+      r = head_forward(h, rows, weight, b, target, static_cast<unsigned>(flags), spec);
+    }
+    ctx->save_for_backward({h, weight, bias, rows, saved_target, r.lse});
+    ctx->saved_data["cross"] = cross_rank_ivalue(cross);
+    spec.save(ctx);
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({r.logit_mean, r.correct, r.entropy, r.log_sum_p2});
+    return {r.logp, r.logit_mean, r.correct, r.entropy, r.log_sum_p2};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &h = saved[0], &weight = saved[1], &rows = saved[3], &target = saved[4],
+                     &lse = saved[5];
+    const at::Tensor bias = saved[2].numel() > 0 ? saved[2] : at::Tensor();
+    if (!grads[0].defined()) return result({}, {}, {});
+    const HeadSpec spec = HeadSpec::load(ctx);
+    const auto acc = acc_type(h.scalar_type());
+    const auto g = grads[0].to(acc).contiguous();
+    const CrossRankPtr cross = cross_rank_of(ctx->saved_data["cross"]);
+    const HeadGrads hg{h,
+                       rows,
+                       weight,
+                       bias,
+                       target,
+                       lse,
+                       g,
+                       ctx->needs_input_grad(0),
+                       ctx->needs_input_grad(1),
+                       bias.defined() && ctx->needs_input_grad(2),
+                       acc,
+                       acc != h.scalar_type(),
+                       mixed_gemm(h),
+                       cross.get()};
+    return backward_tiles(hg, spec, tiling(hg, spec));
+  }
+
+  /// The blocking that `spec.backward` asks for (see FusedBackward).
+  static Tiling tiling(const HeadGrads& a, const HeadSpec& spec) {
+    const int64_t n = a.rows.size(0), V = a.weight.size(0), H = a.weight.size(1);
+    const auto st = a.h.scalar_type();
+    const bool cap = spec.softcap > 0;
+    auto mode = spec.backward;
+    if (mode == FusedBackward::kAuto)
+      mode = !a.upcast ? FusedBackward::kTiles
+             : n <= V  ? FusedBackward::kVocabBlocks
+                       : FusedBackward::kTokenChunks;
+    if (mode == FusedBackward::kTiles)
+      return tiles_within(spec.tile_bytes, n, V, H, st, cap, a.mixed);
+    if (mode == FusedBackward::kVocabBlocks) {
+      const int64_t per_col = std::max<int64_t>(1, bytes_per_column(n, H, st, cap, a.mixed));
+      if (spec.chunk_bytes >= per_col) return {n, std::min(V, spec.chunk_bytes / per_col)};
+    }
+    return {spec.chunk_rows, V};  // token chunks, also when one column of every row won't fit
+  }
+
+  /// dz of one block of logits, in place: z ← dL/d(logits) for rows with targets `target_b`
+  /// (−1: the target is outside the block).
+  static void block_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
+                         const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor) {
+    if (spec.softcap > 0)  // d(cap·tanh(x/cap))/dx = 1 − (y/cap)², from y before z is reused
+      at::mul_out(cap_factor, z, z).mul_(-1.0 / (spec.softcap * spec.softcap)).add_(1.0);
+    auto z3 = z.unsqueeze(0);
+    rows_backward(z3, identity_rows(target_b), lse, g, spec.backend, int64_t{1} << 62,
+                  z3);  // z ← dL/dy
+    if (spec.softcap > 0) z.mul_(cap_factor);
+    if (spec.temperature != 1.0) z.div_(spec.temperature);
+  }
+
+  static variable_list result(at::Tensor dh, at::Tensor dw, at::Tensor db) {
+    return {std::move(dh), std::move(dw), std::move(db), {}, {}, {}, {}, {}};
+  }
+
+  /// Row chunks × vocabulary blocks, one reused tile buffer. Per row chunk, its hidden rows are
+  /// gathered and `dh` accumulates across the blocks (fp32 for 16-bit inputs; written
+  /// directly when one block spans V), then lands in the [R, H] gradient. The weight and bias
+  /// gradients: with one row chunk, each block's is one GEMM over every scored token (fp32
+  /// accumulation inside it, rounded once, no [V, H] accumulator); with several, they
+  /// accumulate in place for fp32/fp64 weights and in an fp32 [V, H] buffer for 16-bit ones,
+  /// cast once at the end.
+  static variable_list backward_tiles(const HeadGrads& a, const HeadSpec& spec, Tiling t) {
+    const int64_t n = a.rows.size(0), V = a.weight.size(0), H = a.weight.size(1);
+    const auto opt = [](bool need, const at::Tensor& x) {
+      return need ? at::zeros_like(x) : at::Tensor();
+    };
+    if (n == 0) return result(opt(a.need_h, a.h), opt(a.need_w, a.weight), opt(a.need_b, a.bias));
+    const int64_t c = std::min(t.rows, n), cols = std::min(t.cols, V);
+    const bool one_chunk = c == n, one_block = cols == V;
+    const bool copies = a.upcast && !a.mixed;  // CPU 16-bit: fp32 copies for the GEMMs
+    const auto acc_opts = a.h.options().dtype(a.acc);
+    at::Tensor dw = !a.need_w   ? at::Tensor()
+                    : one_chunk ? at::empty({V, H}, a.weight.options())
+                                : at::zeros({V, H}, acc_opts);
+    at::Tensor db = a.need_b ? at::zeros({V}, acc_opts) : at::Tensor();
+    at::Tensor dh;  // [R, H]: allocated once the first chunk is done (after the tiles with one)
+    // Vocabulary-parallel: the scored rows' dh, summed over the ranks before it lands in dh.
+    at::Tensor dh_rows =
+        a.need_h && a.cross != nullptr ? at::empty({n, H}, acc_opts) : at::Tensor();
+    at::Tensor h_buffer = at::empty({c, H}, a.h.options());
+    at::Tensor dh_buffer =
+        a.need_h ? at::empty({c, H}, one_block ? a.h.options() : acc_opts) : at::Tensor();
+    at::Tensor buffer = at::empty({c * cols}, a.h.options());
+    at::Tensor cap_buffer = spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
+    const auto outside = at::full({}, -1, a.target.options());
+    for (int64_t s = 0; s < n; s += c) {
+      const int64_t e = std::min(n, s + c), m = e - s;
+      const auto rows_c = a.rows.slice(0, s, e), target_c = a.target.slice(0, s, e);
+      auto h_c = h_buffer.narrow(0, 0, m);
+      at::index_select_out(h_c, a.h, 0, rows_c);
+      const at::Tensor h_acc = copies && a.need_w ? h_c.to(a.acc) : h_c;
+      auto dh_c = a.need_h ? dh_buffer.narrow(0, 0, m) : at::Tensor();
+      if (a.need_h && !one_block) dh_c.zero_();
+      for (int64_t v0 = 0; v0 < V; v0 += cols) {
+        const int64_t vb = std::min(V, v0 + cols) - v0;
+        const auto w_b = a.weight.narrow(0, v0, vb);
+        auto z = buffer.narrow(0, 0, m * vb).view({m, vb});
+        chunk_logits(h_c, w_b, a.bias.defined() ? a.bias.narrow(0, v0, vb) : a.bias, spec, z);
+        auto cap = spec.softcap > 0 ? cap_buffer.narrow(0, 0, m * vb).view({m, vb}) : at::Tensor();
+        block_grad(z,
+                   one_block
+                       ? target_c
+                       : at::where((target_c >= v0) & (target_c < v0 + vb), target_c - v0, outside),
+                   a.lse.slice(0, s, e), a.g.slice(0, s, e), spec, cap);
+        const auto dz = copies ? z.to(a.acc) : z;
+        if (a.need_b) db.narrow(0, v0, vb).add_(z.sum(0, /*keepdim=*/false, a.acc));
+        if (a.need_w) {
+          auto dw_b = dw.narrow(0, v0, vb);
+          if (one_chunk && copies) {
+            dw_b.copy_(at::mm(dz.t(), h_acc));
+          } else if (one_chunk) {
+            at::mm_out(dw_b, z.t(), h_c);  // 16-bit on CUDA: fp32 accumulation inside the GEMM
+          } else if (a.mixed) {
+            gemm_f32acc(dw_b, z, /*trans_a=*/true, h_c);
+          } else {
+            dw_b.addmm_(dz.t(), h_acc);
+          }
+        }
+        if (a.need_h) {
+          if (one_block) {
+            at::mm_out(dh_c, z, a.weight);
+          } else if (a.mixed) {
+            gemm_f32acc(dh_c, z, /*trans_a=*/false, w_b);
+          } else {
+            dh_c.addmm_(dz, copies ? w_b.to(a.acc) : w_b);
+          }
+        }
+      }
+      if (dh_rows.defined()) {
+        dh_rows.narrow(0, s, m).copy_(dh_c);
+      } else if (a.need_h) {
+        if (e == n) buffer = cap_buffer = at::Tensor();  // free the tiles before a last new dh
+        if (!dh.defined()) dh = at::zeros({a.h.size(0), H}, a.h.options());
+        dh.index_copy_(0, rows_c, dh_c.to(a.h.scalar_type()));
+      }
+    }
+    if (dh_rows.defined()) {
+      // Each rank's dh covers its vocabulary slice only; the full gradient is their sum.
+      a.cross->sum(dh_rows);
+      dh = at::zeros({a.h.size(0), H}, a.h.options());
+      dh.index_copy_(0, a.rows, dh_rows.to(a.h.scalar_type()));
+    }
+    if (dw.defined()) dw = dw.to(a.weight.scalar_type());
+    return result(dh, dw, a.need_b ? db.to(a.bias.scalar_type()) : at::Tensor());
+  }
+};
+
+PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
+                      const at::Tensor& bias, bool packed, const FusedLogprobsOptions& o) {
+  TORCH_CHECK(hidden.defined(), fn, ": expected hidden states, got an undefined tensor");
+  TORCH_CHECK(weight.defined(), fn, ": expected the LM-head weight, got an undefined tensor");
+  if (packed) {
+    TORCH_CHECK(hidden.dim() == 2 || (hidden.dim() == 3 && hidden.size(0) == 1), fn,
+                ": expected packed hidden states of shape [N, H] or [1, N, H], got ",
+                hidden.sizes());
+  } else {
+    TORCH_CHECK(hidden.dim() == 3, fn, ": expected hidden states of rank 3 [B, T, H], got shape ",
+                hidden.sizes());
+  }
+  check_floating(fn, "hidden states", hidden);
+  TORCH_CHECK(weight.dim() == 2, fn, ": expected weight of shape [V, H], got ", weight.sizes());
+  TORCH_CHECK(weight.size(0) > 0, fn, ": expected a vocabulary of at least 1 entry, got V = 0");
+  TORCH_CHECK(weight.size(1) == hidden.size(-1), fn, ": expected weight of shape [V, ",
+              hidden.size(-1), "] to match the hidden size of ", hidden.sizes(), ", got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), fn, ": expected weight of dtype ",
+              hidden.scalar_type(), " like the hidden states, got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == hidden.device(), fn, ": expected weight on ", hidden.device(),
+              " like the hidden states, got ", weight.device());
+  if (bias.defined()) {
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), fn, ": expected bias of shape [",
+                weight.size(0), "] to match the weight ", weight.sizes(), ", got ", bias.sizes());
+    TORCH_CHECK(bias.scalar_type() == hidden.scalar_type(), fn, ": expected bias of dtype ",
+                hidden.scalar_type(), " like the hidden states, got ", bias.scalar_type());
+    TORCH_CHECK(bias.device() == hidden.device(), fn, ": expected bias on ", hidden.device(),
+                " like the hidden states, got ", bias.device());
+  }
+  TORCH_CHECK(o.temperature() > 0, fn, ": expected temperature > 0, got ", o.temperature());
+  TORCH_CHECK(o.softcap() >= 0, fn, ": expected softcap >= 0 (0: off), got ", o.softcap());
+  TORCH_CHECK(
+      o.backend() != GatherBackend::kKernel || hidden.is_cpu() ||
+          (hidden.is_cuda() && has_cuda_kernels()),
+      fn,
+      ": backend kKernel needs CPU tensors, or CUDA tensors and a build with CUDA kernels, got ",
+      hidden.device());
+  HeadInputs in;
+  in.hidden = hidden.dim() == 2 ? hidden.unsqueeze(0) : hidden;
+  in.V = weight.size(0);
+  in.H = weight.size(1);
+  return in;
+}
+
+PREFOPT_INLINE int64_t row_budget(const HeadInputs& in, const FusedLogprobsOptions& o) {
+  return bytes_per_row(in.V, in.H, in.hidden.scalar_type(), o.softcap() > 0,
+                       mixed_gemm(in.hidden));
+}
+
+PREFOPT_INLINE SequenceLogprobs run_head(const char* fn, const HeadInputs& in,
+                                        const at::Tensor& weight, const at::Tensor& bias,
+                                        const Selection& sel, const FusedLogprobsOptions& o,
+                                        const CrossRankPtr& cross) {
+  const auto st = in.hidden.scalar_type();
+  const int64_t per_row = bytes_per_row(in.V, in.H, st, o.softcap() > 0, mixed_gemm(in.hidden));
+  TORCH_CHECK(o.chunk_bytes() >= 0, fn, ": expected chunk_bytes >= 0 (0: automatic), got ",
+              o.chunk_bytes());
+  TORCH_CHECK(o.chunk_bytes() == 0 || o.chunk_bytes() >= per_row, fn,
+              ": memory budget chunk_bytes = ", o.chunk_bytes(),
+              " is below one row of logits buffers (", per_row, " bytes for V = ", in.V,
+              ", H = ", in.H, ", ", st, (o.softcap() > 0 ? ", softcap" : ""), ")");
+  const int64_t n = sel.rows.b.numel();
+  // Automatic: the chunks, 1/16 of the scored tokens' logits (at most 256 MiB, at least one
+  // row); the tiles, 1/128 of them in fp32 (4 to 64 MiB).
+  const int64_t logits_bytes = n * in.V * static_cast<int64_t>(at::elementSize(st));
+  const int64_t acc_logits_bytes = n * in.V * static_cast<int64_t>(at::elementSize(acc_type(st)));
+  const int64_t budget = o.chunk_bytes() > 0
+                             ? o.chunk_bytes()
+                             : std::max(per_row, std::min(int64_t{256} << 20, logits_bytes / 16));
+  const int64_t tile_budget =
+      o.chunk_bytes() > 0 ? o.chunk_bytes()
+                          : std::clamp(acc_logits_bytes / 128, int64_t{4} << 20, int64_t{64} << 20);
+  const HeadSpec spec{o.temperature(), o.softcap(), o.backend(), budget / per_row,
+                      budget,          tile_budget, o.backward()};
+  const unsigned flags = stat_flags(o.with_logits_mean(), o.with_token_accuracy(), o.with_entropy(),
+                                    o.with_wpo_weights());
+  // Only the scored rows reach the matmuls: they are gathered chunk by chunk from a flat view
+  // of the hidden states (no compacted copy of them is made or saved).
+  const auto h = in.hidden.reshape({-1, in.H});
+  const auto rows = sel.rows.b * in.hidden.size(1) + sel.rows.t;
+  const bool grad = at::GradMode::is_enabled() && (h.requires_grad() || weight.requires_grad() ||
+                                                   (bias.defined() && bias.requires_grad()));
+  at::Tensor logp;
+  RowResults stats;
+  if (grad) {
+    const auto out = FusedHeadFunction::apply(
+        h, weight, bias.defined() ? bias : at::empty({0}, weight.options()), rows, sel.rows.target,
+        static_cast<int64_t>(flags), spec, cross);
+    logp = out[0];
+    stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];
+    stats.log_sum_p2 = out[4];
+  } else {  // reference model / evaluation: nothing saved
+    c10::NoGradGuard no_grad;
+    if (cross) {
+      const auto st = slice_targets(sel.rows.target, in.V);
+      stats = head_forward(h, rows, weight, bias, st.forward, flags, spec);
+      cross->reduce_rows(stats.lse, stats.logp, st.owned);
+    } else {
+      stats = head_forward(h, rows, weight, bias, sel.rows.target, flags, spec);
+    }
+    logp = stats.logp;
+  }
+  return assemble(sel, logp, stats, flags, o.with_token_logps(), acc_type(st));
+}
+
+PREFOPT_INLINE SequenceLogprobs fused_padded(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& labels,
+                              const at::Tensor* mask, const FusedLogprobsOptions& o) {
+  const auto in = check_head(fn, hidden, weight, bias, /*packed=*/false, o);
+  const auto sel = select_padded(fn, hidden, "hidden states", hidden.size(0), hidden.size(1), in.V,
+                                 labels, mask, o.shift(), o.ignore_index());
+  return run_head(fn, in, weight, bias, sel, o, {});
+}
+
+PREFOPT_INLINE SequenceLogprobs fused_packed(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& labels,
+                              const at::Tensor* mask, const at::Tensor& cu_seqlens,
+                              const FusedLogprobsOptions& o) {
+  const auto in = check_head(fn, hidden, weight, bias, /*packed=*/true, o);
+  const auto sel = select_packed(fn, in.hidden, "hidden states", in.hidden.size(1), in.V, labels,
+                                 mask, cu_seqlens, o.shift(), o.ignore_index());
+  return run_head(fn, in, weight, bias, sel, o, {});
+}
+
+}  // namespace fused
+}  // namespace detail
+
+namespace functional {
+
+PREFOPT_INLINE SequenceLogprobs fused_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                const at::Tensor& bias, const at::Tensor& labels,
+                                const FusedLogprobsFuncOptions& options) {
+  return detail::fused::fused_padded("prefopt::fused_logprobs", hidden, weight, bias, labels, nullptr,
+                              options);
+}
+
+PREFOPT_INLINE SequenceLogprobs fused_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                const at::Tensor& bias, const at::Tensor& input_ids,
+                                const at::Tensor& completion_mask,
+                                const FusedLogprobsFuncOptions& options) {
+  return detail::fused::fused_padded("prefopt::fused_logprobs", hidden, weight, bias, input_ids,
+                              &completion_mask, options);
+}
+
+PREFOPT_INLINE SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const at::Tensor& bias, const at::Tensor& labels,
+                                       const at::Tensor& cu_seqlens,
+                                       const FusedLogprobsFuncOptions& options) {
+  return detail::fused::fused_packed("prefopt::fused_packed_logprobs", hidden, weight, bias, labels,
+                              nullptr, cu_seqlens, options);
+}
+
+PREFOPT_INLINE SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const at::Tensor& bias, const at::Tensor& input_ids,
+                                       const at::Tensor& completion_mask,
+                                       const at::Tensor& cu_seqlens,
+                                       const FusedLogprobsFuncOptions& options) {
+  return detail::fused::fused_packed("prefopt::fused_packed_logprobs", hidden, weight, bias, input_ids,
+                              &completion_mask, cu_seqlens, options);
+}
+
+}  // namespace functional
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,122 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPO, SimPO and AlphaPO: reference-free margins with the optional NLL of the chosen side.
+#pragma once
+
+#include <prefopt/losses/common-inl.h>
+#include <prefopt/losses/cpo.h>
+
+#include <cmath>
+#include <string>
+
+PREFOPT_BEGIN_NAMESPACE
+namespace detail {
+
+struct CPOParams {
+  CPOLossType type;
+  double beta, eps, gamma, nll_weight, alpha;
+  NLLNormalization norm;
+  LossReduction reduction;
+  const char* name = nullptr;  // the loss's name in messages; default: the CPO type's
+};
+
+PREFOPT_INLINE CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p) {
+  TORCH_CHECK_VALUE(detail::is_valid(p.type), fn, ": loss_type is not a CPOLossType value (got ",
+                    static_cast<int>(p.type), ")");
+  const int norm = static_cast<int>(p.norm);
+  TORCH_CHECK_VALUE(norm == 0 || norm == 1, fn, ": nll_normalization is not an ",
+                    "NLLNormalization value (got ", norm, ")");
+  check_beta(fn, p.beta);
+  check_smoothing(fn, p.eps);
+  const char* name = p.name != nullptr ? p.name : cpo_loss_type_name(p.type);
+  TORCH_CHECK_VALUE(p.eps == 0 || (p.type != CPOLossType::kHinge && p.type != CPOLossType::kIPO),
+                    fn, ": label_smoothing = ", p.eps, " is not used by ", name, "; expected 0");
+  TORCH_CHECK_VALUE(std::isfinite(p.gamma), fn, ": expected a finite simpo_gamma, got ", p.gamma);
+  TORCH_CHECK_VALUE(std::isfinite(p.nll_weight), fn, ": expected a finite cpo_alpha, got ",
+                    p.nll_weight);
+  TORCH_CHECK_VALUE(std::isfinite(p.alpha), fn, ": expected a finite alpha, got ", p.alpha);
+  TORCH_CHECK(!in.weights().defined(), fn, ": per-pair weights are a DPO-family input; got ",
+              "weights");
+  detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
+
+  const auto dt = detail::opmath_type(in.policy_chosen_logps());
+  // sigmoid and hinge take sums (TRL's CPO and TPO), the others per-token means.
+  const bool sums = p.type == CPOLossType::kSigmoid || p.type == CPOLossType::kHinge;
+  const auto native = sums ? LogpsForm::kSum : LogpsForm::kMean;
+  const auto lp = detail::form_logps(fn, name, in, native, dt);
+  auto c = lp.policy_chosen;
+  auto r = lp.policy_rejected;
+  const auto logps_c = c.detach(), logps_r = r.detach();
+  if (p.alpha != 0) {
+    // AlphaPO's r = (1 − p^{−α})/α = −expm1(−α·logp)/α, without forming p.
+    c = at::expm1(c * -p.alpha) * (-1.0 / p.alpha);
+    r = at::expm1(r * -p.alpha) * (-1.0 / p.alpha);
+  }
+  const auto m = c - r;
+  at::Tensor losses;
+  switch (p.type) {
+    case CPOLossType::kSigmoid:
+      losses = detail::smoothed_sigmoid(m * p.beta, p.eps);
+      break;
+    case CPOLossType::kHinge:
+      losses = at::relu(1.0 - m * p.beta);
+      break;
+    case CPOLossType::kIPO:
+      losses = (m - 1.0 / (2.0 * p.beta)).square();
+      break;
+    case CPOLossType::kSimPO:
+    case CPOLossType::kAlphaPO:
+      losses = detail::smoothed_sigmoid(m * p.beta - p.gamma, p.eps);
+      break;
+  }
+  CPOLossResult res;
+  res.losses = losses;
+  res.loss = detail::reduce(losses, p.reduction);
+  const double w = p.type == CPOLossType::kAlphaPO ? 0.0 : p.nll_weight;
+  if (w != 0) {
+    const auto nll = detail::chosen_nll(fn, in, lp.policy_chosen, native, p.norm, dt,
+                                        /*per_pair=*/false);
+    res.loss = res.loss + (w == 1.0 ? nll : nll * w);
+    res.nll_loss = nll.detach();
+  }
+  res.chosen_rewards = c.detach() * p.beta;
+  res.rejected_rewards = r.detach() * p.beta;
+  res.chosen_logps = logps_c;
+  res.rejected_logps = logps_r;
+  return res;
+}
+
+}  // namespace detail
+
+PREFOPT_INLINE const char* cpo_loss_type_name(CPOLossType type) { return detail::name_of(type); }
+
+PREFOPT_INLINE CPOLossType cpo_loss_type_from_name(const std::string& name) {
+  return detail::loss_type_from_name<CPOLossType>("prefopt::cpo_loss_type_from_name", "CPO",
+                                                  name);
+}
+
+namespace functional {
+
+PREFOPT_INLINE CPOLossResult cpo_loss(const PairInputs& inputs, const CPOLossFuncOptions& o) {
+  return detail::cpo_impl("prefopt::cpo_loss", inputs,
+                  {o.loss_type(), o.beta(), o.label_smoothing(), o.simpo_gamma(), o.cpo_alpha(),
+                   o.alpha(), o.nll_normalization(), o.reduction()});
+}
+
+PREFOPT_INLINE CPOLossResult simpo_loss(const PairInputs& inputs, const SimPOLossFuncOptions& o) {
+  return detail::cpo_impl("prefopt::simpo_loss", inputs,
+                  {CPOLossType::kSimPO, o.beta(), o.label_smoothing(), o.simpo_gamma(),
+                   o.cpo_alpha(), o.alpha(), o.nll_normalization(), o.reduction()});
+}
+
+PREFOPT_INLINE CPOLossResult simpo_loss(const at::Tensor& policy_chosen_logps,
+                         const at::Tensor& policy_rejected_logps,
+                         const SimPOLossFuncOptions& options) {
+  return simpo_loss(PairInputs()
+                        .policy_chosen_logps(policy_chosen_logps)
+                        .policy_rejected_logps(policy_rejected_logps)
+                        .logps_form(LogpsForm::kMean),
+                    options);
+}
+
+}  // namespace functional
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,506 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+#include <prefopt/metrics.h>
+
+#include <prefopt/distributed.h>
+
+#include <ATen/ATen.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <nlohmann/json.hpp>
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+PREFOPT_BEGIN_NAMESPACE
+
+// ----------------------------------------------------------------------------------- Metrics
+
+PREFOPT_INLINE void Metrics::set(const std::string& name, double value) {
+  for (auto& item : items_) {
+    if (item.first == name) {
+      item.second = value;
+      return;
+    }
+  }
+  items_.emplace_back(name, value);
+}
+
+PREFOPT_INLINE const double* Metrics::find(const std::string& name) const {
+  for (const auto& item : items_)
+    if (item.first == name) return &item.second;
+  return nullptr;
+}
+
+PREFOPT_INLINE double Metrics::at(const std::string& name) const {
+  if (const double* v = find(name)) return *v;
+  std::ostringstream names;
+  for (const auto& item : items_) names << (names.tellp() > 0 ? ", " : "") << item.first;
+  TORCH_CHECK_INDEX(false, "prefopt::Metrics::at: no metric named '", name, "'; present: [",
+                    names.str(), "]");
+}
+
+// ------------------------------------------------------------------------- MetricAccumulator
+
+namespace detail {
+namespace metrics {
+
+// The built-in slots, in the order TRL logs them. Margins and num_tokens are derived at
+// compute time but keep their place in the order.
+enum Builtin : size_t {
+  kLoss,
+  kRewardsChosen,
+  kRewardsRejected,
+  kAccuracies,
+  kMargins,
+  kLogpsChosen,
+  kLogpsRejected,
+  kLogitsChosen,
+  kLogitsRejected,
+  kNLL,
+  kLogOddsRatio,
+  kLogOddsChosen,
+  kKL,
+  kEntropy,
+  kTokenAccuracy,
+  kNumTokens,
+  kNumBuiltins,
+};
+
+constexpr const char* kBuiltinNames[kNumBuiltins] = {"loss",
+                                                     "rewards/chosen",
+                                                     "rewards/rejected",
+                                                     "rewards/accuracies",
+                                                     "rewards/margins",
+                                                     "logps/chosen",
+                                                     "logps/rejected",
+                                                     "logits/chosen",
+                                                     "logits/rejected",
+                                                     "nll_loss",
+                                                     "log_odds_ratio",
+                                                     "log_odds_chosen",
+                                                     "kl",
+                                                     "entropy",
+                                                     "mean_token_accuracy",
+                                                     "num_tokens"};
+
+constexpr bool kBuiltinScalar[kNumBuiltins] = {true,  false, false, false, false, false,
+                                               false, false, false, true,  false, false,
+                                               true,  false, false, false};
+
+PREFOPT_INLINE at::Tensor as_double(const at::Tensor& t) { return t.detach().to(at::kDouble); }
+
+PREFOPT_INLINE at::Tensor count_tensor(double n, const at::Tensor& like) {
+  return at::scalar_tensor(n, like.options().dtype(at::kDouble));
+}
+
+}  // namespace metrics
+}  // namespace detail
+
+PREFOPT_INLINE MetricAccumulator::MetricAccumulator(MetricsOptions options) : options_(std::move(options)) {
+  for (size_t i = 0; i < detail::metrics::kNumBuiltins; ++i) slots_.push_back({detail::metrics::kBuiltinNames[i], detail::metrics::kBuiltinScalar[i]});
+}
+
+PREFOPT_INLINE MetricAccumulator::Step& MetricAccumulator::new_step() {
+  if (open_step_) {
+    open_step_ = false;
+    return steps_.back();
+  }
+  steps_.emplace_back(slots_.size());
+  return steps_.back();
+}
+
+PREFOPT_INLINE MetricAccumulator::Step& MetricAccumulator::current_step() {
+  if (steps_.empty()) {
+    steps_.emplace_back(slots_.size());
+    open_step_ = true;
+  }
+  return steps_.back();
+}
+
+PREFOPT_INLINE size_t MetricAccumulator::slot(const std::string& name, bool scalar) {
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].name == name) {
+      TORCH_CHECK(slots_[i].scalar == scalar && i != detail::metrics::kMargins && i != detail::metrics::kNumTokens,
+                  "prefopt::MetricAccumulator::add_scalar: '", name,
+                  "' is a built-in per-example metric; pick another name");
+      return i;
+    }
+  }
+  slots_.push_back({name, scalar});
+  return slots_.size() - 1;
+}
+
+PREFOPT_INLINE void MetricAccumulator::put(Step& step, size_t slot, const at::Tensor& sum,
+                            const at::Tensor& count) {
+  if (step.size() <= slot) step.resize(slots_.size());
+  auto entry =
+      at::stack({detail::metrics::as_double(sum).reshape({}), detail::metrics::as_double(count).reshape({}).to(sum.device())});
+  step[slot] = step[slot].defined() ? step[slot] + entry : entry;
+}
+
+PREFOPT_INLINE void MetricAccumulator::put_examples(Step& step, size_t slot, const at::Tensor& values) {
+  if (!values.defined()) return;
+  // An empty side contributes (0, 0): present in the layout, absent from the means.
+  put(step, slot, detail::metrics::as_double(values).sum(),
+      detail::metrics::count_tensor(static_cast<double>(values.numel()), values));
+}
+
+PREFOPT_INLINE void MetricAccumulator::put_logps(Step& step, const at::Tensor& chosen, const at::Tensor& rejected,
+                                  const PairInputs& inputs) {
+  // What the loss consumed (sums or means, after any conversion), as TRL logs logps/*.
+  put_examples(step, detail::metrics::kLogpsChosen, chosen.defined() ? chosen : inputs.policy_chosen_logps());
+  put_examples(step, detail::metrics::kLogpsRejected,
+               rejected.defined() ? rejected : inputs.policy_rejected_logps());
+}
+
+PREFOPT_INLINE void MetricAccumulator::put_pairs(Step& step, const at::Tensor& loss,
+                                  const at::Tensor& chosen_rewards,
+                                  const at::Tensor& rejected_rewards, const PairInputs& inputs) {
+  if (loss.defined() && loss.numel() > 0)
+    put(step, detail::metrics::kLoss, detail::metrics::as_double(loss).mean(), detail::metrics::count_tensor(1, loss));
+  put_examples(step, detail::metrics::kRewardsChosen, chosen_rewards);
+  put_examples(step, detail::metrics::kRewardsRejected, rejected_rewards);
+  if (chosen_rewards.defined() && rejected_rewards.defined()) {
+    TORCH_CHECK(
+        chosen_rewards.numel() == rejected_rewards.numel(),
+        "prefopt::MetricAccumulator::add: expected as many chosen as rejected rewards, got ",
+        chosen_rewards.numel(), " and ", rejected_rewards.numel());
+    // Strict: a tie is not an accurate pair.
+    put_examples(step, detail::metrics::kAccuracies, chosen_rewards.gt(rejected_rewards));
+  }
+}
+
+PREFOPT_INLINE void MetricAccumulator::put_tokens(Step& step, const SequenceLogprobs& chosen,
+                                   const SequenceLogprobs& rejected, TokenSides sides) {
+  constexpr const char* fn = "prefopt::MetricAccumulator::add";
+  // A metric TRL logs whose statistic was not gathered is left out, and said so once.
+  if (sides.logits) {
+    const bool scored = options_.logits() == LogitsMetric::kScored;
+    const auto logits = [&](size_t slot, const SequenceLogprobs& lp) {
+      const auto& sum = scored ? lp.logits_sum : lp.logits_sum_all;
+      const auto& count = scored ? lp.count : lp.positions;
+      if (sum.defined() && count.defined()) put(step, slot, detail::metrics::as_double(sum).sum(), count.sum());
+      return sum.defined() && count.defined();
+    };
+    const bool got_c = logits(detail::metrics::kLogitsChosen, chosen);
+    const bool got_r = logits(detail::metrics::kLogitsRejected, rejected);
+    if ((chosen.count.defined() && !got_c) || (rejected.count.defined() && !got_r)) {
+      if (scored) {
+        TORCH_WARN_ONCE(fn, ": logits/chosen and logits/rejected are not logged: the log-probs ",
+                        "carry no logits statistics; gather them with ",
+                        "with_logits_mean(true) (GatherLogprobsOptions or FusedLogprobsOptions)");
+      } else {
+        TORCH_WARN_ONCE(fn, ": logits/chosen and logits/rejected (LogitsMetric::kAllPositions) ",
+                        "are not logged: gather the log-probs with ",
+                        "GatherLogprobsOptions::with_logits_mean_unmasked(true)");
+      }
+    }
+  }
+  // Σ statistic / Σ tokens over the sides given; false when a side given lacks the statistic.
+  // A side is present when its token counts are (a KTO step may have only one).
+  const auto pool = [&](size_t slot, const at::Tensor& c, const at::Tensor& r, bool use_r) {
+    const bool has_c = chosen.count.defined(), has_r = use_r && rejected.count.defined();
+    if ((has_c && !c.defined()) || (has_r && !r.defined())) return false;
+    at::Tensor sum, n;
+    const auto add_side = [&](const at::Tensor& stat, const at::Tensor& count) {
+      sum = sum.defined() ? sum + detail::metrics::as_double(stat).sum() : detail::metrics::as_double(stat).sum();
+      n = n.defined() ? n + detail::metrics::as_double(count).sum() : detail::metrics::as_double(count).sum();
+    };
+    if (has_c) add_side(c, chosen.count);
+    if (has_r) add_side(r, rejected.count);
+    if (sum.defined()) put(step, slot, sum, n);
+    return true;
+  };
+  if (!pool(detail::metrics::kEntropy, chosen.entropy_sum, rejected.entropy_sum, true)) {
+    TORCH_WARN_ONCE(fn, ": entropy is not logged: the log-probs carry no entropy; gather them ",
+                    "with with_entropy(true) (GatherLogprobsOptions or FusedLogprobsOptions)");
+  }
+  if (!pool(detail::metrics::kTokenAccuracy, chosen.correct, rejected.correct, sides.accuracy_rejected)) {
+    TORCH_WARN_ONCE(fn, ": mean_token_accuracy is not logged: the log-probs carry no ",
+                    "correct-token counts; gather them with with_token_accuracy(true) ",
+                    "(GatherLogprobsOptions or FusedLogprobsOptions)");
+  }
+  // num_tokens is a running total: its count half only marks that tokens were counted.
+  at::Tensor tokens;
+  for (const auto* lp : {&chosen, &rejected}) {
+    if (!lp->count.defined()) continue;
+    const auto t = detail::metrics::as_double(lp->count).sum();
+    tokens = tokens.defined() ? tokens + t : t;
+  }
+  if (tokens.defined()) put(step, detail::metrics::kNumTokens, tokens, detail::metrics::count_tensor(1, tokens));
+}
+
+PREFOPT_INLINE void MetricAccumulator::add(const at::Tensor& loss, const SequenceLogprobs& lp) {
+  TORCH_CHECK(loss.defined() && loss.numel() == 1,
+              "prefopt::MetricAccumulator::add: expected a one-element SFT loss, got ",
+              loss.defined() ? loss.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(lp.count.defined(),
+              "prefopt::MetricAccumulator::add: the SFT log-probs have no token counts");
+  Step& step = new_step();
+  put(step, detail::metrics::kLoss, detail::metrics::as_double(loss).reshape({}), detail::metrics::count_tensor(1, loss));
+  put_tokens(step, lp, SequenceLogprobs{}, {/*logits=*/false, /*accuracy_rejected=*/false});
+}
+
+PREFOPT_INLINE void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in) {
+  Step& step = new_step();
+  put_pairs(step, r.loss, r.chosen_rewards, r.rejected_rewards, in);
+  put_logps(step, r.chosen_logps, r.rejected_logps, in);
+  if (r.nll_loss.defined()) put(step, detail::metrics::kNLL, r.nll_loss, detail::metrics::count_tensor(1, r.nll_loss));
+  const auto& c = in.chosen_lengths();
+  const auto& rj = in.rejected_lengths();
+  if (c.defined() && rj.defined())
+    put(step, detail::metrics::kNumTokens, detail::metrics::as_double(c).sum() + detail::metrics::as_double(rj).sum(), detail::metrics::count_tensor(1, c));
+}
+
+PREFOPT_INLINE void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in,
+                            const PairLogprobs& policy) {
+  add(r, in);
+  // Pairwise: mean_token_accuracy over the chosen completions only (TRL ≥ 0.29).
+  put_tokens(steps_.back(), policy.chosen, policy.rejected,
+             {/*logits=*/true, /*accuracy_rejected=*/false});
+}
+
+namespace detail {
+namespace metrics {
+PREFOPT_INLINE DPOLossResult as_dpo(const CPOLossResult& r) {
+  return {r.loss,     r.losses,       r.chosen_rewards, r.rejected_rewards,
+          r.nll_loss, r.chosen_logps, r.rejected_logps};
+}
+PREFOPT_INLINE DPOLossResult as_dpo(const ORPOLossResult& r) {
+  return {r.loss,     r.losses,       r.chosen_rewards, r.rejected_rewards,
+          r.nll_loss, r.chosen_logps, r.rejected_logps};
+}
+}  // namespace metrics
+}  // namespace detail
+
+PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in) { add(detail::metrics::as_dpo(r), in); }
+
+PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in,
+                            const PairLogprobs& policy) {
+  add(detail::metrics::as_dpo(r), in, policy);
+}
+
+PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in) {
+  add(detail::metrics::as_dpo(r), in);
+  put_examples(steps_.back(), detail::metrics::kLogOddsRatio, r.log_odds_ratio);
+  put_examples(steps_.back(), detail::metrics::kLogOddsChosen, r.log_odds_chosen);
+}
+
+PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in,
+                            const PairLogprobs& policy) {
+  add(detail::metrics::as_dpo(r), in, policy);
+  put_examples(steps_.back(), detail::metrics::kLogOddsRatio, r.log_odds_ratio);
+  put_examples(steps_.back(), detail::metrics::kLogOddsChosen, r.log_odds_chosen);
+}
+
+PREFOPT_INLINE void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in) {
+  Step& step = new_step();
+  if (r.loss.defined() && r.loss.numel() > 0)
+    put(step, detail::metrics::kLoss, detail::metrics::as_double(r.loss).mean(), detail::metrics::count_tensor(1, r.loss));
+  put_examples(step, detail::metrics::kRewardsChosen, r.chosen_rewards);
+  put_examples(step, detail::metrics::kRewardsRejected, r.rejected_rewards);
+  put_examples(step, detail::metrics::kLogpsChosen, in.policy_chosen_logps());
+  put_examples(step, detail::metrics::kLogpsRejected, in.policy_rejected_logps());
+  if (r.kl.defined()) put(step, detail::metrics::kKL, r.kl, detail::metrics::count_tensor(1, r.kl));
+}
+
+PREFOPT_INLINE void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in,
+                            const SequenceLogprobs& chosen, const SequenceLogprobs& rejected) {
+  add(r, in);
+  put_tokens(steps_.back(), chosen, rejected, {/*logits=*/true, /*accuracy_rejected=*/true});
+}
+
+PREFOPT_INLINE void MetricAccumulator::add_scalar(const std::string& name, const at::Tensor& value) {
+  TORCH_CHECK(value.defined() && value.numel() == 1,
+              "prefopt::MetricAccumulator::add_scalar: expected a one-element tensor for '", name,
+              "', got ", value.defined() ? value.sizes() : at::IntArrayRef{}, " (",
+              value.defined() ? "defined" : "undefined", ")");
+  const size_t s = slot(name, true);
+  put(current_step(), s, value, detail::metrics::count_tensor(1, value));
+}
+
+PREFOPT_INLINE void MetricAccumulator::add_scalar(const std::string& name, double value) {
+  add_scalar(name, at::scalar_tensor(value, at::kDouble));
+}
+
+PREFOPT_INLINE at::Tensor MetricAccumulator::pack() const {
+  if (steps_.empty()) return {};
+  // Pack on the device of the results (NCCL needs CUDA tensors), read once.
+  at::Device device(at::kCPU);
+  for (const auto& step : steps_)
+    for (const auto& e : step)
+      if (e.defined() && !e.is_cpu()) device = e.device();
+  const auto zeros = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));
+  std::vector<at::Tensor> parts;
+  parts.reserve(steps_.size() * slots_.size());
+  for (const auto& step : steps_)
+    for (size_t s = 0; s < slots_.size(); ++s)
+      parts.push_back(s < step.size() && step[s].defined() ? step[s].to(device) : zeros);
+  return at::stack(parts);
+}
+
+PREFOPT_INLINE Metrics MetricAccumulator::compute(c10d::ProcessGroup* group) {
+  at::Tensor packed = pack();
+  if (packed.defined()) all_reduce_sum(packed, group, "prefopt::MetricAccumulator::compute");
+  return finish(packed);
+}
+
+PREFOPT_INLINE Metrics MetricAccumulator::compute_ranks(const std::vector<MetricAccumulator*>& ranks) {
+  constexpr const char* fn = "prefopt::MetricAccumulator::compute_ranks";
+  TORCH_CHECK(!ranks.empty() && ranks[0] != nullptr, fn, ": expected at least one accumulator");
+  const auto& first = *ranks[0];
+  at::Tensor total;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    TORCH_CHECK(ranks[i] != nullptr, fn, ": accumulator ", i, " is null");
+    const auto& r = *ranks[i];
+    TORCH_CHECK(r.steps_.size() == first.steps_.size(), fn, ": rank ", i, " has ", r.steps_.size(),
+                " micro-steps in its window, rank 0 has ", first.steps_.size(),
+                "; every rank must make the same calls");
+    TORCH_CHECK(r.slots_.size() == first.slots_.size(), fn, ": rank ", i, " logs ",
+                r.slots_.size() - detail::metrics::kNumBuiltins, " add_scalar names, rank 0 logs ",
+                first.slots_.size() - detail::metrics::kNumBuiltins);
+    for (size_t s = 0; s < r.slots_.size(); ++s) {
+      TORCH_CHECK(r.slots_[s].name == first.slots_[s].name, fn, ": rank ", i, " logs '",
+                  r.slots_[s].name, "' where rank 0 logs '", first.slots_[s].name, "'");
+    }
+    const auto p = r.pack();
+    if (p.defined()) total = total.defined() ? total + p.to(total.device()) : p;
+  }
+  for (size_t i = 1; i < ranks.size(); ++i) ranks[i]->finish(at::Tensor());  // clear them
+  return ranks[0]->finish(total);
+}
+
+PREFOPT_INLINE Metrics MetricAccumulator::finish(const at::Tensor& packed) {
+  const size_t n_steps = packed.defined() ? steps_.size() : 0;
+  const size_t n_slots = slots_.size();
+  Metrics out;
+  at::Tensor totals;  // [n_steps, n_slots, 2] on the CPU
+  if (n_steps > 0) {
+    totals =
+        packed.cpu().reshape({static_cast<int64_t>(n_steps), static_cast<int64_t>(n_slots), 2});
+  }
+  steps_.clear();
+  open_step_ = false;
+
+  const bool mean_of_steps = options_.window() == MetricWindow::kMeanOfSteps;
+  // Window value of slot s, or NaN when no step had any example of it.
+  const auto window_value = [&](size_t s, double* value) {
+    if (n_steps == 0) return false;
+    auto acc = totals.accessor<double, 3>();
+    double num = 0, den = 0;
+    // kMeanOfSteps: each micro-step's value (its examples or tokens pooled over the ranks),
+    // then the plain mean of the steps, as TRL's log() does; kCountWeighted pools the window.
+    const bool per_step = mean_of_steps;
+    for (size_t i = 0; i < n_steps; ++i) {
+      const double sum = acc[i][s][0], count = acc[i][s][1];
+      if (count <= 0) continue;
+      num += per_step ? sum / count : sum;
+      den += per_step ? 1.0 : count;
+    }
+    if (den <= 0) return false;
+    *value = num / den;
+    return true;
+  };
+  const auto margins = [&](double* value) {
+    if (n_steps == 0) return false;
+    if (!mean_of_steps) {
+      double c = 0, r = 0;
+      if (!window_value(detail::metrics::kRewardsChosen, &c) || !window_value(detail::metrics::kRewardsRejected, &r)) return false;
+      *value = c - r;
+      return true;
+    }
+    auto acc = totals.accessor<double, 3>();
+    double num = 0;
+    int64_t den = 0;
+    for (size_t i = 0; i < n_steps; ++i) {
+      const double nc = acc[i][detail::metrics::kRewardsChosen][1], nr = acc[i][detail::metrics::kRewardsRejected][1];
+      if (nc <= 0 || nr <= 0) continue;
+      num += acc[i][detail::metrics::kRewardsChosen][0] / nc - acc[i][detail::metrics::kRewardsRejected][0] / nr;
+      ++den;
+    }
+    if (den == 0) return false;
+    *value = num / static_cast<double>(den);
+    return true;
+  };
+
+  const auto& prefix = options_.prefix();
+  for (size_t s = 0; s < n_slots; ++s) {
+    double v = 0;
+    if (s == detail::metrics::kMargins) {
+      if (margins(&v)) out.set(prefix + slots_[s].name, v);
+    } else if (s == detail::metrics::kNumTokens) {
+      if (n_steps > 0) {
+        auto acc = totals.accessor<double, 3>();
+        for (size_t i = 0; i < n_steps; ++i) {
+          num_tokens_ += acc[i][s][0];
+          counted_tokens_ = counted_tokens_ || acc[i][s][1] > 0;
+        }
+      }
+      if (counted_tokens_) out.set(prefix + slots_[s].name, num_tokens_);
+    } else if (window_value(s, &v)) {
+      out.set(prefix + slots_[s].name, v);
+    }
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ JSONL
+
+PREFOPT_INLINE std::string to_json(int64_t step, const Metrics& metrics) {
+  nlohmann::ordered_json j;
+  j["step"] = step;
+  for (const auto& [name, value] : metrics) {
+    if (std::isfinite(value)) {
+      j[name] = value;
+    } else {
+      j[name] = nullptr;
+    }
+  }
+  return j.dump();
+}
+
+PREFOPT_INLINE JsonlWriter::JsonlWriter(const std::string& path, bool sync) : path_(path), sync_(sync) {
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  TORCH_CHECK(fd_ >= 0, "prefopt::JsonlWriter: cannot open '", path,
+              "' for appending: ", std::strerror(errno));
+}
+
+PREFOPT_INLINE JsonlWriter::~JsonlWriter() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+PREFOPT_INLINE JsonlWriter::JsonlWriter(JsonlWriter&& other) noexcept
+    : path_(std::move(other.path_)), fd_(other.fd_), sync_(other.sync_) {
+  other.fd_ = -1;
+}
+
+PREFOPT_INLINE JsonlWriter& JsonlWriter::operator=(JsonlWriter&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    path_ = std::move(other.path_);
+    fd_ = other.fd_;
+    sync_ = other.sync_;
+    other.fd_ = -1;
+  }
+  return *this;
+}
+
+PREFOPT_INLINE void JsonlWriter::write(int64_t step, const Metrics& metrics) {
+  TORCH_CHECK(fd_ >= 0, "prefopt::JsonlWriter::write: the writer was moved from");
+  const std::string line = to_json(step, metrics) + "\n";
+  // One write call per line: O_APPEND places it atomically at the end of the file.
+  size_t done = 0;
+  while (done < line.size()) {
+    const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    TORCH_CHECK(n > 0, "prefopt::JsonlWriter::write: writing to '", path_,
+                "' failed: ", std::strerror(errno));
+    done += static_cast<size_t>(n);
+  }
+  if (sync_) ::fsync(fd_);
+}
+
+PREFOPT_END_NAMESPACE

@@ -1,0 +1,1 @@
+#include <prefopt/metrics-inl.h>

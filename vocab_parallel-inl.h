@@ -1,0 +1,1 @@
+#include <prefopt/vocab_parallel-inl.h>

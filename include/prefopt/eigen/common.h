@@ -143,6 +143,7 @@ struct PairLogprobs {
 /// ```
 template <typename T>
 struct PairInputs {
+  /// No inputs yet: set them field by field (and say `logps_form`).
   PairInputs() = default;
   /// Sums and token counts of the policy, and the reference's sums (the usual DPO batch after
   /// `split_pairs`).
@@ -361,8 +362,10 @@ inline void check_reduction(const char* fn, Reduction reduction) {
 /// Checks a [B] input: of size `batch`, the size of policy_chosen_logps.
 template <typename V>
 void check_size(const char* fn, const char* name, const V& v, Eigen::Index batch) {
-  check(v.size() == batch, fn, ": expected ", name, " of shape ", shape(batch),
-        " like policy_chosen_logps, got ", shape(v.size()));
+  if (v.size() != batch) {
+    fail(fn, ": expected ", name, " of shape ", shape(batch), " like policy_chosen_logps, got ",
+         shape(v.size()));
+  }
 }
 
 /// Validates the vectors of `in` that a pairwise loss needs and returns the batch size.

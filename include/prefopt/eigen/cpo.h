@@ -19,6 +19,7 @@ namespace eigen {
 /// auto o = prefopt::eigen::CPOLossOptions().loss_type(prefopt::CPOLossType::kSimPO).cpo_alpha(0);
 /// ```
 struct CPOLossOptions {
+  /// The defaults.
   CPOLossOptions() = default;
   /// Lets a reduction stand for the options.
   CPOLossOptions(Reduction reduction)
@@ -52,6 +53,7 @@ struct CPOLossOptions {
 /// auto o = prefopt::eigen::SimPOLossOptions().beta(2.5).simpo_gamma(1.4);
 /// ```
 struct SimPOLossOptions {
+  /// The defaults.
   SimPOLossOptions() = default;
   /// Lets a reduction stand for the options.
   SimPOLossOptions(Reduction reduction)

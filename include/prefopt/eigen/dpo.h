@@ -28,6 +28,7 @@ namespace eigen {
 ///                .loss_weights({0.8, 0.2, 1.0});
 /// ```
 struct DPOLossOptions {
+  /// The defaults.
   DPOLossOptions() = default;
   /// Lets a reduction stand for the options: `dpo_loss(in, Reduction::kSum)`.
   DPOLossOptions(Reduction reduction)

@@ -48,6 +48,7 @@ struct KTOInputs {
 /// auto o = prefopt::eigen::KTOLossOptions().beta(0.1).desirable_weight(1.33);
 /// ```
 struct KTOLossOptions {
+  /// The defaults.
   KTOLossOptions() = default;
   /// Lets a reduction stand for the options.
   KTOLossOptions(Reduction reduction)

@@ -19,6 +19,7 @@ namespace eigen {
 /// auto o = prefopt::eigen::ORPOLossOptions().beta(0.1);
 /// ```
 struct ORPOLossOptions {
+  /// The defaults.
   ORPOLossOptions() = default;
   /// Lets a reduction stand for the options.
   ORPOLossOptions(Reduction reduction)

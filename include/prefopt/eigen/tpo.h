@@ -20,6 +20,7 @@ namespace eigen {
 /// auto o = prefopt::eigen::TPOLossOptions().loss_type(prefopt::TPOLossType::kTPOL).beta(0.01);
 /// ```
 struct TPOLossOptions {
+  /// The defaults.
   TPOLossOptions() = default;
   /// Lets a reduction stand for the options.
   TPOLossOptions(Reduction reduction)

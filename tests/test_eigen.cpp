@@ -540,7 +540,7 @@ TEST_F(eigen, DPOExtremeMarginsMatchLibtorchAndStayFinite) {
       Pairs p(3);
       p.pc = at::tensor({scale / 2, 0.0, scale}, at::kDouble);
       p.pr = at::tensor({-scale / 2, -scale, 0.0}, at::kDouble);
-      p.rc = p.rr = at::zeros({3}, at::kDouble);
+      p.rc = at::zeros({3}, at::kDouble), p.rr = at::zeros({3}, at::kDouble);
       p.nc = p.nr = at::tensor({3, 0, 5});
       const std::string what = name(t) + " scale " + std::to_string(scale);
       {  // double
@@ -904,8 +904,8 @@ void expect_kto_matches(const KTOBatch& b, const prefopt::KTOLossOptions& o, boo
                         std::optional<double> kl, const std::string& what,
                         at::ScalarType dt = at::kDouble) {
   SCOPED_TRACE(what);
-  const auto pd = b.pd.to(dt).requires_grad_(), pu = b.pu.to(dt).requires_grad_();
-  const auto rd = b.rd.to(dt).requires_grad_(), ru = b.ru.to(dt).requires_grad_();
+  const auto leaf = [&](const at::Tensor& t) { return t.to(dt).detach().clone().requires_grad_(); };
+  const auto pd = leaf(b.pd), pu = leaf(b.pu), rd = leaf(b.rd), ru = leaf(b.ru);
   auto tin = prefopt::KTOInputs()
                  .policy_chosen_logps(pd)
                  .policy_rejected_logps(pu)
@@ -985,6 +985,96 @@ TEST_F(eigen, KTOMatchesLibtorch) {
   b.rkl = b.pkl + 5;
   expect_kto_matches(b, {}, true, std::nullopt, "clamped KL");
   EXPECT_EQ(pe::kto_kl<double>(pe::Vector<double>(0), pe::Vector<double>(0)), 0.0);
+}
+
+// The other families in float (against the libtorch layer in float, and the Eigen layer in
+// double on the same rounded inputs) and at tests/test_cpo.cpp's extremes (|s| = 1e4 with a
+// zero-length completion), where both layers must agree and stay finite.
+TEST_F(eigen, OtherFamiliesInFloatAndAtExtremes) {
+  using prefopt::CPOLossType;
+  const auto rounded = [](at::Tensor t) { return t.to(at::kFloat).to(at::kDouble); };
+  Pairs p(17, LogpsForm::kMean, 2.0);
+  p.pc = rounded(p.pc), p.pr = rounded(p.pr);
+  for (auto t : {CPOLossType::kSigmoid, CPOLossType::kHinge, CPOLossType::kIPO, CPOLossType::kSimPO,
+                 CPOLossType::kAlphaPO}) {
+    SCOPED_TRACE(prefopt::detail::name_of(t));
+    const auto o =
+        prefopt::CPOLossOptions().loss_type(t).alpha(t == CPOLossType::kAlphaPO ? 0.3 : 0);
+    const auto eo = pe::CPOLossOptions().loss_type(t).alpha(t == CPOLossType::kAlphaPO ? 0.3 : 0);
+    const auto tf = torch_pairs(p, {}, at::kFloat);
+    const auto tr = F::cpo_loss(tf.in, o);
+    const auto ef = pe::cpo_loss(eigen_pairs<float>(p, {}), eo);
+    const auto ed = pe::cpo_loss(eigen_pairs<double>(p, {}), eo);
+    EXPECT_VEC(ef.loss, as_vector(tr.loss), 1e-5, 1e-6, "float loss");
+    const auto g = grads_of(tr.loss, tf.leaves());
+    EXPECT_VEC(ef.grad_policy_chosen, g[0], 1e-5, 1e-7, "float grad pc");
+    EXPECT_VEC(ef.grad_policy_rejected, g[1], 1e-5, 1e-7, "float grad pr");
+    EXPECT_VEC(ef.grad_policy_chosen, to_torch(ed.grad_policy_chosen), 1e-4, 1e-6, "vs double");
+  }
+  {  // ORPO and TPO in float
+    const auto tf = torch_pairs(p, {}, at::kFloat);
+    const auto tr = F::orpo_loss(tf.in);
+    const auto ef = pe::orpo_loss(eigen_pairs<float>(p, {}));
+    EXPECT_VEC(ef.losses, tr.losses, 1e-5, 1e-6, "orpo float");
+    const auto g = grads_of(tr.loss, tf.leaves());
+    EXPECT_VEC(ef.grad_policy_chosen, g[0], 1e-5, 1e-7, "orpo float grad");
+    Feed host;
+    host.nll = 0.5;
+    const auto th = torch_pairs(p, host, at::kFloat);
+    const auto ttr =
+        F::tpo_loss(th.in, prefopt::TPOLossOptions().loss_type(prefopt::TPOLossType::kTPOL));
+    const auto etr = pe::tpo_loss(eigen_pairs<float>(p, host),
+                                  pe::TPOLossOptions().loss_type(prefopt::TPOLossType::kTPOL));
+    EXPECT_VEC(etr.loss, as_vector(ttr.loss), 1e-5, 1e-6, "tpo float");
+    const auto gt = grads_of(ttr.loss, th.leaves());
+    EXPECT_VEC(etr.grad_policy_chosen, gt[0], 1e-5, 1e-7, "tpo float grad");
+  }
+  {  // KTO in float
+    KTOBatch b(17, 5);
+    for (at::Tensor* t : {&b.pd, &b.pu, &b.rd, &b.ru, &b.pkl, &b.rkl}) *t = rounded(*t);
+    const auto pd = b.pd.to(at::kFloat).requires_grad_(), pu = b.pu.to(at::kFloat).requires_grad_();
+    const auto tr = F::kto_loss(prefopt::KTOInputs()
+                                    .policy_chosen_logps(pd)
+                                    .policy_rejected_logps(pu)
+                                    .reference_chosen_logps(b.rd.to(at::kFloat))
+                                    .reference_rejected_logps(b.ru.to(at::kFloat))
+                                    .policy_KL_logps(b.pkl.to(at::kFloat))
+                                    .reference_KL_logps(b.rkl.to(at::kFloat)));
+    const auto er = pe::kto_loss(pe::KTOInputs<float>()
+                                     .policy_chosen_logps(to_eigen<float>(b.pd))
+                                     .policy_rejected_logps(to_eigen<float>(b.pu))
+                                     .reference_chosen_logps(to_eigen<float>(b.rd))
+                                     .reference_rejected_logps(to_eigen<float>(b.ru))
+                                     .policy_KL_logps(to_eigen<float>(b.pkl))
+                                     .reference_KL_logps(to_eigen<float>(b.rkl)));
+    EXPECT_VEC(er.losses, tr.losses, 1e-5, 1e-6, "kto float");
+    const auto g = grads_of(tr.loss, {pd, pu});
+    EXPECT_VEC(er.grad_policy_chosen, g[0], 1e-5, 1e-7, "kto float grad pd");
+    EXPECT_VEC(er.grad_policy_rejected, g[1], 1e-5, 1e-7, "kto float grad pu");
+  }
+  // Extremes, in double and float.
+  for (double s : {-1e4, 1e4}) {
+    Pairs q(2);
+    q.pc = at::tensor({s, 0.0}, at::kDouble), q.pr = at::tensor({0.0, s}, at::kDouble);
+    q.nc = at::tensor({0, 3}), q.nr = at::tensor({1, 3});
+    q.rc = at::zeros({2}, at::kDouble), q.rr = at::zeros({2}, at::kDouble);
+    for (auto t :
+         {CPOLossType::kSigmoid, CPOLossType::kHinge, CPOLossType::kIPO, CPOLossType::kSimPO}) {
+      expect_cpo_matches(
+          q, {}, prefopt::CPOLossOptions().loss_type(t),
+          std::string("extreme ") + prefopt::detail::name_of(t) + " " + std::to_string(s));
+      const auto er = pe::cpo_loss(eigen_pairs<float>(q, {}), pe::CPOLossOptions().loss_type(t));
+      EXPECT_TRUE(er.loss.allFinite() && er.grad_policy_chosen.allFinite() &&
+                  er.grad_policy_rejected.allFinite());
+    }
+    KTOBatch b(2, 2);
+    b.pd = at::tensor({s, 0.0}, at::kDouble), b.pu = at::tensor({0.0, -s}, at::kDouble);
+    b.rd = at::zeros({2}, at::kDouble), b.ru = at::zeros({2}, at::kDouble);
+    expect_kto_matches(b, {}, true, std::nullopt, "extreme kto " + std::to_string(s));
+    expect_kto_matches(b,
+                       prefopt::KTOLossOptions().loss_type(prefopt::KTOLossType::kAPOZeroUnpaired),
+                       false, std::nullopt, "extreme apo_zero_unpaired " + std::to_string(s));
+  }
 }
 
 // ------------------------------------------------------------------------------ gathering

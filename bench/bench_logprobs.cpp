@@ -11,8 +11,8 @@
 #include <benchmark/benchmark.h>
 #include <c10/core/GradMode.h>
 #include <prefopt/distributed.h>
-#include <prefopt/vocab_parallel.h>
 #include <prefopt/logprobs.h>
+#include <prefopt/vocab_parallel.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>

@@ -3,10 +3,10 @@
 // launches this binary 2 or 3 times as the ranks of a group (the `DistWorker.*` tests, which
 // only run inside such a launch), waits for them with a deadline and kills them past it.
 #include <prefopt/distributed.h>
-#include <prefopt/vocab_parallel.h>
 #include <prefopt/losses/dpo.h>
 #include <prefopt/losses/kto.h>
 #include <prefopt/metrics.h>
+#include <prefopt/vocab_parallel.h>
 
 #include <arpa/inet.h>
 #include <fcntl.h>

@@ -1398,7 +1398,8 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
   auto kin2 = kin;
   kin2.reference_rejected_logps(v2).policy_KL_logps(v3);
   EXPECT_EIGEN_THROWS(pe::kto_loss(kin2), "prefopt::eigen::kto_loss",
-                      "expected policy_KL_logps and reference_KL_logps, got no reference_KL_logps");
+                      "expected both policy_KL_logps and reference_KL_logps for the KL "
+                      "estimate, got only policy_KL_logps");
   EXPECT_EIGEN_THROWS(pe::kto_loss(kin2.reference_KL_logps(v2)), "prefopt::eigen::kto_kl",
                       "expected reference_KL_logps of shape [3] like policy_KL_logps, got [2]");
   EXPECT_EIGEN_THROWS(pe::kto_loss(kin2, pe::KTOLossOptions().undesirable_weight(-1)),

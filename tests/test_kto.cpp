@@ -2,6 +2,8 @@
 // prefopt/losses/kto.h against the fp64 reference, torchtune's literals, empty sides and KL.
 #include <prefopt/losses/kto.h>
 
+#include <cmath>
+
 #include "reference/losses_reference.h"
 #include "support.h"
 
@@ -113,8 +115,8 @@ TEST_F(KTOLossTest, Errors) {
   PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).policy_chosen_logps(at::Tensor())),
                              "expected policy_chosen_logps (the desirable examples");
   PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).policy_KL_logps(x)),
-                             "prefopt::kto_kl: expected policy_KL_logps and reference_KL_logps, "
-                             "got no reference_KL_logps");
+                             "prefopt::kto_loss: expected both policy_KL_logps and "
+                             "reference_KL_logps for the KL estimate, got only policy_KL_logps");
   PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).kl(x)), "expected kl to be a scalar");
   PREFOPT_EXPECT_THROWS_WITH(prefopt::kto_loss_type_from_name("kto_pair"),
                              "unknown KTO loss type 'kto_pair'");
@@ -140,4 +142,23 @@ TEST_F(KTOLossTest, ReferenceGetsNoGradientAndDtypesAreChecked) {
                              "prefopt::kto_loss: expected policy_rejected_logps to be floating");
   PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).reference_chosen_logps(at::tensor({1, 2}))),
                              "prefopt::kto_loss: expected reference_chosen_logps to be floating");
+}
+
+// apo_zero_unpaired has no KL term: a KL given to it is ignored with a warning, and kl is 0.
+TEST_F(KTOLossTest, ApoZeroUnpairedWarnsAboutAnUnusedKl) {
+  const auto d = at::tensor({-3.0}, at::kDouble), u = at::tensor({-2.0}, at::kDouble);
+  const auto in = KTOInputs()
+                      .policy_chosen_logps(d)
+                      .policy_rejected_logps(u)
+                      .reference_chosen_logps(d - 1)
+                      .reference_rejected_logps(u + 1)
+                      .kl(at::scalar_tensor(0.7, at::kDouble));
+  prefopt::detail::WarningCapture warnings;
+  const auto r =
+      F::kto_loss(in, KTOLossOptions().loss_type(prefopt::KTOLossType::kAPOZeroUnpaired));
+  EXPECT_EQ(r.kl.item<double>(), 0.0);
+  EXPECT_TRUE(warnings.contains("apo_zero_unpaired uses no KL estimate"));
+  // (1 − σ(β·1) + σ(β·(−1))) / 2 with β = 0.1: the KL of 0.7 plays no part.
+  const double s = 1 / (1 + std::exp(-0.1));
+  EXPECT_NEAR(r.loss.item<double>(), ((1 - s) + (1 - s)) / 2, 1e-15);
 }

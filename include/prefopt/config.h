@@ -4,6 +4,14 @@
 
 #include <prefopt/version.h>
 
+/// \namespace prefopt
+/// prefopt's public API: the options, results and functors of the log-prob ops and the
+/// losses, the metric reducer, the process groups.
+///
+/// \namespace prefopt::functional
+/// The functional forms of the ops and losses (`prefopt::functional::dpo_loss`, ...), as
+/// libtorch's `torch::nn::functional`.
+
 // Everything lives in an inline ABI namespace (as fmt and nlohmann do): users write
 // `prefopt::functional::gather_logprobs`, the linker sees `prefopt::v0::...`.
 #define PREFOPT_BEGIN_NAMESPACE \

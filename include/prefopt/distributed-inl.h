@@ -62,9 +62,9 @@ PREFOPT_INLINE bool is_loopback(const std::string& addr) {
   return addr == "localhost" || addr == "::1" || addr.rfind("127.", 0) == 0;
 }
 
-PREFOPT_INLINE c10::intrusive_ptr<c10d::ProcessGroup> make_gloo(const c10::intrusive_ptr<c10d::Store>& store,
-                                                 int rank, int world, const std::string& master,
-                                                 std::chrono::milliseconds timeout) {
+PREFOPT_INLINE c10::intrusive_ptr<c10d::ProcessGroup> make_gloo(
+    const c10::intrusive_ptr<c10d::Store>& store, int rank, int world, const std::string& master,
+    std::chrono::milliseconds timeout) {
   auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
   // Single-machine jobs talk over loopback; others use GLOO_SOCKET_IFNAME or the address this
   // host's name resolves to, as torch.distributed does.
@@ -92,9 +92,9 @@ PREFOPT_INLINE c10::intrusive_ptr<c10d::ProcessGroup> make_gloo(const c10::intru
 }
 
 #ifdef PREFOPT_WITH_NCCL
-PREFOPT_INLINE c10::intrusive_ptr<c10d::ProcessGroup> make_nccl(const c10::intrusive_ptr<c10d::Store>& store,
-                                                 int rank, int world,
-                                                 std::chrono::milliseconds timeout) {
+PREFOPT_INLINE c10::intrusive_ptr<c10d::ProcessGroup> make_nccl(
+    const c10::intrusive_ptr<c10d::Store>& store, int rank, int world,
+    std::chrono::milliseconds timeout) {
   auto opts = c10d::ProcessGroupNCCL::Options::create();
   opts->timeout = timeout;
   auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
@@ -114,7 +114,7 @@ PREFOPT_INLINE c10::intrusive_ptr<c10d::ProcessGroup> make_nccl(const c10::intru
 }  // namespace dist
 
 PREFOPT_INLINE void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op,
-                const char* what) {
+                               const char* what) {
   if (group == nullptr || group->getSize() == 1) return;
   std::vector<at::Tensor> buffers{tensor};
   c10d::AllreduceOptions opts;
@@ -154,7 +154,8 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
               ": expected RANK in [0, WORLD_SIZE = ", ctx.world_size, "), got ", ctx.rank);
   const std::string local = detail::dist::env_or_empty("LOCAL_RANK");
   ctx.local_rank = local.empty() ? ctx.rank : detail::dist::env_int("LOCAL_RANK", -1, 0, 1 << 20);
-  const std::string addr = o.master_addr().empty() ? detail::dist::env_or_empty("MASTER_ADDR") : o.master_addr();
+  const std::string addr =
+      o.master_addr().empty() ? detail::dist::env_or_empty("MASTER_ADDR") : o.master_addr();
   TORCH_CHECK(!addr.empty(), detail::dist::kInit,
               ": environment variable MASTER_ADDR is not set; expected rank 0's host name or "
               "address, or pass ProcessGroupOptions::master_addr");
@@ -194,19 +195,23 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
 #endif
     ctx.group = detail::dist::make_gloo(ctx.store, ctx.rank, ctx.world_size, addr, o.timeout());
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, detail::dist::kInit, ": rank ", ctx.rank, " of ", ctx.world_size,
-                " could not form the group through ", addr, ":", port, " within ", seconds,
-                " s (did every rank start, with the same WORLD_SIZE?): ", detail::dist::first_line(e));
+    TORCH_CHECK(
+        false, detail::dist::kInit, ": rank ", ctx.rank, " of ", ctx.world_size,
+        " could not form the group through ", addr, ":", port, " within ", seconds,
+        " s (did every rank start, with the same WORLD_SIZE?): ", detail::dist::first_line(e));
   }
   return ctx;
 }
 
-PREFOPT_INLINE void all_reduce_sum(at::Tensor& tensor, c10d::ProcessGroup* group, const char* what) {
+PREFOPT_INLINE void all_reduce_sum(at::Tensor& tensor, c10d::ProcessGroup* group,
+                                   const char* what) {
   detail::all_reduce(tensor, group, c10d::ReduceOp::SUM, what);
 }
 
-PREFOPT_INLINE at::Tensor update_bco_baseline(BCOBaseline& baseline, const at::Tensor& chosen_rewards,
-                               const at::Tensor& rejected_rewards, c10d::ProcessGroup* group) {
+PREFOPT_INLINE at::Tensor update_bco_baseline(BCOBaseline& baseline,
+                                              const at::Tensor& chosen_rewards,
+                                              const at::Tensor& rejected_rewards,
+                                              c10d::ProcessGroup* group) {
   constexpr const char* fn = "prefopt::update_bco_baseline";
   TORCH_CHECK(chosen_rewards.defined() && rejected_rewards.defined(), fn,
               ": expected defined chosen and rejected rewards");
@@ -230,8 +235,9 @@ PREFOPT_INLINE at::Tensor update_bco_baseline(BCOBaseline& baseline, const at::T
 
 namespace functional {
 
-PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps, const at::Tensor& reference_KL_logps,
-                  c10d::ProcessGroup* group, bool by_example) {
+PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
+                                 const at::Tensor& reference_KL_logps, c10d::ProcessGroup* group,
+                                 bool by_example) {
   constexpr const char* fn = "prefopt::functional::kto_kl";
   TORCH_CHECK(policy_KL_logps.defined() && reference_KL_logps.defined() &&
                   policy_KL_logps.dim() == 1 &&

@@ -55,12 +55,12 @@ struct ProcessGroupOptions {
 struct DistributedContext {
   c10::intrusive_ptr<c10d::ProcessGroup> group;  ///< pass `group.get()` to prefopt's functions
   c10::intrusive_ptr<c10d::Store> store;         ///< the TCPStore the ranks met at
-  int rank = 0;
-  int world_size = 1;
+  int rank = 0;                                  ///< this process's rank
+  int world_size = 1;                            ///< the number of ranks
   /// `LOCAL_RANK` (the GPU index under torchrun), or `rank` when unset. With NCCL, make
   /// `cuda:local_rank` the current device before the first collective.
   int local_rank = 0;
-  DistBackend backend = DistBackend::kGloo;
+  DistBackend backend = DistBackend::kGloo;  ///< the backend the group uses
 };
 
 /// Creates a process group the way torchrun's workers do: rank 0 hosts a TCPStore at
@@ -88,8 +88,7 @@ PREFOPT_API bool has_nccl();
 namespace detail {
 /// `tensor` reduced with `op` over the ranks of `group`, in place (a no-op for one rank or no
 /// group); a failure is a c10::Error naming `what`.
-void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op,
-                const char* what);
+void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op, const char* what);
 }  // namespace detail
 
 /// Sums `tensor` over the ranks of `group`, in place (a no-op for one rank or no group).

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 
+namespace fmt {
+
 /// Formats `prefopt::Metrics`.
 ///
 /// - `{}`: one line, `name=value` pairs separated by spaces, values as `{:.6g}`
@@ -21,10 +23,11 @@
 /// fmt::print("{:t}\n", metrics);
 /// ```
 template <>
-struct fmt::formatter<prefopt::Metrics> {
-  bool table = false;
-  int precision = 6;
+struct formatter<prefopt::Metrics> {
+  bool table = false;  ///< `{:t}`: one metric per line
+  int precision = 6;   ///< significant digits, `{:.N}` (1 to 99)
 
+  /// Parses `{}`, `{:t}`, `{:.N}` or `{:t.N}`; anything else is a `fmt::format_error`.
   constexpr auto parse(format_parse_context& ctx) -> decltype(ctx.begin()) {
     auto it = ctx.begin();
     const auto end = ctx.end();
@@ -37,13 +40,19 @@ struct fmt::formatter<prefopt::Metrics> {
     if (it != end && *it == '.') {
       ++it;
       precision = 0;
-      while (it != end && *it >= '0' && *it <= '9') precision = precision * 10 + (*it++ - '0');
+      // Bounded before it can overflow: a double has 17 significant digits anyway.
+      while (it != end && *it >= '0' && *it <= '9') {
+        precision = precision * 10 + (*it++ - '0');
+        if (precision > 99) throw fmt::format_error("prefopt::Metrics: precision above 99");
+      }
+      if (precision < 1) throw fmt::format_error("prefopt::Metrics: precision below 1");
     }
     if (it != end && *it != '}')
       throw fmt::format_error("prefopt::Metrics: expected {}, {:t} or {:.N}");
     return it;
   }
 
+  /// Writes `metrics` as the format string asked.
   template <typename FormatContext>
   auto format(const prefopt::Metrics& metrics, FormatContext& ctx) const -> decltype(ctx.out()) {
     auto out = ctx.out();
@@ -66,3 +75,5 @@ struct fmt::formatter<prefopt::Metrics> {
     return out;
   }
 };
+
+}  // namespace fmt

@@ -82,7 +82,8 @@ PREFOPT_INLINE bool mixed_gemm(const at::Tensor& h) {
 }
 
 /// Bytes per row of the chunk buffers, forward and backward (see FusedLogprobsOptions).
-PREFOPT_INLINE int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bool softcap, bool mixed) {
+PREFOPT_INLINE int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bool softcap,
+                                     bool mixed) {
   const int64_t e = static_cast<int64_t>(at::elementSize(st));
   const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
   int64_t bwd = V * e * (softcap ? 2 : 1);
@@ -92,7 +93,8 @@ PREFOPT_INLINE int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bo
 
 /// c [m, n] (fp32) += op(a) · b for 16-bit a, b on CUDA: op(a) = aᵀ for a [k, m] when
 /// `trans_a`, else a [m, k]; fp32 accumulation inside one cuBLAS call.
-PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
+PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a,
+                                const at::Tensor& b) {
 #ifdef PREFOPT_WITH_CUDA_KERNELS
   namespace kg = prefopt::detail::cuda;
   const auto ac = a.contiguous(), bc = b.contiguous();
@@ -110,7 +112,8 @@ PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a
 }
 
 /// Bytes per vocabulary column of the kVocabBlocks backward buffers for n scored tokens.
-PREFOPT_INLINE int64_t bytes_per_column(int64_t n, int64_t H, at::ScalarType st, bool softcap, bool mixed) {
+PREFOPT_INLINE int64_t bytes_per_column(int64_t n, int64_t H, at::ScalarType st, bool softcap,
+                                        bool mixed) {
   const int64_t e = static_cast<int64_t>(at::elementSize(st));
   const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
   int64_t col = n * e * (softcap ? 2 : 1);
@@ -124,8 +127,8 @@ PREFOPT_INLINE int64_t bytes_per_column(int64_t n, int64_t H, at::ScalarType st,
 /// with softcapping (and an fp32 copy on CPU 16-bit). Rows come first, as many as fit beside
 /// blocks of 512 columns: every row chunk reads W twice and updates dW once, so fewer, taller
 /// chunks move less memory.
-PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t H, at::ScalarType st,
-                    bool softcap, bool mixed) {
+PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t H,
+                                   at::ScalarType st, bool softcap, bool mixed) {
   const int64_t e = static_cast<int64_t>(at::elementSize(st));
   const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
   const bool copies = e != acc && !mixed;
@@ -137,8 +140,8 @@ PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t
 }
 
 /// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer).
-PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight, const at::Tensor& bias,
-                  const HeadSpec& spec, at::Tensor& z) {
+PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight,
+                                 const at::Tensor& bias, const HeadSpec& spec, at::Tensor& z) {
   if (bias.defined()) {
     at::addmm_out(z, bias, h_c, weight.t());
   } else {
@@ -156,9 +159,10 @@ PREFOPT_INLINE Rows identity_rows(const at::Tensor& target_c) {
 
 /// The forward pass over all chunks: per-row log-probs, logsumexp and statistics of the
 /// scored `rows` of `h` [R, H], gathered chunk by chunk into a reused buffer.
-PREFOPT_INLINE RowResults head_forward(const at::Tensor& h, const at::Tensor& rows, const at::Tensor& weight,
-                        const at::Tensor& bias, const at::Tensor& target, unsigned flags,
-                        const HeadSpec& spec) {
+PREFOPT_INLINE RowResults head_forward(const at::Tensor& h, const at::Tensor& rows,
+                                       const at::Tensor& weight, const at::Tensor& bias,
+                                       const at::Tensor& target, unsigned flags,
+                                       const HeadSpec& spec) {
   const int64_t n = rows.size(0), V = weight.size(0), c = std::min(spec.chunk_rows, n);
   RowResults r = alloc_row_results(n, flags, h.options().dtype(acc_type(h.scalar_type())));
   at::Tensor buffer = at::empty({c, V}, h.options());
@@ -361,8 +365,9 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   }
 };
 
-PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
-                      const at::Tensor& bias, bool packed, const FusedLogprobsOptions& o) {
+PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,
+                                     const at::Tensor& weight, const at::Tensor& bias, bool packed,
+                                     const FusedLogprobsOptions& o) {
   TORCH_CHECK(hidden.defined(), fn, ": expected hidden states, got an undefined tensor");
   TORCH_CHECK(weight.defined(), fn, ": expected the LM-head weight, got an undefined tensor");
   if (packed) {
@@ -407,14 +412,13 @@ PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden, c
 }
 
 PREFOPT_INLINE int64_t row_budget(const HeadInputs& in, const FusedLogprobsOptions& o) {
-  return bytes_per_row(in.V, in.H, in.hidden.scalar_type(), o.softcap() > 0,
-                       mixed_gemm(in.hidden));
+  return bytes_per_row(in.V, in.H, in.hidden.scalar_type(), o.softcap() > 0, mixed_gemm(in.hidden));
 }
 
 PREFOPT_INLINE SequenceLogprobs run_head(const char* fn, const HeadInputs& in,
-                                        const at::Tensor& weight, const at::Tensor& bias,
-                                        const Selection& sel, const FusedLogprobsOptions& o,
-                                        const CrossRankPtr& cross) {
+                                         const at::Tensor& weight, const at::Tensor& bias,
+                                         const Selection& sel, const FusedLogprobsOptions& o,
+                                         const CrossRankPtr& cross) {
   const auto st = in.hidden.scalar_type();
   const int64_t per_row = bytes_per_row(in.V, in.H, st, o.softcap() > 0, mixed_gemm(in.hidden));
   TORCH_CHECK(o.chunk_bytes() >= 0, fn, ": expected chunk_bytes >= 0 (0: automatic), got ",
@@ -467,19 +471,21 @@ PREFOPT_INLINE SequenceLogprobs run_head(const char* fn, const HeadInputs& in,
   return assemble(sel, logp, stats, flags, o.with_token_logps(), acc_type(st));
 }
 
-PREFOPT_INLINE SequenceLogprobs fused_padded(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
-                              const at::Tensor& bias, const at::Tensor& labels,
-                              const at::Tensor* mask, const FusedLogprobsOptions& o) {
+PREFOPT_INLINE SequenceLogprobs fused_padded(const char* fn, const at::Tensor& hidden,
+                                             const at::Tensor& weight, const at::Tensor& bias,
+                                             const at::Tensor& labels, const at::Tensor* mask,
+                                             const FusedLogprobsOptions& o) {
   const auto in = check_head(fn, hidden, weight, bias, /*packed=*/false, o);
   const auto sel = select_padded(fn, hidden, "hidden states", hidden.size(0), hidden.size(1), in.V,
                                  labels, mask, o.shift(), o.ignore_index());
   return run_head(fn, in, weight, bias, sel, o, {});
 }
 
-PREFOPT_INLINE SequenceLogprobs fused_packed(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
-                              const at::Tensor& bias, const at::Tensor& labels,
-                              const at::Tensor* mask, const at::Tensor& cu_seqlens,
-                              const FusedLogprobsOptions& o) {
+PREFOPT_INLINE SequenceLogprobs fused_packed(const char* fn, const at::Tensor& hidden,
+                                             const at::Tensor& weight, const at::Tensor& bias,
+                                             const at::Tensor& labels, const at::Tensor* mask,
+                                             const at::Tensor& cu_seqlens,
+                                             const FusedLogprobsOptions& o) {
   const auto in = check_head(fn, hidden, weight, bias, /*packed=*/true, o);
   const auto sel = select_packed(fn, in.hidden, "hidden states", in.hidden.size(1), in.V, labels,
                                  mask, cu_seqlens, o.shift(), o.ignore_index());
@@ -492,35 +498,36 @@ PREFOPT_INLINE SequenceLogprobs fused_packed(const char* fn, const at::Tensor& h
 namespace functional {
 
 PREFOPT_INLINE SequenceLogprobs fused_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
-                                const at::Tensor& bias, const at::Tensor& labels,
-                                const FusedLogprobsFuncOptions& options) {
-  return detail::fused::fused_padded("prefopt::fused_logprobs", hidden, weight, bias, labels, nullptr,
-                              options);
+                                               const at::Tensor& bias, const at::Tensor& labels,
+                                               const FusedLogprobsFuncOptions& options) {
+  return detail::fused::fused_padded("prefopt::fused_logprobs", hidden, weight, bias, labels,
+                                     nullptr, options);
 }
 
 PREFOPT_INLINE SequenceLogprobs fused_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
-                                const at::Tensor& bias, const at::Tensor& input_ids,
-                                const at::Tensor& completion_mask,
-                                const FusedLogprobsFuncOptions& options) {
+                                               const at::Tensor& bias, const at::Tensor& input_ids,
+                                               const at::Tensor& completion_mask,
+                                               const FusedLogprobsFuncOptions& options) {
   return detail::fused::fused_padded("prefopt::fused_logprobs", hidden, weight, bias, input_ids,
-                              &completion_mask, options);
+                                     &completion_mask, options);
 }
 
-PREFOPT_INLINE SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
-                                       const at::Tensor& bias, const at::Tensor& labels,
-                                       const at::Tensor& cu_seqlens,
-                                       const FusedLogprobsFuncOptions& options) {
+PREFOPT_INLINE SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden,
+                                                      const at::Tensor& weight,
+                                                      const at::Tensor& bias,
+                                                      const at::Tensor& labels,
+                                                      const at::Tensor& cu_seqlens,
+                                                      const FusedLogprobsFuncOptions& options) {
   return detail::fused::fused_packed("prefopt::fused_packed_logprobs", hidden, weight, bias, labels,
-                              nullptr, cu_seqlens, options);
+                                     nullptr, cu_seqlens, options);
 }
 
-PREFOPT_INLINE SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
-                                       const at::Tensor& bias, const at::Tensor& input_ids,
-                                       const at::Tensor& completion_mask,
-                                       const at::Tensor& cu_seqlens,
-                                       const FusedLogprobsFuncOptions& options) {
-  return detail::fused::fused_packed("prefopt::fused_packed_logprobs", hidden, weight, bias, input_ids,
-                              &completion_mask, cu_seqlens, options);
+PREFOPT_INLINE SequenceLogprobs
+fused_packed_logprobs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
+                      const at::Tensor& input_ids, const at::Tensor& completion_mask,
+                      const at::Tensor& cu_seqlens, const FusedLogprobsFuncOptions& options) {
+  return detail::fused::fused_packed("prefopt::fused_packed_logprobs", hidden, weight, bias,
+                                     input_ids, &completion_mask, cu_seqlens, options);
 }
 
 }  // namespace functional

@@ -86,6 +86,7 @@ struct FusedLogprobsOptions {
 
 namespace functional {
 
+/// The options of the functional form (`FusedLogprobsOptions`, as libtorch names them).
 using FusedLogprobsFuncOptions = FusedLogprobsOptions;
 
 /// Sequence log-probs of `labels` under the LM head `logits = hidden · weightᵀ + bias`, without
@@ -155,16 +156,20 @@ PREFOPT_API SequenceLogprobs fused_packed_logprobs(const at::Tensor& hidden,
 /// ```
 class FusedLogprobs {
  public:
+  /// The fused op with `options`.
   explicit FusedLogprobs(FusedLogprobsOptions options = {}) : options_(std::move(options)) {}
+  /// `functional::fused_logprobs(hidden, weight, bias, labels, options())`.
   SequenceLogprobs operator()(const at::Tensor& hidden, const at::Tensor& weight,
                               const at::Tensor& bias, const at::Tensor& labels) const {
     return functional::fused_logprobs(hidden, weight, bias, labels, options_);
   }
+  /// The completion-mask form.
   SequenceLogprobs operator()(const at::Tensor& hidden, const at::Tensor& weight,
                               const at::Tensor& bias, const at::Tensor& input_ids,
                               const at::Tensor& completion_mask) const {
     return functional::fused_logprobs(hidden, weight, bias, input_ids, completion_mask, options_);
   }
+  /// The options the functor was made with.
   const FusedLogprobsOptions& options() const { return options_; }
 
  private:

@@ -60,7 +60,7 @@ struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction>
 };
 
 PREFOPT_INLINE void check_logits(const char* fn, const at::Tensor& logits, int64_t dim,
-                  const GatherLogprobsOptions& o) {
+                                 const GatherLogprobsOptions& o) {
   TORCH_CHECK(logits.defined(), fn, ": expected logits, got an undefined tensor");
   TORCH_CHECK(logits.dim() == dim, fn, ": expected logits of rank ", dim,
               dim == 3 ? " [B, T, V]" : " [N, V]", ", got shape ", logits.sizes());
@@ -75,16 +75,16 @@ PREFOPT_INLINE void check_logits(const char* fn, const at::Tensor& logits, int64
 }
 
 PREFOPT_INLINE SequenceLogprobs gather(const at::Tensor& logits, const Selection& sel,
-                                      const GatherLogprobsOptions& o, const CrossRankPtr& cross) {
+                                       const GatherLogprobsOptions& o, const CrossRankPtr& cross) {
   const unsigned flags = stat_flags(o.with_logits_mean(), o.with_token_accuracy(), o.with_entropy(),
                                     o.with_wpo_weights());
   const auto& rows = sel.rows;
   at::Tensor logp;
   RowResults stats;
   if (at::GradMode::is_enabled() && logits.requires_grad()) {
-    const auto out = TokenLogpsFunction::apply(logits, rows.b, rows.t, rows.target,
-                                               static_cast<int64_t>(flags), o.chunk_bytes(),
-                                               static_cast<int64_t>(o.backend()), cross);
+    const auto out =
+        TokenLogpsFunction::apply(logits, rows.b, rows.t, rows.target, static_cast<int64_t>(flags),
+                                  o.chunk_bytes(), static_cast<int64_t>(o.backend()), cross);
     logp = out[0];
     stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];
     stats.log_sum_p2 = out[4];
@@ -103,8 +103,9 @@ PREFOPT_INLINE SequenceLogprobs gather(const at::Tensor& logits, const Selection
   return assemble(sel, logp, stats, flags, o.with_token_logps(), acc_type(logits.scalar_type()));
 }
 
-PREFOPT_INLINE SequenceLogprobs gather_padded(const char* fn, const at::Tensor& logits, const at::Tensor& labels,
-                               const at::Tensor* mask, const GatherLogprobsOptions& o) {
+PREFOPT_INLINE SequenceLogprobs gather_padded(const char* fn, const at::Tensor& logits,
+                                              const at::Tensor& labels, const at::Tensor* mask,
+                                              const GatherLogprobsOptions& o) {
   check_logits(fn, logits, 3, o);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto sel =
@@ -119,8 +120,9 @@ PREFOPT_INLINE SequenceLogprobs gather_padded(const char* fn, const at::Tensor& 
 }
 
 PREFOPT_INLINE SequenceLogprobs gather_packed(const char* fn, const at::Tensor& logits_in,
-                               const at::Tensor& labels, const at::Tensor* mask,
-                               const at::Tensor& cu_seqlens, const GatherLogprobsOptions& o) {
+                                              const at::Tensor& labels, const at::Tensor* mask,
+                                              const at::Tensor& cu_seqlens,
+                                              const GatherLogprobsOptions& o) {
   TORCH_CHECK(logits_in.defined(), fn, ": expected logits, got an undefined tensor");
   // Accept [1, N, V]: the layout packed batches have when they come out of a [B, T] model call.
   const bool batched = logits_in.dim() == 3;
@@ -147,30 +149,34 @@ PREFOPT_INLINE SequenceLogprobs gather_packed(const char* fn, const at::Tensor& 
 namespace functional {
 
 PREFOPT_INLINE SequenceLogprobs gather_logprobs(const at::Tensor& logits, const at::Tensor& labels,
-                                 const GatherLogprobsFuncOptions& options) {
-  return detail::gather::gather_padded("prefopt::gather_logprobs", logits, labels, nullptr, options);
+                                                const GatherLogprobsFuncOptions& options) {
+  return detail::gather::gather_padded("prefopt::gather_logprobs", logits, labels, nullptr,
+                                       options);
 }
 
-PREFOPT_INLINE SequenceLogprobs gather_logprobs(const at::Tensor& logits, const at::Tensor& input_ids,
-                                 const at::Tensor& completion_mask,
-                                 const GatherLogprobsFuncOptions& options) {
-  return detail::gather::gather_padded("prefopt::gather_logprobs", logits, input_ids, &completion_mask,
-                               options);
+PREFOPT_INLINE SequenceLogprobs gather_logprobs(const at::Tensor& logits,
+                                                const at::Tensor& input_ids,
+                                                const at::Tensor& completion_mask,
+                                                const GatherLogprobsFuncOptions& options) {
+  return detail::gather::gather_padded("prefopt::gather_logprobs", logits, input_ids,
+                                       &completion_mask, options);
 }
 
-PREFOPT_INLINE SequenceLogprobs gather_packed_logprobs(const at::Tensor& logits, const at::Tensor& labels,
-                                        const at::Tensor& cu_seqlens,
-                                        const GatherLogprobsFuncOptions& options) {
+PREFOPT_INLINE SequenceLogprobs gather_packed_logprobs(const at::Tensor& logits,
+                                                       const at::Tensor& labels,
+                                                       const at::Tensor& cu_seqlens,
+                                                       const GatherLogprobsFuncOptions& options) {
   return detail::gather::gather_packed("prefopt::gather_packed_logprobs", logits, labels, nullptr,
-                               cu_seqlens, options);
+                                       cu_seqlens, options);
 }
 
-PREFOPT_INLINE SequenceLogprobs gather_packed_logprobs(const at::Tensor& logits, const at::Tensor& input_ids,
-                                        const at::Tensor& completion_mask,
-                                        const at::Tensor& cu_seqlens,
-                                        const GatherLogprobsFuncOptions& options) {
+PREFOPT_INLINE SequenceLogprobs gather_packed_logprobs(const at::Tensor& logits,
+                                                       const at::Tensor& input_ids,
+                                                       const at::Tensor& completion_mask,
+                                                       const at::Tensor& cu_seqlens,
+                                                       const GatherLogprobsFuncOptions& options) {
   return detail::gather::gather_packed("prefopt::gather_packed_logprobs", logits, input_ids,
-                               &completion_mask, cu_seqlens, options);
+                                       &completion_mask, cu_seqlens, options);
 }
 
 PREFOPT_INLINE PairLogprobs split_pairs(const SequenceLogprobs& all) {

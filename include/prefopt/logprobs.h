@@ -94,8 +94,8 @@ struct SequenceLogprobs {
 
 /// A concatenated batch `[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]` split in two.
 struct PairLogprobs {
-  SequenceLogprobs chosen;
-  SequenceLogprobs rejected;
+  SequenceLogprobs chosen;    ///< the first half: the chosen completions
+  SequenceLogprobs rejected;  ///< the second half: the rejected completions
 };
 
 /// Chosen and rejected sequence log-probs of B pairs.
@@ -106,6 +106,7 @@ struct PairSums {
 
 namespace functional {
 
+/// The options of the functional form (`GatherLogprobsOptions`, as libtorch names them).
 using GatherLogprobsFuncOptions = GatherLogprobsOptions;
 
 /// Sequence log-probs of `labels` under `logits`, positions excluded by `ignore_index`.
@@ -206,14 +207,18 @@ PREFOPT_API at::Tensor wpo_pair_weights(const PairLogprobs& pair, bool clamp_max
 /// ```
 class GatherLogprobs {
  public:
+  /// The gathering op with `options`.
   explicit GatherLogprobs(GatherLogprobsOptions options = {}) : options_(std::move(options)) {}
+  /// `functional::gather_logprobs(logits, labels, options())`.
   SequenceLogprobs operator()(const at::Tensor& logits, const at::Tensor& labels) const {
     return functional::gather_logprobs(logits, labels, options_);
   }
+  /// The completion-mask form.
   SequenceLogprobs operator()(const at::Tensor& logits, const at::Tensor& input_ids,
                               const at::Tensor& completion_mask) const {
     return functional::gather_logprobs(logits, input_ids, completion_mask, options_);
   }
+  /// The options the functor was made with.
   const GatherLogprobsOptions& options() const { return options_; }
 
  private:

@@ -99,8 +99,10 @@ PREFOPT_INLINE at::Tensor count_tensor(double n, const at::Tensor& like) {
 }  // namespace metrics
 }  // namespace detail
 
-PREFOPT_INLINE MetricAccumulator::MetricAccumulator(MetricsOptions options) : options_(std::move(options)) {
-  for (size_t i = 0; i < detail::metrics::kNumBuiltins; ++i) slots_.push_back({detail::metrics::kBuiltinNames[i], detail::metrics::kBuiltinScalar[i]});
+PREFOPT_INLINE MetricAccumulator::MetricAccumulator(MetricsOptions options)
+    : options_(std::move(options)) {
+  for (size_t i = 0; i < detail::metrics::kNumBuiltins; ++i)
+    slots_.push_back({detail::metrics::kBuiltinNames[i], detail::metrics::kBuiltinScalar[i]});
 }
 
 PREFOPT_INLINE MetricAccumulator::Step& MetricAccumulator::new_step() {
@@ -123,7 +125,8 @@ PREFOPT_INLINE MetricAccumulator::Step& MetricAccumulator::current_step() {
 PREFOPT_INLINE size_t MetricAccumulator::slot(const std::string& name, bool scalar) {
   for (size_t i = 0; i < slots_.size(); ++i) {
     if (slots_[i].name == name) {
-      TORCH_CHECK(slots_[i].scalar == scalar && i != detail::metrics::kMargins && i != detail::metrics::kNumTokens,
+      TORCH_CHECK(slots_[i].scalar == scalar && i != detail::metrics::kMargins &&
+                      i != detail::metrics::kNumTokens,
                   "prefopt::MetricAccumulator::add_scalar: '", name,
                   "' is a built-in per-example metric; pick another name");
       return i;
@@ -134,33 +137,38 @@ PREFOPT_INLINE size_t MetricAccumulator::slot(const std::string& name, bool scal
 }
 
 PREFOPT_INLINE void MetricAccumulator::put(Step& step, size_t slot, const at::Tensor& sum,
-                            const at::Tensor& count) {
+                                           const at::Tensor& count) {
   if (step.size() <= slot) step.resize(slots_.size());
-  auto entry =
-      at::stack({detail::metrics::as_double(sum).reshape({}), detail::metrics::as_double(count).reshape({}).to(sum.device())});
+  auto entry = at::stack({detail::metrics::as_double(sum).reshape({}),
+                          detail::metrics::as_double(count).reshape({}).to(sum.device())});
   step[slot] = step[slot].defined() ? step[slot] + entry : entry;
 }
 
-PREFOPT_INLINE void MetricAccumulator::put_examples(Step& step, size_t slot, const at::Tensor& values) {
+PREFOPT_INLINE void MetricAccumulator::put_examples(Step& step, size_t slot,
+                                                    const at::Tensor& values) {
   if (!values.defined()) return;
   // An empty side contributes (0, 0): present in the layout, absent from the means.
   put(step, slot, detail::metrics::as_double(values).sum(),
       detail::metrics::count_tensor(static_cast<double>(values.numel()), values));
 }
 
-PREFOPT_INLINE void MetricAccumulator::put_logps(Step& step, const at::Tensor& chosen, const at::Tensor& rejected,
-                                  const PairInputs& inputs) {
+PREFOPT_INLINE void MetricAccumulator::put_logps(Step& step, const at::Tensor& chosen,
+                                                 const at::Tensor& rejected,
+                                                 const PairInputs& inputs) {
   // What the loss consumed (sums or means, after any conversion), as TRL logs logps/*.
-  put_examples(step, detail::metrics::kLogpsChosen, chosen.defined() ? chosen : inputs.policy_chosen_logps());
+  put_examples(step, detail::metrics::kLogpsChosen,
+               chosen.defined() ? chosen : inputs.policy_chosen_logps());
   put_examples(step, detail::metrics::kLogpsRejected,
                rejected.defined() ? rejected : inputs.policy_rejected_logps());
 }
 
 PREFOPT_INLINE void MetricAccumulator::put_pairs(Step& step, const at::Tensor& loss,
-                                  const at::Tensor& chosen_rewards,
-                                  const at::Tensor& rejected_rewards, const PairInputs& inputs) {
+                                                 const at::Tensor& chosen_rewards,
+                                                 const at::Tensor& rejected_rewards,
+                                                 const PairInputs& inputs) {
   if (loss.defined() && loss.numel() > 0)
-    put(step, detail::metrics::kLoss, detail::metrics::as_double(loss).mean(), detail::metrics::count_tensor(1, loss));
+    put(step, detail::metrics::kLoss, detail::metrics::as_double(loss).mean(),
+        detail::metrics::count_tensor(1, loss));
   put_examples(step, detail::metrics::kRewardsChosen, chosen_rewards);
   put_examples(step, detail::metrics::kRewardsRejected, rejected_rewards);
   if (chosen_rewards.defined() && rejected_rewards.defined()) {
@@ -174,7 +182,8 @@ PREFOPT_INLINE void MetricAccumulator::put_pairs(Step& step, const at::Tensor& l
 }
 
 PREFOPT_INLINE void MetricAccumulator::put_tokens(Step& step, const SequenceLogprobs& chosen,
-                                   const SequenceLogprobs& rejected, TokenSides sides) {
+                                                  const SequenceLogprobs& rejected,
+                                                  TokenSides sides) {
   constexpr const char* fn = "prefopt::MetricAccumulator::add";
   // A metric TRL logs whose statistic was not gathered is left out, and said so once.
   if (sides.logits) {
@@ -182,7 +191,8 @@ PREFOPT_INLINE void MetricAccumulator::put_tokens(Step& step, const SequenceLogp
     const auto logits = [&](size_t slot, const SequenceLogprobs& lp) {
       const auto& sum = scored ? lp.logits_sum : lp.logits_sum_all;
       const auto& count = scored ? lp.count : lp.positions;
-      if (sum.defined() && count.defined()) put(step, slot, detail::metrics::as_double(sum).sum(), count.sum());
+      if (sum.defined() && count.defined())
+        put(step, slot, detail::metrics::as_double(sum).sum(), count.sum());
       return sum.defined() && count.defined();
     };
     const bool got_c = logits(detail::metrics::kLogitsChosen, chosen);
@@ -206,8 +216,10 @@ PREFOPT_INLINE void MetricAccumulator::put_tokens(Step& step, const SequenceLogp
     if ((has_c && !c.defined()) || (has_r && !r.defined())) return false;
     at::Tensor sum, n;
     const auto add_side = [&](const at::Tensor& stat, const at::Tensor& count) {
-      sum = sum.defined() ? sum + detail::metrics::as_double(stat).sum() : detail::metrics::as_double(stat).sum();
-      n = n.defined() ? n + detail::metrics::as_double(count).sum() : detail::metrics::as_double(count).sum();
+      sum = sum.defined() ? sum + detail::metrics::as_double(stat).sum()
+                          : detail::metrics::as_double(stat).sum();
+      n = n.defined() ? n + detail::metrics::as_double(count).sum()
+                      : detail::metrics::as_double(count).sum();
     };
     if (has_c) add_side(c, chosen.count);
     if (has_r) add_side(r, rejected.count);
@@ -218,7 +230,8 @@ PREFOPT_INLINE void MetricAccumulator::put_tokens(Step& step, const SequenceLogp
     TORCH_WARN_ONCE(fn, ": entropy is not logged: the log-probs carry no entropy; gather them ",
                     "with with_entropy(true) (GatherLogprobsOptions or FusedLogprobsOptions)");
   }
-  if (!pool(detail::metrics::kTokenAccuracy, chosen.correct, rejected.correct, sides.accuracy_rejected)) {
+  if (!pool(detail::metrics::kTokenAccuracy, chosen.correct, rejected.correct,
+            sides.accuracy_rejected)) {
     TORCH_WARN_ONCE(fn, ": mean_token_accuracy is not logged: the log-probs carry no ",
                     "correct-token counts; gather them with with_token_accuracy(true) ",
                     "(GatherLogprobsOptions or FusedLogprobsOptions)");
@@ -230,7 +243,8 @@ PREFOPT_INLINE void MetricAccumulator::put_tokens(Step& step, const SequenceLogp
     const auto t = detail::metrics::as_double(lp->count).sum();
     tokens = tokens.defined() ? tokens + t : t;
   }
-  if (tokens.defined()) put(step, detail::metrics::kNumTokens, tokens, detail::metrics::count_tensor(1, tokens));
+  if (tokens.defined())
+    put(step, detail::metrics::kNumTokens, tokens, detail::metrics::count_tensor(1, tokens));
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const at::Tensor& loss, const SequenceLogprobs& lp) {
@@ -240,7 +254,8 @@ PREFOPT_INLINE void MetricAccumulator::add(const at::Tensor& loss, const Sequenc
   TORCH_CHECK(lp.count.defined(),
               "prefopt::MetricAccumulator::add: the SFT log-probs have no token counts");
   Step& step = new_step();
-  put(step, detail::metrics::kLoss, detail::metrics::as_double(loss).reshape({}), detail::metrics::count_tensor(1, loss));
+  put(step, detail::metrics::kLoss, detail::metrics::as_double(loss).reshape({}),
+      detail::metrics::count_tensor(1, loss));
   put_tokens(step, lp, SequenceLogprobs{}, {/*logits=*/false, /*accuracy_rejected=*/false});
 }
 
@@ -248,15 +263,18 @@ PREFOPT_INLINE void MetricAccumulator::add(const DPOLossResult& r, const PairInp
   Step& step = new_step();
   put_pairs(step, r.loss, r.chosen_rewards, r.rejected_rewards, in);
   put_logps(step, r.chosen_logps, r.rejected_logps, in);
-  if (r.nll_loss.defined()) put(step, detail::metrics::kNLL, r.nll_loss, detail::metrics::count_tensor(1, r.nll_loss));
+  if (r.nll_loss.defined())
+    put(step, detail::metrics::kNLL, r.nll_loss, detail::metrics::count_tensor(1, r.nll_loss));
   const auto& c = in.chosen_lengths();
   const auto& rj = in.rejected_lengths();
   if (c.defined() && rj.defined())
-    put(step, detail::metrics::kNumTokens, detail::metrics::as_double(c).sum() + detail::metrics::as_double(rj).sum(), detail::metrics::count_tensor(1, c));
+    put(step, detail::metrics::kNumTokens,
+        detail::metrics::as_double(c).sum() + detail::metrics::as_double(rj).sum(),
+        detail::metrics::count_tensor(1, c));
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in,
-                            const PairLogprobs& policy) {
+                                           const PairLogprobs& policy) {
   add(r, in);
   // Pairwise: mean_token_accuracy over the chosen completions only (TRL ≥ 0.29).
   put_tokens(steps_.back(), policy.chosen, policy.rejected,
@@ -276,10 +294,12 @@ PREFOPT_INLINE DPOLossResult as_dpo(const ORPOLossResult& r) {
 }  // namespace metrics
 }  // namespace detail
 
-PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in) { add(detail::metrics::as_dpo(r), in); }
+PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in) {
+  add(detail::metrics::as_dpo(r), in);
+}
 
 PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in,
-                            const PairLogprobs& policy) {
+                                           const PairLogprobs& policy) {
   add(detail::metrics::as_dpo(r), in, policy);
 }
 
@@ -290,7 +310,7 @@ PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairIn
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in,
-                            const PairLogprobs& policy) {
+                                           const PairLogprobs& policy) {
   add(detail::metrics::as_dpo(r), in, policy);
   put_examples(steps_.back(), detail::metrics::kLogOddsRatio, r.log_odds_ratio);
   put_examples(steps_.back(), detail::metrics::kLogOddsChosen, r.log_odds_chosen);
@@ -299,7 +319,8 @@ PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairIn
 PREFOPT_INLINE void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in) {
   Step& step = new_step();
   if (r.loss.defined() && r.loss.numel() > 0)
-    put(step, detail::metrics::kLoss, detail::metrics::as_double(r.loss).mean(), detail::metrics::count_tensor(1, r.loss));
+    put(step, detail::metrics::kLoss, detail::metrics::as_double(r.loss).mean(),
+        detail::metrics::count_tensor(1, r.loss));
   put_examples(step, detail::metrics::kRewardsChosen, r.chosen_rewards);
   put_examples(step, detail::metrics::kRewardsRejected, r.rejected_rewards);
   put_examples(step, detail::metrics::kLogpsChosen, in.policy_chosen_logps());
@@ -308,12 +329,14 @@ PREFOPT_INLINE void MetricAccumulator::add(const KTOLossResult& r, const KTOInpu
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in,
-                            const SequenceLogprobs& chosen, const SequenceLogprobs& rejected) {
+                                           const SequenceLogprobs& chosen,
+                                           const SequenceLogprobs& rejected) {
   add(r, in);
   put_tokens(steps_.back(), chosen, rejected, {/*logits=*/true, /*accuracy_rejected=*/true});
 }
 
-PREFOPT_INLINE void MetricAccumulator::add_scalar(const std::string& name, const at::Tensor& value) {
+PREFOPT_INLINE void MetricAccumulator::add_scalar(const std::string& name,
+                                                  const at::Tensor& value) {
   TORCH_CHECK(value.defined() && value.numel() == 1,
               "prefopt::MetricAccumulator::add_scalar: expected a one-element tensor for '", name,
               "', got ", value.defined() ? value.sizes() : at::IntArrayRef{}, " (",
@@ -348,7 +371,8 @@ PREFOPT_INLINE Metrics MetricAccumulator::compute(c10d::ProcessGroup* group) {
   return finish(packed);
 }
 
-PREFOPT_INLINE Metrics MetricAccumulator::compute_ranks(const std::vector<MetricAccumulator*>& ranks) {
+PREFOPT_INLINE Metrics
+MetricAccumulator::compute_ranks(const std::vector<MetricAccumulator*>& ranks) {
   constexpr const char* fn = "prefopt::MetricAccumulator::compute_ranks";
   TORCH_CHECK(!ranks.empty() && ranks[0] != nullptr, fn, ": expected at least one accumulator");
   const auto& first = *ranks[0];
@@ -408,7 +432,9 @@ PREFOPT_INLINE Metrics MetricAccumulator::finish(const at::Tensor& packed) {
     if (n_steps == 0) return false;
     if (!mean_of_steps) {
       double c = 0, r = 0;
-      if (!window_value(detail::metrics::kRewardsChosen, &c) || !window_value(detail::metrics::kRewardsRejected, &r)) return false;
+      if (!window_value(detail::metrics::kRewardsChosen, &c) ||
+          !window_value(detail::metrics::kRewardsRejected, &r))
+        return false;
       *value = c - r;
       return true;
     }
@@ -416,9 +442,11 @@ PREFOPT_INLINE Metrics MetricAccumulator::finish(const at::Tensor& packed) {
     double num = 0;
     int64_t den = 0;
     for (size_t i = 0; i < n_steps; ++i) {
-      const double nc = acc[i][detail::metrics::kRewardsChosen][1], nr = acc[i][detail::metrics::kRewardsRejected][1];
+      const double nc = acc[i][detail::metrics::kRewardsChosen][1],
+                   nr = acc[i][detail::metrics::kRewardsRejected][1];
       if (nc <= 0 || nr <= 0) continue;
-      num += acc[i][detail::metrics::kRewardsChosen][0] / nc - acc[i][detail::metrics::kRewardsRejected][0] / nr;
+      num += acc[i][detail::metrics::kRewardsChosen][0] / nc -
+             acc[i][detail::metrics::kRewardsRejected][0] / nr;
       ++den;
     }
     if (den == 0) return false;
@@ -462,7 +490,8 @@ PREFOPT_INLINE std::string to_json(int64_t step, const Metrics& metrics) {
   return j.dump();
 }
 
-PREFOPT_INLINE JsonlWriter::JsonlWriter(const std::string& path, bool sync) : path_(path), sync_(sync) {
+PREFOPT_INLINE JsonlWriter::JsonlWriter(const std::string& path, bool sync)
+    : path_(path), sync_(sync) {
   fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   TORCH_CHECK(fd_ >= 0, "prefopt::JsonlWriter: cannot open '", path,
               "' for appending: ", std::strerror(errno));

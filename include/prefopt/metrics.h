@@ -77,7 +77,9 @@ struct MetricsOptions {
 /// ```
 class PREFOPT_API Metrics {
  public:
+  /// A metric: its name and value.
   using value_type = std::pair<std::string, double>;
+  /// Iterates the metrics in order.
   using const_iterator = std::vector<value_type>::const_iterator;
 
   /// Sets `name` (appended if new, replaced in place otherwise).
@@ -86,11 +88,16 @@ class PREFOPT_API Metrics {
   double at(const std::string& name) const;
   /// Pointer to the value of `name`, or nullptr.
   const double* find(const std::string& name) const;
+  /// Whether `name` is present.
   bool contains(const std::string& name) const { return find(name) != nullptr; }
 
+  /// The first metric.
   const_iterator begin() const noexcept { return items_.begin(); }
+  /// Past the last metric.
   const_iterator end() const noexcept { return items_.end(); }
+  /// The number of metrics.
   size_t size() const noexcept { return items_.size(); }
+  /// Whether there are none.
   bool empty() const noexcept { return items_.empty(); }
 
  private:
@@ -138,19 +145,24 @@ class PREFOPT_API Metrics {
 /// ```
 class PREFOPT_API MetricAccumulator {
  public:
+  /// An empty window with `options`.
   explicit MetricAccumulator(MetricsOptions options = {});
 
   /// A DPO-family micro-step; `policy` (optional) feeds the token metrics.
   void add(const DPOLossResult& result, const PairInputs& inputs);
+  /// The same, with the policy's token statistics.
   void add(const DPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
   /// A CPO / SimPO / AlphaPO / TPO micro-step.
   void add(const CPOLossResult& result, const PairInputs& inputs);
+  /// The same, with the policy's token statistics.
   void add(const CPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
   /// An ORPO micro-step (also `log_odds_ratio`, `log_odds_chosen`).
   void add(const ORPOLossResult& result, const PairInputs& inputs);
+  /// The same, with the policy's token statistics.
   void add(const ORPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
   /// A KTO micro-step (also `kl`); either side may be empty.
   void add(const KTOLossResult& result, const KTOInputs& inputs);
+  /// The same, with the token statistics of both sides.
   void add(const KTOLossResult& result, const KTOInputs& inputs, const SequenceLogprobs& chosen,
            const SequenceLogprobs& rejected);
   /// An SFT micro-step (TRL's SFTTrainer): `loss` (0-dim) and, from the log-probs of the
@@ -161,6 +173,7 @@ class PREFOPT_API MetricAccumulator {
   /// micro-step: the one the last `add` started, or, before any `add` in the window, the one
   /// the next `add` fills. `value` (0-dim, any device) is read only at `compute`.
   void add_scalar(const std::string& name, const at::Tensor& value);
+  /// The same from a number.
   void add_scalar(const std::string& name, double value);
 
   /// Reduces the window over its micro-steps and, with a group, over the group's ranks (one
@@ -186,6 +199,7 @@ class PREFOPT_API MetricAccumulator {
 
   /// Micro-steps in the current window.
   int64_t steps() const noexcept { return static_cast<int64_t>(steps_.size()); }
+  /// The options of the accumulator.
   const MetricsOptions& options() const noexcept { return options_; }
 
  private:
@@ -239,11 +253,14 @@ class PREFOPT_API JsonlWriter {
   ~JsonlWriter();
   JsonlWriter(const JsonlWriter&) = delete;
   JsonlWriter& operator=(const JsonlWriter&) = delete;
+  /// Takes over `other`'s file.
   JsonlWriter(JsonlWriter&& other) noexcept;
+  /// Closes this writer's file and takes over `other`'s.
   JsonlWriter& operator=(JsonlWriter&& other) noexcept;
 
   /// Writes one line: `step` first, then the metrics in order.
   void write(int64_t step, const Metrics& metrics);
+  /// The file written to.
   const std::string& path() const noexcept { return path_; }
 
  private:

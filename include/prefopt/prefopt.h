@@ -19,8 +19,8 @@
 #include <prefopt/losses/orpo.h>
 #include <prefopt/losses/tpo.h>
 #include <prefopt/metrics.h>
-#include <prefopt/vocab_parallel.h>
 #include <prefopt/version.h>
+#include <prefopt/vocab_parallel.h>
 
 #ifdef PREFOPT_OUTERMOST_PREFOPT
 #undef PREFOPT_OUTERMOST_PREFOPT

@@ -83,9 +83,9 @@ constexpr int64_t kAnyVocabulary = std::numeric_limits<int64_t>::max();
 namespace functional {
 
 PREFOPT_INLINE SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor& logits,
-                                                              const at::Tensor& labels,
-                                                              c10d::ProcessGroup* group,
-                                                              const VocabParallelOptions& o) {
+                                                               const at::Tensor& labels,
+                                                               c10d::ProcessGroup* group,
+                                                               const VocabParallelOptions& o) {
   constexpr const char* fn = "prefopt::functional::vocab_parallel_gather_logprobs";
   namespace d = detail;
   d::vp::check_options(fn, o);
@@ -96,17 +96,17 @@ PREFOPT_INLINE SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor&
                       .chunk_bytes(o.chunk_bytes());
   d::gather::check_logits(fn, logits, 3, go);
   const auto sel = d::vp::local_selection(
-      d::select_padded(fn, logits, "logits", logits.size(0), logits.size(1),
-                       d::vp::kAnyVocabulary, labels, nullptr, o.shift(), o.ignore_index()),
+      d::select_padded(fn, logits, "logits", logits.size(0), logits.size(1), d::vp::kAnyVocabulary,
+                       labels, nullptr, o.shift(), o.ignore_index()),
       o);
   return d::gather::gather(logits, sel, go, d::vp::cross_rank(group, fn));
 }
 
 PREFOPT_INLINE SequenceLogprobs vocab_parallel_fused_logprobs(const at::Tensor& hidden,
-                                                             const at::Tensor& weight,
-                                                             const at::Tensor& labels,
-                                                             c10d::ProcessGroup* group,
-                                                             const VocabParallelOptions& o) {
+                                                              const at::Tensor& weight,
+                                                              const at::Tensor& labels,
+                                                              c10d::ProcessGroup* group,
+                                                              const VocabParallelOptions& o) {
   constexpr const char* fn = "prefopt::functional::vocab_parallel_fused_logprobs";
   namespace d = detail;
   d::vp::check_options(fn, o);

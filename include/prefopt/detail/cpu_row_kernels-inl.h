@@ -28,9 +28,9 @@
 #define PREFOPT_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 
 // The kernels pass 64-byte vectors between always-inlined helpers only; GCC's note that such
-// a vector's ABI depends on AVX-512 is noise here (and would reach users in header-only mode).
+// a vector's ABI depends on AVX-512 is noise here. GCC emits it at the end of the translation
+// unit, so it stays off from here on (in header-only mode, for the rest of the user's file).
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -309,7 +309,8 @@ PREFOPT_ALWAYS_INLINE float sum_impl(const T* z, int64_t V) {
 
 // ---- fp64 rows: plain scalar loops, fp64 throughout ----
 
-PREFOPT_INLINE RowStats<double> stats_f64(const double* z, int64_t V, int64_t target, unsigned flags) {
+PREFOPT_INLINE RowStats<double> stats_f64(const double* z, int64_t V, int64_t target,
+                                          unsigned flags) {
   RowStats<double> out;
   double m = -std::numeric_limits<double>::infinity(), total = 0;
   bool nan = false;
@@ -343,26 +344,26 @@ using namespace kernels;  // NOLINT: the vector helpers above, in detail::cpu on
 
 // ---- entry points: one set per instruction-set level, chosen once at run time ----
 
-#define PREFOPT_ROW_ENTRIES(ISA, ATTR)                                                     \
-  PREFOPT_INLINE ATTR RowStats<float> stats_##ISA(const float* z, int64_t V, int64_t t,    \
-                                                  unsigned f) {                            \
-    return stats_impl(z, V, t, f);                                                         \
-  }                                                                                        \
-  PREFOPT_INLINE ATTR RowStats<float> stats_##ISA(const bf16* z, int64_t V, int64_t t,     \
-                                                  unsigned f) {                            \
-    return stats_impl(z, V, t, f);                                                         \
-  }                                                                                        \
-  PREFOPT_INLINE ATTR RowStats<float> stats_##ISA(const f16* z, int64_t V, int64_t t,      \
-                                                  unsigned f) {                            \
-    return stats_impl(z, V, t, f);                                                         \
-  }                                                                                        \
-  template <typename T>                                                                \
-  ATTR void grad_##ISA(const T* z, int64_t V, int64_t t, float l, float g, T* o) {     \
-    grad_impl(z, V, t, l, g, o);                                                       \
-  }                                                                                    \
-  template <typename T>                                                                \
-  ATTR float sum_##ISA(const T* z, int64_t V) {                                        \
-    return sum_impl(z, V);                                                             \
+#define PREFOPT_ROW_ENTRIES(ISA, ATTR)                                                  \
+  PREFOPT_INLINE ATTR RowStats<float> stats_##ISA(const float* z, int64_t V, int64_t t, \
+                                                  unsigned f) {                         \
+    return stats_impl(z, V, t, f);                                                      \
+  }                                                                                     \
+  PREFOPT_INLINE ATTR RowStats<float> stats_##ISA(const bf16* z, int64_t V, int64_t t,  \
+                                                  unsigned f) {                         \
+    return stats_impl(z, V, t, f);                                                      \
+  }                                                                                     \
+  PREFOPT_INLINE ATTR RowStats<float> stats_##ISA(const f16* z, int64_t V, int64_t t,   \
+                                                  unsigned f) {                         \
+    return stats_impl(z, V, t, f);                                                      \
+  }                                                                                     \
+  template <typename T>                                                                 \
+  ATTR void grad_##ISA(const T* z, int64_t V, int64_t t, float l, float g, T* o) {      \
+    grad_impl(z, V, t, l, g, o);                                                        \
+  }                                                                                     \
+  template <typename T>                                                                 \
+  ATTR float sum_##ISA(const T* z, int64_t V) {                                         \
+    return sum_impl(z, V);                                                              \
   }
 
 namespace kernels {
@@ -392,7 +393,7 @@ inline Isa isa() {
 
 #if PREFOPT_X86_DISPATCH
 #define PREFOPT_DISPATCH(NAME, ...)       \
-  switch (isa()) {                         \
+  switch (isa()) {                        \
     case Isa::avx512:                     \
       return NAME##_avx512(__VA_ARGS__);  \
     case Isa::avx2:                       \
@@ -418,12 +419,14 @@ PREFOPT_INLINE RowStats<float> row_stats<f16>(const f16* z, int64_t V, int64_t t
   PREFOPT_DISPATCH(stats, z, V, t, f)
 }
 template <>
-PREFOPT_INLINE RowStats<double> row_stats<double>(const double* z, int64_t V, int64_t t, unsigned f) {
+PREFOPT_INLINE RowStats<double> row_stats<double>(const double* z, int64_t V, int64_t t,
+                                                  unsigned f) {
   return stats_f64(z, V, t, f);
 }
 
 template <>
-PREFOPT_INLINE void row_grad<float>(const float* z, int64_t V, int64_t t, float l, float g, float* o) {
+PREFOPT_INLINE void row_grad<float>(const float* z, int64_t V, int64_t t, float l, float g,
+                                    float* o) {
   PREFOPT_DISPATCH(grad, z, V, t, l, g, o)
 }
 template <>
@@ -435,7 +438,8 @@ PREFOPT_INLINE void row_grad<f16>(const f16* z, int64_t V, int64_t t, float l, f
   PREFOPT_DISPATCH(grad, z, V, t, l, g, o)
 }
 template <>
-PREFOPT_INLINE void row_grad<double>(const double* z, int64_t V, int64_t t, double l, double g, double* o) {
+PREFOPT_INLINE void row_grad<double>(const double* z, int64_t V, int64_t t, double l, double g,
+                                     double* o) {
   const double p = t >= 0 ? std::exp(z[t] - l) : 0;  // before `o` (which may alias z) is written
   for (int64_t v = 0; v < V; ++v) o[v] = -g * std::exp(z[v] - l);
   if (t >= 0) o[t] = g * (1.0 - p);
@@ -478,7 +482,3 @@ PREFOPT_INLINE void advise_huge_pages(void* data, std::size_t bytes) {
 }  // namespace detail
 }  // namespace v0
 }  // namespace prefopt
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif

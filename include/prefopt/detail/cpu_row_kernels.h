@@ -39,7 +39,8 @@ PREFOPT_HIDDEN RowStats<acc_t<T>> row_stats(const T* z, int64_t V, int64_t targe
 /// Gradient of `g · log_softmax(z)[target]` with respect to the row:
 /// `out_v = g · (1[v = target] − exp(z_v − lse))`, written in T. `out` may be `z` (in place).
 template <typename T>
-PREFOPT_HIDDEN void row_grad(const T* z, int64_t V, int64_t target, acc_t<T> lse, acc_t<T> g, T* out);
+PREFOPT_HIDDEN void row_grad(const T* z, int64_t V, int64_t target, acc_t<T> lse, acc_t<T> g,
+                             T* out);
 
 /// Σ_v z_v of a contiguous row.
 template <typename T>
@@ -55,4 +56,3 @@ void advise_huge_pages(void* data, std::size_t bytes);
 }  // namespace detail
 }  // namespace v0
 }  // namespace prefopt
-

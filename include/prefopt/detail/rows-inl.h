@@ -159,7 +159,8 @@ PREFOPT_INLINE void check_launch(int code, const char* what) {
   TORCH_CHECK(code == 0, "prefopt: CUDA ", what, " kernel failed: ", kg::error_string(code));
 }
 
-PREFOPT_INLINE void cuda_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, RowResults& r) {
+PREFOPT_INLINE void cuda_forward(const at::Tensor& logits, const Rows& rows, unsigned flags,
+                                 RowResults& r) {
   const c10::cuda::CUDAGuard guard(logits.device());
   kg::RowsArgs a;
   a.logits = logits.data_ptr();
@@ -179,7 +180,7 @@ PREFOPT_INLINE void cuda_forward(const at::Tensor& logits, const Rows& rows, uns
 }
 
 PREFOPT_INLINE void cuda_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
-                   const at::Tensor& g, at::Tensor& grad) {
+                                  const at::Tensor& g, at::Tensor& grad) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), T = logits.size(1), n = rows.b.numel();
   // Scored rows come in row-major order (nonzero() or the fused op's identity), so with every
@@ -224,8 +225,8 @@ PREFOPT_INLINE void cuda_backward(const at::Tensor& logits, const Rows& rows, co
 
 // ---- chunked ATen path (any device) ----
 
-PREFOPT_INLINE void aten_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, int64_t chunk_bytes,
-                  RowResults& r) {
+PREFOPT_INLINE void aten_forward(const at::Tensor& logits, const Rows& rows, unsigned flags,
+                                 int64_t chunk_bytes, RowResults& r) {
   const int64_t V = logits.size(2);
   const auto acc = acc_type(logits.scalar_type());
   for_each_chunk(rows.b.numel(), rows_per_chunk(logits, chunk_bytes), [&](int64_t s, int64_t e) {
@@ -247,7 +248,7 @@ PREFOPT_INLINE void aten_forward(const at::Tensor& logits, const Rows& rows, uns
 }
 
 PREFOPT_INLINE void aten_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
-                   const at::Tensor& g, int64_t chunk_bytes, at::Tensor& grad) {
+                                  const at::Tensor& g, int64_t chunk_bytes, at::Tensor& grad) {
   const auto acc = acc_type(logits.scalar_type());
   for_each_chunk(rows.b.numel(), rows_per_chunk(logits, chunk_bytes), [&](int64_t s, int64_t e) {
     const auto bi = rows.b.slice(0, s, e), ti = rows.t.slice(0, s, e);
@@ -281,7 +282,7 @@ PREFOPT_INLINE RowResults slice_rows(const RowResults& r, int64_t s, int64_t e) 
 }
 
 PREFOPT_INLINE void rows_forward_into(const at::Tensor& logits, const Rows& rows, unsigned flags,
-                       GatherBackend backend, int64_t chunk_bytes, RowResults& r) {
+                                      GatherBackend backend, int64_t chunk_bytes, RowResults& r) {
   if (rows.b.numel() == 0) return;
 #ifdef PREFOPT_WITH_CUDA_KERNELS
   if (use_cuda_kernel(logits, backend)) return cuda_forward(logits, rows, flags, r);
@@ -294,7 +295,7 @@ PREFOPT_INLINE void rows_forward_into(const at::Tensor& logits, const Rows& rows
 }
 
 PREFOPT_INLINE RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned flags,
-                        GatherBackend backend, int64_t chunk_bytes) {
+                                       GatherBackend backend, int64_t chunk_bytes) {
   RowResults r = alloc_row_results(rows.b.numel(), flags,
                                    logits.options().dtype(acc_type(logits.scalar_type())));
   rows_forward_into(logits, rows, flags, backend, chunk_bytes, r);
@@ -302,8 +303,8 @@ PREFOPT_INLINE RowResults rows_forward(const at::Tensor& logits, const Rows& row
 }
 
 PREFOPT_INLINE void rows_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
-                   const at::Tensor& g, GatherBackend backend, int64_t chunk_bytes,
-                   at::Tensor& grad) {
+                                  const at::Tensor& g, GatherBackend backend, int64_t chunk_bytes,
+                                  at::Tensor& grad) {
 #ifdef PREFOPT_WITH_CUDA_KERNELS
   if (use_cuda_kernel(logits, backend)) return cuda_backward(logits, rows, lse, g, grad);
 #endif
@@ -322,7 +323,8 @@ PREFOPT_INLINE void rows_backward(const at::Tensor& logits, const Rows& rows, co
   aten_backward(logits, rows, lse, g, chunk_bytes, grad);
 }
 
-PREFOPT_INLINE at::Tensor all_row_means(const at::Tensor& logits, GatherBackend backend, int64_t chunk_bytes) {
+PREFOPT_INLINE at::Tensor all_row_means(const at::Tensor& logits, GatherBackend backend,
+                                        int64_t chunk_bytes) {
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   if (use_kernel(logits, backend)) {
     auto out = at::empty({B, T}, logits.options().dtype(acc_type(logits.scalar_type())));
@@ -375,7 +377,8 @@ PREFOPT_INLINE void check_floating(const char* fn, const char* what, const at::T
 }
 
 PREFOPT_INLINE at::Tensor check_labels(const char* fn, const at::Tensor& labels, const char* what,
-                        at::IntArrayRef expected, const char* ref_name, const at::Tensor& logits) {
+                                       at::IntArrayRef expected, const char* ref_name,
+                                       const at::Tensor& logits) {
   TORCH_CHECK(labels.defined(), fn, ": expected ", what, ", got an undefined tensor");
   TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) &&
                   !at::isComplexType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
@@ -387,8 +390,9 @@ PREFOPT_INLINE at::Tensor check_labels(const char* fn, const at::Tensor& labels,
   return labels.to(at::kLong);
 }
 
-PREFOPT_INLINE at::Tensor check_mask(const char* fn, const at::Tensor& mask, at::IntArrayRef expected,
-                      const char* ref_name, const at::Tensor& logits) {
+PREFOPT_INLINE at::Tensor check_mask(const char* fn, const at::Tensor& mask,
+                                     at::IntArrayRef expected, const char* ref_name,
+                                     const at::Tensor& logits) {
   TORCH_CHECK(mask.defined(), fn, ": expected completion_mask, got an undefined tensor");
   TORCH_CHECK(!at::isFloatingType(mask.scalar_type()), fn,
               ": expected completion_mask of bool or integer 0/1 values, got ", mask.scalar_type());
@@ -411,8 +415,9 @@ PREFOPT_INLINE void advise_huge_pages(const at::Tensor& fresh) {
 namespace rows_impl {
 
 /// Scored labels must index the vocabulary. One reduction and, on error only, a readable report.
-PREFOPT_INLINE void check_targets(const char* fn, const at::Tensor& targets, const at::Tensor& scored, int64_t V,
-                   bool has_ignore, int64_t ignore_index) {
+PREFOPT_INLINE void check_targets(const char* fn, const at::Tensor& targets,
+                                  const at::Tensor& scored, int64_t V, bool has_ignore,
+                                  int64_t ignore_index) {
   const auto bad = scored & ((targets < 0) | (targets >= V));
   if (!bad.any().item<bool>()) return;
   const auto where = bad.nonzero()[0].cpu();
@@ -442,9 +447,10 @@ PREFOPT_INLINE Rows padded_rows(const at::Tensor& targets, const at::Tensor& sco
 
 }  // namespace rows_impl
 
-PREFOPT_INLINE Selection select_padded(const char* fn, const at::Tensor& ref, const char* ref_name, int64_t B,
-                        int64_t T, int64_t V, const at::Tensor& labels_in,
-                        const at::Tensor* mask_in, bool shift, int64_t ignore_index) {
+PREFOPT_INLINE Selection select_padded(const char* fn, const at::Tensor& ref, const char* ref_name,
+                                       int64_t B, int64_t T, int64_t V, const at::Tensor& labels_in,
+                                       const at::Tensor* mask_in, bool shift,
+                                       int64_t ignore_index) {
   const auto labels =
       check_labels(fn, labels_in, mask_in ? "input_ids" : "labels", {B, T}, ref_name, ref);
   const int64_t k = (shift && T > 0) ? 1 : 0;  // positions t score labels at t + k
@@ -458,9 +464,10 @@ PREFOPT_INLINE Selection select_padded(const char* fn, const at::Tensor& ref, co
   return sel;
 }
 
-PREFOPT_INLINE Selection select_packed(const char* fn, const at::Tensor& ref, const char* ref_name, int64_t N,
-                        int64_t V, const at::Tensor& labels_in, const at::Tensor* mask_in,
-                        const at::Tensor& cu_seqlens, bool shift, int64_t ignore_index) {
+PREFOPT_INLINE Selection select_packed(const char* fn, const at::Tensor& ref, const char* ref_name,
+                                       int64_t N, int64_t V, const at::Tensor& labels_in,
+                                       const at::Tensor* mask_in, const at::Tensor& cu_seqlens,
+                                       bool shift, int64_t ignore_index) {
   auto flat = [&](const at::Tensor& x) { return x.defined() && x.dim() == 2 ? x.squeeze(0) : x; };
   const auto labels =
       check_labels(fn, flat(labels_in), mask_in ? "input_ids" : "labels", {N}, ref_name, ref);
@@ -504,8 +511,9 @@ PREFOPT_INLINE Selection select_packed(const char* fn, const at::Tensor& ref, co
   return sel;
 }
 
-PREFOPT_INLINE SequenceLogprobs assemble(const Selection& sel, const at::Tensor& logp, const RowResults& stats,
-                          unsigned flags, bool with_token_logps, at::ScalarType acc) {
+PREFOPT_INLINE SequenceLogprobs assemble(const Selection& sel, const at::Tensor& logp,
+                                         const RowResults& stats, unsigned flags,
+                                         bool with_token_logps, at::ScalarType acc) {
   const auto& rows = sel.rows;
   const int64_t S = sel.S;
   const auto fo = logp.options().dtype(acc);

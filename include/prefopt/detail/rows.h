@@ -5,9 +5,9 @@
 // reduction of row results to per-sequence ones.
 #pragma once
 
+#include <ATen/core/ivalue.h>
 #include <prefopt/fused_logprobs.h>
 #include <prefopt/logprobs.h>
-#include <ATen/core/ivalue.h>
 
 #include <cstdint>
 
@@ -161,4 +161,3 @@ SequenceLogprobs run_head(const char* fn, const HeadInputs& in, const at::Tensor
 
 }  // namespace detail
 PREFOPT_END_NAMESPACE
-

@@ -2,10 +2,10 @@
 // What every loss of the Eigen layer shares: vector types, the reduction, the pairwise inputs,
 // the sums/means conversion and the NLL term, each with its derivative.
 //
-// Mirrors include/prefopt/losses/common.h and the detail:: functions of src/losses/dpo.cpp
-// (check_pair_inputs, form_logps, chosen_nll) and src/losses/math.h; the libtorch layer is the
-// reference this layer is tested against (tests/test_eigen.cpp). Needs Eigen3 and the standard
-// library only.
+// Mirrors include/prefopt/losses/common.h and the detail:: functions of
+// include/prefopt/losses/common-inl.h (check_pair_inputs, form_logps, chosen_nll) and
+// include/prefopt/detail/loss_math.h; the libtorch layer is the reference this layer is tested
+// against (tests/test_eigen.cpp). Needs Eigen3 and the standard library only.
 #pragma once
 
 #include <prefopt/config.h>
@@ -254,8 +254,8 @@ constexpr void check_scalar() {
 }
 
 // ------------------------------------------------------------------------------ scalar math
-// The elementwise pieces of src/losses/math.h and the ATen kernels the libtorch layer calls,
-// each with its derivative, evaluated as ATen's CPU kernels evaluate them.
+// The elementwise pieces of include/prefopt/detail/loss_math.h and the ATen kernels the libtorch
+// layer calls, each with its derivative, evaluated as ATen's CPU kernels evaluate them.
 
 /// log σ(x) = min(x, 0) − log1p(e^{−|x|}) (ATen's log_sigmoid).
 template <typename T>

@@ -2,7 +2,7 @@
 // Reference-free pairwise losses on Eigen vectors, with closed-form gradients: CPO (sigmoid,
 // hinge, ipo), SimPO and AlphaPO, with the optional NLL term on the chosen completions.
 //
-// Mirrors include/prefopt/losses/cpo.h and `cpo_impl` in src/losses/pairwise.cpp (the
+// Mirrors include/prefopt/losses/cpo.h and `cpo_impl` in include/prefopt/losses/cpo-inl.h (the
 // reference this layer is tested against, in tests/test_eigen.cpp).
 #pragma once
 
@@ -109,7 +109,7 @@ struct CPOParams {
   const char* name = nullptr;  // the loss's name in messages; default: the CPO type's
 };
 
-/// CPO / SimPO / AlphaPO (and TPO's types) with the gradient, as src/losses/pairwise.cpp's
+/// CPO / SimPO / AlphaPO (and TPO's types) with the gradient, as include/prefopt/losses/cpo-inl.h's
 /// `cpo_impl`.
 template <typename T>
 CPOLossResult<T> cpo_impl(const char* fn, const PairInputs<T>& in, const CPOParams& p) {

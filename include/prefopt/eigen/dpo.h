@@ -3,8 +3,8 @@
 // f-divergences, multi-loss (MPO) weights, the sft/RPO term, WPO weights and bco_pair's
 // baseline.
 //
-// Mirrors include/prefopt/losses/dpo.h and src/losses/dpo.cpp (the reference this layer is
-// tested against, in tests/test_eigen.cpp).
+// Mirrors include/prefopt/losses/dpo.h and include/prefopt/losses/dpo-inl.h (the reference this
+// layer is tested against, in tests/test_eigen.cpp).
 #pragma once
 
 #include <prefopt/eigen/common.h>
@@ -202,7 +202,7 @@ inline bool has_type(const std::vector<DPOLossType>& types, DPOLossType t) {
   return std::find(types.begin(), types.end(), t) != types.end();
 }
 
-/// The option checks of src/losses/dpo.cpp's `check_options`.
+/// The option checks of losses/dpo-inl.h's `check_options`.
 inline void check_dpo_options(const DPOLossOptions& o) {
   const char* fn = kDPOFn;
   const auto& types = o.loss_type();

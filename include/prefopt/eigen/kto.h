@@ -2,7 +2,7 @@
 // KTO on unpaired desirable/undesirable completions, and APO-zero's unpaired form, on Eigen
 // vectors with closed-form gradients.
 //
-// Mirrors include/prefopt/losses/kto.h and `kto_loss`/`kto_kl` in src/losses/pairwise.cpp
+// Mirrors include/prefopt/losses/kto.h and `kto_loss`/`kto_kl` in losses/kto-inl.h
 // (the reference this layer is tested against, in tests/test_eigen.cpp).
 #pragma once
 
@@ -136,15 +136,22 @@ KTOLossResult<T> kto_loss(const KTOInputs<T>& in, const KTOLossOptions& o = {}) 
                 ": loss_type is not a KTOLossType value (got ", static_cast<int>(o.loss_type()),
                 ")");
   detail::check_reduction(fn, o.reduction());
+  const bool kl_logps = in.policy_KL_logps().has_value() || in.reference_KL_logps().has_value();
+  detail::check(
+      !kl_logps || (in.policy_KL_logps().has_value() && in.reference_KL_logps().has_value()), fn,
+      ": expected both policy_KL_logps and reference_KL_logps for the KL estimate, ", "got only ",
+      in.policy_KL_logps().has_value() ? "policy_KL_logps" : "reference_KL_logps");
   T z = T(0);
-  if (in.kl()) {
+  if (o.loss_type() == KTOLossType::kAPOZeroUnpaired) {
+    // TRL's apo_zero_unpaired has no KL term (and logs kl = 0).
+    if (in.kl() || kl_logps) {
+      detail::warn_once(detail::str(fn, "/apo_kl"),
+                        detail::str(fn, ": apo_zero_unpaired uses no KL estimate; the kl and KL ",
+                                    "log-probs given are ignored"));
+    }
+  } else if (in.kl()) {
     z = std::max(*in.kl(), T(0));
-  } else if (o.loss_type() == KTOLossType::kKTO &&
-             (in.policy_KL_logps().has_value() || in.reference_KL_logps().has_value())) {
-    detail::check(
-        in.policy_KL_logps().has_value() && in.reference_KL_logps().has_value(), fn,
-        ": expected policy_KL_logps and reference_KL_logps, got ",
-        in.policy_KL_logps().has_value() ? "no reference_KL_logps" : "no policy_KL_logps");
+  } else if (kl_logps) {
     z = kto_kl<T>(*in.policy_KL_logps(), *in.reference_KL_logps());
   }
   const Vector<T> rho_d = in.policy_chosen_logps() - in.reference_chosen_logps();

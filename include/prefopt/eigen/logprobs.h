@@ -3,8 +3,8 @@
 // gradient with respect to the logits, on Eigen.
 //
 // Mirrors `functional::gather_packed_logprobs` (labels form) of include/prefopt/logprobs.h and
-// src/logprobs.cpp, src/rows.cpp (`select_packed`, `assemble`): the reference this layer is
-// tested against (tests/test_eigen.cpp).
+// include/prefopt/logprobs-inl.h, include/prefopt/detail/rows-inl.h (`select_packed`, `assemble`):
+// the reference this layer is tested against (tests/test_eigen.cpp).
 #pragma once
 
 #include <prefopt/eigen/common.h>

@@ -2,7 +2,7 @@
 // Training metrics with TRL's names from the Eigen layer's loss results, averaged over the
 // micro-steps of a logging window (one process; no ranks).
 //
-// Mirrors `MetricAccumulator` of include/prefopt/metrics.h and src/metrics.cpp without the
+// Mirrors `MetricAccumulator` of include/prefopt/metrics.h and metrics-inl.h without the
 // token statistics (logits/*, entropy, mean_token_accuracy) and the collective: the reference
 // this layer is tested against (tests/test_eigen.cpp).
 #pragma once

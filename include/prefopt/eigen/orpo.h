@@ -2,9 +2,9 @@
 // ORPO on Eigen vectors, with closed-form gradients: the odds-ratio preference term with a
 // stable log(1 − p), plus the chosen NLL.
 //
-// Mirrors include/prefopt/losses/orpo.h, `orpo_loss` in src/losses/pairwise.cpp and
-// `orpo_log_odds` in src/losses/math.h (the reference this layer is tested against, in
-// tests/test_eigen.cpp).
+// Mirrors include/prefopt/losses/orpo.h, `orpo_loss` in include/prefopt/losses/orpo-inl.h and
+// `orpo_log_odds` in include/prefopt/detail/loss_math.h (the reference this layer is tested
+// against, in tests/test_eigen.cpp).
 #pragma once
 
 #include <prefopt/eigen/common.h>

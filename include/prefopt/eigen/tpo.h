@@ -3,8 +3,9 @@
 // reference-free preference loss on the policy margin plus the gold response's NLL, as TRL's
 // experimental TPOTrainer (TRL ≥ 1.3).
 //
-// Mirrors include/prefopt/losses/tpo.h and `tpo_impl`/`tpo_loss` in src/losses/pairwise.cpp
-// (the reference this layer is tested against, in tests/test_eigen.cpp).
+// Mirrors include/prefopt/losses/tpo.h and `tpo_impl`/`tpo_loss` in
+// include/prefopt/losses/tpo-inl.h (the reference this layer is tested against, in
+// tests/test_eigen.cpp).
 #pragma once
 
 #include <prefopt/eigen/cpo.h>

@@ -11,8 +11,8 @@
 PREFOPT_BEGIN_NAMESPACE
 namespace detail {
 
-PREFOPT_INLINE void check_logps(const char* fn, const char* name, const at::Tensor& t, int64_t batch,
-                 const at::Device& device) {
+PREFOPT_INLINE void check_logps(const char* fn, const char* name, const at::Tensor& t,
+                                int64_t batch, const at::Device& device) {
   TORCH_CHECK(t.defined(), fn, ": expected ", name, " to be a defined tensor, got undefined");
   TORCH_CHECK(t.dim() == 1, fn, ": expected ", name, " of shape [B] (1-D), got ", t.sizes());
   TORCH_CHECK(batch < 0 || t.size(0) == batch, fn, ": expected ", name, " of shape [", batch,
@@ -26,7 +26,8 @@ PREFOPT_INLINE void check_floating_logps(const char* fn, const char* name, const
               " to be floating point (fp64/fp32/bf16/fp16), got ", t.scalar_type());
 }
 
-PREFOPT_INLINE int64_t check_pair_inputs(const char* fn, const PairInputs& in, bool needs_reference) {
+PREFOPT_INLINE int64_t check_pair_inputs(const char* fn, const PairInputs& in,
+                                         bool needs_reference) {
   const auto& pc = in.policy_chosen_logps();
   TORCH_CHECK(pc.defined(), fn, ": expected policy_chosen_logps to be a defined tensor, got ",
               "undefined");
@@ -57,8 +58,8 @@ PREFOPT_INLINE int64_t check_pair_inputs(const char* fn, const PairInputs& in, b
   return B;
 }
 
-PREFOPT_INLINE FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in, LogpsForm native,
-                     at::ScalarType dtype) {
+PREFOPT_INLINE FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in,
+                                    LogpsForm native, at::ScalarType dtype) {
   FormLogps out;
   out.given = in.logps_form();
   const char* native_name = native == LogpsForm::kMean ? "per-token means" : "sums";
@@ -94,7 +95,8 @@ PREFOPT_INLINE FormLogps form_logps(const char* fn, const char* loss, const Pair
 }
 
 PREFOPT_INLINE at::Tensor chosen_nll(const char* fn, const PairInputs& in, const at::Tensor& chosen,
-                      LogpsForm form, NLLNormalization norm, at::ScalarType dtype, bool per_pair) {
+                                     LogpsForm form, NLLNormalization norm, at::ScalarType dtype,
+                                     bool per_pair) {
   if (in.nll_loss().defined()) return cast(in.nll_loss().reshape({}), dtype);
   const auto logps = cast(chosen, dtype);
   const bool averaged = form == LogpsForm::kMean;
@@ -117,7 +119,6 @@ PREFOPT_INLINE at::Tensor chosen_nll(const char* fn, const PairInputs& in, const
   const auto nf = cast(n, dtype);  // same-dtype product: mixed dtypes take a slower path
   return (logps * nf).sum().neg() / nf.sum().clamp_min(1);
 }
-
 
 PREFOPT_INLINE void check_beta(const char* fn, double beta) {
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, fn, ": expected beta > 0, got ", beta);

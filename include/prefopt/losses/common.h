@@ -112,7 +112,7 @@ inline at::Tensor reduce(const at::Tensor& losses, const LossReduction& reductio
 /// Checks a [B] log-prob input: defined, 1-D, floating, of batch size `batch` (when ≥ 0) and
 /// on `device`.
 void check_logps(const char* fn, const char* name, const at::Tensor& t, int64_t batch,
-                             const at::Device& device);
+                 const at::Device& device);
 
 /// Validates the tensors of `in` that a pairwise loss needs and returns the batch size.
 /// `needs_reference`: reference tensors must be present.
@@ -128,15 +128,14 @@ struct FormLogps {
 /// `in`'s log-probs converted to `native` (kSum or kMean) with the token counts when `in`
 /// holds the other form. `loss` names the loss in the messages: a TORCH_CHECK when the counts
 /// needed are missing, a warning (once per process) when `in` does not say its form.
-FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in,
-                                 LogpsForm native, at::ScalarType dtype);
+FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in, LogpsForm native,
+                     at::ScalarType dtype);
 
 /// NLL of the chosen completions from their log-probs (see `NLLNormalization`), or the host's
 /// `in.nll_loss()`. `chosen` are the chosen log-probs in form `form`. Returns a 0-dim tensor
 /// in `dtype`, or a [B] tensor for kSequenceMean when `per_pair` is set.
 at::Tensor chosen_nll(const char* fn, const PairInputs& in, const at::Tensor& chosen,
-                                  LogpsForm form, NLLNormalization norm, at::ScalarType dtype,
-                                  bool per_pair);
+                      LogpsForm form, NLLNormalization norm, at::ScalarType dtype, bool per_pair);
 
 /// Implicit-construction helper: options structs take a reduction tag directly, as torch's do
 /// (`F::dpo_loss(pc, pr, rc, rr, torch::kSum)`).

@@ -90,27 +90,26 @@ PREFOPT_INLINE CPOLossResult cpo_impl(const char* fn, const PairInputs& in, cons
 PREFOPT_INLINE const char* cpo_loss_type_name(CPOLossType type) { return detail::name_of(type); }
 
 PREFOPT_INLINE CPOLossType cpo_loss_type_from_name(const std::string& name) {
-  return detail::loss_type_from_name<CPOLossType>("prefopt::cpo_loss_type_from_name", "CPO",
-                                                  name);
+  return detail::loss_type_from_name<CPOLossType>("prefopt::cpo_loss_type_from_name", "CPO", name);
 }
 
 namespace functional {
 
 PREFOPT_INLINE CPOLossResult cpo_loss(const PairInputs& inputs, const CPOLossFuncOptions& o) {
   return detail::cpo_impl("prefopt::cpo_loss", inputs,
-                  {o.loss_type(), o.beta(), o.label_smoothing(), o.simpo_gamma(), o.cpo_alpha(),
-                   o.alpha(), o.nll_normalization(), o.reduction()});
+                          {o.loss_type(), o.beta(), o.label_smoothing(), o.simpo_gamma(),
+                           o.cpo_alpha(), o.alpha(), o.nll_normalization(), o.reduction()});
 }
 
 PREFOPT_INLINE CPOLossResult simpo_loss(const PairInputs& inputs, const SimPOLossFuncOptions& o) {
   return detail::cpo_impl("prefopt::simpo_loss", inputs,
-                  {CPOLossType::kSimPO, o.beta(), o.label_smoothing(), o.simpo_gamma(),
-                   o.cpo_alpha(), o.alpha(), o.nll_normalization(), o.reduction()});
+                          {CPOLossType::kSimPO, o.beta(), o.label_smoothing(), o.simpo_gamma(),
+                           o.cpo_alpha(), o.alpha(), o.nll_normalization(), o.reduction()});
 }
 
 PREFOPT_INLINE CPOLossResult simpo_loss(const at::Tensor& policy_chosen_logps,
-                         const at::Tensor& policy_rejected_logps,
-                         const SimPOLossFuncOptions& options) {
+                                        const at::Tensor& policy_rejected_logps,
+                                        const SimPOLossFuncOptions& options) {
   return simpo_loss(PairInputs()
                         .policy_chosen_logps(policy_chosen_logps)
                         .policy_rejected_logps(policy_rejected_logps)

@@ -96,7 +96,9 @@ struct CPOLossResult {
 
 namespace functional {
 
+/// The options of the functional form (`CPOLossOptions`, as libtorch names them).
 using CPOLossFuncOptions = CPOLossOptions;
+/// The options of the functional form (`SimPOLossOptions`, as libtorch names them).
 using SimPOLossFuncOptions = SimPOLossOptions;
 
 /// CPO / SimPO / AlphaPO loss of B pairs, reference-free (arXiv:2401.08417, 2405.14734,
@@ -147,10 +149,13 @@ PREFOPT_API CPOLossResult simpo_loss(const PairInputs& inputs,
 /// ```
 class CPOLoss {
  public:
+  /// A CPO loss with `options`.
   explicit CPOLoss(CPOLossOptions options = {}) : options_(std::move(options)) {}
+  /// `functional::cpo_loss(inputs, options())`.
   CPOLossResult operator()(const PairInputs& inputs) const {
     return functional::cpo_loss(inputs, options_);
   }
+  /// The options the functor was made with.
   const CPOLossOptions& options() const noexcept { return options_; }
 
  private:
@@ -166,14 +171,18 @@ class CPOLoss {
 /// ```
 class SimPOLoss {
  public:
+  /// A SimPO loss with `options`.
   explicit SimPOLoss(SimPOLossOptions options = {}) : options_(std::move(options)) {}
+  /// `functional::simpo_loss` on two per-token mean log-prob vectors.
   CPOLossResult operator()(const at::Tensor& policy_chosen_logps,
                            const at::Tensor& policy_rejected_logps) const {
     return functional::simpo_loss(policy_chosen_logps, policy_rejected_logps, options_);
   }
+  /// `functional::simpo_loss(inputs, options())`.
   CPOLossResult operator()(const PairInputs& inputs) const {
     return functional::simpo_loss(inputs, options_);
   }
+  /// The options the functor was made with.
   const SimPOLossOptions& options() const noexcept { return options_; }
 
  private:

@@ -140,7 +140,8 @@ PREFOPT_INLINE bool valid_moments(double mean, double var, double count) {
 }  // namespace detail
 
 PREFOPT_INLINE void BCOBaseline::load(double mean, double var, double count) {
-  TORCH_CHECK_VALUE(detail::dpo::valid_moments(mean, var, count), "prefopt::BCOBaseline::load: expected a ",
+  TORCH_CHECK_VALUE(detail::dpo::valid_moments(mean, var, count),
+                    "prefopt::BCOBaseline::load: expected a ",
                     "finite mean, a finite var >= 0 and a finite count > 0, got mean ", mean,
                     ", var ", var, ", count ", count);
   mean_ = mean;
@@ -149,7 +150,8 @@ PREFOPT_INLINE void BCOBaseline::load(double mean, double var, double count) {
 }
 
 PREFOPT_INLINE double BCOBaseline::update(double mean, double var, double count) {
-  TORCH_CHECK_VALUE(detail::dpo::valid_moments(mean, var, count), "prefopt::BCOBaseline::update: expected a ",
+  TORCH_CHECK_VALUE(detail::dpo::valid_moments(mean, var, count),
+                    "prefopt::BCOBaseline::update: expected a ",
                     "finite mean, a finite var >= 0 and a finite count > 0, got mean ", mean,
                     ", var ", var, ", count ", count);
   // Chan et al.'s parallel update, as TRL's RunningMoments does it.
@@ -163,7 +165,7 @@ PREFOPT_INLINE double BCOBaseline::update(double mean, double var, double count)
 }
 
 PREFOPT_INLINE at::Tensor BCOBaseline::update(const at::Tensor& chosen_rewards,
-                               const at::Tensor& rejected_rewards) {
+                                              const at::Tensor& rejected_rewards) {
   const auto all =
       at::cat({chosen_rewards.detach().flatten(), rejected_rewards.detach().flatten()});
   TORCH_CHECK(all.numel() > 0, "prefopt::BCOBaseline::update: expected at least one reward, ",
@@ -175,7 +177,8 @@ PREFOPT_INLINE at::Tensor BCOBaseline::update(const at::Tensor& chosen_rewards,
 namespace detail {
 namespace dpo {
 
-PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta, const DPOLossOptions& o) {
+PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bco_delta,
+                                      const DPOLossOptions& o) {
   check_options(o);
   const bool ref_free = o.reference_free();
   detail::check_pair_inputs(kFn, in, !ref_free);
@@ -367,21 +370,21 @@ PREFOPT_INLINE DPOLossResult dpo_loss(const PairInputs& inputs, const DPOLossFun
 }
 
 PREFOPT_INLINE DPOLossResult dpo_loss(const at::Tensor& policy_chosen_logps,
-                       const at::Tensor& policy_rejected_logps,
-                       const at::Tensor& reference_chosen_logps,
-                       const at::Tensor& reference_rejected_logps,
-                       const DPOLossFuncOptions& options) {
+                                      const at::Tensor& policy_rejected_logps,
+                                      const at::Tensor& reference_chosen_logps,
+                                      const at::Tensor& reference_rejected_logps,
+                                      const DPOLossFuncOptions& options) {
   return detail::dpo::dpo_impl(PairInputs()
-                      .policy_chosen_logps(policy_chosen_logps)
-                      .policy_rejected_logps(policy_rejected_logps)
-                      .reference_chosen_logps(reference_chosen_logps)
-                      .reference_rejected_logps(reference_rejected_logps)
-                      .logps_form(LogpsForm::kSum),
-                  nullptr, options);
+                                   .policy_chosen_logps(policy_chosen_logps)
+                                   .policy_rejected_logps(policy_rejected_logps)
+                                   .reference_chosen_logps(reference_chosen_logps)
+                                   .reference_rejected_logps(reference_rejected_logps)
+                                   .logps_form(LogpsForm::kSum),
+                               nullptr, options);
 }
 
 PREFOPT_INLINE DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& bco_delta,
-                       const DPOLossFuncOptions& options) {
+                                      const DPOLossFuncOptions& options) {
   TORCH_CHECK(!bco_delta.defined() || bco_delta.numel() == 1, detail::dpo::kFn,
               ": expected bco_delta to be a scalar, got shape ", bco_delta.sizes());
   return detail::dpo::dpo_impl(inputs, &bco_delta, options);
@@ -391,7 +394,8 @@ PREFOPT_INLINE DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor
 
 PREFOPT_INLINE DPOLoss::DPOLoss(DPOLossOptions options) : options_(std::move(options)) {
   if (options_.bco_running_mean()) {
-    TORCH_CHECK_VALUE(detail::dpo::has(options_.loss_type(), DPOLossType::kBCOPair), "prefopt::DPOLoss: ",
+    TORCH_CHECK_VALUE(detail::dpo::has(options_.loss_type(), DPOLossType::kBCOPair),
+                      "prefopt::DPOLoss: ",
                       "bco_running_mean(true) keeps bco_pair's baseline, and bco_pair is not ",
                       "among the loss types");
     baseline_ = std::make_shared<BCOBaseline>();

@@ -54,6 +54,7 @@ struct DPOLossOptions {
     loss_type_ = std::move(types);
     return *this;
   }
+  /// The loss types.
   const std::vector<DPOLossType>& loss_type() const noexcept { return loss_type_; }
 
   /// Weight of each loss type; empty means 1 for each. The loss is Σ_k w_k·mean(losses_k).
@@ -136,8 +137,11 @@ class PREFOPT_API BCOBaseline {
   /// device. Reads one scalar from the device.
   at::Tensor update(const at::Tensor& chosen_rewards, const at::Tensor& rejected_rewards);
 
+  /// The running mean δ.
   double mean() const noexcept { return mean_; }
+  /// The running (biased) variance.
   double var() const noexcept { return var_; }
+  /// The number of samples folded in (starts at 1e-24, as TRL's).
   double count() const noexcept { return count_; }
   /// Restores a saved state (mean, var, count): a finite mean, a finite var ≥ 0 and a finite
   /// count > 0, or a TORCH_CHECK_VALUE.
@@ -151,6 +155,7 @@ class PREFOPT_API BCOBaseline {
 
 namespace functional {
 
+/// The options of the functional form (`DPOLossOptions`, as libtorch names them).
 using DPOLossFuncOptions = DPOLossOptions;
 
 /// DPO-family loss of B pairs (arXiv:2305.18290 and the papers of each `DPOLossType`).
@@ -206,8 +211,11 @@ PREFOPT_API DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& b
 /// ```
 class PREFOPT_API DPOLoss {
  public:
+  /// A DPO loss with `options` (and, with `bco_running_mean`, a fresh baseline).
   explicit DPOLoss(DPOLossOptions options = {});
+  /// `functional::dpo_loss(inputs, options())`, with the baseline when it keeps one.
   DPOLossResult operator()(const PairInputs& inputs) const;
+  /// The same on the four summed log-prob vectors.
   DPOLossResult operator()(const at::Tensor& policy_chosen_logps,
                            const at::Tensor& policy_rejected_logps,
                            const at::Tensor& reference_chosen_logps,
@@ -219,6 +227,7 @@ class PREFOPT_API DPOLoss {
                        .reference_rejected_logps(reference_rejected_logps)
                        .logps_form(LogpsForm::kSum));
   }
+  /// The options the functor was made with.
   const DPOLossOptions& options() const noexcept { return options_; }
   /// The running baseline (only with `bco_running_mean`; a TORCH_CHECK otherwise).
   BCOBaseline& bco_baseline() const;

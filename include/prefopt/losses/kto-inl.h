@@ -13,13 +13,13 @@ PREFOPT_BEGIN_NAMESPACE
 PREFOPT_INLINE const char* kto_loss_type_name(KTOLossType type) { return detail::name_of(type); }
 
 PREFOPT_INLINE KTOLossType kto_loss_type_from_name(const std::string& name) {
-  return detail::loss_type_from_name<KTOLossType>("prefopt::kto_loss_type_from_name", "KTO",
-                                                  name);
+  return detail::loss_type_from_name<KTOLossType>("prefopt::kto_loss_type_from_name", "KTO", name);
 }
 
 namespace functional {
 
-PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps, const at::Tensor& reference_KL_logps) {
+PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
+                                 const at::Tensor& reference_KL_logps) {
   constexpr const char* fn = "prefopt::kto_kl";
   TORCH_CHECK(policy_KL_logps.defined() && reference_KL_logps.defined(), fn,
               ": expected policy_KL_logps and reference_KL_logps, got ",
@@ -60,16 +60,27 @@ PREFOPT_INLINE KTOLossResult kto_loss(const KTOInputs& in, const KTOLossFuncOpti
                 " to be floating point (fp64/fp32/bf16/fp16), got ", t->scalar_type());
   }
   TORCH_CHECK_VALUE(detail::is_valid(o.loss_type()), fn,
-                    ": loss_type is not a KTOLossType value (got ",
-                    static_cast<int>(o.loss_type()), ")");
+                    ": loss_type is not a KTOLossType value (got ", static_cast<int>(o.loss_type()),
+                    ")");
   const auto dt = detail::opmath_type(pc);
+  const bool kl_logps = in.policy_KL_logps().defined() || in.reference_KL_logps().defined();
+  TORCH_CHECK(!kl_logps || (in.policy_KL_logps().defined() && in.reference_KL_logps().defined()),
+              fn, ": expected both policy_KL_logps and reference_KL_logps for the KL estimate, ",
+              "got only ",
+              in.policy_KL_logps().defined() ? "policy_KL_logps" : "reference_KL_logps");
   at::Tensor z;
-  if (in.kl().defined()) {
+  if (o.loss_type() == KTOLossType::kAPOZeroUnpaired) {
+    // TRL's apo_zero_unpaired has no KL term (and logs kl = 0).
+    if (in.kl().defined() || kl_logps) {
+      TORCH_WARN_ONCE(fn, ": apo_zero_unpaired uses no KL estimate; the kl and KL log-probs ",
+                      "given are ignored");
+    }
+    z = at::zeros({}, pc.options().dtype(dt));
+  } else if (in.kl().defined()) {
     TORCH_CHECK(in.kl().numel() == 1, fn, ": expected kl to be a scalar, got shape ",
                 in.kl().sizes());
     z = in.kl().detach().reshape({}).to(dev, dt).clamp_min(0);
-  } else if (o.loss_type() == KTOLossType::kKTO &&
-             (in.policy_KL_logps().defined() || in.reference_KL_logps().defined())) {
+  } else if (kl_logps) {
     z = detail::cast(kto_kl(in.policy_KL_logps(), in.reference_KL_logps()), dt);
   } else {
     z = at::zeros({}, pc.options().dtype(dt));

@@ -83,6 +83,7 @@ struct KTOLossResult {
 
 namespace functional {
 
+/// The options of the functional form (`KTOLossOptions`, as libtorch names them).
 using KTOLossFuncOptions = KTOLossOptions;
 
 /// KTO (arXiv:2402.01306) as TRL computes it, with ρ = logp_policy − logp_reference:
@@ -115,10 +116,13 @@ PREFOPT_API at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
 /// ```
 class KTOLoss {
  public:
+  /// A KTO loss with `options`.
   explicit KTOLoss(KTOLossOptions options = {}) : options_(std::move(options)) {}
+  /// `functional::kto_loss(inputs, options())`.
   KTOLossResult operator()(const KTOInputs& inputs) const {
     return functional::kto_loss(inputs, options_);
   }
+  /// The options the functor was made with.
   const KTOLossOptions& options() const noexcept { return options_; }
 
  private:

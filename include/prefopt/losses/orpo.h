@@ -50,6 +50,7 @@ struct ORPOLossResult {
 
 namespace functional {
 
+/// The options of the functional form (`ORPOLossOptions`, as libtorch names them).
 using ORPOLossFuncOptions = ORPOLossOptions;
 
 /// ORPO (arXiv:2403.07691) on per-token mean log-probs ā (`PairInputs::averaged`).
@@ -87,10 +88,13 @@ PREFOPT_API ORPOLossResult orpo_loss(const PairInputs& inputs,
 /// ```
 class ORPOLoss {
  public:
+  /// An ORPO loss with `options`.
   explicit ORPOLoss(ORPOLossOptions options = {}) : options_(std::move(options)) {}
+  /// `functional::orpo_loss(inputs, options())`.
   ORPOLossResult operator()(const PairInputs& inputs) const {
     return functional::orpo_loss(inputs, options_);
   }
+  /// The options the functor was made with.
   const ORPOLossOptions& options() const noexcept { return options_; }
 
  private:

@@ -13,8 +13,7 @@ PREFOPT_BEGIN_NAMESPACE
 PREFOPT_INLINE const char* tpo_loss_type_name(TPOLossType type) { return detail::name_of(type); }
 
 PREFOPT_INLINE TPOLossType tpo_loss_type_from_name(const std::string& name) {
-  return detail::loss_type_from_name<TPOLossType>("prefopt::tpo_loss_type_from_name", "TPO",
-                                                  name);
+  return detail::loss_type_from_name<TPOLossType>("prefopt::tpo_loss_type_from_name", "TPO", name);
 }
 
 namespace detail {
@@ -56,7 +55,7 @@ PREFOPT_INLINE TPOLossResult tpo_impl(const PairInputs& in, const TPOLossOptions
 namespace functional {
 
 PREFOPT_INLINE TPOLossResult tpo_loss(const PairInputs& inputs, const SequenceLogprobs& gold,
-                       const TPOLossFuncOptions& o) {
+                                      const TPOLossFuncOptions& o) {
   constexpr const char* fn = "prefopt::tpo_loss";
   if (o.tpo_alpha() == 0) return detail::tpo_impl(inputs, o);
   TORCH_CHECK(gold.sum.defined() && gold.count.defined(), fn, ": expected the gold responses' ",

@@ -55,6 +55,7 @@ using TPOLossResult = CPOLossResult;
 
 namespace functional {
 
+/// The options of the functional form (`TPOLossOptions`, as libtorch names them).
 using TPOLossFuncOptions = TPOLossOptions;
 
 /// TPO of B triples (prompt, chosen, rejected, gold) as TRL's TPOTrainer computes it
@@ -94,13 +95,17 @@ PREFOPT_API TPOLossResult tpo_loss(const PairInputs& inputs,
 /// ```
 class TPOLoss {
  public:
+  /// A TPO loss with `options`.
   explicit TPOLoss(TPOLossOptions options = {}) : options_(std::move(options)) {}
+  /// `functional::tpo_loss(inputs, gold, options())`.
   TPOLossResult operator()(const PairInputs& inputs, const SequenceLogprobs& gold) const {
     return functional::tpo_loss(inputs, gold, options_);
   }
+  /// `functional::tpo_loss(inputs, options())` (the gold NLL in `inputs.nll_loss`).
   TPOLossResult operator()(const PairInputs& inputs) const {
     return functional::tpo_loss(inputs, options_);
   }
+  /// The options the functor was made with.
   const TPOLossOptions& options() const noexcept { return options_; }
 
  private:

@@ -53,7 +53,6 @@ enum class DPOLossType {
   kSFT,          ///< `sft`: the chosen completions' NLL, the same scalar for every pair
 };
 
-
 /// The f-divergence that maps each log-ratio ρ to a score (TRL's `f_divergence_type`).
 enum class FDivergence {
   kReverseKL,        ///< `reverse_kl`: ρ (standard DPO)

@@ -1,0 +1,1028 @@
+// SPDX-License-Identifier: Apache-2.0
+// prefopt-train: SFT and preference training of a pretrained Hugging Face checkpoint on real
+// preference data, written as the C++ trainer you would start from.
+//
+//   model    a Llama-architecture checkpoint (config.json + model.safetensors), llama.h
+//   tokens   its tokenizer.json (SentencePiece-style BPE), tokenizer.h
+//   data     TRL's preference and unpaired formats, HH-RLHF, Stack Exchange pairs, data.h
+//   loss     SFT, every DPO loss_type (and lists of them), ORPO, SimPO, CPO, TPO, KTO and
+//            apo_zero_unpaired, each with TRL's option names; the policy's log-probs come from
+//            prefopt's fused op on the hidden states and the LM-head weight (no logits)
+//   training AdamW, warmup then cosine decay, gradient accumulation and clipping; reference
+//            log-probs computed once (TRL's precompute_ref_log_probs)
+//   output   metrics with TRL's names (terminal and JSON Lines), held-out evaluation, a
+//            gnuplot PNG, summary.json and the trained model as model.safetensors + config.json
+//
+//   prefopt-train                                  # DPO on HH-RLHF harmless-base, TinyStories-656K
+//   prefopt-train --loss orpo --output_dir runs/orpo
+//   prefopt-train --config run.toml                # the same options from a TOML/INI file
+#include <prefopt/fmt.h>
+#include <prefopt/prefopt.h>
+
+#include <fmt/core.h>
+#include <fmt/format.h>
+#include <torch/cuda.h>
+#include <torch/nn.h>
+#include <torch/optim/adamw.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <sstream>
+
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
+#include "../demo/plot.h"
+#include "../demo/progress.h"
+#include "data.h"
+#include "llama.h"
+#include "safetensors.h"
+#include "tokenizer.h"
+
+namespace F = prefopt::functional;
+namespace fs = std::filesystem;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Options (TRL's names: DPOConfig, CPOConfig, ORPOConfig, KTOConfig, TPOConfig, TrainingArguments)
+
+enum class Family { kSFT, kDPO, kORPO, kSimPO, kCPO, kTPO, kKTO };
+
+struct Options {
+  std::string model, data, eval_data, output_dir = "train-out", device = "cpu";
+  int64_t eval_start = 2000, train_limit = 0, eval_limit = 0;
+  uint64_t seed = 0;
+  int threads = 1;
+  bool plot = true, save = true, ascii = true;
+  // training
+  std::string loss = "sigmoid";
+  int64_t max_steps = -1, batch = 8, eval_batch = 32, accum = 1;
+  double epochs = 1.0, lr = 1e-3, warmup_ratio = 0.1, weight_decay = 0.0, max_grad_norm = 1.0;
+  std::string scheduler = "cosine";
+  int64_t max_length = 192, max_prompt_length = 128;
+  // logging and evaluation
+  int64_t logging_steps = 10, eval_steps = 50, print_every = 50, eval_train_pairs = 256;
+  // losses
+  std::optional<double> beta;
+  double label_smoothing = 0.0, rpo_alpha = 0.0, f_alpha_divergence_coef = 0.5,
+         discopop_tau = 0.05, simpo_gamma = 0.5, alpha = 0.0, desirable_weight = 1.0,
+         undesirable_weight = 1.0, tpo_alpha = 1.0, tpo_l_gamma = 0.5;
+  std::optional<double> cpo_alpha;
+  bool cdpo = false;
+  std::string f_divergence_type = "reverse_kl", cpo_loss_type = "sigmoid", tpo_loss_type = "sigmoid";
+  std::vector<double> loss_weights;
+};
+
+const std::vector<std::string>& dpo_types() {
+  static const std::vector<std::string> names = {
+      "sigmoid", "hinge",    "ipo",      "robust",   "exo_pair", "nca_pair",     "bco_pair",
+      "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"};
+  return names;
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  for (std::string item; std::getline(in, item, ',');) out.push_back(item);
+  return out;
+}
+
+Family family_of(const std::string& loss) {
+  if (loss == "sft") return Family::kSFT;
+  if (loss == "orpo") return Family::kORPO;
+  if (loss == "simpo") return Family::kSimPO;
+  if (loss == "cpo") return Family::kCPO;
+  if (loss == "tpo") return Family::kTPO;
+  if (loss == "kto" || loss == "apo_zero_unpaired") return Family::kKTO;
+  return Family::kDPO;  // a DPO loss_type, or a comma-separated list of them
+}
+
+bool needs_reference(Family f) { return f == Family::kDPO || f == Family::kKTO; }
+
+// Checks --loss; returns an error message, empty when valid.
+std::string check_loss(const std::string& loss) {
+  for (const char* n : {"sft", "orpo", "simpo", "cpo", "tpo", "kto", "apo_zero_unpaired"})
+    if (loss == n) return {};
+  for (const auto& t : split_list(loss)) {
+    if (t == "sft" && loss != "sft") continue;  // DPO's "sft" term in a list (MPO)
+    if (std::find(dpo_types().begin(), dpo_types().end(), t) == dpo_types().end())
+      return fmt::format(
+          "--loss {}: unknown loss \"{}\" (sft, a DPO loss_type: {}, a comma-separated list of "
+          "them, orpo, simpo, cpo, tpo, kto or apo_zero_unpaired)",
+          loss, t, fmt::join(dpo_types(), ", "));
+  }
+  return {};
+}
+
+// TRL's defaults (DPOConfig, KTOConfig, CPOConfig, ORPOConfig's λ: 0.1; TPOConfig: 0.01),
+// except SimPO, whose β is the paper's 2 (prefopt's SimPOLossOptions).
+double default_beta(Family f) {
+  if (f == Family::kSimPO) return 2.0;
+  if (f == Family::kTPO) return 0.01;
+  return 0.1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequence log-probs
+
+// Rows [start, start + n) of every defined field.
+prefopt::SequenceLogprobs narrow_rows(const prefopt::SequenceLogprobs& lp, int64_t start,
+                                      int64_t n) {
+  const auto f = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, start, n) : t; };
+  prefopt::SequenceLogprobs out;
+  out.sum = f(lp.sum), out.count = f(lp.count), out.mean = f(lp.mean);
+  out.token_logps = f(lp.token_logps), out.token_mask = f(lp.token_mask);
+  out.logits_sum = f(lp.logits_sum), out.logits_sum_all = f(lp.logits_sum_all);
+  out.positions = f(lp.positions), out.correct = f(lp.correct);
+  out.entropy_sum = f(lp.entropy_sum), out.wpo_weights = f(lp.wpo_weights);
+  return out;
+}
+
+prefopt::SequenceLogprobs select_rows(const prefopt::SequenceLogprobs& lp, const at::Tensor& idx) {
+  const auto f = [&](const at::Tensor& t) { return t.defined() ? t.index_select(0, idx) : t; };
+  prefopt::SequenceLogprobs out;
+  out.sum = f(lp.sum), out.count = f(lp.count), out.mean = f(lp.mean);
+  out.token_logps = f(lp.token_logps), out.token_mask = f(lp.token_mask);
+  out.logits_sum = f(lp.logits_sum), out.logits_sum_all = f(lp.logits_sum_all);
+  out.positions = f(lp.positions), out.correct = f(lp.correct);
+  out.entropy_sum = f(lp.entropy_sum), out.wpo_weights = f(lp.wpo_weights);
+  return out;
+}
+
+// The policy's log-probs of a batch, through the fused op: hidden states and the LM-head
+// weight in, per-sequence sums out, no [N, V] logits.
+prefopt::SequenceLogprobs forward_logps(train::LlamaForCausalLM& model,
+                                        const std::vector<const train::Sequence*>& rows,
+                                        int64_t pad_id, const at::Device& device,
+                                        const prefopt::FusedLogprobsOptions& opts = {}) {
+  const auto b = train::collate(rows, pad_id);
+  const auto mask = b.attention_mask.to(device);
+  return F::fused_logprobs(model->hidden(b.ids.to(device), mask), model->head_weight(), {},
+                           b.labels.to(device), opts);
+}
+
+// Sums and counts of `rows` under `model`, without a graph, `per_batch` sequences at a time.
+// The same rows in the same batches give bit-identical results, which keeps a policy that
+// equals its reference at exactly zero reward.
+prefopt::SequenceLogprobs score(train::LlamaForCausalLM& model,
+                                const std::vector<const train::Sequence*>& rows, int64_t pad_id,
+                                const at::Device& device, int64_t per_batch) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> sums, counts;
+  for (size_t i = 0; i < rows.size(); i += static_cast<size_t>(per_batch)) {
+    const auto end = std::min(rows.size(), i + static_cast<size_t>(per_batch));
+    const std::vector<const train::Sequence*> part(rows.begin() + static_cast<std::ptrdiff_t>(i),
+                                                   rows.begin() + static_cast<std::ptrdiff_t>(end));
+    const auto lp = forward_logps(model, part, pad_id, device);
+    sums.push_back(lp.sum), counts.push_back(lp.count);
+  }
+  prefopt::SequenceLogprobs out;
+  const auto opts = at::TensorOptions(device);
+  out.sum = sums.empty() ? at::zeros({0}, opts) : at::cat(sums);
+  out.count = counts.empty() ? at::zeros({0}, opts.dtype(at::kLong)) : at::cat(counts);
+  out.mean = out.sum / out.count.clamp_min(1).to(out.sum.scalar_type());
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The data the trainer works on
+
+struct PairData {
+  std::vector<train::TokenizedPair> pairs;
+  at::Tensor ref_chosen, ref_rejected;  // [N] reference sums (DPO family, KTO)
+  prefopt::PairLogprobs reference;      // the same with token counts
+  std::vector<const train::Sequence*> side(int which) const {  // 0 chosen, 1 rejected, 2 gold
+    std::vector<const train::Sequence*> out;
+    for (const auto& p : pairs) out.push_back(which == 0 ? &p.chosen : which == 1 ? &p.rejected : &p.gold);
+    return out;
+  }
+  int64_t size() const { return static_cast<int64_t>(pairs.size()); }
+};
+
+// Unpaired (KTO) examples and the mismatched completions of the KL estimate: example i's
+// prompt with the completion of example `partner` (TRL rotates completions within a batch;
+// here the rotation is fixed, so the reference's KL log-probs can be precomputed too).
+struct UnpairedData {
+  std::vector<train::Sequence> examples, kl;
+  std::vector<bool> label;
+  at::Tensor ref, ref_kl;  // [N]
+  int64_t size() const { return static_cast<int64_t>(examples.size()); }
+  std::vector<const train::Sequence*> rows(const std::vector<train::Sequence>& v) const {
+    std::vector<const train::Sequence*> out;
+    for (const auto& s : v) out.push_back(&s);
+    return out;
+  }
+};
+
+// TRL's unpair_preference_dataset: each pair gives a desirable and an undesirable example.
+UnpairedData unpair(const std::vector<train::TokenizedPair>& pairs) {
+  UnpairedData u;
+  for (const auto& p : pairs) {
+    u.examples.push_back(p.chosen), u.label.push_back(true);
+    u.examples.push_back(p.rejected), u.label.push_back(false);
+  }
+  return u;
+}
+
+// KL completions: the next pair's example of the same kind (stride 2 when unpaired from
+// pairs, so that a prompt never meets its own pair's answer), capped at max_length.
+void make_kl(UnpairedData& u, int64_t stride, int64_t max_length) {
+  const auto n = u.size();
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& own = u.examples[static_cast<size_t>(i)];
+    const auto& other = u.examples[static_cast<size_t>((i + stride) % n)];
+    train::Sequence s;
+    s.ids.assign(own.ids.begin(), own.ids.begin() + own.prompt_len);
+    s.prompt_len = own.prompt_len;
+    s.ids.insert(s.ids.end(), other.ids.begin() + other.prompt_len, other.ids.end());
+    if (static_cast<int64_t>(s.ids.size()) > max_length) s.ids.resize(static_cast<size_t>(max_length));
+    if (s.completion_len() <= 0) s.ids.push_back(other.ids.back());  // keep one scored token
+    u.kl.push_back(std::move(s));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loss of each family, with TRL's options
+
+struct Loss {
+  Family family;
+  std::string name;
+  prefopt::DPOLossOptions dpo;
+  prefopt::ORPOLossOptions orpo;
+  prefopt::SimPOLossOptions simpo;
+  prefopt::CPOLossOptions cpo;
+  prefopt::TPOLossOptions tpo;
+  prefopt::KTOLossOptions kto;
+
+  explicit Loss(const Options& o) : family(family_of(o.loss)), name(o.loss) {
+    const double beta = o.beta.value_or(default_beta(family));
+    if (family == Family::kDPO) {
+      std::vector<prefopt::DPOLossType> types;
+      for (const auto& t : split_list(o.loss)) types.push_back(prefopt::dpo_loss_type_from_name(t));
+      dpo.loss_type(types)
+          .loss_weights(o.loss_weights)
+          .beta(beta)
+          .label_smoothing(o.label_smoothing)
+          .cdpo(o.cdpo)
+          .rpo_alpha(o.rpo_alpha)
+          .f_divergence_type(prefopt::f_divergence_from_name(o.f_divergence_type))
+          .f_alpha_divergence_coef(o.f_alpha_divergence_coef)
+          .discopop_tau(o.discopop_tau);
+    }
+    orpo.beta(beta);
+    simpo.beta(beta).simpo_gamma(o.simpo_gamma).label_smoothing(o.label_smoothing).alpha(o.alpha);
+    if (o.cpo_alpha) simpo.cpo_alpha(*o.cpo_alpha);
+    cpo.loss_type(prefopt::cpo_loss_type_from_name(o.cpo_loss_type))
+        .beta(beta)
+        .label_smoothing(o.label_smoothing)
+        .simpo_gamma(o.simpo_gamma)
+        .alpha(o.alpha);
+    if (o.cpo_alpha) cpo.cpo_alpha(*o.cpo_alpha);
+    tpo.loss_type(prefopt::tpo_loss_type_from_name(o.tpo_loss_type))
+        .beta(beta)
+        .label_smoothing(o.label_smoothing)
+        .tpo_alpha(o.tpo_alpha)
+        .tpo_l_gamma(o.tpo_l_gamma);
+    kto.loss_type(prefopt::kto_loss_type_from_name(o.loss == "apo_zero_unpaired" ? o.loss : "kto"))
+        .beta(beta)
+        .desirable_weight(o.desirable_weight)
+        .undesirable_weight(o.undesirable_weight);
+  }
+
+  // A pairwise step (or evaluation) on the policy's log-probs: returns the loss and adds the
+  // micro-step's metrics (`token_metrics`: the policy's token statistics were gathered).
+  // `gold`: TPO's gold responses (nullptr in evaluation, where the NLL term is left out).
+  at::Tensor pairs(const prefopt::PairLogprobs& policy, const at::Tensor& ref_chosen,
+                   const at::Tensor& ref_rejected, const prefopt::SequenceLogprobs* gold,
+                   prefopt::MetricAccumulator& metrics, bool token_metrics) const {
+    switch (family) {
+      case Family::kSFT: {  // TRL's SFT on the chosen completions: token-mean NLL
+        const auto loss = -policy.chosen.sum.sum() / policy.chosen.count.sum().clamp_min(1);
+        if (token_metrics)
+          metrics.add(loss, policy.chosen);
+        else
+          metrics.add_scalar("loss", loss);
+        return loss;
+      }
+      case Family::kDPO: {
+        const auto in = prefopt::PairInputs(policy)
+                            .reference_chosen_logps(ref_chosen)
+                            .reference_rejected_logps(ref_rejected);
+        const auto r = F::dpo_loss(in, dpo);
+        token_metrics ? metrics.add(r, in, policy) : metrics.add(r, in);
+        return r.loss;
+      }
+      case Family::kORPO: {
+        const auto in = prefopt::PairInputs::averaged(policy);
+        const auto r = F::orpo_loss(in, orpo);
+        token_metrics ? metrics.add(r, in, policy) : metrics.add(r, in);
+        return r.loss;
+      }
+      case Family::kSimPO: {
+        const auto in = prefopt::PairInputs::averaged(policy);
+        const auto r = F::simpo_loss(in, simpo);
+        token_metrics ? metrics.add(r, in, policy) : metrics.add(r, in);
+        return r.loss;
+      }
+      case Family::kCPO: {
+        const bool means = cpo.loss_type() != prefopt::CPOLossType::kSigmoid &&
+                           cpo.loss_type() != prefopt::CPOLossType::kHinge;
+        const auto in = means ? prefopt::PairInputs::averaged(policy) : prefopt::PairInputs(policy);
+        const auto r = F::cpo_loss(in, cpo);
+        token_metrics ? metrics.add(r, in, policy) : metrics.add(r, in);
+        return r.loss;
+      }
+      case Family::kTPO: {
+        const bool means = tpo.loss_type() == prefopt::TPOLossType::kIPO ||
+                           tpo.loss_type() == prefopt::TPOLossType::kTPOL;
+        const auto in = means ? prefopt::PairInputs::averaged(policy) : prefopt::PairInputs(policy);
+        const auto r = gold ? F::tpo_loss(in, *gold, tpo)
+                            : F::tpo_loss(in, prefopt::TPOLossOptions(tpo).tpo_alpha(0.0));
+        token_metrics ? metrics.add(r, in, policy) : metrics.add(r, in);
+        return r.loss;
+      }
+      case Family::kKTO: {  // evaluation on pairs: one desirable and one undesirable example each
+        const auto in = prefopt::KTOInputs()
+                            .policy_chosen_logps(policy.chosen.sum)
+                            .policy_rejected_logps(policy.rejected.sum)
+                            .reference_chosen_logps(ref_chosen)
+                            .reference_rejected_logps(ref_rejected);
+        const auto r = F::kto_loss(in, kto);
+        metrics.add(r, in);  // rewards/accuracies: evaluate_pairs adds it, the pairs being known
+        return r.loss;
+      }
+    }
+    throw std::logic_error("prefopt-train: unknown loss family");
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation
+
+// Metrics of `data`'s pairs under the current policy, with `prefix` ("eval_", "train_"): the
+// loss's own rewards (rewards/accuracies, rewards/margins, ...) and preference_accuracy, the
+// share of pairs whose chosen completion is more likely than the rejected one.
+// `at_reference`: the policy is still the reference, whose scores are reused (bit-identical to
+// scoring it again, since the batches are the same).
+prefopt::Metrics evaluate_pairs(train::LlamaForCausalLM& model, const Loss& loss,
+                                const PairData& data, int64_t limit, const std::string& prefix,
+                                int64_t pad_id, const at::Device& device, int64_t per_batch,
+                                bool at_reference = false) {
+  model->eval();
+  const auto n = limit > 0 ? std::min(limit, data.size()) : data.size();
+  auto chosen = data.side(0), rejected = data.side(1);
+  chosen.resize(static_cast<size_t>(n)), rejected.resize(static_cast<size_t>(n));
+  const bool reuse = at_reference && n == data.size() && data.reference.chosen.sum.defined();
+  prefopt::PairLogprobs policy{
+      reuse ? data.reference.chosen : score(model, chosen, pad_id, device, per_batch),
+      reuse ? data.reference.rejected : score(model, rejected, pad_id, device, per_batch)};
+  at::Tensor rc, rr;
+  if (data.ref_chosen.defined()) rc = data.ref_chosen.narrow(0, 0, n), rr = data.ref_rejected.narrow(0, 0, n);
+  prefopt::MetricAccumulator metrics(prefopt::MetricsOptions().prefix(prefix));
+  {
+    at::NoGradGuard no_grad;
+    loss.pairs(policy, rc, rr, nullptr, metrics, false);
+    metrics.add_scalar("preference_accuracy",
+                       (policy.chosen.sum > policy.rejected.sum).to(at::kDouble).mean());
+  }
+  model->train();
+  auto m = metrics.compute();
+  // The evaluation's own token count is not a training metric.
+  prefopt::Metrics out;
+  for (const auto& [k, v] : m)
+    if (k != prefix + "num_tokens") out.set(k, v);
+  if (loss.family == Family::kKTO) {  // KTO has no pairs, but these examples come in pairs
+    const auto acc = (policy.chosen.sum - rc > policy.rejected.sum - rr).to(at::kDouble).mean();
+    out.set(prefix + "rewards/accuracies", acc.item<double>());
+  }
+  return out;
+}
+
+// KTO data without pairs (an unpaired file): the KTO metrics of the held-out examples.
+prefopt::Metrics evaluate_unpaired(train::LlamaForCausalLM& model, const Loss& loss,
+                                   const UnpairedData& data, const std::string& prefix,
+                                   int64_t pad_id, const at::Device& device, int64_t per_batch) {
+  model->eval();
+  const auto lp = score(model, data.rows(data.examples), pad_id, device, per_batch);
+  std::vector<int64_t> d, u;
+  for (int64_t i = 0; i < data.size(); ++i) (data.label[static_cast<size_t>(i)] ? d : u).push_back(i);
+  const auto di = at::tensor(d, at::kLong).to(device), ui = at::tensor(u, at::kLong).to(device);
+  const auto in = prefopt::KTOInputs()
+                      .policy_chosen_logps(lp.sum.index_select(0, di))
+                      .policy_rejected_logps(lp.sum.index_select(0, ui))
+                      .reference_chosen_logps(data.ref.index_select(0, di))
+                      .reference_rejected_logps(data.ref.index_select(0, ui));
+  prefopt::MetricAccumulator metrics(prefopt::MetricsOptions().prefix(prefix));
+  {
+    at::NoGradGuard no_grad;
+    metrics.add(F::kto_loss(in, loss.kto), in);
+  }
+  model->train();
+  return metrics.compute();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training
+
+void set_lr(torch::optim::AdamW& opt, double lr) {
+  for (auto& group : opt.param_groups())
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+}
+
+// transformers' schedulers, evaluated as the Trainer does: optimizer step s (1-based) uses
+// the factor at s − 1, so the first step of a warmup runs at learning rate 0.
+double lr_factor(const std::string& scheduler, int64_t step, int64_t total, int64_t warmup) {
+  const auto s = static_cast<double>(step - 1);
+  if (s < warmup) return s / std::max<double>(1.0, warmup);
+  const double progress = (s - warmup) / std::max<double>(1.0, total - warmup);
+  if (scheduler == "constant_with_warmup") return 1.0;
+  if (scheduler == "linear") return std::max(0.0, 1.0 - progress);
+  return std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));  // cosine
+}
+
+struct Run {
+  const Options& o;
+  Loss loss;
+  train::LlamaForCausalLM& model;
+  at::Device device;
+  int64_t pad_id;
+  PairData train_pairs, eval_pairs;
+  UnpairedData train_u, eval_u;
+  bool paired_eval = true;
+
+  // Held-out metrics and the training subset's, one record.
+  prefopt::Metrics evaluate(int64_t train_limit, bool at_reference = false) {
+    prefopt::Metrics m;
+    if (paired_eval) {
+      for (const auto& [k, v] : evaluate_pairs(model, loss, eval_pairs, 0, "eval_", pad_id,
+                                               device, o.eval_batch, at_reference))
+        m.set(k, v);
+    } else {
+      for (const auto& [k, v] :
+           evaluate_unpaired(model, loss, eval_u, "eval_", pad_id, device, o.eval_batch))
+        m.set(k, v);
+    }
+    if (train_pairs.size() > 0 && train_limit >= 0) {
+      for (const auto& [k, v] : evaluate_pairs(model, loss, train_pairs, train_limit, "train_",
+                                               pad_id, device, o.eval_batch, at_reference))
+        m.set(k, v);
+    }
+    return m;
+  }
+
+  // One micro-step on the examples `idx` (pairs, or unpaired examples for KTO).
+  at::Tensor micro_step(const std::vector<int64_t>& idx, prefopt::MetricAccumulator& metrics) {
+    const auto opts = prefopt::FusedLogprobsOptions()
+                          .with_logits_mean(true)
+                          .with_token_accuracy(true)
+                          .with_entropy(true);
+    const auto B = static_cast<int64_t>(idx.size());
+    const auto index = at::tensor(idx, at::kLong).to(device);
+    if (loss.family == Family::kKTO) {
+      std::vector<const train::Sequence*> rows, kl_rows;
+      std::vector<int64_t> d, u;
+      for (int64_t i = 0; i < B; ++i) {
+        const auto k = static_cast<size_t>(idx[static_cast<size_t>(i)]);
+        rows.push_back(&train_u.examples[k]);
+        kl_rows.push_back(&train_u.kl[k]);
+        (train_u.label[k] ? d : u).push_back(i);
+      }
+      const auto lp = forward_logps(model, rows, pad_id, device, opts);
+      const auto di = at::tensor(d, at::kLong).to(device), ui = at::tensor(u, at::kLong).to(device);
+      const auto ref = train_u.ref.index_select(0, index);
+      const auto desirable = select_rows(lp, di), undesirable = select_rows(lp, ui);
+      auto in = prefopt::KTOInputs()
+                    .policy_chosen_logps(desirable.sum)
+                    .policy_rejected_logps(undesirable.sum)
+                    .reference_chosen_logps(ref.index_select(0, di))
+                    .reference_rejected_logps(ref.index_select(0, ui));
+      if (loss.kto.loss_type() == prefopt::KTOLossType::kKTO) {
+        at::NoGradGuard no_grad;  // the KL estimate is a constant, as in TRL
+        in.policy_KL_logps(forward_logps(model, kl_rows, pad_id, device).sum)
+            .reference_KL_logps(train_u.ref_kl.index_select(0, index));
+      }
+      const auto r = F::kto_loss(in, loss.kto);
+      metrics.add(r, in, desirable, undesirable);
+      return r.loss;
+    }
+    // Pairs: the batch is [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] (split_pairs'
+    // order), then TPO's gold responses; SFT reads the chosen rows only.
+    std::vector<const train::Sequence*> rows;
+    for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].chosen);
+    if (loss.family != Family::kSFT)
+      for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].rejected);
+    if (loss.family == Family::kTPO)
+      for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].gold);
+    const auto lp = forward_logps(model, rows, pad_id, device, opts);
+    at::Tensor rc, rr;
+    if (train_pairs.ref_chosen.defined())
+      rc = train_pairs.ref_chosen.index_select(0, index), rr = train_pairs.ref_rejected.index_select(0, index);
+    if (loss.family == Family::kSFT) {
+      const prefopt::PairLogprobs policy{lp, lp};
+      return loss.pairs(policy, rc, rr, nullptr, metrics, true);
+    }
+    const auto policy = F::split_pairs(narrow_rows(lp, 0, 2 * B));
+    if (loss.family == Family::kTPO) {
+      const auto gold = narrow_rows(lp, 2 * B, B);
+      return loss.pairs(policy, rc, rr, &gold, metrics, true);
+    }
+    return loss.pairs(policy, rc, rr, nullptr, metrics, true);
+  }
+};
+
+std::string fmt_metric(const prefopt::Metrics& m, const std::string& name) {
+  const double* v = m.find(name);
+  return v ? fmt::format("{:.3f}", *v) : std::string("n/a");
+}
+
+void print_summary(const prefopt::Metrics& before, const prefopt::Metrics& after,
+                   const std::string& loss) {
+  const auto row = [&](const char* label, const std::string& name) {
+    const double *b = before.find(name), *a = after.find(name);
+    if (!b && !a) return;
+    const auto change = a && b ? fmt::format("{:+.3f}", *a - *b) : std::string();
+    fmt::print("  {:<52} {:>8} {:>8} {:>8}\n", label, fmt_metric(before, name),
+               fmt_metric(after, name), change);
+  };
+  fmt::print("\nbefore -> after {}:\n", loss);
+  fmt::print("  {:<52} {:>8} {:>8} {:>8}\n", "", "before", "after", "change");
+  row("held-out reward accuracy (rewards/accuracies)", "eval_rewards/accuracies");
+  row("held-out reward margin (rewards/margins)", "eval_rewards/margins");
+  row("held-out preference accuracy: log p(c) > log p(r)", "eval_preference_accuracy");
+  row("held-out loss", "eval_loss");
+  row("training reward accuracy", "train_rewards/accuracies");
+  row("training reward margin", "train_rewards/margins");
+  row("training preference accuracy: log p(c) > log p(r)", "train_preference_accuracy");
+  row("training loss (all training pairs)", "train_loss");
+}
+
+nlohmann::ordered_json to_json(const prefopt::Metrics& m) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();
+  for (const auto& [k, v] : m) j[k] = std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json();
+  return j;
+}
+
+void check_bitwise(train::LlamaForCausalLM& saved, const fs::path& dir) {
+  auto reloaded = train::load_pretrained(dir);
+  auto a = saved->named_parameters(), b = reloaded->named_parameters();
+  if (a.size() != b.size()) throw std::runtime_error("checkpoint: reloaded parameter count differs");
+  for (const auto& item : a) {
+    const auto& other = b[item.key()];
+    const auto x = item.value().detach().to(at::kCPU).contiguous();
+    const auto y = other.detach().to(at::kCPU).contiguous();
+    if (x.sizes() != y.sizes() || x.scalar_type() != y.scalar_type() ||
+        std::memcmp(x.data_ptr(), y.data_ptr(), static_cast<size_t>(x.numel()) * x.element_size()) != 0)
+      throw std::runtime_error("checkpoint: " + item.key() + " did not reload bit for bit");
+  }
+}
+
+int run(const Options& o) {
+  at::set_num_threads(o.threads);
+  at::manual_seed(static_cast<int64_t>(o.seed));
+  const demo::Progress clock("", 1);
+  const at::Device device(o.device);
+  if (device.is_cuda() && !torch::cuda::is_available())
+    throw std::runtime_error("--device " + o.device + ": this libtorch has no CUDA, or no GPU is present");
+  const fs::path out(o.output_dir);
+  fs::create_directories(out);
+  fs::remove(out / "metrics.jsonl");
+
+  // Model and tokenizer.
+  const fs::path model_dir(o.model);
+  auto model = train::load_pretrained(model_dir);
+  model->to(device);
+  const auto tok = train::Tokenizer::load(model_dir / "tokenizer.json");
+  const auto pad_id = tok.pad_id();
+  Loss loss(o);
+  const auto family = loss.family;
+  fmt::print("prefopt {} train: {} ({} parameters: {} layers, hidden {}, {} heads / {} kv, vocab {}{}) on {}, {} thread{}\n",
+             PREFOPT_VERSION_STRING, model_dir.filename().string(), model->num_parameters(),
+             model->config.num_hidden_layers, model->config.hidden_size,
+             model->config.num_attention_heads, model->config.num_key_value_heads,
+             model->config.vocab_size, model->config.tie_word_embeddings ? ", tied head" : "",
+             o.device, o.threads, o.threads == 1 ? "" : "s");
+
+  // Data: the training rows and the held-out rows, tokenized and truncated.
+  const auto data = train::load_dataset(o.data);
+  std::optional<train::Dataset> eval_file;
+  if (!o.eval_data.empty()) eval_file = train::load_dataset(o.eval_data);
+  const train::TokenizeOptions topts{o.max_length, o.max_prompt_length, o.ascii};
+  Run r{o, loss, model, device, pad_id, {}, {}, {}, {}, true};
+  int64_t train_rows = 0, eval_rows = 0;
+  const auto take = [&](int64_t row, bool eval_side) {
+    // With --eval_data, every row of --data trains and every row of the other file is held out.
+    return eval_file ? true : (eval_side ? row >= o.eval_start : row < o.eval_start);
+  };
+  const auto tokenize_pairs = [&](const train::Dataset& d, bool eval_side, PairData& into, int64_t limit) {
+    for (const auto& e : d.pairs) {
+      if (!take(e.row, eval_side)) continue;
+      if (limit > 0 && into.size() >= limit) break;
+      into.pairs.push_back(train::tokenize_pair(tok, e, topts));
+    }
+  };
+  const auto tokenize_unpaired = [&](const train::Dataset& d, bool eval_side, UnpairedData& into, int64_t limit) {
+    for (const auto& e : d.unpaired) {
+      if (!take(e.row, eval_side)) continue;
+      if (limit > 0 && into.size() >= limit) break;
+      into.examples.push_back(train::tokenize_unpaired(tok, e.prompt, e.completion, topts));
+      into.label.push_back(e.label);
+    }
+  };
+  if (data.paired()) {
+    tokenize_pairs(data, false, r.train_pairs, o.train_limit);
+    tokenize_pairs(eval_file ? *eval_file : data, true, r.eval_pairs, o.eval_limit);
+    if (eval_file && !eval_file->paired())
+      throw std::runtime_error("--eval_data " + o.eval_data + " is unpaired but --data is paired");
+    train_rows = r.train_pairs.size(), eval_rows = r.eval_pairs.size();
+    if (family == Family::kKTO) {  // TRL's unpair_preference_dataset
+      r.train_u = unpair(r.train_pairs.pairs);
+      make_kl(r.train_u, 2, o.max_length);
+    }
+  } else {
+    if (family != Family::kKTO)
+      throw std::runtime_error("--data " + o.data + " is unpaired (prompt/completion/label): it "
+                               "trains --loss kto or apo_zero_unpaired only");
+    tokenize_unpaired(data, false, r.train_u, o.train_limit);
+    tokenize_unpaired(eval_file ? *eval_file : data, true, r.eval_u, o.eval_limit);
+    make_kl(r.train_u, 1, o.max_length);
+    r.paired_eval = false;
+    train_rows = r.train_u.size(), eval_rows = r.eval_u.size();
+  }
+  if (train_rows == 0)
+    throw std::runtime_error(fmt::format("no training rows: --eval_start {} leaves none of the {} rows of {}",
+                                         o.eval_start, data.rows, o.data));
+  if (eval_rows == 0)
+    throw std::runtime_error(fmt::format("no held-out rows: --eval_start {} is past the {} rows of {} "
+                                         "(lower it, or give --eval_data)",
+                                         o.eval_start, data.rows, o.data));
+  if (family == Family::kTPO)
+    for (const auto& p : r.train_pairs.pairs)
+      if (p.gold.ids.empty())
+        throw std::runtime_error(fmt::format("--loss tpo needs a gold response: {} row {} has no \"reference\" field",
+                                             o.data, p.row + 1));
+  {
+    int64_t cut_prompts = 0, cut_completions = 0, tokens = 0, seqs = 0;
+    for (const auto& p : r.train_pairs.pairs) {
+      for (const auto* s : {&p.chosen, &p.rejected}) {
+        tokens += static_cast<int64_t>(s->ids.size()), ++seqs;
+        cut_completions += static_cast<int64_t>(s->ids.size()) == o.max_length;
+      }
+      cut_prompts += p.chosen.prompt_len == o.max_prompt_length;
+    }
+    for (const auto& s : r.train_u.examples) tokens += static_cast<int64_t>(s.ids.size()), ++seqs;
+    fmt::print("data: {} ({}), {} training {}, {} held out{}; {:.0f} tokens per sequence on "
+               "average (max_length {}, max_prompt_length {}{})\n",
+               o.data, data.format, train_rows, data.paired() ? "pairs" : "examples", eval_rows,
+               data.skipped.empty() ? std::string()
+                                    : fmt::format(" ({} pairs skipped: their prompts differ)", data.skipped.size()),
+               seqs ? static_cast<double>(tokens) / seqs : 0.0, o.max_length, o.max_prompt_length,
+               data.paired() ? fmt::format("; {} prompts cut from the left", cut_prompts) : std::string());
+    if (family == Family::kKTO && data.paired())
+      fmt::print("kto: {} unpaired examples from the pairs (chosen desirable, rejected undesirable)\n",
+                 r.train_u.size());
+  }
+
+  // The reference: the same checkpoint, frozen, its log-probs computed once.
+  if (needs_reference(family)) {
+    auto reference = train::load_pretrained(model_dir);
+    reference->to(device);
+    reference->eval();
+    const demo::Progress t("", 1);
+    const auto eb = o.eval_batch;
+    if (data.paired()) {
+      for (auto* d : {&r.train_pairs, &r.eval_pairs}) {
+        d->reference = {score(reference, d->side(0), pad_id, device, eb),
+                        score(reference, d->side(1), pad_id, device, eb)};
+        d->ref_chosen = d->reference.chosen.sum, d->ref_rejected = d->reference.rejected.sum;
+      }
+    } else {
+      r.eval_u.ref = score(reference, r.eval_u.rows(r.eval_u.examples), pad_id, device, eb).sum;
+    }
+    if (family == Family::kKTO) {
+      // Unpaired from pairs: the examples are [c0, r0, c1, r1, ...], scored above already.
+      r.train_u.ref = data.paired() ? at::stack({r.train_pairs.ref_chosen, r.train_pairs.ref_rejected}, 1).flatten()
+                                    : score(reference, r.train_u.rows(r.train_u.examples), pad_id, device, eb).sum;
+      if (loss.kto.loss_type() == prefopt::KTOLossType::kKTO)
+        r.train_u.ref_kl = score(reference, r.train_u.rows(r.train_u.kl), pad_id, device, eb).sum;
+    }
+    fmt::print("reference log-probs precomputed ({:.1f} s)\n", t.seconds());
+  }
+
+  // Steps: epochs over the training examples, or --max_steps.
+  const int64_t n_train = family == Family::kKTO ? r.train_u.size() : r.train_pairs.size();
+  const int64_t per_step = o.batch * o.accum;
+  const int64_t steps_per_epoch = std::max<int64_t>(1, n_train / per_step);
+  const int64_t total = o.max_steps >= 0 ? o.max_steps
+                                         : static_cast<int64_t>(std::ceil(o.epochs * steps_per_epoch));
+  const auto warmup = static_cast<int64_t>(std::ceil(o.warmup_ratio * static_cast<double>(total)));
+
+  fmt::print("evaluating before training ...\n");
+  const auto before = r.evaluate(0, /*at_reference=*/needs_reference(family));
+  fmt::print("before: {:.4}\n", before);
+  demo::History history, eval_history;
+  eval_history.emplace_back(0, before);
+  prefopt::JsonlWriter log((out / "metrics.jsonl").string());
+  log.write(0, before);
+
+  fmt::print("training: {}, {} steps of {} x {} {} ({:.2f} epochs), lr {:g} ({} warmup steps, {}), beta {:g}\n",
+             o.loss, total, o.batch, o.accum, family == Family::kKTO ? "examples" : "pairs",
+             static_cast<double>(total * per_step) / static_cast<double>(n_train), o.lr, warmup,
+             o.scheduler, o.beta.value_or(default_beta(family)));
+  torch::optim::AdamW opt(model->parameters(),
+                          torch::optim::AdamWOptions(o.lr).weight_decay(o.weight_decay));
+  prefopt::MetricAccumulator metrics;
+  std::mt19937_64 rng(o.seed);
+  std::vector<int64_t> order(static_cast<size_t>(n_train));
+  std::iota(order.begin(), order.end(), 0);
+  size_t cursor = order.size();
+  int64_t epoch_count = 0;
+  demo::Progress bar(o.loss, std::max<int64_t>(total, 1));
+  const demo::Progress train_clock("", 1);
+  model->train();
+  for (int64_t step = 1; step <= total; ++step) {
+    set_lr(opt, o.lr * lr_factor(o.scheduler, step, total, warmup));
+    opt.zero_grad();
+    for (int64_t micro = 0; micro < o.accum; ++micro) {
+      if (cursor + static_cast<size_t>(o.batch) > order.size()) {  // a new epoch
+        std::shuffle(order.begin(), order.end(), rng);
+        cursor = 0;
+        ++epoch_count;
+      }
+      const std::vector<int64_t> idx(order.begin() + static_cast<std::ptrdiff_t>(cursor),
+                                     order.begin() + static_cast<std::ptrdiff_t>(cursor + static_cast<size_t>(std::min<int64_t>(o.batch, n_train))));
+      cursor += idx.size();
+      const auto l = r.micro_step(idx, metrics);
+      (l / static_cast<double>(o.accum)).backward();
+    }
+    const auto grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), o.max_grad_norm);
+    opt.step();
+    metrics.add_scalar("grad_norm", grad_norm);
+    metrics.add_scalar("learning_rate", o.lr * lr_factor(o.scheduler, step, total, warmup));
+
+    if (step % o.logging_steps == 0 || step == total) {
+      auto m = metrics.compute();
+      m.set("epoch", static_cast<double>(step * per_step) / static_cast<double>(n_train));
+      log.write(step, m);
+      history.emplace_back(step, m);
+      const double* margins = m.find("rewards/margins");
+      bar.status(margins ? fmt::format("loss {:.4f} margins {:.3f}", m.at("loss"), *margins)
+                         : fmt::format("loss {:.4f}", m.at("loss")));
+      if (step % o.print_every == 0 || step == total)
+        bar.print_line(fmt::format("step {:>4} {:.4}", step, m));
+    }
+    if (step % o.eval_steps == 0 && step != total) {
+      const auto m = r.evaluate(o.eval_train_pairs);
+      log.write(step, m);
+      eval_history.emplace_back(step, m);
+      bar.print_line(fmt::format("eval {:>4} {:.4}", step, m));
+    }
+    bar.update(step);
+  }
+  const double train_seconds = train_clock.seconds();
+  // The final evaluation covers every training pair.
+  prefopt::Metrics after = before;
+  if (total > 0) {
+    after = r.evaluate(0);
+    log.write(total, after);
+    eval_history.emplace_back(total, after);
+    fmt::print("eval {:>4} {:.4}\n", total, after);
+  }
+  print_summary(before, after, o.loss);
+
+  nlohmann::ordered_json summary = {{"loss", o.loss},
+                                    {"model", o.model},
+                                    {"data", o.data},
+                                    {"train_examples", n_train},
+                                    {"eval_examples", eval_rows},
+                                    {"skipped_pairs", data.skipped.size()},
+                                    {"steps", total},
+                                    {"seed", o.seed},
+                                    {"before", to_json(before)},
+                                    {"after", to_json(after)},
+                                    {"train_seconds", train_seconds}};
+
+  if (o.plot && total > 0) {
+    const bool pairwise = history.empty() || history.back().second.contains("rewards/margins");
+    std::vector<demo::Panel> panels = {{"loss", "train", {{"loss", "loss"}}}};
+    if (pairwise) {
+      panels.push_back({"rewards", "train", {{"rewards/chosen", "chosen"}, {"rewards/rejected", "rejected"}}});
+      panels.push_back({"rewards/margins", "train", {{"rewards/margins", "training batch"}}});
+      panels.push_back({"rewards/accuracies", "train", {{"rewards/accuracies", "training batch"}}});
+    }
+    panels.push_back({"logps", "train", {{"logps/chosen", "chosen"}, {"logps/rejected", "rejected"}}});
+    panels.push_back({"evaluation: accuracies",
+                      "eval",
+                      {{"eval_rewards/accuracies", "held-out reward acc."},
+                       {"train_rewards/accuracies", "training reward acc."},
+                       {"eval_preference_accuracy", "held-out log p(c) > log p(r)"}},
+                      "left center"});
+    std::string error;
+    const auto png = (out / "curves.png").string();
+    if (demo::plot_png(png,
+                       fmt::format("prefopt-train: {} on {} ({} {}, {} steps)",
+                                   o.loss, fs::path(o.data).filename().string(), n_train,
+                                   family == Family::kKTO ? "examples" : "pairs", total),
+                       history, eval_history, panels, error))
+      fmt::print("curves: {}\n", png);
+    else
+      fmt::print(stderr, "prefopt-train: no plot: {}\n", error);
+  }
+
+  if (o.save) {
+    std::vector<fs::path> extra;
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "generation_config.json"})
+      extra.push_back(model_dir / f);
+    train::save_pretrained(model, out, extra);
+    check_bitwise(model, out);
+    fmt::print("checkpoint: {} + config.json (reloaded bit for bit)\n",
+               (out / "model.safetensors").string());
+  }
+  summary["seconds"] = clock.seconds();
+  const auto text = summary.dump(2) + "\n";
+  train::detail::write_file_atomically(out / "summary.json", {{text.data(), text.size()}});
+  fmt::print("metrics: {}, summary: {} ({})\n", (out / "metrics.jsonl").string(),
+             (out / "summary.json").string(), demo::Progress::clock(clock.seconds()));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+#ifdef __GLIBC__
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);  // see examples/demo/main.cpp
+  mallopt(M_TRIM_THRESHOLD, 128 << 20);
+#endif
+  Options o;
+  const fs::path shared = [] {
+    if (const char* env = std::getenv("PREFOPT_DATA_DIR")) return fs::path(env);
+    return fs::path(PREFOPT_SOURCE_DIR) / ".." / "shared" / "data";
+  }();
+  o.model = (shared / "tinystories-656k").lexically_normal().string();
+  o.data = (shared / "hh-rlhf" / "harmless-base" / "test.jsonl.gz").lexically_normal().string();
+
+  CLI::App app{
+      "prefopt-train: SFT and preference training (DPO family, ORPO, SimPO, CPO, TPO, KTO) of a\n"
+      "Hugging Face Llama checkpoint on preference data, with TRL's option and metric names.\n"
+      "Options may also come from a TOML/INI file (--config); each long option has its TRL\n"
+      "spelling (--max_length) and a dashed one (--max-length)."};
+  app.get_formatter()->column_width(40);
+  app.set_config("--config", "", "read options from this TOML/INI file (keys: option names)");
+  const auto opt = [](CLI::App* g, const std::string& trl, auto& value, const std::string& help) {
+    std::string dashed = trl;
+    std::replace(dashed.begin(), dashed.end(), '_', '-');
+    const auto names = dashed == trl ? "--" + trl : "--" + trl + ",--" + dashed;
+    return g->add_option(names, value, help);
+  };
+
+  auto* io = app.add_option_group("model, data and output");
+  opt(io, "model", o.model, "checkpoint folder: config.json, model.safetensors, tokenizer.json")
+      ->capture_default_str();
+  opt(io, "data", o.data,
+      "preference data: TRL's JSONL (prompt/chosen/rejected, or prompt/completion/label for "
+      "KTO; text or messages), HH-RLHF (.jsonl.gz), or Stack Exchange pairs (.json)")
+      ->capture_default_str();
+  opt(io, "eval_start", o.eval_start,
+      "rows of --data from this 0-based row on are held out; the rows before it train")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  opt(io, "eval_data", o.eval_data, "held-out data from another file instead of --eval_start");
+  opt(io, "train_limit", o.train_limit, "use only the first N training examples (0: all)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  opt(io, "eval_limit", o.eval_limit, "use only the first N held-out examples (0: all)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  opt(io, "output_dir", o.output_dir,
+      "folder for model.safetensors, config.json, metrics.jsonl, curves.png, summary.json")
+      ->capture_default_str();
+  io->add_flag("!--no-save,!--no_save", o.save, "do not save the trained model");
+  io->add_flag("!--no-plot,!--no_plot", o.plot, "skip the gnuplot PNG");
+  io->add_flag("!--no-ascii,!--no_ascii", o.ascii,
+               "keep typographic quotes and dashes (default: mapped to ASCII, which the "
+               "TinyStories vocabulary has)");
+  opt(io, "device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
+  opt(io, "threads", o.threads, "intra-op threads")->check(CLI::PositiveNumber)->capture_default_str();
+  opt(io, "seed", o.seed, "seed of the shuffling")->capture_default_str();
+
+  auto* tr = app.add_option_group("training (TRL TrainingArguments)");
+  opt(tr, "loss", o.loss,
+      "sft, a DPO loss_type (sigmoid, hinge, ipo, robust, exo_pair, nca_pair, bco_pair, "
+      "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm) or a "
+      "comma-separated list of them (with sft: MPO), orpo, simpo, cpo, tpo, kto, "
+      "apo_zero_unpaired")
+      ->capture_default_str();
+  opt(tr, "num_train_epochs", o.epochs, "epochs over the training examples")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(tr, "max_steps", o.max_steps, "optimizer steps (overrides the epochs when >= 0)")
+      ->capture_default_str();
+  opt(tr, "per_device_train_batch_size", o.batch, "pairs (KTO: examples) per micro-step")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(tr, "gradient_accumulation_steps", o.accum, "micro-steps per optimizer step")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(tr, "per_device_eval_batch_size", o.eval_batch, "sequences per evaluation forward")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(tr, "learning_rate", o.lr, "peak learning rate of AdamW (TRL's 1e-6 suits billions of parameters, not 656K)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(tr, "lr_scheduler_type", o.scheduler, "after the warmup")
+      ->check(CLI::IsMember({"cosine", "linear", "constant_with_warmup"}))
+      ->capture_default_str();
+  opt(tr, "warmup_ratio", o.warmup_ratio, "share of the steps with a linear warmup")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  opt(tr, "weight_decay", o.weight_decay, "AdamW's decoupled weight decay")->capture_default_str();
+  opt(tr, "max_grad_norm", o.max_grad_norm, "gradient clipping")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(tr, "max_length", o.max_length, "tokens of prompt + completion (TRL's classic truncation)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(tr, "max_prompt_length", o.max_prompt_length, "prompt tokens kept (cut from the left)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+
+  auto* lg = app.add_option_group("logging and evaluation");
+  opt(lg, "logging_steps", o.logging_steps, "steps per metrics record")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(lg, "print_every", o.print_every, "steps between metrics lines on the terminal")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(lg, "eval_steps", o.eval_steps, "steps between evaluations (held-out and training subset)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  opt(lg, "eval_train_pairs", o.eval_train_pairs,
+      "training pairs scored at the evaluations during training (all of them at the end)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+
+  auto* ls = app.add_option_group("loss options (TRL's names)");
+  opt(ls, "beta", o.beta, "beta (ORPO's lambda) [0.1; simpo 2; tpo 0.01]");
+  opt(ls, "label_smoothing", o.label_smoothing,
+      "epsilon of robust, exo_pair, aot, CPO, SimPO, TPO; of sigmoid with --cdpo")
+      ->capture_default_str();
+  ls->add_flag("--cdpo", o.cdpo, "conservative DPO: --label_smoothing also smooths sigmoid (TRL <= 0.28)");
+  opt(ls, "rpo_alpha", o.rpo_alpha, "weight of the chosen NLL added to DPO losses (RPO)")
+      ->capture_default_str();
+  opt(ls, "loss_weights", o.loss_weights, "weights of a list of DPO loss types (MPO)")->delimiter(',');
+  opt(ls, "f_divergence_type", o.f_divergence_type, "DPO's f-divergence")
+      ->check(CLI::IsMember({"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"}))
+      ->capture_default_str();
+  opt(ls, "f_alpha_divergence_coef", o.f_alpha_divergence_coef, "alpha of alpha_divergence")
+      ->capture_default_str();
+  opt(ls, "discopop_tau", o.discopop_tau, "tau of discopop")->capture_default_str();
+  opt(ls, "simpo_gamma", o.simpo_gamma, "SimPO's target margin gamma")->capture_default_str();
+  opt(ls, "cpo_alpha", o.cpo_alpha, "NLL weight of CPO (default 1) and SimPO (default 0)");
+  opt(ls, "cpo_loss_type", o.cpo_loss_type, "CPO's form")
+      ->check(CLI::IsMember({"sigmoid", "hinge", "ipo", "simpo", "alphapo"}))
+      ->capture_default_str();
+  opt(ls, "alpha", o.alpha, "AlphaPO's alpha (SimPO, CPO simpo/alphapo)")->capture_default_str();
+  opt(ls, "tpo_loss_type", o.tpo_loss_type, "TPO's form")
+      ->check(CLI::IsMember({"sigmoid", "hinge", "ipo", "tpo-l"}))
+      ->capture_default_str();
+  opt(ls, "tpo_alpha", o.tpo_alpha, "weight of TPO's gold-response NLL")->capture_default_str();
+  opt(ls, "tpo_l_gamma", o.tpo_l_gamma, "gamma of tpo-l")->capture_default_str();
+  opt(ls, "desirable_weight", o.desirable_weight, "KTO weight of desirable examples")
+      ->capture_default_str();
+  opt(ls, "undesirable_weight", o.undesirable_weight, "KTO weight of undesirable examples")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  const auto fail = [](const std::string& msg) {
+    fmt::print(stderr, "prefopt-train: error: {}\n", msg);
+    return 2;
+  };
+  if (const auto e = check_loss(o.loss); !e.empty()) return fail(e);
+  if (o.max_prompt_length >= o.max_length)
+    return fail(fmt::format("--max_prompt_length {} must be below --max_length {}",
+                            o.max_prompt_length, o.max_length));
+  if (!fs::is_directory(o.model)) return fail("--model " + o.model + ": no such folder");
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})
+    if (!fs::exists(fs::path(o.model) / f))
+      return fail("--model " + o.model + ": no " + f + " in it");
+  if (!fs::exists(o.data)) return fail("--data " + o.data + ": no such file");
+  if (fs::exists(o.output_dir) && fs::equivalent(o.output_dir, o.model))
+    return fail("--output_dir " + o.output_dir + " is the --model folder: choose another");
+  if (!o.eval_data.empty() && !fs::exists(o.eval_data))
+    return fail("--eval_data " + o.eval_data + ": no such file");
+  try {
+    return run(o);
+  } catch (const c10::Error& e) {
+    return fail(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}

@@ -1,0 +1,748 @@
+// SPDX-License-Identifier: Apache-2.0
+// prefopt-train (examples/train/): the safetensors reader and writer, the tokenizer and the
+// Llama model against Hugging Face's outputs (tests/fixtures/, written by
+// examples/train/make_fixtures.py), the data formats and their errors, and the trainer end to
+// end: a short run per loss family on HH-RLHF, the checkpoint round trip, the command line.
+// Tests that read ../shared/data skip only when that folder is absent. No HH-RLHF text is
+// printed: the data contain offensive material.
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <prefopt/prefopt.h>
+
+#include "support.h"
+#include "train/data.h"
+#include "train/llama.h"
+#include "train/safetensors.h"
+#include "train/tokenizer.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+fs::path data_dir() { return prefopt_test::data_dir(); }
+fs::path model_dir() { return data_dir() / "tinystories-656k"; }
+fs::path hh_path() { return data_dir() / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"; }
+fs::path fixtures() { return fs::path(PREFOPT_SOURCE_DIR) / "tests" / "fixtures"; }
+
+#define SKIP_WITHOUT_SHARED_DATA()                                                       \
+  do {                                                                                   \
+    if (!fs::exists(data_dir())) GTEST_SKIP() << "no shared data at " << data_dir(); \
+  } while (0)
+
+fs::path scratch(const std::string& name) {
+  const auto p = fs::path(PREFOPT_TRAIN_TEST_DIR) / name;
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+void write_text(const fs::path& p, const std::string& text) {
+  std::ofstream(p, std::ios::binary) << text;
+}
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Runs `f`, expecting a std::exception whose message contains `substr`.
+template <typename Fn>
+void expect_error(Fn&& f, const std::string& substr) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an error containing: " << substr;
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find(substr), std::string::npos)
+        << "message: " << e.what() << "\nexpected to contain: " << substr;
+  }
+}
+
+// A tiny Llama config for synthetic checkpoints.
+train::LlamaConfig tiny_config(bool tied = true, const std::string& type = "llama",
+                               bool attention_bias = false) {
+  json j = {{"model_type", type},     {"vocab_size", 16},       {"hidden_size", 8},
+            {"intermediate_size", 16}, {"num_hidden_layers", 2}, {"num_attention_heads", 2},
+            {"num_key_value_heads", 1}, {"rms_norm_eps", 1e-6},   {"rope_theta", 10000.0},
+            {"tie_word_embeddings", tied}, {"attention_bias", attention_bias},
+            {"torch_dtype", "float32"}, {"max_position_embeddings", 64}};
+  return train::LlamaConfig::from_json(j);
+}
+
+train::LlamaForCausalLM random_model(const train::LlamaConfig& c) {
+  at::manual_seed(1);
+  train::LlamaForCausalLM m(c);
+  at::NoGradGuard no_grad;
+  for (auto& p : m->parameters()) p.normal_(0.0, 0.5);
+  return m;
+}
+
+// The named tensors of a model, for writing doctored checkpoints.
+std::vector<std::pair<std::string, at::Tensor>> tensors_of(train::LlamaForCausalLM& m) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& item : m->named_parameters()) out.emplace_back(item.key(), item.value());
+  return out;
+}
+
+void write_checkpoint(const fs::path& dir, const train::LlamaConfig& c,
+                      const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  fs::create_directories(dir);
+  write_text(dir / "config.json", c.json.dump());
+  train::save_safetensors(dir / "model.safetensors", tensors);
+}
+
+void expect_bitwise_equal(train::LlamaForCausalLM& a, train::LlamaForCausalLM& b) {
+  const auto pa = a->named_parameters(), pb = b->named_parameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (const auto& item : pa) {
+    const auto& x = item.value();
+    const auto& y = pb[item.key()];
+    ASSERT_EQ(x.sizes(), y.sizes()) << item.key();
+    ASSERT_EQ(x.scalar_type(), y.scalar_type()) << item.key();
+    EXPECT_EQ(std::memcmp(x.data_ptr(), y.data_ptr(), x.numel() * x.element_size()), 0)
+        << item.key();
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// safetensors
+
+TEST(Safetensors, ReadsTheSharedCheckpoint) {
+  SKIP_WITHOUT_SHARED_DATA();
+  train::SafetensorsReader st((model_dir() / "model.safetensors").string());
+  EXPECT_EQ(st.entries().size(), 20u);
+  EXPECT_EQ(st.metadata().at("format"), "pt");
+  const auto head = st.view("lm_head.weight");
+  EXPECT_EQ(head.sizes(), (at::IntArrayRef{2048, 128}));
+  EXPECT_EQ(head.scalar_type(), at::kFloat);
+  EXPECT_TRUE(head.isfinite().all().item<bool>());
+  // Tied: the file holds lm_head.weight only, with safetensors' alias in __metadata__.
+  auto m = train::load_pretrained(model_dir());
+  EXPECT_TRUE(at::equal(m->head_weight(), head));
+  EXPECT_EQ(m->num_parameters(), 2048 * 128 + 2 * (128 + 128 * 128 + 2 * 64 * 128 + 128 * 128 + 128 + 3 * 384 * 128) + 128);
+}
+
+TEST(Safetensors, WriterRoundTripAndLayout) {
+  const auto dir = scratch("st-roundtrip");
+  const std::vector<std::pair<std::string, at::Tensor>> tensors = {
+      {"b", at::randn({3, 5})},
+      {"a", at::randn({7}).to(at::kHalf)},
+      {"c", at::randn({2, 2, 3}).to(at::kBFloat16)},
+      {"empty", at::zeros({0, 4})}};
+  train::save_safetensors(dir / "x.safetensors", tensors, {{"format", "pt"}, {"note", "x"}});
+  const auto bytes = read_text(dir / "x.safetensors");
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
+  EXPECT_EQ(n % 8, 0u);  // padded, so the data is 8-byte aligned
+  const auto header = json::parse(bytes.substr(8, n));
+  EXPECT_EQ(header["__metadata__"], (json{{"format", "pt"}, {"note", "x"}}));
+  EXPECT_EQ(header["a"]["dtype"], "F16");
+  EXPECT_EQ(header["c"]["dtype"], "BF16");
+  EXPECT_EQ(header["a"]["data_offsets"], (json{0, 14}));  // name order
+  train::SafetensorsReader st((dir / "x.safetensors").string());
+  for (const auto& [name, t] : tensors) {
+    const auto v = st.view(name);
+    EXPECT_EQ(v.scalar_type(), t.scalar_type()) << name;
+    EXPECT_TRUE(at::equal(v, t)) << name;
+  }
+  EXPECT_FALSE(fs::exists(dir / "x.safetensors.tmp"));
+}
+
+TEST(Safetensors, TruncatedFiles) {
+  const auto dir = scratch("st-truncated");
+  train::save_safetensors(dir / "x.safetensors", {{"w", at::randn({64})}});
+  const auto bytes = read_text(dir / "x.safetensors");
+  for (const size_t keep : {size_t{0}, size_t{5}, size_t{20}, bytes.size() - 1}) {
+    write_text(dir / "cut.safetensors", bytes.substr(0, keep));
+    expect_error([&] { train::SafetensorsReader((dir / "cut.safetensors").string()); },
+                 "truncated");
+  }
+  expect_error([&] { train::SafetensorsReader((dir / "nope.safetensors").string()); },
+               "cannot open");
+}
+
+TEST(Safetensors, BadHeaders) {
+  const auto dir = scratch("st-bad");
+  const auto write = [&](const std::string& header, size_t data_bytes) {
+    std::string s(8, '\0');
+    for (int i = 0; i < 8; ++i) s[i] = static_cast<char>(uint64_t{header.size()} >> (8 * i));
+    write_text(dir / "x.safetensors", s + header + std::string(data_bytes, '\0'));
+    return (dir / "x.safetensors").string();
+  };
+  const std::vector<std::tuple<std::string, size_t, std::string>> cases = {
+      {"{not json", 0, "not valid JSON"},
+      {"[1, 2]", 0, "does not start with '{'"},
+      {R"({"w": {"dtype": "F32", "shape": [2]}})", 8, "lacks dtype, shape or data_offsets"},
+      {R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}})", 4,
+       "data_offsets span 4"},
+      {R"({"w": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}})", 8,
+       "dtype \"I64\" is not supported"},
+      {R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", 4, "non-integer"},
+      {R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})", 8,
+       "starts at byte 4"},
+      {R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", 12,
+       "bytes after the last tensor"},
+      {R"({"__metadata__": {"format": 1}})", 0, "is not a string"},
+  };
+  for (const auto& [header, data, message] : cases) {
+    SCOPED_TRACE(header);
+    const auto path = write(header, data);
+    expect_error([&] { train::SafetensorsReader{path}; }, message);
+  }
+}
+
+TEST(Safetensors, CheckpointCheckedAgainstTheConfig) {
+  const auto root = scratch("st-config");
+  const auto c = tiny_config();
+  auto m = random_model(c);
+  const auto good = tensors_of(m);
+  const auto load = [&](const fs::path& dir) { return train::load_pretrained(dir); };
+
+  // Missing key.
+  auto missing = good;
+  missing.erase(missing.begin() + 3);
+  write_checkpoint(root / "missing", c, missing);
+  expect_error([&] { load(root / "missing"); }, "missing tensor \"" + good[3].first + "\"");
+  // Unknown key.
+  auto unknown = good;
+  unknown.emplace_back("model.layers.9.mlp.up_proj.weight", at::zeros({16, 8}));
+  write_checkpoint(root / "unknown", c, unknown);
+  expect_error([&] { load(root / "unknown"); }, "unknown tensor \"model.layers.9.mlp.up_proj.weight\"");
+  // Wrong dtype: config.json says float32.
+  auto half = good;
+  for (auto& [name, t] : half) t = t.to(at::kHalf);
+  write_checkpoint(root / "half", c, half);
+  expect_error([&] { load(root / "half"); }, "is F16 but config.json says torch_dtype \"float32\"");
+  // The same file is fine when the config says float16 (and loads into fp32 parameters... of
+  // the config's dtype: the model computes in fp32 here).
+  auto c16 = c;
+  c16.json["torch_dtype"] = "float16";
+  write_checkpoint(root / "half16", train::LlamaConfig::from_json(c16.json), half);
+  EXPECT_NO_THROW(load(root / "half16"));
+  // Mixed dtypes.
+  auto mixed = good;
+  mixed[0].second = mixed[0].second.to(at::kBFloat16);
+  auto cnone = c;
+  cnone.json.erase("torch_dtype");
+  write_checkpoint(root / "mixed", train::LlamaConfig::from_json(cnone.json), mixed);
+  expect_error([&] { load(root / "mixed"); }, "but others are");
+  // Wrong shape.
+  auto shape = good;
+  shape[1].second = at::zeros({3, 3});
+  write_checkpoint(root / "shape", c, shape);
+  expect_error([&] { load(root / "shape"); }, "has shape [3, 3] but config.json implies");
+  // An untied config needs lm_head.weight.
+  write_checkpoint(root / "untied", tiny_config(false), good);
+  expect_error([&] { load(root / "untied"); }, "missing tensor \"lm_head.weight\"");
+  // Tied, stored as lm_head.weight only (safetensors' save_model), or both halves.
+  auto as_head = good;
+  for (auto& [name, t] : as_head)
+    if (name == "model.embed_tokens.weight") name = "lm_head.weight";
+  write_checkpoint(root / "as-head", c, as_head);
+  auto loaded = load(root / "as-head");
+  expect_bitwise_equal(m, loaded);
+  auto both = good;
+  both.emplace_back("lm_head.weight", m->head_weight().clone());
+  write_checkpoint(root / "both", c, both);
+  EXPECT_NO_THROW(load(root / "both"));
+  both.back().second += 1;
+  write_checkpoint(root / "both-differ", c, both);
+  expect_error([&] { load(root / "both-differ"); }, "lm_head.weight differs");
+  // Bad config.
+  write_text(root / "missing" / "config.json", R"({"model_type": "llama"})");
+  expect_error([&] { load(root / "missing"); }, "needs a positive integer \"vocab_size\"");
+  write_text(root / "missing" / "config.json", R"({"model_type": "gpt2"})");
+  expect_error([&] { load(root / "missing"); }, "not a Llama-style model");
+}
+
+TEST(Safetensors, SavePretrainedRoundTripsBitForBit) {
+  for (const auto& [tied, type, bias] :
+       std::vector<std::tuple<bool, std::string, bool>>{{true, "llama", false},
+                                                        {false, "llama", true},
+                                                        {false, "qwen2", false}}) {
+    SCOPED_TRACE(type + (tied ? " tied" : " untied") + (bias ? " bias" : ""));
+    const auto dir = scratch("roundtrip");
+    auto m = random_model(tiny_config(tied, type, bias));
+    train::save_pretrained(m, dir);
+    train::SafetensorsReader st((dir / "model.safetensors").string());
+    EXPECT_EQ(st.metadata(), (std::map<std::string, std::string>{{"format", "pt"}}));
+    // transformers' save_pretrained stores tied embeddings once, as the input embedding.
+    EXPECT_TRUE(st.contains("model.embed_tokens.weight"));
+    EXPECT_EQ(st.contains("lm_head.weight"), !tied);
+    EXPECT_EQ(st.contains("model.layers.0.self_attn.q_proj.bias"), bias || type == "qwen2");
+    EXPECT_EQ(st.contains("model.layers.0.self_attn.o_proj.bias"), bias);
+    auto back = train::load_pretrained(dir);
+    expect_bitwise_equal(m, back);
+    const auto ids = at::randint(16, {2, 5}, at::kLong);
+    EXPECT_TRUE(at::equal(m->logits(ids), back->logits(ids)));
+    EXPECT_EQ(json::parse(read_text(dir / "config.json"))["model_type"], type);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer and model parity with Hugging Face (fixtures from make_fixtures.py)
+
+TEST(Tokenizer, MatchesHuggingFaceTokenizers) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto tok = train::Tokenizer::load(model_dir());
+  EXPECT_EQ(tok.vocab_size(), 2048);
+  EXPECT_EQ(tok.bos_id(), 1);
+  EXPECT_EQ(tok.eos_id(), 2);
+  EXPECT_EQ(tok.pad_id(), 0);
+  EXPECT_EQ(tok.unk_id(), 0);
+  const auto f = json::parse(read_text(fixtures() / "tinystories_tokenizer.json"));
+  ASSERT_GE(f["cases"].size(), 100u);
+  size_t checked = 0;
+  for (const auto& c : f["cases"]) {
+    const auto text = c["text"].get<std::string>();
+    const auto ids = c["ids"].get<std::vector<int64_t>>();
+    EXPECT_EQ(tok.encode(text), ids) << "text: " << json(text).dump();
+    EXPECT_EQ(tok.decode(ids), c["decoded"].get<std::string>()) << "text: " << json(text).dump();
+    ++checked;
+  }
+  for (const auto& c : f["decode_cases"])
+    EXPECT_EQ(tok.decode(c["ids"].get<std::vector<int64_t>>()), c["text"].get<std::string>());
+  EXPECT_EQ(checked, f["cases"].size());
+  // Without special tokens, and skipping them on decode.
+  EXPECT_EQ(tok.encode("Hello world", false), (std::vector<int64_t>{80, 1288, 139, 410, 555}));
+  EXPECT_EQ(tok.decode({1, 80, 1288, 139, 410, 555, 2}, true), "Hello world");
+}
+
+TEST(Tokenizer, RefusesWhatItDoesNotImplement) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("tok-bad");
+  auto j = json::parse(read_text(model_dir() / "tokenizer.json"));
+  j["pre_tokenizer"] = {{"type", "ByteLevel"}};
+  write_text(dir / "tokenizer.json", j.dump());
+  expect_error([&] { train::Tokenizer::load(dir); }, "pre_tokenizer ByteLevel is not supported");
+  j["pre_tokenizer"] = nullptr;
+  j["model"]["type"] = "Unigram";
+  write_text(dir / "tokenizer.json", j.dump());
+  expect_error([&] { train::Tokenizer::load(dir); }, "model Unigram is not supported");
+  write_text(dir / "tokenizer.json", "{");
+  expect_error([&] { train::Tokenizer::load(dir); }, "not valid JSON");
+}
+
+TEST(Llama, LogitsMatchTransformers) {
+  SKIP_WITHOUT_SHARED_DATA();
+  prefopt_test::warm_up_cpu_math();
+  auto m = train::load_pretrained(model_dir());
+  m->eval();
+  at::NoGradGuard no_grad;
+  const auto f = json::parse(read_text(fixtures() / "tinystories_model.json"));
+  train::SafetensorsReader ref((fixtures() / "tinystories_logits.safetensors").string());
+  const auto to_tensor = [](const json& v) {
+    std::vector<int64_t> flat;
+    int64_t rows = 0;
+    for (const auto& r : v) flat.insert(flat.end(), r.begin(), r.end()), ++rows;
+    return at::tensor(flat, at::kLong).view({rows, -1});
+  };
+  // Relative to each row's scale: |a − e| ≤ 1e-4 · max(|e|) per position.
+  const auto expect_close = [](const at::Tensor& actual, const at::Tensor& expected) {
+    const auto scale = expected.abs().amax(-1, true).clamp_min(1e-6);
+    const auto err = ((actual - expected).abs() / scale).max().item<double>();
+    EXPECT_LT(err, 1e-4) << "max relative error " << err;
+  };
+  // A right-padded batch with its attention mask: every real position, all 2048 logits.
+  const auto ids = to_tensor(f["batch_ids"]);
+  const auto mask = to_tensor(f["batch_attention_mask"]);
+  const auto logits = m->logits(ids, mask) * mask.unsqueeze(-1).to(at::kFloat);
+  expect_close(logits, ref.view("batch_logits"));
+  // A longer sequence (86 positions): logsumexp and target logits everywhere, the last row.
+  const auto long_ids = at::tensor(f["long_ids"].get<std::vector<int64_t>>(), at::kLong).unsqueeze(0);
+  const auto l = m->logits(long_ids)[0];
+  const auto lse = l.logsumexp(-1);
+  EXPECT_LT(((lse - ref.view("long_logsumexp")).abs() / ref.view("long_logsumexp").abs()).max().item<double>(), 1e-4);
+  const auto target = l.narrow(0, 0, l.size(0) - 1).gather(1, long_ids[0].narrow(0, 1, l.size(0) - 1).unsqueeze(1)).squeeze(1);
+  expect_close(target.unsqueeze(0), ref.view("long_target_logits").unsqueeze(0));
+  expect_close(l[-1].unsqueeze(0), ref.view("long_last_logits").unsqueeze(0));
+  // The fused op on hidden states + head weight gives the log-probs of the logits.
+  const auto labels = long_ids.clone();
+  labels.narrow(1, 0, 10).fill_(-100);
+  const auto fused = prefopt::functional::fused_logprobs(m->hidden(long_ids), m->head_weight(), {}, labels);
+  const auto direct = (l.log_softmax(-1).narrow(0, 9, l.size(0) - 10)
+                           .gather(1, long_ids[0].narrow(0, 10, l.size(0) - 10).unsqueeze(1)))
+                          .sum();
+  EXPECT_NEAR(fused.sum.item<double>(), direct.item<double>(), 1e-3);
+  // Padding does not change a sequence's logits (right padding; left padding via positions).
+  const auto one = ids.narrow(0, 1, 1).narrow(1, 0, 4);
+  const auto alone = m->logits(one);
+  expect_close(logits.narrow(0, 1, 1).narrow(1, 0, 4)[0], alone[0]);
+  const auto left = at::cat({at::zeros({1, 2}, at::kLong), one}, 1);
+  const auto left_mask = at::cat({at::zeros({1, 2}, at::kLong), at::ones({1, 4}, at::kLong)}, 1);
+  expect_close(m->logits(left, left_mask)[0].narrow(0, 2, 4), alone[0]);
+}
+
+TEST(Llama, GreedyStoryFromTheDataReadme) {
+  SKIP_WITHOUT_SHARED_DATA();
+  auto m = train::load_pretrained(model_dir());
+  m->eval();
+  at::NoGradGuard no_grad;
+  auto ids = at::tensor(std::vector<int64_t>{1}, at::kLong).unsqueeze(0);
+  for (int i = 0; i < 10; ++i)
+    ids = at::cat({ids, m->logits(ids).select(1, -1).argmax(-1, true)}, 1);
+  // shared/data/README.md: the first ids of greedy decoding from [1].
+  EXPECT_EQ(std::vector<int64_t>(ids.data_ptr<int64_t>() + 1, ids.data_ptr<int64_t>() + 11),
+            (std::vector<int64_t>{147, 201, 282, 215, 286, 598, 1662, 356, 499, 826}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data formats
+
+TEST(Data, StandardPreferenceFormats) {
+  const auto dir = scratch("data-formats");
+  // Plain text and conversational rows, a TPO gold response.
+  write_text(dir / "pairs.jsonl",
+             R"({"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "reference": " blue!"})"
+             "\n"
+             R"({"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}], )"
+             R"("chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": [{"role": "assistant", "content": "Go away."}]})"
+             "\n");
+  const auto d = train::load_dataset((dir / "pairs.jsonl").string());
+  EXPECT_EQ(d.format, "preference");
+  ASSERT_EQ(d.pairs.size(), 2u);
+  EXPECT_EQ(d.pairs[0].prompt, "The sky is");
+  EXPECT_EQ(d.pairs[0].gold, " blue!");
+  EXPECT_EQ(d.pairs[1].prompt, "\n\nSystem: Be kind.\n\nHuman: Hi?\n\nAssistant:");
+  EXPECT_EQ(d.pairs[1].chosen, " Hello!");
+  EXPECT_EQ(d.pairs[1].rejected, " Go away.");
+  // Implicit prompt: dialogues split at the last "\n\nAssistant:", differing prompts skipped.
+  write_text(dir / "implicit.jsonl",
+             R"({"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D", "rejected": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: E"})"
+             "\n"
+             R"({"chosen": "\n\nHuman: X\n\nAssistant: Y", "rejected": "\n\nHuman: Z\n\nAssistant: Y"})"
+             "\n"
+             R"({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}], "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]})"
+             "\n");
+  const auto imp = train::load_dataset((dir / "implicit.jsonl").string());
+  EXPECT_EQ(imp.format, "implicit-prompt");
+  ASSERT_EQ(imp.pairs.size(), 2u);
+  EXPECT_EQ(imp.pairs[0].prompt, "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:");
+  EXPECT_EQ(imp.pairs[0].chosen, " D");
+  EXPECT_EQ(imp.pairs[0].rejected, " E");
+  EXPECT_EQ(imp.skipped, (std::vector<int64_t>{1}));
+  EXPECT_EQ(imp.pairs[1].prompt, "\n\nHuman: Q\n\nAssistant:");
+  EXPECT_EQ(imp.pairs[1].chosen, " good");
+  EXPECT_EQ(imp.pairs[1].row, 2);
+  // Unpaired (KTO).
+  write_text(dir / "kto.jsonl",
+             R"({"prompt": "P", "completion": " yes", "label": true})" "\n"
+             R"({"prompt": [{"role": "user", "content": "P"}], "completion": [{"role": "assistant", "content": "no"}], "label": false})" "\n");
+  const auto u = train::load_dataset((dir / "kto.jsonl").string());
+  EXPECT_EQ(u.format, "unpaired");
+  ASSERT_EQ(u.unpaired.size(), 2u);
+  EXPECT_TRUE(u.unpaired[0].label);
+  EXPECT_FALSE(u.unpaired[1].label);
+  EXPECT_EQ(u.unpaired[1].prompt, "\n\nHuman: P\n\nAssistant:");
+  EXPECT_EQ(u.unpaired[1].completion, " no");
+}
+
+TEST(Data, MalformedRowsNameTheRow) {
+  const auto dir = scratch("data-bad");
+  const std::string good = R"({"prompt": "a", "chosen": "b", "rejected": "c"})";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {good + "\n" + good + "\n{\"prompt\": \"a\", \"chosen\"\n", "row 3: not valid JSON"},
+      {good + "\n" + R"({"prompt": "a", "chosen": "b"})" + "\n", "row 2: missing field \"rejected\""},
+      {good + "\n" + good + "\n" + good + "\n" + R"({"prompt": "a", "chosen": 5, "rejected": "c"})",
+       "row 4: field \"chosen\" is neither a string nor a list of messages"},
+      {good + "\n[1]\n", "row 2: not a JSON object"},
+      {good + "\n\n" + good + "\n", "row 2: empty line"},
+      {R"({"prompt": [{"role": "user"}], "chosen": [], "rejected": []})", "row 1: field \"prompt\" message 0"},
+      {R"({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "x"}], "rejected": []})",
+       "row 1: field \"chosen\" must start with an assistant message"},
+      {R"({"prompt": "a", "completion": "b", "label": "yes"})", "row 1: field \"label\" is not true or false"},
+      {R"({"prompt": "a", "completion": "b", "label": true})" "\n" R"({"prompt": "a", "label": false})",
+       "row 2: missing field \"completion\""},
+      {R"({"chosen": "no marker", "rejected": "no marker"})", "row 1: no \"prompt\" field"},
+      {"   \n", "is empty"},
+  };
+  for (const auto& [text, message] : cases) {
+    SCOPED_TRACE(message);
+    write_text(dir / "bad.jsonl", text);
+    expect_error([&] { train::load_dataset((dir / "bad.jsonl").string()); }, message);
+  }
+  expect_error([&] { train::load_dataset((dir / "missing.jsonl").string()); }, "no such file");
+  write_text(dir / "bad.json", "[{\"question\": 1");
+  expect_error([&] { train::load_dataset((dir / "bad.json").string()); }, "not valid JSON");
+}
+
+TEST(Data, HhRlhfAndStackExchange) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto hh = train::load_dataset(hh_path().string());
+  EXPECT_EQ(hh.format, "implicit-prompt");
+  EXPECT_EQ(hh.rows, 2312);
+  EXPECT_EQ(hh.skipped, (std::vector<int64_t>{1254, 1688, 1950, 1952, 2036}));
+  EXPECT_EQ(hh.pairs.size(), 2307u);
+  for (const auto& p : hh.pairs) {
+    ASSERT_EQ(p.prompt.rfind("\n\nAssistant:"), p.prompt.size() - 12);
+    ASSERT_EQ(p.chosen.find("\n\nAssistant:"), std::string::npos);
+  }
+  const auto se = train::load_dataset(
+      (data_dir() / "stack-exchange-paired-tiny" / "stack_exchange_paired_tiny.json").string());
+  EXPECT_EQ(se.format, "stack-exchange");
+  ASSERT_EQ(se.pairs.size(), 25u);
+  EXPECT_EQ(se.pairs[0].prompt.rfind("Question: ", 0), 0u);
+  EXPECT_EQ(se.pairs[0].prompt.substr(se.pairs[0].prompt.size() - 10), "\n\nAnswer: ");
+}
+
+TEST(Data, TokenizationTruncationAndBatches) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto tok = train::Tokenizer::load(model_dir());
+  const auto hh = train::load_dataset(hh_path().string());
+  const train::TokenizeOptions o{96, 48, true};
+  int64_t cut = 0;
+  for (size_t i = 0; i < 300; ++i) {
+    const auto& e = hh.pairs[i];
+    const auto t = train::tokenize_pair(tok, e, o);
+    for (const auto* s : {&t.chosen, &t.rejected}) {
+      ASSERT_LE(static_cast<int64_t>(s->ids.size()), o.max_length);
+      ASSERT_EQ(s->ids.front(), tok.bos_id());  // BOS survives the cut from the left
+      ASSERT_GE(s->completion_len(), 1);
+      if (s->completion_len() < o.max_length - o.max_prompt_length) {
+        ASSERT_EQ(s->ids.back(), tok.eos_id());  // a completion that was not cut ends with EOS
+      }
+    }
+    if (t.chosen.prompt_len == o.max_prompt_length) {
+      ++cut;
+      // The prompt's end survives: the tokens just before the completion are the prompt's last.
+      const auto full = train::tokenize_answer(tok, e.prompt, e.chosen, true).first;
+      ASSERT_TRUE(std::equal(full.end() - 10, full.end(),
+                             t.chosen.ids.begin() + t.chosen.prompt_len - 10));
+    }
+  }
+  EXPECT_GT(cut, 50);
+  // Untruncated, the prompt and completion tokens are the whole text's tokens.
+  const auto [p, c] = train::tokenize_answer(tok, "\n\nHuman: Hi\n\nAssistant:", " Hello there.", true);
+  auto joined = p;
+  joined.insert(joined.end(), c.begin(), c.end() - 1);
+  EXPECT_EQ(joined, tok.encode("\n\nHuman: Hi\n\nAssistant: Hello there."));
+  EXPECT_EQ(c.back(), tok.eos_id());
+  // Typographic quotes become ASCII (the vocabulary has no others).
+  EXPECT_EQ(train::ascii_punctuation("\xE2\x80\x9CHi\xE2\x80\x9D, it\xE2\x80\x99s"), "\"Hi\", it's");
+  // A batch: right padding, −100 on prompt and padding, chosen rows then rejected rows.
+  const auto t0 = train::tokenize_pair(tok, hh.pairs[0], o), t1 = train::tokenize_pair(tok, hh.pairs[1], o);
+  const auto b = train::collate({&t0.chosen, &t1.chosen, &t0.rejected, &t1.rejected}, tok.pad_id());
+  ASSERT_EQ(b.ids.size(0), 4);
+  const auto lens = b.attention_mask.sum(1);
+  EXPECT_EQ(lens[0].item<int64_t>(), static_cast<int64_t>(t0.chosen.ids.size()));
+  EXPECT_EQ(lens[3].item<int64_t>(), static_cast<int64_t>(t1.rejected.ids.size()));
+  EXPECT_EQ((b.labels[2] != -100).sum().item<int64_t>(), t0.rejected.completion_len());
+  EXPECT_EQ(b.labels[0][t0.chosen.prompt_len - 1].item<int64_t>(), -100);
+  EXPECT_EQ(b.labels[0][t0.chosen.prompt_len].item<int64_t>(), t0.chosen.ids[t0.chosen.prompt_len]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// prefopt-train end to end
+
+namespace {
+
+struct Result {
+  int status = -1;
+  std::string output;
+};
+
+Result run_train(const std::string& args) {
+  const std::string cmd = std::string(PREFOPT_TRAIN) + " " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  Result r;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int rc = ::pclose(p);
+  r.status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  return r;
+}
+
+// A short run on the first 64 training pairs of HH-RLHF (4 epochs), 32 held out.
+json short_run(const std::string& name, const std::string& args) {
+  const auto dir = scratch(name);
+  const auto r = run_train(
+      "--train_limit 64 --eval_limit 32 --max_steps 32 --max_length 128 --max_prompt_length 64 "
+      "--logging_steps 8 --eval_steps 16 --eval_train_pairs 32 --no-plot --no-save "
+      "--output_dir " + dir.string() + " " + args);
+  EXPECT_EQ(r.status, 0) << r.output;
+  const auto text = read_text(dir / "summary.json");
+  return text.empty() ? json::object() : json::parse(text);
+}
+
+// What every loss should do on its training pairs: lower the loss, rank more than 80 % of them
+// by its implicit reward.
+void expect_learns(const json& s) {
+  ASSERT_TRUE(s.contains("before") && s.contains("after")) << s.dump();
+  EXPECT_LT(s["after"]["train_loss"].get<double>(), s["before"]["train_loss"].get<double>()) << s.dump(1);
+  EXPECT_GT(s["after"]["train_rewards/accuracies"].get<double>(), 0.8) << s.dump(1);
+  EXPECT_TRUE(s["after"].contains("eval_rewards/accuracies"));
+  EXPECT_TRUE(s["after"].contains("eval_preference_accuracy"));
+}
+
+}  // namespace
+
+TEST(Train, DpoSigmoid) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto s = short_run("dpo", "--loss sigmoid");
+  expect_learns(s);
+  // At the start the policy is its reference: every reward is exactly 0.
+  EXPECT_EQ(s["before"]["eval_rewards/margins"].get<double>(), 0.0);
+  EXPECT_EQ(s["before"]["train_rewards/accuracies"].get<double>(), 0.0);
+  // metrics.jsonl: TRL's names, training records every 8 steps, evaluations at 0, 16, 32.
+  std::vector<json> train, eval;
+  std::ifstream f(fs::path(PREFOPT_TRAIN_TEST_DIR) / "dpo" / "metrics.jsonl");
+  for (std::string line; std::getline(f, line);)
+    (json::parse(line).contains("loss") ? train : eval).push_back(json::parse(line));
+  ASSERT_EQ(train.size(), 4u);
+  ASSERT_EQ(eval.size(), 3u);
+  for (const char* name : {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                           "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
+                           "logits/rejected", "entropy", "mean_token_accuracy", "num_tokens",
+                           "grad_norm", "learning_rate", "epoch"})
+    EXPECT_TRUE(train.front().contains(name)) << name;
+  EXPECT_LT(train.back()["loss"].get<double>(), train.front()["loss"].get<double>());
+  EXPECT_GT(train.back()["rewards/accuracies"].get<double>(), 0.8);
+  EXPECT_EQ(train.back()["epoch"].get<double>(), 4.0);
+}
+
+TEST(Train, DpoIpo) { expect_learns(short_run("ipo", "--loss ipo")); }
+TEST(Train, Orpo) { expect_learns(short_run("orpo", "--loss orpo --learning_rate 3e-3")); }
+TEST(Train, Simpo) { expect_learns(short_run("simpo", "--loss simpo")); }
+TEST(Train, Cpo) { expect_learns(short_run("cpo", "--loss cpo --learning_rate 3e-3")); }
+
+TEST(Train, KtoOnTheUnpairedForm) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto s = short_run("kto", "--loss kto --per_device_train_batch_size 16");
+  expect_learns(s);
+  EXPECT_EQ(s["train_examples"].get<int64_t>(), 128);  // each pair: one desirable, one not
+  EXPECT_TRUE(s["after"].contains("eval_kl"));
+}
+
+TEST(Train, KtoAndTpoFromFiles) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("files");
+  // Small story-like rows (not HH-RLHF): an unpaired KTO file and a TPO file with gold answers.
+  std::string kto, tpo;
+  const std::vector<std::string> names = {"Lily", "Tom", "Sue", "Ben", "Max", "Mia"};
+  for (size_t i = 0; i < 24; ++i) {
+    const auto& n = names[i % names.size()];
+    const std::string prompt = "Once upon a time, " + n + " went to the park.";
+    kto += json({{"prompt", prompt}, {"completion", " " + n + " was happy."}, {"label", true}}).dump() + "\n";
+    kto += json({{"prompt", prompt}, {"completion", " The park was sad dog."}, {"label", false}}).dump() + "\n";
+    tpo += json({{"prompt", prompt}, {"chosen", " " + n + " played with a ball."},
+                 {"rejected", " Ball ball the the."}, {"reference", " " + n + " played all day."}})
+               .dump() + "\n";
+  }
+  write_text(dir / "kto.jsonl", kto);
+  write_text(dir / "tpo.jsonl", tpo);
+  auto r = run_train("--loss kto --data " + (dir / "kto.jsonl").string() +
+                     " --eval_start 40 --max_steps 4 --no-plot --no-save --output_dir " + (dir / "kto").string());
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("eval_kl="), std::string::npos) << r.output;
+  r = run_train("--loss tpo --data " + (dir / "tpo.jsonl").string() +
+                " --eval_start 20 --max_steps 4 --no-plot --no-save --output_dir " + (dir / "tpo").string());
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("eval_rewards/accuracies="), std::string::npos) << r.output;
+  // Unpaired data with a pairwise loss, and TPO without gold responses, are refused.
+  r = run_train("--loss sigmoid --data " + (dir / "kto.jsonl").string() + " --eval_start 40 --output_dir " + (dir / "x").string());
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("trains --loss kto or apo_zero_unpaired only"), std::string::npos) << r.output;
+  r = run_train("--loss tpo --train_limit 4 --output_dir " + (dir / "x").string());
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("needs a gold response"), std::string::npos) << r.output;
+}
+
+TEST(Train, CheckpointReloadsBitForBit) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto a = scratch("ckpt-a"), b = scratch("ckpt-b");
+  const std::string common = " --train_limit 16 --eval_limit 8 --max_length 96 --max_prompt_length 48 --no-plot ";
+  auto r = run_train("--loss sigmoid --max_steps 3 --output_dir " + a.string() + common);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("reloaded bit for bit"), std::string::npos) << r.output;
+  for (const char* f : {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"})
+    EXPECT_TRUE(fs::exists(a / f)) << f;
+  // Trained weights differ from the checkpoint it started from.
+  EXPECT_NE(read_text(a / "model.safetensors"), read_text(model_dir() / "model.safetensors"));
+  // A second run starts from the saved folder and saves it again untouched: the same bytes,
+  // and its "before" evaluation is the first run's "after".
+  r = run_train("--model " + a.string() + " --max_steps 0 --output_dir " + b.string() + common);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_text(a / "model.safetensors"), read_text(b / "model.safetensors"));
+  const auto sa = json::parse(read_text(a / "summary.json")), sb = json::parse(read_text(b / "summary.json"));
+  EXPECT_EQ(sa["after"]["eval_logps/chosen"], sb["before"]["eval_logps/chosen"]);
+  EXPECT_EQ(sa["after"]["train_preference_accuracy"], sb["before"]["train_preference_accuracy"]);
+  // transformers reads the config back: same architecture and dtype.
+  const auto ca = json::parse(read_text(a / "config.json"));
+  EXPECT_EQ(ca["architectures"], json({"LlamaForCausalLM"}));
+  EXPECT_EQ(ca["torch_dtype"], "float32");
+  EXPECT_EQ(ca["tie_word_embeddings"], true);
+}
+
+TEST(Train, CommandLineErrors) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("cli");
+  write_text(dir / "bad.jsonl", R"({"prompt": "a", "chosen": "b", "rejected": "c"})" "\n"
+                                R"({"prompt": "a", "chosen": "b"})" "\n");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--loss nope", "unknown loss \"nope\""},
+      {"--loss sigmoid,nope", "unknown loss \"nope\""},
+      {"--bogus 1", "The following argument was not expected: --bogus"},
+      {"--data /nonexistent/pairs.jsonl", "--data /nonexistent/pairs.jsonl: no such file"},
+      {"--model /nonexistent", "--model /nonexistent: no such folder"},
+      {"--data " + (dir / "bad.jsonl").string(), "row 2: missing field \"rejected\""},
+      {"--max_length 64 --max_prompt_length 64", "must be below --max_length"},
+      {"--eval_start 5000", "no held-out rows"},
+      {"--lr_scheduler_type nope", "--lr_scheduler_type"},
+      {"--config " + (dir / "missing.toml").string(), "missing.toml"},
+      {"--loss hinge --label_smoothing 0.2 --max_steps 1 --train_limit 2 --eval_limit 2",
+       "is not used by any of the loss types"},  // the library's own check, no backtrace
+  };
+  for (const auto& [args, message] : cases) {
+    SCOPED_TRACE(args);
+    const auto r = run_train(args + " --no-plot --no-save --output_dir " + (dir / "out").string());
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.output.find(message), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("Exception raised from"), std::string::npos) << r.output;
+  }
+}
+
+TEST(Train, ConfigFileAndHelp) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("config");
+  write_text(dir / "run.toml",
+             "# TRL's names\nloss = \"ipo\"\nmax_steps = 2\ntrain_limit = 8\neval_limit = 4\n"
+             "max_length = 64\nmax_prompt_length = 32\nbeta = 0.5\nno_plot = true\n");
+  auto r = run_train("--config " + (dir / "run.toml").string() + " --output_dir " + (dir / "out").string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("training: ipo, 2 steps"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("beta 0.5"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "out" / "curves.png"));
+  // The command line overrides the file.
+  r = run_train("--config " + (dir / "run.toml").string() + " --max_steps 1 --no-save --output_dir " + (dir / "out").string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("training: ipo, 1 steps"), std::string::npos) << r.output;
+  write_text(dir / "bad.toml", "not_an_option = 3\n");
+  r = run_train("--config " + (dir / "bad.toml").string());
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("not_an_option"), std::string::npos) << r.output;
+
+  r = run_train("--help");
+  EXPECT_EQ(r.status, 0);
+  for (const char* o : {"--model", "--data", "--eval_start", "--eval_data", "--output_dir",
+                        "--loss", "--num_train_epochs", "--max_steps", "--per_device_train_batch_size",
+                        "--gradient_accumulation_steps", "--learning_rate", "--lr_scheduler_type",
+                        "--warmup_ratio", "--max_grad_norm", "--max_length", "--max_prompt_length",
+                        "--beta", "--label_smoothing", "--rpo_alpha", "--loss_weights",
+                        "--simpo_gamma", "--cpo_alpha", "--tpo_alpha", "--desirable_weight",
+                        "--undesirable_weight", "--device", "--config", "--max-length"})
+    EXPECT_NE(r.output.find(o), std::string::npos) << o;
+}

@@ -67,6 +67,15 @@ struct PairInputs {
         .logps_form(LogpsForm::kMean);
   }
 
+  /// The reference's sums alone, for the fused losses (`functional::fused_dpo_loss`), which
+  /// compute the policy's side themselves.
+  static PairInputs reference_only(const PairLogprobs& reference) {
+    return PairInputs()
+        .reference_chosen_logps(reference.chosen.sum)
+        .reference_rejected_logps(reference.rejected.sum)
+        .logps_form(LogpsForm::kSum);
+  }
+
   /// [B] policy log-probs of the chosen completions (differentiable).
   TORCH_ARG(at::Tensor, policy_chosen_logps);
   /// [B] policy log-probs of the rejected completions (differentiable).

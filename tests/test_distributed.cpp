@@ -536,10 +536,32 @@ TEST(DistWorker, PeerDies) {
   EXPECT_LT(Clock::now() - t0, std::chrono::seconds(20));
 }
 
+TEST(DistWorker, MetricLayouts) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join();
+  auto* group = ctx.group.get();
+  MetricAccumulator acc;
+  // Different add_scalar names: their values would mix (10 and 20 would both report 15).
+  acc.add_scalar(ctx.rank == 0 ? "grad_norm" : "aux_loss", ctx.rank == 0 ? 10.0 : 20.0);
+  PREFOPT_EXPECT_THROWS_WITH(acc.compute(ctx.group.get()),
+                             "prefopt::MetricAccumulator::compute: the ranks' windows differ");
+  EXPECT_EQ(acc.steps(), 0);  // dropped on every rank alike
+  // Windows of different lengths: packs of different sizes would break the collective.
+  MetricAccumulator uneven;
+  for (int step = 0; step <= ctx.rank; ++step) add_dpo(uneven, dpo_piece(2));
+  PREFOPT_EXPECT_THROWS_WITH(uneven.compute(group), "micro-steps");
+  // The group and the accumulator still work after the error.
+  uneven.add_scalar("grad_norm", 1.0 + ctx.rank);
+  const auto m = uneven.compute(group);
+  ASSERT_TRUE(m.contains("grad_norm"));
+  EXPECT_DOUBLE_EQ(m.at("grad_norm"), 1.0 + (ctx.world_size - 1) / 2.0);
+}
+
 // ------------------------------------------------------------------------ the launches
 
 TEST(Distributed, MetricsTwoRanks) { EXPECT_TRUE(launch("Metrics", 2)); }
 TEST(Distributed, MetricsThreeRanks) { EXPECT_TRUE(launch("Metrics", 3)); }
+TEST(Distributed, MetricLayoutsMustAgree) { EXPECT_TRUE(launch("MetricLayouts", 3)); }
 TEST(Distributed, KtoKlThreeRanks) { EXPECT_TRUE(launch("KtoKl", 3)); }
 TEST(Distributed, BcoBaselineThreeRanks) { EXPECT_TRUE(launch("BcoBaseline", 3)); }
 TEST(Distributed, GradientAccumulationTwoRanks) { EXPECT_TRUE(launch("GradientAccumulation", 2)); }

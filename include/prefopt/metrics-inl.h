@@ -366,8 +366,46 @@ PREFOPT_INLINE at::Tensor MetricAccumulator::pack() const {
 }
 
 PREFOPT_INLINE Metrics MetricAccumulator::compute(c10d::ProcessGroup* group) {
+  constexpr const char* fn = "prefopt::MetricAccumulator::compute";
   at::Tensor packed = pack();
-  if (packed.defined()) all_reduce_sum(packed, group, "prefopt::MetricAccumulator::compute");
+  if (group != nullptr && group->getSize() > 1) {
+    // The ranks must agree on the layout of what they sum (micro-steps, names of the slots),
+    // or values of different metrics would mix, and packs of different sizes would fail inside
+    // the collective on some ranks only. One cheap all-reduce of [x, x²] for each of: the
+    // micro-steps, the slots and a hash of their names; Σx² = W·x² and Σx = W·x together hold
+    // on a rank only when every rank has the same x, so every rank fails with the same error.
+    uint32_t h = 2166136261u;  // FNV-1a over the slot names, cut to 20 bits: exact squares
+    for (const auto& slot : slots_) {
+      for (const char ch : slot.name + '\n') h = (h ^ static_cast<uint8_t>(ch)) * 16777619u;
+    }
+    const double mine[3] = {static_cast<double>(steps_.size()), static_cast<double>(slots_.size()),
+                            static_cast<double>(h & 0xfffffu)};
+    auto layout = at::empty({6}, at::kDouble);
+    for (int i = 0; i < 3; ++i) {
+      layout[2 * i] = mine[i];
+      layout[2 * i + 1] = mine[i] * mine[i];
+    }
+    layout = layout.to(packed.defined() ? packed.device() : at::Device(at::kCPU));
+    all_reduce_sum(layout, group, fn);
+    const auto sums = layout.cpu();
+    const auto* v = sums.data_ptr<double>();
+    const double world = group->getSize();
+    bool same = true;
+    for (int i = 0; i < 3; ++i) {
+      same = same && v[2 * i] == world * mine[i] && v[2 * i + 1] == world * mine[i] * mine[i];
+    }
+    if (!same) {
+      std::string names;
+      for (size_t s = detail::metrics::kNumBuiltins; s < slots_.size(); ++s)
+        names += (names.empty() ? "'" : ", '") + slots_[s].name + "'";
+      const size_t n_steps = steps_.size();
+      finish(at::Tensor());  // the window is dropped on every rank alike
+      TORCH_CHECK(false, fn, ": the ranks' windows differ (this rank ", group->getRank(), ": ",
+                  n_steps, " micro-steps, add_scalar names [", names, "]); every rank must make ",
+                  "the same add and add_scalar calls between two compute calls");
+    }
+  }
+  if (packed.defined()) all_reduce_sum(packed, group, fn);
   return finish(packed);
 }
 

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <optional>
 #include <sstream>
 #include <thread>
@@ -557,6 +558,30 @@ TEST(DistWorker, MetricLayouts) {
   EXPECT_DOUBLE_EQ(m.at("grad_norm"), 1.0 + (ctx.world_size - 1) / 2.0);
 }
 
+// Issue #20: rank 1 told a larger WORLD_SIZE than rank 0. Gloo refuses the peers' addresses at
+// once ("136 vs 272"); the message says after how long instead of claiming the whole timeout
+// passed.
+TEST(DistWorker, WorldSizeMismatch) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  const int rank = std::atoi(std::getenv("RANK"));
+  const auto t0 = Clock::now();
+  bool threw = false;
+  try {
+    prefopt::init_process_group(prefopt::ProcessGroupOptions()
+                                    .timeout(std::chrono::seconds(30))
+                                    .world_size(rank == 0 ? 2 : 3));
+  } catch (const c10::Error& e) {
+    threw = true;
+    const std::string msg = e.what_without_backtrace();
+    std::cerr << "rank " << rank << ": " << msg << "\n";
+    EXPECT_LT(Clock::now() - t0, std::chrono::seconds(20)) << msg;
+    EXPECT_NE(msg.find("could not form the group"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(", before the 30 s timeout"), std::string::npos) << msg;
+    EXPECT_EQ(msg.find("within"), std::string::npos) << msg;
+  }
+  EXPECT_TRUE(threw || rank == 0) << "rank 1 formed a group of 3 with 2 processes";
+}
+
 // ------------------------------------------------------------------------ the launches
 
 TEST(Distributed, MetricsTwoRanks) { EXPECT_TRUE(launch("Metrics", 2)); }
@@ -572,6 +597,9 @@ TEST(Distributed, RankThatNeverJoins) {
 }
 TEST(Distributed, MasterThatNeverStarts) {
   EXPECT_TRUE(launch("MasterUnreachable", 2, {1}, std::chrono::seconds(60)));
+}
+TEST(Distributed, WorldSizeMismatch) {
+  EXPECT_TRUE(launch("WorldSizeMismatch", 2, {}, std::chrono::seconds(60)));
 }
 TEST(Distributed, RankThatDies) {
   EXPECT_TRUE(launch("PeerDies", 2, {}, std::chrono::seconds(60)));
@@ -646,6 +674,26 @@ TEST(Distributed, EnvironmentErrors) {
                                         .backend(prefopt::DistBackend::kNCCL)),
         "NCCL asked for");
   }
+}
+
+// Issue #20: master_port(70000) bound port 4464 (70000 mod 2^16); the options get the ranges
+// of the environment variables.
+TEST(Distributed, OptionsAreRangeChecked) {
+  using prefopt::ProcessGroupOptions;
+  const auto one = ProcessGroupOptions().rank(0).world_size(1).master_addr("127.0.0.1");
+  PREFOPT_EXPECT_THROWS_WITH(
+      prefopt::init_process_group(ProcessGroupOptions(one).master_port(70000)),
+      "prefopt::init_process_group: expected ProcessGroupOptions::master_port in [1, 65535] (or "
+      "-1: environment variable MASTER_PORT), got 70000");
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::init_process_group(ProcessGroupOptions(one).master_port(0)),
+                             "expected ProcessGroupOptions::master_port in [1, 65535]");
+  const int port = free_port();
+  PREFOPT_EXPECT_THROWS_WITH(
+      prefopt::init_process_group(ProcessGroupOptions(one).master_port(port).world_size(0)),
+      "expected ProcessGroupOptions::world_size in [1, 1048576]");
+  PREFOPT_EXPECT_THROWS_WITH(
+      prefopt::init_process_group(ProcessGroupOptions(one).master_port(port).rank(-2)),
+      "expected ProcessGroupOptions::rank in [0, 1048576]");
 }
 
 TEST(Distributed, SingleRankGroup) {

@@ -515,8 +515,12 @@ PREFOPT_INLINE Metrics MetricAccumulator::finish(const at::Tensor& packed) {
 
 // ------------------------------------------------------------------------------------ JSONL
 
-PREFOPT_INLINE std::string to_json(int64_t step, const Metrics& metrics) {
-  nlohmann::ordered_json j;
+namespace detail {
+
+// The JSON line of `to_json`; `fn` names the public function in errors.
+PREFOPT_INLINE std::string metrics_json(const char* fn, int64_t step, const Metrics& metrics) {
+  using json = nlohmann::ordered_json;
+  json j;
   j["step"] = step;
   for (const auto& [name, value] : metrics) {
     if (std::isfinite(value)) {
@@ -525,7 +529,29 @@ PREFOPT_INLINE std::string to_json(int64_t step, const Metrics& metrics) {
       j[name] = nullptr;
     }
   }
-  return j.dump();
+  try {
+    return j.dump();
+  } catch (const json::type_error&) {
+    // Only invalid UTF-8 in a name (a metric's or the prefix) makes dump throw. Find that name
+    // (the error path only) and quote it with the bad bytes replaced, so that the message
+    // itself stays valid UTF-8.
+    for (const auto& [name, value] : metrics) {
+      try {
+        (void)json(name).dump();
+      } catch (const json::type_error& e) {
+        TORCH_CHECK(false, fn, ": expected metric names (prefix included) in UTF-8, got ",
+                    json(name).dump(-1, ' ', false, json::error_handler_t::replace), " (", e.what(),
+                    ")");
+      }
+    }
+    throw;
+  }
+}
+
+}  // namespace detail
+
+PREFOPT_INLINE std::string to_json(int64_t step, const Metrics& metrics) {
+  return detail::metrics_json("prefopt::to_json", step, metrics);
 }
 
 PREFOPT_INLINE JsonlWriter::JsonlWriter(const std::string& path, bool sync)
@@ -556,18 +582,35 @@ PREFOPT_INLINE JsonlWriter& JsonlWriter::operator=(JsonlWriter&& other) noexcept
 }
 
 PREFOPT_INLINE void JsonlWriter::write(int64_t step, const Metrics& metrics) {
-  TORCH_CHECK(fd_ >= 0, "prefopt::JsonlWriter::write: the writer was moved from");
-  const std::string line = to_json(step, metrics) + "\n";
-  // One write call per line: O_APPEND places it atomically at the end of the file.
-  size_t done = 0;
-  while (done < line.size()) {
-    const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    TORCH_CHECK(n > 0, "prefopt::JsonlWriter::write: writing to '", path_,
-                "' failed: ", std::strerror(errno));
-    done += static_cast<size_t>(n);
+  constexpr const char* fn = "prefopt::JsonlWriter::write";
+  TORCH_CHECK(fd_ >= 0, fn, ": the writer was moved from");
+  const std::string line = detail::metrics_json(fn, step, metrics) + "\n";
+  // One write call per line: O_APPEND places it atomically at the end of the file. A short
+  // write's rest is not retried, since another writer's line could come in between.
+  ssize_t n;
+  do {
+    n = ::write(fd_, line.data(), line.size());
+  } while (n < 0 && errno == EINTR);
+  if (n == static_cast<ssize_t>(line.size())) {
+    if (sync_) ::fsync(fd_);
+    return;
   }
-  if (sync_) ::fsync(fd_);
+  const int write_errno = n < 0 ? errno : 0;
+  // A short write (disk full, quota, RLIMIT_FSIZE) left a fragment that the next line would
+  // glue onto: cut the file back to where this line began. With O_APPEND the offset is now the
+  // end of the fragment, so the line began n bytes before it.
+  std::string truncated;
+  if (n > 0) {
+    const off_t end = ::lseek(fd_, 0, SEEK_CUR);
+    if (end < 0 || ::ftruncate(fd_, end - n) != 0) {
+      truncated = std::string("; removing the partial line also failed: ") + std::strerror(errno);
+    }
+  }
+  TORCH_CHECK(false, fn, ": writing ", line.size(), " bytes to '", path_, "' failed after ",
+              n < 0 ? 0 : n, ": ",
+              write_errno != 0 ? std::strerror(write_errno)
+                               : "short write (disk full, quota or file-size limit)",
+              truncated);
 }
 
 PREFOPT_END_NAMESPACE

@@ -15,7 +15,9 @@
 
 namespace F = prefopt::functional;
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   CLI::App app{"Data-parallel DPO over c10d Gloo (launch one process per rank)"};
   int steps = 8, grad_accum = 4, pairs = 4;
   double lr = 2.0, beta = 0.1;
@@ -87,4 +89,19 @@ int main(int argc, char** argv) {
     }
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // A bad launch (a missing or wrong RANK, an unreachable master, a dead peer) ends with a
+  // message and status 1, not an uncaught exception's abort.
+  try {
+    return run(argc, argv);
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "ddp_dpo: error: %s\n", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ddp_dpo: error: %s\n", e.what());
+  }
+  return 1;
 }

@@ -533,6 +533,18 @@ json evaluate(const json& request) {
   return evaluate_loss(request, /*allow_step_fields=*/false).answer;
 }
 
+/// `j` as text. Invalid UTF-8 (which an error message can quote from the request, as a parse
+/// error does) becomes U+FFFD instead of throwing, so that an answer can always be written.
+std::string serialise(const json& j, int indent = -1) {
+  return j.dump(indent, ' ', false, json::error_handler_t::replace);
+}
+
+/// Writes the answer {"error": message} to stdout (and the message to stderr).
+void print_error(const std::string& message) {
+  std::cerr << "prefopt-eval: " << message << "\n";
+  std::cout << serialise(json{{"error", message}}) << "\n";
+}
+
 /// Answers one request; on failure writes the message to stderr and returns {"error"}.
 json answer(const json& request, bool& failed) {
   try {
@@ -560,7 +572,9 @@ int main(int argc, char** argv) {
   std::string path = "-";
   int indent = -1;
   app.add_option("file", path, "Request file; - or nothing reads standard input");
-  app.add_option("--indent", indent, "Pretty-print the JSON with this indent (default: one line)");
+  // Bounded: nlohmann-json reads past its indent buffer for indents of 1026 and more.
+  app.add_option("--indent", indent, "Pretty-print the JSON with this indent (default: one line)")
+      ->check(CLI::Range(0, 16));
   CLI11_PARSE(app, argc, argv);
 
   std::string text;
@@ -571,8 +585,7 @@ int main(int argc, char** argv) {
   } else {
     std::ifstream f(path);
     if (!f) {
-      std::cerr << "prefopt-eval: cannot read " << path << "\n";
-      std::cout << json{{"error", "cannot read " + path}}.dump() << "\n";
+      print_error("cannot read " + path);
       return 2;
     }
     std::ostringstream ss;
@@ -582,9 +595,10 @@ int main(int argc, char** argv) {
   json request;
   try {
     request = json::parse(text);
-  } catch (const json::parse_error& e) {
-    std::cerr << "prefopt-eval: malformed JSON: " << e.what() << "\n";
-    std::cout << json{{"error", std::string("malformed JSON: ") + e.what()}}.dump() << "\n";
+  } catch (const json::exception& e) {
+    // Any JSON library error, not only parse_error: a number beyond double's range is an
+    // out_of_range.
+    print_error(std::string("malformed JSON: ") + e.what());
     return 2;
   }
   bool failed = false;
@@ -595,6 +609,6 @@ int main(int argc, char** argv) {
   } else {
     out = answer(request, failed);
   }
-  std::cout << out.dump(indent) << "\n";
+  std::cout << serialise(out, indent) << "\n";
   return failed ? 2 : 0;
 }

@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // prefopt/losses/dpo.h against the fp64 reference, torchtune's literal expectations, hand
 // derivations, every §7 convention option, the numeric extremes and every TORCH_CHECK.
+#include <prefopt/losses/cpo.h>
 #include <prefopt/losses/dpo.h>
+#include <prefopt/losses/orpo.h>
+#include <prefopt/losses/tpo.h>
 
 #include <cmath>
 #include <string>
@@ -679,6 +682,40 @@ TEST_F(DPOLossTest, FunctorIsConstAndItsBaselineSurvivesErrors) {
   EXPECT_EQ(list.bco_baseline().count(), 1e-24);
   EXPECT_EQ(bco.bco_baseline().mean(), mean);
   EXPECT_EQ(bco.bco_baseline().count(), count);
+}
+
+// Issue #20: negative token counts were taken as given (sft with lengths [10, 10, -19] gave an
+// NLL of 30); every loss that reads lengths refuses them, naming itself.
+TEST_F(DPOLossTest, NegativeLengthsAreRefused) {
+  const auto d = at::TensorOptions().dtype(at::kDouble);
+  const auto pc = at::full({3}, -10.0, d), pr = at::full({3}, -12.0, d);
+  const auto in = PairInputs()
+                      .policy_chosen_logps(pc)
+                      .policy_rejected_logps(pr)
+                      .reference_chosen_logps(pc)
+                      .reference_rejected_logps(pr)
+                      .chosen_lengths(at::tensor({10, 10, -19}, at::kLong))
+                      .rejected_lengths(at::tensor({10, 10, 1}, at::kLong))
+                      .logps_form(prefopt::LogpsForm::kSum);
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kSFT)),
+      "prefopt::dpo_loss: expected chosen_lengths to be token counts >= 0, got -19 at index 2");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(PairInputs(in)
+                      .chosen_lengths(at::tensor({1, 2, 3}, at::kLong))
+                      .rejected_lengths(at::tensor({1.0, NAN, 3.0}, d))),
+      "prefopt::dpo_loss: expected rejected_lengths to be token counts >= 0, got nan at index 1");
+  PREFOPT_EXPECT_THROWS_WITH(F::cpo_loss(in), "prefopt::cpo_loss: expected chosen_lengths");
+  PREFOPT_EXPECT_THROWS_WITH(F::orpo_loss(in), "prefopt::orpo_loss: expected chosen_lengths");
+  prefopt::SequenceLogprobs gold;
+  gold.sum = at::full({2}, -3.0, d);
+  gold.count = at::tensor({4, -1}, at::kLong);
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::tpo_loss(PairInputs(in).chosen_lengths(at::Tensor()), gold),
+      "prefopt::tpo_loss: expected gold.count to be token counts >= 0, got -1 at index 1");
+  // Zero is a count (an empty completion).
+  EXPECT_NO_THROW(F::dpo_loss(PairInputs(in).chosen_lengths(at::zeros({3}, at::kLong)),
+                              DPOLossOptions().loss_type(DPOLossType::kSFT)));
 }
 
 struct DPOLossCuda : prefopt_test::CudaTest {};

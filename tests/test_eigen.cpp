@@ -1449,6 +1449,37 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
   EXPECT_STREQ(pe::name_of(prefopt::KTOLossType::kAPOZeroUnpaired), "apo_zero_unpaired");
 }
 
+// Issue #20: negative token counts are refused, with the libtorch layer's message.
+TEST_F(eigen, NegativeLengthsAreRefused) {
+  Pairs p(3);
+  p.nc = at::tensor({10, 10, -19}, at::kLong);
+  const auto in = eigen_pairs<double>(p, {});
+  const auto t = torch_pairs(p, {});
+  const auto sft = pe::DPOLossOptions().loss_type(DPOLossType::kSFT);
+  EXPECT_EIGEN_THROWS(pe::dpo_loss(in, sft), "prefopt::eigen::dpo_loss",
+                      "expected chosen_lengths to be token counts >= 0, got -19 at index 2");
+  EXPECT_EQ(
+      eigen_message([&] { return pe::dpo_loss(in, sft); }, "prefopt::eigen::dpo_loss"),
+      torch_message(
+          [&] { return F::dpo_loss(t.in, prefopt::DPOLossOptions().loss_type(DPOLossType::kSFT)); },
+          "prefopt::dpo_loss"));
+  auto rejected = in;
+  rejected.chosen_lengths(Eigen::VectorXd::Ones(3))
+      .rejected_lengths(Eigen::VectorXd::Constant(3, NAN));
+  EXPECT_EIGEN_THROWS(pe::dpo_loss(rejected), "prefopt::eigen::dpo_loss",
+                      "expected rejected_lengths to be token counts >= 0, got nan at index 0");
+  EXPECT_EIGEN_THROWS(pe::orpo_loss(in), "prefopt::eigen::orpo_loss",
+                      "expected chosen_lengths to be token counts >= 0");
+  pe::SequenceLogprobs<double> gold;
+  gold.sum = pe::Vector<double>::Constant(2, -3.0);
+  gold.count = pe::IndexVector::Ones(2);
+  gold.count(1) = -1;
+  auto no_len = in;
+  no_len.chosen_lengths(std::nullopt);
+  EXPECT_EIGEN_THROWS(pe::tpo_loss(no_len, gold), "prefopt::eigen::tpo_loss",
+                      "expected gold.count to be token counts >= 0, got -1 at index 1");
+}
+
 // A PairInputs that does not say its form is taken as the loss's native form, with one warning
 // per process through the handler.
 TEST_F(eigen, UnspecifiedFormWarnsOnce) {

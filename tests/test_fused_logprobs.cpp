@@ -327,7 +327,22 @@ TEST_F(Fused, Errors) {
       F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().chunk_bytes(-1)),
       "prefopt::fused_logprobs: expected chunk_bytes >= 0 (0: automatic), got -1");
   PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().temperature(0)),
-                             "expected temperature > 0, got 0");
+                             "expected a finite temperature > 0, got 0");
+  // Non-finite options would make every log-prob NaN (issue #20: softcap = +inf was accepted).
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().temperature(INFINITY)),
+      "expected a finite temperature > 0, got inf");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().softcap(INFINITY)),
+      "expected a finite softcap >= 0 (0: off), got inf");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().softcap(NAN)),
+                             "expected a finite softcap >= 0");
+  // Hidden size 0 and absurd sizes are named before any arithmetic on them.
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(at::randn({2, 4, 0}), at::randn({10, 0}), {}, y),
+                             fn + "expected a hidden size of at least 1, got H = 0");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(h, at::randn({1, 8}).expand({int64_t{1} << 41, 8}), {}, y),
+      "expected V and H below 2^40");
   auto bad = y.clone();
   bad[0][3] = 10;
   PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, bad),

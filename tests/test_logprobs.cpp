@@ -512,6 +512,10 @@ TEST_F(Gather, ErrorsNameTheFunctionAndStateExpectedVsActual) {
   EXPECT_NO_THROW(F::gather_logprobs(logits, unscored));
   PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, labels, at::ones({2, 4})),
                              "expected completion_mask of bool or integer 0/1 values, got Float");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::gather_logprobs(logits, labels, at::ones({2, 4}, at::kComplexFloat)),
+      "prefopt::gather_logprobs: expected completion_mask of bool or integer 0/1 values, got "
+      "ComplexFloat");
   PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, labels, at::ones({2, 5}, at::kBool)),
                              "expected completion_mask of shape [2, 4]");
   PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(at::randn({2, 4, 0}), labels),
@@ -528,6 +532,9 @@ TEST_F(Gather, ErrorsNameTheFunctionAndStateExpectedVsActual) {
                              "expected cu_seqlens to end at the token count N = 6, got 5");
   PREFOPT_EXPECT_THROWS_WITH(F::gather_packed_logprobs(z, y, at::tensor({0.0, 6.0})),
                              "expected integer cu_seqlens, got Double");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::gather_packed_logprobs(z, y, at::tensor({0.0, 6.0}).to(at::kComplexDouble)),
+      std::string(pfn) + "expected integer cu_seqlens, got ComplexDouble");
   PREFOPT_EXPECT_THROWS_WITH(
       F::gather_packed_logprobs(z.unsqueeze(0).expand({2, 6, 10}), y, at::tensor({0, 6})),
       "expected packed logits of shape [N, V] or [1, N, V], got [2, 6, 10]");

@@ -5,7 +5,10 @@
 #include <prefopt/losses/dpo.h>
 #include <prefopt/metrics.h>
 
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -402,6 +405,76 @@ TEST(MetricsJsonl, AppendsOneObjectPerLine) {
   PREFOPT_EXPECT_THROWS_WITH(prefopt::JsonlWriter((dir / "no/such/dir/x.jsonl").string()),
                              "cannot open");
   std::filesystem::remove_all(dir);
+}
+
+// Issue #20: a name that is not UTF-8 is a named error, not nlohmann-json's type_error.
+TEST(MetricsJsonl, InvalidUtf8NameIsANamedError) {
+  Metrics m;
+  m.set("loss", 0.5);
+  m.set("bad\xff", 1.0);
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::to_json(1, m),
+                             "prefopt::to_json: expected metric names (prefix included) in UTF-8");
+  MetricAccumulator acc(MetricsOptions().prefix("eval\xfe/"));
+  acc.add_scalar("loss", 1.0);
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::to_json(1, acc.compute()), "got \"eval\xef\xbf\xbd/loss\"");
+  const auto path = (std::filesystem::temp_directory_path() /
+                     ("prefopt_utf8_" + std::to_string(::getpid()) + ".jsonl"))
+                        .string();
+  {
+    prefopt::JsonlWriter w(path);
+    PREFOPT_EXPECT_THROWS_WITH(w.write(1, m), "prefopt::JsonlWriter::write: expected metric names");
+  }
+  EXPECT_EQ(std::filesystem::file_size(path), 0u);
+  std::filesystem::remove(path);
+}
+
+// Issue #20: a write cut short by RLIMIT_FSIZE (as by a full disk) leaves no partial line for
+// the next append to glue onto, and throws naming the writer.
+TEST(MetricsJsonl, ShortWriteLeavesOnlyCompleteLines) {
+  const auto path = (std::filesystem::temp_directory_path() /
+                     ("prefopt_fsize_" + std::to_string(::getpid()) + ".jsonl"))
+                        .string();
+  std::filesystem::remove(path);
+  Metrics m;
+  m.set("loss", 0.125);
+  m.set("rewards/margins", 2.5);
+  prefopt::JsonlWriter w(path);
+  w.write(1, m);
+  const auto size = std::filesystem::file_size(path);
+  {
+    // The limit lets 10 bytes of the next line through; SIGXFSZ ignored so that the write
+    // returns short (and the one after fails with EFBIG) instead of killing the process.
+    struct rlimit old {};
+    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+    struct rlimit lim = old;
+    lim.rlim_cur = static_cast<rlim_t>(size + 10);
+    auto* old_handler = std::signal(SIGXFSZ, SIG_IGN);
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &lim), 0);
+    bool threw = false;
+    try {
+      w.write(2, m);
+    } catch (const c10::Error& e) {
+      threw = true;
+      EXPECT_NE(std::string(e.what_without_backtrace()).find("prefopt::JsonlWriter::write: "),
+                std::string::npos)
+          << e.what_without_backtrace();
+    }
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    std::signal(SIGXFSZ, old_handler);
+    EXPECT_TRUE(threw);
+  }
+  EXPECT_EQ(std::filesystem::file_size(path), size);
+  w.write(3, m);
+  std::ifstream in(path);
+  std::string line;
+  std::vector<int64_t> steps;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    ASSERT_TRUE(j.is_object()) << "not a complete line: " << line;
+    steps.push_back(j["step"].get<int64_t>());
+  }
+  EXPECT_EQ(steps, (std::vector<int64_t>{1, 3}));
+  std::filesystem::remove(path);
 }
 
 // Issue #16, item 5: two micro-steps of 1 and 3 chosen tokens. TRL averages the per-step

@@ -19,21 +19,23 @@ using json = nlohmann::json;
 namespace {
 
 struct Run {
-  json out;
+  json out;  ///< discarded when stdout is not JSON
+  std::string text;
   int status = -1;
 };
 
-/// Runs prefopt-eval on `request` (through a file, or standard input with `stdin_mode`).
-Run run_eval(const std::string& request, bool stdin_mode = false) {
+/// Runs prefopt-eval on `request` (through a file, or standard input with `stdin_mode`), with
+/// the command-line options `options`.
+Run run_eval(const std::string& request, bool stdin_mode = false, const std::string& options = "") {
   const auto dir = std::filesystem::temp_directory_path();
   const auto file = dir / ("prefopt_eval_" + std::to_string(::getpid()) + ".json");
   {
     std::ofstream f(file);
     f << request;
   }
-  const std::string cmd = stdin_mode
-                              ? std::string(PREFOPT_EVAL) + " < " + file.string() + " 2>/dev/null"
-                              : std::string(PREFOPT_EVAL) + " " + file.string() + " 2>/dev/null";
+  const std::string exe = std::string(PREFOPT_EVAL) + " " + options;
+  const std::string cmd = stdin_mode ? exe + " < " + file.string() + " 2>/dev/null"
+                                     : exe + " " + file.string() + " 2>/dev/null";
   FILE* p = ::popen(cmd.c_str(), "r");
   std::string text;
   char buf[4096];
@@ -43,7 +45,9 @@ Run run_eval(const std::string& request, bool stdin_mode = false) {
   std::filesystem::remove(file);
   Run r;
   r.status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-  r.out = json::parse(text);
+  // Not throwing: a crash (nothing on stdout) must fail the test's checks, not end it.
+  r.out = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  r.text = std::move(text);
   return r;
 }
 
@@ -290,4 +294,32 @@ TEST(PrefoptEval, MetricsRequest) {
   EXPECT_NE(
       bad.out["error"].get<std::string>().find("micro-step 1 has 2 ranks, micro-step 0 has 1"),
       std::string::npos);
+}
+
+// Issue #20: input that made the tool abort (exit 134, nothing on stdout) gets an error answer.
+TEST(PrefoptEval, HostileInputGetsAnErrorAnswer) {
+  // A number beyond double's range: the JSON library's out_of_range, not a parse_error.
+  const auto huge = run_eval(R"({"loss":"sigmoid","params":{"beta":1e400},"inputs":{}})",
+                             /*stdin_mode=*/true);
+  EXPECT_EQ(huge.status, 2) << huge.text;
+  ASSERT_TRUE(huge.out.is_object()) << huge.text;
+  EXPECT_NE(huge.out.value("error", "").find("number overflow"), std::string::npos) << huge.text;
+  // An invalid UTF-8 byte, which the parser's message quotes: written as U+FFFD.
+  const auto byte = run_eval("{\"\xff\":1}", /*stdin_mode=*/true);
+  EXPECT_EQ(byte.status, 2) << byte.text;
+  ASSERT_TRUE(byte.out.is_object()) << byte.text;
+  EXPECT_NE(byte.out.value("error", "").find("malformed JSON"), std::string::npos) << byte.text;
+}
+
+// Issue #20: --indent 1026 and more read past nlohmann-json's indent buffer; it is bounded.
+TEST(PrefoptEval, IndentIsBounded) {
+  const std::string req = std::string(R"({"loss": "sigmoid", )") + kPair + "}";
+  const auto ok = run_eval(req, false, "--indent 16");
+  EXPECT_EQ(ok.status, 0) << ok.text;
+  EXPECT_TRUE(ok.out.contains("loss")) << ok.text;
+  for (const char* bad : {"--indent 17", "--indent 2000", "--indent -3"}) {
+    const auto r = run_eval(req, false, bad);
+    EXPECT_NE(r.status, 0) << bad;
+    EXPECT_TRUE(r.text.empty()) << bad;  // not the text: before the bound, it held heap bytes
+  }
 }

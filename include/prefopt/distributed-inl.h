@@ -16,6 +16,8 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <chrono>
+#include <sstream>
 
 #include <cerrno>
 #include <csignal>
@@ -42,9 +44,14 @@ PREFOPT_INLINE std::string env_or_empty(const char* name) {
   return v == nullptr ? std::string() : std::string(v);
 }
 
-// An integer from the environment, or `fallback` when the option already gave one.
-PREFOPT_INLINE int env_int(const char* name, int fallback, int lo, int hi) {
-  if (fallback >= 0) return fallback;
+// The option `option` of ProcessGroupOptions when set (not -1), else the environment variable
+// `name`; either must be in [lo, hi].
+PREFOPT_INLINE int env_int(const char* name, const char* option, int value, int lo, int hi) {
+  if (value != -1) {
+    TORCH_CHECK(value >= lo && value <= hi, kInit, ": expected ProcessGroupOptions::", option,
+                " in [", lo, ", ", hi, "] (or -1: environment variable ", name, "), got ", value);
+    return value;
+  }
   const std::string v = env_or_empty(name);
   TORCH_CHECK(!v.empty(), kInit, ": environment variable ", name,
               " is not set; expected an integer (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR "
@@ -148,18 +155,19 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
     ::signal(SIGPIPE, SIG_IGN);
   }
   DistributedContext ctx;
-  ctx.world_size = detail::dist::env_int("WORLD_SIZE", o.world_size(), 1, 1 << 20);
-  ctx.rank = detail::dist::env_int("RANK", o.rank(), 0, 1 << 20);
+  ctx.world_size = detail::dist::env_int("WORLD_SIZE", "world_size", o.world_size(), 1, 1 << 20);
+  ctx.rank = detail::dist::env_int("RANK", "rank", o.rank(), 0, 1 << 20);
   TORCH_CHECK(ctx.rank < ctx.world_size, detail::dist::kInit,
               ": expected RANK in [0, WORLD_SIZE = ", ctx.world_size, "), got ", ctx.rank);
   const std::string local = detail::dist::env_or_empty("LOCAL_RANK");
-  ctx.local_rank = local.empty() ? ctx.rank : detail::dist::env_int("LOCAL_RANK", -1, 0, 1 << 20);
+  ctx.local_rank =
+      local.empty() ? ctx.rank : detail::dist::env_int("LOCAL_RANK", "", -1, 0, 1 << 20);
   const std::string addr =
       o.master_addr().empty() ? detail::dist::env_or_empty("MASTER_ADDR") : o.master_addr();
   TORCH_CHECK(!addr.empty(), detail::dist::kInit,
               ": environment variable MASTER_ADDR is not set; expected rank 0's host name or "
               "address, or pass ProcessGroupOptions::master_addr");
-  const int port = detail::dist::env_int("MASTER_PORT", o.master_port(), 1, 65535);
+  const int port = detail::dist::env_int("MASTER_PORT", "master_port", o.master_port(), 1, 65535);
   TORCH_CHECK(o.timeout().count() > 0, detail::dist::kInit, ": expected a positive timeout, got ",
               o.timeout().count(), " ms");
 
@@ -171,21 +179,37 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
               "built with NCCL); use DistBackend::kGloo");
   ctx.backend = backend;
 
-  const double seconds = static_cast<double>(o.timeout().count()) / 1000.0;
+  // How long a failed step took, as the error states it: a failure that came before the
+  // timeout says after how long, not that the timeout passed.
+  const auto elapsed = [&o](std::chrono::steady_clock::time_point t0) {
+    const auto took = std::chrono::steady_clock::now() - t0;
+    const double s = std::chrono::duration<double>(took).count();
+    const double limit = std::chrono::duration<double>(o.timeout()).count();
+    std::ostringstream os;
+    os.precision(3);
+    if (took >= o.timeout()) {
+      os << "within the " << limit << " s timeout";
+    } else {
+      os << "after " << s << " s, before the " << limit << " s timeout";
+    }
+    return os.str();
+  };
   c10d::TCPStoreOptions so;
   so.port = static_cast<uint16_t>(port);
   so.isServer = ctx.rank == 0;
   so.numWorkers = ctx.world_size;
   so.waitWorkers = false;
   so.timeout = o.timeout();
+  auto t0 = std::chrono::steady_clock::now();
   try {
     ctx.store = c10::make_intrusive<c10d::TCPStore>(addr, so);
   } catch (const std::exception& e) {
     TORCH_CHECK(
         false, detail::dist::kInit, ": rank ", ctx.rank, " of ", ctx.world_size,
         ctx.rank == 0 ? " could not host the TCPStore at " : " could not reach the master at ",
-        addr, ":", port, " within ", seconds, " s: ", detail::dist::first_line(e));
+        addr, ":", port, " ", elapsed(t0), ": ", detail::dist::first_line(e));
   }
+  t0 = std::chrono::steady_clock::now();
   try {
 #ifdef PREFOPT_WITH_NCCL
     if (backend == DistBackend::kNCCL) {
@@ -197,8 +221,8 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
   } catch (const std::exception& e) {
     TORCH_CHECK(
         false, detail::dist::kInit, ": rank ", ctx.rank, " of ", ctx.world_size,
-        " could not form the group through ", addr, ":", port, " within ", seconds,
-        " s (did every rank start, with the same WORLD_SIZE?): ", detail::dist::first_line(e));
+        " could not form the group through ", addr, ":", port, " ", elapsed(t0),
+        " (did every rank start, with the same WORLD_SIZE?): ", detail::dist::first_line(e));
   }
   return ctx;
 }

@@ -41,13 +41,13 @@ struct ProcessGroupOptions {
   /// How long to wait for the master's store, for every rank to join, and for any collective
   /// of the group. Default: 300 s.
   TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::seconds(300);
-  /// This process's rank; -1: `RANK`.
+  /// This process's rank, in [0, world_size); -1: `RANK`.
   TORCH_ARG(int, rank) = -1;
-  /// Number of processes; -1: `WORLD_SIZE`.
+  /// Number of processes, >= 1; -1: `WORLD_SIZE`.
   TORCH_ARG(int, world_size) = -1;
   /// Address of rank 0's TCPStore; empty: `MASTER_ADDR`.
   TORCH_ARG(std::string, master_addr) = "";
-  /// Port of rank 0's TCPStore; -1: `MASTER_PORT`.
+  /// Port of rank 0's TCPStore, in [1, 65535]; -1: `MASTER_PORT`.
   TORCH_ARG(int, master_port) = -1;
 };
 
@@ -70,8 +70,10 @@ struct DistributedContext {
 /// peer that dies mid-collective gives an error on this rank instead of killing it.
 ///
 /// Errors (TORCH_CHECKs naming this function): a missing or malformed `RANK`, `WORLD_SIZE`,
-/// `MASTER_ADDR` or `MASTER_PORT`; a rank outside [0, WORLD_SIZE); an unreachable master or a
-/// rank that never joins within `timeout`; NCCL asked for in a build without it.
+/// `MASTER_ADDR` or `MASTER_PORT`, or an option outside its variable's range (a port in
+/// [1, 65535]); a rank outside [0, WORLD_SIZE); an unreachable master or a rank that never
+/// joins within `timeout` (a failure that comes earlier says after how long, and its cause);
+/// NCCL asked for in a build without it.
 ///
 /// Example (two CPU processes on one machine):
 /// ```

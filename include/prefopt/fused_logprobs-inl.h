@@ -7,7 +7,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <cmath>
 
+#include <prefopt/detail/cpu_gemm.h>
 #include <prefopt/detail/rows.h>
 
 #ifdef PREFOPT_WITH_CUDA_KERNELS
@@ -23,36 +25,26 @@ namespace fused {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-/// What one chunk pass needs besides the tensors: the options that shape the logits.
-struct HeadSpec {
-  double temperature = 1.0;
-  double softcap = 0.0;
-  GatherBackend backend = GatherBackend::kAuto;
-  int64_t chunk_rows = 1;   ///< token rows per forward (and kTokenChunks backward) chunk
-  int64_t chunk_bytes = 0;  ///< the budget of the forward chunks and kVocabBlocks
-  int64_t tile_bytes = 0;   ///< the budget of the kTiles backward
-  FusedBackward backward = FusedBackward::kAuto;
+PREFOPT_INLINE void save_spec(const HeadSpec& spec, AutogradContext* ctx) {
+  ctx->saved_data["temperature"] = spec.temperature;
+  ctx->saved_data["softcap"] = spec.softcap;
+  ctx->saved_data["backend"] = static_cast<int64_t>(spec.backend);
+  ctx->saved_data["chunk_rows"] = spec.chunk_rows;
+  ctx->saved_data["chunk_bytes"] = spec.chunk_bytes;
+  ctx->saved_data["tile_bytes"] = spec.tile_bytes;
+  ctx->saved_data["backward"] = static_cast<int64_t>(spec.backward);
+}
 
-  void save(torch::autograd::AutogradContext* ctx) const {
-    ctx->saved_data["temperature"] = temperature;
-    ctx->saved_data["softcap"] = softcap;
-    ctx->saved_data["backend"] = static_cast<int64_t>(backend);
-    ctx->saved_data["chunk_rows"] = chunk_rows;
-    ctx->saved_data["chunk_bytes"] = chunk_bytes;
-    ctx->saved_data["tile_bytes"] = tile_bytes;
-    ctx->saved_data["backward"] = static_cast<int64_t>(backward);
-  }
-  static HeadSpec load(torch::autograd::AutogradContext* ctx) {
-    auto& d = ctx->saved_data;
-    return {d["temperature"].toDouble(),
-            d["softcap"].toDouble(),
-            static_cast<GatherBackend>(d["backend"].toInt()),
-            d["chunk_rows"].toInt(),
-            d["chunk_bytes"].toInt(),
-            d["tile_bytes"].toInt(),
-            static_cast<FusedBackward>(d["backward"].toInt())};
-  }
-};
+PREFOPT_INLINE HeadSpec load_spec(AutogradContext* ctx) {
+  auto& d = ctx->saved_data;
+  return {d["temperature"].toDouble(),
+          d["softcap"].toDouble(),
+          static_cast<GatherBackend>(d["backend"].toInt()),
+          d["chunk_rows"].toInt(),
+          d["chunk_bytes"].toInt(),
+          d["tile_bytes"].toInt(),
+          static_cast<FusedBackward>(d["backward"].toInt())};
+}
 
 /// What the backward pass needs, computed once. `h` holds every row of the batch ([R, H]);
 /// `rows` [n] are the scored ones, in the order of `target`, `lse` and `g`.
@@ -60,7 +52,7 @@ struct HeadGrads {
   const at::Tensor &h, &rows, &weight, &bias, &target, &lse, &g;
   bool need_h, need_w, need_b;
   at::ScalarType acc;
-  bool upcast, mixed;
+  bool upcast;       ///< 16-bit inputs: dh and dW accumulate in fp32 (see add_mm)
   CrossRank* cross;  ///< vocabulary-parallel: dh is summed over the ranks; else nullptr
 };
 
@@ -70,25 +62,10 @@ struct Tiling {
   int64_t rows, cols;
 };
 
-/// On CUDA, 16-bit weight gradients accumulate through one mixed-precision cuBLAS GEMM per
-/// chunk (16-bit operands, fp32 output), with no fp32 copies of the chunk.
-PREFOPT_INLINE bool mixed_gemm(const at::Tensor& h) {
-#ifdef PREFOPT_WITH_CUDA_KERNELS
-  return h.is_cuda() && (h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf);
-#else
-  (void)h;
-  return false;
-#endif
-}
-
 /// Bytes per row of the chunk buffers, forward and backward (see FusedLogprobsOptions).
-PREFOPT_INLINE int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bool softcap,
-                                     bool mixed) {
-  const int64_t e = static_cast<int64_t>(at::elementSize(st));
-  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
-  int64_t bwd = V * e * (softcap ? 2 : 1);
-  if (e != acc && !mixed) bwd += (V + H) * acc;  // fp32 copies of the chunk gradient and hidden
-  return std::max(V * e, bwd);
+PREFOPT_INLINE int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bool softcap) {
+  (void)H;  // the gathered hidden row is small beside the logits and not counted
+  return V * static_cast<int64_t>(at::elementSize(st)) * (softcap ? 2 : 1);
 }
 
 /// c [m, n] (fp32) += op(a) · b for 16-bit a, b on CUDA: op(a) = aᵀ for a [k, m] when
@@ -111,29 +88,62 @@ PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a
 #endif
 }
 
+/// c += op(a) · b with op(a) = aᵀ when `trans_a`. For operands in c's dtype, one addmm. For
+/// 16-bit operands and an fp32 `c` (a gradient accumulating over chunks or blocks), one GEMM
+/// with fp32 accumulation and output: cuBLAS on CUDA, the process's oneDNN or MKL on CPU
+/// (cpu_gemm.h). Where the CPU has neither, fp32 GEMMs on fp32 copies of 8 MiB blocks of the
+/// operands: fp32 accumulation still, and no whole-matrix copy.
+PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
+  if (c.scalar_type() == a.scalar_type()) {
+    c.addmm_(trans_a ? a.t() : a, b);
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat && c.stride(1) == 1);
+  if (a.is_cuda() && has_cuda_kernels()) {
+    gemm_f32acc(c, a, trans_a, b);
+    return;
+  }
+  // Row-major with a leading dimension of at least one row (not an expanded or odd view).
+  const auto dense = [](const at::Tensor& x) {
+    return x.stride(1) == 1 && x.stride(0) >= std::max<int64_t>(1, x.size(1)) ? x : x.contiguous();
+  };
+  const auto ac = dense(a);
+  const auto bc = dense(b);
+  const int64_t m = c.size(0), n = c.size(1), k = bc.size(0);
+  const auto type = a.scalar_type() == at::kBFloat16 ? cpu::Gemm16::kBFloat16 : cpu::Gemm16::kHalf;
+  if (a.is_cpu() &&
+      cpu::mixed_gemm(type, trans_a, /*trans_b=*/false, m, n, k, ac.data_ptr(), ac.stride(0),
+                      bc.data_ptr(), bc.stride(0), 1.0f, c.data_ptr<float>(), c.stride(0)))
+    return;
+  // Blocks of the contraction dimension k: fp32 copies of a's and b's rows in the block.
+  const int64_t width = std::max(m, n);  // a block of a holds m·r entries, of b r·n
+  const int64_t step = std::clamp<int64_t>((int64_t{8} << 20) / (4 * width), 1, k);
+  for (int64_t k0 = 0; k0 < k; k0 += step) {
+    const int64_t r = std::min(step, k - k0);
+    const auto b32 = bc.narrow(0, k0, r).to(at::kFloat);
+    if (trans_a) {
+      c.addmm_(ac.narrow(0, k0, r).to(at::kFloat).t(), b32);
+    } else {
+      c.addmm_(ac.narrow(1, k0, r).to(at::kFloat), b32);
+    }
+  }
+}
+
 /// Bytes per vocabulary column of the kVocabBlocks backward buffers for n scored tokens.
-PREFOPT_INLINE int64_t bytes_per_column(int64_t n, int64_t H, at::ScalarType st, bool softcap,
-                                        bool mixed) {
-  const int64_t e = static_cast<int64_t>(at::elementSize(st));
-  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
-  int64_t col = n * e * (softcap ? 2 : 1);
-  // fp32 copies of the block gradient, the weight block and its gradient
-  if (e != acc && !mixed) col += (n + 2 * H) * acc;
-  return col;
+PREFOPT_INLINE int64_t bytes_per_column(int64_t n, at::ScalarType st, bool softcap) {
+  return n * static_cast<int64_t>(at::elementSize(st)) * (softcap ? 2 : 1);
 }
 
 /// The kTiles blocking within `budget` bytes. Per row: the gathered hidden row and its `dh`
-/// accumulator (and an fp32 copy for CPU 16-bit GEMMs); per logit: the tile, a second one
-/// with softcapping (and an fp32 copy on CPU 16-bit). Rows come first, as many as fit beside
-/// blocks of 512 columns: every row chunk reads W twice and updates dW once, so fewer, taller
-/// chunks move less memory.
+/// accumulator; per logit: the tile, and a second one with softcapping. Rows come first, as
+/// many as fit beside blocks of 512 columns: every row chunk reads W twice and updates dW
+/// once, so fewer, taller chunks move less memory.
 PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t H,
-                                   at::ScalarType st, bool softcap, bool mixed) {
+                                   at::ScalarType st, bool softcap) {
   const int64_t e = static_cast<int64_t>(at::elementSize(st));
   const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(st)));
-  const bool copies = e != acc && !mixed;
-  const int64_t per_row = H * (e + acc + (copies ? acc : 0));
-  const int64_t per_logit = e * (softcap ? 2 : 1) + (copies ? acc : 0);
+  const int64_t per_row = H * (e + acc);
+  const int64_t per_logit = e * (softcap ? 2 : 1);
   const int64_t rows =
       std::clamp<int64_t>(budget / (per_row + 512 * per_logit), 1, std::max<int64_t>(n, 1));
   return {rows, std::clamp<int64_t>((budget / rows - per_row) / per_logit, 1, V)};
@@ -155,6 +165,17 @@ PREFOPT_INLINE Rows identity_rows(const at::Tensor& target_c) {
   const int64_t c = target_c.size(0);
   const auto opts = target_c.options().dtype(at::kLong);
   return Rows{at::zeros({c}, opts), at::arange(c, opts), target_c, {}};
+}
+
+PREFOPT_INLINE void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
+                                const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor) {
+  if (spec.softcap > 0)  // d(cap·tanh(x/cap))/dx = 1 − (y/cap)², from y before z is reused
+    at::mul_out(cap_factor, z, z).mul_(-1.0 / (spec.softcap * spec.softcap)).add_(1.0);
+  auto z3 = z.unsqueeze(0);
+  rows_backward(z3, identity_rows(target_b), lse, g, spec.backend, int64_t{1} << 62,
+                z3);  // z ← dL/dy
+  if (spec.softcap > 0) z.mul_(cap_factor);
+  if (spec.temperature != 1.0) z.div_(spec.temperature);
 }
 
 /// The forward pass over all chunks: per-row log-probs, logsumexp and statistics of the
@@ -203,7 +224,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     }
     ctx->save_for_backward({h, weight, bias, rows, saved_target, r.lse});
     ctx->saved_data["cross"] = cross_rank_ivalue(cross);
-    spec.save(ctx);
+    save_spec(spec, ctx);
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({r.logit_mean, r.correct, r.entropy, r.log_sum_p2});
     return {r.logp, r.logit_mean, r.correct, r.entropy, r.log_sum_p2};
@@ -215,7 +236,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
                      &lse = saved[5];
     const at::Tensor bias = saved[2].numel() > 0 ? saved[2] : at::Tensor();
     if (!grads[0].defined()) return result({}, {}, {});
-    const HeadSpec spec = HeadSpec::load(ctx);
+    const HeadSpec spec = load_spec(ctx);
     const auto acc = acc_type(h.scalar_type());
     const auto g = grads[0].to(acc).contiguous();
     const CrossRankPtr cross = cross_rank_of(ctx->saved_data["cross"]);
@@ -231,7 +252,6 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
                        bias.defined() && ctx->needs_input_grad(2),
                        acc,
                        acc != h.scalar_type(),
-                       mixed_gemm(h),
                        cross.get()};
     return backward_tiles(hg, spec, tiling(hg, spec));
   }
@@ -246,26 +266,12 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
       mode = !a.upcast ? FusedBackward::kTiles
              : n <= V  ? FusedBackward::kVocabBlocks
                        : FusedBackward::kTokenChunks;
-    if (mode == FusedBackward::kTiles)
-      return tiles_within(spec.tile_bytes, n, V, H, st, cap, a.mixed);
+    if (mode == FusedBackward::kTiles) return tiles_within(spec.tile_bytes, n, V, H, st, cap);
     if (mode == FusedBackward::kVocabBlocks) {
-      const int64_t per_col = std::max<int64_t>(1, bytes_per_column(n, H, st, cap, a.mixed));
+      const int64_t per_col = std::max<int64_t>(1, bytes_per_column(n, st, cap));
       if (spec.chunk_bytes >= per_col) return {n, std::min(V, spec.chunk_bytes / per_col)};
     }
     return {spec.chunk_rows, V};  // token chunks, also when one column of every row won't fit
-  }
-
-  /// dz of one block of logits, in place: z ← dL/d(logits) for rows with targets `target_b`
-  /// (−1: the target is outside the block).
-  static void block_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
-                         const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor) {
-    if (spec.softcap > 0)  // d(cap·tanh(x/cap))/dx = 1 − (y/cap)², from y before z is reused
-      at::mul_out(cap_factor, z, z).mul_(-1.0 / (spec.softcap * spec.softcap)).add_(1.0);
-    auto z3 = z.unsqueeze(0);
-    rows_backward(z3, identity_rows(target_b), lse, g, spec.backend, int64_t{1} << 62,
-                  z3);  // z ← dL/dy
-    if (spec.softcap > 0) z.mul_(cap_factor);
-    if (spec.temperature != 1.0) z.div_(spec.temperature);
   }
 
   static variable_list result(at::Tensor dh, at::Tensor dw, at::Tensor db) {
@@ -287,7 +293,6 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     if (n == 0) return result(opt(a.need_h, a.h), opt(a.need_w, a.weight), opt(a.need_b, a.bias));
     const int64_t c = std::min(t.rows, n), cols = std::min(t.cols, V);
     const bool one_chunk = c == n, one_block = cols == V;
-    const bool copies = a.upcast && !a.mixed;  // CPU 16-bit: fp32 copies for the GEMMs
     const auto acc_opts = a.h.options().dtype(a.acc);
     at::Tensor dw = !a.need_w   ? at::Tensor()
                     : one_chunk ? at::empty({V, H}, a.weight.options())
@@ -308,7 +313,6 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
       const auto rows_c = a.rows.slice(0, s, e), target_c = a.target.slice(0, s, e);
       auto h_c = h_buffer.narrow(0, 0, m);
       at::index_select_out(h_c, a.h, 0, rows_c);
-      const at::Tensor h_acc = copies && a.need_w ? h_c.to(a.acc) : h_c;
       auto dh_c = a.need_h ? dh_buffer.narrow(0, 0, m) : at::Tensor();
       if (a.need_h && !one_block) dh_c.zero_();
       for (int64_t v0 = 0; v0 < V; v0 += cols) {
@@ -317,32 +321,28 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
         auto z = buffer.narrow(0, 0, m * vb).view({m, vb});
         chunk_logits(h_c, w_b, a.bias.defined() ? a.bias.narrow(0, v0, vb) : a.bias, spec, z);
         auto cap = spec.softcap > 0 ? cap_buffer.narrow(0, 0, m * vb).view({m, vb}) : at::Tensor();
-        block_grad(z,
-                   one_block
-                       ? target_c
-                       : at::where((target_c >= v0) & (target_c < v0 + vb), target_c - v0, outside),
-                   a.lse.slice(0, s, e), a.g.slice(0, s, e), spec, cap);
-        const auto dz = copies ? z.to(a.acc) : z;
+        logits_grad(
+            z,
+            one_block ? target_c
+                      : at::where((target_c >= v0) & (target_c < v0 + vb), target_c - v0, outside),
+            a.lse.slice(0, s, e), a.g.slice(0, s, e), spec, cap);
         if (a.need_b) db.narrow(0, v0, vb).add_(z.sum(0, /*keepdim=*/false, a.acc));
+        // Every GEMM takes the operands in their own dtype (16-bit ones with fp32
+        // accumulation inside); a gradient that spans one chunk (dW) or one block (dh) is
+        // written once, the others accumulate through add_mm.
         if (a.need_w) {
           auto dw_b = dw.narrow(0, v0, vb);
-          if (one_chunk && copies) {
-            dw_b.copy_(at::mm(dz.t(), h_acc));
-          } else if (one_chunk) {
-            at::mm_out(dw_b, z.t(), h_c);  // 16-bit on CUDA: fp32 accumulation inside the GEMM
-          } else if (a.mixed) {
-            gemm_f32acc(dw_b, z, /*trans_a=*/true, h_c);
+          if (one_chunk) {
+            at::mm_out(dw_b, z.t(), h_c);
           } else {
-            dw_b.addmm_(dz.t(), h_acc);
+            add_mm(dw_b, z, /*trans_a=*/true, h_c);
           }
         }
         if (a.need_h) {
           if (one_block) {
             at::mm_out(dh_c, z, a.weight);
-          } else if (a.mixed) {
-            gemm_f32acc(dh_c, z, /*trans_a=*/false, w_b);
           } else {
-            dh_c.addmm_(dz, copies ? w_b.to(a.acc) : w_b);
+            add_mm(dh_c, z, /*trans_a=*/false, w_b);
           }
         }
       }
@@ -365,6 +365,19 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   }
 };
 
+PREFOPT_INLINE bool cpu_half_matmul() {
+  // libtorch < 2.1 has no fp16 GEMM on CPU ("addmm_impl_cpu_" not implemented for 'Half').
+  static const bool ok = [] {
+    try {
+      const auto x = at::ones({1, 1}, at::TensorOptions().dtype(at::kHalf));
+      return at::mm(x, x).item<float>() == 1.0f;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
 PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,
                                      const at::Tensor& weight, const at::Tensor& bias, bool packed,
                                      const FusedLogprobsOptions& o) {
@@ -379,8 +392,17 @@ PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,
                 hidden.sizes());
   }
   check_floating(fn, "hidden states", hidden);
+  TORCH_CHECK(!hidden.is_cpu() || hidden.scalar_type() != at::kHalf || cpu_half_matmul(), fn,
+              ": this libtorch has no fp16 matrix product on CPU; use bf16 or fp32 hidden ",
+              "states and weight there");
   TORCH_CHECK(weight.dim() == 2, fn, ": expected weight of shape [V, H], got ", weight.sizes());
   TORCH_CHECK(weight.size(0) > 0, fn, ": expected a vocabulary of at least 1 entry, got V = 0");
+  TORCH_CHECK(weight.size(1) > 0, fn, ": expected a hidden size of at least 1, got H = 0");
+  // Keeps the buffer-size arithmetic (rows × V × bytes) far from int64 overflow, even for
+  // expanded views that hold no memory.
+  constexpr int64_t kMaxDim = int64_t{1} << 40;
+  TORCH_CHECK(weight.size(0) < kMaxDim && weight.size(1) < kMaxDim, fn,
+              ": expected V and H below 2^40, got weight of shape ", weight.sizes());
   TORCH_CHECK(weight.size(1) == hidden.size(-1), fn, ": expected weight of shape [V, ",
               hidden.size(-1), "] to match the hidden size of ", hidden.sizes(), ", got ",
               weight.sizes());
@@ -396,8 +418,10 @@ PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,
     TORCH_CHECK(bias.device() == hidden.device(), fn, ": expected bias on ", hidden.device(),
                 " like the hidden states, got ", bias.device());
   }
-  TORCH_CHECK(o.temperature() > 0, fn, ": expected temperature > 0, got ", o.temperature());
-  TORCH_CHECK(o.softcap() >= 0, fn, ": expected softcap >= 0 (0: off), got ", o.softcap());
+  TORCH_CHECK(std::isfinite(o.temperature()) && o.temperature() > 0, fn,
+              ": expected a finite temperature > 0, got ", o.temperature());
+  TORCH_CHECK(std::isfinite(o.softcap()) && o.softcap() >= 0, fn,
+              ": expected a finite softcap >= 0 (0: off), got ", o.softcap());
   TORCH_CHECK(
       o.backend() != GatherBackend::kKernel || hidden.is_cpu() ||
           (hidden.is_cuda() && has_cuda_kernels()),
@@ -412,24 +436,23 @@ PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,
 }
 
 PREFOPT_INLINE int64_t row_budget(const HeadInputs& in, const FusedLogprobsOptions& o) {
-  return bytes_per_row(in.V, in.H, in.hidden.scalar_type(), o.softcap() > 0, mixed_gemm(in.hidden));
+  return bytes_per_row(in.V, in.H, in.hidden.scalar_type(), o.softcap() > 0);
 }
 
-PREFOPT_INLINE SequenceLogprobs run_head(const char* fn, const HeadInputs& in,
-                                         const at::Tensor& weight, const at::Tensor& bias,
-                                         const Selection& sel, const FusedLogprobsOptions& o,
-                                         const CrossRankPtr& cross) {
+PREFOPT_INLINE HeadSpec head_spec(const char* fn, const HeadInputs& in, int64_t n,
+                                  const FusedLogprobsOptions& o) {
   const auto st = in.hidden.scalar_type();
-  const int64_t per_row = bytes_per_row(in.V, in.H, st, o.softcap() > 0, mixed_gemm(in.hidden));
+  const int64_t per_row = bytes_per_row(in.V, in.H, st, o.softcap() > 0);
   TORCH_CHECK(o.chunk_bytes() >= 0, fn, ": expected chunk_bytes >= 0 (0: automatic), got ",
               o.chunk_bytes());
   TORCH_CHECK(o.chunk_bytes() == 0 || o.chunk_bytes() >= per_row, fn,
               ": memory budget chunk_bytes = ", o.chunk_bytes(),
               " is below one row of logits buffers (", per_row, " bytes for V = ", in.V,
               ", H = ", in.H, ", ", st, (o.softcap() > 0 ? ", softcap" : ""), ")");
-  const int64_t n = sel.rows.b.numel();
   // Automatic: the chunks, 1/16 of the scored tokens' logits (at most 256 MiB, at least one
   // row); the tiles, 1/128 of them in fp32 (4 to 64 MiB).
+  TORCH_CHECK(n <= (int64_t{1} << 59) / in.V, fn, ": ", n, " scored rows of ", in.V,
+              " logits each overflow 64-bit sizes");
   const int64_t logits_bytes = n * in.V * static_cast<int64_t>(at::elementSize(st));
   const int64_t acc_logits_bytes = n * in.V * static_cast<int64_t>(at::elementSize(acc_type(st)));
   const int64_t budget = o.chunk_bytes() > 0
@@ -438,8 +461,16 @@ PREFOPT_INLINE SequenceLogprobs run_head(const char* fn, const HeadInputs& in,
   const int64_t tile_budget =
       o.chunk_bytes() > 0 ? o.chunk_bytes()
                           : std::clamp(acc_logits_bytes / 128, int64_t{4} << 20, int64_t{64} << 20);
-  const HeadSpec spec{o.temperature(), o.softcap(), o.backend(), budget / per_row,
-                      budget,          tile_budget, o.backward()};
+  return {o.temperature(), o.softcap(), o.backend(), budget / per_row,
+          budget,          tile_budget, o.backward()};
+}
+
+PREFOPT_INLINE SequenceLogprobs run_head(const char* fn, const HeadInputs& in,
+                                         const at::Tensor& weight, const at::Tensor& bias,
+                                         const Selection& sel, const FusedLogprobsOptions& o,
+                                         const CrossRankPtr& cross) {
+  const auto st = in.hidden.scalar_type();
+  const HeadSpec spec = head_spec(fn, in, sel.rows.b.numel(), o);
   const unsigned flags = stat_flags(o.with_logits_mean(), o.with_token_accuracy(), o.with_entropy(),
                                     o.with_wpo_weights());
   // Only the scored rows reach the matmuls: they are gathered chunk by chunk from a flat view

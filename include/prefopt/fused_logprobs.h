@@ -71,8 +71,9 @@ struct FusedLogprobsOptions {
   TORCH_ARG(bool, with_wpo_weights) = false;
   /// Memory budget, in bytes, for the reused buffers: forward, one [c, V] logits buffer in the
   /// input dtype (and c gathered hidden rows); backward, that buffer, an [N, c'] vocabulary
-  /// block or a kTiles tile with its [c, H] row buffers, a second one with softcapping, and on
-  /// CPU fp32 copies for bf16/fp16 GEMMs. Chunks are the largest that fit; an explicit budget
+  /// block or a kTiles tile with its [c, H] row buffers, and a second one with softcapping.
+  /// Every GEMM runs in the input dtype (16-bit ones accumulate in fp32); no operand is copied
+  /// to fp32. Chunks are the largest that fit; an explicit budget
   /// below one row is an error. 0 (the default) is automatic: chunks and vocabulary blocks
   /// get 1/16 of the scored tokens' logits in the input dtype (at most 256 MiB, at least one
   /// row); tiles get 1/128 of them in fp32 (fp64 for fp64), from 4 MiB to 64 MiB.

@@ -366,8 +366,46 @@ PREFOPT_INLINE at::Tensor MetricAccumulator::pack() const {
 }
 
 PREFOPT_INLINE Metrics MetricAccumulator::compute(c10d::ProcessGroup* group) {
+  constexpr const char* fn = "prefopt::MetricAccumulator::compute";
   at::Tensor packed = pack();
-  if (packed.defined()) all_reduce_sum(packed, group, "prefopt::MetricAccumulator::compute");
+  if (group != nullptr && group->getSize() > 1) {
+    // The ranks must agree on the layout of what they sum (micro-steps, names of the slots),
+    // or values of different metrics would mix, and packs of different sizes would fail inside
+    // the collective on some ranks only. One cheap all-reduce of [x, x²] for each of: the
+    // micro-steps, the slots and a hash of their names; Σx² = W·x² and Σx = W·x together hold
+    // on a rank only when every rank has the same x, so every rank fails with the same error.
+    uint32_t h = 2166136261u;  // FNV-1a over the slot names, cut to 20 bits: exact squares
+    for (const auto& slot : slots_) {
+      for (const char ch : slot.name + '\n') h = (h ^ static_cast<uint8_t>(ch)) * 16777619u;
+    }
+    const double mine[3] = {static_cast<double>(steps_.size()), static_cast<double>(slots_.size()),
+                            static_cast<double>(h & 0xfffffu)};
+    auto layout = at::empty({6}, at::kDouble);
+    for (int i = 0; i < 3; ++i) {
+      layout[2 * i] = mine[i];
+      layout[2 * i + 1] = mine[i] * mine[i];
+    }
+    layout = layout.to(packed.defined() ? packed.device() : at::Device(at::kCPU));
+    all_reduce_sum(layout, group, fn);
+    const auto sums = layout.cpu();
+    const auto* v = sums.data_ptr<double>();
+    const double world = group->getSize();
+    bool same = true;
+    for (int i = 0; i < 3; ++i) {
+      same = same && v[2 * i] == world * mine[i] && v[2 * i + 1] == world * mine[i] * mine[i];
+    }
+    if (!same) {
+      std::string names;
+      for (size_t s = detail::metrics::kNumBuiltins; s < slots_.size(); ++s)
+        names += (names.empty() ? "'" : ", '") + slots_[s].name + "'";
+      const size_t n_steps = steps_.size();
+      finish(at::Tensor());  // the window is dropped on every rank alike
+      TORCH_CHECK(false, fn, ": the ranks' windows differ (this rank ", group->getRank(), ": ",
+                  n_steps, " micro-steps, add_scalar names [", names, "]); every rank must make ",
+                  "the same add and add_scalar calls between two compute calls");
+    }
+  }
+  if (packed.defined()) all_reduce_sum(packed, group, fn);
   return finish(packed);
 }
 
@@ -477,8 +515,12 @@ PREFOPT_INLINE Metrics MetricAccumulator::finish(const at::Tensor& packed) {
 
 // ------------------------------------------------------------------------------------ JSONL
 
-PREFOPT_INLINE std::string to_json(int64_t step, const Metrics& metrics) {
-  nlohmann::ordered_json j;
+namespace detail {
+
+// The JSON line of `to_json`; `fn` names the public function in errors.
+PREFOPT_INLINE std::string metrics_json(const char* fn, int64_t step, const Metrics& metrics) {
+  using json = nlohmann::ordered_json;
+  json j;
   j["step"] = step;
   for (const auto& [name, value] : metrics) {
     if (std::isfinite(value)) {
@@ -487,7 +529,29 @@ PREFOPT_INLINE std::string to_json(int64_t step, const Metrics& metrics) {
       j[name] = nullptr;
     }
   }
-  return j.dump();
+  try {
+    return j.dump();
+  } catch (const json::type_error&) {
+    // Only invalid UTF-8 in a name (a metric's or the prefix) makes dump throw. Find that name
+    // (the error path only) and quote it with the bad bytes replaced, so that the message
+    // itself stays valid UTF-8.
+    for (const auto& [name, value] : metrics) {
+      try {
+        (void)json(name).dump();
+      } catch (const json::type_error& e) {
+        TORCH_CHECK(false, fn, ": expected metric names (prefix included) in UTF-8, got ",
+                    json(name).dump(-1, ' ', false, json::error_handler_t::replace), " (", e.what(),
+                    ")");
+      }
+    }
+    throw;
+  }
+}
+
+}  // namespace detail
+
+PREFOPT_INLINE std::string to_json(int64_t step, const Metrics& metrics) {
+  return detail::metrics_json("prefopt::to_json", step, metrics);
 }
 
 PREFOPT_INLINE JsonlWriter::JsonlWriter(const std::string& path, bool sync)
@@ -518,18 +582,35 @@ PREFOPT_INLINE JsonlWriter& JsonlWriter::operator=(JsonlWriter&& other) noexcept
 }
 
 PREFOPT_INLINE void JsonlWriter::write(int64_t step, const Metrics& metrics) {
-  TORCH_CHECK(fd_ >= 0, "prefopt::JsonlWriter::write: the writer was moved from");
-  const std::string line = to_json(step, metrics) + "\n";
-  // One write call per line: O_APPEND places it atomically at the end of the file.
-  size_t done = 0;
-  while (done < line.size()) {
-    const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    TORCH_CHECK(n > 0, "prefopt::JsonlWriter::write: writing to '", path_,
-                "' failed: ", std::strerror(errno));
-    done += static_cast<size_t>(n);
+  constexpr const char* fn = "prefopt::JsonlWriter::write";
+  TORCH_CHECK(fd_ >= 0, fn, ": the writer was moved from");
+  const std::string line = detail::metrics_json(fn, step, metrics) + "\n";
+  // One write call per line: O_APPEND places it atomically at the end of the file. A short
+  // write's rest is not retried, since another writer's line could come in between.
+  ssize_t n;
+  do {
+    n = ::write(fd_, line.data(), line.size());
+  } while (n < 0 && errno == EINTR);
+  if (n == static_cast<ssize_t>(line.size())) {
+    if (sync_) ::fsync(fd_);
+    return;
   }
-  if (sync_) ::fsync(fd_);
+  const int write_errno = n < 0 ? errno : 0;
+  // A short write (disk full, quota, RLIMIT_FSIZE) left a fragment that the next line would
+  // glue onto: cut the file back to where this line began. With O_APPEND the offset is now the
+  // end of the fragment, so the line began n bytes before it.
+  std::string truncated;
+  if (n > 0) {
+    const off_t end = ::lseek(fd_, 0, SEEK_CUR);
+    if (end < 0 || ::ftruncate(fd_, end - n) != 0) {
+      truncated = std::string("; removing the partial line also failed: ") + std::strerror(errno);
+    }
+  }
+  TORCH_CHECK(false, fn, ": writing ", line.size(), " bytes to '", path_, "' failed after ",
+              n < 0 ? 0 : n, ": ",
+              write_errno != 0 ? std::strerror(write_errno)
+                               : "short write (disk full, quota or file-size limit)",
+              truncated);
 }
 
 PREFOPT_END_NAMESPACE

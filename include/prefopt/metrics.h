@@ -238,8 +238,10 @@ class PREFOPT_API MetricAccumulator {
 
 /// Appends one JSON object per log step to a file: `{"step": N, "<name>": value, ...}` and a
 /// newline, written with a single `write` on a file opened for appending, so a crash loses at
-/// most the line being written and concurrent writers never interleave within a line.
-/// Non-finite values are written as `null`. Uses nlohmann-json for the encoding.
+/// most the line being written and concurrent writers never interleave within a line. A write
+/// that fails part-way (disk full, quota, file-size limit) is cut back to where its line began,
+/// so that the file holds only complete lines, and throws. Non-finite values are written as
+/// `null`. Uses nlohmann-json for the encoding.
 ///
 /// Example:
 /// ```
@@ -258,7 +260,8 @@ class PREFOPT_API JsonlWriter {
   /// Closes this writer's file and takes over `other`'s.
   JsonlWriter& operator=(JsonlWriter&& other) noexcept;
 
-  /// Writes one line: `step` first, then the metrics in order.
+  /// Writes one line: `step` first, then the metrics in order. Throws (c10::Error) when a
+  /// metric name is not valid UTF-8, or when the line cannot be written whole.
   void write(int64_t step, const Metrics& metrics);
   /// The file written to.
   const std::string& path() const noexcept { return path_; }
@@ -269,7 +272,8 @@ class PREFOPT_API JsonlWriter {
   bool sync_ = false;
 };
 
-/// One JSON object (no newline) as `JsonlWriter` writes it.
+/// One JSON object (no newline) as `JsonlWriter` writes it. Throws (c10::Error) when a metric
+/// name (prefix included) is not valid UTF-8.
 PREFOPT_API std::string to_json(int64_t step, const Metrics& metrics);
 
 PREFOPT_END_NAMESPACE

@@ -11,6 +11,7 @@
 #include <prefopt/config.h>
 #include <prefopt/distributed.h>
 #include <prefopt/fused_logprobs.h>
+#include <prefopt/fused_loss.h>
 #include <prefopt/logprobs.h>
 #include <prefopt/losses/common.h>
 #include <prefopt/losses/cpo.h>

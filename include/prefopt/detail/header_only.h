@@ -9,10 +9,12 @@
 #error "prefopt/detail/header_only.h is for PREFOPT_HEADER_ONLY builds"
 #endif
 
+#include <prefopt/detail/cpu_gemm.h>
 #include <prefopt/detail/cpu_row_kernels.h>
 #include <prefopt/detail/rows.h>
 #include <prefopt/distributed.h>
 #include <prefopt/fused_logprobs.h>
+#include <prefopt/fused_loss.h>
 #include <prefopt/logprobs.h>
 #include <prefopt/losses/common.h>
 #include <prefopt/losses/cpo.h>
@@ -23,10 +25,12 @@
 #include <prefopt/metrics.h>
 #include <prefopt/vocab_parallel.h>
 
+#include <prefopt/detail/cpu_gemm-inl.h>
 #include <prefopt/detail/cpu_row_kernels-inl.h>
 #include <prefopt/detail/rows-inl.h>
 #include <prefopt/distributed-inl.h>
 #include <prefopt/fused_logprobs-inl.h>
+#include <prefopt/fused_loss-inl.h>
 #include <prefopt/logprobs-inl.h>
 #include <prefopt/losses/common-inl.h>
 #include <prefopt/losses/cpo-inl.h>

@@ -394,7 +394,7 @@ PREFOPT_INLINE at::Tensor check_mask(const char* fn, const at::Tensor& mask,
                                      at::IntArrayRef expected, const char* ref_name,
                                      const at::Tensor& logits) {
   TORCH_CHECK(mask.defined(), fn, ": expected completion_mask, got an undefined tensor");
-  TORCH_CHECK(!at::isFloatingType(mask.scalar_type()), fn,
+  TORCH_CHECK(!at::isFloatingType(mask.scalar_type()) && !at::isComplexType(mask.scalar_type()), fn,
               ": expected completion_mask of bool or integer 0/1 values, got ", mask.scalar_type());
   TORCH_CHECK(mask.sizes() == expected, fn, ": expected completion_mask of shape ", expected,
               " to match the ", ref_name, " ", logits.sizes(), ", got ", mask.sizes());
@@ -474,9 +474,10 @@ PREFOPT_INLINE Selection select_packed(const char* fn, const at::Tensor& ref, co
   TORCH_CHECK(cu_seqlens.defined() && cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, fn,
               ": expected cu_seqlens of shape [S + 1], got ",
               cu_seqlens.defined() ? cu_seqlens.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(
-      !at::isFloatingType(cu_seqlens.scalar_type()) && cu_seqlens.scalar_type() != at::kBool, fn,
-      ": expected integer cu_seqlens, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK(!at::isFloatingType(cu_seqlens.scalar_type()) &&
+                  !at::isComplexType(cu_seqlens.scalar_type()) &&
+                  cu_seqlens.scalar_type() != at::kBool,
+              fn, ": expected integer cu_seqlens, got ", cu_seqlens.scalar_type());
   const auto cu = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
   const int64_t* c = cu.data_ptr<int64_t>();
   const int64_t S = cu.numel() - 1;

@@ -148,8 +148,35 @@ struct HeadInputs {
   at::Tensor hidden;  ///< [B, T, H] or [1, N, H]
   int64_t V = 0, H = 0;
 };
+/// What one chunk pass needs besides the tensors: the options that shape the logits and the
+/// blocking that the budget allows.
+struct HeadSpec {
+  double temperature = 1.0;
+  double softcap = 0.0;
+  GatherBackend backend = GatherBackend::kAuto;
+  int64_t chunk_rows = 1;   ///< token rows per forward (and kTokenChunks backward) chunk
+  int64_t chunk_bytes = 0;  ///< the budget of the forward chunks and kVocabBlocks
+  int64_t tile_bytes = 0;   ///< the budget of the kTiles backward
+  FusedBackward backward = FusedBackward::kAuto;
+};
 /// Bytes per scored row of the chunk buffers (the least `chunk_bytes` the fused op takes).
 int64_t row_budget(const HeadInputs& in, const FusedLogprobsOptions& o);
+/// The blocking of `n` scored rows under `o`'s budget; `fn` names the caller in the checks.
+HeadSpec head_spec(const char* fn, const HeadInputs& in, int64_t n, const FusedLogprobsOptions& o);
+/// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer): temperature, then softcap.
+void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight, const at::Tensor& bias,
+                  const HeadSpec& spec, at::Tensor& z);
+/// Rows of a [1, c, V] view of a chunk: row i has target `target_c[i]`.
+Rows identity_rows(const at::Tensor& target_c);
+/// z ← dL/d(logits before temperature and softcap), in place, for rows with targets
+/// `target_b` (−1: the target lies outside this block of columns), logsumexp `lse` and
+/// per-row gradients `g`; `cap_factor` is a buffer like z (used with softcap only).
+void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
+                 const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor);
+/// Whether this libtorch multiplies fp16 matrices on CPU (libtorch < 2.1 does not).
+bool cpu_half_matmul();
+/// c += op(a) · b; 16-bit operands into an fp32 `c` accumulate in fp32 inside the GEMM.
+void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
 /// `fn`'s checks of the hidden states, the head and the options.
 HeadInputs check_head(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
                       const at::Tensor& bias, bool packed, const FusedLogprobsOptions& o);

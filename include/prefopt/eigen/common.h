@@ -368,6 +368,16 @@ void check_size(const char* fn, const char* name, const V& v, Eigen::Index batch
   }
 }
 
+/// Checks that the token counts `v` (lengths) are >= 0 (NaN fails too).
+template <typename V>
+void check_counts(const char* fn, const char* name, const V& v) {
+  for (Eigen::Index i = 0; i < v.size(); ++i) {
+    if (!(v(i) >= 0)) {
+      fail(fn, ": expected ", name, " to be token counts >= 0, got ", v(i), " at index ", i);
+    }
+  }
+}
+
 /// Validates the vectors of `in` that a pairwise loss needs and returns the batch size.
 /// `needs_reference`: the reference vectors must be present. A reference that is given is
 /// checked even where the loss does not need it (it still feeds the logged rewards of
@@ -386,8 +396,14 @@ Eigen::Index check_pair_inputs(const char* fn, const PairInputs<T>& in, bool nee
     check_size(fn, "reference_chosen_logps", *in.reference_chosen_logps(), B);
     check_size(fn, "reference_rejected_logps", *in.reference_rejected_logps(), B);
   }
-  if (in.chosen_lengths()) check_size(fn, "chosen_lengths", *in.chosen_lengths(), B);
-  if (in.rejected_lengths()) check_size(fn, "rejected_lengths", *in.rejected_lengths(), B);
+  if (in.chosen_lengths()) {
+    check_size(fn, "chosen_lengths", *in.chosen_lengths(), B);
+    check_counts(fn, "chosen_lengths", *in.chosen_lengths());
+  }
+  if (in.rejected_lengths()) {
+    check_size(fn, "rejected_lengths", *in.rejected_lengths(), B);
+    check_counts(fn, "rejected_lengths", *in.rejected_lengths());
+  }
   if (in.weights()) check_size(fn, "weights", *in.weights(), B);
   const int form = static_cast<int>(in.logps_form());
   check(form >= 0 && form <= 2, fn, ": logps_form is not a LogpsForm value (got ", form, ")");

@@ -108,6 +108,7 @@ TPOLossResult<T> tpo_loss(const PairInputs<T>& inputs, const SequenceLogprobs<T>
                 detail::shape(gold.sum.size()), " and ", detail::shape(gold.count.size()));
   detail::check(!inputs.nll_loss().has_value(), fn,
                 ": got both the gold SequenceLogprobs and nll_loss; pass one");
+  detail::check_counts(fn, "gold.count", gold.count);
   // TRL's cross-entropy over every gold completion token of the batch; 0 over none. The
   // counts are summed in T, as the libtorch layer casts them to the compute type first.
   const Vector<T> n = gold.count.template cast<T>();

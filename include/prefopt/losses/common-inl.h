@@ -26,6 +26,17 @@ PREFOPT_INLINE void check_floating_logps(const char* fn, const char* name, const
               " to be floating point (fp64/fp32/bf16/fp16), got ", t.scalar_type());
 }
 
+PREFOPT_INLINE void check_counts(const char* fn, const char* name, const at::Tensor& t) {
+  // Checked on CPU only: reading the answer of a device tensor would synchronise with the
+  // device on every step, which a training loop's inputs must not cost.
+  if (!t.device().is_cpu() || t.numel() == 0) return;
+  const auto bad = t.ge(0).logical_not();  // NaN counts fail too
+  if (!bad.any().item<bool>()) return;
+  const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK_VALUE(false, fn, ": expected ", name, " to be token counts >= 0, got ",
+                    t[i].item<double>(), " at index ", i);
+}
+
 PREFOPT_INLINE int64_t check_pair_inputs(const char* fn, const PairInputs& in,
                                          bool needs_reference) {
   const auto& pc = in.policy_chosen_logps();
@@ -47,9 +58,14 @@ PREFOPT_INLINE int64_t check_pair_inputs(const char* fn, const PairInputs& in,
     check_floating_logps(fn, "reference_chosen_logps", in.reference_chosen_logps());
     check_floating_logps(fn, "reference_rejected_logps", in.reference_rejected_logps());
   }
-  if (in.chosen_lengths().defined()) check_logps(fn, "chosen_lengths", in.chosen_lengths(), B, dev);
-  if (in.rejected_lengths().defined())
+  if (in.chosen_lengths().defined()) {
+    check_logps(fn, "chosen_lengths", in.chosen_lengths(), B, dev);
+    check_counts(fn, "chosen_lengths", in.chosen_lengths());
+  }
+  if (in.rejected_lengths().defined()) {
     check_logps(fn, "rejected_lengths", in.rejected_lengths(), B, dev);
+    check_counts(fn, "rejected_lengths", in.rejected_lengths());
+  }
   if (in.weights().defined()) check_logps(fn, "weights", in.weights(), B, dev);
   if (in.nll_loss().defined()) {
     TORCH_CHECK(in.nll_loss().numel() == 1, fn, ": expected nll_loss to be a scalar, got shape ",

@@ -67,6 +67,15 @@ struct PairInputs {
         .logps_form(LogpsForm::kMean);
   }
 
+  /// The reference's sums alone, for the fused losses (`functional::fused_dpo_loss`), which
+  /// compute the policy's side themselves.
+  static PairInputs reference_only(const PairLogprobs& reference) {
+    return PairInputs()
+        .reference_chosen_logps(reference.chosen.sum)
+        .reference_rejected_logps(reference.rejected.sum)
+        .logps_form(LogpsForm::kSum);
+  }
+
   /// [B] policy log-probs of the chosen completions (differentiable).
   TORCH_ARG(at::Tensor, policy_chosen_logps);
   /// [B] policy log-probs of the rejected completions (differentiable).
@@ -113,6 +122,10 @@ inline at::Tensor reduce(const at::Tensor& losses, const LossReduction& reductio
 /// on `device`.
 void check_logps(const char* fn, const char* name, const at::Tensor& t, int64_t batch,
                  const at::Device& device);
+
+/// Checks that the token counts `t` (lengths) are >= 0; on CPU only, since reading the
+/// answer of a device tensor would synchronise with the device.
+void check_counts(const char* fn, const char* name, const at::Tensor& t);
 
 /// Validates the tensors of `in` that a pairwise loss needs and returns the batch size.
 /// `needs_reference`: reference tensors must be present.

@@ -66,6 +66,7 @@ PREFOPT_INLINE TPOLossResult tpo_loss(const PairInputs& inputs, const SequenceLo
               gold.count.sizes());
   TORCH_CHECK(at::isFloatingType(gold.sum.scalar_type()), fn,
               ": expected gold.sum to be floating point, got ", gold.sum.scalar_type());
+  detail::check_counts(fn, "gold.count", gold.count);
   TORCH_CHECK(!inputs.nll_loss().defined(), fn, ": got both the gold SequenceLogprobs and ",
               "nll_loss; pass one");
   // TRL's cross-entropy over every gold completion token of the batch; 0 over none.

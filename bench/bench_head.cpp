@@ -1,0 +1,172 @@
+// SPDX-License-Identifier: Apache-2.0
+// One LM-head method per process, as a new user would run it: DPO (sigmoid) from the final
+// hidden states and the head, forward + backward to the hidden states and the weight. Prints
+// one JSON line: wall times, the counting allocator's peak beyond the inputs, and the process's
+// peak RSS beyond what it held before the method first ran (VmHWM after resetting it through
+// /proc/self/clear_refs). bench/head_matrix.py runs the methods side by side, each in its own
+// process, under the same allocator settings.
+//
+//   bench_head --method naive|two_pass|one_pass --N 4096 --H 768 --V 50257 --dtype bf16
+//              [--masked 0.5] [--reps 2] [--threads 2] [--T 512]
+//
+// Methods:
+// - naive: logits = h·Wᵀ, log_softmax (in the logits' dtype), gather, masked sums, dpo_loss;
+// - two_pass: functional::fused_logprobs, split_pairs, dpo_loss (4 GEMM-equivalents);
+// - one_pass: functional::fused_dpo_loss (3 GEMM-equivalents).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <prefopt/detail/cpu_gemm.h>
+#include <prefopt/fused_loss.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/version.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "memory.h"
+
+namespace {
+
+namespace F = prefopt::functional;
+
+/// A field of /proc/self/status in bytes (VmRSS, VmHWM), or -1.
+int64_t status_bytes(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1)) * 1024;
+  }
+  return -1;
+}
+
+/// Resets VmHWM to the current RSS (Linux ≥ 4.0); false where that is not possible.
+bool reset_peak_rss() {
+  std::ofstream out("/proc/self/clear_refs");
+  out << "5";
+  return static_cast<bool>(out.flush());
+}
+
+struct Inputs {
+  at::Tensor h, w, labels, ref_c, ref_r;
+};
+
+at::Tensor naive(const Inputs& in) {
+  const auto logits = at::matmul(in.h, in.w.t());
+  const auto z = logits.slice(1, 0, -1);
+  const auto y = in.labels.slice(1, 1);
+  const auto mask = y != -100;
+  const auto lp = z.log_softmax(-1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1);
+  const auto sums = (lp.to(at::kFloat) * mask).sum(1);
+  const int64_t B = sums.size(0) / 2;
+  return F::dpo_loss(sums.narrow(0, 0, B), sums.narrow(0, B, B), in.ref_c, in.ref_r).loss;
+}
+
+at::Tensor two_pass(const Inputs& in) {
+  const auto pair = F::split_pairs(F::fused_logprobs(in.h, in.w, {}, in.labels));
+  return F::dpo_loss(
+             prefopt::PairInputs(pair).reference_chosen_logps(in.ref_c).reference_rejected_logps(
+                 in.ref_r))
+      .loss;
+}
+
+at::Tensor one_pass(const Inputs& in) {
+  return F::fused_dpo_loss(
+             prefopt::HeadBatch(in.h, in.w, {}, in.labels),
+             prefopt::PairInputs().reference_chosen_logps(in.ref_c).reference_rejected_logps(
+                 in.ref_r))
+      .result.loss;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"One LM-head method per process: DPO forward + backward, time and memory."};
+  std::string method = "one_pass", dtype = "fp32";
+  int64_t N = 4096, H = 768, V = 50257, T = 512;
+  double masked = 0.0;
+  int reps = 2, threads = 0;
+  app.add_option("--method", method, "naive | two_pass | one_pass")
+      ->check(CLI::IsMember({"naive", "two_pass", "one_pass"}));
+  app.add_option("--N", N, "tokens (2B sequences of T)")->check(CLI::PositiveNumber);
+  app.add_option("--H", H, "hidden size")->check(CLI::PositiveNumber);
+  app.add_option("--V", V, "vocabulary size")->check(CLI::PositiveNumber);
+  app.add_option("--T", T, "tokens per sequence")->check(CLI::PositiveNumber);
+  app.add_option("--dtype", dtype, "fp32 | bf16")->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_option("--masked", masked, "fraction of each sequence that is prompt (unscored)")
+      ->check(CLI::Range(0.0, 0.99));
+  app.add_option("--reps", reps, "timed repetitions after one warm-up")->check(CLI::PositiveNumber);
+  app.add_option("--threads", threads, "intra-op threads (0: every hardware thread)");
+  CLI11_PARSE(app, argc, argv);
+  if (N % (2 * T) != 0) {
+    std::cerr << "bench_head: N must be a multiple of 2T (whole pairs), got N = " << N
+              << ", T = " << T << "\n";
+    return 2;
+  }
+  // Debian's libtorch starts with fewer threads than cores: every method gets them all.
+  at::set_num_threads(
+      threads > 0 ? threads : std::max(1, static_cast<int>(std::thread::hardware_concurrency())));
+  auto& meter = prefopt_bench::TrackingAllocator::install();
+  const auto st = dtype == "bf16" ? at::kBFloat16 : at::kFloat;
+  at::manual_seed(0);
+  Inputs in;
+  const int64_t S = N / T, B = S / 2;
+  in.h = at::randn({S, T, H}).to(st).requires_grad_();
+  in.w = (at::randn({V, H}) / std::sqrt(static_cast<double>(H))).to(st).requires_grad_();
+  in.labels = at::randint(V, {S, T}, at::kLong);
+  in.labels.narrow(1, 0, std::max<int64_t>(1, static_cast<int64_t>(masked * T))).fill_(-100);
+  in.ref_c = at::randn({B}) - 10.0 * T;
+  in.ref_r = at::randn({B}) - 10.0 * T;
+  auto* run = method == "naive" ? naive : method == "two_pass" ? two_pass : one_pass;
+
+  const int64_t rss_before = status_bytes("VmRSS");
+  const bool hwm_ok = reset_peak_rss();
+  std::vector<double> times;
+  int64_t alloc_extra = 0;
+  double loss = 0;
+  for (int i = 0; i <= reps; ++i) {
+    meter.reset_peak();
+    const int64_t live = meter.live();
+    const auto t0 = std::chrono::steady_clock::now();
+    {
+      const auto l = run(in);
+      const auto grads = torch::autograd::grad({l}, {in.h, in.w});
+      loss = l.item<double>();
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    alloc_extra = std::max(alloc_extra, meter.peak() - live);
+    if (i > 0) times.push_back(s);  // the first run is the warm-up
+  }
+  const int64_t hwm = status_bytes("VmHWM");
+  auto sorted = times;
+  std::sort(sorted.begin(), sorted.end());
+  const double median = sorted.size() % 2
+                            ? sorted[sorted.size() / 2]
+                            : (sorted[sorted.size() / 2 - 1] + sorted[sorted.size() / 2]) / 2;
+  const char* gemm =
+      prefopt::detail::cpu::mixed_gemm_provider(prefopt::detail::cpu::Gemm16::kBFloat16);
+  nlohmann::json j = {{"method", method},
+                      {"N", N},
+                      {"H", H},
+                      {"V", V},
+                      {"T", T},
+                      {"dtype", dtype},
+                      {"masked", masked},
+                      {"threads", at::get_num_threads()},
+                      {"times_s", times},
+                      {"median_s", median},
+                      {"alloc_extra_bytes", alloc_extra},
+                      {"rss_extra_bytes", hwm_ok && hwm > 0 ? hwm - rss_before : -1},
+                      {"inputs_bytes", (in.h.numel() + in.w.numel()) * in.h.element_size()},
+                      {"loss", loss},
+                      {"bf16_mixed_gemm", gemm != nullptr ? gemm : "none"},
+                      {"torch", TORCH_VERSION}};
+  std::cout << j.dump() << std::endl;
+  return 0;
+}

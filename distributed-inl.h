@@ -1,1 +1,0 @@
-#include <prefopt/distributed-inl.h>

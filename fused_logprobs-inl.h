@@ -1,1 +1,0 @@
-#include <prefopt/fused_logprobs-inl.h>

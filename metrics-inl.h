@@ -1,1 +1,0 @@
-#include <prefopt/metrics-inl.h>

@@ -1,0 +1,583 @@
+// SPDX-License-Identifier: Apache-2.0
+// One-pass fused preference losses against (a) the fp64 naive composite (matmul, log_softmax,
+// gather, masked sums) with the losses written from their formulas (tests/reference/) and (b)
+// the two-pass op (fused_logprobs, then the loss, then autograd), over chunk boundaries, odd
+// sizes, packed and completion-mask input, all-masked pairs and every qualifying loss.
+#include <c10/core/GradMode.h>
+#include <prefopt/detail/cpu_gemm.h>
+#include <prefopt/detail/rows.h>
+#include <prefopt/fused_loss.h>
+#include <prefopt/metrics.h>
+
+#include <torch/csrc/autograd/autograd.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "memory.h"  // bench/: the tracking CPU allocator
+#include "reference/logprobs_reference.h"
+#include "reference/losses_reference.h"
+#include "support.h"
+
+namespace {
+
+namespace F = prefopt::functional;
+using prefopt::CPOLossOptions;
+using prefopt::CPOLossType;
+using prefopt::DPOLossOptions;
+using prefopt::DPOLossType;
+using prefopt::FusedLogprobsOptions;
+using prefopt::HeadBatch;
+using prefopt::PairInputs;
+using prefopt_test::AllClose;
+using prefopt_test::SeededTest;
+
+constexpr int64_t kIgnore = -100;
+
+/// A head and a batch of S = 2B sequences (chosen, then rejected) with random scored tokens;
+/// pair 1 has nothing scored on either side and the chosen side of pair 2 is empty.
+struct Batch {
+  at::Tensor h, w, b, labels;
+  int64_t B, T, H, V;
+  Batch(int64_t B_, int64_t T_, int64_t H_, int64_t V_, bool bias, at::ScalarType st)
+      : B(B_), T(T_), H(H_), V(V_) {
+    h = (at::randn({2 * B, T, H}, at::kDouble)).to(st).requires_grad_();
+    w = (at::randn({V, H}, at::kDouble) / std::sqrt(static_cast<double>(H)) * 2)
+            .to(st)
+            .requires_grad_();
+    if (bias) b = (at::randn({V}, at::kDouble) * 0.5).to(st).requires_grad_();
+    labels = at::randint(V, {2 * B, T}, at::kLong);
+    labels.masked_fill_(at::rand({2 * B, T}) < 0.3, kIgnore);
+    labels.narrow(1, 0, std::min<int64_t>(T, 2)).fill_(kIgnore);  // a prompt
+    if (B > 1) labels[1].fill_(kIgnore), labels[B + 1].fill_(kIgnore);
+    if (B > 2) labels[2].fill_(kIgnore);
+  }
+  HeadBatch head() const { return HeadBatch(h, w, b, labels); }
+  std::vector<at::Tensor> params() const {
+    std::vector<at::Tensor> p{h, w};
+    if (b.defined()) p.push_back(b);
+    return p;
+  }
+  /// fp64 leaf copies.
+  Batch as_double() const {
+    Batch d = *this;
+    d.h = h.detach().to(at::kDouble).requires_grad_();
+    d.w = w.detach().to(at::kDouble).requires_grad_();
+    if (b.defined()) d.b = b.detach().to(at::kDouble).requires_grad_();
+    return d;
+  }
+  /// Reference log-probs [B] per side: fixed random sums near the policy's scale.
+  std::pair<at::Tensor, at::Tensor> reference() const {
+    const auto n = (labels != kIgnore).sum(1).to(at::kDouble);
+    const auto r = -n * 2.5 + at::randn({2 * B}, at::kDouble);
+    return {r.narrow(0, 0, B).to(h.scalar_type()), r.narrow(0, B, B).to(h.scalar_type())};
+  }
+};
+
+/// The fp64 naive composite's per-sequence log-probs (sums, counts).
+prefopt_ref::Logprobs naive(const Batch& d, double temperature = 1.0, double softcap = 0.0) {
+  auto z = at::matmul(d.h, d.w.t());
+  if (d.b.defined()) z = z + d.b;
+  z = z / temperature;
+  if (softcap > 0) z = softcap * at::tanh(z / softcap);
+  return prefopt_ref::gather(z, d.labels, d.labels != kIgnore);
+}
+
+std::vector<at::Tensor> grads_of(const at::Tensor& loss, const std::vector<at::Tensor>& params) {
+  return torch::autograd::grad({loss}, params);
+}
+
+void expect_grads(const std::vector<at::Tensor>& got, const std::vector<at::Tensor>& want,
+                  double rtol, double atol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size());
+  const char* names[] = {"dh", "dW", "db"};
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_TRUE(AllClose(got[i], want[i], rtol, atol)) << what << " " << names[i];
+}
+
+/// Budgets of one row (every row streams twice), two and ten rows (pairs split: the first rows
+/// kept, the rest streamed; small pairs whole, several to a chunk), and automatic (whole pairs).
+std::vector<int64_t> budgets(const Batch& d, bool softcap = false) {
+  const int64_t row = d.V * static_cast<int64_t>(d.h.element_size()) * (softcap ? 2 : 1);
+  return {row, 2 * row, 10 * row, 0};
+}
+
+TEST_F(SeededTest, FusedDpoSigmoidMatchesTheFp64NaiveCompositeOverChunkBoundaries) {
+  for (bool bias : {false, true})
+    for (double temperature : {1.0, 0.7})
+      for (double softcap : {0.0, 3.0}) {
+        const Batch d(5, 9, 6, 13, bias, at::kDouble);
+        const auto [rc, rr] = d.reference();
+        // Expected: full logits, log_softmax, gather, sums, then −log σ(β[(π_c−π_r)−(r_c−r_r)])
+        // from the formula.
+        const auto lp = naive(d, temperature, softcap);
+        const auto pc = lp.sum.narrow(0, 0, d.B), pr = lp.sum.narrow(0, d.B, d.B);
+        const auto expected =
+            prefopt_ref::dpo_losses(prefopt_ref::DPORef{}, pc, pr, rc, rr, {}, {}).mean();
+        const auto want = grads_of(expected, d.params());
+        for (int64_t budget : budgets(d, softcap > 0)) {
+          const auto opts =
+              FusedLogprobsOptions().temperature(temperature).softcap(softcap).chunk_bytes(budget);
+          prefopt::detail::WarningCapture warnings;
+          const auto out = F::fused_dpo_loss(
+              d.head(), PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr),
+              DPOLossOptions(), opts);
+          const std::string what = "bias " + std::to_string(bias) + " T " +
+                                   std::to_string(temperature) + " cap " + std::to_string(softcap) +
+                                   " budget " + std::to_string(budget);
+          EXPECT_TRUE(AllClose(out.result.loss, expected, 1e-12, 1e-12)) << what;
+          EXPECT_TRUE(AllClose(out.result.chosen_logps, pc, 1e-12, 1e-12)) << what;
+          EXPECT_TRUE(AllClose(out.policy.rejected.count, lp.count.narrow(0, d.B, d.B), 0, 0));
+          expect_grads(grads_of(out.result.loss, d.params()), want, 1e-10, 1e-12, what);
+        }
+      }
+}
+
+/// The two-pass op: fused_logprobs, split_pairs, the loss, autograd.
+struct TwoPass {
+  at::Tensor loss;
+  std::vector<at::Tensor> grads;
+};
+
+class EveryQualifyingLoss : public SeededTest {
+ protected:
+  void check(const std::string& what,
+             const std::function<at::Tensor(const prefopt::PairLogprobs&)>& two_pass,
+             const std::function<at::Tensor(const HeadBatch&, const FusedLogprobsOptions&)>& fused,
+             bool bias = true) {
+    const Batch d(6, 8, 5, 17, bias, at::kDouble);
+    const auto lp = F::fused_logprobs(d.h, d.w, d.b, d.labels);
+    const auto ref_loss = two_pass(F::split_pairs(lp));
+    const auto want = grads_of(ref_loss, d.params());
+    for (int64_t budget : budgets(d)) {
+      const auto loss = fused(d.head(), FusedLogprobsOptions().chunk_bytes(budget));
+      const std::string w = what + " budget " + std::to_string(budget);
+      EXPECT_TRUE(AllClose(loss, ref_loss, 1e-12, 1e-12)) << w;
+      expect_grads(grads_of(loss, d.params()), want, 1e-10, 1e-12, w);
+    }
+  }
+};
+
+TEST_F(EveryQualifyingLoss, DpoFamilyMatchesTheTwoPassOp) {
+  const auto types = std::vector<DPOLossType>{
+      DPOLossType::kSigmoid, DPOLossType::kHinge,    DPOLossType::kIPO,
+      DPOLossType::kRobust,  DPOLossType::kExoPair,  DPOLossType::kNCAPair,
+      DPOLossType::kBCOPair, DPOLossType::kSPPOHard, DPOLossType::kAPOZero,
+      DPOLossType::kAPODown, DPOLossType::kDiscoPOP, DPOLossType::kSigmoidNorm,
+      DPOLossType::kSFT};
+  const auto rc = at::randn({6}, at::kDouble) - 12, rr = at::randn({6}, at::kDouble) - 12;
+  const auto weights = at::rand({6}, at::kDouble) + 0.5;
+  std::vector<std::pair<std::string, DPOLossOptions>> cases;
+  for (auto t : types) {
+    auto o = DPOLossOptions().loss_type(t).beta(0.3);
+    if (t == DPOLossType::kRobust || t == DPOLossType::kExoPair) o.label_smoothing(0.2);
+    cases.emplace_back(prefopt::dpo_loss_type_name(t), o);
+  }
+  cases.emplace_back(
+      "mpo sigmoid+bco+sft weighted",
+      DPOLossOptions()
+          .loss_type({DPOLossType::kSigmoid, DPOLossType::kBCOPair, DPOLossType::kSFT})
+          .loss_weights({0.8, 0.2, 1.0}));
+  cases.emplace_back("rpo sequence-mean nll", DPOLossOptions().rpo_alpha(0.5).nll_normalization(
+                                                  prefopt::NLLNormalization::kSequenceMean));
+  cases.emplace_back("cdpo", DPOLossOptions().label_smoothing(0.1).cdpo(true));
+  cases.emplace_back("ipo summed", DPOLossOptions()
+                                       .loss_type(DPOLossType::kIPO)
+                                       .ipo_normalization(prefopt::IPONormalization::kNone));
+  for (auto f : {prefopt::FDivergence::kForwardKL, prefopt::FDivergence::kJSDivergence,
+                 prefopt::FDivergence::kAlphaDivergence})
+    cases.emplace_back(prefopt::f_divergence_name(f), DPOLossOptions().f_divergence_type(f));
+  cases.emplace_back("sum reduction", DPOLossOptions(torch::kSum));
+  for (const auto& [name, o] : cases) {
+    for (bool weighted : {false, true}) {
+      const auto given = [&] {
+        auto in = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+        if (weighted) in.weights(weights);
+        return in.logps_form(prefopt::LogpsForm::kSum);
+      };
+      check(
+          name + (weighted ? " wpo" : ""),
+          [&](const prefopt::PairLogprobs& p) {
+            auto in = PairInputs(p).reference_chosen_logps(rc).reference_rejected_logps(rr);
+            if (weighted) in.weights(weights);
+            return F::dpo_loss(in, o).loss;
+          },
+          [&](const HeadBatch& b, const FusedLogprobsOptions& fo) {
+            return F::fused_dpo_loss(b, given(), o, fo).result.loss;
+          });
+    }
+  }
+  // reference_free: the reference is optional.
+  const auto o = DPOLossOptions().reference_free(true);
+  check(
+      "reference_free",
+      [&](const prefopt::PairLogprobs& p) { return F::dpo_loss(PairInputs(p), o).loss; },
+      [&](const HeadBatch& b, const FusedLogprobsOptions& fo) {
+        return F::fused_dpo_loss(b, PairInputs(), o, fo).result.loss;
+      });
+  // A reference in per-token means: the policy reaches the loss in means too.
+  const auto mean_in = [&](const prefopt::PairLogprobs& p) {
+    return PairInputs()
+        .policy_chosen_logps(p.chosen.mean)
+        .policy_rejected_logps(p.rejected.mean)
+        .chosen_lengths(p.chosen.count)
+        .rejected_lengths(p.rejected.count)
+        .reference_chosen_logps(rc / 4)
+        .reference_rejected_logps(rr / 4)
+        .logps_form(prefopt::LogpsForm::kMean);
+  };
+  check(
+      "reference in means",
+      [&](const prefopt::PairLogprobs& p) { return F::dpo_loss(mean_in(p)).loss; },
+      [&](const HeadBatch& b, const FusedLogprobsOptions& fo) {
+        return F::fused_dpo_loss(b,
+                                 PairInputs()
+                                     .reference_chosen_logps(rc / 4)
+                                     .reference_rejected_logps(rr / 4)
+                                     .logps_form(prefopt::LogpsForm::kMean),
+                                 DPOLossOptions(), fo)
+            .result.loss;
+      });
+}
+
+TEST_F(EveryQualifyingLoss, CpoSimpoAlphapoOrpoKtoMatchTheTwoPassOp) {
+  std::vector<std::pair<std::string, CPOLossOptions>> cases = {
+      {"cpo sigmoid", CPOLossOptions()},
+      {"cpo hinge", CPOLossOptions().loss_type(CPOLossType::kHinge)},
+      {"cpo ipo", CPOLossOptions().loss_type(CPOLossType::kIPO)},
+      {"simpo", CPOLossOptions().loss_type(CPOLossType::kSimPO).beta(2.0).cpo_alpha(0)},
+      {"simpo + sequence-mean nll",
+       CPOLossOptions()
+           .loss_type(CPOLossType::kSimPO)
+           .label_smoothing(0.1)
+           .nll_normalization(prefopt::NLLNormalization::kSequenceMean)},
+      {"alphapo", CPOLossOptions().loss_type(CPOLossType::kAlphaPO).alpha(0.25).cpo_alpha(0)},
+      {"cpo sum", CPOLossOptions(torch::kSum)}};
+  for (const auto& [name, o] : cases) {
+    check(
+        name, [&](const prefopt::PairLogprobs& p) { return F::cpo_loss(PairInputs(p), o).loss; },
+        [&](const HeadBatch& b, const FusedLogprobsOptions& fo) {
+          return F::fused_cpo_loss(b, o, fo).result.loss;
+        });
+  }
+  for (auto norm :
+       {prefopt::NLLNormalization::kTokenMean, prefopt::NLLNormalization::kSequenceMean}) {
+    const auto o = prefopt::ORPOLossOptions().beta(0.2).nll_normalization(norm);
+    check(
+        "orpo", [&](const prefopt::PairLogprobs& p) { return F::orpo_loss(PairInputs(p), o).loss; },
+        [&](const HeadBatch& b, const FusedLogprobsOptions& fo) {
+          return F::fused_orpo_loss(b, o, fo).result.loss;
+        });
+  }
+  // KTO: the 12 sequences are 12 examples, desirable or not; the KL estimate is an input.
+  const auto desirable = at::rand({12}) < 0.5;
+  const auto ref = at::randn({12}, at::kDouble) - 10;
+  const auto kl_p = at::randn({4}, at::kDouble) - 9, kl_r = at::randn({4}, at::kDouble) - 10;
+  for (auto type : {prefopt::KTOLossType::kKTO, prefopt::KTOLossType::kAPOZeroUnpaired}) {
+    const auto o = prefopt::KTOLossOptions().loss_type(type).desirable_weight(1.3);
+    const auto d_idx = desirable.nonzero().flatten(), u_idx = (~desirable).nonzero().flatten();
+    check(
+        prefopt::kto_loss_type_name(type),
+        [&](const prefopt::PairLogprobs& p) {
+          const auto all = at::cat({p.chosen.sum, p.rejected.sum});
+          auto in = prefopt::KTOInputs()
+                        .policy_chosen_logps(all.index_select(0, d_idx))
+                        .policy_rejected_logps(all.index_select(0, u_idx))
+                        .reference_chosen_logps(ref.index_select(0, d_idx))
+                        .reference_rejected_logps(ref.index_select(0, u_idx));
+          if (type == prefopt::KTOLossType::kKTO) in.policy_KL_logps(kl_p).reference_KL_logps(kl_r);
+          return F::kto_loss(in, o).loss;
+        },
+        [&](const HeadBatch& b, const FusedLogprobsOptions& fo) {
+          auto in = prefopt::FusedKTOInputs().desirable(desirable).reference_logps(ref);
+          if (type == prefopt::KTOLossType::kKTO) in.policy_KL_logps(kl_p).reference_KL_logps(kl_r);
+          return F::fused_kto_loss(b, in, o, fo).result.loss;
+        });
+  }
+}
+
+TEST_F(SeededTest, FusedLossTakesPackedAndCompletionMaskBatches) {
+  const Batch d(4, 7, 5, 11, true, at::kDouble);
+  const auto [rc, rr] = d.reference();
+  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto padded = F::fused_dpo_loss(d.head(), given);
+  const auto want = grads_of(padded.result.loss, d.params());
+  // Completion-mask form: input ids with the ignored labels replaced by any token.
+  const auto mask = d.labels != kIgnore;
+  const auto ids = d.labels.masked_fill(~mask, 3);
+  const auto masked = F::fused_dpo_loss(d.head().labels(ids).completion_mask(mask), given);
+  EXPECT_TRUE(AllClose(masked.result.loss, padded.result.loss, 1e-13, 1e-13));
+  expect_grads(grads_of(masked.result.loss, d.params()), want, 1e-12, 1e-13, "mask form");
+  // Packed: the S sequences back to back, each of length T (the shift stays inside each).
+  const auto h_packed = d.h.reshape({-1, d.H});
+  const auto cu = at::arange(0, 2 * d.B * d.T + 1, d.T, at::kLong);
+  for (int64_t budget : budgets(d)) {
+    const auto packed =
+        F::fused_dpo_loss(HeadBatch(h_packed, d.w, d.b, d.labels.flatten()).cu_seqlens(cu), given,
+                          DPOLossOptions(), FusedLogprobsOptions().chunk_bytes(budget));
+    EXPECT_TRUE(AllClose(packed.result.loss, padded.result.loss, 1e-13, 1e-13));
+    expect_grads(grads_of(packed.result.loss, d.params()), want, 1e-12, 1e-13, "packed");
+  }
+}
+
+TEST_F(SeededTest, FusedLossReturnsWhatTheMetricsOfTheTwoPassPathNeed) {
+  const Batch d(5, 8, 6, 19, false, at::kDouble);
+  const auto [rc, rr] = d.reference();
+  const auto fo = FusedLogprobsOptions()
+                      .with_token_accuracy(true)
+                      .with_entropy(true)
+                      .with_logits_mean(true)
+                      .chunk_bytes(19 * 8 * 4);
+  const auto o = DPOLossOptions().loss_type({DPOLossType::kSigmoid, DPOLossType::kSFT});
+  const auto out = F::fused_dpo_loss(
+      d.head(), PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr), o, fo);
+  const auto policy = F::split_pairs(F::fused_logprobs(d.h, d.w, d.b, d.labels, fo));
+  const auto in = PairInputs(policy).reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto two = F::dpo_loss(in, o);
+  EXPECT_TRUE(AllClose(out.result.losses, two.losses, 1e-12, 1e-12));
+  EXPECT_TRUE(AllClose(out.result.chosen_rewards, two.chosen_rewards, 1e-12, 1e-12));
+  EXPECT_TRUE(AllClose(out.result.rejected_rewards, two.rejected_rewards, 1e-12, 1e-12));
+  EXPECT_TRUE(AllClose(out.result.nll_loss, two.nll_loss, 1e-12, 1e-12));
+  EXPECT_FALSE(out.result.losses.requires_grad());
+  for (const auto* side : {&out.policy.chosen, &out.policy.rejected}) {
+    const auto& want = side == &out.policy.chosen ? policy.chosen : policy.rejected;
+    EXPECT_TRUE(AllClose(side->sum, want.sum, 1e-12, 1e-12));
+    EXPECT_TRUE(AllClose(side->count, want.count, 0, 0));
+    EXPECT_TRUE(AllClose(side->correct, want.correct, 0, 0));
+    EXPECT_TRUE(AllClose(side->entropy_sum, want.entropy_sum, 1e-12, 1e-12));
+    EXPECT_TRUE(AllClose(side->logits_sum, want.logits_sum, 1e-12, 1e-12));
+  }
+  prefopt::MetricAccumulator a, b;
+  a.add(out.result, out.inputs, out.policy);
+  b.add(two, in, policy);
+  const auto ma = a.compute(), mb = b.compute();
+  ASSERT_EQ(ma.size(), mb.size());
+  for (const auto& [name, value] : mb) EXPECT_NEAR(ma.at(name), value, 1e-9) << name;
+}
+
+TEST_F(SeededTest, FusedLossInLowPrecisionIsCloseToTheFp64Reference) {
+  // bf16 / fp16 / fp32 GEMMs in the input dtype (16-bit ones accumulate in fp32), log-softmax
+  // statistics in fp32, against the fp64 composite on the same (rounded) inputs. Tolerances,
+  // relative to the largest entry of each gradient (and to the loss): fp32 2e-6 (measured
+  // 5e-7), bf16 1e-2 (measured 4e-3: the logits and their gradient are stored in bf16, as the
+  // composite stores them), fp16 2e-3.
+  for (auto [st, tol] : {std::make_pair(at::kFloat, 2e-6), std::make_pair(at::kBFloat16, 1e-2),
+                         std::make_pair(at::kHalf, 2e-3)}) {
+    if (st == at::kHalf && !prefopt::detail::fused::cpu_half_matmul()) {
+      const Batch lo(1, 4, 4, 5, false, st);
+      PREFOPT_EXPECT_THROWS_WITH(F::fused_cpo_loss(lo.head()), "no fp16 matrix product on CPU");
+      continue;
+    }
+    const Batch lo(6, 16, 32, 301, true, st);
+    const auto d = lo.as_double();
+    const auto [rc, rr] = lo.reference();
+    const auto lp = naive(d);
+    const auto expected = prefopt_ref::dpo_losses(prefopt_ref::DPORef{}, lp.sum.narrow(0, 0, d.B),
+                                                  lp.sum.narrow(0, d.B, d.B), rc.to(at::kDouble),
+                                                  rr.to(at::kDouble), {}, {})
+                              .mean();
+    const auto want = grads_of(expected, d.params());
+    for (int64_t budget : {int64_t{0}, int64_t{301 * 2 * 4 * 8}}) {
+      const auto out = F::fused_dpo_loss(
+          lo.head(), PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr),
+          DPOLossOptions(), FusedLogprobsOptions().chunk_bytes(budget));
+      const std::string what = std::string(c10::toString(st)) + " budget " + std::to_string(budget);
+      EXPECT_TRUE(AllClose(out.result.loss, expected, tol, tol)) << what;
+      const auto got = grads_of(out.result.loss, lo.params());
+      for (size_t i = 0; i < got.size(); ++i) {
+        EXPECT_EQ(got[i].scalar_type(), st);
+        const double scale = want[i].abs().max().item<double>();
+        EXPECT_TRUE(AllClose(got[i], want[i], 0, tol * scale)) << what << " grad " << i;
+      }
+    }
+  }
+}
+
+TEST_F(SeededTest, FusedLossSkipsWhatNeedsNoGradient) {
+  const Batch d(3, 6, 4, 9, true, at::kDouble);
+  const auto [rc, rr] = d.reference();
+  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto full = F::fused_dpo_loss(d.head(), given);
+  const auto want = grads_of(full.result.loss, d.params());
+  {
+    c10::NoGradGuard no_grad;
+    const auto eval = F::fused_dpo_loss(d.head(), given);
+    EXPECT_FALSE(eval.result.loss.requires_grad());
+    EXPECT_TRUE(AllClose(eval.result.loss, full.result.loss, 1e-14, 1e-14));
+  }
+  // A frozen head without bias (LoRA): only the hidden states get a gradient, the fp64 naive
+  // composite's (FusedLossHoldsOneChunkOfLogitsAndTheGradients checks that no dW is made).
+  Batch nb = d;
+  nb.b = at::Tensor();
+  const auto lp = naive(nb);
+  const auto expected = prefopt_ref::dpo_losses(prefopt_ref::DPORef{}, lp.sum.narrow(0, 0, d.B),
+                                                lp.sum.narrow(0, d.B, d.B), rc, rr, {}, {})
+                            .mean();
+  const auto out = F::fused_dpo_loss(HeadBatch(d.h, d.w.detach(), {}, d.labels), given);
+  EXPECT_TRUE(
+      AllClose(grads_of(out.result.loss, {d.h})[0], grads_of(expected, {d.h})[0], 1e-12, 1e-13));
+  // A scaled loss scales every gradient (gradient accumulation divides the loss).
+  const auto again = F::fused_dpo_loss(d.head(), given);
+  const auto scaled = grads_of(again.result.loss * 0.25, d.params());
+  for (size_t i = 0; i < want.size(); ++i)
+    EXPECT_TRUE(AllClose(scaled[i], want[i] * 0.25, 1e-14, 1e-15));
+}
+
+TEST_F(SeededTest, FusedLossScalesLowPrecisionGradientsInFp32AndRefusesASecondBackward) {
+  const Batch d(3, 6, 4, 9, true, at::kBFloat16);
+  const auto [rc, rr] = d.reference();
+  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto once = grads_of(F::fused_dpo_loss(d.head(), given).result.loss, d.params());
+  // loss / 3: each bf16 gradient is the fp32 product rounded once, not a product with a bf16
+  // copy of 1/3 (0.333984...), which would bias every gradient by 0.2 %.
+  const auto third = grads_of(F::fused_dpo_loss(d.head(), given).result.loss / 3, d.params());
+  for (size_t i = 0; i < once.size(); ++i) {
+    const auto want = (once[i].to(at::kFloat) * (1.0 / 3)).to(at::kBFloat16);
+    EXPECT_TRUE(at::equal(third[i], want)) << i;
+  }
+  const auto out = F::fused_dpo_loss(d.head(), given);
+  (void)torch::autograd::grad({out.result.loss}, {d.h}, {}, /*retain_graph=*/true);
+  PREFOPT_EXPECT_THROWS_WITH(torch::autograd::grad({out.result.loss}, {d.h}),
+                             "prefopt::fused_dpo_loss: a second backward through the same loss");
+  const auto twice = F::fused_dpo_loss(d.head(), given);
+  PREFOPT_EXPECT_THROWS_WITH(
+      torch::autograd::grad({twice.result.loss}, {d.h}, {}, /*retain_graph=*/true,
+                            /*create_graph=*/true),
+      "prefopt::fused_dpo_loss: double backward (create_graph) is not supported");
+}
+
+TEST_F(SeededTest, FusedLossRefusesWhatItCannotComputeInOnePass) {
+  const Batch d(3, 6, 4, 9, false, at::kDouble);
+  const auto [rc, rr] = d.reference();
+  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_dpo_loss(d.head(), given, DPOLossOptions().loss_type(DPOLossType::kAOT)),
+      "prefopt::fused_dpo_loss: aot sorts the log-ratios over the batch");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_dpo_loss(d.head(), given, DPOLossOptions().loss_type(DPOLossType::kAOTUnpaired)),
+      "aot_unpaired sorts");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_dpo_loss(d.head(), given,
+                        DPOLossOptions().loss_type(DPOLossType::kBCOPair).bco_running_mean(true)),
+      "bco_running_mean");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), given, DPOLossOptions(torch::kNone)),
+                             "reduction torch::kNone");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_cpo_loss(d.head(), CPOLossOptions(torch::kNone)),
+                             "prefopt::fused_cpo_loss: the one-pass op differentiates a scalar");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), PairInputs(given).policy_chosen_logps(rc)),
+                             "the policy log-probs come from the pass");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), PairInputs(given).nll_loss(rc.sum())),
+                             "explicit nll_loss");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_dpo_loss(d.head(), given, DPOLossOptions(),
+                        FusedLogprobsOptions().backward(prefopt::FusedBackward::kTiles)),
+      "expected FusedBackward::kAuto (the one-pass op has no separate backward pass to block; "
+      "the option applies to fused_logprobs), got FusedBackward::kTiles");
+  // The loss's own checks run before the pass.
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_dpo_loss(
+          d.head(),
+          PairInputs().reference_chosen_logps(rc.narrow(0, 0, 2)).reference_rejected_logps(rr)),
+      "prefopt::dpo_loss: expected reference_chosen_logps of shape [3]");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), PairInputs()), "reference_chosen_logps");
+  // An odd number of sequences is not a batch of pairs.
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_orpo_loss(HeadBatch(d.h.narrow(0, 0, 5), d.w, {}, d.labels.narrow(0, 0, 5))),
+      "prefopt::fused_orpo_loss: expected an even number of sequences");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_cpo_loss(HeadBatch(d.h, d.w, {}, {})), "expected labels");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_kto_loss(d.head(), prefopt::FusedKTOInputs()
+                                      .desirable(at::ones({5}, at::kBool))
+                                      .reference_logps(at::zeros({6}, at::kDouble))),
+      "prefopt::fused_kto_loss: expected desirable of shape [6]");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_kto_loss(d.head(), prefopt::FusedKTOInputs().desirable(at::ones({6}, at::kBool))),
+      "expected reference_logps [6]");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_kto_loss(d.head(), prefopt::FusedKTOInputs()
+                                      .desirable(at::full({6}, 2, at::kLong))
+                                      .reference_logps(at::zeros({6}, at::kDouble))),
+      "prefopt::fused_kto_loss: expected desirable flags of 0 or 1, got other values");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), given, DPOLossOptions(),
+                                               FusedLogprobsOptions().temperature(INFINITY)),
+                             "expected a finite temperature > 0");
+}
+
+TEST_F(SeededTest, FusedLossWarnsWhenAPairOutgrowsAnExplicitBudget) {
+  const Batch d(3, 6, 4, 9, false, at::kDouble);
+  const auto [rc, rr] = d.reference();
+  prefopt::detail::WarningCapture warnings;
+  const int64_t one_row = 9 * 8 + 4 * 8;
+  (void)F::fused_dpo_loss(d.head(),
+                          PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr),
+                          DPOLossOptions(), FusedLogprobsOptions().chunk_bytes(one_row));
+  EXPECT_TRUE(warnings.contains("are computed twice (one more GEMM on them)"));
+}
+
+TEST_F(SeededTest, FusedLossHoldsOneChunkOfLogitsAndTheGradients) {
+  // fp32, 4 pairs of 32 tokens, V = 4096: the logits would be 4 MiB. With a 1 MiB budget (64
+  // rows, more than a pair's 60) pairs stay whole; with 256 KiB (16 rows) each pair is split.
+  // Either way, beside the inputs: the gradients, one budget of buffers and O(n) per-row state.
+  auto& meter = prefopt_bench::TrackingAllocator::install();
+  const Batch d(4, 32, 32, 4096, false, at::kFloat);
+  const auto [rc, rr] = d.reference();
+  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const int64_t n = (d.labels != kIgnore).sum().item<int64_t>();
+  const int64_t grads = (8 * 32 * 32 + 4096 * 32) * 4;
+  const auto want = grads_of(
+      F::fused_dpo_loss(d.head(), given, DPOLossOptions(), FusedLogprobsOptions()).result.loss,
+      {d.h, d.w});
+  for (const int64_t budget : {int64_t{1} << 20, int64_t{256} << 10}) {
+    std::vector<at::Tensor> g;
+    prefopt::detail::WarningCapture warnings;  // the split budget warns: not the point here
+    meter.reset_peak();
+    const int64_t before = meter.live();
+    {
+      const auto out = F::fused_dpo_loss(d.head(), given, DPOLossOptions(),
+                                         FusedLogprobsOptions().chunk_bytes(budget));
+      g = grads_of(out.result.loss, {d.h, d.w});
+    }
+    const int64_t extra = meter.peak() - before;
+    EXPECT_GT(extra, grads);
+    EXPECT_LE(extra, grads + budget + n * 96 + (64 << 10))
+        << "budget " << budget << " B, gradients " << grads << " B, n = " << n;
+    expect_grads(g, want, 1e-5, 1e-7, "budget " + std::to_string(budget));
+  }
+  // A frozen head: no [V, H] buffer at all, only dh (32 KiB) beside the budget.
+  const int64_t budget = int64_t{1} << 20;
+  meter.reset_peak();
+  const int64_t before = meter.live();
+  {
+    const auto out =
+        F::fused_dpo_loss(HeadBatch(d.h, d.w.detach(), {}, d.labels), given, DPOLossOptions(),
+                          FusedLogprobsOptions().chunk_bytes(budget));
+    (void)grads_of(out.result.loss, {d.h});
+  }
+  EXPECT_LE(meter.peak() - before, 8 * 32 * 32 * 4 + budget + n * 96 + (64 << 10));
+}
+
+TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
+  // add_mm: c (fp32) += op(a)·b for 16-bit a, b, through the process's oneDNN/MKL or (with
+  // PREFOPT_CPU_GEMM16=off, the ctest fused_loss.gemm16_fallback) fp32 copies of blocks; either
+  // way in fp32: the error is fp32 rounding, far below one bf16 rounding of entries near 6.
+  for (auto st : {at::kBFloat16, at::kHalf}) {
+    for (bool trans_a : {true, false}) {
+      const auto a = trans_a ? at::randn({37, 53}).to(st) : at::randn({53, 37}).to(st);
+      const auto b = at::randn({37, 29}).to(st);
+      auto c = at::randn({53, 29});
+      const auto a64 = a.to(at::kDouble), b64 = b.to(at::kDouble);
+      const auto want = c.to(at::kDouble) + at::mm(trans_a ? a64.t() : a64, b64);
+      prefopt::detail::fused::add_mm(c, a, trans_a, b);
+      EXPECT_TRUE(AllClose(c.to(at::kDouble), want, 0, 1e-5))
+          << c10::toString(st) << " trans_a " << trans_a;
+    }
+    const auto* provider = prefopt::detail::cpu::mixed_gemm_provider(
+        st == at::kBFloat16 ? prefopt::detail::cpu::Gemm16::kBFloat16
+                            : prefopt::detail::cpu::Gemm16::kHalf);
+    std::cout << c10::toString(st) << " mixed GEMM: " << (provider ? provider : "none (fallback)")
+              << "\n";
+  }
+}
+
+}  // namespace

@@ -1,1 +1,0 @@
-#include <prefopt/vocab_parallel-inl.h>

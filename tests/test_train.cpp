@@ -36,8 +36,8 @@ fs::path model_dir() { return data_dir() / "tinystories-656k"; }
 fs::path hh_path() { return data_dir() / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"; }
 fs::path fixtures() { return fs::path(PREFOPT_SOURCE_DIR) / "tests" / "fixtures"; }
 
-#define SKIP_WITHOUT_SHARED_DATA()                                                       \
-  do {                                                                                   \
+#define SKIP_WITHOUT_SHARED_DATA()                                                   \
+  do {                                                                               \
     if (!fs::exists(data_dir())) GTEST_SKIP() << "no shared data at " << data_dir(); \
   } while (0)
 
@@ -72,11 +72,19 @@ void expect_error(Fn&& f, const std::string& substr) {
 // A tiny Llama config for synthetic checkpoints.
 train::LlamaConfig tiny_config(bool tied = true, const std::string& type = "llama",
                                bool attention_bias = false) {
-  json j = {{"model_type", type},     {"vocab_size", 16},       {"hidden_size", 8},
-            {"intermediate_size", 16}, {"num_hidden_layers", 2}, {"num_attention_heads", 2},
-            {"num_key_value_heads", 1}, {"rms_norm_eps", 1e-6},   {"rope_theta", 10000.0},
-            {"tie_word_embeddings", tied}, {"attention_bias", attention_bias},
-            {"torch_dtype", "float32"}, {"max_position_embeddings", 64}};
+  json j = {{"model_type", type},
+            {"vocab_size", 16},
+            {"hidden_size", 8},
+            {"intermediate_size", 16},
+            {"num_hidden_layers", 2},
+            {"num_attention_heads", 2},
+            {"num_key_value_heads", 1},
+            {"rms_norm_eps", 1e-6},
+            {"rope_theta", 10000.0},
+            {"tie_word_embeddings", tied},
+            {"attention_bias", attention_bias},
+            {"torch_dtype", "float32"},
+            {"max_position_embeddings", 64}};
   return train::LlamaConfig::from_json(j);
 }
 
@@ -132,7 +140,9 @@ TEST(Safetensors, ReadsTheSharedCheckpoint) {
   // Tied: the file holds lm_head.weight only, with safetensors' alias in __metadata__.
   auto m = train::load_pretrained(model_dir());
   EXPECT_TRUE(at::equal(m->head_weight(), head));
-  EXPECT_EQ(m->num_parameters(), 2048 * 128 + 2 * (128 + 128 * 128 + 2 * 64 * 128 + 128 * 128 + 128 + 3 * 384 * 128) + 128);
+  EXPECT_EQ(
+      m->num_parameters(),
+      2048 * 128 + 2 * (128 + 128 * 128 + 2 * 64 * 128 + 128 * 128 + 128 + 3 * 384 * 128) + 128);
 }
 
 TEST(Safetensors, WriterRoundTripAndLayout) {
@@ -191,8 +201,7 @@ TEST(Safetensors, BadHeaders) {
       {R"({"w": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}})", 8,
        "dtype \"I64\" is not supported"},
       {R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", 4, "non-integer"},
-      {R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})", 8,
-       "starts at byte 4"},
+      {R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})", 8, "starts at byte 4"},
       {R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", 12,
        "bytes after the last tensor"},
       {R"({"__metadata__": {"format": 1}})", 0, "is not a string"},
@@ -220,7 +229,8 @@ TEST(Safetensors, CheckpointCheckedAgainstTheConfig) {
   auto unknown = good;
   unknown.emplace_back("model.layers.9.mlp.up_proj.weight", at::zeros({16, 8}));
   write_checkpoint(root / "unknown", c, unknown);
-  expect_error([&] { load(root / "unknown"); }, "unknown tensor \"model.layers.9.mlp.up_proj.weight\"");
+  expect_error([&] { load(root / "unknown"); },
+               "unknown tensor \"model.layers.9.mlp.up_proj.weight\"");
   // Wrong dtype: config.json says float32.
   auto half = good;
   for (auto& [name, t] : half) t = t.to(at::kHalf);
@@ -269,10 +279,8 @@ TEST(Safetensors, CheckpointCheckedAgainstTheConfig) {
 }
 
 TEST(Safetensors, SavePretrainedRoundTripsBitForBit) {
-  for (const auto& [tied, type, bias] :
-       std::vector<std::tuple<bool, std::string, bool>>{{true, "llama", false},
-                                                        {false, "llama", true},
-                                                        {false, "qwen2", false}}) {
+  for (const auto& [tied, type, bias] : std::vector<std::tuple<bool, std::string, bool>>{
+           {true, "llama", false}, {false, "llama", true}, {false, "qwen2", false}}) {
     SCOPED_TRACE(type + (tied ? " tied" : " untied") + (bias ? " bias" : ""));
     const auto dir = scratch("roundtrip");
     auto m = random_model(tiny_config(tied, type, bias));
@@ -362,18 +370,26 @@ TEST(Llama, LogitsMatchTransformers) {
   const auto logits = m->logits(ids, mask) * mask.unsqueeze(-1).to(at::kFloat);
   expect_close(logits, ref.view("batch_logits"));
   // A longer sequence (86 positions): logsumexp and target logits everywhere, the last row.
-  const auto long_ids = at::tensor(f["long_ids"].get<std::vector<int64_t>>(), at::kLong).unsqueeze(0);
+  const auto long_ids =
+      at::tensor(f["long_ids"].get<std::vector<int64_t>>(), at::kLong).unsqueeze(0);
   const auto l = m->logits(long_ids)[0];
   const auto lse = l.logsumexp(-1);
-  EXPECT_LT(((lse - ref.view("long_logsumexp")).abs() / ref.view("long_logsumexp").abs()).max().item<double>(), 1e-4);
-  const auto target = l.narrow(0, 0, l.size(0) - 1).gather(1, long_ids[0].narrow(0, 1, l.size(0) - 1).unsqueeze(1)).squeeze(1);
+  EXPECT_LT(((lse - ref.view("long_logsumexp")).abs() / ref.view("long_logsumexp").abs())
+                .max()
+                .item<double>(),
+            1e-4);
+  const auto target = l.narrow(0, 0, l.size(0) - 1)
+                          .gather(1, long_ids[0].narrow(0, 1, l.size(0) - 1).unsqueeze(1))
+                          .squeeze(1);
   expect_close(target.unsqueeze(0), ref.view("long_target_logits").unsqueeze(0));
   expect_close(l[-1].unsqueeze(0), ref.view("long_last_logits").unsqueeze(0));
   // The fused op on hidden states + head weight gives the log-probs of the logits.
   const auto labels = long_ids.clone();
   labels.narrow(1, 0, 10).fill_(-100);
-  const auto fused = prefopt::functional::fused_logprobs(m->hidden(long_ids), m->head_weight(), {}, labels);
-  const auto direct = (l.log_softmax(-1).narrow(0, 9, l.size(0) - 10)
+  const auto fused =
+      prefopt::functional::fused_logprobs(m->hidden(long_ids), m->head_weight(), {}, labels);
+  const auto direct = (l.log_softmax(-1)
+                           .narrow(0, 9, l.size(0) - 10)
                            .gather(1, long_ids[0].narrow(0, 10, l.size(0) - 10).unsqueeze(1)))
                           .sum();
   EXPECT_NEAR(fused.sum.item<double>(), direct.item<double>(), 1e-3);
@@ -405,12 +421,13 @@ TEST(Llama, GreedyStoryFromTheDataReadme) {
 TEST(Data, StandardPreferenceFormats) {
   const auto dir = scratch("data-formats");
   // Plain text and conversational rows, a TPO gold response.
-  write_text(dir / "pairs.jsonl",
-             R"({"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "reference": " blue!"})"
-             "\n"
-             R"({"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}], )"
-             R"("chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": [{"role": "assistant", "content": "Go away."}]})"
-             "\n");
+  write_text(
+      dir / "pairs.jsonl",
+      R"({"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "reference": " blue!"})"
+      "\n"
+      R"({"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}], )"
+      R"("chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": [{"role": "assistant", "content": "Go away."}]})"
+      "\n");
   const auto d = train::load_dataset((dir / "pairs.jsonl").string());
   EXPECT_EQ(d.format, "preference");
   ASSERT_EQ(d.pairs.size(), 2u);
@@ -420,13 +437,14 @@ TEST(Data, StandardPreferenceFormats) {
   EXPECT_EQ(d.pairs[1].chosen, " Hello!");
   EXPECT_EQ(d.pairs[1].rejected, " Go away.");
   // Implicit prompt: dialogues split at the last "\n\nAssistant:", differing prompts skipped.
-  write_text(dir / "implicit.jsonl",
-             R"({"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D", "rejected": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: E"})"
-             "\n"
-             R"({"chosen": "\n\nHuman: X\n\nAssistant: Y", "rejected": "\n\nHuman: Z\n\nAssistant: Y"})"
-             "\n"
-             R"({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}], "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]})"
-             "\n");
+  write_text(
+      dir / "implicit.jsonl",
+      R"({"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D", "rejected": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: E"})"
+      "\n"
+      R"({"chosen": "\n\nHuman: X\n\nAssistant: Y", "rejected": "\n\nHuman: Z\n\nAssistant: Y"})"
+      "\n"
+      R"({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}], "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]})"
+      "\n");
   const auto imp = train::load_dataset((dir / "implicit.jsonl").string());
   EXPECT_EQ(imp.format, "implicit-prompt");
   ASSERT_EQ(imp.pairs.size(), 2u);
@@ -438,9 +456,12 @@ TEST(Data, StandardPreferenceFormats) {
   EXPECT_EQ(imp.pairs[1].chosen, " good");
   EXPECT_EQ(imp.pairs[1].row, 2);
   // Unpaired (KTO).
-  write_text(dir / "kto.jsonl",
-             R"({"prompt": "P", "completion": " yes", "label": true})" "\n"
-             R"({"prompt": [{"role": "user", "content": "P"}], "completion": [{"role": "assistant", "content": "no"}], "label": false})" "\n");
+  write_text(
+      dir / "kto.jsonl",
+      R"({"prompt": "P", "completion": " yes", "label": true})"
+      "\n"
+      R"({"prompt": [{"role": "user", "content": "P"}], "completion": [{"role": "assistant", "content": "no"}], "label": false})"
+      "\n");
   const auto u = train::load_dataset((dir / "kto.jsonl").string());
   EXPECT_EQ(u.format, "unpaired");
   ASSERT_EQ(u.unpaired.size(), 2u);
@@ -455,16 +476,21 @@ TEST(Data, MalformedRowsNameTheRow) {
   const std::string good = R"({"prompt": "a", "chosen": "b", "rejected": "c"})";
   const std::vector<std::pair<std::string, std::string>> cases = {
       {good + "\n" + good + "\n{\"prompt\": \"a\", \"chosen\"\n", "row 3: not valid JSON"},
-      {good + "\n" + R"({"prompt": "a", "chosen": "b"})" + "\n", "row 2: missing field \"rejected\""},
+      {good + "\n" + R"({"prompt": "a", "chosen": "b"})" + "\n",
+       "row 2: missing field \"rejected\""},
       {good + "\n" + good + "\n" + good + "\n" + R"({"prompt": "a", "chosen": 5, "rejected": "c"})",
        "row 4: field \"chosen\" is neither a string nor a list of messages"},
       {good + "\n[1]\n", "row 2: not a JSON object"},
       {good + "\n\n" + good + "\n", "row 2: empty line"},
-      {R"({"prompt": [{"role": "user"}], "chosen": [], "rejected": []})", "row 1: field \"prompt\" message 0"},
+      {R"({"prompt": [{"role": "user"}], "chosen": [], "rejected": []})",
+       "row 1: field \"prompt\" message 0"},
       {R"({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "x"}], "rejected": []})",
        "row 1: field \"chosen\" must start with an assistant message"},
-      {R"({"prompt": "a", "completion": "b", "label": "yes"})", "row 1: field \"label\" is not true or false"},
-      {R"({"prompt": "a", "completion": "b", "label": true})" "\n" R"({"prompt": "a", "label": false})",
+      {R"({"prompt": "a", "completion": "b", "label": "yes"})",
+       "row 1: field \"label\" is not true or false"},
+      {R"({"prompt": "a", "completion": "b", "label": true})"
+       "\n"
+       R"({"prompt": "a", "label": false})",
        "row 2: missing field \"completion\""},
       {R"({"chosen": "no marker", "rejected": "no marker"})", "row 1: no \"prompt\" field"},
       {"   \n", "is empty"},
@@ -519,21 +545,24 @@ TEST(Data, TokenizationTruncationAndBatches) {
       ++cut;
       // The prompt's end survives: the tokens just before the completion are the prompt's last.
       const auto full = train::tokenize_answer(tok, e.prompt, e.chosen, true).first;
-      ASSERT_TRUE(std::equal(full.end() - 10, full.end(),
-                             t.chosen.ids.begin() + t.chosen.prompt_len - 10));
+      ASSERT_TRUE(
+          std::equal(full.end() - 10, full.end(), t.chosen.ids.begin() + t.chosen.prompt_len - 10));
     }
   }
   EXPECT_GT(cut, 50);
   // Untruncated, the prompt and completion tokens are the whole text's tokens.
-  const auto [p, c] = train::tokenize_answer(tok, "\n\nHuman: Hi\n\nAssistant:", " Hello there.", true);
+  const auto [p, c] =
+      train::tokenize_answer(tok, "\n\nHuman: Hi\n\nAssistant:", " Hello there.", true);
   auto joined = p;
   joined.insert(joined.end(), c.begin(), c.end() - 1);
   EXPECT_EQ(joined, tok.encode("\n\nHuman: Hi\n\nAssistant: Hello there."));
   EXPECT_EQ(c.back(), tok.eos_id());
   // Typographic quotes become ASCII (the vocabulary has no others).
-  EXPECT_EQ(train::ascii_punctuation("\xE2\x80\x9CHi\xE2\x80\x9D, it\xE2\x80\x99s"), "\"Hi\", it's");
+  EXPECT_EQ(train::ascii_punctuation("\xE2\x80\x9CHi\xE2\x80\x9D, it\xE2\x80\x99s"),
+            "\"Hi\", it's");
   // A batch: right padding, −100 on prompt and padding, chosen rows then rejected rows.
-  const auto t0 = train::tokenize_pair(tok, hh.pairs[0], o), t1 = train::tokenize_pair(tok, hh.pairs[1], o);
+  const auto t0 = train::tokenize_pair(tok, hh.pairs[0], o),
+             t1 = train::tokenize_pair(tok, hh.pairs[1], o);
   const auto b = train::collate({&t0.chosen, &t1.chosen, &t0.rejected, &t1.rejected}, tok.pad_id());
   ASSERT_EQ(b.ids.size(0), 4);
   const auto lens = b.attention_mask.sum(1);
@@ -572,7 +601,8 @@ json short_run(const std::string& name, const std::string& args) {
   const auto r = run_train(
       "--train_limit 64 --eval_limit 32 --max_steps 32 --max_length 128 --max_prompt_length 64 "
       "--logging_steps 8 --eval_steps 16 --eval_train_pairs 32 --no-plot --no-save "
-      "--output_dir " + dir.string() + " " + args);
+      "--output_dir " +
+      dir.string() + " " + args);
   EXPECT_EQ(r.status, 0) << r.output;
   const auto text = read_text(dir / "summary.json");
   return text.empty() ? json::object() : json::parse(text);
@@ -582,7 +612,8 @@ json short_run(const std::string& name, const std::string& args) {
 // by its implicit reward.
 void expect_learns(const json& s) {
   ASSERT_TRUE(s.contains("before") && s.contains("after")) << s.dump();
-  EXPECT_LT(s["after"]["train_loss"].get<double>(), s["before"]["train_loss"].get<double>()) << s.dump(1);
+  EXPECT_LT(s["after"]["train_loss"].get<double>(), s["before"]["train_loss"].get<double>())
+      << s.dump(1);
   EXPECT_GT(s["after"]["train_rewards/accuracies"].get<double>(), 0.8) << s.dump(1);
   EXPECT_TRUE(s["after"].contains("eval_rewards/accuracies"));
   EXPECT_TRUE(s["after"].contains("eval_preference_accuracy"));
@@ -604,14 +635,25 @@ TEST(Train, DpoSigmoid) {
     (json::parse(line).contains("loss") ? train : eval).push_back(json::parse(line));
   ASSERT_EQ(train.size(), 4u);
   ASSERT_EQ(eval.size(), 3u);
-  for (const char* name : {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                           "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
-                           "logits/rejected", "entropy", "mean_token_accuracy", "num_tokens",
-                           "grad_norm", "learning_rate", "epoch"})
+  for (const char* name :
+       {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
+        "mean_token_accuracy", "num_tokens", "grad_norm", "learning_rate", "epoch"})
     EXPECT_TRUE(train.front().contains(name)) << name;
   EXPECT_LT(train.back()["loss"].get<double>(), train.front()["loss"].get<double>());
   EXPECT_GT(train.back()["rewards/accuracies"].get<double>(), 0.8);
   EXPECT_EQ(train.back()["epoch"].get<double>(), 4.0);
+}
+
+TEST(Train, Sft) {
+  SKIP_WITHOUT_SHARED_DATA();
+  // TRL's SFT on the chosen completions: the token-mean NLL falls, and the chosen completions
+  // of the training pairs become more likely.
+  const auto s = short_run("sft", "--loss sft --learning_rate 3e-3");
+  ASSERT_TRUE(s.contains("before") && s.contains("after")) << s.dump();
+  EXPECT_LT(s["after"]["train_loss"].get<double>(), s["before"]["train_loss"].get<double>() - 0.05)
+      << s.dump(1);
+  EXPECT_FALSE(s["after"].contains("train_rewards/accuracies"));  // SFT has no rewards
 }
 
 TEST(Train, DpoIpo) { expect_learns(short_run("ipo", "--loss ipo")); }
@@ -636,26 +678,37 @@ TEST(Train, KtoAndTpoFromFiles) {
   for (size_t i = 0; i < 24; ++i) {
     const auto& n = names[i % names.size()];
     const std::string prompt = "Once upon a time, " + n + " went to the park.";
-    kto += json({{"prompt", prompt}, {"completion", " " + n + " was happy."}, {"label", true}}).dump() + "\n";
-    kto += json({{"prompt", prompt}, {"completion", " The park was sad dog."}, {"label", false}}).dump() + "\n";
-    tpo += json({{"prompt", prompt}, {"chosen", " " + n + " played with a ball."},
-                 {"rejected", " Ball ball the the."}, {"reference", " " + n + " played all day."}})
-               .dump() + "\n";
+    kto += json({{"prompt", prompt}, {"completion", " " + n + " was happy."}, {"label", true}})
+               .dump() +
+           "\n";
+    kto += json({{"prompt", prompt}, {"completion", " The park was sad dog."}, {"label", false}})
+               .dump() +
+           "\n";
+    tpo += json({{"prompt", prompt},
+                 {"chosen", " " + n + " played with a ball."},
+                 {"rejected", " Ball ball the the."},
+                 {"reference", " " + n + " played all day."}})
+               .dump() +
+           "\n";
   }
   write_text(dir / "kto.jsonl", kto);
   write_text(dir / "tpo.jsonl", tpo);
   auto r = run_train("--loss kto --data " + (dir / "kto.jsonl").string() +
-                     " --eval_start 40 --max_steps 4 --no-plot --no-save --output_dir " + (dir / "kto").string());
+                     " --eval_start 40 --max_steps 4 --no-plot --no-save --output_dir " +
+                     (dir / "kto").string());
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("eval_kl="), std::string::npos) << r.output;
   r = run_train("--loss tpo --data " + (dir / "tpo.jsonl").string() +
-                " --eval_start 20 --max_steps 4 --no-plot --no-save --output_dir " + (dir / "tpo").string());
+                " --eval_start 20 --max_steps 4 --no-plot --no-save --output_dir " +
+                (dir / "tpo").string());
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("eval_rewards/accuracies="), std::string::npos) << r.output;
   // Unpaired data with a pairwise loss, and TPO without gold responses, are refused.
-  r = run_train("--loss sigmoid --data " + (dir / "kto.jsonl").string() + " --eval_start 40 --output_dir " + (dir / "x").string());
+  r = run_train("--loss sigmoid --data " + (dir / "kto.jsonl").string() +
+                " --eval_start 40 --output_dir " + (dir / "x").string());
   EXPECT_NE(r.status, 0);
-  EXPECT_NE(r.output.find("trains --loss kto or apo_zero_unpaired only"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("trains --loss kto or apo_zero_unpaired only"), std::string::npos)
+      << r.output;
   r = run_train("--loss tpo --train_limit 4 --output_dir " + (dir / "x").string());
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("needs a gold response"), std::string::npos) << r.output;
@@ -664,11 +717,13 @@ TEST(Train, KtoAndTpoFromFiles) {
 TEST(Train, CheckpointReloadsBitForBit) {
   SKIP_WITHOUT_SHARED_DATA();
   const auto a = scratch("ckpt-a"), b = scratch("ckpt-b");
-  const std::string common = " --train_limit 16 --eval_limit 8 --max_length 96 --max_prompt_length 48 --no-plot ";
+  const std::string common =
+      " --train_limit 16 --eval_limit 8 --max_length 96 --max_prompt_length 48 --no-plot ";
   auto r = run_train("--loss sigmoid --max_steps 3 --output_dir " + a.string() + common);
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("reloaded bit for bit"), std::string::npos) << r.output;
-  for (const char* f : {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"})
+  for (const char* f :
+       {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"})
     EXPECT_TRUE(fs::exists(a / f)) << f;
   // Trained weights differ from the checkpoint it started from.
   EXPECT_NE(read_text(a / "model.safetensors"), read_text(model_dir() / "model.safetensors"));
@@ -677,7 +732,8 @@ TEST(Train, CheckpointReloadsBitForBit) {
   r = run_train("--model " + a.string() + " --max_steps 0 --output_dir " + b.string() + common);
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(read_text(a / "model.safetensors"), read_text(b / "model.safetensors"));
-  const auto sa = json::parse(read_text(a / "summary.json")), sb = json::parse(read_text(b / "summary.json"));
+  const auto sa = json::parse(read_text(a / "summary.json")),
+             sb = json::parse(read_text(b / "summary.json"));
   EXPECT_EQ(sa["after"]["eval_logps/chosen"], sb["before"]["eval_logps/chosen"]);
   EXPECT_EQ(sa["after"]["train_preference_accuracy"], sb["before"]["train_preference_accuracy"]);
   // transformers reads the config back: same architecture and dtype.
@@ -690,12 +746,14 @@ TEST(Train, CheckpointReloadsBitForBit) {
 TEST(Train, CommandLineErrors) {
   SKIP_WITHOUT_SHARED_DATA();
   const auto dir = scratch("cli");
-  write_text(dir / "bad.jsonl", R"({"prompt": "a", "chosen": "b", "rejected": "c"})" "\n"
-                                R"({"prompt": "a", "chosen": "b"})" "\n");
+  write_text(dir / "bad.jsonl", R"({"prompt": "a", "chosen": "b", "rejected": "c"})"
+                                "\n"
+                                R"({"prompt": "a", "chosen": "b"})"
+                                "\n");
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"--loss nope", "unknown loss \"nope\""},
       {"--loss sigmoid,nope", "unknown loss \"nope\""},
-      {"--bogus 1", "The following argument was not expected: --bogus"},
+      {"--bogus 1", "--bogus"},  // CLI11: "... not expected: 1 --bogus"
       {"--data /nonexistent/pairs.jsonl", "--data /nonexistent/pairs.jsonl: no such file"},
       {"--model /nonexistent", "--model /nonexistent: no such folder"},
       {"--data " + (dir / "bad.jsonl").string(), "row 2: missing field \"rejected\""},
@@ -721,13 +779,15 @@ TEST(Train, ConfigFileAndHelp) {
   write_text(dir / "run.toml",
              "# TRL's names\nloss = \"ipo\"\nmax_steps = 2\ntrain_limit = 8\neval_limit = 4\n"
              "max_length = 64\nmax_prompt_length = 32\nbeta = 0.5\nno_plot = true\n");
-  auto r = run_train("--config " + (dir / "run.toml").string() + " --output_dir " + (dir / "out").string());
+  auto r = run_train("--config " + (dir / "run.toml").string() + " --output_dir " +
+                     (dir / "out").string());
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("training: ipo, 2 steps"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("beta 0.5"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(dir / "out" / "curves.png"));
   // The command line overrides the file.
-  r = run_train("--config " + (dir / "run.toml").string() + " --max_steps 1 --no-save --output_dir " + (dir / "out").string());
+  r = run_train("--config " + (dir / "run.toml").string() +
+                " --max_steps 1 --no-save --output_dir " + (dir / "out").string());
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("training: ipo, 1 steps"), std::string::npos) << r.output;
   write_text(dir / "bad.toml", "not_an_option = 3\n");
@@ -737,12 +797,33 @@ TEST(Train, ConfigFileAndHelp) {
 
   r = run_train("--help");
   EXPECT_EQ(r.status, 0);
-  for (const char* o : {"--model", "--data", "--eval_start", "--eval_data", "--output_dir",
-                        "--loss", "--num_train_epochs", "--max_steps", "--per_device_train_batch_size",
-                        "--gradient_accumulation_steps", "--learning_rate", "--lr_scheduler_type",
-                        "--warmup_ratio", "--max_grad_norm", "--max_length", "--max_prompt_length",
-                        "--beta", "--label_smoothing", "--rpo_alpha", "--loss_weights",
-                        "--simpo_gamma", "--cpo_alpha", "--tpo_alpha", "--desirable_weight",
-                        "--undesirable_weight", "--device", "--config", "--max-length"})
+  for (const char* o : {"--model",
+                        "--data",
+                        "--eval_start",
+                        "--eval_data",
+                        "--output_dir",
+                        "--loss",
+                        "--num_train_epochs",
+                        "--max_steps",
+                        "--per_device_train_batch_size",
+                        "--gradient_accumulation_steps",
+                        "--learning_rate",
+                        "--lr_scheduler_type",
+                        "--warmup_ratio",
+                        "--max_grad_norm",
+                        "--max_length",
+                        "--max_prompt_length",
+                        "--beta",
+                        "--label_smoothing",
+                        "--rpo_alpha",
+                        "--loss_weights",
+                        "--simpo_gamma",
+                        "--cpo_alpha",
+                        "--tpo_alpha",
+                        "--desirable_weight",
+                        "--undesirable_weight",
+                        "--device",
+                        "--config",
+                        "--max-length"})
     EXPECT_NE(r.output.find(o), std::string::npos) << o;
 }

@@ -28,8 +28,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
 #include <zlib.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cctype>
@@ -94,7 +94,8 @@ inline std::string role_name(const std::string& role) {
   if (role == "user") return "Human";
   if (role == "assistant") return "Assistant";
   if (role == "system") return "System";
-  return role.empty() ? role : std::string(1, static_cast<char>(std::toupper(role[0]))) + role.substr(1);
+  return role.empty() ? role
+                      : std::string(1, static_cast<char>(std::toupper(role[0]))) + role.substr(1);
 }
 
 }  // namespace detail
@@ -145,8 +146,7 @@ inline Dataset load_dataset(const std::string& path) {
   if (rows.empty()) throw std::runtime_error("data: " + path + " has no rows");
 
   const auto& r0 = rows.front();
-  if (!r0.is_object())
-    throw std::runtime_error("data: " + path + ": row 1: not a JSON object");
+  if (!r0.is_object()) throw std::runtime_error("data: " + path + ": row 1: not a JSON object");
   if (r0.contains("question") && r0.contains("response_j"))
     d.format = "stack-exchange";
   else if (r0.contains("completion") || r0.contains("label"))
@@ -228,10 +228,15 @@ inline Dataset load_dataset(const std::string& path) {
         while (k < c.size() && k < rj.size() && c[k] == rj[k]) ++k;
         if (k == 0) throw fail("chosen and rejected share no prompt messages");
         const json prompt(std::vector<json>(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(k)));
-        d.pairs.push_back({render("chosen", prompt, true, false),
-                           render("chosen", json(std::vector<json>(c.begin() + static_cast<std::ptrdiff_t>(k), c.end())), false, true),
-                           render("rejected", json(std::vector<json>(rj.begin() + static_cast<std::ptrdiff_t>(k), rj.end())), false, true),
-                           "", row});
+        d.pairs.push_back(
+            {render("chosen", prompt, true, false),
+             render("chosen",
+                    json(std::vector<json>(c.begin() + static_cast<std::ptrdiff_t>(k), c.end())),
+                    false, true),
+             render("rejected",
+                    json(std::vector<json>(rj.begin() + static_cast<std::ptrdiff_t>(k), rj.end())),
+                    false, true),
+             "", row});
         continue;
       }
       const auto chosen = string("chosen"), rejected = string("rejected");
@@ -244,7 +249,8 @@ inline Dataset load_dataset(const std::string& path) {
         d.skipped.push_back(row);
         continue;
       }
-      d.pairs.push_back({prompt, chosen.substr(prompt.size()), rejected.substr(prompt.size()), "", row});
+      d.pairs.push_back(
+          {prompt, chosen.substr(prompt.size()), rejected.substr(prompt.size()), "", row});
     }
   }
   return d;
@@ -254,8 +260,8 @@ inline Dataset load_dataset(const std::string& path) {
 /// none of them (0.64 % of HH-RLHF's characters would become <unk>).
 inline std::string ascii_punctuation(const std::string& s) {
   static const std::vector<std::pair<std::string, std::string>> map = {
-      {"\xE2\x80\x98", "'"}, {"\xE2\x80\x99", "'"},  {"\xE2\x80\x9C", "\""}, {"\xE2\x80\x9D", "\""},
-      {"\xE2\x80\x93", "-"}, {"\xE2\x80\x94", "-"},  {"\xE2\x80\xA6", "..."}, {"\xC2\xA0", " "}};
+      {"\xE2\x80\x98", "'"}, {"\xE2\x80\x99", "'"}, {"\xE2\x80\x9C", "\""},  {"\xE2\x80\x9D", "\""},
+      {"\xE2\x80\x93", "-"}, {"\xE2\x80\x94", "-"}, {"\xE2\x80\xA6", "..."}, {"\xC2\xA0", " "}};
   std::string out = s;
   for (const auto& [from, to] : map) {
     for (size_t at = out.find(from); at != std::string::npos; at = out.find(from, at + to.size()))
@@ -279,8 +285,10 @@ struct TokenizeOptions {
 
 /// Prompt and completion tokens of prompt + completion, split as TRL's classic trainers split
 /// them (see the top of this file); no truncation.
-inline std::pair<std::vector<int64_t>, std::vector<int64_t>> tokenize_answer(
-    const Tokenizer& tok, std::string prompt, std::string completion, bool ascii) {
+inline std::pair<std::vector<int64_t>, std::vector<int64_t>> tokenize_answer(const Tokenizer& tok,
+                                                                             std::string prompt,
+                                                                             std::string completion,
+                                                                             bool ascii) {
   if (ascii) prompt = ascii_punctuation(prompt), completion = ascii_punctuation(completion);
   const auto p = tok.encode(prompt);
   const auto full = tok.encode(prompt + completion);

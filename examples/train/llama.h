@@ -3,8 +3,10 @@
 // `config.json` and loaded from / saved to `model.safetensors`, parameter names and all.
 //
 //   x = embed_tokens(ids)
-//   per layer:  x += o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),  n = RMSNorm(x)
-//               x += down_proj(silu(gate_proj(m)) * up_proj(m)),                       m = RMSNorm(x)
+//   per layer:  x += o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),  n =
+//   RMSNorm(x)
+//               x += down_proj(silu(gate_proj(m)) * up_proj(m)),                       m =
+//               RMSNorm(x)
 //   hidden = RMSNorm(x);  logits = hidden · lm_headᵀ  (lm_head = embed_tokens when tied)
 //
 // RMSNorm in fp32 (weight · x / sqrt(mean(x²) + eps)); rotary embeddings in Hugging Face's
@@ -68,7 +70,8 @@ struct LlamaConfig {
     c.json = j;
     c.model_type = j.value("model_type", std::string("llama"));
     if (c.model_type != "llama" && c.model_type != "qwen2" && c.model_type != "mistral")
-      fail("model_type \"" + c.model_type + "\" is not a Llama-style model (llama, qwen2, mistral)");
+      fail("model_type \"" + c.model_type +
+           "\" is not a Llama-style model (llama, qwen2, mistral)");
     const auto integer = [&](const char* key) -> int64_t {
       if (!j.contains(key) || !j[key].is_number_integer() || j[key].get<int64_t>() <= 0)
         fail(std::string("needs a positive integer \"") + key + "\"");
@@ -192,13 +195,13 @@ TORCH_MODULE(Attention);
 class MLPImpl : public torch::nn::Module {
  public:
   explicit MLPImpl(const LlamaConfig& c) {
-    gate_proj = register_module("gate_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+    gate_proj =
+        register_module("gate_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
     up_proj = register_module("up_proj", linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
-    down_proj = register_module("down_proj", linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
+    down_proj =
+        register_module("down_proj", linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
   }
-  at::Tensor forward(const at::Tensor& x) {
-    return down_proj(at::silu(gate_proj(x)) * up_proj(x));
-  }
+  at::Tensor forward(const at::Tensor& x) { return down_proj(at::silu(gate_proj(x)) * up_proj(x)); }
   torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(MLP);
@@ -227,7 +230,8 @@ TORCH_MODULE(DecoderLayer);
 class LlamaModelImpl : public torch::nn::Module {
  public:
   explicit LlamaModelImpl(const LlamaConfig& c) {
-    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+    embed_tokens =
+        register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c));
     register_module("layers", layers);
     norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
@@ -257,11 +261,11 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   /// positions to the count of real tokens before each one, so left and right padding both
   /// work; without it positions are 0..T−1.
   at::Tensor hidden(const at::Tensor& ids, const at::Tensor& attention_mask = {}) {
-    TORCH_CHECK(ids.dim() == 2, "LlamaForCausalLM::hidden: expected ids [B, T], got ",
-                ids.sizes());
+    TORCH_CHECK(ids.dim() == 2, "LlamaForCausalLM::hidden: expected ids [B, T], got ", ids.sizes());
     const auto B = ids.size(0), T = ids.size(1);
     const auto dev = ids.device();
-    at::Tensor positions, blocked = at::ones({T, T}, at::TensorOptions(dev).dtype(at::kBool)).triu(1);
+    at::Tensor positions,
+        blocked = at::ones({T, T}, at::TensorOptions(dev).dtype(at::kBool)).triu(1);
     blocked = blocked.view({1, 1, T, T});
     if (attention_mask.defined()) {
       const auto m = attention_mask.to(dev, at::kLong);
@@ -271,8 +275,8 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
       positions = at::arange(T, at::TensorOptions(dev).dtype(at::kLong)).expand({B, T});
     }
     TORCH_CHECK(T <= config.max_position_embeddings || config.max_position_embeddings <= 0,
-                "LlamaForCausalLM::hidden: ", T, " tokens exceed max_position_embeddings = ",
-                config.max_position_embeddings);
+                "LlamaForCausalLM::hidden: ", T,
+                " tokens exceed max_position_embeddings = ", config.max_position_embeddings);
     const auto freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq_.to(dev).view({1, 1, -1});
     const auto emb = at::cat({freqs, freqs}, -1);  // [B, T, head_dim]
     const auto dtype = model->embed_tokens->weight.scalar_type();
@@ -387,7 +391,9 @@ inline void save_pretrained(LlamaForCausalLM& m, const std::filesystem::path& di
   for (const auto& item : m->named_parameters()) tensors.emplace_back(item.key(), item.value());
   auto json = m->config.json;
   const auto dtype = m->head_weight().scalar_type();
-  json["torch_dtype"] = dtype == at::kHalf ? "float16" : dtype == at::kBFloat16 ? "bfloat16" : "float32";
+  json["torch_dtype"] = dtype == at::kHalf       ? "float16"
+                        : dtype == at::kBFloat16 ? "bfloat16"
+                                                 : "float32";
   if (json.contains("dtype")) json["dtype"] = json["torch_dtype"];
   const auto text = json.dump(2) + "\n";
   save_safetensors(dir / "model.safetensors", tensors);

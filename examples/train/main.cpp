@@ -72,19 +72,20 @@ struct Options {
   int64_t logging_steps = 10, eval_steps = 50, print_every = 50, eval_train_pairs = 256;
   // losses
   std::optional<double> beta;
-  double label_smoothing = 0.0, rpo_alpha = 0.0, f_alpha_divergence_coef = 0.5,
-         discopop_tau = 0.05, simpo_gamma = 0.5, alpha = 0.0, desirable_weight = 1.0,
-         undesirable_weight = 1.0, tpo_alpha = 1.0, tpo_l_gamma = 0.5;
+  double label_smoothing = 0.0, rpo_alpha = 0.0, f_alpha_divergence_coef = 0.5, discopop_tau = 0.05,
+         simpo_gamma = 0.5, alpha = 0.0, desirable_weight = 1.0, undesirable_weight = 1.0,
+         tpo_alpha = 1.0, tpo_l_gamma = 0.5;
   std::optional<double> cpo_alpha;
   bool cdpo = false;
-  std::string f_divergence_type = "reverse_kl", cpo_loss_type = "sigmoid", tpo_loss_type = "sigmoid";
+  std::string f_divergence_type = "reverse_kl", cpo_loss_type = "sigmoid",
+              tpo_loss_type = "sigmoid";
   std::vector<double> loss_weights;
 };
 
 const std::vector<std::string>& dpo_types() {
   static const std::vector<std::string> names = {
-      "sigmoid", "hinge",    "ipo",      "robust",   "exo_pair", "nca_pair",     "bco_pair",
-      "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"};
+      "sigmoid",   "hinge", "ipo",          "robust",   "exo_pair", "nca_pair", "bco_pair",
+      "sppo_hard", "aot",   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"};
   return names;
 }
 
@@ -201,7 +202,8 @@ struct PairData {
   prefopt::PairLogprobs reference;      // the same with token counts
   std::vector<const train::Sequence*> side(int which) const {  // 0 chosen, 1 rejected, 2 gold
     std::vector<const train::Sequence*> out;
-    for (const auto& p : pairs) out.push_back(which == 0 ? &p.chosen : which == 1 ? &p.rejected : &p.gold);
+    for (const auto& p : pairs)
+      out.push_back(which == 0 ? &p.chosen : which == 1 ? &p.rejected : &p.gold);
     return out;
   }
   int64_t size() const { return static_cast<int64_t>(pairs.size()); }
@@ -243,7 +245,8 @@ void make_kl(UnpairedData& u, int64_t stride, int64_t max_length) {
     s.ids.assign(own.ids.begin(), own.ids.begin() + own.prompt_len);
     s.prompt_len = own.prompt_len;
     s.ids.insert(s.ids.end(), other.ids.begin() + other.prompt_len, other.ids.end());
-    if (static_cast<int64_t>(s.ids.size()) > max_length) s.ids.resize(static_cast<size_t>(max_length));
+    if (static_cast<int64_t>(s.ids.size()) > max_length)
+      s.ids.resize(static_cast<size_t>(max_length));
     if (s.completion_len() <= 0) s.ids.push_back(other.ids.back());  // keep one scored token
     u.kl.push_back(std::move(s));
   }
@@ -385,7 +388,8 @@ prefopt::Metrics evaluate_pairs(train::LlamaForCausalLM& model, const Loss& loss
       reuse ? data.reference.chosen : score(model, chosen, pad_id, device, per_batch),
       reuse ? data.reference.rejected : score(model, rejected, pad_id, device, per_batch)};
   at::Tensor rc, rr;
-  if (data.ref_chosen.defined()) rc = data.ref_chosen.narrow(0, 0, n), rr = data.ref_rejected.narrow(0, 0, n);
+  if (data.ref_chosen.defined())
+    rc = data.ref_chosen.narrow(0, 0, n), rr = data.ref_rejected.narrow(0, 0, n);
   prefopt::MetricAccumulator metrics(prefopt::MetricsOptions().prefix(prefix));
   {
     at::NoGradGuard no_grad;
@@ -413,7 +417,8 @@ prefopt::Metrics evaluate_unpaired(train::LlamaForCausalLM& model, const Loss& l
   model->eval();
   const auto lp = score(model, data.rows(data.examples), pad_id, device, per_batch);
   std::vector<int64_t> d, u;
-  for (int64_t i = 0; i < data.size(); ++i) (data.label[static_cast<size_t>(i)] ? d : u).push_back(i);
+  for (int64_t i = 0; i < data.size(); ++i)
+    (data.label[static_cast<size_t>(i)] ? d : u).push_back(i);
   const auto di = at::tensor(d, at::kLong).to(device), ui = at::tensor(u, at::kLong).to(device);
   const auto in = prefopt::KTOInputs()
                       .policy_chosen_logps(lp.sum.index_select(0, di))
@@ -462,8 +467,8 @@ struct Run {
   prefopt::Metrics evaluate(int64_t train_limit, bool at_reference = false) {
     prefopt::Metrics m;
     if (paired_eval) {
-      for (const auto& [k, v] : evaluate_pairs(model, loss, eval_pairs, 0, "eval_", pad_id,
-                                               device, o.eval_batch, at_reference))
+      for (const auto& [k, v] : evaluate_pairs(model, loss, eval_pairs, 0, "eval_", pad_id, device,
+                                               o.eval_batch, at_reference))
         m.set(k, v);
     } else {
       for (const auto& [k, v] :
@@ -524,7 +529,8 @@ struct Run {
     const auto lp = forward_logps(model, rows, pad_id, device, opts);
     at::Tensor rc, rr;
     if (train_pairs.ref_chosen.defined())
-      rc = train_pairs.ref_chosen.index_select(0, index), rr = train_pairs.ref_rejected.index_select(0, index);
+      rc = train_pairs.ref_chosen.index_select(0, index),
+      rr = train_pairs.ref_rejected.index_select(0, index);
     if (loss.family == Family::kSFT) {
       const prefopt::PairLogprobs policy{lp, lp};
       return loss.pairs(policy, rc, rr, nullptr, metrics, true);
@@ -566,20 +572,23 @@ void print_summary(const prefopt::Metrics& before, const prefopt::Metrics& after
 
 nlohmann::ordered_json to_json(const prefopt::Metrics& m) {
   nlohmann::ordered_json j = nlohmann::ordered_json::object();
-  for (const auto& [k, v] : m) j[k] = std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json();
+  for (const auto& [k, v] : m)
+    j[k] = std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json();
   return j;
 }
 
 void check_bitwise(train::LlamaForCausalLM& saved, const fs::path& dir) {
   auto reloaded = train::load_pretrained(dir);
   auto a = saved->named_parameters(), b = reloaded->named_parameters();
-  if (a.size() != b.size()) throw std::runtime_error("checkpoint: reloaded parameter count differs");
+  if (a.size() != b.size())
+    throw std::runtime_error("checkpoint: reloaded parameter count differs");
   for (const auto& item : a) {
     const auto& other = b[item.key()];
     const auto x = item.value().detach().to(at::kCPU).contiguous();
     const auto y = other.detach().to(at::kCPU).contiguous();
     if (x.sizes() != y.sizes() || x.scalar_type() != y.scalar_type() ||
-        std::memcmp(x.data_ptr(), y.data_ptr(), static_cast<size_t>(x.numel()) * x.element_size()) != 0)
+        std::memcmp(x.data_ptr(), y.data_ptr(),
+                    static_cast<size_t>(x.numel()) * x.element_size()) != 0)
       throw std::runtime_error("checkpoint: " + item.key() + " did not reload bit for bit");
   }
 }
@@ -590,7 +599,8 @@ int run(const Options& o) {
   const demo::Progress clock("", 1);
   const at::Device device(o.device);
   if (device.is_cuda() && !torch::cuda::is_available())
-    throw std::runtime_error("--device " + o.device + ": this libtorch has no CUDA, or no GPU is present");
+    throw std::runtime_error("--device " + o.device +
+                             ": this libtorch has no CUDA, or no GPU is present");
   const fs::path out(o.output_dir);
   fs::create_directories(out);
   fs::remove(out / "metrics.jsonl");
@@ -603,12 +613,14 @@ int run(const Options& o) {
   const auto pad_id = tok.pad_id();
   Loss loss(o);
   const auto family = loss.family;
-  fmt::print("prefopt {} train: {} ({} parameters: {} layers, hidden {}, {} heads / {} kv, vocab {}{}) on {}, {} thread{}\n",
-             PREFOPT_VERSION_STRING, model_dir.filename().string(), model->num_parameters(),
-             model->config.num_hidden_layers, model->config.hidden_size,
-             model->config.num_attention_heads, model->config.num_key_value_heads,
-             model->config.vocab_size, model->config.tie_word_embeddings ? ", tied head" : "",
-             o.device, o.threads, o.threads == 1 ? "" : "s");
+  fmt::print(
+      "prefopt {} train: {} ({} parameters: {} layers, hidden {}, {} heads / {} kv, vocab {}{}) on "
+      "{}, {} thread{}\n",
+      PREFOPT_VERSION_STRING, model_dir.filename().string(), model->num_parameters(),
+      model->config.num_hidden_layers, model->config.hidden_size, model->config.num_attention_heads,
+      model->config.num_key_value_heads, model->config.vocab_size,
+      model->config.tie_word_embeddings ? ", tied head" : "", o.device, o.threads,
+      o.threads == 1 ? "" : "s");
 
   // Data: the training rows and the held-out rows, tokenized and truncated.
   const auto data = train::load_dataset(o.data);
@@ -621,14 +633,16 @@ int run(const Options& o) {
     // With --eval_data, every row of --data trains and every row of the other file is held out.
     return eval_file ? true : (eval_side ? row >= o.eval_start : row < o.eval_start);
   };
-  const auto tokenize_pairs = [&](const train::Dataset& d, bool eval_side, PairData& into, int64_t limit) {
+  const auto tokenize_pairs = [&](const train::Dataset& d, bool eval_side, PairData& into,
+                                  int64_t limit) {
     for (const auto& e : d.pairs) {
       if (!take(e.row, eval_side)) continue;
       if (limit > 0 && into.size() >= limit) break;
       into.pairs.push_back(train::tokenize_pair(tok, e, topts));
     }
   };
-  const auto tokenize_unpaired = [&](const train::Dataset& d, bool eval_side, UnpairedData& into, int64_t limit) {
+  const auto tokenize_unpaired = [&](const train::Dataset& d, bool eval_side, UnpairedData& into,
+                                     int64_t limit) {
     for (const auto& e : d.unpaired) {
       if (!take(e.row, eval_side)) continue;
       if (limit > 0 && into.size() >= limit) break;
@@ -648,7 +662,8 @@ int run(const Options& o) {
     }
   } else {
     if (family != Family::kKTO)
-      throw std::runtime_error("--data " + o.data + " is unpaired (prompt/completion/label): it "
+      throw std::runtime_error("--data " + o.data +
+                               " is unpaired (prompt/completion/label): it "
                                "trains --loss kto or apo_zero_unpaired only");
     tokenize_unpaired(data, false, r.train_u, o.train_limit);
     tokenize_unpaired(eval_file ? *eval_file : data, true, r.eval_u, o.eval_limit);
@@ -657,17 +672,20 @@ int run(const Options& o) {
     train_rows = r.train_u.size(), eval_rows = r.eval_u.size();
   }
   if (train_rows == 0)
-    throw std::runtime_error(fmt::format("no training rows: --eval_start {} leaves none of the {} rows of {}",
-                                         o.eval_start, data.rows, o.data));
+    throw std::runtime_error(
+        fmt::format("no training rows: --eval_start {} leaves none of the {} rows of {}",
+                    o.eval_start, data.rows, o.data));
   if (eval_rows == 0)
-    throw std::runtime_error(fmt::format("no held-out rows: --eval_start {} is past the {} rows of {} "
-                                         "(lower it, or give --eval_data)",
-                                         o.eval_start, data.rows, o.data));
+    throw std::runtime_error(
+        fmt::format("no held-out rows: --eval_start {} is past the {} rows of {} "
+                    "(lower it, or give --eval_data)",
+                    o.eval_start, data.rows, o.data));
   if (family == Family::kTPO)
     for (const auto& p : r.train_pairs.pairs)
       if (p.gold.ids.empty())
-        throw std::runtime_error(fmt::format("--loss tpo needs a gold response: {} row {} has no \"reference\" field",
-                                             o.data, p.row + 1));
+        throw std::runtime_error(
+            fmt::format("--loss tpo needs a gold response: {} row {} has no \"reference\" field",
+                        o.data, p.row + 1));
   {
     int64_t cut_prompts = 0, cut_completions = 0, tokens = 0, seqs = 0;
     for (const auto& p : r.train_pairs.pairs) {
@@ -678,16 +696,19 @@ int run(const Options& o) {
       cut_prompts += p.chosen.prompt_len == o.max_prompt_length;
     }
     for (const auto& s : r.train_u.examples) tokens += static_cast<int64_t>(s.ids.size()), ++seqs;
-    fmt::print("data: {} ({}), {} training {}, {} held out{}; {:.0f} tokens per sequence on "
-               "average (max_length {}, max_prompt_length {}{})\n",
-               o.data, data.format, train_rows, data.paired() ? "pairs" : "examples", eval_rows,
-               data.skipped.empty() ? std::string()
-                                    : fmt::format(" ({} pairs skipped: their prompts differ)", data.skipped.size()),
-               seqs ? static_cast<double>(tokens) / seqs : 0.0, o.max_length, o.max_prompt_length,
-               data.paired() ? fmt::format("; {} prompts cut from the left", cut_prompts) : std::string());
+    fmt::print(
+        "data: {} ({}), {} training {}, {} held out{}; {:.0f} tokens per sequence on "
+        "average (max_length {}, max_prompt_length {}{})\n",
+        o.data, data.format, train_rows, data.paired() ? "pairs" : "examples", eval_rows,
+        data.skipped.empty()
+            ? std::string()
+            : fmt::format(" ({} pairs skipped: their prompts differ)", data.skipped.size()),
+        seqs ? static_cast<double>(tokens) / seqs : 0.0, o.max_length, o.max_prompt_length,
+        data.paired() ? fmt::format("; {} prompts cut from the left", cut_prompts) : std::string());
     if (family == Family::kKTO && data.paired())
-      fmt::print("kto: {} unpaired examples from the pairs (chosen desirable, rejected undesirable)\n",
-                 r.train_u.size());
+      fmt::print(
+          "kto: {} unpaired examples from the pairs (chosen desirable, rejected undesirable)\n",
+          r.train_u.size());
   }
 
   // The reference: the same checkpoint, frozen, its log-probs computed once.
@@ -708,8 +729,10 @@ int run(const Options& o) {
     }
     if (family == Family::kKTO) {
       // Unpaired from pairs: the examples are [c0, r0, c1, r1, ...], scored above already.
-      r.train_u.ref = data.paired() ? at::stack({r.train_pairs.ref_chosen, r.train_pairs.ref_rejected}, 1).flatten()
-                                    : score(reference, r.train_u.rows(r.train_u.examples), pad_id, device, eb).sum;
+      r.train_u.ref =
+          data.paired()
+              ? at::stack({r.train_pairs.ref_chosen, r.train_pairs.ref_rejected}, 1).flatten()
+              : score(reference, r.train_u.rows(r.train_u.examples), pad_id, device, eb).sum;
       if (loss.kto.loss_type() == prefopt::KTOLossType::kKTO)
         r.train_u.ref_kl = score(reference, r.train_u.rows(r.train_u.kl), pad_id, device, eb).sum;
     }
@@ -720,8 +743,8 @@ int run(const Options& o) {
   const int64_t n_train = family == Family::kKTO ? r.train_u.size() : r.train_pairs.size();
   const int64_t per_step = o.batch * o.accum;
   const int64_t steps_per_epoch = std::max<int64_t>(1, n_train / per_step);
-  const int64_t total = o.max_steps >= 0 ? o.max_steps
-                                         : static_cast<int64_t>(std::ceil(o.epochs * steps_per_epoch));
+  const int64_t total =
+      o.max_steps >= 0 ? o.max_steps : static_cast<int64_t>(std::ceil(o.epochs * steps_per_epoch));
   const auto warmup = static_cast<int64_t>(std::ceil(o.warmup_ratio * static_cast<double>(total)));
 
   fmt::print("evaluating before training ...\n");
@@ -732,10 +755,12 @@ int run(const Options& o) {
   prefopt::JsonlWriter log((out / "metrics.jsonl").string());
   log.write(0, before);
 
-  fmt::print("training: {}, {} steps of {} x {} {} ({:.2f} epochs), lr {:g} ({} warmup steps, {}), beta {:g}\n",
-             o.loss, total, o.batch, o.accum, family == Family::kKTO ? "examples" : "pairs",
-             static_cast<double>(total * per_step) / static_cast<double>(n_train), o.lr, warmup,
-             o.scheduler, o.beta.value_or(default_beta(family)));
+  fmt::print(
+      "training: {}, {} steps of {} x {} {} ({:.2f} epochs), lr {:g} ({} warmup steps, {}), beta "
+      "{:g}\n",
+      o.loss, total, o.batch, o.accum, family == Family::kKTO ? "examples" : "pairs",
+      static_cast<double>(total * per_step) / static_cast<double>(n_train), o.lr, warmup,
+      o.scheduler, o.beta.value_or(default_beta(family)));
   torch::optim::AdamW opt(model->parameters(),
                           torch::optim::AdamWOptions(o.lr).weight_decay(o.weight_decay));
   prefopt::MetricAccumulator metrics;
@@ -756,8 +781,10 @@ int run(const Options& o) {
         cursor = 0;
         ++epoch_count;
       }
-      const std::vector<int64_t> idx(order.begin() + static_cast<std::ptrdiff_t>(cursor),
-                                     order.begin() + static_cast<std::ptrdiff_t>(cursor + static_cast<size_t>(std::min<int64_t>(o.batch, n_train))));
+      const std::vector<int64_t> idx(
+          order.begin() + static_cast<std::ptrdiff_t>(cursor),
+          order.begin() + static_cast<std::ptrdiff_t>(
+                              cursor + static_cast<size_t>(std::min<int64_t>(o.batch, n_train))));
       cursor += idx.size();
       const auto l = r.micro_step(idx, metrics);
       (l / static_cast<double>(o.accum)).backward();
@@ -813,11 +840,13 @@ int run(const Options& o) {
     const bool pairwise = history.empty() || history.back().second.contains("rewards/margins");
     std::vector<demo::Panel> panels = {{"loss", "train", {{"loss", "loss"}}}};
     if (pairwise) {
-      panels.push_back({"rewards", "train", {{"rewards/chosen", "chosen"}, {"rewards/rejected", "rejected"}}});
+      panels.push_back(
+          {"rewards", "train", {{"rewards/chosen", "chosen"}, {"rewards/rejected", "rejected"}}});
       panels.push_back({"rewards/margins", "train", {{"rewards/margins", "training batch"}}});
       panels.push_back({"rewards/accuracies", "train", {{"rewards/accuracies", "training batch"}}});
     }
-    panels.push_back({"logps", "train", {{"logps/chosen", "chosen"}, {"logps/rejected", "rejected"}}});
+    panels.push_back(
+        {"logps", "train", {{"logps/chosen", "chosen"}, {"logps/rejected", "rejected"}}});
     panels.push_back({"evaluation: accuracies",
                       "eval",
                       {{"eval_rewards/accuracies", "held-out reward acc."},
@@ -827,8 +856,8 @@ int run(const Options& o) {
     std::string error;
     const auto png = (out / "curves.png").string();
     if (demo::plot_png(png,
-                       fmt::format("prefopt-train: {} on {} ({} {}, {} steps)",
-                                   o.loss, fs::path(o.data).filename().string(), n_train,
+                       fmt::format("prefopt-train: {} on {} ({} {}, {} steps)", o.loss,
+                                   fs::path(o.data).filename().string(), n_train,
                                    family == Family::kKTO ? "examples" : "pairs", total),
                        history, eval_history, panels, error))
       fmt::print("curves: {}\n", png);
@@ -876,6 +905,9 @@ int main(int argc, char** argv) {
       "spelling (--max_length) and a dashed one (--max-length)."};
   app.get_formatter()->column_width(40);
   app.set_config("--config", "", "read options from this TOML/INI file (keys: option names)");
+  // CLI11 ignores unknown keys of a config file by default: a misspelt option would then
+  // silently train with its default.
+  app.allow_config_extras(CLI::config_extras_mode::error);
   const auto opt = [](CLI::App* g, const std::string& trl, auto& value, const std::string& help) {
     std::string dashed = trl;
     std::replace(dashed.begin(), dashed.end(), '_', '-');
@@ -910,7 +942,9 @@ int main(int argc, char** argv) {
                "keep typographic quotes and dashes (default: mapped to ASCII, which the "
                "TinyStories vocabulary has)");
   opt(io, "device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
-  opt(io, "threads", o.threads, "intra-op threads")->check(CLI::PositiveNumber)->capture_default_str();
+  opt(io, "threads", o.threads, "intra-op threads")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   opt(io, "seed", o.seed, "seed of the shuffling")->capture_default_str();
 
   auto* tr = app.add_option_group("training (TRL TrainingArguments)");
@@ -934,7 +968,8 @@ int main(int argc, char** argv) {
   opt(tr, "per_device_eval_batch_size", o.eval_batch, "sequences per evaluation forward")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  opt(tr, "learning_rate", o.lr, "peak learning rate of AdamW (TRL's 1e-6 suits billions of parameters, not 656K)")
+  opt(tr, "learning_rate", o.lr,
+      "peak learning rate of AdamW (TRL's 1e-6 suits billions of parameters, not 656K)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   opt(tr, "lr_scheduler_type", o.scheduler, "after the warmup")
@@ -974,10 +1009,12 @@ int main(int argc, char** argv) {
   opt(ls, "label_smoothing", o.label_smoothing,
       "epsilon of robust, exo_pair, aot, CPO, SimPO, TPO; of sigmoid with --cdpo")
       ->capture_default_str();
-  ls->add_flag("--cdpo", o.cdpo, "conservative DPO: --label_smoothing also smooths sigmoid (TRL <= 0.28)");
+  ls->add_flag("--cdpo", o.cdpo,
+               "conservative DPO: --label_smoothing also smooths sigmoid (TRL <= 0.28)");
   opt(ls, "rpo_alpha", o.rpo_alpha, "weight of the chosen NLL added to DPO losses (RPO)")
       ->capture_default_str();
-  opt(ls, "loss_weights", o.loss_weights, "weights of a list of DPO loss types (MPO)")->delimiter(',');
+  opt(ls, "loss_weights", o.loss_weights, "weights of a list of DPO loss types (MPO)")
+      ->delimiter(',');
   opt(ls, "f_divergence_type", o.f_divergence_type, "DPO's f-divergence")
       ->check(CLI::IsMember({"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"}))
       ->capture_default_str();

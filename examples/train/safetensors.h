@@ -64,8 +64,8 @@ inline std::string safetensors_dtype(at::ScalarType t) {
     case at::kBFloat16:
       return "BF16";
     default:
-      throw std::runtime_error(std::string("safetensors: cannot write dtype ") +
-                               c10::toString(t) + " (F32, F16 and BF16 are supported)");
+      throw std::runtime_error(std::string("safetensors: cannot write dtype ") + c10::toString(t) +
+                               " (F32, F16 and BF16 are supported)");
   }
 }
 
@@ -154,14 +154,14 @@ class SafetensorsReader {
     };
     const size_t size = map_->size();
     if (size < 8)
-      fail("truncated: " + std::to_string(size) +
-           " bytes, fewer than the 8-byte header length");
+      fail("truncated: " + std::to_string(size) + " bytes, fewer than the 8-byte header length");
     uint64_t n = 0;
     for (int i = 7; i >= 0; --i) n = (n << 8) | map_->data()[i];  // little-endian
     if (n > size - 8)
       fail("truncated: the header length is " + std::to_string(n) + " bytes but only " +
            std::to_string(size - 8) + " follow it (or this is not a safetensors file)");
-    if (n > (uint64_t{100} << 20)) fail("bad header: " + std::to_string(n) + " bytes (over 100 MB)");
+    if (n > (uint64_t{100} << 20))
+      fail("bad header: " + std::to_string(n) + " bytes (over 100 MB)");
     const char* text = reinterpret_cast<const char*>(map_->data() + 8);
     if (n == 0 || text[0] != '{') fail("bad header: it does not start with '{'");
     nlohmann::json header;

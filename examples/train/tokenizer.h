@@ -52,7 +52,8 @@ class Tokenizer {
   /// beside it, when present, name BOS, EOS and padding (Hugging Face's precedence).
   static Tokenizer load(const std::filesystem::path& path_or_dir) {
     namespace fs = std::filesystem;
-    const fs::path file = fs::is_directory(path_or_dir) ? path_or_dir / "tokenizer.json" : path_or_dir;
+    const fs::path file =
+        fs::is_directory(path_or_dir) ? path_or_dir / "tokenizer.json" : path_or_dir;
     Tokenizer t;
     t.path_ = file.string();
     const auto j = read_json(file);
@@ -186,7 +187,8 @@ class Tokenizer {
   }
 
   void parse_model(const nlohmann::json& m) {
-    if (m.value("type", std::string()) != "BPE") unsupported("model " + m.value("type", std::string("?")));
+    if (m.value("type", std::string()) != "BPE")
+      unsupported("model " + m.value("type", std::string("?")));
     for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix", "dropout"})
       if (m.contains(k) && !m[k].is_null()) unsupported(std::string("BPE ") + k);
     if (m.value("ignore_merges", false)) unsupported("BPE ignore_merges");
@@ -424,7 +426,8 @@ class Tokenizer {
         }
       }
       if (unk_id_ < 0)
-        throw std::runtime_error("tokenizer: " + path_ + ": a character is not in the "
+        throw std::runtime_error("tokenizer: " + path_ +
+                                 ": a character is not in the "
                                  "vocabulary and there is no unk_token");
       if (pending_unk >= 0 && !fuse_unk_) push(pending_unk);
       pending_unk = unk_id_;

@@ -14,27 +14,16 @@
 #include <string>
 #include <vector>
 
+#include "run_command.h"
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
 
-struct Result {
-  int status = -1;
-  std::string output;  // stdout and stderr
-};
+using Result = prefopt_test::CommandResult;
 
-Result run_demo(const std::string& args) {
-  const std::string cmd = std::string(PREFOPT_DEMO) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  Result r;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int rc = ::pclose(p);
-  r.status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-  return r;
-}
+Result run_demo(const std::string& args) { return prefopt_test::run_command(PREFOPT_DEMO, args); }
 
 fs::path out_dir(const std::string& name) { return fs::path(PREFOPT_DEMO_DIR) / name; }
 

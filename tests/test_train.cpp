@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "run_command.h"
+
 #include <prefopt/prefopt.h>
 
 #include "support.h"
@@ -578,22 +580,9 @@ TEST(Data, TokenizationTruncationAndBatches) {
 
 namespace {
 
-struct Result {
-  int status = -1;
-  std::string output;
-};
+using Result = prefopt_test::CommandResult;
 
-Result run_train(const std::string& args) {
-  const std::string cmd = std::string(PREFOPT_TRAIN) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  Result r;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int rc = ::pclose(p);
-  r.status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-  return r;
-}
+Result run_train(const std::string& args) { return prefopt_test::run_command(PREFOPT_TRAIN, args); }
 
 // A short run on the first 64 training pairs of HH-RLHF (4 epochs), 32 held out.
 json short_run(const std::string& name, const std::string& args) {
@@ -666,7 +655,12 @@ TEST(Train, KtoOnTheUnpairedForm) {
   const auto s = short_run("kto", "--loss kto --per_device_train_batch_size 16");
   expect_learns(s);
   EXPECT_EQ(s["train_examples"].get<int64_t>(), 128);  // each pair: one desirable, one not
+  // The held-out KL estimate is measured on the held-out pairs' mismatched completions: exactly
+  // 0 while the policy is its reference. The training-pairs evaluation has no KL completions,
+  // so it reports none rather than an unmeasured 0.
+  EXPECT_EQ(s["before"]["eval_kl"].get<double>(), 0.0);
   EXPECT_TRUE(s["after"].contains("eval_kl"));
+  EXPECT_FALSE(s["after"].contains("train_kl"));
 }
 
 TEST(Train, KtoAndTpoFromFiles) {

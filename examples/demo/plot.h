@@ -6,6 +6,9 @@
 
 #include <fmt/core.h>
 
+#include <sys/wait.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -45,7 +48,27 @@ inline std::string datablock(const std::string& name, const History& rows,
 // Writes a PNG of `panels` (3 per row) to `path`. Returns false, with the reason in `error`,
 // when gnuplot is not installed or fails.
 inline bool plot_png(const std::string& path, const std::string& title, const History& train,
-                     const History& eval, const std::vector<Panel>& panels, std::string& error) {
+                     const History& eval, const std::vector<Panel>& requested, std::string& error) {
+  // A series no record has a finite value of (KTO logs no rewards/accuracies) would make
+  // gnuplot fail on an empty x range: leave it out, and panels left without series.
+  const auto present = [&](const Panel& p, const std::string& name) {
+    for (const auto& [step, m] : p.block == "train" ? train : eval) {
+      const double* v = m.find(name);
+      if (v && std::isfinite(*v)) return true;
+    }
+    return false;
+  };
+  std::vector<Panel> panels;
+  for (auto p : requested) {
+    p.series.erase(std::remove_if(p.series.begin(), p.series.end(),
+                                  [&](const auto& s) { return !present(p, s.first); }),
+                   p.series.end());
+    if (!p.series.empty()) panels.push_back(std::move(p));
+  }
+  if (panels.empty()) {
+    error = "no metric to plot";
+    return false;
+  }
   std::vector<std::string> train_cols, eval_cols;
   for (const auto& p : panels) {
     auto& cols = p.block == "train" ? train_cols : eval_cols;
@@ -86,8 +109,10 @@ inline bool plot_png(const std::string& path, const std::string& title, const Hi
   std::fwrite(script.data(), 1, script.size(), gp);
   const int rc = pclose(gp);
   if (rc != 0) {
-    error = fmt::format(
-        "gnuplot exited with status {} (is it installed? apt-get install gnuplot-nox)", rc);
+    // 127: the shell found no gnuplot; anything else is gnuplot's own error, printed above.
+    error = WIFEXITED(rc) && WEXITSTATUS(rc) == 127
+                ? "gnuplot is not installed (apt-get install gnuplot-nox)"
+                : fmt::format("gnuplot failed with status {}", rc);
     return false;
   }
   return true;

@@ -305,7 +305,8 @@ struct Loss {
   // `gold`: TPO's gold responses (nullptr in evaluation, where the NLL term is left out).
   at::Tensor pairs(const prefopt::PairLogprobs& policy, const at::Tensor& ref_chosen,
                    const at::Tensor& ref_rejected, const prefopt::SequenceLogprobs* gold,
-                   prefopt::MetricAccumulator& metrics, bool token_metrics) const {
+                   prefopt::MetricAccumulator& metrics, bool token_metrics,
+                   const at::Tensor& policy_kl = {}, const at::Tensor& reference_kl = {}) const {
     switch (family) {
       case Family::kSFT: {  // TRL's SFT on the chosen completions: token-mean NLL
         const auto loss = -policy.chosen.sum.sum() / policy.chosen.count.sum().clamp_min(1);
@@ -353,11 +354,12 @@ struct Loss {
         return r.loss;
       }
       case Family::kKTO: {  // evaluation on pairs: one desirable and one undesirable example each
-        const auto in = prefopt::KTOInputs()
-                            .policy_chosen_logps(policy.chosen.sum)
-                            .policy_rejected_logps(policy.rejected.sum)
-                            .reference_chosen_logps(ref_chosen)
-                            .reference_rejected_logps(ref_rejected);
+        auto in = prefopt::KTOInputs()
+                      .policy_chosen_logps(policy.chosen.sum)
+                      .policy_rejected_logps(policy.rejected.sum)
+                      .reference_chosen_logps(ref_chosen)
+                      .reference_rejected_logps(ref_rejected);
+        if (policy_kl.defined()) in.policy_KL_logps(policy_kl).reference_KL_logps(reference_kl);
         const auto r = F::kto_loss(in, kto);
         metrics.add(r, in);  // rewards/accuracies: evaluate_pairs adds it, the pairs being known
         return r.loss;
@@ -378,7 +380,7 @@ struct Loss {
 prefopt::Metrics evaluate_pairs(train::LlamaForCausalLM& model, const Loss& loss,
                                 const PairData& data, int64_t limit, const std::string& prefix,
                                 int64_t pad_id, const at::Device& device, int64_t per_batch,
-                                bool at_reference = false) {
+                                bool at_reference = false, const UnpairedData* kl = nullptr) {
   model->eval();
   const auto n = limit > 0 ? std::min(limit, data.size()) : data.size();
   auto chosen = data.side(0), rejected = data.side(1);
@@ -390,19 +392,25 @@ prefopt::Metrics evaluate_pairs(train::LlamaForCausalLM& model, const Loss& loss
   at::Tensor rc, rr;
   if (data.ref_chosen.defined())
     rc = data.ref_chosen.narrow(0, 0, n), rr = data.ref_rejected.narrow(0, 0, n);
+  // KTO's KL estimate, on the held-out pairs' mismatched completions (see make_kl).
+  const bool with_kl = loss.family == Family::kKTO && kl && kl->ref_kl.defined();
+  const auto policy_kl =
+      with_kl ? score(model, kl->rows(kl->kl), pad_id, device, per_batch).sum : at::Tensor();
   prefopt::MetricAccumulator metrics(prefopt::MetricsOptions().prefix(prefix));
   {
     at::NoGradGuard no_grad;
-    loss.pairs(policy, rc, rr, nullptr, metrics, false);
+    loss.pairs(policy, rc, rr, nullptr, metrics, false, policy_kl,
+               with_kl ? kl->ref_kl : at::Tensor());
     metrics.add_scalar("preference_accuracy",
                        (policy.chosen.sum > policy.rejected.sum).to(at::kDouble).mean());
   }
   model->train();
   auto m = metrics.compute();
-  // The evaluation's own token count is not a training metric.
+  // The evaluation's own token count is not a training metric, and a KL estimate without KL
+  // completions would be a 0 that was never measured.
   prefopt::Metrics out;
   for (const auto& [k, v] : m)
-    if (k != prefix + "num_tokens") out.set(k, v);
+    if (k != prefix + "num_tokens" && (with_kl || k != prefix + "kl")) out.set(k, v);
   if (loss.family == Family::kKTO) {  // KTO has no pairs, but these examples come in pairs
     const auto acc = (policy.chosen.sum - rc > policy.rejected.sum - rr).to(at::kDouble).mean();
     out.set(prefix + "rewards/accuracies", acc.item<double>());
@@ -420,18 +428,25 @@ prefopt::Metrics evaluate_unpaired(train::LlamaForCausalLM& model, const Loss& l
   for (int64_t i = 0; i < data.size(); ++i)
     (data.label[static_cast<size_t>(i)] ? d : u).push_back(i);
   const auto di = at::tensor(d, at::kLong).to(device), ui = at::tensor(u, at::kLong).to(device);
-  const auto in = prefopt::KTOInputs()
-                      .policy_chosen_logps(lp.sum.index_select(0, di))
-                      .policy_rejected_logps(lp.sum.index_select(0, ui))
-                      .reference_chosen_logps(data.ref.index_select(0, di))
-                      .reference_rejected_logps(data.ref.index_select(0, ui));
+  auto in = prefopt::KTOInputs()
+                .policy_chosen_logps(lp.sum.index_select(0, di))
+                .policy_rejected_logps(lp.sum.index_select(0, ui))
+                .reference_chosen_logps(data.ref.index_select(0, di))
+                .reference_rejected_logps(data.ref.index_select(0, ui));
+  const bool with_kl = data.ref_kl.defined();
+  if (with_kl)
+    in.policy_KL_logps(score(model, data.rows(data.kl), pad_id, device, per_batch).sum)
+        .reference_KL_logps(data.ref_kl);
   prefopt::MetricAccumulator metrics(prefopt::MetricsOptions().prefix(prefix));
   {
     at::NoGradGuard no_grad;
     metrics.add(F::kto_loss(in, loss.kto), in);
   }
   model->train();
-  return metrics.compute();
+  prefopt::Metrics out;
+  for (const auto& [k, v] : metrics.compute())
+    if (with_kl || k != prefix + "kl") out.set(k, v);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,6 +476,7 @@ struct Run {
   int64_t pad_id;
   PairData train_pairs, eval_pairs;
   UnpairedData train_u, eval_u;
+  UnpairedData eval_kl;  // KTO on pairs: the held-out pairs unpaired, for the KL estimate
   bool paired_eval = true;
 
   // Held-out metrics and the training subset's, one record.
@@ -468,7 +484,7 @@ struct Run {
     prefopt::Metrics m;
     if (paired_eval) {
       for (const auto& [k, v] : evaluate_pairs(model, loss, eval_pairs, 0, "eval_", pad_id, device,
-                                               o.eval_batch, at_reference))
+                                               o.eval_batch, at_reference, &eval_kl))
         m.set(k, v);
     } else {
       for (const auto& [k, v] :
@@ -627,7 +643,7 @@ int run(const Options& o) {
   std::optional<train::Dataset> eval_file;
   if (!o.eval_data.empty()) eval_file = train::load_dataset(o.eval_data);
   const train::TokenizeOptions topts{o.max_length, o.max_prompt_length, o.ascii};
-  Run r{o, loss, model, device, pad_id, {}, {}, {}, {}, true};
+  Run r{o, loss, model, device, pad_id, {}, {}, {}, {}, {}, true};
   int64_t train_rows = 0, eval_rows = 0;
   const auto take = [&](int64_t row, bool eval_side) {
     // With --eval_data, every row of --data trains and every row of the other file is held out.
@@ -659,6 +675,8 @@ int run(const Options& o) {
     if (family == Family::kKTO) {  // TRL's unpair_preference_dataset
       r.train_u = unpair(r.train_pairs.pairs);
       make_kl(r.train_u, 2, o.max_length);
+      r.eval_kl = unpair(r.eval_pairs.pairs);
+      make_kl(r.eval_kl, 2, o.max_length);
     }
   } else {
     if (family != Family::kKTO)
@@ -668,6 +686,7 @@ int run(const Options& o) {
     tokenize_unpaired(data, false, r.train_u, o.train_limit);
     tokenize_unpaired(eval_file ? *eval_file : data, true, r.eval_u, o.eval_limit);
     make_kl(r.train_u, 1, o.max_length);
+    make_kl(r.eval_u, 1, o.max_length);
     r.paired_eval = false;
     train_rows = r.train_u.size(), eval_rows = r.eval_u.size();
   }
@@ -733,8 +752,13 @@ int run(const Options& o) {
           data.paired()
               ? at::stack({r.train_pairs.ref_chosen, r.train_pairs.ref_rejected}, 1).flatten()
               : score(reference, r.train_u.rows(r.train_u.examples), pad_id, device, eb).sum;
-      if (loss.kto.loss_type() == prefopt::KTOLossType::kKTO)
+      if (loss.kto.loss_type() == prefopt::KTOLossType::kKTO) {
         r.train_u.ref_kl = score(reference, r.train_u.rows(r.train_u.kl), pad_id, device, eb).sum;
+        // The held-out KL completions, scored in the batches evaluation uses (so the estimate
+        // is exactly 0 before training).
+        auto& held_out = data.paired() ? r.eval_kl : r.eval_u;
+        held_out.ref_kl = score(reference, held_out.rows(held_out.kl), pad_id, device, eb).sum;
+      }
     }
     fmt::print("reference log-probs precomputed ({:.1f} s)\n", t.seconds());
   }

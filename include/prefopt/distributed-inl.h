@@ -13,15 +13,32 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <dirent.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cctype>
 #include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <sstream>
+#include <thread>
+#include <vector>
 
 #include <cerrno>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 PREFOPT_BEGIN_NAMESPACE
@@ -67,6 +84,307 @@ PREFOPT_INLINE int env_int(const char* name, const char* option, int value, int 
 
 PREFOPT_INLINE bool is_loopback(const std::string& addr) {
   return addr == "localhost" || addr == "::1" || addr.rfind("127.", 0) == 0;
+}
+
+using Clock = std::chrono::steady_clock;
+
+// How long a failed step took, as an error states it: a failure that came before the timeout
+// says after how long, not that the timeout passed.
+PREFOPT_INLINE std::string took(Clock::time_point t0, std::chrono::milliseconds timeout) {
+  const auto d = Clock::now() - t0;
+  std::ostringstream os;
+  os.precision(3);
+  if (d >= timeout) {
+    os << "within the " << std::chrono::duration<double>(timeout).count() << " s timeout";
+  } else {
+    os << "after " << std::chrono::duration<double>(d).count() << " s, before the "
+       << std::chrono::duration<double>(timeout).count() << " s timeout";
+  }
+  return os.str();
+}
+
+// A non-blocking TCP connection to host:port made within `limit`, or -1 (and why in `error`).
+PREFOPT_INLINE int connect_tcp(const std::string& host, int port, std::chrono::milliseconds limit,
+                               std::string* error = nullptr) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  const int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found);
+  if (rc != 0) {
+    if (error) *error = std::string("cannot resolve ") + host + ": " + ::gai_strerror(rc);
+    return -1;
+  }
+  if (error) *error = "timed out";
+  int out = -1;
+  for (addrinfo* a = found; a != nullptr && out < 0; a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;
+    bool ok = ::connect(fd, a->ai_addr, a->ai_addrlen) == 0;
+    if (!ok && errno == EINPROGRESS) {
+      pollfd p{fd, POLLOUT, 0};
+      int err = 0;
+      socklen_t len = sizeof(err);
+      ok = ::poll(&p, 1, static_cast<int>(limit.count())) == 1 &&
+           ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0;
+      if (err != 0 && error) *error = std::strerror(err);
+    } else if (!ok && error) {
+      *error = std::strerror(errno);
+    }
+    if (ok) {
+      out = fd;
+    } else {
+      ::close(fd);
+    }
+  }
+  ::freeaddrinfo(found);
+  return out;
+}
+
+// Whether something at host:port accepts a TCP connection within `limit`.
+PREFOPT_INLINE bool accepts_connections(const std::string& host, int port,
+                                        std::chrono::milliseconds limit) {
+  const int fd = connect_tcp(host, port, limit);
+  if (fd >= 0) ::close(fd);
+  return fd >= 0;
+}
+
+#if PREFOPT_TORCH_VERSION < 200
+// libtorch 1.13's store client starts a thread that reads whatever the server sends, and a
+// listener that is no c10d store (one that greets, say) aborts the process there. Before
+// making one, ask host:port a store query over a connection of our own: a CHECK of one key
+// (query 4, a count and a length-prefixed key), answered by one byte, 0 or 1. Retries the
+// connection until `deadline`, as the client would; `connected` is set once one is made.
+PREFOPT_INLINE void probe_store(const std::string& host, int port, Clock::time_point deadline,
+                                std::atomic<bool>& connected) {
+  int fd = -1;
+  std::string error;
+  while (fd < 0) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    fd = connect_tcp(host, port, std::max(left, std::chrono::milliseconds(1)), &error);
+    if (fd >= 0) break;
+    if (Clock::now() >= deadline) throw std::runtime_error("no connection: " + error);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  connected = true;
+  const std::string key = "prefopt/probe";
+  std::string query(1, '\x04');
+  const uint64_t count = 1, size = key.size();
+  query.append(reinterpret_cast<const char*>(&count), sizeof(count));
+  query.append(reinterpret_cast<const char*>(&size), sizeof(size));
+  query += key;
+  std::string problem;
+  if (::send(fd, query.data(), query.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(query.size())) {
+    problem = "the query could not be sent";
+  } else {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    pollfd p{fd, POLLIN, 0};
+    unsigned char answer = 0xff;
+    if (::poll(&p, 1, static_cast<int>(std::max<int64_t>(left.count(), 1))) != 1) {
+      problem = "no answer to a store query";
+    } else if (::recv(fd, &answer, 1, 0) != 1) {
+      problem = "the connection closed at a store query";
+    } else if (answer > 1) {
+      problem = "a store query answered with byte " + std::to_string(answer) + ", not 0 or 1";
+    }
+  }
+  ::close(fd);
+  if (!problem.empty()) throw std::runtime_error(problem);
+}
+#endif
+
+// The inodes of this process's open sockets.
+PREFOPT_INLINE std::vector<ino_t> socket_inodes() {
+  std::vector<ino_t> out;
+  if (DIR* dir = ::opendir("/proc/self/fd")) {
+    while (const dirent* e = ::readdir(dir)) {
+      struct stat st {};
+      if (e->d_name[0] != '.' && ::fstat(std::atoi(e->d_name), &st) == 0 && S_ISSOCK(st.st_mode))
+        out.push_back(st.st_ino);
+    }
+    ::closedir(dir);
+  }
+  return out;
+}
+
+// Shuts down (without closing) this process's sockets connected to port `port` that are not
+// among `before`: a client blocked reading one of them wakes up with an error.
+PREFOPT_INLINE void shut_new_sockets(const std::vector<ino_t>& before, int port) {
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return;
+  while (const dirent* e = ::readdir(dir)) {
+    const int fd = e->d_name[0] == '.' ? -1 : std::atoi(e->d_name);
+    struct stat st {};
+    if (fd < 0 || ::fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode) ||
+        std::find(before.begin(), before.end(), st.st_ino) != before.end())
+      continue;
+    sockaddr_storage peer{};
+    socklen_t len = sizeof(peer);
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) != 0) continue;
+    int peer_port = -1;
+    if (peer.ss_family == AF_INET)
+      peer_port = ntohs(reinterpret_cast<sockaddr_in*>(&peer)->sin_port);
+    if (peer.ss_family == AF_INET6)
+      peer_port = ntohs(reinterpret_cast<sockaddr_in6*>(&peer)->sin6_port);
+    if (peer_port == port) ::shutdown(fd, SHUT_RDWR);
+  }
+  ::closedir(dir);
+}
+
+// What the thread that connects to the store and meets the other ranks leaves behind.
+struct Meeting {
+  std::mutex mutex;
+  std::condition_variable done_cv;
+  bool done = false;
+  std::atomic<bool> connected{false};  // the TCPStore was made
+  std::atomic<bool> answered{false};   // and it answered a first query
+  c10::intrusive_ptr<c10d::Store> store;
+  std::string why;  // meet's verdict
+  std::exception_ptr error;
+};
+
+// prefopt's meeting at the store, before the backend's: every rank publishes the WORLD_SIZE it
+// was told under kWorldKey + rank; rank 0 reads them all and publishes its verdict under
+// kVerdictKey ("ok", "differs <rank> <world>" or "missing <ranks>"), which the others wait for
+// (and acknowledge under kAckKey).
+// A mismatch then fails on every rank, naming it, and a rank that never joins is named at the
+// timeout, instead of either surfacing (or hanging) inside the backend's rendezvous.
+constexpr const char* kWorldKey = "prefopt/init/world_size/";
+constexpr const char* kVerdictKey = "prefopt/init/verdict";
+constexpr const char* kAckKey = "prefopt/init/acks";
+
+PREFOPT_INLINE std::vector<uint8_t> to_bytes(const std::string& s) {
+  return std::vector<uint8_t>(s.begin(), s.end());
+}
+
+// Waits until `key` is in `store`, polling with backoff; false once `deadline` passes.
+PREFOPT_INLINE bool poll_key(c10d::Store& store, const std::string& key,
+                             Clock::time_point deadline) {
+  auto pause = std::chrono::milliseconds(1);
+  while (!store.check({key})) {
+    const auto now = Clock::now();
+    if (now >= deadline) return false;
+    std::this_thread::sleep_for(std::min<Clock::duration>(pause, deadline - now));
+    pause = std::min(pause * 2, std::chrono::milliseconds(50));
+  }
+  return true;
+}
+
+// The WORLD_SIZE rank `r` published ("?" when unreadable).
+PREFOPT_INLINE std::string world_of(c10d::Store& store, int r) {
+  const auto v = store.get(kWorldKey + std::to_string(r));
+  std::string s(v.begin(), v.end());
+  const bool digits =
+      !s.empty() && s.size() < 12 &&
+      std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isdigit(c); });
+  return digits ? s : "?";
+}
+
+// "rank 2", "ranks 1, 2", or the first 8 of many, for the ranks in [0, world) that have not
+// published their WORLD_SIZE.
+PREFOPT_INLINE std::string missing_ranks(c10d::Store& store, int world) {
+  std::vector<int> missing;
+  for (int r = 0; r < world; ++r)
+    if (!store.check({kWorldKey + std::to_string(r)})) missing.push_back(r);
+  std::ostringstream os;
+  os << (missing.size() == 1 ? "rank " : "ranks ");
+  for (size_t i = 0; i < missing.size() && i < 8; ++i) os << (i ? ", " : "") << missing[i];
+  if (missing.size() > 8) os << " and " << missing.size() - 8 << " more";
+  return os.str();
+}
+
+// After a failing verdict, rank 0 gives the other ranks until `until` to read it (they count
+// themselves under kAckKey) before it throws and its store goes away: all of them after a
+// mismatch (some may start late), those that joined after a timeout.
+PREFOPT_INLINE void await_acks(c10d::Store& store, int world, bool all, Clock::time_point until) {
+  int64_t expected = world - 1;
+  if (!all) {
+    expected = 0;
+    for (int r = 1; r < world; ++r) expected += store.check({kWorldKey + std::to_string(r)});
+  }
+  while (store.add(kAckKey, 0) < expected && Clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+}
+
+// The meeting (see kWorldKey) for rank `rank` of `world`, until `deadline`: an empty string
+// when every rank joined with the same WORLD_SIZE, else why not. Store failures propagate;
+// `answered` is set once the store answered a first query.
+PREFOPT_INLINE std::string meet(c10d::Store& store, int rank, int world, Clock::time_point deadline,
+                                std::atomic<bool>& answered) {
+  const std::string w = std::to_string(world);
+  const std::string never =
+      " (never started, crashed, or has another MASTER_ADDR or MASTER_PORT; a longer timeout "
+      "helps ranks that start slowly)";
+  store.set(kWorldKey + std::to_string(rank), to_bytes(w));
+  if (!store.check({kWorldKey + std::to_string(rank)}))
+    throw std::runtime_error("the key this rank had just set is not there");
+  answered = true;
+  if (rank == 0) {
+    const auto fail = [&](const std::string& verdict, const std::string& why) {
+      store.set(kVerdictKey, to_bytes(verdict));
+      const bool all = verdict.rfind("differs", 0) == 0;
+      await_acks(store, world, all, std::min(deadline, Clock::now() + std::chrono::seconds(5)));
+      return why;
+    };
+    for (int r = 1; r < world; ++r) {
+      if (!poll_key(store, kWorldKey + std::to_string(r), deadline)) {
+        const std::string m = missing_ranks(store, world);
+        return fail("missing " + m, m + " did not join" + never);
+      }
+      const std::string v = world_of(store, r);
+      if (v != w)
+        return fail("differs " + std::to_string(r) + " " + v,
+                    "the ranks disagree on WORLD_SIZE: rank " + std::to_string(r) + " was told " +
+                        v + ", this rank " + w);
+    }
+    store.set(kVerdictKey, to_bytes("ok"));
+    return "";
+  }
+  const auto decide = [&]() -> std::string {
+    if (!poll_key(store, std::string(kWorldKey) + "0", deadline))
+      return "rank 0 did not join, though its store answers";
+    const std::string v0 = world_of(store, 0);
+    if (v0 != w)
+      return "the ranks disagree on WORLD_SIZE: rank 0 was told " + v0 + ", this rank " + w;
+    if (!poll_key(store, kVerdictKey, deadline))
+      return missing_ranks(store, world) + " did not join" + never;
+    const auto b = store.get(kVerdictKey);
+    const std::string verdict(b.begin(), b.end());
+    if (verdict == "ok") return "";
+    std::istringstream in(verdict);
+    std::string kind, r, v;
+    in >> kind >> r >> v;
+    if (kind == "differs")
+      return "the ranks disagree on WORLD_SIZE: rank " + r + " was told " + v +
+             ", rank 0 and this rank " + w;
+    return verdict.substr(std::min<size_t>(verdict.size(), 8)) + " did not join" + never;
+  };
+  const std::string why = decide();
+  store.add(kAckKey, 1);
+  return why;
+}
+
+// The timeout of `group`'s Gloo backend, when it has one.
+PREFOPT_INLINE std::optional<std::chrono::milliseconds> gloo_timeout(c10d::ProcessGroup* group) {
+  try {
+#if PREFOPT_TORCH_VERSION >= 200
+    auto backend = group->getBackend(c10::DeviceType::CPU);
+    if (auto* gloo = dynamic_cast<c10d::ProcessGroupGloo*>(backend.get()))
+      return gloo->getOptions()->timeout;
+#else
+    if (auto* gloo = dynamic_cast<c10d::ProcessGroupGloo*>(group))
+      return gloo->getOptions()->timeout;
+#endif
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;
+}
+
+PREFOPT_INLINE bool says_timed_out(std::string msg) {
+  std::transform(msg.begin(), msg.end(), msg.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return msg.find("timed out") != std::string::npos || msg.find("timeout") != std::string::npos;
 }
 
 PREFOPT_INLINE c10::intrusive_ptr<c10d::ProcessGroup> make_gloo(
@@ -126,12 +444,25 @@ PREFOPT_INLINE void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c1
   std::vector<at::Tensor> buffers{tensor};
   c10d::AllreduceOptions opts;
   opts.reduceOp = op;
+  const auto t0 = dist::Clock::now();
   try {
     group->allreduce(buffers, opts)->wait();
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, what, ": all-reduce over ", group->getSize(), " ranks failed on rank ",
-                group->getRank(),
-                " (a peer died, or did not reach the collective in time): ", dist::first_line(e));
+    const std::string msg = dist::first_line(e);
+    const int n = group->getSize(), me = group->getRank();
+    const auto timeout = dist::gloo_timeout(group);
+    // A frozen or hung peer keeps its connections open: only the timeout ends the wait.
+    const bool timed_out =
+        dist::says_timed_out(msg) || (timeout && dist::Clock::now() - t0 >= *timeout);
+    const std::string peer = n == 2 ? "rank " + std::to_string(1 - me) : "a peer";
+    std::ostringstream limit;
+    limit.precision(3);
+    if (timeout) limit << " " << std::chrono::duration<double>(*timeout).count() << " s";
+    TORCH_CHECK(!timed_out, what, ": all-reduce over ", n, " ranks failed on rank ", me,
+                ": no answer within the", limit.str(), " timeout; ", peer,
+                " is frozen or hung, or did not reach this collective: ", msg);
+    TORCH_CHECK(false, what, ": all-reduce over ", n, " ranks failed on rank ", me,
+                " (a peer died, or did not reach the collective in time): ", msg);
   }
   if (!buffers[0].is_same(tensor)) tensor.copy_(buffers[0]);
 }
@@ -179,20 +510,8 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
               "built with NCCL); use DistBackend::kGloo");
   ctx.backend = backend;
 
-  // How long a failed step took, as the error states it: a failure that came before the
-  // timeout says after how long, not that the timeout passed.
-  const auto elapsed = [&o](std::chrono::steady_clock::time_point t0) {
-    const auto took = std::chrono::steady_clock::now() - t0;
-    const double s = std::chrono::duration<double>(took).count();
-    const double limit = std::chrono::duration<double>(o.timeout()).count();
-    std::ostringstream os;
-    os.precision(3);
-    if (took >= o.timeout()) {
-      os << "within the " << limit << " s timeout";
-    } else {
-      os << "after " << s << " s, before the " << limit << " s timeout";
-    }
-    return os.str();
+  const auto elapsed = [&o](detail::dist::Clock::time_point t0) {
+    return detail::dist::took(t0, o.timeout());
   };
   c10d::TCPStoreOptions so;
   so.port = static_cast<uint16_t>(port);
@@ -200,16 +519,100 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
   so.numWorkers = ctx.world_size;
   so.waitWorkers = false;
   so.timeout = o.timeout();
-  auto t0 = std::chrono::steady_clock::now();
-  try {
-    ctx.store = c10::make_intrusive<c10d::TCPStore>(addr, so);
-  } catch (const std::exception& e) {
-    TORCH_CHECK(
-        false, detail::dist::kInit, ": rank ", ctx.rank, " of ", ctx.world_size,
-        ctx.rank == 0 ? " could not host the TCPStore at " : " could not reach the master at ",
-        addr, ":", port, " ", elapsed(t0), ": ", detail::dist::first_line(e));
+  const std::string where = addr + ":" + std::to_string(port);
+  const std::string who =
+      "rank " + std::to_string(ctx.rank) + " of " + std::to_string(ctx.world_size);
+  // A thread connects to the store and meets the other ranks there; past the deadline (and a
+  // grace for the last queries), a client still blocked reading is woken by shutting down its
+  // sockets: libtorch's store clients wait for some answers without a timeout, so a listener
+  // that is no c10d store, or a frozen master, would otherwise hold this rank forever.
+  auto t0 = detail::dist::Clock::now();
+  const auto deadline = t0 + o.timeout();
+  const auto meeting = std::make_shared<detail::dist::Meeting>();
+  const auto before = detail::dist::socket_inodes();
+  std::thread helper([meeting, addr, so, rank = ctx.rank, world = ctx.world_size, deadline] {
+    std::string why;
+    std::exception_ptr error;
+    try {
+#if PREFOPT_TORCH_VERSION < 200
+      if (rank != 0) detail::dist::probe_store(addr, so.port, deadline, meeting->connected);
+#endif
+      c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(addr, so);
+      meeting->store = store;
+      meeting->connected = true;
+      why = detail::dist::meet(*store, rank, world, deadline, meeting->answered);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(meeting->mutex);
+    meeting->why = std::move(why);
+    meeting->error = error;
+    meeting->done = true;
+    meeting->done_cv.notify_all();
+  });
+  bool stuck = false;
+  {
+    std::unique_lock<std::mutex> lock(meeting->mutex);
+    const auto grace = std::chrono::milliseconds(500);
+    if (!meeting->done_cv.wait_until(lock, deadline + grace, [&] { return meeting->done; })) {
+      stuck = true;
+      for (int i = 0; i < 10 && !meeting->done; ++i) {
+        lock.unlock();
+        detail::dist::shut_new_sockets(before, port);
+        lock.lock();
+        meeting->done_cv.wait_for(lock, std::chrono::milliseconds(100),
+                                  [&] { return meeting->done; });
+      }
+    }
   }
-  t0 = std::chrono::steady_clock::now();
+  if (meeting->done) {
+    helper.join();
+  } else {
+    // Still blocked, or asleep between connection attempts: it owns what it uses.
+    helper.detach();
+  }
+  const bool connected = meeting->connected, answered = meeting->answered;
+  std::string why;
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(meeting->mutex);
+    why = meeting->why;
+    error = meeting->error;
+    if (meeting->done && error == nullptr) ctx.store = meeting->store;
+  }
+  const auto cause = [&]() -> std::string {
+    // Past the deadline the client's error is the one its shut-down socket gave it.
+    if (stuck) return connected ? "no answer" : "no connection";
+    if (error == nullptr) return "";
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      return detail::dist::first_line(e);
+    } catch (...) {
+      return "unknown error";
+    }
+  };
+  if (error != nullptr || stuck) {
+    const std::string msg = cause();
+    if (answered)
+      TORCH_CHECK(false, detail::dist::kInit, ": ", who, " lost the TCPStore at ", where, " ",
+                  elapsed(t0), " (did rank 0 freeze, exit or crash?): ", msg);
+    // Connected, or a client that gave up while something takes connections there: a listener
+    // that is no c10d store (or a frozen one).
+    if (ctx.rank != 0 && (connected || detail::dist::accepts_connections(
+                                           addr, port, std::chrono::milliseconds(1000))))
+      TORCH_CHECK(false, detail::dist::kInit, ": ", who, ": the listener at ", where,
+                  " is not a c10d TCPStore (or its process is frozen): no valid answer to a "
+                  "store query ",
+                  elapsed(t0), ": ", msg);
+    TORCH_CHECK(
+        false, detail::dist::kInit, ": ", who,
+        ctx.rank == 0 ? " could not host the TCPStore at " : " could not reach the master at ",
+        where, " ", elapsed(t0), ": ", msg);
+  }
+  TORCH_CHECK(why.empty(), detail::dist::kInit, ": ", who, " could not form the group through ",
+              where, " ", elapsed(t0), ": ", why);
+  t0 = detail::dist::Clock::now();
   try {
 #ifdef PREFOPT_WITH_NCCL
     if (backend == DistBackend::kNCCL) {

@@ -69,11 +69,16 @@ struct DistributedContext {
 /// A process that keeps the default SIGPIPE action gets it ignored (as Python does), so that a
 /// peer that dies mid-collective gives an error on this rank instead of killing it.
 ///
+/// Before the backend's rendezvous, the ranks meet at the store: each publishes the
+/// `WORLD_SIZE` it was told, rank 0 checks them all and publishes its verdict.
+///
 /// Errors (TORCH_CHECKs naming this function): a missing or malformed `RANK`, `WORLD_SIZE`,
 /// `MASTER_ADDR` or `MASTER_PORT`, or an option outside its variable's range (a port in
-/// [1, 65535]); a rank outside [0, WORLD_SIZE); an unreachable master or a rank that never
-/// joins within `timeout` (a failure that comes earlier says after how long, and its cause);
-/// NCCL asked for in a build without it.
+/// [1, 65535]); a rank outside [0, WORLD_SIZE); an unreachable master, a rank that never joins
+/// (named), or a listener on the master port that is not a c10d store (or is frozen), within
+/// `timeout` (and half a second); ranks told different `WORLD_SIZE`s, on every rank that joined,
+/// at once; a failure that comes before the timeout says after how long, and its cause; NCCL
+/// asked for in a build without it.
 ///
 /// Example (two CPU processes on one machine):
 /// ```
@@ -94,7 +99,8 @@ void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op
 }  // namespace detail
 
 /// Sums `tensor` over the ranks of `group`, in place (a no-op for one rank or no group).
-/// Waits for the result; a dead peer or a timeout surfaces as a c10::Error naming `what`.
+/// Waits for the result; a dead peer, or a frozen one at the group's timeout, surfaces as a
+/// c10::Error naming `what` and the cause.
 PREFOPT_API void all_reduce_sum(at::Tensor& tensor, c10d::ProcessGroup* group, const char* what);
 
 /// The bco_pair baseline update of TRL ≤ 0.28 across ranks: every rank's mean of this step's

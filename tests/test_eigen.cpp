@@ -1316,7 +1316,9 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
       {O().f_divergence_type(static_cast<prefopt::FDivergence>(7)),
        TO().f_divergence_type(static_cast<prefopt::FDivergence>(7))},
   };
-  for (const auto& [eo, to] : option_cases) {
+  for (const auto& c : option_cases) {
+    const O& eo = c.first;  // not a structured binding: C++17 lambdas cannot capture those
+    const TO& to = c.second;
     const auto em = eigen_message([&] { return pe::dpo_loss(in, eo); }, dpo);
     const auto tm = torch_message([&] { return F::dpo_loss(t.in, to); }, "prefopt::dpo_loss");
     EXPECT_EQ(em, tm);

@@ -189,7 +189,10 @@ TEST_F(EveryQualifyingLoss, DpoFamilyMatchesTheTwoPassOp) {
                  prefopt::FDivergence::kAlphaDivergence})
     cases.emplace_back(prefopt::f_divergence_name(f), DPOLossOptions().f_divergence_type(f));
   cases.emplace_back("sum reduction", DPOLossOptions(torch::kSum));
-  for (const auto& [name, o] : cases) {
+  for (const auto& c : cases) {
+    // Not a structured binding: C++17 lambdas cannot capture those (clang rejects it).
+    const std::string& name = c.first;
+    const DPOLossOptions& o = c.second;
     for (bool weighted : {false, true}) {
       const auto given = [&] {
         auto in = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
@@ -254,7 +257,9 @@ TEST_F(EveryQualifyingLoss, CpoSimpoAlphapoOrpoKtoMatchTheTwoPassOp) {
            .nll_normalization(prefopt::NLLNormalization::kSequenceMean)},
       {"alphapo", CPOLossOptions().loss_type(CPOLossType::kAlphaPO).alpha(0.25).cpo_alpha(0)},
       {"cpo sum", CPOLossOptions(torch::kSum)}};
-  for (const auto& [name, o] : cases) {
+  for (const auto& c : cases) {
+    const std::string& name = c.first;  // not a structured binding: the lambdas capture it
+    const CPOLossOptions& o = c.second;
     check(
         name, [&](const prefopt::PairLogprobs& p) { return F::cpo_loss(PairInputs(p), o).loss; },
         [&](const HeadBatch& b, const FusedLogprobsOptions& fo) {

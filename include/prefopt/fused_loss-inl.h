@@ -400,7 +400,10 @@ FusedLossOutput<Result, PairInputs> pairwise(const char* fn, const HeadBatch& b,
   const auto acc = acc_type(prep.in.hidden.scalar_type());
   const auto counts = at::zeros({prep.sel.S}, prep.sel.rows.seq.options())
                           .index_add_(0, prep.sel.rows.seq, at::ones_like(prep.sel.rows.seq));
-  const auto [nc, nr] = halves(counts);
+  // Not a structured binding: C++17 lambdas cannot capture those (clang rejects it).
+  const auto count_halves = halves(counts);
+  const at::Tensor& nc = count_halves.first;
+  const at::Tensor& nr = count_halves.second;
   auto base = given;
   if (base.weights().defined()) base.weights(base.weights().detach());
   base.chosen_lengths(nc).rejected_lengths(nr).logps_form(form);

@@ -1,19 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-// prefopt-eval: evaluates prefopt's losses on JSON requests, in float64, so that anyone can
-// check them against their Python trainer with the same numbers.
-//
-//   echo '{"loss": "sigmoid", "params": {"beta": 0.1}, "inputs": {...}}' | prefopt-eval
-//   prefopt-eval requests.json
+// prefopt-eval's request handling: JSON text in, JSON answer out. The tool (main.cpp) and its
+// fuzz target (tests/fuzz/fuzz_eval.cpp) both call prefopt_eval::handle.
+#include "request.h"
+
 #include <prefopt/prefopt.h>
-#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
-#include <fstream>
 #include <functional>
-#include <iostream>
 #include <set>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -21,6 +16,7 @@
 namespace F = prefopt::functional;
 using json = nlohmann::json;
 
+namespace prefopt_eval {
 namespace {
 
 /// A request that cannot be answered; its message goes to {"error": ...}.
@@ -457,8 +453,12 @@ json evaluate_metrics(const json& request) {
     if (key != "metrics" && key != "steps")
       throw RequestError("unknown metrics-request field '" + key + "'; known: metrics, steps");
   }
-  const Params p(request.contains("metrics") ? request["metrics"] : json::object(),
-                 {"logits", "prefix"});
+  // Both branches lvalues: with a prvalue json::object() the conditional would be a temporary
+  // copy, gone at the end of the statement while `p` still refers to it (ASan:
+  // stack-use-after-scope; found by the sanitizer configuration).
+  const json empty = json::object();
+  const json& metrics = request.contains("metrics") ? request["metrics"] : empty;
+  const Params p(metrics, {"logits", "prefix"});
   prefopt::MetricsOptions opts;
   opts.prefix(p.string("prefix", ""));
   const auto logits = p.string("logits", "scored");
@@ -539,76 +539,50 @@ std::string serialise(const json& j, int indent = -1) {
   return j.dump(indent, ' ', false, json::error_handler_t::replace);
 }
 
-/// Writes the answer {"error": message} to stdout (and the message to stderr).
-void print_error(const std::string& message) {
-  std::cerr << "prefopt-eval: " << message << "\n";
-  std::cout << serialise(json{{"error", message}}) << "\n";
-}
-
-/// Answers one request; on failure writes the message to stderr and returns {"error"}.
-json answer(const json& request, bool& failed) {
+/// Answers one request; on failure adds the message to `reply.err` and returns {"error"}.
+json answer(const json& request, Reply& reply) {
+  std::string message;
   try {
     return evaluate(request);
   } catch (const c10::Error& e) {
-    failed = true;
-    std::cerr << "prefopt-eval: " << e.what_without_backtrace() << "\n";
-    return {{"error", e.what_without_backtrace()}};
+    message = e.what_without_backtrace();
   } catch (const std::exception& e) {
-    failed = true;
-    std::cerr << "prefopt-eval: " << e.what() << "\n";
-    return {{"error", e.what()}};
+    message = e.what();
   }
+  reply.status = 2;
+  reply.err += "prefopt-eval: " + message + "\n";
+  return {{"error", message}};
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  CLI::App app{
-      "Evaluates prefopt's preference losses on JSON requests, in float64.\n"
-      "A request is {\"loss\": L, \"params\": {...}, \"inputs\": {...}}, or an array of them;\n"
-      "the answer is {\"loss\", \"losses\", \"chosen_rewards\", \"rejected_rewards\", "
-      "\"metrics\"}\n"
-      "per request, or {\"error\": ...} (then the exit status is 2). See the README."};
-  std::string path = "-";
-  int indent = -1;
-  app.add_option("file", path, "Request file; - or nothing reads standard input");
-  // Bounded: nlohmann-json reads past its indent buffer for indents of 1026 and more.
-  app.add_option("--indent", indent, "Pretty-print the JSON with this indent (default: one line)")
-      ->check(CLI::Range(0, 16));
-  CLI11_PARSE(app, argc, argv);
+Reply error_reply(const std::string& message) {
+  Reply reply;
+  reply.err = "prefopt-eval: " + message + "\n";
+  reply.out = serialise(json{{"error", message}}) + "\n";
+  reply.status = 2;
+  return reply;
+}
 
-  std::string text;
-  if (path == "-") {
-    std::ostringstream ss;
-    ss << std::cin.rdbuf();
-    text = ss.str();
-  } else {
-    std::ifstream f(path);
-    if (!f) {
-      print_error("cannot read " + path);
-      return 2;
-    }
-    std::ostringstream ss;
-    ss << f.rdbuf();
-    text = ss.str();
-  }
+Reply handle(std::string_view text, int indent) {
   json request;
   try {
     request = json::parse(text);
   } catch (const json::exception& e) {
     // Any JSON library error, not only parse_error: a number beyond double's range is an
     // out_of_range.
-    print_error(std::string("malformed JSON: ") + e.what());
-    return 2;
+    return error_reply(std::string("malformed JSON: ") + e.what());
   }
-  bool failed = false;
+  Reply reply;
   json out;
   if (request.is_array()) {
     out = json::array();
-    for (const auto& r : request) out.push_back(answer(r, failed));
+    for (const auto& r : request) out.push_back(answer(r, reply));
   } else {
-    out = answer(request, failed);
+    out = answer(request, reply);
   }
-  std::cout << serialise(out, indent) << "\n";
-  return failed ? 2 : 0;
+  reply.out = serialise(out, indent) + "\n";
+  return reply;
 }
+
+}  // namespace prefopt_eval

@@ -21,6 +21,7 @@
 
 #include <fmt/core.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join (in format.h before {fmt} 11)
 #include <torch/cuda.h>
 #include <torch/nn.h>
 #include <torch/optim/adamw.h>

@@ -27,8 +27,16 @@ using prefopt::CPOLossOptions;
 using prefopt::CPOLossType;
 using prefopt::DPOLossOptions;
 using prefopt::DPOLossType;
+using prefopt::FDivergence;
+using prefopt::FusedBackward;
 using prefopt::FusedLogprobsOptions;
+using prefopt::GatherBackend;
+using prefopt::GatherLogprobsOptions;
 using prefopt::HeadBatch;
+using prefopt::LogitsMetric;
+using prefopt::MetricAccumulator;
+using prefopt::MetricsOptions;
+using prefopt::MetricWindow;
 using prefopt::PairInputs;
 using prefopt_test::AllClose;
 using prefopt_test::SeededTest;
@@ -586,3 +594,46 @@ TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
 }
 
 }  // namespace
+
+// #20 item 16: an enum value cast from an integer outside the enum (a config file, a C API)
+// gets a named error, not an out-of-bounds read (the one-pass op used to index a name table
+// with it) nor a silent fallback.
+TEST_F(SeededTest, OutOfRangeEnumValuesAreNamedErrors) {
+  const Batch d(2, 5, 4, 7, false, at::kDouble);
+  const auto [rc, rr] = d.reference();
+  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto logits = at::randn({2, 5, 7}, at::kDouble);
+  const auto labels = at::zeros({2, 5}, at::kLong);
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::gather_logprobs(logits, labels,
+                         GatherLogprobsOptions().backend(static_cast<GatherBackend>(9))),
+      "prefopt::gather_logprobs: backend is not a GatherBackend value (got 9)");
+  const auto bad_backward = FusedLogprobsOptions().backward(static_cast<FusedBackward>(9));
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(at::randn({2, 5, 4}, at::kDouble), at::randn({7, 4}, at::kDouble), {},
+                        labels, bad_backward),
+      "prefopt::fused_logprobs: backward is not a FusedBackward value (got 9)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(at::randn({2, 5, 4}, at::kDouble), at::randn({7, 4}, at::kDouble), {},
+                        labels, FusedLogprobsOptions().backend(static_cast<GatherBackend>(9))),
+      "prefopt::fused_logprobs: backend is not a GatherBackend value (got 9)");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), given, {}, bad_backward),
+                             "prefopt::fused_dpo_loss: backward is not a FusedBackward value");
+  PREFOPT_EXPECT_THROWS_WITH(
+      MetricAccumulator(MetricsOptions().window(static_cast<MetricWindow>(9))),
+      "prefopt::MetricAccumulator: window is not a MetricWindow value (got 9)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      MetricAccumulator(MetricsOptions().logits(static_cast<LogitsMetric>(9))),
+      "prefopt::MetricAccumulator: logits is not a LogitsMetric value (got 9)");
+  // The losses' own enums (checked before this issue; kept here with the rest).
+  const auto in = PairInputs(given).policy_chosen_logps(rc).policy_rejected_logps(rr);
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(in, DPOLossOptions().loss_type(static_cast<DPOLossType>(99))),
+      "prefopt::dpo_loss: loss_type holds a value that is not a DPOLossType (99)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(in, DPOLossOptions().f_divergence_type(static_cast<FDivergence>(99))),
+      "prefopt::dpo_loss: f_divergence_type is not an FDivergence value (got 99)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::cpo_loss(in, CPOLossOptions().loss_type(static_cast<CPOLossType>(99))),
+      "prefopt::cpo_loss: loss_type is not a CPOLossType value (got 99)");
+}

@@ -420,6 +420,12 @@ PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,
   }
   TORCH_CHECK(std::isfinite(o.temperature()) && o.temperature() > 0, fn,
               ": expected a finite temperature > 0, got ", o.temperature());
+  // Values cast from an integer outside the enums.
+  TORCH_CHECK(static_cast<unsigned>(o.backend()) <= static_cast<unsigned>(GatherBackend::kATen), fn,
+              ": backend is not a GatherBackend value (got ", static_cast<int>(o.backend()), ")");
+  TORCH_CHECK(static_cast<unsigned>(o.backward()) <= static_cast<unsigned>(FusedBackward::kTiles),
+              fn, ": backward is not a FusedBackward value (got ", static_cast<int>(o.backward()),
+              ")");
   TORCH_CHECK(std::isfinite(o.softcap()) && o.softcap() >= 0, fn,
               ": expected a finite softcap >= 0 (0: off), got ", o.softcap());
   TORCH_CHECK(

@@ -315,6 +315,9 @@ struct Prepared {
 
 PREFOPT_INLINE Prepared prepare(const char* fn, const HeadBatch& b, const FusedLogprobsOptions& o) {
   const char* blocking[] = {"kAuto", "kTokenChunks", "kVocabBlocks", "kTiles"};
+  TORCH_CHECK(static_cast<unsigned>(o.backward()) <= static_cast<unsigned>(FusedBackward::kTiles),
+              fn, ": backward is not a FusedBackward value (got ", static_cast<int>(o.backward()),
+              ")");
   TORCH_CHECK(o.backward() == FusedBackward::kAuto, fn,
               ": expected FusedBackward::kAuto (the one-pass op has no separate backward pass ",
               "to block; the option applies to fused_logprobs), got FusedBackward::",

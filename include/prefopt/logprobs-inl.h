@@ -66,6 +66,9 @@ PREFOPT_INLINE void check_logits(const char* fn, const at::Tensor& logits, int64
               dim == 3 ? " [B, T, V]" : " [N, V]", ", got shape ", logits.sizes());
   check_floating(fn, "logits", logits);
   TORCH_CHECK(logits.size(-1) > 0, fn, ": expected a vocabulary of at least 1 entry, got V = 0");
+  // A value cast from an integer (a config file, a C API) outside the enum.
+  TORCH_CHECK(static_cast<unsigned>(o.backend()) <= static_cast<unsigned>(GatherBackend::kATen), fn,
+              ": backend is not a GatherBackend value (got ", static_cast<int>(o.backend()), ")");
   TORCH_CHECK(
       o.backend() != GatherBackend::kKernel || logits.is_cpu() ||
           (logits.is_cuda() && has_cuda_kernels()),

@@ -839,6 +839,11 @@ TEST(Distributed, OptionsAreRangeChecked) {
   PREFOPT_EXPECT_THROWS_WITH(
       prefopt::init_process_group(ProcessGroupOptions(one).master_port(port).rank(-2)),
       "expected ProcessGroupOptions::rank in [0, 1048576]");
+  // #20 item 16: an out-of-range backend made a Gloo group silently.
+  PREFOPT_EXPECT_THROWS_WITH(
+      prefopt::init_process_group(
+          ProcessGroupOptions(one).master_port(port).backend(static_cast<prefopt::DistBackend>(9))),
+      "prefopt::init_process_group: backend is not a DistBackend value (got 9)");
 }
 
 TEST(Distributed, SingleRankGroup) {

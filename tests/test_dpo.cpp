@@ -483,6 +483,25 @@ TEST_F(DPOLossTest, Errors) {
                              "aot and aot_unpaired sort the batch");
   PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(in).nll_loss(at::ones({2})), DPOLossOptions()),
                              "expected nll_loss to be a scalar, got shape [2]");
+  // #20 item 16: complex (or bool, or integer) weights, counts and NLL were cast silently.
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(in).weights(at::ones({4}, at::kComplexDouble))),
+                             "prefopt::dpo_loss: expected weights to be floating point "
+                             "(fp64/fp32/bf16/fp16), got ComplexDouble");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(in).weights(at::ones({4}, at::kLong))),
+                             "prefopt::dpo_loss: expected weights to be floating point");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(PairInputs(in).chosen_lengths(at::ones({4}, at::kComplexFloat)),
+                  DPOLossOptions().loss_type(DPOLossType::kIPO)),
+      "prefopt::dpo_loss: expected chosen_lengths to be token counts (an integer or floating "
+      "dtype), got ComplexFloat");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(PairInputs(in).rejected_lengths(at::ones({4}, at::kBool)),
+                  DPOLossOptions().loss_type(DPOLossType::kIPO)),
+      "prefopt::dpo_loss: expected rejected_lengths to be token counts (an integer or floating "
+      "dtype), got Bool");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(in).nll_loss(at::ones({}, at::kComplexDouble)),
+                                         DPOLossOptions().rpo_alpha(1.0)),
+                             "prefopt::dpo_loss: expected nll_loss to be floating point");
   PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(in, at::ones({2}), DPOLossOptions()),
                              "expected bco_delta to be a scalar");
   PREFOPT_EXPECT_THROWS_WITH(prefopt::BCOBaseline().update(1.0, -1.0, 1.0),

@@ -118,6 +118,15 @@ TEST_F(KTOLossTest, Errors) {
                              "prefopt::kto_loss: expected both policy_KL_logps and "
                              "reference_KL_logps for the KL estimate, got only policy_KL_logps");
   PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).kl(x)), "expected kl to be a scalar");
+  // #20 item 16: a complex or integer kl was cast silently (dropping the imaginary part); a
+  // NaN kl turned every loss into NaN.
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).kl(at::ones({}, at::kComplexDouble))),
+                             "prefopt::kto_loss: expected kl to be floating point, got "
+                             "ComplexDouble");
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).kl(at::ones({}, at::kLong))),
+                             "prefopt::kto_loss: expected kl to be floating point, got Long");
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_loss(KTOInputs(in).kl(at::full({}, NAN, at::kDouble))),
+                             "prefopt::kto_loss: expected a finite kl, got nan");
   PREFOPT_EXPECT_THROWS_WITH(prefopt::kto_loss_type_from_name("kto_pair"),
                              "unknown KTO loss type 'kto_pair'");
 }

@@ -503,6 +503,9 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
               o.timeout().count(), " ms");
 
   DistBackend backend = o.backend();
+  TORCH_CHECK_VALUE(static_cast<unsigned>(backend) <= static_cast<unsigned>(DistBackend::kNCCL),
+                    detail::dist::kInit, ": backend is not a DistBackend value (got ",
+                    static_cast<int>(backend), ")");
   if (backend == DistBackend::kAuto)
     backend = has_nccl() && detail::cuda_available() ? DistBackend::kNCCL : DistBackend::kGloo;
   TORCH_CHECK(backend != DistBackend::kNCCL || has_nccl(), detail::dist::kInit,

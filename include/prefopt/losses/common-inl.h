@@ -27,6 +27,9 @@ PREFOPT_INLINE void check_floating_logps(const char* fn, const char* name, const
 }
 
 PREFOPT_INLINE void check_counts(const char* fn, const char* name, const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK((at::isIntegralType(st, /*includeBool=*/false) || at::isFloatingType(st)), fn,
+              ": expected ", name, " to be token counts (an integer or floating dtype), got ", st);
   // Checked on CPU only: reading the answer of a device tensor would synchronise with the
   // device on every step, which a training loop's inputs must not cost.
   if (!t.device().is_cpu() || t.numel() == 0) return;
@@ -66,10 +69,14 @@ PREFOPT_INLINE int64_t check_pair_inputs(const char* fn, const PairInputs& in,
     check_logps(fn, "rejected_lengths", in.rejected_lengths(), B, dev);
     check_counts(fn, "rejected_lengths", in.rejected_lengths());
   }
-  if (in.weights().defined()) check_logps(fn, "weights", in.weights(), B, dev);
+  if (in.weights().defined()) {
+    check_logps(fn, "weights", in.weights(), B, dev);
+    check_floating_logps(fn, "weights", in.weights());
+  }
   if (in.nll_loss().defined()) {
     TORCH_CHECK(in.nll_loss().numel() == 1, fn, ": expected nll_loss to be a scalar, got shape ",
                 in.nll_loss().sizes());
+    check_floating_logps(fn, "nll_loss", in.nll_loss());
   }
   return B;
 }

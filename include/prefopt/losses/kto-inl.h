@@ -79,6 +79,11 @@ PREFOPT_INLINE KTOLossResult kto_loss(const KTOInputs& in, const KTOLossFuncOpti
   } else if (in.kl().defined()) {
     TORCH_CHECK(in.kl().numel() == 1, fn, ": expected kl to be a scalar, got shape ",
                 in.kl().sizes());
+    TORCH_CHECK(at::isFloatingType(in.kl().scalar_type()), fn,
+                ": expected kl to be floating point, got ", in.kl().scalar_type());
+    // Read on CPU only (a device value would cost a synchronisation every step).
+    TORCH_CHECK_VALUE(!in.kl().device().is_cpu() || std::isfinite(in.kl().item<double>()), fn,
+                      ": expected a finite kl, got ", in.kl().item<double>());
     z = in.kl().detach().reshape({}).to(dev, dt).clamp_min(0);
   } else if (kl_logps) {
     z = detail::cast(kto_kl(in.policy_KL_logps(), in.reference_KL_logps()), dt);

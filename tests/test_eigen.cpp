@@ -1406,6 +1406,11 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
                       "expected reference_KL_logps of shape [3] like policy_KL_logps, got [2]");
   EXPECT_EIGEN_THROWS(pe::kto_loss(kin2, pe::KTOLossOptions().undesirable_weight(-1)),
                       "prefopt::eigen::kto_loss", "expected undesirable_weight >= 0, got -1");
+  // A NaN kl made every loss NaN (std::max(NaN, 0) is NaN).
+  auto kin3 = kin;
+  kin3.reference_rejected_logps(v2).kl(std::numeric_limits<double>::quiet_NaN());
+  EXPECT_EIGEN_THROWS(pe::kto_loss(kin3), "prefopt::eigen::kto_loss",
+                      "expected a finite kl, got nan");
   // Gathering.
   const char* g = "prefopt::eigen::gather_packed_logprobs";
   pe::RowMatrix<double> logits = pe::RowMatrix<double>::Zero(4, 3);

@@ -150,6 +150,7 @@ KTOLossResult<T> kto_loss(const KTOInputs<T>& in, const KTOLossOptions& o = {}) 
                                     "log-probs given are ignored"));
     }
   } else if (in.kl()) {
+    detail::check(std::isfinite(*in.kl()), fn, ": expected a finite kl, got ", *in.kl());
     z = std::max(*in.kl(), T(0));
   } else if (kl_logps) {
     z = kto_kl<T>(*in.policy_KL_logps(), *in.reference_KL_logps());

@@ -194,42 +194,41 @@ PREFOPT_INLINE void probe_store(const std::string& host, int port, Clock::time_p
 }
 #endif
 
+// Calls f(fd, inode) for each open socket of this process.
+template <typename F>
+void for_each_socket(F&& f) {
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return;
+  while (const dirent* e = ::readdir(dir)) {
+    struct stat st {};
+    const int fd = e->d_name[0] == '.' ? -1 : std::atoi(e->d_name);
+    if (fd >= 0 && ::fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode)) f(fd, st.st_ino);
+  }
+  ::closedir(dir);
+}
+
 // The inodes of this process's open sockets.
 PREFOPT_INLINE std::vector<ino_t> socket_inodes() {
   std::vector<ino_t> out;
-  if (DIR* dir = ::opendir("/proc/self/fd")) {
-    while (const dirent* e = ::readdir(dir)) {
-      struct stat st {};
-      if (e->d_name[0] != '.' && ::fstat(std::atoi(e->d_name), &st) == 0 && S_ISSOCK(st.st_mode))
-        out.push_back(st.st_ino);
-    }
-    ::closedir(dir);
-  }
+  for_each_socket([&out](int, ino_t inode) { out.push_back(inode); });
   return out;
 }
 
 // Shuts down (without closing) this process's sockets connected to port `port` that are not
 // among `before`: a client blocked reading one of them wakes up with an error.
 PREFOPT_INLINE void shut_new_sockets(const std::vector<ino_t>& before, int port) {
-  DIR* dir = ::opendir("/proc/self/fd");
-  if (dir == nullptr) return;
-  while (const dirent* e = ::readdir(dir)) {
-    const int fd = e->d_name[0] == '.' ? -1 : std::atoi(e->d_name);
-    struct stat st {};
-    if (fd < 0 || ::fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode) ||
-        std::find(before.begin(), before.end(), st.st_ino) != before.end())
-      continue;
+  for_each_socket([&](int fd, ino_t inode) {
+    if (std::find(before.begin(), before.end(), inode) != before.end()) return;
     sockaddr_storage peer{};
     socklen_t len = sizeof(peer);
-    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) != 0) continue;
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) != 0) return;
     int peer_port = -1;
     if (peer.ss_family == AF_INET)
       peer_port = ntohs(reinterpret_cast<sockaddr_in*>(&peer)->sin_port);
     if (peer.ss_family == AF_INET6)
       peer_port = ntohs(reinterpret_cast<sockaddr_in6*>(&peer)->sin6_port);
     if (peer_port == port) ::shutdown(fd, SHUT_RDWR);
-  }
-  ::closedir(dir);
+  });
 }
 
 // What the thread that connects to the store and meets the other ranks leaves behind.

@@ -933,134 +933,110 @@ int main(int argc, char** argv) {
   // CLI11 ignores unknown keys of a config file by default: a misspelt option would then
   // silently train with its default.
   app.allow_config_extras(CLI::config_extras_mode::error);
-  const auto opt = [](CLI::App* g, const std::string& trl, auto& value, const std::string& help) {
+  const auto opt_without_default = [](CLI::App* g, const std::string& trl, auto& value,
+                                      const std::string& help) {
     std::string dashed = trl;
     std::replace(dashed.begin(), dashed.end(), '_', '-');
     const auto names = dashed == trl ? "--" + trl : "--" + trl + ",--" + dashed;
     return g->add_option(names, value, help);
   };
+  // Most options show their default in --help; a few have none that means anything (beta's
+  // depends on the loss).
+  const auto opt = [&opt_without_default](CLI::App* g, const std::string& trl, auto& value,
+                                          const std::string& help) {
+    return opt_without_default(g, trl, value, help)->capture_default_str();
+  };
 
   auto* io = app.add_option_group("model, data and output");
-  opt(io, "model", o.model, "checkpoint folder: config.json, model.safetensors, tokenizer.json")
-      ->capture_default_str();
+  opt(io, "model", o.model, "checkpoint folder: config.json, model.safetensors, tokenizer.json");
   opt(io, "data", o.data,
       "preference data: TRL's JSONL (prompt/chosen/rejected, or prompt/completion/label for "
-      "KTO; text or messages), HH-RLHF (.jsonl.gz), or Stack Exchange pairs (.json)")
-      ->capture_default_str();
+      "KTO; text or messages), HH-RLHF (.jsonl.gz), or Stack Exchange pairs (.json)");
   opt(io, "eval_start", o.eval_start,
       "rows of --data from this 0-based row on are held out; the rows before it train")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
-  opt(io, "eval_data", o.eval_data, "held-out data from another file instead of --eval_start");
+      ->check(CLI::NonNegativeNumber);
+  opt_without_default(io, "eval_data", o.eval_data,
+                      "held-out data from another file instead of --eval_start");
   opt(io, "train_limit", o.train_limit, "use only the first N training examples (0: all)")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
+      ->check(CLI::NonNegativeNumber);
   opt(io, "eval_limit", o.eval_limit, "use only the first N held-out examples (0: all)")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
+      ->check(CLI::NonNegativeNumber);
   opt(io, "output_dir", o.output_dir,
-      "folder for model.safetensors, config.json, metrics.jsonl, curves.png, summary.json")
-      ->capture_default_str();
+      "folder for model.safetensors, config.json, metrics.jsonl, curves.png, summary.json");
   io->add_flag("!--no-save,!--no_save", o.save, "do not save the trained model");
   io->add_flag("!--no-plot,!--no_plot", o.plot, "skip the gnuplot PNG");
   io->add_flag("!--no-ascii,!--no_ascii", o.ascii,
                "keep typographic quotes and dashes (default: mapped to ASCII, which the "
                "TinyStories vocabulary has)");
-  opt(io, "device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
-  opt(io, "threads", o.threads, "intra-op threads")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  opt(io, "seed", o.seed, "seed of the shuffling")->capture_default_str();
+  opt(io, "device", o.device, "cpu, cuda or cuda:N");
+  opt(io, "threads", o.threads, "intra-op threads")->check(CLI::PositiveNumber);
+  opt(io, "seed", o.seed, "seed of the shuffling");
 
   auto* tr = app.add_option_group("training (TRL TrainingArguments)");
   opt(tr, "loss", o.loss,
       "sft, a DPO loss_type (sigmoid, hinge, ipo, robust, exo_pair, nca_pair, bco_pair, "
       "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm) or a "
       "comma-separated list of them (with sft: MPO), orpo, simpo, cpo, tpo, kto, "
-      "apo_zero_unpaired")
-      ->capture_default_str();
+      "apo_zero_unpaired");
   opt(tr, "num_train_epochs", o.epochs, "epochs over the training examples")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  opt(tr, "max_steps", o.max_steps, "optimizer steps (overrides the epochs when >= 0)")
-      ->capture_default_str();
+      ->check(CLI::PositiveNumber);
+  opt(tr, "max_steps", o.max_steps, "optimizer steps (overrides the epochs when >= 0)");
   opt(tr, "per_device_train_batch_size", o.batch, "pairs (KTO: examples) per micro-step")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+      ->check(CLI::PositiveNumber);
   opt(tr, "gradient_accumulation_steps", o.accum, "micro-steps per optimizer step")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+      ->check(CLI::PositiveNumber);
   opt(tr, "per_device_eval_batch_size", o.eval_batch, "sequences per evaluation forward")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+      ->check(CLI::PositiveNumber);
   opt(tr, "learning_rate", o.lr,
       "peak learning rate of AdamW (TRL's 1e-6 suits billions of parameters, not 656K)")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+      ->check(CLI::PositiveNumber);
   opt(tr, "lr_scheduler_type", o.scheduler, "after the warmup")
-      ->check(CLI::IsMember({"cosine", "linear", "constant_with_warmup"}))
-      ->capture_default_str();
+      ->check(CLI::IsMember({"cosine", "linear", "constant_with_warmup"}));
   opt(tr, "warmup_ratio", o.warmup_ratio, "share of the steps with a linear warmup")
-      ->check(CLI::Range(0.0, 1.0))
-      ->capture_default_str();
-  opt(tr, "weight_decay", o.weight_decay, "AdamW's decoupled weight decay")->capture_default_str();
-  opt(tr, "max_grad_norm", o.max_grad_norm, "gradient clipping")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+      ->check(CLI::Range(0.0, 1.0));
+  opt(tr, "weight_decay", o.weight_decay, "AdamW's decoupled weight decay");
+  opt(tr, "max_grad_norm", o.max_grad_norm, "gradient clipping")->check(CLI::PositiveNumber);
   opt(tr, "max_length", o.max_length, "tokens of prompt + completion (TRL's classic truncation)")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+      ->check(CLI::PositiveNumber);
   opt(tr, "max_prompt_length", o.max_prompt_length, "prompt tokens kept (cut from the left)")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+      ->check(CLI::PositiveNumber);
 
   auto* lg = app.add_option_group("logging and evaluation");
-  opt(lg, "logging_steps", o.logging_steps, "steps per metrics record")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  opt(lg, "logging_steps", o.logging_steps, "steps per metrics record")->check(CLI::PositiveNumber);
   opt(lg, "print_every", o.print_every, "steps between metrics lines on the terminal")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+      ->check(CLI::PositiveNumber);
   opt(lg, "eval_steps", o.eval_steps, "steps between evaluations (held-out and training subset)")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+      ->check(CLI::PositiveNumber);
   opt(lg, "eval_train_pairs", o.eval_train_pairs,
       "training pairs scored at the evaluations during training (all of them at the end)")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
+      ->check(CLI::NonNegativeNumber);
 
   auto* ls = app.add_option_group("loss options (TRL's names)");
-  opt(ls, "beta", o.beta, "beta (ORPO's lambda) [0.1; simpo 2; tpo 0.01]");
+  opt_without_default(ls, "beta", o.beta, "beta (ORPO's lambda) [0.1; simpo 2; tpo 0.01]");
   opt(ls, "label_smoothing", o.label_smoothing,
-      "epsilon of robust, exo_pair, aot, CPO, SimPO, TPO; of sigmoid with --cdpo")
-      ->capture_default_str();
+      "epsilon of robust, exo_pair, aot, CPO, SimPO, TPO; of sigmoid with --cdpo");
   ls->add_flag("--cdpo", o.cdpo,
                "conservative DPO: --label_smoothing also smooths sigmoid (TRL <= 0.28)");
-  opt(ls, "rpo_alpha", o.rpo_alpha, "weight of the chosen NLL added to DPO losses (RPO)")
-      ->capture_default_str();
-  opt(ls, "loss_weights", o.loss_weights, "weights of a list of DPO loss types (MPO)")
+  opt(ls, "rpo_alpha", o.rpo_alpha, "weight of the chosen NLL added to DPO losses (RPO)");
+  opt_without_default(ls, "loss_weights", o.loss_weights,
+                      "weights of a list of DPO loss types (MPO)")
       ->delimiter(',');
   opt(ls, "f_divergence_type", o.f_divergence_type, "DPO's f-divergence")
-      ->check(CLI::IsMember({"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"}))
-      ->capture_default_str();
-  opt(ls, "f_alpha_divergence_coef", o.f_alpha_divergence_coef, "alpha of alpha_divergence")
-      ->capture_default_str();
-  opt(ls, "discopop_tau", o.discopop_tau, "tau of discopop")->capture_default_str();
-  opt(ls, "simpo_gamma", o.simpo_gamma, "SimPO's target margin gamma")->capture_default_str();
-  opt(ls, "cpo_alpha", o.cpo_alpha, "NLL weight of CPO (default 1) and SimPO (default 0)");
+      ->check(CLI::IsMember({"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"}));
+  opt(ls, "f_alpha_divergence_coef", o.f_alpha_divergence_coef, "alpha of alpha_divergence");
+  opt(ls, "discopop_tau", o.discopop_tau, "tau of discopop");
+  opt(ls, "simpo_gamma", o.simpo_gamma, "SimPO's target margin gamma");
+  opt_without_default(ls, "cpo_alpha", o.cpo_alpha,
+                      "NLL weight of CPO (default 1) and SimPO (default 0)");
   opt(ls, "cpo_loss_type", o.cpo_loss_type, "CPO's form")
-      ->check(CLI::IsMember({"sigmoid", "hinge", "ipo", "simpo", "alphapo"}))
-      ->capture_default_str();
-  opt(ls, "alpha", o.alpha, "AlphaPO's alpha (SimPO, CPO simpo/alphapo)")->capture_default_str();
+      ->check(CLI::IsMember({"sigmoid", "hinge", "ipo", "simpo", "alphapo"}));
+  opt(ls, "alpha", o.alpha, "AlphaPO's alpha (SimPO, CPO simpo/alphapo)");
   opt(ls, "tpo_loss_type", o.tpo_loss_type, "TPO's form")
-      ->check(CLI::IsMember({"sigmoid", "hinge", "ipo", "tpo-l"}))
-      ->capture_default_str();
-  opt(ls, "tpo_alpha", o.tpo_alpha, "weight of TPO's gold-response NLL")->capture_default_str();
-  opt(ls, "tpo_l_gamma", o.tpo_l_gamma, "gamma of tpo-l")->capture_default_str();
-  opt(ls, "desirable_weight", o.desirable_weight, "KTO weight of desirable examples")
-      ->capture_default_str();
-  opt(ls, "undesirable_weight", o.undesirable_weight, "KTO weight of undesirable examples")
-      ->capture_default_str();
+      ->check(CLI::IsMember({"sigmoid", "hinge", "ipo", "tpo-l"}));
+  opt(ls, "tpo_alpha", o.tpo_alpha, "weight of TPO's gold-response NLL");
+  opt(ls, "tpo_l_gamma", o.tpo_l_gamma, "gamma of tpo-l");
+  opt(ls, "desirable_weight", o.desirable_weight, "KTO weight of desirable examples");
+  opt(ls, "undesirable_weight", o.undesirable_weight, "KTO weight of undesirable examples");
   CLI11_PARSE(app, argc, argv);
 
   const auto fail = [](const std::string& msg) {

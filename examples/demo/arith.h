@@ -1,143 +1,25 @@
 // SPDX-License-Identifier: Apache-2.0
-// The demo's task: fixed-width addition, generated deterministically from a seed and scored
-// by a program. "047+038=" is the prompt, "085" the answer (n + 1 digits, zero-padded, most
-// significant first). The typical wrong answer is the one with every carry dropped ("075").
+// The demo's task (examples/common/arith.h) as libtorch batches.
 #pragma once
 #include <ATen/ATen.h>
 
-#include <cstdint>
-#include <random>
-#include <unordered_set>
-#include <vector>
+#include "../common/arith.h"
 
 namespace arith {
 
-// Tokens: the digits are their own ids, then '+' and '='.
-constexpr int64_t kPlus = 10, kEquals = 11, kVocab = 12;
-
-struct Problem {
-  int64_t a = 0, b = 0;
-};
-
-class Task {
- public:
-  explicit Task(int digits) : digits_(digits) {
-    limit_ = 1;
-    for (int i = 0; i < digits; ++i) limit_ *= 10;
+/// [B, seq_len] ids and labels (-100 on the prompt, so only the answer is scored).
+inline void batch(const Task& task, const std::vector<Problem>& problems,
+                  const std::vector<int64_t>& answers, at::Tensor& ids, at::Tensor& labels) {
+  const auto B = static_cast<int64_t>(problems.size()), T = task.seq_len();
+  std::vector<int64_t> flat;
+  flat.reserve(static_cast<size_t>(B * T));
+  for (size_t i = 0; i < problems.size(); ++i) {
+    const auto t = task.tokens(problems[i], answers[i]);
+    flat.insert(flat.end(), t.begin(), t.end());
   }
-
-  int digits() const { return digits_; }
-  int64_t prompt_len() const { return 2 * digits_ + 2; }
-  int64_t answer_len() const { return digits_ + 1; }
-  int64_t seq_len() const { return prompt_len() + answer_len(); }
-  int64_t limit() const { return limit_; }
-
-  static int64_t correct(const Problem& p) { return p.a + p.b; }
-  // Digit-wise sum with every carry dropped: 47 + 38 -> 75, 95 + 17 -> 2 (i.e. "002").
-  int64_t dropped_carry(const Problem& p) const {
-    int64_t out = 0, scale = 1, a = p.a, b = p.b;
-    for (int i = 0; i < digits_; ++i, a /= 10, b /= 10, scale *= 10)
-      out += (a % 10 + b % 10) % 10 * scale;
-    return out;
-  }
-  bool has_carry(const Problem& p) const { return dropped_carry(p) != correct(p); }
-
-  // The prompt's tokens followed by the answer's digits.
-  std::vector<int64_t> tokens(const Problem& p, int64_t answer) const {
-    std::vector<int64_t> out;
-    out.reserve(static_cast<size_t>(seq_len()));
-    append_digits(out, p.a, digits_);
-    out.push_back(kPlus);
-    append_digits(out, p.b, digits_);
-    out.push_back(kEquals);
-    append_digits(out, answer, digits_ + 1);
-    return out;
-  }
-
-  // [B, seq_len] ids and labels (-100 on the prompt, so only the answer is scored).
-  void batch(const std::vector<Problem>& problems, const std::vector<int64_t>& answers,
-             at::Tensor& ids, at::Tensor& labels) const {
-    const auto B = static_cast<int64_t>(problems.size()), T = seq_len();
-    std::vector<int64_t> flat;
-    flat.reserve(static_cast<size_t>(B * T));
-    for (size_t i = 0; i < problems.size(); ++i) {
-      const auto t = tokens(problems[i], answers[i]);
-      flat.insert(flat.end(), t.begin(), t.end());
-    }
-    ids = at::tensor(flat, at::kLong).view({B, T});
-    labels = ids.clone();
-    labels.narrow(1, 0, prompt_len()).fill_(-100);
-  }
-
-  // Decodes the answer digits of greedy generations [B, answer_len].
-  static int64_t value(const int64_t* digits, int64_t n) {
-    int64_t v = 0;
-    for (int64_t i = 0; i < n; ++i) v = v * 10 + (digits[i] < 10 ? digits[i] : 0);
-    return v;
-  }
-
- private:
-  static void append_digits(std::vector<int64_t>& out, int64_t v, int width) {
-    const auto at = out.size();
-    out.resize(at + static_cast<size_t>(width));
-    for (int i = width - 1; i >= 0; --i, v /= 10) out[at + static_cast<size_t>(i)] = v % 10;
-  }
-
-  int digits_;
-  int64_t limit_;
-};
-
-// Draws problems from a seeded generator, never one of the held-out set (the evaluation
-// prompts are kept out of every training stage).
-class Sampler {
- public:
-  Sampler(const Task& task, uint64_t seed, const std::unordered_set<int64_t>& held_out)
-      : task_(task), rng_(seed), held_out_(held_out) {}
-
-  Problem draw() {
-    std::uniform_int_distribution<int64_t> d(0, task_.limit() - 1);
-    for (;;) {
-      Problem p{d(rng_), d(rng_)};
-      if (!held_out_.count(p.a * task_.limit() + p.b)) return p;
-    }
-  }
-  std::vector<Problem> draw(int64_t n) {
-    std::vector<Problem> out(static_cast<size_t>(n));
-    for (auto& p : out) p = draw();
-    return out;
-  }
-  double uniform() { return std::uniform_real_distribution<double>(0.0, 1.0)(rng_); }
-  std::mt19937_64& rng() { return rng_; }
-
- private:
-  const Task& task_;
-  std::mt19937_64 rng_;
-  const std::unordered_set<int64_t>& held_out_;
-};
-
-// The held-out prompts: `n` distinct problems drawn from their own seed.
-inline std::vector<Problem> held_out_problems(const Task& task, uint64_t seed, int64_t n,
-                                              std::unordered_set<int64_t>& keys) {
-  std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ULL);
-  std::uniform_int_distribution<int64_t> d(0, task.limit() - 1);
-  std::vector<Problem> out;
-  while (static_cast<int64_t>(out.size()) < n) {
-    Problem p{d(rng), d(rng)};
-    if (keys.insert(p.a * task.limit() + p.b).second) out.push_back(p);
-  }
-  return out;
-}
-
-// The rejected answer of a preference pair: the typical mistake on this problem. With a carry,
-// the carry dropped; without one, a slip of one digit by one (so every prompt has a pair).
-inline int64_t rejected_answer(const Task& task, const Problem& p, std::mt19937_64& rng) {
-  if (task.has_carry(p)) return task.dropped_carry(p);
-  int64_t scale = 1;
-  for (int i = std::uniform_int_distribution<int>(0, task.digits() - 1)(rng); i > 0; --i)
-    scale *= 10;
-  const int64_t sum = Task::correct(p), digit = sum / scale % 10;
-  const bool up = digit == 0 || (digit != 9 && (rng() & 1));
-  return sum + (up ? scale : -scale);
+  ids = at::tensor(flat, at::kLong).view({B, T});
+  labels = ids.clone();
+  labels.narrow(1, 0, task.prompt_len()).fill_(-100);
 }
 
 }  // namespace arith

@@ -128,9 +128,9 @@ PairSet make_pairs(const arith::Task& task, std::vector<arith::Problem> problems
     rejected.push_back(arith::rejected_answer(task, p, rng));
   }
   for (size_t i = 0; i < chosen.size(); ++i) kl.push_back(chosen[(i + 1) % chosen.size()]);
-  task.batch(s.problems, chosen, s.chosen_ids, s.chosen_labels);
-  task.batch(s.problems, rejected, s.rejected_ids, s.rejected_labels);
-  task.batch(s.problems, kl, s.kl_ids, s.kl_labels);
+  arith::batch(task, s.problems, chosen, s.chosen_ids, s.chosen_labels);
+  arith::batch(task, s.problems, rejected, s.rejected_ids, s.rejected_labels);
+  arith::batch(task, s.problems, kl, s.kl_ids, s.kl_labels);
   return s;
 }
 
@@ -270,7 +270,7 @@ Scores run_sft(const Options& o, demo::TinyGPT& model, const arith::Task& task,
       answers.push_back(sloppy ? task.dropped_carry(p) : arith::Task::correct(p));
     }
     at::Tensor ids, labels;
-    task.batch(problems, answers, ids, labels);
+    arith::batch(task, problems, answers, ids, labels);
     // SFT is the token-mean NLL of the answers: the same fused op, no logits materialised.
     const auto lp = F::fused_logprobs(model->hidden(ids), model->head_weight(), {}, labels, opts);
     const auto loss = -lp.sum.sum() / lp.count.sum();

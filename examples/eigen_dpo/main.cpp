@@ -21,7 +21,7 @@
 #include <unordered_set>
 #include <vector>
 
-#include "arith.h"
+#include "../common/arith.h"
 #include "mlp.h"
 
 namespace pe = prefopt::eigen;

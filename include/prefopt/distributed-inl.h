@@ -3,6 +3,7 @@
 // pieces of the losses (bco_pair's baseline, KTO's KL).
 #pragma once
 
+#include <prefopt/detail/check_enum.h>
 #include <prefopt/distributed.h>
 
 #include <ATen/ATen.h>
@@ -502,9 +503,7 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
               o.timeout().count(), " ms");
 
   DistBackend backend = o.backend();
-  TORCH_CHECK_VALUE(static_cast<unsigned>(backend) <= static_cast<unsigned>(DistBackend::kNCCL),
-                    detail::dist::kInit, ": backend is not a DistBackend value (got ",
-                    static_cast<int>(backend), ")");
+  detail::check_enum(detail::dist::kInit, "backend", "a DistBackend", backend, DistBackend::kNCCL);
   if (backend == DistBackend::kAuto)
     backend = has_nccl() && detail::cuda_available() ? DistBackend::kNCCL : DistBackend::kGloo;
   TORCH_CHECK(backend != DistBackend::kNCCL || has_nccl(), detail::dist::kInit,

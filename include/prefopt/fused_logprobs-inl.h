@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include <prefopt/detail/check_enum.h>
 #include <prefopt/detail/cpu_gemm.h>
 #include <prefopt/detail/rows.h>
 
@@ -420,12 +421,8 @@ PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,
   }
   TORCH_CHECK(std::isfinite(o.temperature()) && o.temperature() > 0, fn,
               ": expected a finite temperature > 0, got ", o.temperature());
-  // Values cast from an integer outside the enums.
-  TORCH_CHECK(static_cast<unsigned>(o.backend()) <= static_cast<unsigned>(GatherBackend::kATen), fn,
-              ": backend is not a GatherBackend value (got ", static_cast<int>(o.backend()), ")");
-  TORCH_CHECK(static_cast<unsigned>(o.backward()) <= static_cast<unsigned>(FusedBackward::kTiles),
-              fn, ": backward is not a FusedBackward value (got ", static_cast<int>(o.backward()),
-              ")");
+  check_enum(fn, "backend", "a GatherBackend", o.backend(), GatherBackend::kATen);
+  check_enum(fn, "backward", "a FusedBackward", o.backward(), FusedBackward::kTiles);
   TORCH_CHECK(std::isfinite(o.softcap()) && o.softcap() >= 0, fn,
               ": expected a finite softcap >= 0 (0: off), got ", o.softcap());
   TORCH_CHECK(

@@ -2,6 +2,7 @@
 // One-pass fused preference losses: per chunk of whole pairs, logits once, the loss's gradient
 // with respect to the chunk's sequence log-probs, then dh and dW from the same logits.
 #pragma once
+#include <prefopt/detail/check_enum.h>
 #include <prefopt/fused_loss.h>
 
 #include <torch/csrc/autograd/autograd.h>
@@ -315,9 +316,7 @@ struct Prepared {
 
 PREFOPT_INLINE Prepared prepare(const char* fn, const HeadBatch& b, const FusedLogprobsOptions& o) {
   const char* blocking[] = {"kAuto", "kTokenChunks", "kVocabBlocks", "kTiles"};
-  TORCH_CHECK(static_cast<unsigned>(o.backward()) <= static_cast<unsigned>(FusedBackward::kTiles),
-              fn, ": backward is not a FusedBackward value (got ", static_cast<int>(o.backward()),
-              ")");
+  detail::check_enum(fn, "backward", "a FusedBackward", o.backward(), FusedBackward::kTiles);
   TORCH_CHECK(o.backward() == FusedBackward::kAuto, fn,
               ": expected FusedBackward::kAuto (the one-pass op has no separate backward pass ",
               "to block; the option applies to fused_logprobs), got FusedBackward::",

@@ -2,6 +2,7 @@
 // Log-prob gathering from logits: the custom autograd function and the public functions.
 // Row selection, the row kernels and the reduction live in detail/rows-inl.h.
 #pragma once
+#include <prefopt/detail/check_enum.h>
 #include <prefopt/logprobs.h>
 
 #include <torch/csrc/autograd/custom_function.h>
@@ -66,9 +67,7 @@ PREFOPT_INLINE void check_logits(const char* fn, const at::Tensor& logits, int64
               dim == 3 ? " [B, T, V]" : " [N, V]", ", got shape ", logits.sizes());
   check_floating(fn, "logits", logits);
   TORCH_CHECK(logits.size(-1) > 0, fn, ": expected a vocabulary of at least 1 entry, got V = 0");
-  // A value cast from an integer (a config file, a C API) outside the enum.
-  TORCH_CHECK(static_cast<unsigned>(o.backend()) <= static_cast<unsigned>(GatherBackend::kATen), fn,
-              ": backend is not a GatherBackend value (got ", static_cast<int>(o.backend()), ")");
+  check_enum(fn, "backend", "a GatherBackend", o.backend(), GatherBackend::kATen);
   TORCH_CHECK(
       o.backend() != GatherBackend::kKernel || logits.is_cpu() ||
           (logits.is_cuda() && has_cuda_kernels()),

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
+#include <prefopt/detail/check_enum.h>
 #include <prefopt/metrics.h>
 
 #include <prefopt/distributed.h>
@@ -101,15 +102,11 @@ PREFOPT_INLINE at::Tensor count_tensor(double n, const at::Tensor& like) {
 
 PREFOPT_INLINE MetricAccumulator::MetricAccumulator(MetricsOptions options)
     : options_(std::move(options)) {
-  // Values cast from an integer outside the enums.
-  TORCH_CHECK(static_cast<unsigned>(options_.window()) <=
-                  static_cast<unsigned>(MetricWindow::kCountWeighted),
-              "prefopt::MetricAccumulator: window is not a MetricWindow value (got ",
-              static_cast<int>(options_.window()), ")");
-  TORCH_CHECK(static_cast<unsigned>(options_.logits()) <=
-                  static_cast<unsigned>(LogitsMetric::kAllPositions),
-              "prefopt::MetricAccumulator: logits is not a LogitsMetric value (got ",
-              static_cast<int>(options_.logits()), ")");
+  const char* fn = "prefopt::MetricAccumulator";
+  detail::check_enum(fn, "window", "a MetricWindow", options_.window(),
+                     MetricWindow::kCountWeighted);
+  detail::check_enum(fn, "logits", "a LogitsMetric", options_.logits(),
+                     LogitsMetric::kAllPositions);
   for (size_t i = 0; i < detail::metrics::kNumBuiltins; ++i)
     slots_.push_back({detail::metrics::kBuiltinNames[i], detail::metrics::kBuiltinScalar[i]});
 }

@@ -78,9 +78,7 @@ class Task {
 
  private:
   static void append_digits(std::vector<int64_t>& out, int64_t v, int width) {
-    const auto at = out.size();
-    out.resize(at + static_cast<size_t>(width));
-    for (int i = width - 1; i >= 0; --i, v /= 10) out[at + static_cast<size_t>(i)] = v % 10;
+    for (int d : digits_of(v, width)) out.push_back(d);
   }
 
   int digits_;

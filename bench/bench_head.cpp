@@ -6,13 +6,18 @@
 // /proc/self/clear_refs). bench/head_matrix.py runs the methods side by side, each in its own
 // process, under the same allocator settings.
 //
-//   bench_head --method naive|two_pass|one_pass --N 4096 --H 768 --V 50257 --dtype bf16
+//   bench_head --method naive|two_pass|one_pass|gemm3 --N 4096 --H 768 --V 50257 --dtype bf16
 //              [--masked 0.5] [--reps 2] [--threads 2] [--T 512]
+//              [--backward auto|token_chunks|vocab_blocks|tiles] [--chunk-bytes 0]
 //
 // Methods:
 // - naive: logits = h·Wᵀ, log_softmax (in the logits' dtype), gather, masked sums, dpo_loss;
 // - two_pass: functional::fused_logprobs, split_pairs, dpo_loss (4 GEMM-equivalents);
-// - one_pass: functional::fused_dpo_loss (3 GEMM-equivalents).
+// - one_pass: functional::fused_dpo_loss (3 GEMM-equivalents);
+// - gemm3: the three-GEMM floor, the shapes of the scored tokens only: z = h_s·Wᵀ, then
+//   dh_s = z·W and dW = zᵀ·h_s with z standing in for the logits' gradient (ATen's matmul in
+//   the input dtype; no softmax, no autograd). No method that does those three GEMMs with these
+//   kernels can be faster; naive/gemm3 shows how much of the composite is not GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <prefopt/detail/cpu_gemm.h>
@@ -55,6 +60,7 @@ bool reset_peak_rss() {
 
 struct Inputs {
   at::Tensor h, w, labels, ref_c, ref_r;
+  prefopt::FusedLogprobsOptions opts;
 };
 
 at::Tensor naive(const Inputs& in) {
@@ -69,7 +75,7 @@ at::Tensor naive(const Inputs& in) {
 }
 
 at::Tensor two_pass(const Inputs& in) {
-  const auto pair = F::split_pairs(F::fused_logprobs(in.h, in.w, {}, in.labels));
+  const auto pair = F::split_pairs(F::fused_logprobs(in.h, in.w, {}, in.labels, in.opts));
   return F::dpo_loss(
              prefopt::PairInputs(pair).reference_chosen_logps(in.ref_c).reference_rejected_logps(
                  in.ref_r))
@@ -80,8 +86,19 @@ at::Tensor one_pass(const Inputs& in) {
   return F::fused_dpo_loss(
              prefopt::HeadBatch(in.h, in.w, {}, in.labels),
              prefopt::PairInputs().reference_chosen_logps(in.ref_c).reference_rejected_logps(
-                 in.ref_r))
+                 in.ref_r),
+             {}, in.opts)
       .result.loss;
+}
+
+/// The three GEMMs of the scored rows; returns the two "gradients" so nothing is elided.
+std::vector<at::Tensor> gemm3(const Inputs& in) {
+  at::NoGradGuard no_grad;
+  const auto y = in.labels.slice(1, 1);
+  const auto hs =
+      in.h.slice(1, 0, -1).reshape({-1, in.h.size(-1)}).index({(y != -100).reshape(-1)});
+  const auto z = at::matmul(hs, in.w.t());
+  return {at::matmul(z, in.w), at::matmul(z.t(), hs)};
 }
 
 }  // namespace
@@ -92,8 +109,10 @@ int main(int argc, char** argv) {
   int64_t N = 4096, H = 768, V = 50257, T = 512;
   double masked = 0.0;
   int reps = 2, threads = 0;
-  app.add_option("--method", method, "naive | two_pass | one_pass")
-      ->check(CLI::IsMember({"naive", "two_pass", "one_pass"}));
+  std::string backward = "auto";
+  int64_t chunk_bytes = 0;
+  app.add_option("--method", method, "naive | two_pass | one_pass | gemm3")
+      ->check(CLI::IsMember({"naive", "two_pass", "one_pass", "gemm3"}));
   app.add_option("--N", N, "tokens (2B sequences of T)")->check(CLI::PositiveNumber);
   app.add_option("--H", H, "hidden size")->check(CLI::PositiveNumber);
   app.add_option("--V", V, "vocabulary size")->check(CLI::PositiveNumber);
@@ -103,6 +122,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 0.99));
   app.add_option("--reps", reps, "timed repetitions after one warm-up")->check(CLI::PositiveNumber);
   app.add_option("--threads", threads, "intra-op threads (0: every hardware thread)");
+  app.add_option("--backward", backward,
+                 "FusedBackward of the two-pass op (and the options of both)")
+      ->check(CLI::IsMember({"auto", "token_chunks", "vocab_blocks", "tiles"}));
+  app.add_option("--chunk-bytes", chunk_bytes, "FusedLogprobsOptions::chunk_bytes (0: automatic)")
+      ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
   if (N % (2 * T) != 0) {
     std::cerr << "bench_head: N must be a multiple of 2T (whole pairs), got N = " << N
@@ -123,6 +147,11 @@ int main(int argc, char** argv) {
   in.labels.narrow(1, 0, std::max<int64_t>(1, static_cast<int64_t>(masked * T))).fill_(-100);
   in.ref_c = at::randn({B}) - 10.0 * T;
   in.ref_r = at::randn({B}) - 10.0 * T;
+  in.opts.chunk_bytes(chunk_bytes)
+      .backward(backward == "token_chunks"   ? prefopt::FusedBackward::kTokenChunks
+                : backward == "vocab_blocks" ? prefopt::FusedBackward::kVocabBlocks
+                : backward == "tiles"        ? prefopt::FusedBackward::kTiles
+                                             : prefopt::FusedBackward::kAuto);
   auto* run = method == "naive" ? naive : method == "two_pass" ? two_pass : one_pass;
 
   const int64_t rss_before = status_bytes("VmRSS");
@@ -134,7 +163,10 @@ int main(int argc, char** argv) {
     meter.reset_peak();
     const int64_t live = meter.live();
     const auto t0 = std::chrono::steady_clock::now();
-    {
+    if (method == "gemm3") {
+      const auto out = gemm3(in);  // synchronous on CPU; on a GPU this would need a sync
+      loss = 0;
+    } else {
       const auto l = run(in);
       const auto grads = torch::autograd::grad({l}, {in.h, in.w});
       loss = l.item<double>();
@@ -150,7 +182,7 @@ int main(int argc, char** argv) {
                             ? sorted[sorted.size() / 2]
                             : (sorted[sorted.size() / 2 - 1] + sorted[sorted.size() / 2]) / 2;
   const char* gemm =
-      prefopt::detail::cpu::mixed_gemm_provider(prefopt::detail::cpu::Gemm16::kBFloat16);
+      prefopt::detail::cpu::gemm16_path_name(prefopt::detail::cpu::Gemm16::kBFloat16);
   nlohmann::json j = {{"method", method},
                       {"N", N},
                       {"H", H},
@@ -158,6 +190,8 @@ int main(int argc, char** argv) {
                       {"T", T},
                       {"dtype", dtype},
                       {"masked", masked},
+                      {"backward", backward},
+                      {"chunk_bytes", chunk_bytes},
                       {"threads", at::get_num_threads()},
                       {"times_s", times},
                       {"median_s", median},

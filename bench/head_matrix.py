@@ -11,6 +11,9 @@ from one configuration to the next, so slow drift of the machine does not favour
   bench/head_matrix.py --table bench/results/head.jsonl        # the table from saved lines
 
 Ratios are each method's median time, counting-allocator peak and peak-RSS extra over naive's.
+`--methods naive two_pass one_pass gemm3` adds bench_head's three-GEMM floor (the scored rows'
+z = h·Wᵀ, z·W and zᵀ·h with ATen's matmul, nothing else): the table then gains its time and each
+method's time over it, which says how much of a method is not GEMM.
 """
 import argparse
 import itertools
@@ -20,6 +23,7 @@ import subprocess
 import sys
 
 METHODS = ["naive", "two_pass", "one_pass"]
+FLOOR = "gemm3"
 
 
 def run(bench, method, cfg, reps, threads):
@@ -39,23 +43,32 @@ def table(lines):
     rows = {}
     for r in lines:
         rows.setdefault(key(r), {})[r["method"]] = r
+    floor = any(FLOOR in m for m in rows.values())
     mb = 1 / 2**20
-    print("| N × H × V | T | dtype | masked | naive s | two-pass s | one-pass s | two-pass/naive | "
-          "one-pass/naive | naive extra RSS MB | one-pass extra RSS MB | RSS one-pass/naive | "
-          "RSS two-pass/naive | alloc one-pass/naive |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| N × H × V | T | dtype | masked | naive s | two-pass s | one-pass s | two-pass/naive | "
+            "one-pass/naive | naive extra RSS MB | one-pass extra RSS MB | RSS one-pass/naive | "
+            "RSS two-pass/naive | alloc one-pass/naive |")
+    if floor:
+        head += " floor s | naive/floor | two-pass/floor | one-pass/floor |"
+    print(head)
+    print("|---|---:|---|---:|" + "---:|" * (head.count("|") - 5))
     for k in sorted(rows, key=lambda k: (k[3], k[1], k[2], k[5], k[4])):
         m = rows[k]
-        if not all(x in m for x in METHODS):
+        if not all(x in m for x in METHODS) or (floor and FLOOR not in m):
             continue
         n, o, t = m["naive"], m["one_pass"], m["two_pass"]
-        print(f"| {k[0]} × {k[1]} × {k[2]} | {k[5]} | {k[3]} | {k[4]:g} | {n['median_s']:.2f} | "
-              f"{t['median_s']:.2f} | {o['median_s']:.2f} | "
-              f"{t['median_s'] / n['median_s']:.2f} | {o['median_s'] / n['median_s']:.2f} | "
-              f"{n['rss_extra_bytes'] * mb:.0f} | {o['rss_extra_bytes'] * mb:.0f} | "
-              f"{o['rss_extra_bytes'] / n['rss_extra_bytes']:.3f} | "
-              f"{t['rss_extra_bytes'] / n['rss_extra_bytes']:.3f} | "
-              f"{o['alloc_extra_bytes'] / n['alloc_extra_bytes']:.3f} |")
+        line = (f"| {k[0]} × {k[1]} × {k[2]} | {k[5]} | {k[3]} | {k[4]:g} | {n['median_s']:.2f} | "
+                f"{t['median_s']:.2f} | {o['median_s']:.2f} | "
+                f"{t['median_s'] / n['median_s']:.2f} | {o['median_s'] / n['median_s']:.2f} | "
+                f"{n['rss_extra_bytes'] * mb:.0f} | {o['rss_extra_bytes'] * mb:.0f} | "
+                f"{o['rss_extra_bytes'] / n['rss_extra_bytes']:.3f} | "
+                f"{t['rss_extra_bytes'] / n['rss_extra_bytes']:.3f} | "
+                f"{o['alloc_extra_bytes'] / n['alloc_extra_bytes']:.3f} |")
+        if floor:
+            f = m[FLOOR]["median_s"]
+            line += (f" {f:.2f} | {n['median_s'] / f:.2f} | {t['median_s'] / f:.2f} | "
+                     f"{o['median_s'] / f:.2f} |")
+        print(line)
 
 
 def main():
@@ -71,6 +84,9 @@ def main():
     p.add_argument("--masked", type=float, nargs="+", default=[0.0, 0.5])
     p.add_argument("--reps", type=int, default=2, help="timed runs after one warm-up")
     p.add_argument("--threads", type=int, default=0, help="0: every hardware thread")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + [FLOOR],
+                   help="bench_head methods to run (naive, two_pass and one_pass are required "
+                        "for the table)")
     a = p.parse_args()
     if a.table:
         with open(a.table) as f:
@@ -82,7 +98,8 @@ def main():
     configs = [dict(N=n, H=h, V=v, T=a.T, dtype=d, masked=m)
                for d, h, v, m, n in itertools.product(a.dtype, a.H, a.V, a.masked, a.N)]
     for i, cfg in enumerate(configs):
-        order = METHODS[i % 3:] + METHODS[:i % 3]
+        j = i % len(a.methods)
+        order = a.methods[j:] + a.methods[:j]
         for method in order:
             r = run(a.bench, method, cfg, a.reps, a.threads)
             lines.append(r)

@@ -571,25 +571,41 @@ TEST_F(SeededTest, FusedLossHoldsOneChunkOfLogitsAndTheGradients) {
 }
 
 TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
-  // add_mm: c (fp32) += op(a)·b for 16-bit a, b, through the process's oneDNN/MKL or (with
-  // PREFOPT_CPU_GEMM16=off, the ctest fused_loss.gemm16_fallback) fp32 copies of blocks; either
-  // way in fp32: the error is fp32 rounding, far below one bf16 rounding of entries near 6.
+  // add_mm: c (fp32) += op(a)·b for 16-bit a, b, by cpu::gemm16_path: the process's
+  // oneDNN/MKL (the error is fp32 rounding, far below one bf16 rounding of entries near 6);
+  // libtorch's 16-bit GEMM per block (PREFOPT_CPU_GEMM16=rounded, the ctest
+  // fused_loss.gemm16_rounded, and the default on non-Intel AVX512-BF16 CPUs): the product
+  // rounded once to 16 bits, then summed into c in fp32; fp32 copies of blocks (=off, the
+  // ctest fused_loss.gemm16_fallback): fp32 throughout.
+  namespace cpu = prefopt::detail::cpu;
   for (auto st : {at::kBFloat16, at::kHalf}) {
-    for (bool trans_a : {true, false}) {
+    const auto type = st == at::kBFloat16 ? cpu::Gemm16::kBFloat16 : cpu::Gemm16::kHalf;
+    const bool rounded = cpu::gemm16_path(type) == cpu::Gemm16Path::kRounded &&
+                         (st == at::kBFloat16 || prefopt::detail::fused::cpu_half_matmul());
+    // Rounding to nearest: at most half an ulp, which is at most 2^-7 (bf16) or 2^-10 (fp16)
+    // of the value.
+    const double ulp = st == at::kBFloat16 ? 1.0 / 128 : 1.0 / 1024;
+    // m = 53 rows, then 8 MiB / n rows per block: several blocks for the wide case.
+    for (auto [trans_a, n] : {std::pair{true, int64_t{29}}, std::pair{false, int64_t{29}},
+                              std::pair{true, int64_t{300000}}}) {
       const auto a = trans_a ? at::randn({37, 53}).to(st) : at::randn({53, 37}).to(st);
-      const auto b = at::randn({37, 29}).to(st);
-      auto c = at::randn({53, 29});
+      const auto b = at::randn({37, n}).to(st);
+      auto c = at::randn({53, n});
       const auto a64 = a.to(at::kDouble), b64 = b.to(at::kDouble);
-      const auto want = c.to(at::kDouble) + at::mm(trans_a ? a64.t() : a64, b64);
+      const auto product = at::mm(trans_a ? a64.t() : a64, b64);
+      const auto want = c.to(at::kDouble) + product;
       prefopt::detail::fused::add_mm(c, a, trans_a, b);
-      EXPECT_TRUE(AllClose(c.to(at::kDouble), want, 0, 1e-5))
-          << c10::toString(st) << " trans_a " << trans_a;
+      // fp32: a few fp32 roundings of sums of 37 terms (entries up to about 25).
+      const double fp32 = 2e-6 * want.abs().max().item<double>();
+      const double tol = fp32 + (rounded ? product.abs().max().item<double>() * ulp / 2 : 0.0);
+      const double err = (c.to(at::kDouble) - want).abs().max().item<double>();
+      EXPECT_LE(err, tol) << c10::toString(st) << " trans_a " << trans_a << " n " << n;
+      if (rounded) {
+        // And no better than fp32: the product really went through 16 bits.
+        EXPECT_GT(err, fp32) << c10::toString(st) << " trans_a " << trans_a << " n " << n;
+      }
     }
-    const auto* provider = prefopt::detail::cpu::mixed_gemm_provider(
-        st == at::kBFloat16 ? prefopt::detail::cpu::Gemm16::kBFloat16
-                            : prefopt::detail::cpu::Gemm16::kHalf);
-    std::cout << c10::toString(st) << " mixed GEMM: " << (provider ? provider : "none (fallback)")
-              << "\n";
+    std::cout << c10::toString(st) << " mixed GEMM: " << cpu::gemm16_path_name(type) << "\n";
   }
 }
 

@@ -90,10 +90,11 @@ PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a
 }
 
 /// c += op(a) · b with op(a) = aᵀ when `trans_a`. For operands in c's dtype, one addmm. For
-/// 16-bit operands and an fp32 `c` (a gradient accumulating over chunks or blocks), one GEMM
-/// with fp32 accumulation and output: cuBLAS on CUDA, the process's oneDNN or MKL on CPU
-/// (cpu_gemm.h). Where the CPU has neither, fp32 GEMMs on fp32 copies of 8 MiB blocks of the
-/// operands: fp32 accumulation still, and no whole-matrix copy.
+/// 16-bit operands and an fp32 `c` (a gradient accumulating over chunks or blocks): on CUDA,
+/// one cuBLAS GEMM with fp32 accumulation and output; on CPU, `cpu::gemm16_path` decides:
+/// the process's oneDNN or MKL GEMM with fp32 output, libtorch's 16-bit GEMM on 16 MiB row
+/// blocks of c rounded once per block and summed in fp32 (where MKL's 16-bit GEMM is slow),
+/// or fp32 GEMMs on fp32 copies of 8 MiB blocks of the operands. No whole-matrix copy.
 PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
   if (c.scalar_type() == a.scalar_type()) {
     c.addmm_(trans_a ? a.t() : a, b);
@@ -112,10 +113,24 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
   const auto bc = dense(b);
   const int64_t m = c.size(0), n = c.size(1), k = bc.size(0);
   const auto type = a.scalar_type() == at::kBFloat16 ? cpu::Gemm16::kBFloat16 : cpu::Gemm16::kHalf;
-  if (a.is_cpu() &&
+  const auto path = a.is_cpu() ? cpu::gemm16_path(type) : cpu::Gemm16Path::kFp32Copies;
+  if (path == cpu::Gemm16Path::kBlas &&
       cpu::mixed_gemm(type, trans_a, /*trans_b=*/false, m, n, k, ac.data_ptr(), ac.stride(0),
                       bc.data_ptr(), bc.stride(0), 1.0f, c.data_ptr<float>(), c.stride(0)))
     return;
+  if (path == cpu::Gemm16Path::kRounded && (type == cpu::Gemm16::kBFloat16 || cpu_half_matmul())) {
+    // Row blocks of c, so the 16-bit product buffer stays at 16 MiB.
+    const auto op_a = trans_a ? ac.t() : ac;
+    const int64_t rows = std::clamp<int64_t>((int64_t{8} << 20) / std::max<int64_t>(n, 1), 1, m);
+    auto product = at::empty({rows, n}, a.options());
+    for (int64_t r0 = 0; r0 < m; r0 += rows) {
+      const int64_t r = std::min(rows, m - r0);
+      auto p = product.narrow(0, 0, r);
+      at::mm_out(p, op_a.narrow(0, r0, r), bc);
+      c.narrow(0, r0, r).add_(p);
+    }
+    return;
+  }
   // Blocks of the contraction dimension k: fp32 copies of a's and b's rows in the block.
   const int64_t width = std::max(m, n);  // a block of a holds m·r entries, of b r·n
   const int64_t step = std::clamp<int64_t>((int64_t{8} << 20) / (4 * width), 1, k);

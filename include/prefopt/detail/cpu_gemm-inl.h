@@ -4,9 +4,16 @@
 
 #include <prefopt/detail/cpu_gemm.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define PREFOPT_CPU_GEMM_CPUID 1
+#endif
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
@@ -75,11 +82,47 @@ PREFOPT_INLINE bool self_test(const Provider& p, Gemm16 type) {
   return true;
 }
 
+/// PREFOPT_CPU_GEMM16 ("" when unset); an unknown value is reported once on stderr and ignored.
+PREFOPT_INLINE std::string mode() {
+  static const std::string m = [] {
+    const char* e = std::getenv("PREFOPT_CPU_GEMM16");
+    std::string v = e != nullptr ? e : "";
+    if (!v.empty() && v != "off" && v != "blas" && v != "rounded") {
+      std::fprintf(stderr,
+                   "prefopt: PREFOPT_CPU_GEMM16=%s is not one of off, blas, rounded; ignored\n",
+                   v.c_str());
+      v.clear();
+    }
+    return v;
+  }();
+  return m;
+}
+
+/// Whether the CPU is Intel's (MKL's 16-bit kernels are tuned for those) and has AVX512-BF16.
+PREFOPT_INLINE bool genuine_intel() {
+#ifdef PREFOPT_CPU_GEMM_CPUID
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d) == 0) return false;
+  return b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;  // "Genu" "ineI" "ntel"
+#else
+  return false;
+#endif
+}
+
+PREFOPT_INLINE bool avx512_bf16() {
+#ifdef PREFOPT_CPU_GEMM_CPUID
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d) == 0) return false;
+  return (a >> 5) & 1u;  // CPUID.(EAX=7, ECX=1):EAX bit 5
+#else
+  return false;
+#endif
+}
+
 PREFOPT_INLINE Provider find(Gemm16 type) {
   Provider p;
   // PREFOPT_CPU_GEMM16=off: none (for tests of the fallback, and to rule the BLAS out).
-  if (const char* e = std::getenv("PREFOPT_CPU_GEMM16"); e != nullptr && std::strcmp(e, "off") == 0)
-    return p;
+  if (mode() == "off") return p;
 #ifdef PREFOPT_CPU_GEMM_DLSYM
   const bool bf16 = type == Gemm16::kBFloat16;
   if (bf16) {
@@ -121,9 +164,38 @@ PREFOPT_INLINE bool mixed_gemm(Gemm16 type, bool trans_a, bool trans_b, int64_t 
 
 PREFOPT_INLINE const char* mixed_gemm_provider(Gemm16 type) { return gemm16::provider(type).name; }
 
+PREFOPT_INLINE Gemm16Path gemm16_path(Gemm16 type) {
+  const auto choose = [](Gemm16 t) {
+    const std::string m = gemm16::mode();
+    if (m == "rounded") return Gemm16Path::kRounded;
+    const auto& p = gemm16::provider(t);  // none with "off"
+    if (p.name == nullptr) return Gemm16Path::kFp32Copies;
+    if (m == "blas" || p.dnnl != nullptr) return Gemm16Path::kBlas;
+    return t == Gemm16::kBFloat16 && !gemm16::genuine_intel() && gemm16::avx512_bf16()
+               ? Gemm16Path::kRounded
+               : Gemm16Path::kBlas;
+  };
+  static const Gemm16Path bf16 = choose(Gemm16::kBFloat16);
+  static const Gemm16Path f16 = choose(Gemm16::kHalf);
+  return type == Gemm16::kBFloat16 ? bf16 : f16;
+}
+
+PREFOPT_INLINE const char* gemm16_path_name(Gemm16 type) {
+  switch (gemm16_path(type)) {
+    case Gemm16Path::kBlas:
+      return mixed_gemm_provider(type);
+    case Gemm16Path::kRounded:
+      return "rounded (libtorch's 16-bit GEMM per block, summed in fp32)";
+    case Gemm16Path::kFp32Copies:
+      break;
+  }
+  return "none (fallback)";  // fp32 copies
+}
+
 }  // namespace cpu
 }  // namespace detail
 }  // namespace v0
 }  // namespace prefopt
 
 #undef PREFOPT_CPU_GEMM_DLSYM
+#undef PREFOPT_CPU_GEMM_CPUID

@@ -37,6 +37,30 @@ bool mixed_gemm(Gemm16 type, bool trans_a, bool trans_b, int64_t m, int64_t n, i
 /// nullptr when none: for benchmarks and logs.
 const char* mixed_gemm_provider(Gemm16 type);
 
+/// How a gradient that accumulates in fp32 over chunks, `c (fp32) += op(a)·b` with 16-bit
+/// `a` and `b`, is multiplied on this CPU (`detail::fused::add_mm`).
+enum class Gemm16Path {
+  /// `mixed_gemm`: one BLAS GEMM, fp32 accumulation and output, `c` never rounded.
+  kBlas,
+  /// libtorch's own 16-bit GEMM (oneDNN) on blocks of `c`'s rows: fp32 accumulation inside,
+  /// each block's product rounded once to 16 bits, then added to `c` in fp32. (fp16 only
+  /// where libtorch has a CPU fp16 GEMM, 2.1 and later; otherwise as kFp32Copies.)
+  kRounded,
+  /// fp32 GEMMs on fp32 copies of blocks of the operands (fp32 throughout, slowest).
+  kFp32Copies,
+};
+
+/// The path for `type`, chosen once per process. `kBlas` where `mixed_gemm` has a provider,
+/// except MKL's bf16 GEMM on a CPU that is not Intel's but has AVX512-BF16 (AMD Zen 4 and
+/// later): MKL runs it at its fp32 rate there (182 GFLOP/s on 2 cores of an AMD EPYC, where
+/// libtorch's oneDNN bf16 GEMM gives 795), so `kRounded` is used instead. `kFp32Copies`
+/// where there is no provider. The environment variable `PREFOPT_CPU_GEMM16` overrides:
+/// `off` (`kFp32Copies`), `blas` (`kBlas` wherever a provider exists) or `rounded`.
+Gemm16Path gemm16_path(Gemm16 type);
+
+/// `gemm16_path(type)` in words, with the provider: for benchmarks, logs and tests.
+const char* gemm16_path_name(Gemm16 type);
+
 }  // namespace cpu
 }  // namespace detail
 }  // namespace v0

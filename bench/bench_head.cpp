@@ -16,8 +16,9 @@
 // - one_pass: functional::fused_dpo_loss (3 GEMM-equivalents);
 // - gemm3: the three-GEMM floor, the shapes of the scored tokens only: z = h_s·Wᵀ, then
 //   dh_s = z·W and dW = zᵀ·h_s with z standing in for the logits' gradient (ATen's matmul in
-//   the input dtype; no softmax, no autograd). No method that does those three GEMMs with these
-//   kernels can be faster; naive/gemm3 shows how much of the composite is not GEMM.
+//   the input dtype; no softmax, no autograd). An estimate, not a bound: its one-shot GEMMs
+//   allocate fresh logits-sized buffers, and a chunked method can come in below it;
+//   naive/gemm3 shows how much of the composite is not GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <prefopt/detail/cpu_gemm.h>

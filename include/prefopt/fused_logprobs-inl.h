@@ -121,7 +121,8 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
   if (path == cpu::Gemm16Path::kRounded && (type == cpu::Gemm16::kBFloat16 || cpu_half_matmul())) {
     // Row blocks of c, so the 16-bit product buffer stays at 16 MiB.
     const auto op_a = trans_a ? ac.t() : ac;
-    const int64_t rows = std::clamp<int64_t>((int64_t{8} << 20) / std::max<int64_t>(n, 1), 1, m);
+    const int64_t rows = std::clamp<int64_t>((int64_t{8} << 20) / std::max<int64_t>(n, 1), 1,
+                                             std::max<int64_t>(m, 1));
     auto product = at::empty({rows, n}, a.options());
     for (int64_t r0 = 0; r0 < m; r0 += rows) {
       const int64_t r = std::min(rows, m - r0);

@@ -98,7 +98,7 @@ PREFOPT_INLINE std::string mode() {
   return m;
 }
 
-/// Whether the CPU is Intel's (MKL's 16-bit kernels are tuned for those) and has AVX512-BF16.
+/// Whether the CPU is Intel's: MKL's fast 16-bit kernels run on those only.
 PREFOPT_INLINE bool genuine_intel() {
 #ifdef PREFOPT_CPU_GEMM_CPUID
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -109,6 +109,7 @@ PREFOPT_INLINE bool genuine_intel() {
 #endif
 }
 
+/// Whether the CPU has AVX512-BF16, which oneDNN's bf16 GEMM uses on any vendor.
 PREFOPT_INLINE bool avx512_bf16() {
 #ifdef PREFOPT_CPU_GEMM_CPUID
   unsigned a = 0, b = 0, c = 0, d = 0;

@@ -570,6 +570,35 @@ TEST_F(SeededTest, FusedLossHoldsOneChunkOfLogitsAndTheGradients) {
   EXPECT_LE(meter.peak() - before, 8 * 32 * 32 * 4 + budget + n * 96 + (64 << 10));
 }
 
+TEST_F(SeededTest, DwAccumulatorCastsInItsOwnStorage) {
+  // The fp32 accumulator of a 16-bit dW (one-pass op; two-pass kTokenChunks/kTiles): its cast
+  // at the end writes the [V, H] result into the accumulator's own storage, so it allocates
+  // only a block (at most 1 Mi elements), not the 2·V·H bytes of a separate cast. With h the
+  // identity, each add puts zᵀ into rows [v0, v0 + vb) exactly, on every GEMM path, so the
+  // result must equal the blocks exactly. V is odd and the first block crosses the halves.
+  auto& meter = prefopt_bench::TrackingAllocator::install();
+  const int64_t V = 4097, H = 512, split = 2500;
+  for (auto st : {at::kBFloat16, at::kHalf}) {
+    if (st == at::kHalf && !prefopt::detail::fused::cpu_half_matmul()) continue;
+    const auto eye = at::eye(H, at::TensorOptions(at::kFloat)).to(st);
+    const auto z1 = at::randn({H, split}).to(st), z2 = at::randn({H, V - split}).to(st);
+    prefopt::detail::fused::DwAccumulator acc(V, H, at::TensorOptions(at::kFloat));
+    acc.add(0, z1, eye);
+    acc.add(split, z2, eye);
+    acc.add(split, z2, eye);  // 2·z2ᵀ: still exact
+    meter.reset_peak();
+    const int64_t before = meter.live();
+    const auto dw = acc.finish(st);
+    const int64_t extra = meter.peak() - before;
+    EXPECT_LE(extra, 2 * (int64_t{1} << 20) + (64 << 10)) << c10::toString(st);
+    EXPECT_LT(extra, 2 * V * H) << c10::toString(st);
+    ASSERT_EQ(dw.sizes(), (std::vector<int64_t>{V, H}));
+    EXPECT_EQ(dw.scalar_type(), st);
+    EXPECT_TRUE(dw.is_contiguous());
+    EXPECT_TRUE(at::equal(dw, at::cat({z1.t(), z2.t() * 2}))) << c10::toString(st);
+  }
+}
+
 TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
   // add_mm: c (fp32) += op(a)·b for 16-bit a, b, by cpu::gemm16_path: the process's
   // oneDNN/MKL (the error is fp32 rounding, far below one bf16 rounding of entries near 6);

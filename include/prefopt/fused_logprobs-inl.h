@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include <prefopt/detail/check_enum.h>
 #include <prefopt/detail/cpu_gemm.h>
@@ -124,11 +125,17 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
     const int64_t rows = std::clamp<int64_t>((int64_t{8} << 20) / std::max<int64_t>(n, 1), 1,
                                              std::max<int64_t>(m, 1));
     auto product = at::empty({rows, n}, a.options());
+    // The sum in pieces of 1 MiB of c: ATen's CPU add_ with a 16-bit operand and an fp32
+    // result first copies that operand to fp32, which for a whole block is 32 MiB more.
+    const int64_t piece = std::max<int64_t>((int64_t{1} << 18) / std::max<int64_t>(n, 1), 1);
     for (int64_t r0 = 0; r0 < m; r0 += rows) {
       const int64_t r = std::min(rows, m - r0);
       auto p = product.narrow(0, 0, r);
       at::mm_out(p, op_a.narrow(0, r0, r), bc);
-      c.narrow(0, r0, r).add_(p);
+      for (int64_t s = 0; s < r; s += piece) {
+        const int64_t q = std::min(piece, r - s);
+        c.narrow(0, r0 + s, q).add_(p.narrow(0, s, q));
+      }
     }
     return;
   }
@@ -144,6 +151,49 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
       c.addmm_(ac.narrow(1, k0, r).to(at::kFloat), b32);
     }
   }
+}
+
+PREFOPT_INLINE DwAccumulator::DwAccumulator(int64_t V, int64_t H, const at::TensorOptions& fp32) {
+  const int64_t v_top = fp32.device().is_cpu() ? (V + 1) / 2 : V;
+  top_ = at::zeros({v_top, H}, fp32);
+  bottom_ = at::zeros({V - v_top, H}, fp32);
+}
+
+PREFOPT_INLINE void DwAccumulator::add(int64_t v0, const at::Tensor& z, const at::Tensor& h) {
+  const int64_t vb = z.size(1), v_top = top_.size(0);
+  const int64_t in_top = std::clamp<int64_t>(v_top - v0, 0, vb);
+  if (in_top > 0) {
+    auto c = top_.narrow(0, v0, in_top);
+    add_mm(c, z.narrow(1, 0, in_top), /*trans_a=*/true, h);
+  }
+  if (in_top < vb) {
+    auto c = bottom_.narrow(0, v0 + in_top - v_top, vb - in_top);
+    add_mm(c, z.narrow(1, in_top, vb - in_top), /*trans_a=*/true, h);
+  }
+}
+
+PREFOPT_INLINE at::Tensor DwAccumulator::finish(at::ScalarType st) {
+  const int64_t v_top = top_.size(0), v_bottom = bottom_.size(0), H = top_.size(1);
+  at::Tensor out;
+  if (!top_.is_cpu()) {
+    out = top_.to(st);
+  } else {
+    TORCH_INTERNAL_ASSERT(at::elementSize(st) == 2, "DwAccumulator: a 16-bit result");
+    // 2·v_top·H 16-bit slots over the top half's bytes. Block [r0, r0 + r) lands in bytes
+    // [2·r0·H, 2·(r0 + r)·H), before the first fp32 row still unread (byte 4·(r0 + r)·H).
+    const auto slots = top_.view(st).view({-1});
+    const int64_t rows = std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(H, 1), 1,
+                                             std::max<int64_t>(v_top, 1));
+    for (int64_t r0 = 0; r0 < v_top; r0 += rows) {
+      const int64_t r = std::min(rows, v_top - r0);
+      const auto part = top_.narrow(0, r0, r).to(st);
+      slots.narrow(0, r0 * H, r * H).copy_(part.view({-1}));
+    }
+    if (v_bottom > 0) slots.narrow(0, v_top * H, v_bottom * H).view({v_bottom, H}).copy_(bottom_);
+    out = slots.narrow(0, 0, (v_top + v_bottom) * H).view({v_top + v_bottom, H});
+  }
+  top_ = bottom_ = at::Tensor();
+  return out;
 }
 
 /// Bytes per vocabulary column of the kVocabBlocks backward buffers for n scored tokens.
@@ -300,7 +350,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   /// directly when one block spans V), then lands in the [R, H] gradient. The weight and bias
   /// gradients: with one row chunk, each block's is one GEMM over every scored token (fp32
   /// accumulation inside it, rounded once, no [V, H] accumulator); with several, they
-  /// accumulate in place for fp32/fp64 weights and in an fp32 [V, H] buffer for 16-bit ones,
+  /// accumulate in place for fp32/fp64 weights and in a DwAccumulator for 16-bit ones,
   /// cast once at the end.
   static variable_list backward_tiles(const HeadGrads& a, const HeadSpec& spec, Tiling t) {
     const int64_t n = a.rows.size(0), V = a.weight.size(0), H = a.weight.size(1);
@@ -311,9 +361,12 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     const int64_t c = std::min(t.rows, n), cols = std::min(t.cols, V);
     const bool one_chunk = c == n, one_block = cols == V;
     const auto acc_opts = a.h.options().dtype(a.acc);
-    at::Tensor dw = !a.need_w   ? at::Tensor()
-                    : one_chunk ? at::empty({V, H}, a.weight.options())
-                                : at::zeros({V, H}, acc_opts);
+    // 16-bit weights over several row chunks: an fp32 accumulator, cast in its own storage.
+    std::optional<DwAccumulator> dw_acc;
+    at::Tensor dw;
+    if (a.need_w && one_chunk) dw = at::empty({V, H}, a.weight.options());
+    if (a.need_w && !one_chunk && a.upcast) dw_acc.emplace(V, H, acc_opts);
+    if (a.need_w && !one_chunk && !a.upcast) dw = at::zeros({V, H}, acc_opts);
     at::Tensor db = a.need_b ? at::zeros({V}, acc_opts) : at::Tensor();
     at::Tensor dh;  // [R, H]: allocated once the first chunk is done (after the tiles with one)
     // Vocabulary-parallel: the scored rows' dh, summed over the ranks before it lands in dh.
@@ -347,12 +400,14 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
         // Every GEMM takes the operands in their own dtype (16-bit ones with fp32
         // accumulation inside); a gradient that spans one chunk (dW) or one block (dh) is
         // written once, the others accumulate through add_mm.
-        if (a.need_w) {
+        if (dw_acc) {
+          dw_acc->add(v0, z, h_c);
+        } else if (a.need_w) {
           auto dw_b = dw.narrow(0, v0, vb);
           if (one_chunk) {
             at::mm_out(dw_b, z.t(), h_c);
           } else {
-            add_mm(dw_b, z, /*trans_a=*/true, h_c);
+            dw_b.addmm_(z.t(), h_c);
           }
         }
         if (a.need_h) {
@@ -377,7 +432,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
       dh = at::zeros({a.h.size(0), H}, a.h.options());
       dh.index_copy_(0, a.rows, dh_rows.to(a.h.scalar_type()));
     }
-    if (dw.defined()) dw = dw.to(a.weight.scalar_type());
+    if (dw_acc) dw = dw_acc->finish(a.weight.scalar_type());
     return result(dh, dw, a.need_b ? db.to(a.bias.scalar_type()) : at::Tensor());
   }
 };

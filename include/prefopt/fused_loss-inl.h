@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -122,7 +123,11 @@ struct Job {
     // 16-bit weights: dW accumulates in fp32 over the GEMMs, unless one GEMM covers the batch.
     const bool one_gemm = chunks.size() <= 1 && !split;
     if (need_h) dh = at::zeros({h.size(0), H}, h.options());
-    if (need_w) dw = at::zeros({V, H}, weight.options().dtype(one_gemm ? st : acc));
+    // 16-bit weights over several GEMMs: an fp32 accumulator, cast in its own storage at the end.
+    std::optional<fused::DwAccumulator> dw_acc;
+    if (need_w && one_gemm) dw = at::zeros({V, H}, weight.options());
+    if (need_w && !one_gemm && st != acc) dw_acc.emplace(V, H, weight.options().dtype(acc));
+    if (need_w && !one_gemm && st == acc) dw = at::zeros({V, H}, weight.options());
     if (need_b) db = at::zeros({V}, acc_opts);
     const int64_t c = std::max<int64_t>(std::min(widest, limit), 1);
     // A split chunk keeps `kept` rows' logits and streams the rest `stream` rows at a time.
@@ -183,8 +188,10 @@ struct Job {
       if (need_w) {
         if (one_gemm) {
           at::mm_out(dw, p.z.t(), p.h);  // 16-bit: fp32 accumulation inside, rounded once
+        } else if (dw_acc) {
+          dw_acc->add(0, p.z, p.h);
         } else {
-          fused::add_mm(dw, p.z, /*trans_a=*/true, p.h);
+          dw.addmm_(p.z.t(), p.h);
         }
       }
       if (need_h) {
@@ -232,7 +239,7 @@ struct Job {
       }
     }
     buffer = h_buffer = dh_buffer = cap_buffer = at::Tensor();
-    if (need_w && dw.scalar_type() != st) dw = dw.to(st);
+    if (dw_acc) dw = dw_acc->finish(st);
     if (need_b) db = db.to(bias.scalar_type());
     value = finish(assemble(sel, r.logp, r, flags, o.with_token_logps(), acc));
   }

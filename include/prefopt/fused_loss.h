@@ -115,7 +115,9 @@ namespace functional {
 ///
 /// Memory: one reused chunk of logits, the returned gradients, and for 16-bit weights one fp32
 /// [V, H] accumulator of dW (4·V·H bytes, e.g. 1.2 GB for V = 151936, H = 2048) unless one
-/// chunk covers the batch. Where that matters more than time, use the two-pass
+/// chunk covers the batch. On CPU the cast at the end writes the result into that buffer's own
+/// storage (peak 4·V·H bytes); on CUDA the cast is a second buffer (6·V·H bytes for a moment).
+/// Where that matters more than time, use the two-pass
 /// `fused_logprobs` with `FusedBackward::kVocabBlocks`, which has none. The chunk: by default
 /// whole pairs, as many as fit in 1/16 of the scored tokens' logits (at most 256 MiB) and at
 /// least the longest pair unless that pair's logits exceed max(256 MiB, 1/4 of all); an

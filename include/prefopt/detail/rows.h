@@ -177,6 +177,23 @@ void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& ls
 bool cpu_half_matmul();
 /// c += op(a) · b; 16-bit operands into an fp32 `c` accumulate in fp32 inside the GEMM.
 void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
+/// The fp32 accumulator of a 16-bit [V, H] weight gradient over several GEMMs. On CPU it is
+/// two row halves, so that the cast at the end needs no second [V, H] buffer: the top half's
+/// storage (4·⌈V/2⌉·H bytes) holds the whole 16-bit result, which `finish` writes there, the
+/// top half in place, front to back. Peak 4·V·H bytes where one fp32 buffer and its cast take
+/// 6·V·H. On CUDA (where cuBLAS would get a copy of each column slice of the logits) one
+/// [V, H] buffer, cast at the end.
+class DwAccumulator {
+ public:
+  DwAccumulator(int64_t V, int64_t H, const at::TensorOptions& fp32);
+  /// Rows [v0, v0 + vb) += zᵀ · h for 16-bit z [c, vb] and h [c, H] (through add_mm).
+  void add(int64_t v0, const at::Tensor& z, const at::Tensor& h);
+  /// The [V, H] gradient in the 16-bit dtype `st`; the accumulator is spent.
+  at::Tensor finish(at::ScalarType st);
+
+ private:
+  at::Tensor top_, bottom_;  // fp32 rows [0, ⌈V/2⌉) and [⌈V/2⌉, V) (bottom_ empty on CUDA)
+};
 /// `fn`'s checks of the hidden states, the head and the options.
 HeadInputs check_head(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,
                       const at::Tensor& bias, bool packed, const FusedLogprobsOptions& o);

@@ -188,7 +188,8 @@ class DwAccumulator {
   DwAccumulator(int64_t V, int64_t H, const at::TensorOptions& fp32);
   /// Rows [v0, v0 + vb) += zᵀ · h for 16-bit z [c, vb] and h [c, H] (through add_mm).
   void add(int64_t v0, const at::Tensor& z, const at::Tensor& h);
-  /// The [V, H] gradient in the 16-bit dtype `st`; the accumulator is spent.
+  /// The [V, H] gradient in the 16-bit dtype `st`; the accumulator is spent. On CPU a view of
+  /// the top half's storage (H elements longer than the result when V is odd).
   at::Tensor finish(at::ScalarType st);
 
  private:

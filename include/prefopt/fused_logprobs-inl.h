@@ -364,9 +364,11 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     // 16-bit weights over several row chunks: an fp32 accumulator, cast in its own storage.
     std::optional<DwAccumulator> dw_acc;
     at::Tensor dw;
-    if (a.need_w && one_chunk) dw = at::empty({V, H}, a.weight.options());
-    if (a.need_w && !one_chunk && a.upcast) dw_acc.emplace(V, H, acc_opts);
-    if (a.need_w && !one_chunk && !a.upcast) dw = at::zeros({V, H}, acc_opts);
+    if (a.need_w && !one_chunk && a.upcast) {
+      dw_acc.emplace(V, H, acc_opts);
+    } else if (a.need_w) {
+      dw = one_chunk ? at::empty({V, H}, a.weight.options()) : at::zeros({V, H}, acc_opts);
+    }
     at::Tensor db = a.need_b ? at::zeros({V}, acc_opts) : at::Tensor();
     at::Tensor dh;  // [R, H]: allocated once the first chunk is done (after the tiles with one)
     // Vocabulary-parallel: the scored rows' dh, summed over the ranks before it lands in dh.

@@ -120,14 +120,16 @@ struct Job {
 
     RowResults r = alloc_row_results(n, flags, acc_opts);
     const bool grad = need_h || need_w || need_b;
-    // 16-bit weights: dW accumulates in fp32 over the GEMMs, unless one GEMM covers the batch.
+    // 16-bit weights: dW accumulates in fp32 over the GEMMs (cast in its own storage at the
+    // end), unless one GEMM covers the batch.
     const bool one_gemm = chunks.size() <= 1 && !split;
     if (need_h) dh = at::zeros({h.size(0), H}, h.options());
-    // 16-bit weights over several GEMMs: an fp32 accumulator, cast in its own storage at the end.
     std::optional<fused::DwAccumulator> dw_acc;
-    if (need_w && one_gemm) dw = at::zeros({V, H}, weight.options());
-    if (need_w && !one_gemm && st != acc) dw_acc.emplace(V, H, weight.options().dtype(acc));
-    if (need_w && !one_gemm && st == acc) dw = at::zeros({V, H}, weight.options());
+    if (need_w && !one_gemm && st != acc) {
+      dw_acc.emplace(V, H, weight.options().dtype(acc));
+    } else if (need_w) {
+      dw = at::zeros({V, H}, weight.options());
+    }
     if (need_b) db = at::zeros({V}, acc_opts);
     const int64_t c = std::max<int64_t>(std::min(widest, limit), 1);
     // A split chunk keeps `kept` rows' logits and streams the rest `stream` rows at a time.

@@ -9,6 +9,7 @@
 //   bench_head --method naive|two_pass|one_pass|gemm3 --N 4096 --H 768 --V 50257 --dtype bf16
 //              [--masked 0.5] [--reps 2] [--threads 2] [--T 512]
 //              [--backward auto|token_chunks|vocab_blocks|tiles] [--chunk-bytes 0]
+//              [--zero-reference] [--device cpu|cuda]
 //
 // Methods:
 // - naive: logits = h·Wᵀ, log_softmax (in the logits' dtype), gather, masked sums, dpo_loss;
@@ -19,6 +20,12 @@
 //   the input dtype; no softmax, no autograd). An estimate, not a bound: its one-shot GEMMs
 //   allocate fresh logits-sized buffers, and a chunked method can come in below it;
 //   naive/gemm3 shows how much of the composite is not GEMM.
+//
+// The inputs are drawn on the CPU from seed 0 (hidden, weight, labels, in that order; the
+// reference log-probs last, or zeros with --zero-reference, as bench/liger_head.py's
+// Liger-Kernel run has no reference model), then moved to --device. On CUDA (a build with
+// torch_cuda) every run ends in a device sync, and alloc_extra_bytes is the caching
+// allocator's peak of allocated bytes beyond the inputs (bench/memory.h's MemoryMeter).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <prefopt/detail/cpu_gemm.h>
@@ -112,6 +119,8 @@ int main(int argc, char** argv) {
   int reps = 2, threads = 0;
   std::string backward = "auto";
   int64_t chunk_bytes = 0;
+  bool zero_reference = false;
+  std::string device = "cpu";
   app.add_option("--method", method, "naive | two_pass | one_pass | gemm3")
       ->check(CLI::IsMember({"naive", "two_pass", "one_pass", "gemm3"}));
   app.add_option("--N", N, "tokens (2B sequences of T)")->check(CLI::PositiveNumber);
@@ -128,6 +137,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "token_chunks", "vocab_blocks", "tiles"}));
   app.add_option("--chunk-bytes", chunk_bytes, "FusedLogprobsOptions::chunk_bytes (0: automatic)")
       ->check(CLI::NonNegativeNumber);
+  app.add_flag("--zero-reference", zero_reference,
+               "reference log-probs 0 (as Liger without a reference model), not random");
+  app.add_option("--device", device, "cpu | cuda (a CUDA build)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
   if (N % (2 * T) != 0) {
     std::cerr << "bench_head: N must be a multiple of 2T (whole pairs), got N = " << N
@@ -137,17 +150,23 @@ int main(int argc, char** argv) {
   // Debian's libtorch starts with fewer threads than cores: every method gets them all.
   at::set_num_threads(
       threads > 0 ? threads : std::max(1, static_cast<int>(std::thread::hardware_concurrency())));
-  auto& meter = prefopt_bench::TrackingAllocator::install();
+  const c10::Device dev(device);
+  prefopt_bench::MemoryMeter meter(dev);
   const auto st = dtype == "bf16" ? at::kBFloat16 : at::kFloat;
   at::manual_seed(0);
   Inputs in;
   const int64_t S = N / T, B = S / 2;
-  in.h = at::randn({S, T, H}).to(st).requires_grad_();
-  in.w = (at::randn({V, H}) / std::sqrt(static_cast<double>(H))).to(st).requires_grad_();
+  in.h = at::randn({S, T, H}).to(st).to(dev).requires_grad_();
+  in.w = (at::randn({V, H}) / std::sqrt(static_cast<double>(H))).to(st).to(dev).requires_grad_();
   in.labels = at::randint(V, {S, T}, at::kLong);
   in.labels.narrow(1, 0, std::max<int64_t>(1, static_cast<int64_t>(masked * T))).fill_(-100);
-  in.ref_c = at::randn({B}) - 10.0 * T;
-  in.ref_r = at::randn({B}) - 10.0 * T;
+  in.labels = in.labels.to(dev);
+  in.ref_c = (zero_reference ? at::zeros({B}) : at::randn({B}) - 10.0 * T).to(dev);
+  in.ref_r = (zero_reference ? at::zeros({B}) : at::randn({B}) - 10.0 * T).to(dev);
+  // Waits for the device, so that a timed run covers its work.
+  const auto sync = [&] {
+    if (dev.is_cuda()) at::empty({1}, at::TensorOptions().device(dev)).item();
+  };
   in.opts.chunk_bytes(chunk_bytes)
       .backward(backward == "token_chunks"   ? prefopt::FusedBackward::kTokenChunks
                 : backward == "vocab_blocks" ? prefopt::FusedBackward::kVocabBlocks
@@ -161,17 +180,19 @@ int main(int argc, char** argv) {
   int64_t alloc_extra = 0;
   double loss = 0;
   for (int i = 0; i <= reps; ++i) {
+    sync();
     meter.reset_peak();
     const int64_t live = meter.live();
     const auto t0 = std::chrono::steady_clock::now();
     if (method == "gemm3") {
-      const auto out = gemm3(in);  // synchronous on CPU; on a GPU this would need a sync
+      const auto out = gemm3(in);
       loss = 0;
     } else {
       const auto l = run(in);
       const auto grads = torch::autograd::grad({l}, {in.h, in.w});
       loss = l.item<double>();
     }
+    sync();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     alloc_extra = std::max(alloc_extra, meter.peak() - live);
     if (i > 0) times.push_back(s);  // the first run is the warm-up
@@ -190,6 +211,8 @@ int main(int argc, char** argv) {
                       {"V", V},
                       {"T", T},
                       {"dtype", dtype},
+                      {"device", device},
+                      {"zero_reference", zero_reference},
                       {"masked", masked},
                       {"backward", backward},
                       {"chunk_bytes", chunk_bytes},
@@ -199,6 +222,8 @@ int main(int argc, char** argv) {
                       {"alloc_extra_bytes", alloc_extra},
                       {"rss_extra_bytes", hwm_ok && hwm > 0 ? hwm - rss_before : -1},
                       {"inputs_bytes", (in.h.numel() + in.w.numel()) * in.h.element_size()},
+                      // 3 · 2·n·H·V FLOPs over these: the three GEMMs' rate (gemm3's time).
+                      {"scored_tokens", (in.labels.slice(1, 1) != -100).sum().item<int64_t>()},
                       {"loss", loss},
                       {"bf16_mixed_gemm", gemm != nullptr ? gemm : "none"},
                       {"torch", TORCH_VERSION}};

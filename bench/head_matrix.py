@@ -11,6 +11,13 @@ from one configuration to the next, so slow drift of the machine does not favour
   bench/head_matrix.py --table bench/results/head.jsonl        # the table from saved lines
 
 Ratios are each method's median time, counting-allocator peak and peak-RSS extra over naive's.
+The last column takes the returned gradients' storage out of both peaks (`beyond_gradients`).
+
+`--methods ... liger --liger-python PY` adds Liger-Kernel's LigerFusedLinearDPOLoss
+(bench/liger_head.py run by PY, a Python with torch and liger-kernel) on the same inputs; every
+bench_head process then gets --zero-reference, since Liger runs without a reference model, so
+all methods report the same loss. `--device cuda` runs everything on the GPU and prints the GPU
+table instead (memory: the caching allocator's peak beyond the inputs).
 `--methods naive two_pass one_pass gemm3` adds bench_head's three-GEMM floor (the scored rows'
 z = h·Wᵀ, z·W and zᵀ·h with ATen's matmul, nothing else): the table then gains its time and each
 method's time over it, which says how much of a method is not GEMM.
@@ -24,13 +31,21 @@ import sys
 
 METHODS = ["naive", "two_pass", "one_pass"]
 FLOOR = "gemm3"
+LIGER = "liger"
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(bench, method, cfg, reps, threads):
+def run(a, method, cfg):
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
-    cmd = [bench, "--method", method, "--N", str(cfg["N"]), "--H", str(cfg["H"]),
-           "--V", str(cfg["V"]), "--T", str(cfg["T"]), "--dtype", cfg["dtype"], "--masked", str(cfg["masked"]),
-           "--reps", str(reps), "--threads", str(threads)]
+    args = ["--N", str(cfg["N"]), "--H", str(cfg["H"]), "--V", str(cfg["V"]), "--T", str(cfg["T"]),
+            "--dtype", cfg["dtype"], "--masked", str(cfg["masked"]), "--reps", str(a.reps),
+            "--threads", str(a.threads), "--device", a.device]
+    if method == LIGER:
+        cmd = [a.liger_python, os.path.join(HERE, "liger_head.py")] + args
+    else:
+        cmd = [a.bench, "--method", method] + args
+        if LIGER in a.methods:
+            cmd.append("--zero-reference")
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -39,22 +54,64 @@ def key(r):
     return (r["N"], r["H"], r["V"], r["dtype"], r["masked"], r["T"])
 
 
-def table(lines):
-    rows = {}
-    for r in lines:
-        rows.setdefault(key(r), {})[r["method"]] = r
-    floor = any(FLOOR in m for m in rows.values())
+def beyond_gradients(n, o):
+    """Peak-RSS extra one-pass/naive with the storage of the returned gradients taken out of
+    both: dW [V, H] and dh [N, H] in the input dtype, and for 16-bit inputs the one-pass op's
+    fp32 dW accumulator, whose 4·V·H bytes become the returned dW (issue 18 allows it)."""
+    e = 4 if n["dtype"] == "fp32" else 2
+    vh, nh = n["V"] * n["H"], n["N"] * n["H"]
+    grads = (vh + nh) * e
+    one_pass = 4 * vh + nh * e
+    return (o["rss_extra_bytes"] - one_pass) / (n["rss_extra_bytes"] - grads)
+
+
+def gpu_table(rows):
+    """#18's GPU targets: one-pass ≤ 1.2× the three-GEMM floor, ≥ 1.2× faster than Liger, and
+    no more memory than Liger (the caching allocator's peak beyond the inputs)."""
     mb = 1 / 2**20
-    head = ("| N × H × V | T | dtype | masked | naive s | two-pass s | one-pass s | two-pass/naive | "
-            "one-pass/naive | naive extra RSS MB | one-pass extra RSS MB | RSS one-pass/naive | "
-            "RSS two-pass/naive | alloc one-pass/naive |")
-    if floor:
-        head += " floor s | naive/floor | two-pass/floor | one-pass/floor |"
+    names = [m for m in METHODS + [LIGER] if any(m in x for x in rows.values())]
+    head = ("| N × H × V | T | dtype | masked | " + " | ".join(f"{m} s" for m in names) +
+            " | floor s | floor TFLOP/s | one-pass/floor | liger/one-pass | " +
+            " | ".join(f"{m} MB" for m in names) + " |")
     print(head)
     print("|---|---:|---|---:|" + "---:|" * (head.count("|") - 5))
     for k in sorted(rows, key=lambda k: (k[3], k[1], k[2], k[5], k[4])):
         m = rows[k]
-        if not all(x in m for x in METHODS) or (floor and FLOOR not in m):
+        f = m.get(FLOOR)
+        o = m.get("one_pass")
+        tflops = (6 * f["scored_tokens"] * k[1] * k[2] / f["median_s"] / 1e12
+                  if f and "scored_tokens" in f else float("nan"))
+        cell = lambda x, fmt: format(x, fmt) if x is not None else "-"
+        print(f"| {k[0]} × {k[1]} × {k[2]} | {k[5]} | {k[3]} | {k[4]:g} | " +
+              " | ".join(cell(m[n]["median_s"] if n in m else None, ".3f") for n in names) +
+              f" | {cell(f['median_s'] if f else None, '.3f')} | {tflops:.0f} | " +
+              f"{cell(o['median_s'] / f['median_s'] if o and f else None, '.2f')} | " +
+              f"{cell(m[LIGER]['median_s'] / o['median_s'] if o and LIGER in m else None, '.2f')} | " +
+              " | ".join(cell(m[n]["alloc_extra_bytes"] * mb if n in m else None, ".0f")
+                         for n in names) + " |")
+
+
+def table(lines):
+    rows = {}
+    for r in lines:
+        rows.setdefault(key(r), {})[r["method"]] = r
+    if any(r.get("device", "cpu") != "cpu" for r in lines):
+        return gpu_table(rows)
+    liger = any(LIGER in m for m in rows.values())
+    floor = any(FLOOR in m for m in rows.values())
+    mb = 1 / 2**20
+    head = ("| N × H × V | T | dtype | masked | naive s | two-pass s | one-pass s | two-pass/naive | "
+            "one-pass/naive | naive extra RSS MB | one-pass extra RSS MB | RSS one-pass/naive | "
+            "RSS two-pass/naive | alloc one-pass/naive | RSS one-pass/naive beyond gradients |")
+    if floor:
+        head += " floor s | naive/floor | two-pass/floor | one-pass/floor |"
+    if liger:
+        head += " liger s | one-pass/liger | liger extra RSS MB | RSS one-pass/liger |"
+    print(head)
+    print("|---|---:|---|---:|" + "---:|" * (head.count("|") - 5))
+    for k in sorted(rows, key=lambda k: (k[3], k[1], k[2], k[5], k[4])):
+        m = rows[k]
+        if not all(x in m for x in METHODS) or (floor and FLOOR not in m) or (liger and LIGER not in m):
             continue
         n, o, t = m["naive"], m["one_pass"], m["two_pass"]
         line = (f"| {k[0]} × {k[1]} × {k[2]} | {k[5]} | {k[3]} | {k[4]:g} | {n['median_s']:.2f} | "
@@ -63,11 +120,17 @@ def table(lines):
                 f"{n['rss_extra_bytes'] * mb:.0f} | {o['rss_extra_bytes'] * mb:.0f} | "
                 f"{o['rss_extra_bytes'] / n['rss_extra_bytes']:.3f} | "
                 f"{t['rss_extra_bytes'] / n['rss_extra_bytes']:.3f} | "
-                f"{o['alloc_extra_bytes'] / n['alloc_extra_bytes']:.3f} |")
+                f"{o['alloc_extra_bytes'] / n['alloc_extra_bytes']:.3f} | "
+                f"{beyond_gradients(n, o):.3f} |")
         if floor:
             f = m[FLOOR]["median_s"]
             line += (f" {f:.2f} | {n['median_s'] / f:.2f} | {t['median_s'] / f:.2f} | "
                      f"{o['median_s'] / f:.2f} |")
+        if liger:
+            g = m[LIGER]
+            line += (f" {g['median_s']:.2f} | {o['median_s'] / g['median_s']:.2f} | "
+                     f"{g['rss_extra_bytes'] * mb:.0f} | "
+                     f"{o['rss_extra_bytes'] / g['rss_extra_bytes']:.3f} |")
         print(line)
 
 
@@ -84,9 +147,12 @@ def main():
     p.add_argument("--masked", type=float, nargs="+", default=[0.0, 0.5])
     p.add_argument("--reps", type=int, default=2, help="timed runs after one warm-up")
     p.add_argument("--threads", type=int, default=0, help="0: every hardware thread")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + [FLOOR],
-                   help="bench_head methods to run (naive, two_pass and one_pass are required "
-                        "for the table)")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + [FLOOR, LIGER],
+                   help="methods to run (naive, two_pass and one_pass are required for the CPU "
+                        "table; liger needs --liger-python)")
+    p.add_argument("--liger-python", default="python3",
+                   help="the Python that runs bench/liger_head.py (torch and liger-kernel)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = p.parse_args()
     if a.table:
         with open(a.table) as f:
@@ -101,7 +167,7 @@ def main():
         j = i % len(a.methods)
         order = a.methods[j:] + a.methods[:j]
         for method in order:
-            r = run(a.bench, method, cfg, a.reps, a.threads)
+            r = run(a, method, cfg)
             lines.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
             if a.out:

@@ -2,6 +2,7 @@
 // Fused LM-head log-probs against the naive composite (matmul, temperature, softcap,
 // log_softmax, gather, masked sum) evaluated in fp64 by tests/reference/logprobs_reference.h.
 #include <c10/core/GradMode.h>
+#include <prefopt/detail/rows.h>
 #include <prefopt/fused_logprobs.h>
 
 #include <torch/csrc/autograd/autograd.h>
@@ -134,6 +135,26 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FusedGrid,
 
 using Fused = SeededTest;
 
+/// The fp64 composite on a head's (rounded) values, no temperature or softcap: the gathering
+/// and the gradients of the sum of the sequence sums.
+auto fp64_sums(const Head& head, const at::Tensor& labels) {
+  const auto d = head.as_double();
+  auto ref = prefopt_ref::gather(naive_logits(d.h, d.w, d.b, 1, 0), labels, labels != kIgnore);
+  auto grads = torch::autograd::grad({ref.sum.sum()}, d.params());
+  return std::make_pair(std::move(ref), std::move(grads));
+}
+
+/// Gradients in the inputs' dtype `st`, each within `rel` of the largest reference entry.
+void expect_grads_close(const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& ref_grads, at::ScalarType st, double rel) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    EXPECT_EQ(grads[i].scalar_type(), st);
+    EXPECT_TRUE(grads[i].is_contiguous());
+    const double scale = ref_grads[i].abs().max().item<double>();
+    EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 0, rel * scale)) << "parameter " << i;
+  }
+}
+
 // Low precision against the fp64 composite on the same (rounded) inputs. The op's logits are
 // rounded to the input dtype once (the chunk matmul's output), as any bf16 LM head's are; the
 // log-softmax and every accumulation are fp32. Stated tolerances: fp32 1e-4 per token;
@@ -145,10 +166,7 @@ TEST_F(Fused, LowPrecisionInputsAgainstFp64) {
   for (auto st : {at::kFloat, at::kBFloat16}) {
     SCOPED_TRACE(::testing::Message() << st);
     const Head head(B, T, H, V, /*bias=*/true, st);
-    const auto ref_head = head.as_double();
-    const auto ref = prefopt_ref::gather(naive_logits(ref_head.h, ref_head.w, ref_head.b, 1, 0),
-                                         labels, labels != kIgnore);
-    const auto ref_grads = torch::autograd::grad({ref.sum.sum()}, ref_head.params());
+    const auto [ref, ref_grads] = fp64_sums(head, labels);
     for (auto bwd :
          {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles}) {
       SCOPED_TRACE(::testing::Message() << "backward " << static_cast<int>(bwd));
@@ -159,13 +177,35 @@ TEST_F(Fused, LowPrecisionInputsAgainstFp64) {
       const double tok = st == at::kFloat ? 1e-4 : 3e-2;
       EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 0, tok));
       EXPECT_TRUE(AllClose(lp.mean, ref.mean, 0, tok));
-      const auto grads = torch::autograd::grad({lp.sum.sum()}, head.params());
-      for (size_t i = 0; i < grads.size(); ++i) {
-        EXPECT_EQ(grads[i].scalar_type(), st);
-        const double scale = ref_grads[i].abs().max().item<double>();
-        EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 0, (st == at::kFloat ? 1e-5 : 1e-2) * scale))
-            << "parameter " << i;
-      }
+      expect_grads_close(torch::autograd::grad({lp.sum.sum()}, head.params()), ref_grads, st,
+                         st == at::kFloat ? 1e-5 : 1e-2);
+    }
+  }
+}
+
+// 16-bit weights over several row chunks: the weight gradient accumulates in fp32 (a
+// DwAccumulator, split at row (V + 1) / 2 on CPU) and is cast once. V is odd, so the split
+// falls inside a vocabulary block of kTiles (blocks of 522 columns here: [1044, 1566) holds
+// row 1501) and inside every whole-V block of kTokenChunks. Tolerance as in
+// LowPrecisionInputsAgainstFp64; a block added at a wrong row would be off by O(scale).
+TEST_F(Fused, SixteenBitWeightGradientOverRowChunksAndOddV) {
+  const int64_t B = 4, T = 24, H = 64, V = 3001;
+  const auto labels = make_labels(B, T, V);
+  const int64_t n = (labels.slice(1, 1) != kIgnore).sum().item<int64_t>();
+  // kTokenChunks: 5 rows of 16-bit logits per chunk. kTiles: rows of 64 · 6 bytes beside 512
+  // columns of 2 bytes fit 21 times in the budget (tiles_within), leaving 522 columns.
+  const int64_t budget = 5 * V * 2;
+  ASSERT_GT(n, 21) << "too few scored rows for several kTiles row chunks";
+  for (auto st : {at::kBFloat16, at::kHalf}) {
+    if (st == at::kHalf && !prefopt::detail::fused::cpu_half_matmul()) continue;
+    SCOPED_TRACE(::testing::Message() << st);
+    const Head head(B, T, H, V, /*bias=*/true, st);
+    const auto [ref, ref_grads] = fp64_sums(head, labels);
+    for (auto bwd : {FusedBackward::kTokenChunks, FusedBackward::kTiles}) {
+      SCOPED_TRACE(::testing::Message() << "backward " << static_cast<int>(bwd));
+      const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels,
+                                        FusedLogprobsOptions().chunk_bytes(budget).backward(bwd));
+      expect_grads_close(torch::autograd::grad({lp.sum.sum()}, head.params()), ref_grads, st, 1e-2);
     }
   }
 }

@@ -615,14 +615,18 @@ TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
   namespace cpu = prefopt::detail::cpu;
   for (auto st : {at::kBFloat16, at::kHalf}) {
     const auto type = st == at::kBFloat16 ? cpu::Gemm16::kBFloat16 : cpu::Gemm16::kHalf;
-    const bool rounded = cpu::gemm16_path(type) == cpu::Gemm16Path::kRounded &&
-                         (st == at::kBFloat16 || prefopt::detail::fused::cpu_half_matmul());
+    // The rounded path takes libtorch's 16-bit GEMM only where that sums in fp32.
+    const auto rounded_for = [&](bool trans_a) {
+      return cpu::gemm16_path(type) == cpu::Gemm16Path::kRounded &&
+             prefopt::detail::fused::cpu_mm16_fp32acc(st, trans_a, /*trans_b=*/false);
+    };
     // Rounding to nearest: at most half an ulp, which is at most 2^-7 (bf16) or 2^-10 (fp16)
     // of the value.
     const double ulp = st == at::kBFloat16 ? 1.0 / 128 : 1.0 / 1024;
     // m = 53 rows, then 8 MiB / n rows per block: several blocks for the wide case.
     for (auto [trans_a, n] : {std::pair{true, int64_t{29}}, std::pair{false, int64_t{29}},
                               std::pair{true, int64_t{300000}}}) {
+      const bool rounded = rounded_for(trans_a);
       const auto a = trans_a ? at::randn({37, 53}).to(st) : at::randn({53, 37}).to(st);
       const auto b = at::randn({37, n}).to(st);
       auto c = at::randn({53, n});
@@ -641,6 +645,44 @@ TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
       }
     }
     std::cout << c10::toString(st) << " mixed GEMM: " << cpu::gemm16_path_name(type) << "\n";
+  }
+}
+
+TEST_F(SeededTest, SixteenBitGemmRoundsOnceOnEveryLayout) {
+  // set_mm (the fused ops' 16-bit dh and dW GEMMs) and chunk_logits (their logits): fp32
+  // accumulation, one rounding of the result, on every layout. Debian's libtorch 1.13 on
+  // CPUs without AVX-512 sums its own 16-bit GEMM in 16 bits in three of the four layouts
+  // (errors of 25-30× one rounding at k = 3000); there cpu_mm16_fp32acc routes them through
+  // fp32 blocks.
+  namespace fu = prefopt::detail::fused;
+  const int64_t m = 53, k = 3000, n = 70;
+  for (auto st : {at::kBFloat16, at::kHalf}) {
+    if (st == at::kHalf && !fu::cpu_half_matmul()) continue;
+    const double ulp = st == at::kBFloat16 ? 1.0 / 128 : 1.0 / 1024;
+    for (bool trans_a : {false, true}) {
+      const auto a = trans_a ? at::randn({k, m}).to(st) : at::randn({m, k}).to(st);
+      const auto b = at::randn({k, n}).to(st);
+      const auto want =
+          at::mm(trans_a ? a.to(at::kDouble).t() : a.to(at::kDouble), b.to(at::kDouble));
+      auto c = at::empty({m, n}, at::TensorOptions().dtype(st));
+      fu::set_mm(c, a, trans_a, b);
+      // Half an ulp of each entry (rounding) plus fp32 summation noise.
+      const auto err = (c.to(at::kDouble) - want).abs() - want.abs() * (ulp / 2);
+      EXPECT_LE(err.max().item<double>(), 1e-4 * want.abs().max().item<double>())
+          << c10::toString(st) << " trans_a " << trans_a
+          << " (libtorch's own GEMM sums in fp32: " << fu::cpu_mm16_fp32acc(st, trans_a, false)
+          << ")";
+    }
+    // The logits: h · Wᵀ (+ b) with W stored [V, H].
+    const auto h = at::randn({m, k}).to(st), w = at::randn({n, k}).to(st);
+    const auto bias = at::randn({n}).to(st);
+    const auto want = at::addmm(bias.to(at::kDouble), h.to(at::kDouble), w.to(at::kDouble).t());
+    auto z = at::empty({m, n}, at::TensorOptions().dtype(st));
+    fu::chunk_logits(h, w, bias, fu::HeadSpec{}, z);
+    // One ulp: libtorch's addmm may round the product and the sum with the bias separately.
+    const auto err = (z.to(at::kDouble) - want).abs() - want.abs() * ulp;
+    EXPECT_LE(err.max().item<double>(), 1e-4 * want.abs().max().item<double>())
+        << c10::toString(st) << " logits";
   }
 }
 

@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <optional>
 
@@ -119,7 +120,8 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
       cpu::mixed_gemm(type, trans_a, /*trans_b=*/false, m, n, k, ac.data_ptr(), ac.stride(0),
                       bc.data_ptr(), bc.stride(0), 1.0f, c.data_ptr<float>(), c.stride(0)))
     return;
-  if (path == cpu::Gemm16Path::kRounded && (type == cpu::Gemm16::kBFloat16 || cpu_half_matmul())) {
+  if (path == cpu::Gemm16Path::kRounded && a.is_cpu() &&
+      cpu_mm16_fp32acc(a.scalar_type(), trans_a, /*trans_b=*/false)) {
     // Row blocks of c, so the 16-bit product buffer stays at 16 MiB.
     const auto op_a = trans_a ? ac.t() : ac;
     const int64_t rows = std::clamp<int64_t>((int64_t{8} << 20) / std::max<int64_t>(n, 1), 1,
@@ -150,6 +152,26 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
     } else {
       c.addmm_(ac.narrow(1, k0, r).to(at::kFloat), b32);
     }
+  }
+}
+
+PREFOPT_INLINE void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
+  const auto st = c.scalar_type();
+  if (!c.is_cpu() || (st != at::kBFloat16 && st != at::kHalf) ||
+      cpu_mm16_fp32acc(st, trans_a, /*trans_b=*/false)) {
+    at::mm_out(c, trans_a ? a.t() : a, b);
+    return;
+  }
+  // Row blocks of c accumulated in fp32 by add_mm (4 MiB each), then rounded once.
+  const int64_t m = c.size(0), n = c.size(1);
+  const int64_t rows =
+      std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(n, 1), 1, std::max<int64_t>(m, 1));
+  auto acc = at::empty({std::min(rows, m), n}, c.options().dtype(at::kFloat));
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t r = std::min(rows, m - r0);
+    auto t = acc.narrow(0, 0, r).zero_();
+    add_mm(t, trans_a ? a.narrow(1, r0, r) : a.narrow(0, r0, r), trans_a, b);
+    c.narrow(0, r0, r).copy_(t);
   }
 }
 
@@ -219,7 +241,20 @@ PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t
 /// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer).
 PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight,
                                  const at::Tensor& bias, const HeadSpec& spec, at::Tensor& z) {
-  if (bias.defined()) {
+  const auto st = z.scalar_type();
+  if (z.is_cpu() && (st == at::kBFloat16 || st == at::kHalf) &&
+      !cpu_mm16_fp32acc(st, /*trans_a=*/false, /*trans_b=*/true)) {
+    // libtorch would sum in 16 bits: fp32 products over blocks of W's rows (8 MiB in fp32).
+    const auto h32 = h_c.to(at::kFloat);
+    const int64_t V = weight.size(0), H = std::max<int64_t>(weight.size(1), 1);
+    const int64_t step = std::clamp<int64_t>((int64_t{2} << 20) / H, 1, std::max<int64_t>(V, 1));
+    for (int64_t v0 = 0; v0 < V; v0 += step) {
+      const int64_t vb = std::min(step, V - v0);
+      auto zb = at::mm(h32, weight.narrow(0, v0, vb).to(at::kFloat).t());
+      if (bias.defined()) zb.add_(bias.narrow(0, v0, vb).to(at::kFloat));
+      z.narrow(1, v0, vb).copy_(zb);
+    }
+  } else if (bias.defined()) {
     at::addmm_out(z, bias, h_c, weight.t());
   } else {
     at::mm_out(z, h_c, weight.t());
@@ -407,14 +442,14 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
         } else if (a.need_w) {
           auto dw_b = dw.narrow(0, v0, vb);
           if (one_chunk) {
-            at::mm_out(dw_b, z.t(), h_c);
+            set_mm(dw_b, z, /*trans_a=*/true, h_c);
           } else {
             dw_b.addmm_(z.t(), h_c);
           }
         }
         if (a.need_h) {
           if (one_block) {
-            at::mm_out(dh_c, z, a.weight);
+            set_mm(dh_c, z, /*trans_a=*/false, a.weight);
           } else {
             add_mm(dh_c, z, /*trans_a=*/false, w_b);
           }
@@ -450,6 +485,36 @@ PREFOPT_INLINE bool cpu_half_matmul() {
     }
   }();
   return ok;
+}
+
+PREFOPT_INLINE bool cpu_mm16_fp32acc(at::ScalarType st, bool trans_a, bool trans_b) {
+  // op(a) [8, k] · op(b) [k, 8], k = 2048, deterministic entries in [-1, 1]: summed in fp32,
+  // the error is one 16-bit rounding of the result (2⁻⁹ of the largest entry in bf16: 1.03×
+  // that measured); summed in 16 bits it grows with k (50× that, Debian's libtorch 1.13 on
+  // an AVX2-only CPU). The bound, 2⁻⁶ of the largest entry (8×), separates the two.
+  const auto test = [](at::ScalarType t, bool ta, bool tb) {
+    if (t == at::kHalf && !cpu_half_matmul()) return false;
+    const int64_t m = 8, k = 2048;
+    const auto x = [&](double f) {
+      return at::sin(at::arange(m * k, at::TensorOptions().dtype(at::kDouble)) * f)
+          .view({m, k})
+          .to(t);
+    };
+    const auto a = ta ? x(0.37).t().contiguous().t() : x(0.37);  // [m, k], its layout chosen
+    const auto b = tb ? x(0.73).contiguous().t() : x(0.73).t().contiguous();  // [k, m]
+    const auto ref = at::mm(a.to(at::kDouble), b.to(at::kDouble));
+    const double u = t == at::kBFloat16 ? 1.0 / 256 : 1.0 / 2048;  // unit roundoff
+    const double err = (at::mm(a, b).to(at::kDouble) - ref).abs().max().item<double>();
+    return err <= 4 * u * ref.abs().max().item<double>();
+  };
+  static const std::array<bool, 8> ok = [&] {
+    std::array<bool, 8> r{};
+    for (int i = 0; i < 8; ++i)
+      r[i] = test(i < 4 ? at::kBFloat16 : at::kHalf, (i & 1) != 0, (i & 2) != 0);
+    return r;
+  }();
+  TORCH_INTERNAL_ASSERT(st == at::kBFloat16 || st == at::kHalf, "cpu_mm16_fp32acc: 16-bit only");
+  return ok[(st == at::kHalf ? 4 : 0) + (trans_a ? 1 : 0) + (trans_b ? 2 : 0)];
 }
 
 PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,

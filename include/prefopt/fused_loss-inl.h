@@ -189,7 +189,7 @@ struct Job {
       if (need_b) db.add_(p.z.sum(0, /*keepdim=*/false, acc));
       if (need_w) {
         if (one_gemm) {
-          at::mm_out(dw, p.z.t(), p.h);  // 16-bit: fp32 accumulation inside, rounded once
+          fused::set_mm(dw, p.z, /*trans_a=*/true, p.h);  // 16-bit: fp32 accumulation, once
         } else if (dw_acc) {
           dw_acc->add(0, p.z, p.h);
         } else {
@@ -198,7 +198,7 @@ struct Job {
       }
       if (need_h) {
         auto dh_c = dh_buffer.narrow(0, 0, m);
-        at::mm_out(dh_c, p.z, weight);  // spans V: one GEMM, rounded once
+        fused::set_mm(dh_c, p.z, /*trans_a=*/false, weight);  // spans V: rounded once
         dh.index_copy_(0, p.rows, dh_c);
       }
     };

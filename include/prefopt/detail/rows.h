@@ -175,8 +175,15 @@ void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& ls
                  const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor);
 /// Whether this libtorch multiplies fp16 matrices on CPU (libtorch < 2.1 does not).
 bool cpu_half_matmul();
+/// Whether libtorch's own CPU GEMM in the 16-bit dtype `st` accumulates in fp32 for
+/// op(a)·op(b) (op: transposed or not). Debian's libtorch 1.13 on CPUs without AVX-512 sums in
+/// 16 bits in three of the four layouts; checked once per process and layout.
+bool cpu_mm16_fp32acc(at::ScalarType st, bool trans_a, bool trans_b);
 /// c += op(a) · b; 16-bit operands into an fp32 `c` accumulate in fp32 inside the GEMM.
 void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
+/// c ← op(a) · b in c's dtype, a, b and c all of one dtype; in 16 bits, accumulated in fp32 and
+/// rounded once (libtorch's GEMM, or fp32 blocks where cpu_mm16_fp32acc says it would not).
+void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
 /// The fp32 accumulator of a 16-bit [V, H] weight gradient over several GEMMs. On CPU it is
 /// two row halves, so that the cast at the end needs no second [V, H] buffer: the top half's
 /// storage (4·⌈V/2⌉·H bytes) holds the whole 16-bit result, which `finish` writes there, the

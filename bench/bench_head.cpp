@@ -29,6 +29,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <prefopt/detail/cpu_gemm.h>
+#include <prefopt/detail/rows.h>
 #include <prefopt/fused_loss.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/version.h>
@@ -150,6 +151,11 @@ int main(int argc, char** argv) {
   // Debian's libtorch starts with fewer threads than cores: every method gets them all.
   at::set_num_threads(
       threads > 0 ? threads : std::max(1, static_cast<int>(std::thread::hardware_concurrency())));
+  if (device == "cuda" && !at::hasCUDA()) {
+    std::cerr << "bench_head: --device cuda needs libtorch's CUDA library (torch_cuda) linked "
+                 "and a visible GPU; at::hasCUDA() is false in this process\n";
+    return 2;
+  }
   const c10::Device dev(device);
   prefopt_bench::MemoryMeter meter(dev);
   const auto st = dtype == "bf16" ? at::kBFloat16 : at::kFloat;
@@ -203,8 +209,14 @@ int main(int argc, char** argv) {
   const double median = sorted.size() % 2
                             ? sorted[sorted.size() / 2]
                             : (sorted[sorted.size() / 2 - 1] + sorted[sorted.size() / 2]) / 2;
+  // The CPU's 16-bit GEMM choice (detail::fused::cpu_mm16_fast): timed once per process.
+  const bool cpu_bf16 = dev.is_cpu() && st == at::kBFloat16;
+  const double speed16 = cpu_bf16 ? prefopt::detail::fused::cpu_mm16_speed(st) : 0.0;
   const char* gemm =
-      prefopt::detail::cpu::gemm16_path_name(prefopt::detail::cpu::Gemm16::kBFloat16);
+      !cpu_bf16 ? "n/a"
+      : prefopt::detail::fused::cpu_mm16_fast(st)
+          ? prefopt::detail::cpu::gemm16_path_name(prefopt::detail::cpu::Gemm16::kBFloat16)
+          : "fp32 blocks (no fast 16-bit GEMM)";
   nlohmann::json j = {{"method", method},
                       {"N", N},
                       {"H", H},
@@ -226,6 +238,7 @@ int main(int argc, char** argv) {
                       {"scored_tokens", (in.labels.slice(1, 1) != -100).sum().item<int64_t>()},
                       {"loss", loss},
                       {"bf16_mixed_gemm", gemm != nullptr ? gemm : "none"},
+                      {"bf16_mm_speed_vs_fp32", speed16},
                       {"torch", TORCH_VERSION}};
   std::cout << j.dump() << std::endl;
   return 0;

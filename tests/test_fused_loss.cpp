@@ -618,7 +618,7 @@ TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
     // The rounded path takes libtorch's 16-bit GEMM only where that sums in fp32.
     const auto rounded_for = [&](bool trans_a) {
       return cpu::gemm16_path(type) == cpu::Gemm16Path::kRounded &&
-             prefopt::detail::fused::cpu_mm16_fp32acc(st, trans_a, /*trans_b=*/false);
+             prefopt::detail::fused::cpu_mm16_usable(st, trans_a, /*trans_b=*/false);
     };
     // Rounding to nearest: at most half an ulp, which is at most 2^-7 (bf16) or 2^-10 (fp16)
     // of the value.
@@ -644,7 +644,11 @@ TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
         EXPECT_GT(err, fp32) << c10::toString(st) << " trans_a " << trans_a << " n " << n;
       }
     }
-    std::cout << c10::toString(st) << " mixed GEMM: " << cpu::gemm16_path_name(type) << "\n";
+    std::cout << c10::toString(st) << " mixed GEMM: "
+              << (prefopt::detail::fused::cpu_mm16_fast(st) ? cpu::gemm16_path_name(type)
+                                                            : "none (fallback)")
+              << "; libtorch's 16-bit mm at " << prefopt::detail::fused::cpu_mm16_speed(st)
+              << "x its fp32 rate\n";
   }
 }
 
@@ -652,7 +656,7 @@ TEST_F(SeededTest, SixteenBitGemmRoundsOnceOnEveryLayout) {
   // set_mm (the fused ops' 16-bit dh and dW GEMMs) and chunk_logits (their logits): fp32
   // accumulation, one rounding of the result, on every layout. Debian's libtorch 1.13 on
   // CPUs without AVX-512 sums its own 16-bit GEMM in 16 bits in three of the four layouts
-  // (errors of 25-30× one rounding at k = 3000); there cpu_mm16_fp32acc routes them through
+  // (errors of 25-30× one rounding at k = 3000); there cpu_mm16_usable routes them through
   // fp32 blocks.
   namespace fu = prefopt::detail::fused;
   const int64_t m = 53, k = 3000, n = 70;
@@ -670,20 +674,92 @@ TEST_F(SeededTest, SixteenBitGemmRoundsOnceOnEveryLayout) {
       const auto err = (c.to(at::kDouble) - want).abs() - want.abs() * (ulp / 2);
       EXPECT_LE(err.max().item<double>(), 1e-4 * want.abs().max().item<double>())
           << c10::toString(st) << " trans_a " << trans_a
-          << " (libtorch's own GEMM sums in fp32: " << fu::cpu_mm16_fp32acc(st, trans_a, false)
+          << " (libtorch's own GEMM sums in fp32: " << fu::cpu_mm16_usable(st, trans_a, false)
           << ")";
     }
-    // The logits: h · Wᵀ (+ b) with W stored [V, H].
-    const auto h = at::randn({m, k}).to(st), w = at::randn({n, k}).to(st);
-    const auto bias = at::randn({n}).to(st);
-    const auto want = at::addmm(bias.to(at::kDouble), h.to(at::kDouble), w.to(at::kDouble).t());
-    auto z = at::empty({m, n}, at::TensorOptions().dtype(st));
-    fu::chunk_logits(h, w, bias, fu::HeadSpec{}, z);
-    // One ulp: libtorch's addmm may round the product and the sum with the bias separately.
-    const auto err = (z.to(at::kDouble) - want).abs() - want.abs() * ulp;
-    EXPECT_LE(err.max().item<double>(), 1e-4 * want.abs().max().item<double>())
-        << c10::toString(st) << " logits";
+    // dh = dz · W with W column-major (a weight stored [H, V] and passed as its transpose).
+    {
+      const auto a = at::randn({m, k}).to(st), b = at::randn({n, k}).to(st).t();
+      const auto want = at::mm(a.to(at::kDouble), b.to(at::kDouble));
+      auto c = at::empty({m, n}, at::TensorOptions().dtype(st));
+      fu::set_mm(c, a, /*trans_a=*/false, b);
+      const auto err = (c.to(at::kDouble) - want).abs() - want.abs() * (ulp / 2);
+      EXPECT_LE(err.max().item<double>(), 1e-4 * want.abs().max().item<double>())
+          << c10::toString(st)
+          << " column-major b (libtorch's own GEMM used: " << fu::cpu_mm16_usable(st, false, true)
+          << ")";
+    }
+    // The logits: h · Wᵀ (+ b) with W stored [V, H], and with W a transposed [H, V] tensor.
+    for (bool w_col_major : {false, true}) {
+      const auto h = at::randn({m, k}).to(st);
+      const auto w = w_col_major ? at::randn({k, n}).to(st).t() : at::randn({n, k}).to(st);
+      const auto bias = at::randn({n}).to(st);
+      const auto want = at::addmm(bias.to(at::kDouble), h.to(at::kDouble), w.to(at::kDouble).t());
+      auto z = at::empty({m, n}, at::TensorOptions().dtype(st));
+      fu::chunk_logits(h, w, bias, fu::HeadSpec{}, z);
+      // One ulp: libtorch's addmm may round the product and the sum with the bias separately.
+      const auto err = (z.to(at::kDouble) - want).abs() - want.abs() * ulp;
+      EXPECT_LE(err.max().item<double>(), 1e-4 * want.abs().max().item<double>())
+          << c10::toString(st) << " logits, W column-major " << w_col_major;
+    }
   }
+}
+
+TEST_F(SeededTest, Fp32BlocksOverEveryDimensionAndLayout) {
+  // mm_fp32_blocks, the 16-bit GEMMs' fallback (CPUs without AVX-512, PREFOPT_CPU_GEMM16=off,
+  // a layout whose libtorch GEMM sums in 16 bits): blocks of 16 MiB in fp32 over m, n and k,
+  // operands of either layout, against fp64. Shapes from its blocking rule: k = 9000 > 4096
+  // with n = 2000 gives 3 blocks of k and 2 of n; k = 300, n = 15000 gives 2 blocks of n and
+  // 3 of m (700 rows, 300 per block).
+  namespace fu = prefopt::detail::fused;
+  struct Shape {
+    int64_t m, k, n;
+  };
+  for (const Shape sh : {Shape{53, 9000, 2000}, Shape{700, 300, 15000}}) {
+    const auto a_rows = at::randn({sh.m, sh.k}).to(at::kBFloat16);
+    const auto b_rows = at::randn({sh.k, sh.n}).to(at::kBFloat16);
+    const auto bias = at::randn({sh.n}).to(at::kBFloat16);
+    const auto product = at::mm(a_rows.to(at::kDouble), b_rows.to(at::kDouble));
+    const double scale = product.abs().max().item<double>();
+    for (int layout = 0; layout < 4; ++layout) {
+      const bool a_cm = (layout & 1) != 0, b_cm = (layout & 2) != 0;
+      // The same values stored column-major.
+      const auto a = a_cm ? a_rows.t().contiguous().t() : a_rows;
+      const auto b = b_cm ? b_rows.t().contiguous().t() : b_rows;
+      ASSERT_EQ(fu::col_major(a), a_cm);
+      ASSERT_EQ(fu::col_major(b), b_cm);
+      const std::string what = "m " + std::to_string(sh.m) + " k " + std::to_string(sh.k) +
+                               " layout " + std::to_string(layout);
+      // fp32 c accumulating: fp32 roundings only (sums of up to 9000 terms).
+      auto c32 = at::randn({sh.m, sh.n});
+      const auto want32 = c32.to(at::kDouble) + product;
+      fu::mm_fp32_blocks(c32, a, b, /*accumulate=*/true);
+      EXPECT_LE((c32.to(at::kDouble) - want32).abs().max().item<double>(), 1e-5 * scale) << what;
+      // 16-bit c, set with a bias: the bias added in fp32, then one rounding (half an ulp).
+      auto c16 = at::empty({sh.m, sh.n}, at::TensorOptions().dtype(at::kBFloat16));
+      const auto want16 = product + bias.to(at::kDouble);
+      fu::mm_fp32_blocks(c16, a, b, /*accumulate=*/false, bias);
+      const auto err16 = (c16.to(at::kDouble) - want16).abs() - want16.abs() / 256;
+      EXPECT_LE(err16.max().item<double>(), 1e-5 * scale) << what << " (bf16 result)";
+      if (layout == 0) {
+        // 16-bit c accumulating: its old value enters the fp32 sum, one rounding at the end.
+        auto acc = at::randn({sh.m, sh.n}).to(at::kBFloat16);
+        const auto want = acc.to(at::kDouble) + product;
+        fu::mm_fp32_blocks(acc, a, b, /*accumulate=*/true);
+        const auto err = (acc.to(at::kDouble) - want).abs() - want.abs() / 256;
+        EXPECT_LE(err.max().item<double>(), 1e-5 * scale) << what << " (bf16 accumulate)";
+      }
+    }
+  }
+  // k = 0: the set forms give the bias (or zeros); accumulating leaves c alone.
+  const auto a0 = at::empty({4, 0}, at::TensorOptions().dtype(at::kBFloat16));
+  const auto b0 = at::empty({0, 3}, at::TensorOptions().dtype(at::kBFloat16));
+  auto c0 = at::full({4, 3}, 7.0, at::TensorOptions().dtype(at::kBFloat16));
+  fu::mm_fp32_blocks(c0, a0, b0, /*accumulate=*/false);
+  EXPECT_TRUE(at::equal(c0, at::zeros_like(c0)));
+  auto c1 = at::full({4, 3}, 7.0);
+  fu::mm_fp32_blocks(c1, a0, b0, /*accumulate=*/true);
+  EXPECT_TRUE(at::equal(c1, at::full({4, 3}, 7.0)));
 }
 
 }  // namespace

@@ -4,11 +4,15 @@
 #pragma once
 #include <prefopt/fused_logprobs.h>
 
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
+#include <limits>
 #include <optional>
 
 #include <prefopt/detail/check_enum.h>
@@ -91,12 +95,79 @@ PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a
 #endif
 }
 
+PREFOPT_INLINE bool col_major(const at::Tensor& x) {
+  return x.dim() == 2 && x.stride(0) == 1 && x.stride(1) != 1;
+}
+
+PREFOPT_INLINE void mm_fp32_blocks(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
+                                   bool accumulate, const at::Tensor& bias) {
+  const int64_t m = c.size(0), n = c.size(1), k = a.size(1);
+  const bool direct = c.scalar_type() == at::kFloat;
+  if (!accumulate && (direct || k == 0)) {
+    if (bias.defined()) {
+      c.copy_(bias.unsqueeze(0).expand({m, n}));
+    } else {
+      c.zero_();
+    }
+  }
+  if (m == 0 || n == 0 || k == 0) return;
+  // Blocks of 16 MiB in fp32: all of k where that leaves room for at least 1024 columns of b
+  // (the logits: k = H), else blocks of k of at least 4096 over all of n (dh: k = V, n = H).
+  constexpr int64_t kFloats = int64_t{4} << 20;
+  const int64_t kb = std::min(k, std::max<int64_t>(kFloats / 1024, kFloats / n));
+  const int64_t nb = std::clamp<int64_t>(kFloats / kb, 1, n);
+  const int64_t mb = std::clamp<int64_t>(kFloats / std::max(kb, nb), 1, m);
+  // Copied in the operand's own layout (a column-major block as its transpose's rows).
+  const auto f32 = [](const at::Tensor& x) {
+    return col_major(x) ? x.t().to(at::kFloat).t() : x.to(at::kFloat);
+  };
+  const auto block = [](const at::Tensor& x, int64_t r0, int64_t r, int64_t c0, int64_t cn) {
+    return x.narrow(0, r0, r).narrow(1, c0, cn);
+  };
+  const auto bias32 = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
+  at::Tensor acc = direct ? at::Tensor() : at::empty({mb, nb}, c.options().dtype(at::kFloat));
+  for (int64_t n0 = 0; n0 < n; n0 += nb) {
+    const int64_t nr = std::min(nb, n - n0);
+    if (direct) {  // c is the fp32 accumulator: b's block is copied once
+      for (int64_t k0 = 0; k0 < k; k0 += kb) {
+        const int64_t kr = std::min(kb, k - k0);
+        const auto b32 = f32(block(b, k0, kr, n0, nr));
+        for (int64_t m0 = 0; m0 < m; m0 += mb) {
+          const int64_t mr = std::min(mb, m - m0);
+          block(c, m0, mr, n0, nr).addmm_(f32(block(a, m0, mr, k0, kr)), b32);
+        }
+      }
+      continue;
+    }
+    // A 16-bit c: each block summed in fp32 over all of k, then rounded once.
+    const auto b_all = kb == k ? f32(block(b, 0, k, n0, nr)) : at::Tensor();
+    for (int64_t m0 = 0; m0 < m; m0 += mb) {
+      const int64_t mr = std::min(mb, m - m0);
+      auto t = acc.narrow(0, 0, mr).narrow(1, 0, nr);
+      auto cb = block(c, m0, mr, n0, nr);
+      if (accumulate) {
+        t.copy_(cb);
+      } else if (bias32.defined()) {
+        t.copy_(bias32.narrow(0, n0, nr).unsqueeze(0).expand({mr, nr}));
+      } else {
+        t.zero_();
+      }
+      for (int64_t k0 = 0; k0 < k; k0 += kb) {
+        const int64_t kr = std::min(kb, k - k0);
+        t.addmm_(f32(block(a, m0, mr, k0, kr)),
+                 b_all.defined() ? b_all : f32(block(b, k0, kr, n0, nr)));
+      }
+      cb.copy_(t);
+    }
+  }
+}
+
 /// c += op(a) · b with op(a) = aᵀ when `trans_a`. For operands in c's dtype, one addmm. For
 /// 16-bit operands and an fp32 `c` (a gradient accumulating over chunks or blocks): on CUDA,
 /// one cuBLAS GEMM with fp32 accumulation and output; on CPU, `cpu::gemm16_path` decides:
 /// the process's oneDNN or MKL GEMM with fp32 output, libtorch's 16-bit GEMM on 16 MiB row
 /// blocks of c rounded once per block and summed in fp32 (where MKL's 16-bit GEMM is slow),
-/// or fp32 GEMMs on fp32 copies of 8 MiB blocks of the operands. No whole-matrix copy.
+/// or `mm_fp32_blocks` (fp32 copies of blocks of at most 16 MiB). No whole-matrix copy.
 PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
   if (c.scalar_type() == a.scalar_type()) {
     c.addmm_(trans_a ? a.t() : a, b);
@@ -115,15 +186,16 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
   const auto bc = dense(b);
   const int64_t m = c.size(0), n = c.size(1), k = bc.size(0);
   const auto type = a.scalar_type() == at::kBFloat16 ? cpu::Gemm16::kBFloat16 : cpu::Gemm16::kHalf;
-  const auto path = a.is_cpu() ? cpu::gemm16_path(type) : cpu::Gemm16Path::kFp32Copies;
+  const auto path = a.is_cpu() && cpu_mm16_fast(a.scalar_type()) ? cpu::gemm16_path(type)
+                                                                 : cpu::Gemm16Path::kFp32Copies;
   if (path == cpu::Gemm16Path::kBlas &&
       cpu::mixed_gemm(type, trans_a, /*trans_b=*/false, m, n, k, ac.data_ptr(), ac.stride(0),
                       bc.data_ptr(), bc.stride(0), 1.0f, c.data_ptr<float>(), c.stride(0)))
     return;
+  const auto op_a = trans_a ? ac.t() : ac;
   if (path == cpu::Gemm16Path::kRounded && a.is_cpu() &&
-      cpu_mm16_fp32acc(a.scalar_type(), trans_a, /*trans_b=*/false)) {
+      cpu_mm16_usable(a.scalar_type(), col_major(op_a), col_major(bc))) {
     // Row blocks of c, so the 16-bit product buffer stays at 16 MiB.
-    const auto op_a = trans_a ? ac.t() : ac;
     const int64_t rows = std::clamp<int64_t>((int64_t{8} << 20) / std::max<int64_t>(n, 1), 1,
                                              std::max<int64_t>(m, 1));
     auto product = at::empty({rows, n}, a.options());
@@ -141,38 +213,18 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
     }
     return;
   }
-  // Blocks of the contraction dimension k: fp32 copies of a's and b's rows in the block.
-  const int64_t width = std::max(m, n);  // a block of a holds m·r entries, of b r·n
-  const int64_t step = std::clamp<int64_t>((int64_t{8} << 20) / (4 * width), 1, k);
-  for (int64_t k0 = 0; k0 < k; k0 += step) {
-    const int64_t r = std::min(step, k - k0);
-    const auto b32 = bc.narrow(0, k0, r).to(at::kFloat);
-    if (trans_a) {
-      c.addmm_(ac.narrow(0, k0, r).to(at::kFloat).t(), b32);
-    } else {
-      c.addmm_(ac.narrow(1, k0, r).to(at::kFloat), b32);
-    }
-  }
+  mm_fp32_blocks(c, op_a, bc, /*accumulate=*/true);
 }
 
 PREFOPT_INLINE void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
   const auto st = c.scalar_type();
+  const auto op_a = trans_a ? a.t() : a;
   if (!c.is_cpu() || (st != at::kBFloat16 && st != at::kHalf) ||
-      cpu_mm16_fp32acc(st, trans_a, /*trans_b=*/false)) {
-    at::mm_out(c, trans_a ? a.t() : a, b);
+      cpu_mm16_usable(st, col_major(op_a), col_major(b))) {
+    at::mm_out(c, op_a, b);
     return;
   }
-  // Row blocks of c accumulated in fp32 by add_mm (4 MiB each), then rounded once.
-  const int64_t m = c.size(0), n = c.size(1);
-  const int64_t rows =
-      std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(n, 1), 1, std::max<int64_t>(m, 1));
-  auto acc = at::empty({std::min(rows, m), n}, c.options().dtype(at::kFloat));
-  for (int64_t r0 = 0; r0 < m; r0 += rows) {
-    const int64_t r = std::min(rows, m - r0);
-    auto t = acc.narrow(0, 0, r).zero_();
-    add_mm(t, trans_a ? a.narrow(1, r0, r) : a.narrow(0, r0, r), trans_a, b);
-    c.narrow(0, r0, r).copy_(t);
-  }
+  mm_fp32_blocks(c, op_a, b, /*accumulate=*/false);
 }
 
 PREFOPT_INLINE DwAccumulator::DwAccumulator(int64_t V, int64_t H, const at::TensorOptions& fp32) {
@@ -243,17 +295,8 @@ PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight
                                  const at::Tensor& bias, const HeadSpec& spec, at::Tensor& z) {
   const auto st = z.scalar_type();
   if (z.is_cpu() && (st == at::kBFloat16 || st == at::kHalf) &&
-      !cpu_mm16_fp32acc(st, /*trans_a=*/false, /*trans_b=*/true)) {
-    // libtorch would sum in 16 bits: fp32 products over blocks of W's rows (8 MiB in fp32).
-    const auto h32 = h_c.to(at::kFloat);
-    const int64_t V = weight.size(0), H = std::max<int64_t>(weight.size(1), 1);
-    const int64_t step = std::clamp<int64_t>((int64_t{2} << 20) / H, 1, std::max<int64_t>(V, 1));
-    for (int64_t v0 = 0; v0 < V; v0 += step) {
-      const int64_t vb = std::min(step, V - v0);
-      auto zb = at::mm(h32, weight.narrow(0, v0, vb).to(at::kFloat).t());
-      if (bias.defined()) zb.add_(bias.narrow(0, v0, vb).to(at::kFloat));
-      z.narrow(1, v0, vb).copy_(zb);
-    }
+      !cpu_mm16_usable(st, col_major(h_c), col_major(weight.t()))) {
+    mm_fp32_blocks(z, h_c, weight.t(), /*accumulate=*/false, bias);
   } else if (bias.defined()) {
     at::addmm_out(z, bias, h_c, weight.t());
   } else {
@@ -487,7 +530,7 @@ PREFOPT_INLINE bool cpu_half_matmul() {
   return ok;
 }
 
-PREFOPT_INLINE bool cpu_mm16_fp32acc(at::ScalarType st, bool trans_a, bool trans_b) {
+PREFOPT_INLINE bool cpu_mm16_usable(at::ScalarType st, bool a_col_major, bool b_col_major) {
   // op(a) [8, k] · op(b) [k, 8], k = 2048, deterministic entries in [-1, 1]: summed in fp32,
   // the error is one 16-bit rounding of the result (2⁻⁹ of the largest entry in bf16: 1.03×
   // that measured); summed in 16 bits it grows with k (50× that, Debian's libtorch 1.13 on
@@ -513,12 +556,64 @@ PREFOPT_INLINE bool cpu_mm16_fp32acc(at::ScalarType st, bool trans_a, bool trans
   };
   static const std::array<bool, 8> ok = [&] {
     std::array<bool, 8> r{};
+    // Inside an autocast region the check must still multiply in 16 bits.
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+    const c10::AutoGradMode no_grad(false);
     for (int i = 0; i < 8; ++i)
       r[i] = test(i < 4 ? at::kBFloat16 : at::kHalf, (i & 1) != 0, (i & 2) != 0);
     return r;
   }();
-  TORCH_INTERNAL_ASSERT(st == at::kBFloat16 || st == at::kHalf, "cpu_mm16_fp32acc: 16-bit only");
-  return ok[(st == at::kHalf ? 4 : 0) + (trans_a ? 1 : 0) + (trans_b ? 2 : 0)];
+  TORCH_INTERNAL_ASSERT(st == at::kBFloat16 || st == at::kHalf, "cpu_mm16_usable: 16-bit only");
+  return cpu_mm16_fast(st) &&
+         ok[(st == at::kHalf ? 4 : 0) + (a_col_major ? 1 : 0) + (b_col_major ? 2 : 0)];
+}
+
+PREFOPT_INLINE double cpu_mm16_speed(at::ScalarType st) {
+  // [512, 1024] · [1024, 1024]ᵀ (the logits' layout), 1.1 GFLOP: a few ms where 16-bit
+  // kernels exist, and not run where cpu::fast16 says they do not. fp32 and 16-bit runs
+  // alternate, 6 of each after a warm-up, and the best of each counts, so that a slow moment
+  // of the machine is not taken for a slow GEMM (the ratio spread over 0.50-0.82 between
+  // processes with one run of each on the 2-core Xeon VM where the large-GEMM ratio is 0.6).
+  const auto ratio = [](at::ScalarType t) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+    const c10::AutoGradMode no_grad(false);
+    try {
+      std::array<double, 2> best{std::numeric_limits<double>::infinity(),
+                                 std::numeric_limits<double>::infinity()};
+      std::array<at::Tensor, 2> a, b, out;
+      for (int j = 0; j < 2; ++j) {
+        const auto opts = at::TensorOptions().dtype(j == 0 ? at::kFloat : t);
+        a[j] = at::full({512, 1024}, 0.25, opts);
+        b[j] = at::full({1024, 1024}, 0.25, opts);
+        out[j] = at::empty({512, 1024}, opts);
+      }
+      for (int i = 0; i < 7; ++i) {
+        for (int j = 0; j < 2; ++j) {
+          const auto t0 = std::chrono::steady_clock::now();
+          at::mm_out(out[j], a[j], b[j].t());
+          const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+          if (i > 0) best[j] = std::min(best[j], dt.count());
+        }
+      }
+      return best[0] / best[1];
+    } catch (const c10::Error&) {  // no 16-bit GEMM at all
+      return 0.0;
+    }
+  };
+  TORCH_INTERNAL_ASSERT(st == at::kBFloat16 || st == at::kHalf, "cpu_mm16_speed: 16-bit only");
+  if (st == at::kHalf) {
+    static const double f16 =
+        cpu::fast16(cpu::Gemm16::kHalf) && cpu_half_matmul() ? ratio(at::kHalf) : 0.0;
+    return f16;
+  }
+  static const double bf16 = cpu::fast16(cpu::Gemm16::kBFloat16) ? ratio(at::kBFloat16) : 0.0;
+  return bf16;
+}
+
+PREFOPT_INLINE bool cpu_mm16_fast(at::ScalarType st) {
+  if (cpu::fp32_only()) return false;
+  if (cpu::forced16()) return true;
+  return cpu_mm16_speed(st) >= 0.8;
 }
 
 PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,

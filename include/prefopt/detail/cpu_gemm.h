@@ -46,16 +46,34 @@ enum class Gemm16Path {
   /// each block's product rounded once to 16 bits, then added to `c` in fp32. (fp16 only
   /// where libtorch has a CPU fp16 GEMM, 2.1 and later; otherwise as kFp32Copies.)
   kRounded,
-  /// fp32 GEMMs on fp32 copies of blocks of the operands (fp32 throughout, slowest).
+  /// fp32 GEMMs on fp32 copies of blocks of the operands (fp32 throughout: slower than
+  /// 16-bit kernels, faster than the conversions of CPUs without them).
   kFp32Copies,
 };
+
+/// Whether `PREFOPT_CPU_GEMM16=off`: every 16-bit GEMM on CPU goes through fp32 copies of
+/// blocks (for tests of that fallback on any machine, and to rule the 16-bit kernels out).
+bool fp32_only();
+
+/// Whether `PREFOPT_CPU_GEMM16` is `blas` or `rounded`: 16-bit GEMMs wherever they exist,
+/// however fast (`detail::fused::cpu_mm16_fast` skips its timing).
+bool forced16();
+
+/// Whether this CPU runs `type`'s GEMMs on 16-bit units: AVX-512 (F, DQ, BW, VL, with the OS
+/// saving its state) for bf16, and AVX512-FP16 as well for fp16 (where ATen uses oneDNN for
+/// its 16-bit `mm`). Elsewhere oneDNN, MKL and ATen run them through conversions at a
+/// fraction of the fp32 rate, and fp32 GEMMs on fp32 copies of blocks are faster. True off
+/// x86, where nothing is known (the results are checked either way).
+bool fast16(Gemm16 type);
 
 /// The path for `type`, chosen once per process. `kBlas` where `mixed_gemm` has a provider,
 /// except MKL's bf16 GEMM on a CPU that is not Intel's but has AVX512-BF16 (AMD Zen 4 and
 /// later): MKL runs it at its fp32 rate there (182 GFLOP/s on 2 cores of an AMD EPYC, where
 /// libtorch's oneDNN bf16 GEMM gives 795), so `kRounded` is used instead. `kFp32Copies`
-/// where there is no provider. The environment variable `PREFOPT_CPU_GEMM16` overrides:
-/// `off` (`kFp32Copies`), `blas` (`kBlas` wherever a provider exists) or `rounded`.
+/// where there is no provider, and on CPUs without AVX-512 (`fast16`). The environment
+/// variable `PREFOPT_CPU_GEMM16` overrides: `off` (`kFp32Copies`, and no 16-bit GEMM of
+/// libtorch's either: `detail::fused::cpu_mm16_usable`), `blas` (`kBlas` wherever a provider
+/// exists) or `rounded`.
 Gemm16Path gemm16_path(Gemm16 type);
 
 /// `gemm16_path(type)` in words, with the provider: for benchmarks, logs and tests.

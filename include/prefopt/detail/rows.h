@@ -175,14 +175,35 @@ void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& ls
                  const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor);
 /// Whether this libtorch multiplies fp16 matrices on CPU (libtorch < 2.1 does not).
 bool cpu_half_matmul();
-/// Whether libtorch's own CPU GEMM in the 16-bit dtype `st` accumulates in fp32 for
-/// op(a)·op(b) (op: transposed or not). Debian's libtorch 1.13 on CPUs without AVX-512 sums in
-/// 16 bits in three of the four layouts; checked once per process and layout.
-bool cpu_mm16_fp32acc(at::ScalarType st, bool trans_a, bool trans_b);
+/// libtorch's CPU `mm` in the 16-bit dtype `st` against its fp32 `mm`, as a speed ratio (fp32
+/// time / 16-bit time; 0 where there is none or `cpu::fast16` says the CPU has no 16-bit
+/// kernels), timed once per process on a 512 × 1024 × 1024 product, best of 6 each.
+double cpu_mm16_speed(at::ScalarType st);
+/// Whether 16-bit GEMMs (libtorch's, oneDNN's, MKL's) are used on CPU for the 16-bit dtype
+/// `st`: where `cpu_mm16_speed(st)` ≥ 0.8, since the alternative, fp32 GEMMs on fp32 blocks
+/// (`mm_fp32_blocks`), costs the fp32 rate plus the copies. Measured: 0.16 for bf16 on an
+/// AVX2-only AMD EPYC, about 0.7 on an Intel Xeon with AVX512-BF16 but no AMX in use (one-pass
+/// bf16 loss 1.3× faster on fp32 blocks there), above 1 on AMD Zen 4 (oneDNN's bf16 GEMM).
+/// `PREFOPT_CPU_GEMM16`: `off` gives false, `blas` and `rounded` true (no timing).
+bool cpu_mm16_fast(at::ScalarType st);
+/// Whether libtorch's own CPU `mm` is used for 16-bit operands of dtype `st` with op(a) and b
+/// in these layouts (column-major or not, `col_major`): `cpu_mm16_fast(st)`, and it sums in
+/// fp32 there: an 8 × 2048 × 8 product per layout against fp64, once per process (Debian's
+/// libtorch 1.13 on CPUs without AVX-512 sums in 16 bits in three of the four). Where false,
+/// `mm_fp32_blocks` serves.
+bool cpu_mm16_usable(at::ScalarType st, bool a_col_major, bool b_col_major);
+/// Whether ATen's GEMM reads the 2-D `x` as column-major storage (unit row stride).
+bool col_major(const at::Tensor& x);
+/// c ← a · b (+ bias, broadcast over c's rows), or c += a · b with `accumulate`, for 16-bit
+/// a [m, k] and b [k, n] of any layout, through fp32 GEMMs on fp32 copies of blocks of a and b
+/// of at most 16 MiB each. An fp32 `c` accumulates in place; a 16-bit one is summed in fp32
+/// over all of k block by block and rounded once. No whole-operand copy.
+void mm_fp32_blocks(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                    const at::Tensor& bias = {});
 /// c += op(a) · b; 16-bit operands into an fp32 `c` accumulate in fp32 inside the GEMM.
 void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
 /// c ← op(a) · b in c's dtype, a, b and c all of one dtype; in 16 bits, accumulated in fp32 and
-/// rounded once (libtorch's GEMM, or fp32 blocks where cpu_mm16_fp32acc says it would not).
+/// rounded once (libtorch's GEMM, or `mm_fp32_blocks` where `cpu_mm16_usable` says no).
 void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
 /// The fp32 accumulator of a 16-bit [V, H] weight gradient over several GEMMs. On CPU it is
 /// two row halves, so that the cast at the end needs no second [V, H] buffer: the top half's

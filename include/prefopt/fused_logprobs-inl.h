@@ -102,6 +102,10 @@ PREFOPT_INLINE bool col_major(const at::Tensor& x) {
 PREFOPT_INLINE void mm_fp32_blocks(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,
                                    bool accumulate, const at::Tensor& bias) {
   const int64_t m = c.size(0), n = c.size(1), k = a.size(1);
+  TORCH_INTERNAL_ASSERT(a.size(0) == m && b.size(0) == k && b.size(1) == n,
+                        "mm_fp32_blocks: shapes ", a.sizes(), " · ", b.sizes(), " → ", c.sizes());
+  TORCH_INTERNAL_ASSERT(!bias.defined() || (!accumulate && bias.dim() == 1 && bias.size(0) == n),
+                        "mm_fp32_blocks: a bias of ", n, " entries, with accumulate false");
   const bool direct = c.scalar_type() == at::kFloat;
   if (!accumulate && (direct || k == 0)) {
     if (bias.defined()) {
@@ -164,7 +168,8 @@ PREFOPT_INLINE void mm_fp32_blocks(at::Tensor& c, const at::Tensor& a, const at:
 
 /// c += op(a) · b with op(a) = aᵀ when `trans_a`. For operands in c's dtype, one addmm. For
 /// 16-bit operands and an fp32 `c` (a gradient accumulating over chunks or blocks): on CUDA,
-/// one cuBLAS GEMM with fp32 accumulation and output; on CPU, `cpu::gemm16_path` decides:
+/// one cuBLAS GEMM with fp32 accumulation and output; on CPU, where `cpu_mm16_fast` allows
+/// 16-bit GEMMs, `cpu::gemm16_path` decides:
 /// the process's oneDNN or MKL GEMM with fp32 output, libtorch's 16-bit GEMM on 16 MiB row
 /// blocks of c rounded once per block and summed in fp32 (where MKL's 16-bit GEMM is slow),
 /// or `mm_fp32_blocks` (fp32 copies of blocks of at most 16 MiB). No whole-matrix copy.
@@ -531,6 +536,8 @@ PREFOPT_INLINE bool cpu_half_matmul() {
 }
 
 PREFOPT_INLINE bool cpu_mm16_usable(at::ScalarType st, bool a_col_major, bool b_col_major) {
+  TORCH_INTERNAL_ASSERT(st == at::kBFloat16 || st == at::kHalf, "cpu_mm16_usable: 16-bit only");
+  if (!cpu_mm16_fast(st)) return false;  // nothing of libtorch's 16-bit mm is run then
   // op(a) [8, k] · op(b) [k, 8], k = 2048, deterministic entries in [-1, 1]: summed in fp32,
   // the error is one 16-bit rounding of the result (2⁻⁹ of the largest entry in bf16: 1.03×
   // that measured); summed in 16 bits it grows with k (50× that, Debian's libtorch 1.13 on
@@ -563,9 +570,7 @@ PREFOPT_INLINE bool cpu_mm16_usable(at::ScalarType st, bool a_col_major, bool b_
       r[i] = test(i < 4 ? at::kBFloat16 : at::kHalf, (i & 1) != 0, (i & 2) != 0);
     return r;
   }();
-  TORCH_INTERNAL_ASSERT(st == at::kBFloat16 || st == at::kHalf, "cpu_mm16_usable: 16-bit only");
-  return cpu_mm16_fast(st) &&
-         ok[(st == at::kHalf ? 4 : 0) + (a_col_major ? 1 : 0) + (b_col_major ? 2 : 0)];
+  return ok[(st == at::kHalf ? 4 : 0) + (a_col_major ? 1 : 0) + (b_col_major ? 2 : 0)];
 }
 
 PREFOPT_INLINE double cpu_mm16_speed(at::ScalarType st) {
@@ -594,6 +599,7 @@ PREFOPT_INLINE double cpu_mm16_speed(at::ScalarType st) {
           const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
           if (i > 0) best[j] = std::min(best[j], dt.count());
         }
+        if (i == 1 && best[1] > 3 * best[0]) break;  // clearly slow: no more 16-bit runs
       }
       return best[0] / best[1];
     } catch (const c10::Error&) {  // no 16-bit GEMM at all

@@ -221,7 +221,7 @@ PREFOPT_INLINE Gemm16Path gemm16_path(Gemm16 type) {
     if (m == "blas") return Gemm16Path::kBlas;
     // Without AVX-512 no 16-bit GEMM here has fast kernels (libtorch's bf16 mm ran at 10
     // GFLOP/s against 66 for fp32 on 2 cores of an AVX2-only EPYC): fp32 blocks are used.
-    if (!fast16(Gemm16::kBFloat16)) return Gemm16Path::kFp32Copies;
+    if (!fast16(t)) return Gemm16Path::kFp32Copies;
     if (p.dnnl != nullptr) return Gemm16Path::kBlas;
     return t == Gemm16::kBFloat16 && !gemm16::genuine_intel() && gemm16::avx512_bf16()
                ? Gemm16Path::kRounded

@@ -181,9 +181,13 @@ bool cpu_half_matmul();
 double cpu_mm16_speed(at::ScalarType st);
 /// Whether 16-bit GEMMs (libtorch's, oneDNN's, MKL's) are used on CPU for the 16-bit dtype
 /// `st`: where `cpu_mm16_speed(st)` ≥ 0.8, since the alternative, fp32 GEMMs on fp32 blocks
-/// (`mm_fp32_blocks`), costs the fp32 rate plus the copies. Measured: 0.16 for bf16 on an
-/// AVX2-only AMD EPYC, about 0.7 on an Intel Xeon with AVX512-BF16 but no AMX in use (one-pass
-/// bf16 loss 1.3× faster on fp32 blocks there), above 1 on AMD Zen 4 (oneDNN's bf16 GEMM).
+/// (`mm_fp32_blocks`), costs the fp32 rate plus the copies. bf16 measured at 0.56-0.63 on an
+/// Intel Xeon with AVX512-BF16 but no AMX in use, torch 2.14 (one-pass bf16 loss 1.6× faster
+/// on fp32 blocks there), 2.3 with Debian's libtorch 1.13 on the same machine, above 1 on AMD
+/// Zen 4; without AVX-512 (0.15 by a larger product on an AVX2-only AMD EPYC) CPUID decides
+/// and nothing is timed. The ratio of libtorch's `mm` also stands for oneDNN's and MKL's
+/// mixed GEMMs (`cpu::mixed_gemm`), which are not timed. It can fall on either side of 0.8 in
+/// different processes where it is close to it: `PREFOPT_CPU_GEMM16` fixes the choice.
 /// `PREFOPT_CPU_GEMM16`: `off` gives false, `blas` and `rounded` true (no timing).
 bool cpu_mm16_fast(at::ScalarType st);
 /// Whether libtorch's own CPU `mm` is used for 16-bit operands of dtype `st` with op(a) and b

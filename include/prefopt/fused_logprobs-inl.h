@@ -577,8 +577,9 @@ PREFOPT_INLINE double cpu_mm16_speed(at::ScalarType st) {
   // [512, 1024] · [1024, 1024]ᵀ (the logits' layout), 1.1 GFLOP: a few ms where 16-bit
   // kernels exist, and not run where cpu::fast16 says they do not. fp32 and 16-bit runs
   // alternate, 6 of each after a warm-up, and the best of each counts, so that a slow moment
-  // of the machine is not taken for a slow GEMM (the ratio spread over 0.50-0.82 between
-  // processes with one run of each on the 2-core Xeon VM where the large-GEMM ratio is 0.6).
+  // of the machine is not taken for a slow GEMM (timed one after the other, best of 3 each,
+  // the ratio spread over 0.50-0.82 between processes on a 2-core Xeon VM whose large-GEMM
+  // ratio is 0.6; alternating, best of 6 each: 0.56-0.63 over 8 processes).
   const auto ratio = [](at::ScalarType t) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
     const c10::AutoGradMode no_grad(false);

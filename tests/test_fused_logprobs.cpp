@@ -185,15 +185,17 @@ TEST_F(Fused, LowPrecisionInputsAgainstFp64) {
 
 // 16-bit weights over several row chunks: the weight gradient accumulates in fp32 (a
 // DwAccumulator, split at row (V + 1) / 2 on CPU) and is cast once. V is odd, so the split
-// falls inside a vocabulary block of kTiles (blocks of 522 columns here: [1044, 1566) holds
-// row 1501) and inside every whole-V block of kTokenChunks. Tolerance as in
-// LowPrecisionInputsAgainstFp64; a block added at a wrong row would be off by O(scale).
+// falls inside a vocabulary block of kTiles (blocks of 512 columns on CPU, 522 rounded down to
+// 64-byte lines: [1024, 1536) holds row 1501) and inside every whole-V block of kTokenChunks.
+// Tolerance as in LowPrecisionInputsAgainstFp64; a block added at a wrong row would be off by
+// O(scale).
 TEST_F(Fused, SixteenBitWeightGradientOverRowChunksAndOddV) {
   const int64_t B = 4, T = 24, H = 64, V = 3001;
   const auto labels = make_labels(B, T, V);
   const int64_t n = (labels.slice(1, 1) != kIgnore).sum().item<int64_t>();
   // kTokenChunks: 5 rows of 16-bit logits per chunk. kTiles: rows of 64 · 6 bytes beside 512
-  // columns of 2 bytes fit 21 times in the budget (tiles_within), leaving 522 columns.
+  // columns of 2 bytes fit 21 times in the budget (tiles_within), leaving 522 columns (512
+  // once aligned to 64-byte lines on CPU).
   const int64_t budget = 5 * V * 2;
   ASSERT_GT(n, 21) << "too few scored rows for several kTiles row chunks";
   for (auto st : {at::kBFloat16, at::kHalf}) {
@@ -216,7 +218,7 @@ TEST_F(Fused, SixteenBitWeightGradientOverRowChunksAndOddV) {
 // copy, saved or gathered for backward, would add 2·n·H·4 bytes: about 0.5 MB here).
 TEST_F(Fused, Fp32PeakMemoryIsTheGradientsAndOneBudget) {
   auto& meter = prefopt_bench::TrackingAllocator::install();
-  const int64_t B = 4, T = 128, H = 256, V = 8000, budget = 256 << 10;
+  const int64_t B = 4, T = 128, H = 256, V = 8001, budget = 256 << 10;  // V odd: padded rows
   const auto labels = make_labels(B, T, V);
   const int64_t n = (labels.slice(1, 1) != kIgnore).sum().item<int64_t>();
   const Head head(B, T, H, V, /*bias=*/false, at::kFloat);
@@ -334,6 +336,26 @@ TEST_F(Fused, NoGradModeLeavesNoGraph) {
       F::fused_logprobs(head.h, head.w, head.b, labels, FusedLogprobsOptions().with_entropy(true));
   EXPECT_TRUE(live.sum.requires_grad());
   EXPECT_FALSE(live.entropy_sum.requires_grad());
+}
+
+// The reused logits buffers: on CPU rows start on 64-byte lines (BLAS is slower on odd
+// strides); CUDA buffers stay dense. Values by hand: 50,257 fp32 entries → 3142 lines of 16.
+TEST(FusedBuffers, CpuRowsArePaddedToCacheLines) {
+  namespace fd = prefopt::detail::fused;
+  const at::Device cpu(at::kCPU);
+  EXPECT_EQ(fd::buffer_stride(50257, at::kFloat, cpu), 50272);
+  EXPECT_EQ(fd::buffer_stride(50257, at::kBFloat16, cpu), 50272);
+  EXPECT_EQ(fd::buffer_stride(50257, at::kDouble, cpu), 50264);
+  EXPECT_EQ(fd::buffer_stride(151936, at::kFloat, cpu), 151936);
+  EXPECT_EQ(fd::buffer_stride(10, at::kHalf, cpu), 32);
+  EXPECT_EQ(fd::buffer_stride(50257, at::kFloat, at::Device(at::kCUDA, 0)), 50257);
+  const auto buffer = at::arange(4 * 16, at::kFloat);
+  const auto z = fd::buffer_rows(buffer, 1, 2, 10, 16);  // rows 1 and 2 of 10 entries
+  EXPECT_EQ(z.sizes(), at::IntArrayRef({2, 10}));
+  EXPECT_EQ(z.strides(), at::IntArrayRef({16, 1}));
+  EXPECT_EQ(z[0][0].item<float>(), 16);
+  EXPECT_EQ(z[1][9].item<float>(), 41);
+  EXPECT_THROW(fd::buffer_rows(buffer, 3, 2, 10, 16), c10::Error);  // past the end
 }
 
 TEST_F(Fused, Errors) {

@@ -69,9 +69,29 @@ struct Tiling {
   int64_t rows, cols;
 };
 
-/// Bytes per row of the chunk buffers, forward and backward (see FusedLogprobsOptions).
-PREFOPT_INLINE int64_t bytes_per_row(int64_t V, int64_t H, at::ScalarType st, bool softcap) {
-  (void)H;  // the gathered hidden row is small beside the logits and not counted
+// Why the padding: with the odd row stride of V = 50,257, MKL's sgemm wrote a chunk's logits
+// at 122-127 GFLOP/s against 152-157 with the rows 64-byte aligned (1.24× the time); the dh
+// and dW GEMMs that read them ran alike at both strides (1024 × 768 × 50,257 per chunk, AMD
+// EPYC without AVX-512, 2 threads, torch 2.14; bench/gemm_stride.py, bench/RESULTS.md). CUDA
+// buffers stay dense: cuBLAS gets them through paths that copy strided operands (gemm_f32acc).
+PREFOPT_INLINE int64_t buffer_stride(int64_t cols, at::ScalarType st, const at::Device& device) {
+  if (!device.is_cpu()) return cols;
+  const int64_t unit = std::max<int64_t>(1, 64 / static_cast<int64_t>(at::elementSize(st)));
+  return (cols + unit - 1) / unit * unit;
+}
+
+PREFOPT_INLINE at::Tensor buffer_rows(const at::Tensor& buffer, int64_t r0, int64_t m, int64_t cols,
+                                      int64_t ld) {
+  TORCH_INTERNAL_ASSERT(cols <= ld && (r0 + m) * ld <= buffer.numel(), "buffer_rows: ", m,
+                        " rows of ", cols, " from row ", r0, " of a ", buffer.numel(),
+                        "-entry buffer with rows ", ld, " apart");
+  return buffer.as_strided({m, cols}, {ld, 1}, buffer.storage_offset() + r0 * ld);
+}
+
+/// Bytes per row of the chunk buffers, forward and backward (see FusedLogprobsOptions). Not
+/// counted: the gathered hidden row, small beside the logits, and the padding of a row to 64
+/// bytes (`buffer_stride`), under 64 bytes a row per buffer.
+PREFOPT_INLINE int64_t bytes_per_row(int64_t V, at::ScalarType st, bool softcap) {
   return V * static_cast<int64_t>(at::elementSize(st)) * (softcap ? 2 : 1);
 }
 
@@ -336,11 +356,12 @@ PREFOPT_INLINE RowResults head_forward(const at::Tensor& h, const at::Tensor& ro
                                        const HeadSpec& spec) {
   const int64_t n = rows.size(0), V = weight.size(0), c = std::min(spec.chunk_rows, n);
   RowResults r = alloc_row_results(n, flags, h.options().dtype(acc_type(h.scalar_type())));
-  at::Tensor buffer = at::empty({c, V}, h.options());
+  const int64_t ld = buffer_stride(V, h.scalar_type(), h.device());
+  at::Tensor buffer = at::empty({c * ld}, h.options());
   at::Tensor h_buffer = at::empty({c, h.size(1)}, h.options());
   for (int64_t s = 0; s < n; s += c) {
     const int64_t e = std::min(n, s + c);
-    auto z = buffer.narrow(0, 0, e - s);
+    auto z = buffer_rows(buffer, 0, e - s, V, ld);
     auto h_c = h_buffer.narrow(0, 0, e - s);
     at::index_select_out(h_c, h, 0, rows.slice(0, s, e));
     chunk_logits(h_c, weight, bias, spec, z);
@@ -416,10 +437,18 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
       mode = !a.upcast ? FusedBackward::kTiles
              : n <= V  ? FusedBackward::kVocabBlocks
                        : FusedBackward::kTokenChunks;
-    if (mode == FusedBackward::kTiles) return tiles_within(spec.tile_bytes, n, V, H, st, cap);
+    // Blocks narrower than V: a whole number of 64-byte lines on CPU (buffer_stride), so
+    // their rows start on lines with no padding (backward_tiles).
+    const auto aligned = [&](Tiling t) {
+      const int64_t unit = buffer_stride(1, st, a.h.device());
+      if (t.cols < V && t.cols > unit) t.cols -= t.cols % unit;
+      return t;
+    };
+    if (mode == FusedBackward::kTiles)
+      return aligned(tiles_within(spec.tile_bytes, n, V, H, st, cap));
     if (mode == FusedBackward::kVocabBlocks) {
       const int64_t per_col = std::max<int64_t>(1, bytes_per_column(n, st, cap));
-      if (spec.chunk_bytes >= per_col) return {n, std::min(V, spec.chunk_bytes / per_col)};
+      if (spec.chunk_bytes >= per_col) return aligned({n, std::min(V, spec.chunk_bytes / per_col)});
     }
     return {spec.chunk_rows, V};  // token chunks, also when one column of every row won't fit
   }
@@ -460,7 +489,10 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     at::Tensor h_buffer = at::empty({c, H}, a.h.options());
     at::Tensor dh_buffer =
         a.need_h ? at::empty({c, H}, one_block ? a.h.options() : acc_opts) : at::Tensor();
-    at::Tensor buffer = at::empty({c * cols}, a.h.options());
+    // Blocks narrower than V are whole lines already (tiling), or narrower than one line under
+    // a tiny budget, where padding would multiply the buffer: dense then.
+    const int64_t ld = cols < V ? cols : buffer_stride(V, a.h.scalar_type(), a.h.device());
+    at::Tensor buffer = at::empty({c * ld}, a.h.options());
     at::Tensor cap_buffer = spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
     const auto outside = at::full({}, -1, a.target.options());
     for (int64_t s = 0; s < n; s += c) {
@@ -473,9 +505,9 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
       for (int64_t v0 = 0; v0 < V; v0 += cols) {
         const int64_t vb = std::min(V, v0 + cols) - v0;
         const auto w_b = a.weight.narrow(0, v0, vb);
-        auto z = buffer.narrow(0, 0, m * vb).view({m, vb});
+        auto z = buffer_rows(buffer, 0, m, vb, ld);
         chunk_logits(h_c, w_b, a.bias.defined() ? a.bias.narrow(0, v0, vb) : a.bias, spec, z);
-        auto cap = spec.softcap > 0 ? cap_buffer.narrow(0, 0, m * vb).view({m, vb}) : at::Tensor();
+        auto cap = spec.softcap > 0 ? buffer_rows(cap_buffer, 0, m, vb, ld) : at::Tensor();
         logits_grad(
             z,
             one_block ? target_c
@@ -683,13 +715,13 @@ PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,
 }
 
 PREFOPT_INLINE int64_t row_budget(const HeadInputs& in, const FusedLogprobsOptions& o) {
-  return bytes_per_row(in.V, in.H, in.hidden.scalar_type(), o.softcap() > 0);
+  return bytes_per_row(in.V, in.hidden.scalar_type(), o.softcap() > 0);
 }
 
 PREFOPT_INLINE HeadSpec head_spec(const char* fn, const HeadInputs& in, int64_t n,
                                   const FusedLogprobsOptions& o) {
   const auto st = in.hidden.scalar_type();
-  const int64_t per_row = bytes_per_row(in.V, in.H, st, o.softcap() > 0);
+  const int64_t per_row = row_budget(in, o);
   TORCH_CHECK(o.chunk_bytes() >= 0, fn, ": expected chunk_bytes >= 0 (0: automatic), got ",
               o.chunk_bytes());
   TORCH_CHECK(o.chunk_bytes() == 0 || o.chunk_bytes() >= per_row, fn,

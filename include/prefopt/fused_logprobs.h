@@ -73,11 +73,17 @@ struct FusedLogprobsOptions {
   /// Memory budget, in bytes, for the reused buffers: forward, one [c, V] logits buffer in the
   /// input dtype (and c gathered hidden rows); backward, that buffer, an [N, c'] vocabulary
   /// block or a kTiles tile with its [c, H] row buffers, and a second one with softcapping.
-  /// Every GEMM runs in the input dtype (16-bit ones accumulate in fp32); no operand is copied
-  /// to fp32. Chunks are the largest that fit; an explicit budget
-  /// below one row is an error. 0 (the default) is automatic: chunks and vocabulary blocks
-  /// get 1/16 of the scored tokens' logits in the input dtype (at most 256 MiB, at least one
-  /// row); tiles get 1/128 of them in fp32 (fp64 for fp64), from 4 MiB to 64 MiB.
+  /// Every GEMM runs in the input dtype (16-bit ones accumulate in fp32), except on CPUs
+  /// without AVX-512 and where libtorch's 16-bit GEMM runs below 0.8× its fp32 rate, where
+  /// fp32 copies of blocks of at most 16 MiB serve (README, "Fused LM-head log-probs"); no
+  /// whole operand is copied to fp32. On CPU every buffer row starts on a 64-byte line
+  /// (V = 50,257 in fp32: rows 50,272 entries apart; the padding, under 64 bytes a row per
+  /// buffer, is not counted in the budget) and vocabulary blocks narrower than V are whole
+  /// lines: MKL writes logits rows with an odd stride markedly slower. Chunks are the largest
+  /// that fit; an explicit budget below one row is an error. 0 (the default) is automatic:
+  /// chunks and vocabulary blocks get 1/16 of the scored tokens' logits in the input dtype (at
+  /// most 256 MiB, at least one row); tiles get 1/128 of them in fp32 (fp64 for fp64), from
+  /// 4 MiB to 64 MiB.
   TORCH_ARG(int64_t, chunk_bytes) = 0;
   /// Row kernels or the ATen path for the per-chunk log-softmax (as for gathering).
   /// Default: kAuto.

@@ -134,7 +134,8 @@ struct Job {
     const int64_t c = std::max<int64_t>(std::min(widest, limit), 1);
     // A split chunk keeps `kept` rows' logits and streams the rest `stream` rows at a time.
     const int64_t stream = std::max<int64_t>(1, c / 4), kept = c - stream;
-    at::Tensor buffer = at::empty({c * V}, h.options());
+    const int64_t ld = fused::buffer_stride(V, st, h.device());
+    at::Tensor buffer = at::empty({c * ld}, h.options());
     at::Tensor h_buffer = at::empty({c, H}, h.options());
     at::Tensor dh_buffer = need_h ? at::empty({c, H}, h.options()) : at::Tensor();
     at::Tensor cap_buffer = grad && spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
@@ -159,7 +160,7 @@ struct Job {
       p.seq = rows.seq.index_select(0, idx);
       p.h = h_buffer.narrow(0, at, m);
       at::index_select_out(p.h, h, 0, p.rows);
-      p.z = buffer.narrow(0, at * V, m * V).view({m, V});
+      p.z = fused::buffer_rows(buffer, at, m, V, ld);
       fused::chunk_logits(p.h, weight, bias, spec, p.z);
       p.out = alloc_row_results(m, flags, acc_opts);
       rows_forward_into(p.z.unsqueeze(0), fused::identity_rows(p.target), flags, spec.backend,
@@ -184,7 +185,7 @@ struct Job {
       const int64_t m = p.z.size(0);
       const auto g_rows = g_all.index_select(0, p.seq);
       auto cap =
-          cap_buffer.defined() ? cap_buffer.narrow(0, p.at * V, m * V).view({m, V}) : at::Tensor();
+          cap_buffer.defined() ? fused::buffer_rows(cap_buffer, p.at, m, V, ld) : at::Tensor();
       fused::logits_grad(p.z, p.target, p.out.lse, g_rows, spec, cap);  // z ← dL/dz
       if (need_b) db.add_(p.z.sum(0, /*keepdim=*/false, acc));
       if (need_w) {

@@ -161,6 +161,12 @@ struct HeadSpec {
 };
 /// Bytes per scored row of the chunk buffers (the least `chunk_bytes` the fused op takes).
 int64_t row_budget(const HeadInputs& in, const FusedLogprobsOptions& o);
+/// Entries per row of a reused logits buffer of `cols` columns in dtype `st` on `device`: on
+/// CPU, `cols` rounded up to a multiple of 64 bytes, so that every row starts on a cache line;
+/// elsewhere `cols`.
+int64_t buffer_stride(int64_t cols, at::ScalarType st, const at::Device& device);
+/// Rows [r0, r0 + m) of a flat buffer of rows `ld` entries apart, as an [m, cols] view.
+at::Tensor buffer_rows(const at::Tensor& buffer, int64_t r0, int64_t m, int64_t cols, int64_t ld);
 /// The blocking of `n` scored rows under `o`'s budget; `fn` names the caller in the checks.
 HeadSpec head_spec(const char* fn, const HeadInputs& in, int64_t n, const FusedLogprobsOptions& o);
 /// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer): temperature, then softcap.

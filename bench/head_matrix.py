@@ -13,6 +13,13 @@ from one configuration to the next, so slow drift of the machine does not favour
 Ratios are each method's median time, counting-allocator peak and peak-RSS extra over naive's.
 The last column takes the returned gradients' storage out of both peaks (`beyond_gradients`).
 
+`--rounds R` runs every configuration R times in a row, the methods' order rotating each time.
+On a VM whose speed drifts (naive's own time varied 1.4x within minutes on a 2-core EPYC) the
+time ratios are then per round, one method's run against the other's run of the same round,
+and the table gives their median and range: "1.18 (1.01-1.93)". Times and memory are the
+methods' medians over the rounds. In a saved file the i-th line of a method for a configuration
+is its round i, so files appended by separate runs of the same configurations pair the same way.
+
 `--methods ... liger --liger-python PY` adds Liger-Kernel's LigerFusedLinearDPOLoss
 (bench/liger_head.py run by PY, a Python with torch and liger-kernel) on the same inputs; every
 bench_head process then gets --zero-reference, since Liger runs without a reference model, so
@@ -25,6 +32,7 @@ method's time over it, which says how much of a method is not GEMM.
 import argparse
 import itertools
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -35,7 +43,8 @@ LIGER = "liger"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(a, method, cfg):
+def run(a, method, cfg, extra=()):
+    """One bench_head (or Liger) process; its JSON line, or None when it failed."""
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
     args = ["--N", str(cfg["N"]), "--H", str(cfg["H"]), "--V", str(cfg["V"]), "--T", str(cfg["T"]),
             "--dtype", cfg["dtype"], "--masked", str(cfg["masked"]), "--reps", str(a.reps),
@@ -43,7 +52,7 @@ def run(a, method, cfg):
     if method == LIGER:
         cmd = [a.liger_python, os.path.join(HERE, "liger_head.py")] + args
     else:
-        cmd = [a.bench, "--method", method] + args
+        cmd = [a.bench, "--method", method] + args + list(extra)
         if LIGER in a.methods:
             cmd.append("--zero-reference")
     try:
@@ -56,8 +65,45 @@ def run(a, method, cfg):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def record(r, lines, out):
+    """Keeps a process's JSON line (None: it failed), echoes it and appends it to `out`."""
+    if r is None:
+        return
+    lines.append(r)
+    print(json.dumps(r), file=sys.stderr, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
 def key(r):
     return (r["N"], r["H"], r["V"], r["dtype"], r["masked"], r["T"], r.get("device", "cpu"))
+
+
+def aggregate(rounds):
+    """One record for a method's rounds: the first, with the medians of its times and peaks."""
+    r = dict(rounds[0])
+    for f in ("median_s", "rss_extra_bytes", "alloc_extra_bytes"):
+        if all(f in x for x in rounds):
+            r[f] = statistics.median(x[f] for x in rounds)
+    r["rounds"] = rounds
+    return r
+
+
+def time_ratio(a, b):
+    """a's time over b's, per round (round i of each), as "median" or "median (min-max)"."""
+    q = [x["median_s"] / y["median_s"] for x, y in zip(a["rounds"], b["rounds"])]
+    if len(q) == 1:
+        return f"{q[0]:.2f}"
+    return f"{statistics.median(q):.2f} ({min(q):.2f}-{max(q):.2f})"
+
+
+def grouped(lines):
+    """{configuration: {method: aggregate of its rounds}}, rounds in the order of the lines."""
+    rows = {}
+    for r in lines:
+        rows.setdefault(key(r), {}).setdefault(r["method"], []).append(r)
+    return {k: {m: aggregate(rs) for m, rs in ms.items()} for k, ms in rows.items()}
 
 
 def beyond_gradients(n, o):
@@ -95,16 +141,14 @@ def gpu_table(rows):
         print(f"| {k[0]} × {k[1]} × {k[2]} | {k[5]} | {k[3]} | {k[4]:g} | " +
               " | ".join(cell(m[n]["median_s"] if n in m else None, ".3f") for n in names) +
               f" | {cell(f['median_s'] if f else None, '.3f')} | {tflops:.0f} | " +
-              f"{cell(o['median_s'] / f['median_s'] if o and f else None, '.2f')} | " +
-              f"{cell(m[LIGER]['median_s'] / o['median_s'] if o and LIGER in m else None, '.2f')} | " +
+              f"{time_ratio(o, f) if o and f else '-'} | " +
+              f"{time_ratio(m[LIGER], o) if o and LIGER in m else '-'} | " +
               " | ".join(cell(m[n]["alloc_extra_bytes"] * mb if n in m else None, ".0f")
                          for n in names) + " |")
 
 
 def table(lines):
-    rows = {}
-    for r in lines:
-        rows.setdefault(key(r), {})[r["method"]] = r
+    rows = grouped(lines)
     if any(r.get("device", "cpu") != "cpu" for r in lines):
         return gpu_table(rows)
     liger = any(LIGER in m for m in rows.values())
@@ -126,19 +170,19 @@ def table(lines):
         n, o, t = m["naive"], m["one_pass"], m["two_pass"]
         line = (f"| {k[0]} × {k[1]} × {k[2]} | {k[5]} | {k[3]} | {k[4]:g} | {n['median_s']:.2f} | "
                 f"{t['median_s']:.2f} | {o['median_s']:.2f} | "
-                f"{t['median_s'] / n['median_s']:.2f} | {o['median_s'] / n['median_s']:.2f} | "
+                f"{time_ratio(t, n)} | {time_ratio(o, n)} | "
                 f"{n['rss_extra_bytes'] * mb:.0f} | {o['rss_extra_bytes'] * mb:.0f} | "
                 f"{o['rss_extra_bytes'] / n['rss_extra_bytes']:.3f} | "
                 f"{t['rss_extra_bytes'] / n['rss_extra_bytes']:.3f} | "
                 f"{o['alloc_extra_bytes'] / n['alloc_extra_bytes']:.3f} | "
                 f"{beyond_gradients(n, o):.3f} |")
         if floor:
-            f = m[FLOOR]["median_s"]
-            line += (f" {f:.2f} | {n['median_s'] / f:.2f} | {t['median_s'] / f:.2f} | "
-                     f"{o['median_s'] / f:.2f} |")
+            f = m[FLOOR]
+            line += (f" {f['median_s']:.2f} | {time_ratio(n, f)} | {time_ratio(t, f)} | "
+                     f"{time_ratio(o, f)} |")
         if liger:
             g = m[LIGER]
-            line += (f" {g['median_s']:.2f} | {o['median_s'] / g['median_s']:.2f} | "
+            line += (f" {g['median_s']:.2f} | {time_ratio(o, g)} | "
                      f"{g['rss_extra_bytes'] * mb:.0f} | "
                      f"{o['rss_extra_bytes'] / g['rss_extra_bytes']:.3f} |")
         print(line)
@@ -156,6 +200,8 @@ def main():
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--masked", type=float, nargs="+", default=[0.0, 0.5])
     p.add_argument("--reps", type=int, default=2, help="timed runs after one warm-up")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of every configuration, methods rotating; time ratios per round")
     p.add_argument("--threads", type=int, default=0, help="0: every hardware thread")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + [FLOOR, LIGER],
                    help="methods to run (naive, two_pass and one_pass are required for the CPU "
@@ -174,17 +220,10 @@ def main():
     configs = [dict(N=n, H=h, V=v, T=a.T, dtype=d, masked=m)
                for d, h, v, m, n in itertools.product(a.dtype, a.H, a.V, a.masked, a.N)]
     for i, cfg in enumerate(configs):
-        j = i % len(a.methods)
-        order = a.methods[j:] + a.methods[:j]
-        for method in order:
-            r = run(a, method, cfg)
-            if r is None:
-                continue
-            lines.append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
-            if a.out:
-                with open(a.out, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+        for rnd in range(a.rounds):
+            j = (i + rnd) % len(a.methods)
+            for method in a.methods[j:] + a.methods[:j]:
+                record(run(a, method, cfg), lines, a.out)
     table(lines)
 
 

@@ -338,8 +338,9 @@ TEST_F(Fused, NoGradModeLeavesNoGraph) {
   EXPECT_FALSE(live.entropy_sum.requires_grad());
 }
 
-// The reused logits buffers: on CPU rows start on 64-byte lines (BLAS is slower on odd
-// strides); CUDA buffers stay dense. Values by hand: 50,257 fp32 entries → 3142 lines of 16.
+// The reused logits buffers: on CPU rows start on 64-byte lines (MKL's sgemm writes logits
+// rows slower at an odd stride); CUDA buffers stay dense. Values by hand: 50,257 fp32
+// entries → 3142 lines of 16.
 TEST(FusedBuffers, CpuRowsArePaddedToCacheLines) {
   namespace fd = prefopt::detail::fused;
   const at::Device cpu(at::kCPU);

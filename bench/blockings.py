@@ -19,9 +19,7 @@ import head_matrix as hm
 
 
 def table(lines, blockings):
-    rows = {}
-    for r in lines:
-        rows.setdefault(hm.key(r), {}).setdefault(r["backward"], []).append(r)
+    rows = hm.grouped(lines, by="backward")
     base = blockings[0]
     others = blockings[1:]
     print("| N × H × V | dtype | masked | " + " | ".join(f"{b} s" for b in blockings) + " | " +
@@ -29,17 +27,16 @@ def table(lines, blockings):
           " | ".join(f"{b} extra RSS MB" for b in blockings) + " |")
     print("|---|---|---:|" + "---|" * len(blockings) + "---|" * len(others) +
           "---:|" * len(blockings))
-    fmt = lambda rs: ", ".join(f"{r['median_s']:.1f}" for r in rs)
+    fmt = lambda g: ", ".join(f"{r['median_s']:.1f}" for r in g["rounds"])
     for k in sorted(rows, key=lambda k: (k[3], k[1], k[2], k[4])):
         m = rows[k]
         if not all(b in m for b in blockings):
             continue
         cells = [fmt(m[b]) for b in blockings]
         for b in others:
-            q = [y["median_s"] / x["median_s"] for x, y in zip(m[base], m[b])]
+            q = [y["median_s"] / x["median_s"] for x, y in zip(m[base]["rounds"], m[b]["rounds"])]
             cells.append(", ".join(f"{x:.2f}" for x in q) + f" ({statistics.median(q):.2f})")
-        cells += [f"{statistics.median(r['rss_extra_bytes'] for r in m[b]) / 2**20:.0f}"
-                  for b in blockings]
+        cells += [f"{m[b]['rss_extra_bytes'] / 2**20:.0f}" for b in blockings]
         print(f"| {k[0]} × {k[1]} × {k[2]} | {k[3]} | {k[4]:g} | " + " | ".join(cells) + " |")
 
 

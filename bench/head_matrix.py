@@ -32,8 +32,8 @@ method's time over it, which says how much of a method is not GEMM.
 import argparse
 import itertools
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 
@@ -98,11 +98,11 @@ def time_ratio(a, b):
     return f"{statistics.median(q):.2f} ({min(q):.2f}-{max(q):.2f})"
 
 
-def grouped(lines):
-    """{configuration: {method: aggregate of its rounds}}, rounds in the order of the lines."""
+def grouped(lines, by="method"):
+    """{configuration: {r[by]: aggregate of its rounds}}, rounds in the order of the lines."""
     rows = {}
     for r in lines:
-        rows.setdefault(key(r), {}).setdefault(r["method"], []).append(r)
+        rows.setdefault(key(r), {}).setdefault(r[by], []).append(r)
     return {k: {m: aggregate(rs) for m, rs in ms.items()} for k, ms in rows.items()}
 
 

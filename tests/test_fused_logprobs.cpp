@@ -357,6 +357,20 @@ TEST(FusedBuffers, CpuRowsArePaddedToCacheLines) {
   EXPECT_EQ(z[0][0].item<float>(), 16);
   EXPECT_EQ(z[1][9].item<float>(), 41);
   EXPECT_THROW(fd::buffer_rows(buffer, 3, 2, 10, 16), c10::Error);  // past the end
+  // Backward tiles: blocks narrower than V are cut to whole lines (16 fp32, 32 bf16 entries)
+  // and stored dense; a block under one line stays as it is; a whole row is padded.
+  const at::Device cuda(at::kCUDA, 0);
+  EXPECT_EQ(fd::block_columns(1000, 50257, at::kFloat, cpu), 992);
+  EXPECT_EQ(fd::block_columns(1000, 50257, at::kBFloat16, cpu), 992);
+  EXPECT_EQ(fd::block_columns(1010, 50257, at::kBFloat16, cpu), 992);
+  EXPECT_EQ(fd::block_columns(17, 50257, at::kFloat, cpu), 16);
+  EXPECT_EQ(fd::block_columns(10, 50257, at::kFloat, cpu), 10);
+  EXPECT_EQ(fd::block_columns(60000, 50257, at::kFloat, cpu), 50257);
+  EXPECT_EQ(fd::block_columns(1000, 50257, at::kFloat, cuda), 1000);
+  EXPECT_EQ(fd::block_stride(992, 50257, at::kFloat, cpu), 992);
+  EXPECT_EQ(fd::block_stride(10, 50257, at::kFloat, cpu), 10);
+  EXPECT_EQ(fd::block_stride(50257, 50257, at::kFloat, cpu), 50272);
+  EXPECT_EQ(fd::block_stride(50257, 50257, at::kFloat, cuda), 50257);
 }
 
 TEST_F(Fused, Errors) {

@@ -80,6 +80,17 @@ PREFOPT_INLINE int64_t buffer_stride(int64_t cols, at::ScalarType st, const at::
   return (cols + unit - 1) / unit * unit;
 }
 
+PREFOPT_INLINE int64_t block_columns(int64_t cols, int64_t V, at::ScalarType st,
+                                     const at::Device& device) {
+  const int64_t unit = buffer_stride(1, st, device);
+  return cols >= V ? V : cols > unit ? cols - cols % unit : cols;
+}
+
+PREFOPT_INLINE int64_t block_stride(int64_t cols, int64_t V, at::ScalarType st,
+                                    const at::Device& device) {
+  return cols < V ? cols : buffer_stride(V, st, device);
+}
+
 PREFOPT_INLINE at::Tensor buffer_rows(const at::Tensor& buffer, int64_t r0, int64_t m, int64_t cols,
                                       int64_t ld) {
   TORCH_INTERNAL_ASSERT(cols <= ld && (r0 + m) * ld <= buffer.numel(), "buffer_rows: ", m,
@@ -437,12 +448,8 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
       mode = !a.upcast ? FusedBackward::kTiles
              : n <= V  ? FusedBackward::kVocabBlocks
                        : FusedBackward::kTokenChunks;
-    // Blocks narrower than V: a whole number of 64-byte lines on CPU (buffer_stride), so
-    // their rows start on lines with no padding (backward_tiles).
     const auto aligned = [&](Tiling t) {
-      const int64_t unit = buffer_stride(1, st, a.h.device());
-      if (t.cols < V && t.cols > unit) t.cols -= t.cols % unit;
-      return t;
+      return Tiling{t.rows, block_columns(t.cols, V, st, a.h.device())};
     };
     if (mode == FusedBackward::kTiles)
       return aligned(tiles_within(spec.tile_bytes, n, V, H, st, cap));
@@ -489,9 +496,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     at::Tensor h_buffer = at::empty({c, H}, a.h.options());
     at::Tensor dh_buffer =
         a.need_h ? at::empty({c, H}, one_block ? a.h.options() : acc_opts) : at::Tensor();
-    // Blocks narrower than V are whole lines already (tiling), or narrower than one line under
-    // a tiny budget, where padding would multiply the buffer: dense then.
-    const int64_t ld = cols < V ? cols : buffer_stride(V, a.h.scalar_type(), a.h.device());
+    const int64_t ld = block_stride(cols, V, a.h.scalar_type(), a.h.device());
     at::Tensor buffer = at::empty({c * ld}, a.h.options());
     at::Tensor cap_buffer = spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
     const auto outside = at::full({}, -1, a.target.options());

@@ -165,6 +165,13 @@ int64_t row_budget(const HeadInputs& in, const FusedLogprobsOptions& o);
 /// CPU, `cols` rounded up to a multiple of 64 bytes, so that every row starts on a cache line;
 /// elsewhere `cols`.
 int64_t buffer_stride(int64_t cols, at::ScalarType st, const at::Device& device);
+/// Columns per vocabulary block of a backward tile, from `cols` wanted out of V: on CPU a block
+/// narrower than V is cut to whole 64-byte lines, so its rows start on lines with no padding
+/// (kept as is when under one line: a tiny budget, where padding would multiply the buffer).
+int64_t block_columns(int64_t cols, int64_t V, at::ScalarType st, const at::Device& device);
+/// Row stride of a tile buffer of blocks of `cols` columns (from block_columns) out of V: dense
+/// below V, `buffer_stride(V)` for whole rows.
+int64_t block_stride(int64_t cols, int64_t V, at::ScalarType st, const at::Device& device);
 /// Rows [r0, r0 + m) of a flat buffer of rows `ld` entries apart, as an [m, cols] view.
 at::Tensor buffer_rows(const at::Tensor& buffer, int64_t r0, int64_t m, int64_t cols, int64_t ld);
 /// The blocking of `n` scored rows under `o`'s budget; `fn` names the caller in the checks.

@@ -132,7 +132,8 @@ struct Job {
     }
     if (need_b) db = at::zeros({V}, acc_opts);
     const int64_t c = std::max<int64_t>(std::min(widest, limit), 1);
-    // A split chunk keeps `kept` rows' logits and streams the rest `stream` rows at a time.
+    // A split chunk keeps `kept` rows' logits and streams the rest beside them, `stream` rows
+    // at a time, for their statistics; their gradients follow c rows at a time.
     const int64_t stream = std::max<int64_t>(1, c / 4), kept = c - stream;
     const int64_t ld = fused::buffer_stride(V, st, h.device());
     at::Tensor buffer = at::empty({c * ld}, h.options());
@@ -236,8 +237,10 @@ struct Job {
       cur.index_copy_(0, ids, sums64.index_select(0, ids).to(acc));
       const auto g_all = at::zeros({S}, acc_opts).index_copy_(0, ids, seq_grad(cur, ids));
       if (keep > 0) backward(head, g_all);
-      for (int64_t a = keep; a < m; a += stream) {  // the streamed rows: logits again
-        auto p = forward(idx.narrow(0, a, std::min(stream, m - a)), kept, false);
+      // The streamed rows' logits again, now with the whole buffer free: c rows per GEMM, not
+      // `stream`, since every GEMM reads (and on CPU packs) all of W, and dW's update writes it.
+      for (int64_t a = keep; a < m; a += c) {
+        auto p = forward(idx.narrow(0, a, std::min(c, m - a)), 0, false);
         backward(p, g_all);
       }
     }

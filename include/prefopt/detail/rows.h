@@ -167,7 +167,7 @@ int64_t row_budget(const HeadInputs& in, const FusedLogprobsOptions& o);
 int64_t buffer_stride(int64_t cols, at::ScalarType st, const at::Device& device);
 /// Columns per vocabulary block of a backward tile, from `cols` wanted out of V: on CPU a block
 /// narrower than V is cut to whole 64-byte lines, so its rows start on lines with no padding
-/// (kept as is when under one line: a tiny budget, where padding would multiply the buffer).
+/// (kept as is when at most one line: a tiny budget, where padding would multiply the buffer).
 int64_t block_columns(int64_t cols, int64_t V, at::ScalarType st, const at::Device& device);
 /// Row stride of a tile buffer of blocks of `cols` columns (from block_columns) out of V: dense
 /// below V, `buffer_stride(V)` for whole rows.

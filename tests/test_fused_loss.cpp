@@ -104,8 +104,9 @@ void expect_grads(const std::vector<at::Tensor>& got, const std::vector<at::Tens
     EXPECT_TRUE(AllClose(got[i], want[i], rtol, atol)) << what << " " << names[i];
 }
 
-/// Budgets of one row (every row streams twice), two and ten rows (pairs split: the first rows
-/// kept, the rest streamed; small pairs whole, several to a chunk), and automatic (whole pairs).
+/// Budgets of one row (all rows but a pair's last stream twice), two and ten rows (pairs split:
+/// the first rows streamed, the last ones kept; small pairs whole, several to a chunk), and
+/// automatic (whole pairs).
 std::vector<int64_t> budgets(const Batch& d, bool softcap = false) {
   const int64_t row = d.V * static_cast<int64_t>(d.h.element_size()) * (softcap ? 2 : 1);
   return {row, 2 * row, 10 * row, 0};

@@ -90,7 +90,7 @@ struct Job {
     // Chunks of whole groups within the limit's rows. Automatic: at least the widest group,
     // unless its logits outgrow max(256 MiB, 1/4 of the scored tokens' logits); explicit
     // chunk_bytes: a hard bound. A group over the limit gets a chunk of its own that keeps the
-    // logits of its first rows and streams the rest twice (statistics, then gradients): one
+    // logits of its last c rows and streams the rest twice (statistics, then gradients): one
     // more GEMM on the streamed rows only.
     int64_t widest_group = 0;
     for (int64_t g = 0; g < G; ++g) widest_group = std::max(widest_group, group_rows(g));
@@ -132,36 +132,30 @@ struct Job {
     }
     if (need_b) db = at::zeros({V}, acc_opts);
     const int64_t c = std::max<int64_t>(std::min(widest, limit), 1);
-    // A split chunk keeps `kept` rows' logits and streams the rest beside them, `stream` rows
-    // at a time, for their statistics; their gradients follow c rows at a time.
-    const int64_t stream = std::max<int64_t>(1, c / 4), kept = c - stream;
     const int64_t ld = fused::buffer_stride(V, st, h.device());
     at::Tensor buffer = at::empty({c * ld}, h.options());
     at::Tensor h_buffer = at::empty({c, H}, h.options());
-    at::Tensor dh_buffer = need_h ? at::empty({c, H}, h.options()) : at::Tensor();
     at::Tensor cap_buffer = grad && spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
     // The sums so far: placeholders (a mean log-prob of −1 per scored token) until a
     // sequence's chunk is done.
     at::Tensor cur = counts.neg().to(acc);
     at::Tensor sums64 = at::zeros({S}, acc_opts.dtype(at::kDouble));
 
-    // Rows `idx` (positions among the scored rows) at row `at` of the buffers: their logits,
+    // Rows `idx` (positions among the scored rows) at the top of the buffers: their logits,
     // their per-row statistics, and (with `record`) the statistics and sums kept.
     struct Part {
       at::Tensor rows, target, seq, h, z;
-      int64_t at = 0;
       RowResults out;
     };
-    const auto forward = [&](const at::Tensor& idx, int64_t at, bool record) {
+    const auto forward = [&](const at::Tensor& idx, bool record) {
       Part p;
       const int64_t m = idx.size(0);
-      p.at = at;
       p.rows = flat.index_select(0, idx);
       p.target = rows.target.index_select(0, idx);
       p.seq = rows.seq.index_select(0, idx);
-      p.h = h_buffer.narrow(0, at, m);
+      p.h = h_buffer.narrow(0, 0, m);
       at::index_select_out(p.h, h, 0, p.rows);
-      p.z = fused::buffer_rows(buffer, at, m, V, ld);
+      p.z = fused::buffer_rows(buffer, 0, m, V, ld);
       fused::chunk_logits(p.h, weight, bias, spec, p.z);
       p.out = alloc_row_results(m, flags, acc_opts);
       rows_forward_into(p.z.unsqueeze(0), fused::identity_rows(p.target), flags, spec.backend,
@@ -186,7 +180,7 @@ struct Job {
       const int64_t m = p.z.size(0);
       const auto g_rows = g_all.index_select(0, p.seq);
       auto cap =
-          cap_buffer.defined() ? fused::buffer_rows(cap_buffer, p.at, m, V, ld) : at::Tensor();
+          cap_buffer.defined() ? fused::buffer_rows(cap_buffer, 0, m, V, ld) : at::Tensor();
       fused::logits_grad(p.z, p.target, p.out.lse, g_rows, spec, cap);  // z ← dL/dz
       if (need_b) db.add_(p.z.sum(0, /*keepdim=*/false, acc));
       if (need_w) {
@@ -199,9 +193,9 @@ struct Job {
         }
       }
       if (need_h) {
-        auto dh_c = dh_buffer.narrow(0, 0, m);
-        fused::set_mm(dh_c, p.z, /*trans_a=*/false, weight);  // spans V: rounded once
-        dh.index_copy_(0, p.rows, dh_c);
+        // Into the gathered hidden rows, which dW has used: no buffer of its own.
+        fused::set_mm(p.h, p.z, /*trans_a=*/false, weight);  // spans V: rounded once
+        dh.index_copy_(0, p.rows, p.h);
       }
     };
 
@@ -220,31 +214,30 @@ struct Job {
         cur.index_fill_(0, ids, 0);
         continue;
       }
-      // Statistics: a chunk within the limit keeps all its logits; a split one keeps the
-      // first `kept` rows' and streams the rest (without grad, everything streams).
+      // Statistics: a chunk within the limit keeps all its logits. A split one streams its
+      // first m − c rows through the whole buffer, then keeps the last c rows' logits: only
+      // m − c rows are computed twice, in GEMMs as tall as the buffer allows (each GEMM reads,
+      // and on CPU packs, all of W; each dW update writes all of it). Without grad, all
+      // stream.
       if (!grad) {
         for (int64_t a = 0; a < m; a += c)
-          (void)forward(idx.narrow(0, a, std::min(c, m - a)), 0, true);
+          (void)forward(idx.narrow(0, a, std::min(c, m - a)), true);
         continue;
       }
-      const int64_t keep = m <= c ? m : kept;
-      Part head;
-      if (keep > 0) head = forward(idx.narrow(0, 0, keep), 0, true);
-      for (int64_t a = keep; a < m; a += stream) {
-        (void)forward(idx.narrow(0, a, std::min(stream, m - a)), kept, true);
-      }
+      const int64_t streamed = m - std::min(m, c);
+      for (int64_t a = 0; a < streamed; a += c)
+        (void)forward(idx.narrow(0, a, std::min(c, streamed - a)), true);
+      Part last = forward(idx.narrow(0, streamed, m - streamed), true);
 
       cur.index_copy_(0, ids, sums64.index_select(0, ids).to(acc));
       const auto g_all = at::zeros({S}, acc_opts).index_copy_(0, ids, seq_grad(cur, ids));
-      if (keep > 0) backward(head, g_all);
-      // The streamed rows' logits again, now with the whole buffer free: c rows per GEMM, not
-      // `stream`, since every GEMM reads (and on CPU packs) all of W, and dW's update writes it.
-      for (int64_t a = keep; a < m; a += c) {
-        auto p = forward(idx.narrow(0, a, std::min(c, m - a)), 0, false);
+      backward(last, g_all);
+      for (int64_t a = 0; a < streamed; a += c) {  // the streamed rows' logits again
+        auto p = forward(idx.narrow(0, a, std::min(c, streamed - a)), false);
         backward(p, g_all);
       }
     }
-    buffer = h_buffer = dh_buffer = cap_buffer = at::Tensor();
+    buffer = h_buffer = cap_buffer = at::Tensor();
     if (dw_acc) dw = dw_acc->finish(st);
     if (need_b) db = db.to(bias.scalar_type());
     value = finish(assemble(sel, r.logp, r, flags, o.with_token_logps(), acc));

@@ -121,9 +121,10 @@ namespace functional {
 /// `fused_logprobs` with `FusedBackward::kVocabBlocks`, which has none. The chunk: by default
 /// whole pairs, as many as fit in 1/16 of the scored tokens' logits (at most 256 MiB) and at
 /// least the longest pair unless that pair's logits exceed max(256 MiB, 1/4 of all); an
-/// explicit `FusedLogprobsOptions::chunk_bytes` is a hard bound. A pair over the bound keeps
-/// the logits of its first rows and streams the rest twice (statistics, then gradients), so
-/// those rows cost one more GEMM; an explicit budget that does this warns once.
+/// explicit `FusedLogprobsOptions::chunk_bytes` is a hard bound. A pair over the bound streams
+/// its first rows twice (statistics, then gradients) and keeps the logits of the last rows
+/// that fit, so only the rows beyond the bound cost one more GEMM; an explicit budget that
+/// does this warns once.
 ///
 /// Which losses qualify: every per-pair loss. `aot` and `aot_unpaired` (which sort the batch),
 /// `DPOLoss`'s running bco baseline and `torch::kNone` reduction are refused with an error that

@@ -763,6 +763,26 @@ TEST_F(SeededTest, Fp32BlocksOverEveryDimensionAndLayout) {
   EXPECT_TRUE(at::equal(c1, at::full({4, 3}, 7.0)));
 }
 
+TEST(ColMajor, FollowsAtensGemmLayoutRule) {
+  // Which of cpu_mm16_usable's layout checks applies: ATen's CPU GEMM takes a matrix as
+  // column-major when its row stride is 1 and its column stride at least the row count, as
+  // row-major likewise (that first), and multiplies anything else from a row-major copy.
+  namespace fu = prefopt::detail::fused;
+  const auto store = at::arange(64, at::TensorOptions().dtype(at::kFloat));
+  const auto view = [&](int64_t r, int64_t c, int64_t s0, int64_t s1) {
+    return store.as_strided({r, c}, {s0, s1});
+  };
+  EXPECT_FALSE(fu::col_major(view(4, 3, 3, 1)));  // contiguous
+  EXPECT_FALSE(fu::col_major(view(4, 3, 5, 1)));  // rows 5 apart (a padded buffer)
+  EXPECT_TRUE(fu::col_major(view(4, 3, 1, 4)));   // a transposed contiguous [3, 4]
+  EXPECT_TRUE(fu::col_major(view(4, 3, 1, 6)));   // columns 6 apart
+  EXPECT_FALSE(fu::col_major(view(4, 3, 1, 2)));  // overlapping columns: copied row-major
+  EXPECT_FALSE(fu::col_major(view(4, 3, 2, 2)));  // neither: copied row-major
+  EXPECT_FALSE(fu::col_major(view(4, 1, 1, 1)));  // one column: passes as row-major first
+  EXPECT_TRUE(fu::col_major(view(4, 1, 1, 4)));
+  EXPECT_FALSE(fu::col_major(store.view({4, 4, 4})));  // not a matrix
+}
+
 }  // namespace
 
 // #20 item 16: an enum value cast from an integer outside the enum (a config file, a C API)

@@ -127,7 +127,13 @@ PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a
 }
 
 PREFOPT_INLINE bool col_major(const at::Tensor& x) {
-  return x.dim() == 2 && x.stride(0) == 1 && x.stride(1) != 1;
+  if (x.dim() != 2) return false;
+  // ATen's CPU GEMM rule: row-major if rows are dense with a leading dimension of at least a
+  // row, else column-major likewise, else it multiplies a row-major copy.
+  const auto rows_ok = [&](int d) {
+    return x.stride(1 - d) == 1 && x.stride(d) >= std::max<int64_t>(1, x.size(1 - d));
+  };
+  return !rows_ok(0) && rows_ok(1);
 }
 
 PREFOPT_INLINE void mm_fp32_blocks(at::Tensor& c, const at::Tensor& a, const at::Tensor& b,

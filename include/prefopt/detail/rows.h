@@ -209,7 +209,9 @@ bool cpu_mm16_fast(at::ScalarType st);
 /// libtorch 1.13 on CPUs without AVX-512 sums in 16 bits in three of the four). Where false,
 /// `mm_fp32_blocks` serves.
 bool cpu_mm16_usable(at::ScalarType st, bool a_col_major, bool b_col_major);
-/// Whether ATen's GEMM reads the 2-D `x` as column-major storage (unit row stride).
+/// Whether ATen's CPU GEMM reads the 2-D `x` as column-major storage: unit row stride and a
+/// column stride of at least the row count, unless it also passes as row-major (a view that
+/// is neither, e.g. overlapping, is multiplied from a row-major copy: false).
 bool col_major(const at::Tensor& x);
 /// c ← a · b (+ bias, broadcast over c's rows), or c += a · b with `accumulate`, for 16-bit
 /// a [m, k] and b [k, n] of any layout, through fp32 GEMMs on fp32 copies of blocks of a and b

@@ -766,7 +766,8 @@ TEST_F(SeededTest, Fp32BlocksOverEveryDimensionAndLayout) {
 TEST(ColMajor, FollowsAtensGemmLayoutRule) {
   // Which of cpu_mm16_usable's layout checks applies: ATen's CPU GEMM takes a matrix as
   // column-major when its row stride is 1 and its column stride at least the row count, as
-  // row-major likewise (that first), and multiplies anything else from a row-major copy.
+  // row-major likewise (that first, for the row-major outputs the fused ops write), and
+  // multiplies anything else from a row-major copy.
   namespace fu = prefopt::detail::fused;
   const auto store = at::arange(64, at::TensorOptions().dtype(at::kFloat));
   const auto view = [&](int64_t r, int64_t c, int64_t s0, int64_t s1) {

@@ -128,8 +128,9 @@ PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a
 
 PREFOPT_INLINE bool col_major(const at::Tensor& x) {
   if (x.dim() != 2) return false;
-  // ATen's CPU GEMM rule: row-major if rows are dense with a leading dimension of at least a
-  // row, else column-major likewise, else it multiplies a row-major copy.
+  // ATen's CPU GEMM rule for a row-major output (all the fused ops write): row-major if rows
+  // are dense with a leading dimension of at least a row, else column-major likewise, else
+  // it multiplies a row-major copy.
   const auto rows_ok = [&](int d) {
     return x.stride(1 - d) == 1 && x.stride(d) >= std::max<int64_t>(1, x.size(1 - d));
   };

@@ -193,7 +193,7 @@ struct Job {
         }
       }
       if (need_h) {
-        // Into the gathered hidden rows, which dW has used: no buffer of its own.
+        // Into the gathered hidden rows (no buffer of its own): so only after dW's product.
         fused::set_mm(p.h, p.z, /*trans_a=*/false, weight);  // spans V: rounded once
         dh.index_copy_(0, p.rows, p.h);
       }

@@ -179,8 +179,7 @@ struct Job {
     const auto backward = [&](Part& p, const at::Tensor& g_all) {
       const int64_t m = p.z.size(0);
       const auto g_rows = g_all.index_select(0, p.seq);
-      auto cap =
-          cap_buffer.defined() ? fused::buffer_rows(cap_buffer, 0, m, V, ld) : at::Tensor();
+      auto cap = cap_buffer.defined() ? fused::buffer_rows(cap_buffer, 0, m, V, ld) : at::Tensor();
       fused::logits_grad(p.z, p.target, p.out.lse, g_rows, spec, cap);  // z ← dL/dz
       if (need_b) db.add_(p.z.sum(0, /*keepdim=*/false, acc));
       if (need_w) {
@@ -219,14 +218,10 @@ struct Job {
       // m − c rows are computed twice, in GEMMs as tall as the buffer allows (each GEMM reads,
       // and on CPU packs, all of W; each dW update writes all of it). Without grad, all
       // stream.
-      if (!grad) {
-        for (int64_t a = 0; a < m; a += c)
-          (void)forward(idx.narrow(0, a, std::min(c, m - a)), true);
-        continue;
-      }
-      const int64_t streamed = m - std::min(m, c);
+      const int64_t streamed = grad ? m - std::min(m, c) : m;
       for (int64_t a = 0; a < streamed; a += c)
         (void)forward(idx.narrow(0, a, std::min(c, streamed - a)), true);
+      if (!grad) continue;
       Part last = forward(idx.narrow(0, streamed, m - streamed), true);
 
       cur.index_copy_(0, ids, sums64.index_select(0, ids).to(acc));

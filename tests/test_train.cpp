@@ -645,10 +645,22 @@ TEST(Train, Sft) {
   EXPECT_FALSE(s["after"].contains("train_rewards/accuracies"));  // SFT has no rewards
 }
 
-TEST(Train, DpoIpo) { expect_learns(short_run("ipo", "--loss ipo")); }
-TEST(Train, Orpo) { expect_learns(short_run("orpo", "--loss orpo --learning_rate 3e-3")); }
-TEST(Train, Simpo) { expect_learns(short_run("simpo", "--loss simpo")); }
-TEST(Train, Cpo) { expect_learns(short_run("cpo", "--loss cpo --learning_rate 3e-3")); }
+TEST(Train, DpoIpo) {
+  SKIP_WITHOUT_SHARED_DATA();
+  expect_learns(short_run("ipo", "--loss ipo"));
+}
+TEST(Train, Orpo) {
+  SKIP_WITHOUT_SHARED_DATA();
+  expect_learns(short_run("orpo", "--loss orpo --learning_rate 3e-3"));
+}
+TEST(Train, Simpo) {
+  SKIP_WITHOUT_SHARED_DATA();
+  expect_learns(short_run("simpo", "--loss simpo"));
+}
+TEST(Train, Cpo) {
+  SKIP_WITHOUT_SHARED_DATA();
+  expect_learns(short_run("cpo", "--loss cpo --learning_rate 3e-3"));
+}
 
 TEST(Train, KtoOnTheUnpairedForm) {
   SKIP_WITHOUT_SHARED_DATA();

@@ -184,9 +184,9 @@ TEST_F(Fused, LowPrecisionInputsAgainstFp64) {
 }
 
 // 16-bit weights over several row chunks: the weight gradient accumulates in fp32 (a
-// DwAccumulator, split at row (V + 1) / 2 on CPU) and is cast once. V is odd, so the split
-// falls inside a vocabulary block of kTiles (blocks of 512 columns on CPU, 522 rounded down to
-// 64-byte lines: [1024, 1536) holds row 1501) and inside every whole-V block of kTokenChunks.
+// DwAccumulator, split at row ⌈V/2⌉ rounded up to 8) and is cast once. The split falls inside
+// a vocabulary block of kTiles (blocks of 512 columns on CPU, 522 rounded down to 64-byte
+// lines: [1024, 1536) holds row 1504) and inside every whole-V block of kTokenChunks.
 // Tolerance as in LowPrecisionInputsAgainstFp64; a block added at a wrong row would be off by
 // O(scale).
 TEST_F(Fused, SixteenBitWeightGradientOverRowChunksAndOddV) {

@@ -275,6 +275,18 @@ TEST_F(EveryQualifyingLoss, CpoSimpoAlphapoOrpoKtoMatchTheTwoPassOp) {
           return F::fused_cpo_loss(b, o, fo).result.loss;
         });
   }
+  // SimPOLossOptions (β 2, no NLL by default), plain, with the NLL and ε, and as AlphaPO.
+  for (const auto& o :
+       {prefopt::SimPOLossOptions(),
+        prefopt::SimPOLossOptions().beta(2.5).simpo_gamma(1.4).label_smoothing(0.1).cpo_alpha(0.5),
+        prefopt::SimPOLossOptions().alpha(0.25)}) {
+    check(
+        "simpo options",
+        [&](const prefopt::PairLogprobs& p) { return F::simpo_loss(PairInputs(p), o).loss; },
+        [&](const HeadBatch& b, const FusedLogprobsOptions& fo) {
+          return F::fused_simpo_loss(b, o, fo).result.loss;
+        });
+  }
   for (auto norm :
        {prefopt::NLLNormalization::kTokenMean, prefopt::NLLNormalization::kSequenceMean}) {
     const auto o = prefopt::ORPOLossOptions().beta(0.2).nll_normalization(norm);
@@ -479,6 +491,8 @@ TEST_F(SeededTest, FusedLossRefusesWhatItCannotComputeInOnePass) {
                              "reduction torch::kNone");
   PREFOPT_EXPECT_THROWS_WITH(F::fused_cpo_loss(d.head(), CPOLossOptions(torch::kNone)),
                              "prefopt::fused_cpo_loss: the one-pass op differentiates a scalar");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_simpo_loss(d.head(), prefopt::SimPOLossOptions(torch::kNone)),
+                             "prefopt::fused_simpo_loss: the one-pass op differentiates a scalar");
   PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), PairInputs(given).policy_chosen_logps(rc)),
                              "the policy log-probs come from the pass");
   PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), PairInputs(given).nll_loss(rc.sum())),
@@ -571,39 +585,48 @@ TEST_F(SeededTest, FusedLossHoldsOneChunkOfLogitsAndTheGradients) {
   EXPECT_LE(meter.peak() - before, 8 * 32 * 32 * 4 + budget + n * 96 + (64 << 10));
 }
 
-TEST_F(SeededTest, DwAccumulatorCastsInItsOwnStorage) {
-  // The fp32 accumulator of a 16-bit dW (one-pass op; two-pass kTokenChunks/kTiles): its cast
-  // at the end writes the [V, H] result into the accumulator's own storage, block by block, so
-  // it allocates at most 1 Mi elements (2 MiB): not the 2·V·H bytes of a separate cast, nor the
-  // V·H of casting the top half at once (4.2 MB here). With h the identity, each add puts zᵀ
-  // into rows [v0, v0 + vb) exactly, on every GEMM path, so the result must equal the blocks
-  // exactly. V is odd; the blocks lie wholly in the top half, across the halves (at 4097) and
-  // wholly in the bottom half.
-  auto& meter = prefopt_bench::TrackingAllocator::install();
+/// The fp32 accumulator of a 16-bit dW (one-pass op; two-pass kTokenChunks/kTiles) on
+/// `device`: its cast at the end writes the [V, H] result into the accumulator's own storage,
+/// block by block. With h the identity, each add puts zᵀ into rows [v0, v0 + vb) exactly, on
+/// every GEMM path, so the result must equal the blocks exactly. V is odd; the blocks lie
+/// wholly in the top half, across the halves (at 4104: ⌈V/2⌉ rounded up to 8) and wholly in
+/// the bottom half, whose GEMMs read column slices of z in place. With `meter` (CPU), the
+/// cast allocates at most 1 Mi elements (2 MiB): not the 2·V·H bytes of a separate cast, nor
+/// the V·H of casting the top half at once (4.2 MB here).
+void expect_dw_accumulator_casts_in_place(const at::Device& device,
+                                          prefopt_bench::TrackingAllocator* meter) {
   const int64_t V = 8193, H = 512;
   const std::vector<int64_t> edges{0, 1000, 5000, V};
+  const auto opts = at::TensorOptions(at::kFloat).device(device);
   for (auto st : {at::kBFloat16, at::kHalf}) {
-    if (st == at::kHalf && !prefopt::detail::fused::cpu_half_matmul()) continue;
-    const auto eye = at::eye(H, at::TensorOptions(at::kFloat)).to(st);
+    if (st == at::kHalf && device.is_cpu() && !prefopt::detail::fused::cpu_half_matmul()) continue;
+    const auto eye = at::eye(H, opts).to(st);
     std::vector<at::Tensor> blocks;
-    prefopt::detail::fused::DwAccumulator acc(V, H, at::TensorOptions(at::kFloat));
+    prefopt::detail::fused::DwAccumulator acc(V, H, opts);
     for (size_t i = 0; i + 1 < edges.size(); ++i) {
-      const auto z = at::randn({H, edges[i + 1] - edges[i]}).to(st);
+      const auto z = at::randn({H, edges[i + 1] - edges[i]}, opts).to(st);
       acc.add(edges[i], z, eye);
       acc.add(edges[i], z, eye);  // 2·zᵀ: still exact
       blocks.push_back(z.t() * 2);
     }
-    meter.reset_peak();
-    const int64_t before = meter.live();
+    int64_t before = 0;
+    if (meter != nullptr) meter->reset_peak(), before = meter->live();
     const auto dw = acc.finish(st);
-    const int64_t extra = meter.peak() - before;
-    EXPECT_LE(extra, 2 * (int64_t{1} << 20) + (64 << 10)) << c10::toString(st);
-    EXPECT_LT(extra, V * H) << c10::toString(st);
+    if (meter != nullptr) {
+      const int64_t extra = meter->peak() - before;
+      EXPECT_LE(extra, 2 * (int64_t{1} << 20) + (64 << 10)) << c10::toString(st);
+      EXPECT_LT(extra, V * H) << c10::toString(st);
+    }
     ASSERT_EQ(dw.sizes(), (std::vector<int64_t>{V, H}));
     EXPECT_EQ(dw.scalar_type(), st);
+    EXPECT_EQ(dw.device(), device);
     EXPECT_TRUE(dw.is_contiguous());
     EXPECT_TRUE(at::equal(dw, at::cat(blocks))) << c10::toString(st);
   }
+}
+
+TEST_F(SeededTest, DwAccumulatorCastsInItsOwnStorage) {
+  expect_dw_accumulator_casts_in_place(at::kCPU, &prefopt_bench::TrackingAllocator::install());
 }
 
 TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
@@ -782,6 +805,52 @@ TEST(ColMajor, FollowsAtensGemmLayoutRule) {
   EXPECT_FALSE(fu::col_major(view(4, 1, 1, 1)));  // one column: passes as row-major first
   EXPECT_TRUE(fu::col_major(view(4, 1, 1, 4)));
   EXPECT_FALSE(fu::col_major(store.view({4, 4, 4})));  // not a matrix
+}
+
+using FusedLossCuda = prefopt_test::CudaTest;
+
+TEST_F(FusedLossCuda, DwAccumulatorCastsInItsOwnStorage) {
+  // cuBLAS gets the halves' column slices of z with their leading dimension (gemm_f32acc).
+  expect_dw_accumulator_casts_in_place(at::kCUDA, nullptr);
+}
+
+TEST_F(FusedLossCuda, MatchesCpu) {
+  // The one-pass op on CUDA against the same op on CPU, fp32 and bf16 (16-bit GEMMs on both
+  // sides, dW in the fp32 accumulator over several chunks), over a budget that splits pairs
+  // (10 rows), one that keeps a pair per chunk (about two pairs' rows) and the automatic one.
+  // V odd: the accumulator's halves split the logits at an unaligned column.
+  const int64_t B = 4, T = 40, H = 64, V = 5003;
+  for (auto st : {at::kFloat, at::kBFloat16}) {
+    const Batch cpu(B, T, H, V, /*bias=*/true, st);
+    const auto [rc, rr] = cpu.reference();
+    const auto in = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+    Batch gpu = cpu;
+    gpu.h = cpu.h.detach().cuda().requires_grad_();
+    gpu.w = cpu.w.detach().cuda().requires_grad_();
+    gpu.b = cpu.b.detach().cuda().requires_grad_();
+    gpu.labels = cpu.labels.cuda();
+    const auto in_gpu =
+        PairInputs().reference_chosen_logps(rc.cuda()).reference_rejected_logps(rr.cuda());
+    const int64_t row = V * static_cast<int64_t>(cpu.h.element_size());
+    for (int64_t budget : {10 * row, 2 * T * row, int64_t{0}}) {
+      const std::string what = std::string(c10::toString(st)) + " budget " + std::to_string(budget);
+      prefopt::detail::WarningCapture warnings;
+      const auto opts = FusedLogprobsOptions().chunk_bytes(budget);
+      const auto a = F::fused_dpo_loss(cpu.head(), in, DPOLossOptions(), opts);
+      const auto g = F::fused_dpo_loss(gpu.head(), in_gpu, DPOLossOptions(), opts);
+      const double tol = st == at::kFloat ? 1e-4 : 5e-2;
+      EXPECT_TRUE(AllClose(g.result.loss.cpu(), a.result.loss, tol, tol)) << what;
+      EXPECT_TRUE(AllClose(g.result.chosen_logps.cpu(), a.result.chosen_logps, tol, tol * T))
+          << what;
+      const auto ga = grads_of(a.result.loss, cpu.params());
+      const auto gg = grads_of(g.result.loss, gpu.params());
+      for (size_t i = 0; i < ga.size(); ++i) {
+        EXPECT_EQ(gg[i].scalar_type(), st) << what;
+        EXPECT_TRUE(AllClose(gg[i].cpu(), ga[i], 2e-2, tol * ga[i].abs().max().item<double>()))
+            << what << " gradient " << i;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -73,7 +73,7 @@ struct Tiling {
 // at 122-127 GFLOP/s against 152-157 with the rows 64-byte aligned (1.24× the time); the dh
 // and dW GEMMs that read them ran alike at both strides (1024 × 768 × 50,257 per chunk, AMD
 // EPYC without AVX-512, 2 threads, torch 2.14; bench/gemm_stride.py, bench/RESULTS.md). CUDA
-// buffers stay dense: cuBLAS gets them through paths that copy strided operands (gemm_f32acc).
+// buffers stay dense until padding is measured on a GPU.
 PREFOPT_INLINE int64_t buffer_stride(int64_t cols, at::ScalarType st, const at::Device& device) {
   if (!device.is_cpu()) return cols;
   const int64_t unit = std::max<int64_t>(1, 64 / static_cast<int64_t>(at::elementSize(st)));
@@ -106,19 +106,27 @@ PREFOPT_INLINE int64_t bytes_per_row(int64_t V, at::ScalarType st, bool softcap)
   return V * static_cast<int64_t>(at::elementSize(st)) * (softcap ? 2 : 1);
 }
 
-/// c [m, n] (fp32) += op(a) · b for 16-bit a, b on CUDA: op(a) = aᵀ for a [k, m] when
-/// `trans_a`, else a [m, k]; fp32 accumulation inside one cuBLAS call.
+/// x itself if it is row-major with a leading dimension of at least one row (what BLAS takes
+/// as it is, e.g. a column slice of a buffer), else a dense copy.
+PREFOPT_INLINE at::Tensor row_major(const at::Tensor& x) {
+  return x.stride(1) == 1 && x.stride(0) >= std::max<int64_t>(1, x.size(1)) ? x : x.contiguous();
+}
+
+/// c [m, n] (fp32, row-major) += op(a) · b for 16-bit a, b on CUDA: op(a) = aᵀ for a [k, m]
+/// when `trans_a`, else a [m, k]; fp32 accumulation inside one cuBLAS call. Row-major operands
+/// with a leading dimension (column slices of the logits) go in as they are, without a copy.
 PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a,
                                 const at::Tensor& b) {
 #ifdef PREFOPT_WITH_CUDA_KERNELS
   namespace kg = prefopt::detail::cuda;
-  const auto ac = a.contiguous(), bc = b.contiguous();
-  TORCH_INTERNAL_ASSERT(c.is_contiguous() && c.scalar_type() == at::kFloat);
+  const auto ac = row_major(a), bc = row_major(b);
+  TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat && c.stride(1) == 1 &&
+                        c.stride(0) >= std::max<int64_t>(1, c.size(1)));
   const int64_t m = c.size(0), n = c.size(1), k = bc.size(0);
   const int code =
       kg::gemm_f32acc(a.scalar_type() == at::kBFloat16 ? kg::DType::kBFloat16 : kg::DType::kFloat16,
                       at::cuda::getCurrentCUDABlasHandle(), trans_a, m, n, k, ac.data_ptr(),
-                      ac.size(1), bc.data_ptr(), n, c.data_ptr<float>(), n);
+                      ac.stride(0), bc.data_ptr(), bc.stride(0), c.data_ptr<float>(), c.stride(0));
   TORCH_CHECK(code == 0, "prefopt: cublasGemmEx for a gradient failed with status ", code);
 #else
   (void)c, (void)a, (void)trans_a, (void)b;
@@ -221,12 +229,8 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
     gemm_f32acc(c, a, trans_a, b);
     return;
   }
-  // Row-major with a leading dimension of at least one row (not an expanded or odd view).
-  const auto dense = [](const at::Tensor& x) {
-    return x.stride(1) == 1 && x.stride(0) >= std::max<int64_t>(1, x.size(1)) ? x : x.contiguous();
-  };
-  const auto ac = dense(a);
-  const auto bc = dense(b);
+  const auto ac = row_major(a);
+  const auto bc = row_major(b);
   const int64_t m = c.size(0), n = c.size(1), k = bc.size(0);
   const auto type = a.scalar_type() == at::kBFloat16 ? cpu::Gemm16::kBFloat16 : cpu::Gemm16::kHalf;
   const auto path = a.is_cpu() && cpu_mm16_fast(a.scalar_type()) ? cpu::gemm16_path(type)
@@ -271,7 +275,9 @@ PREFOPT_INLINE void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
 }
 
 PREFOPT_INLINE DwAccumulator::DwAccumulator(int64_t V, int64_t H, const at::TensorOptions& fp32) {
-  const int64_t v_top = fp32.device().is_cpu() ? (V + 1) / 2 : V;
+  // ⌈V/2⌉ rounded up to 8 rows, so that the bottom half's column slice of the logits starts
+  // 16-byte aligned (cuBLAS's tensor-core kernels want it); at most 15·H 16-bit slots to spare.
+  const int64_t v_top = std::min(V, ((V + 1) / 2 + 7) / 8 * 8);
   top_ = at::zeros({v_top, H}, fp32);
   bottom_ = at::zeros({V - v_top, H}, fp32);
 }
@@ -291,24 +297,22 @@ PREFOPT_INLINE void DwAccumulator::add(int64_t v0, const at::Tensor& z, const at
 
 PREFOPT_INLINE at::Tensor DwAccumulator::finish(at::ScalarType st) {
   const int64_t v_top = top_.size(0), v_bottom = bottom_.size(0), H = top_.size(1);
-  at::Tensor out;
-  if (!top_.is_cpu()) {
-    out = top_.to(st);
-  } else {
-    TORCH_INTERNAL_ASSERT(at::elementSize(st) == 2, "DwAccumulator: a 16-bit result");
-    // 2·v_top·H 16-bit slots over the top half's bytes. Block [r0, r0 + r) lands in bytes
-    // [2·r0·H, 2·(r0 + r)·H), before the first fp32 row still unread (byte 4·(r0 + r)·H).
-    const auto slots = top_.view(st).view({-1});
-    const int64_t rows = std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(H, 1), 1,
-                                             std::max<int64_t>(v_top, 1));
-    for (int64_t r0 = 0; r0 < v_top; r0 += rows) {
-      const int64_t r = std::min(rows, v_top - r0);
-      const auto part = top_.narrow(0, r0, r).to(st);
-      slots.narrow(0, r0 * H, r * H).copy_(part.view({-1}));
-    }
-    if (v_bottom > 0) slots.narrow(0, v_top * H, v_bottom * H).view({v_bottom, H}).copy_(bottom_);
-    out = slots.narrow(0, 0, (v_top + v_bottom) * H).view({v_top + v_bottom, H});
+  TORCH_INTERNAL_ASSERT(at::elementSize(st) == 2, "DwAccumulator: a 16-bit result");
+  // 2·v_top·H 16-bit slots over the top half's bytes. Block [r0, r0 + r) is cast into a
+  // temporary first and lands in bytes [2·r0·H, 2·(r0 + r)·H), before the first fp32 row still
+  // unread (byte 4·(r0 + r)·H). Blocks: 2 MiB of the result on CPU (in cache), 64 MiB on CUDA
+  // (few launches; the caching allocator reuses the temporary).
+  const auto slots = top_.view(st).view({-1});
+  const int64_t block_bytes = top_.is_cpu() ? int64_t{2} << 20 : int64_t{64} << 20;
+  const int64_t rows = std::clamp<int64_t>(block_bytes / (2 * std::max<int64_t>(H, 1)), 1,
+                                           std::max<int64_t>(v_top, 1));
+  for (int64_t r0 = 0; r0 < v_top; r0 += rows) {
+    const int64_t r = std::min(rows, v_top - r0);
+    const auto part = top_.narrow(0, r0, r).to(st);
+    slots.narrow(0, r0 * H, r * H).copy_(part.view({-1}));
   }
+  if (v_bottom > 0) slots.narrow(0, v_top * H, v_bottom * H).view({v_bottom, H}).copy_(bottom_);
+  const at::Tensor out = slots.narrow(0, 0, (v_top + v_bottom) * H).view({v_top + v_bottom, H});
   top_ = bottom_ = at::Tensor();
   return out;
 }

@@ -27,8 +27,8 @@ enum class FusedBackward {
   /// smaller fp32 accumulator.
   kAuto,
   /// Chunks of tokens, as the forward pass: `dh` is exact per chunk; the weight gradient
-  /// accumulates across chunks in place (fp32/fp64) or in an fp32 [V, H] buffer (16-bit; on
-  /// CPU cast at the end within that buffer's own storage, so no second [V, H] buffer).
+  /// accumulates across chunks in place (fp32/fp64) or in an fp32 [V, H] buffer (16-bit; cast
+  /// at the end within that buffer's own storage, so no second [V, H] buffer).
   kTokenChunks,
   /// Blocks of vocabulary columns over all scored tokens: each block's weight gradient is one
   /// GEMM over every token (fp32 accumulation inside it, one rounding, no [V, H] accumulator);

@@ -141,8 +141,9 @@ struct Job {
     at::Tensor cur = counts.neg().to(acc);
     at::Tensor sums64 = at::zeros({S}, acc_opts.dtype(at::kDouble));
 
-    // Rows `idx` (positions among the scored rows) at the top of the buffers: their logits,
-    // their per-row statistics, and (with `record`) the statistics and sums kept.
+    // Rows `idx` (positions among the scored rows) at the top of the buffers: their logits and
+    // per-row statistics, kept with the sums (`record`); or, for rows streamed a second time,
+    // the logits only, beside the log-sum-exp kept the first time (all the gradient needs).
     struct Part {
       at::Tensor rows, target, seq, h, z;
       RowResults out;
@@ -157,22 +158,24 @@ struct Job {
       at::index_select_out(p.h, h, 0, p.rows);
       p.z = fused::buffer_rows(buffer, 0, m, V, ld);
       fused::chunk_logits(p.h, weight, bias, spec, p.z);
+      if (!record) {
+        p.out.lse = r.lse.index_select(0, idx);
+        return p;
+      }
       p.out = alloc_row_results(m, flags, acc_opts);
       rows_forward_into(p.z.unsqueeze(0), fused::identity_rows(p.target), flags, spec.backend,
                         int64_t{1} << 62, p.out);
-      if (record) {
-        const std::pair<at::Tensor*, const at::Tensor*> fields[] = {
-            {&r.logp, &p.out.logp},
-            {&r.lse, &p.out.lse},
-            {&r.logit_mean, &p.out.logit_mean},
-            {&r.correct, &p.out.correct},
-            {&r.entropy, &p.out.entropy},
-            {&r.log_sum_p2, &p.out.log_sum_p2}};
-        for (const auto& [dst, src] : fields) {
-          if (dst->defined() && dst->numel() > 0) dst->index_copy_(0, idx, *src);
-        }
-        sums64.index_add_(0, p.seq, p.out.logp.to(at::kDouble));
+      const std::pair<at::Tensor*, const at::Tensor*> fields[] = {
+          {&r.logp, &p.out.logp},
+          {&r.lse, &p.out.lse},
+          {&r.logit_mean, &p.out.logit_mean},
+          {&r.correct, &p.out.correct},
+          {&r.entropy, &p.out.entropy},
+          {&r.log_sum_p2, &p.out.log_sum_p2}};
+      for (const auto& [dst, src] : fields) {
+        if (dst->defined() && dst->numel() > 0) dst->index_copy_(0, idx, *src);
       }
+      sums64.index_add_(0, p.seq, p.out.logp.to(at::kDouble));
       return p;
     };
     // The gradients of a part whose logits are in the buffer, for dL/d(sums) `g_all` [S].
@@ -469,6 +472,14 @@ PREFOPT_INLINE FusedCPOOutput fused_cpo_loss(const HeadBatch& batch, const CPOLo
   detail::fused_loss::refuse_none(fn, loss.reduction());
   return detail::fused_loss::pairwise<CPOLossResult>(
       fn, batch, PairInputs(), options, [&](const PairInputs& in) { return cpo_loss(in, loss); });
+}
+
+PREFOPT_INLINE FusedCPOOutput fused_simpo_loss(const HeadBatch& batch, const SimPOLossOptions& loss,
+                                               const FusedLogprobsOptions& options) {
+  constexpr const char* fn = "prefopt::fused_simpo_loss";
+  detail::fused_loss::refuse_none(fn, loss.reduction());
+  return detail::fused_loss::pairwise<CPOLossResult>(
+      fn, batch, PairInputs(), options, [&](const PairInputs& in) { return simpo_loss(in, loss); });
 }
 
 PREFOPT_INLINE FusedORPOOutput fused_orpo_loss(const HeadBatch& batch, const ORPOLossOptions& loss,

@@ -115,8 +115,8 @@ namespace functional {
 ///
 /// Memory: one reused chunk of logits, the returned gradients, and for 16-bit weights one fp32
 /// [V, H] accumulator of dW (4·V·H bytes, e.g. 1.2 GB for V = 151936, H = 2048) unless one
-/// chunk covers the batch. On CPU the cast at the end writes the result into that buffer's own
-/// storage (peak 4·V·H bytes); on CUDA the cast is a second buffer (6·V·H bytes for a moment).
+/// chunk covers the batch. The cast at the end writes the result into that buffer's own storage
+/// (peak 4·V·H bytes, where a second buffer for the cast would take 6·V·H).
 /// Where that matters more than time, use the two-pass
 /// `fused_logprobs` with `FusedBackward::kVocabBlocks`, which has none. The chunk: by default
 /// whole pairs, as many as fit in 1/16 of the scored tokens' logits (at most 256 MiB) and at
@@ -166,6 +166,21 @@ PREFOPT_API FusedDPOOutput fused_dpo_loss(const HeadBatch& batch, const PairInpu
 /// ```
 PREFOPT_API FusedCPOOutput fused_cpo_loss(const HeadBatch& batch, const CPOLossOptions& loss = {},
                                           const FusedLogprobsOptions& options = {});
+
+/// SimPO (and AlphaPO with `alpha`) with `SimPOLossOptions` (the paper's defaults: β 2, no
+/// NLL) straight from the LM head, in one pass: the same loss as `fused_logprobs` +
+/// `simpo_loss` on `PairInputs(policy)`, and as `fused_cpo_loss` with `CPOLossType::kSimPO` and
+/// the same fields. `torch::kNone` reduction is refused.
+///
+/// Example:
+/// ```
+/// auto out = prefopt::functional::fused_simpo_loss(
+///     prefopt::HeadBatch(hidden, head, {}, labels),
+///     prefopt::SimPOLossOptions().beta(2.5).simpo_gamma(1.4));
+/// ```
+PREFOPT_API FusedCPOOutput fused_simpo_loss(const HeadBatch& batch,
+                                            const SimPOLossOptions& loss = {},
+                                            const FusedLogprobsOptions& options = {});
 
 /// ORPO straight from the LM head, in one pass (see `fused_dpo_loss` for how; the same loss as
 /// `fused_logprobs` + `orpo_loss` on `PairInputs(policy)`, the NLL over the chosen completion
@@ -248,6 +263,32 @@ class FusedCPOLoss {
 
  private:
   CPOLossOptions loss_;
+  FusedLogprobsOptions options_;
+};
+
+/// Functor form of `functional::fused_simpo_loss`.
+///
+/// Example:
+/// ```
+/// const prefopt::FusedSimPOLoss simpo(prefopt::SimPOLossOptions().beta(2.5));
+/// auto out = simpo(prefopt::HeadBatch(hidden, head, {}, labels));
+/// ```
+class FusedSimPOLoss {
+ public:
+  /// The fused SimPO loss with `loss` and `options`.
+  explicit FusedSimPOLoss(SimPOLossOptions loss = {}, FusedLogprobsOptions options = {})
+      : loss_(std::move(loss)), options_(std::move(options)) {}
+  /// `functional::fused_simpo_loss(batch, loss(), options())`.
+  FusedCPOOutput operator()(const HeadBatch& batch) const {
+    return functional::fused_simpo_loss(batch, loss_, options_);
+  }
+  /// The loss options.
+  const SimPOLossOptions& loss() const noexcept { return loss_; }
+  /// The head options.
+  const FusedLogprobsOptions& options() const noexcept { return options_; }
+
+ private:
+  SimPOLossOptions loss_;
   FusedLogprobsOptions options_;
 };
 

@@ -224,23 +224,23 @@ void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& 
 /// c ← op(a) · b in c's dtype, a, b and c all of one dtype; in 16 bits, accumulated in fp32 and
 /// rounded once (libtorch's GEMM, or `mm_fp32_blocks` where `cpu_mm16_usable` says no).
 void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
-/// The fp32 accumulator of a 16-bit [V, H] weight gradient over several GEMMs. On CPU it is
-/// two row halves, so that the cast at the end needs no second [V, H] buffer: the top half's
-/// storage (4·⌈V/2⌉·H bytes) holds the whole 16-bit result, which `finish` writes there, the
-/// top half in place, front to back. Peak 4·V·H bytes where one fp32 buffer and its cast take
-/// 6·V·H. On CUDA (where cuBLAS would get a copy of each column slice of the logits) one
-/// [V, H] buffer, cast at the end.
+/// The fp32 accumulator of a 16-bit [V, H] weight gradient over several GEMMs, as two row
+/// halves, so that the cast at the end needs no second [V, H] buffer: the top half's storage
+/// (4·v_top·H bytes, v_top = ⌈V/2⌉ rounded up to 8) holds the whole 16-bit result, which
+/// `finish` writes there, the top half in place, front to back. Peak 4·V·H bytes (plus one
+/// block's temporary) where one fp32 buffer and its cast take 6·V·H. Each half's GEMM reads
+/// its column slice of the logits in place (BLAS and cuBLAS take the leading dimension).
 class DwAccumulator {
  public:
   DwAccumulator(int64_t V, int64_t H, const at::TensorOptions& fp32);
   /// Rows [v0, v0 + vb) += zᵀ · h for 16-bit z [c, vb] and h [c, H] (through add_mm).
   void add(int64_t v0, const at::Tensor& z, const at::Tensor& h);
-  /// The [V, H] gradient in the 16-bit dtype `st`; the accumulator is spent. On CPU a view of
-  /// the top half's storage (H elements longer than the result when V is odd).
+  /// The [V, H] gradient in the 16-bit dtype `st`; the accumulator is spent. A view of the top
+  /// half's storage (up to 15·H elements longer than the result).
   at::Tensor finish(at::ScalarType st);
 
  private:
-  at::Tensor top_, bottom_;  // fp32 rows [0, ⌈V/2⌉) and [⌈V/2⌉, V) (bottom_ empty on CUDA)
+  at::Tensor top_, bottom_;  // fp32 rows [0, v_top) and [v_top, V)
 };
 /// `fn`'s checks of the hidden states, the head and the options.
 HeadInputs check_head(const char* fn, const at::Tensor& hidden, const at::Tensor& weight,

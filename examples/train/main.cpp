@@ -28,6 +28,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -69,6 +70,7 @@ struct Options {
   double epochs = 1.0, lr = 1e-3, warmup_ratio = 0.1, weight_decay = 0.0, max_grad_norm = 1.0;
   std::string scheduler = "cosine";
   int64_t max_length = 192, max_prompt_length = 128;
+  bool one_pass = false;
   // logging and evaluation
   int64_t logging_steps = 10, eval_steps = 50, print_every = 50, eval_train_pairs = 256;
   // losses
@@ -159,16 +161,23 @@ prefopt::SequenceLogprobs select_rows(const prefopt::SequenceLogprobs& lp, const
   return out;
 }
 
+// The LM-head side of a batch: the model's final hidden states, its head and the labels.
+prefopt::HeadBatch head_batch(train::LlamaForCausalLM& model,
+                              const std::vector<const train::Sequence*>& rows, int64_t pad_id,
+                              const at::Device& device) {
+  const auto b = train::collate(rows, pad_id);
+  return prefopt::HeadBatch(model->hidden(b.ids.to(device), b.attention_mask.to(device)),
+                            model->head_weight(), {}, b.labels.to(device));
+}
+
 // The policy's log-probs of a batch, through the fused op: hidden states and the LM-head
 // weight in, per-sequence sums out, no [N, V] logits.
 prefopt::SequenceLogprobs forward_logps(train::LlamaForCausalLM& model,
                                         const std::vector<const train::Sequence*>& rows,
                                         int64_t pad_id, const at::Device& device,
                                         const prefopt::FusedLogprobsOptions& opts = {}) {
-  const auto b = train::collate(rows, pad_id);
-  const auto mask = b.attention_mask.to(device);
-  return F::fused_logprobs(model->hidden(b.ids.to(device), mask), model->head_weight(), {},
-                           b.labels.to(device), opts);
+  const auto b = head_batch(model, rows, pad_id, device);
+  return F::fused_logprobs(b.hidden(), b.weight(), {}, b.labels(), opts);
 }
 
 // Sums and counts of `rows` under `model`, without a graph, `per_batch` sequences at a time.
@@ -508,6 +517,7 @@ struct Run {
                           .with_entropy(true);
     const auto B = static_cast<int64_t>(idx.size());
     const auto index = at::tensor(idx, at::kLong).to(device);
+    if (o.one_pass) return one_pass_step(idx, index, metrics, opts);
     if (loss.family == Family::kKTO) {
       std::vector<const train::Sequence*> rows, kl_rows;
       std::vector<int64_t> d, u;
@@ -558,6 +568,60 @@ struct Run {
       return loss.pairs(policy, rc, rr, &gold, metrics, true);
     }
     return loss.pairs(policy, rc, rr, nullptr, metrics, true);
+  }
+
+  // --one_pass: the loss and the LM head's gradients in one pass over the batch (prefopt's
+  // fused losses: three GEMM-equivalents where log-probs, then the loss, take four), with the
+  // same metrics. The backward pass only scales the gradients the pass computed.
+  at::Tensor one_pass_step(const std::vector<int64_t>& idx, const at::Tensor& index,
+                           prefopt::MetricAccumulator& metrics,
+                           const prefopt::FusedLogprobsOptions& opts) {
+    if (loss.family == Family::kKTO) {
+      std::vector<const train::Sequence*> rows, kl_rows;
+      std::vector<uint8_t> desirable;
+      for (const auto i : idx) {
+        const auto k = static_cast<size_t>(i);
+        rows.push_back(&train_u.examples[k]), kl_rows.push_back(&train_u.kl[k]);
+        desirable.push_back(train_u.label[k] ? 1 : 0);
+      }
+      auto in = prefopt::FusedKTOInputs()
+                    .desirable(at::tensor(desirable, at::kByte).to(at::kBool).to(device))
+                    .reference_logps(train_u.ref.index_select(0, index));
+      if (loss.kto.loss_type() == prefopt::KTOLossType::kKTO) {
+        at::NoGradGuard no_grad;  // the KL estimate is a constant, as in TRL
+        in.policy_KL_logps(forward_logps(model, kl_rows, pad_id, device).sum)
+            .reference_KL_logps(train_u.ref_kl.index_select(0, index));
+      }
+      const auto out =
+          F::fused_kto_loss(head_batch(model, rows, pad_id, device), in, loss.kto, opts);
+      metrics.add(out.result, out.inputs, out.policy.chosen, out.policy.rejected);
+      return out.result.loss;
+    }
+    std::vector<const train::Sequence*> rows;
+    for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].chosen);
+    for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].rejected);
+    const auto batch = head_batch(model, rows, pad_id, device);
+    const auto done = [&](const auto& out) {
+      metrics.add(out.result, out.inputs, out.policy);
+      return out.result.loss;
+    };
+    switch (loss.family) {
+      case Family::kDPO:
+        return done(F::fused_dpo_loss(
+            batch,
+            prefopt::PairInputs()
+                .reference_chosen_logps(train_pairs.ref_chosen.index_select(0, index))
+                .reference_rejected_logps(train_pairs.ref_rejected.index_select(0, index)),
+            loss.dpo, opts));
+      case Family::kORPO:
+        return done(F::fused_orpo_loss(batch, loss.orpo, opts));
+      case Family::kSimPO:
+        return done(F::fused_simpo_loss(batch, loss.simpo, opts));
+      case Family::kCPO:
+        return done(F::fused_cpo_loss(batch, loss.cpo, opts));
+      default:  // refused by the command line's checks
+        throw std::logic_error("prefopt-train: --one_pass with --loss " + loss.name);
+    }
   }
 };
 
@@ -782,10 +846,11 @@ int run(const Options& o) {
 
   fmt::print(
       "training: {}, {} steps of {} x {} {} ({:.2f} epochs), lr {:g} ({} warmup steps, {}), beta "
-      "{:g}\n",
+      "{:g}{}\n",
       o.loss, total, o.batch, o.accum, family == Family::kKTO ? "examples" : "pairs",
       static_cast<double>(total * per_step) / static_cast<double>(n_train), o.lr, warmup,
-      o.scheduler, o.beta.value_or(default_beta(family)));
+      o.scheduler, o.beta.value_or(default_beta(family)),
+      o.one_pass ? ", one-pass fused loss" : "");
   torch::optim::AdamW opt(model->parameters(),
                           torch::optim::AdamWOptions(o.lr).weight_decay(o.weight_decay));
   prefopt::MetricAccumulator metrics;
@@ -1000,6 +1065,10 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   opt(tr, "max_prompt_length", o.max_prompt_length, "prompt tokens kept (cut from the left)")
       ->check(CLI::PositiveNumber);
+  tr->add_flag("--one_pass,--one-pass", o.one_pass,
+               "compute the loss and the LM head's gradients in one pass (prefopt's fused "
+               "losses: three GEMMs where log-probs, then the loss, take four; not for sft, "
+               "tpo, aot, aot_unpaired)");
 
   auto* lg = app.add_option_group("logging and evaluation");
   opt(lg, "logging_steps", o.logging_steps, "steps per metrics record")->check(CLI::PositiveNumber);
@@ -1044,6 +1113,19 @@ int main(int argc, char** argv) {
     return 2;
   };
   if (const auto e = check_loss(o.loss); !e.empty()) return fail(e);
+  if (o.one_pass) {
+    // SFT and TPO (its gold responses) are not pairwise losses; aot and aot_unpaired sort the
+    // batch, so no pair's gradient is known before every pair's log-probs are.
+    const auto items = split_list(o.loss);
+    const bool sorts = std::any_of(items.begin(), items.end(), [](const std::string& t) {
+      return t == "aot" || t == "aot_unpaired";
+    });
+    if (o.loss == "sft" || o.loss == "tpo" || sorts)
+      return fail(fmt::format(
+          "--one_pass: --loss {} has no one-pass form (sft and tpo are not pairwise losses; aot "
+          "and aot_unpaired sort the batch); train it without --one_pass",
+          o.loss));
+  }
   if (o.max_prompt_length >= o.max_length)
     return fail(fmt::format("--max_prompt_length {} must be below --max_length {}",
                             o.max_prompt_length, o.max_length));

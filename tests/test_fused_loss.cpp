@@ -619,7 +619,7 @@ void expect_dw_accumulator_casts_in_place(const at::Device& device,
     }
     ASSERT_EQ(dw.sizes(), (std::vector<int64_t>{V, H}));
     EXPECT_EQ(dw.scalar_type(), st);
-    EXPECT_EQ(dw.device(), device);
+    EXPECT_EQ(dw.device().type(), device.type());  // kCUDA means the current device
     EXPECT_TRUE(dw.is_contiguous());
     EXPECT_TRUE(at::equal(dw, at::cat(blocks))) << c10::toString(st);
   }
@@ -667,6 +667,20 @@ TEST_F(SeededTest, MixedPrecisionCpuGemmAccumulatesInFp32) {
         // And no better than fp32: the product really went through 16 bits.
         EXPECT_GT(err, fp32) << c10::toString(st) << " trans_a " << trans_a << " n " << n;
       }
+    }
+    {
+      // One-row operands whose row stride ATen leaves at 1 (they count as contiguous): the
+      // leading dimension handed to BLAS must be the row length, not that stride.
+      const auto row = [&](int64_t len) {
+        return at::randn({len}).to(st).as_strided({1, len}, {1, 1});
+      };
+      const auto a = row(53), b = row(29);  // op(a) = aᵀ [53, 1], b [1, 29]
+      auto c = at::zeros({53, 29});
+      prefopt::detail::fused::add_mm(c, a, /*trans_a=*/true, b);
+      const auto want = at::mm(a.to(at::kDouble).t(), b.to(at::kDouble));
+      EXPECT_LE((c.to(at::kDouble) - want).abs().max().item<double>(),
+                want.abs().max().item<double>() * ulp)
+          << c10::toString(st) << " one-row operands";
     }
     std::cout << c10::toString(st) << " mixed GEMM: "
               << (prefopt::detail::fused::cpu_mm16_fast(st) ? cpu::gemm16_path_name(type)

@@ -692,7 +692,8 @@ TEST(Train, KtoOnTheUnpairedForm) {
 // pass) instead of fused_logprobs + the loss: every record of metrics.jsonl, the training
 // metrics of each step and the evaluations, must match the two-pass run's. Both runs take the
 // same steps on the same batches; the two ops sum in different orders, so equal within fp32
-// rounding carried through a few AdamW steps (measured: at most 5e-5 relative). The reward
+// rounding carried through a few AdamW steps (measured: at most 5e-5 relative; β times the
+// log-probs' rounding, absolute, for the rewards near 0 of steps 1 and 2). The reward
 // accuracies count pairs whose margin is strictly positive: while the policy is still its
 // reference (steps 1 and 2, the first at learning rate 0) every margin is rounding noise, so
 // they may differ by a pair or two there (libtorch 1.13: 0 against 0.25 of 8 pairs).
@@ -723,7 +724,8 @@ TEST(Train, OnePassMatchesTwoPass) {
                                           two[i].contains("rewards/margins") &&
                                           std::abs(two[i]["rewards/margins"].get<double>()) < 1e-4;
         if (count_at_zero_margin) continue;
-        EXPECT_NEAR(a, b, 1e-3 * std::abs(b) + 1e-6) << "record " << i << " " << key;
+        // The absolute part: rewards and margins near 0 while the policy is its reference.
+        EXPECT_NEAR(a, b, 1e-3 * std::abs(b) + 1e-4) << "record " << i << " " << key;
         ++compared;
       }
     }

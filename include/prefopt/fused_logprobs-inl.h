@@ -112,6 +112,12 @@ PREFOPT_INLINE at::Tensor row_major(const at::Tensor& x) {
   return x.stride(1) == 1 && x.stride(0) >= std::max<int64_t>(1, x.size(1)) ? x : x.contiguous();
 }
 
+/// The leading dimension to hand BLAS for a row-major x: its row stride, or (one row, whose
+/// stride ATen leaves arbitrary, even for a "contiguous" tensor) the row length.
+PREFOPT_INLINE int64_t leading_dim(const at::Tensor& x) {
+  return x.size(0) > 1 ? x.stride(0) : std::max<int64_t>(1, x.size(1));
+}
+
 /// c [m, n] (fp32, row-major) += op(a) · b for 16-bit a, b on CUDA: op(a) = aᵀ for a [k, m]
 /// when `trans_a`, else a [m, k]; fp32 accumulation inside one cuBLAS call. Row-major operands
 /// with a leading dimension (column slices of the logits) go in as they are, without a copy.
@@ -121,12 +127,12 @@ PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a
   namespace kg = prefopt::detail::cuda;
   const auto ac = row_major(a), bc = row_major(b);
   TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat && c.stride(1) == 1 &&
-                        c.stride(0) >= std::max<int64_t>(1, c.size(1)));
+                        leading_dim(c) >= std::max<int64_t>(1, c.size(1)));
   const int64_t m = c.size(0), n = c.size(1), k = bc.size(0);
-  const int code =
-      kg::gemm_f32acc(a.scalar_type() == at::kBFloat16 ? kg::DType::kBFloat16 : kg::DType::kFloat16,
-                      at::cuda::getCurrentCUDABlasHandle(), trans_a, m, n, k, ac.data_ptr(),
-                      ac.stride(0), bc.data_ptr(), bc.stride(0), c.data_ptr<float>(), c.stride(0));
+  const int code = kg::gemm_f32acc(
+      a.scalar_type() == at::kBFloat16 ? kg::DType::kBFloat16 : kg::DType::kFloat16,
+      at::cuda::getCurrentCUDABlasHandle(), trans_a, m, n, k, ac.data_ptr(), leading_dim(ac),
+      bc.data_ptr(), leading_dim(bc), c.data_ptr<float>(), leading_dim(c));
   TORCH_CHECK(code == 0, "prefopt: cublasGemmEx for a gradient failed with status ", code);
 #else
   (void)c, (void)a, (void)trans_a, (void)b;
@@ -236,8 +242,8 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
   const auto path = a.is_cpu() && cpu_mm16_fast(a.scalar_type()) ? cpu::gemm16_path(type)
                                                                  : cpu::Gemm16Path::kFp32Copies;
   if (path == cpu::Gemm16Path::kBlas &&
-      cpu::mixed_gemm(type, trans_a, /*trans_b=*/false, m, n, k, ac.data_ptr(), ac.stride(0),
-                      bc.data_ptr(), bc.stride(0), 1.0f, c.data_ptr<float>(), c.stride(0)))
+      cpu::mixed_gemm(type, trans_a, /*trans_b=*/false, m, n, k, ac.data_ptr(), leading_dim(ac),
+                      bc.data_ptr(), leading_dim(bc), 1.0f, c.data_ptr<float>(), leading_dim(c)))
     return;
   const auto op_a = trans_a ? ac.t() : ac;
   if (path == cpu::Gemm16Path::kRounded && a.is_cpu() &&
@@ -276,7 +282,8 @@ PREFOPT_INLINE void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
 
 PREFOPT_INLINE DwAccumulator::DwAccumulator(int64_t V, int64_t H, const at::TensorOptions& fp32) {
   // ⌈V/2⌉ rounded up to 8 rows, so that the bottom half's column slice of the logits starts
-  // 16-byte aligned (cuBLAS's tensor-core kernels want it); at most 15·H 16-bit slots to spare.
+  // 16-byte aligned where the rows do (cuBLAS's tensor-core kernels want it); at most 15·H
+  // 16-bit slots to spare.
   const int64_t v_top = std::min(V, ((V + 1) / 2 + 7) / 8 * 8);
   top_ = at::zeros({v_top, H}, fp32);
   bottom_ = at::zeros({V - v_top, H}, fp32);

@@ -226,10 +226,11 @@ void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& 
 void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
 /// The fp32 accumulator of a 16-bit [V, H] weight gradient over several GEMMs, as two row
 /// halves, so that the cast at the end needs no second [V, H] buffer: the top half's storage
-/// (4·v_top·H bytes, v_top = ⌈V/2⌉ rounded up to 8) holds the whole 16-bit result, which
-/// `finish` writes there, the top half in place, front to back. Peak 4·V·H bytes (plus one
-/// block's temporary) where one fp32 buffer and its cast take 6·V·H. Each half's GEMM reads
-/// its column slice of the logits in place (BLAS and cuBLAS take the leading dimension).
+/// (4·v_top·H bytes, v_top = min(V, ⌈V/2⌉ rounded up to 8)) holds the whole 16-bit result,
+/// which `finish` writes there, the top half in place, front to back. Peak 4·V·H bytes (plus
+/// one block's temporary) where one fp32 buffer and its cast take 6·V·H. On the BLAS and
+/// cuBLAS paths each half's GEMM reads its column slice of the logits in place (they take the
+/// leading dimension); the CPU fallbacks copy blocks anyway.
 class DwAccumulator {
  public:
   DwAccumulator(int64_t V, int64_t H, const at::TensorOptions& fp32);

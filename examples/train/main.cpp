@@ -510,6 +510,40 @@ struct Run {
   }
 
   // One micro-step on the examples `idx` (pairs, or unpaired examples for KTO).
+  // The sequences of the pairs `idx`: all chosen ones, then (`rejected`) all rejected ones, in
+  // split_pairs' order, then (`gold`) TPO's gold responses.
+  std::vector<const train::Sequence*> pair_rows(const std::vector<int64_t>& idx, bool rejected,
+                                                bool gold) const {
+    std::vector<const train::Sequence*> rows;
+    for (int side = 0; side < 3; ++side) {
+      if ((side == 1 && !rejected) || (side == 2 && !gold)) continue;
+      for (const auto i : idx) {
+        const auto& p = train_pairs.pairs[static_cast<size_t>(i)];
+        rows.push_back(side == 0 ? &p.chosen : side == 1 ? &p.rejected : &p.gold);
+      }
+    }
+    return rows;
+  }
+
+  // The unpaired examples `idx` (or, with `kl`, their KL completions).
+  std::vector<const train::Sequence*> example_rows(const std::vector<int64_t>& idx,
+                                                   bool kl = false) const {
+    std::vector<const train::Sequence*> rows;
+    for (const auto i : idx)
+      rows.push_back(&(kl ? train_u.kl : train_u.examples)[static_cast<size_t>(i)]);
+    return rows;
+  }
+
+  // KTO's KL estimate of the examples `idx` into `in` (KTOInputs or FusedKTOInputs), for the
+  // kto loss type: a constant, as in TRL.
+  template <typename Inputs>
+  void add_kl(Inputs& in, const std::vector<int64_t>& idx, const at::Tensor& index) {
+    if (loss.kto.loss_type() != prefopt::KTOLossType::kKTO) return;
+    at::NoGradGuard no_grad;
+    in.policy_KL_logps(forward_logps(model, example_rows(idx, true), pad_id, device).sum)
+        .reference_KL_logps(train_u.ref_kl.index_select(0, index));
+  }
+
   at::Tensor micro_step(const std::vector<int64_t>& idx, prefopt::MetricAccumulator& metrics) {
     const auto opts = prefopt::FusedLogprobsOptions()
                           .with_logits_mean(true)
@@ -519,15 +553,10 @@ struct Run {
     const auto index = at::tensor(idx, at::kLong).to(device);
     if (o.one_pass) return one_pass_step(idx, index, metrics, opts);
     if (loss.family == Family::kKTO) {
-      std::vector<const train::Sequence*> rows, kl_rows;
       std::vector<int64_t> d, u;
-      for (int64_t i = 0; i < B; ++i) {
-        const auto k = static_cast<size_t>(idx[static_cast<size_t>(i)]);
-        rows.push_back(&train_u.examples[k]);
-        kl_rows.push_back(&train_u.kl[k]);
-        (train_u.label[k] ? d : u).push_back(i);
-      }
-      const auto lp = forward_logps(model, rows, pad_id, device, opts);
+      for (int64_t i = 0; i < B; ++i)
+        (train_u.label[static_cast<size_t>(idx[static_cast<size_t>(i)])] ? d : u).push_back(i);
+      const auto lp = forward_logps(model, example_rows(idx), pad_id, device, opts);
       const auto di = at::tensor(d, at::kLong).to(device), ui = at::tensor(u, at::kLong).to(device);
       const auto ref = train_u.ref.index_select(0, index);
       const auto desirable = select_rows(lp, di), undesirable = select_rows(lp, ui);
@@ -536,23 +565,14 @@ struct Run {
                     .policy_rejected_logps(undesirable.sum)
                     .reference_chosen_logps(ref.index_select(0, di))
                     .reference_rejected_logps(ref.index_select(0, ui));
-      if (loss.kto.loss_type() == prefopt::KTOLossType::kKTO) {
-        at::NoGradGuard no_grad;  // the KL estimate is a constant, as in TRL
-        in.policy_KL_logps(forward_logps(model, kl_rows, pad_id, device).sum)
-            .reference_KL_logps(train_u.ref_kl.index_select(0, index));
-      }
+      add_kl(in, idx, index);
       const auto r = F::kto_loss(in, loss.kto);
       metrics.add(r, in, desirable, undesirable);
       return r.loss;
     }
     // Pairs: the batch is [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] (split_pairs'
     // order), then TPO's gold responses; SFT reads the chosen rows only.
-    std::vector<const train::Sequence*> rows;
-    for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].chosen);
-    if (loss.family != Family::kSFT)
-      for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].rejected);
-    if (loss.family == Family::kTPO)
-      for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].gold);
+    const auto rows = pair_rows(idx, loss.family != Family::kSFT, loss.family == Family::kTPO);
     const auto lp = forward_logps(model, rows, pad_id, device, opts);
     at::Tensor rc, rr;
     if (train_pairs.ref_chosen.defined())
@@ -577,30 +597,19 @@ struct Run {
                            prefopt::MetricAccumulator& metrics,
                            const prefopt::FusedLogprobsOptions& opts) {
     if (loss.family == Family::kKTO) {
-      std::vector<const train::Sequence*> rows, kl_rows;
       std::vector<uint8_t> desirable;
-      for (const auto i : idx) {
-        const auto k = static_cast<size_t>(i);
-        rows.push_back(&train_u.examples[k]), kl_rows.push_back(&train_u.kl[k]);
-        desirable.push_back(train_u.label[k] ? 1 : 0);
-      }
+      for (const auto i : idx) desirable.push_back(train_u.label[static_cast<size_t>(i)] ? 1 : 0);
       auto in = prefopt::FusedKTOInputs()
                     .desirable(at::tensor(desirable, at::kByte).to(at::kBool).to(device))
                     .reference_logps(train_u.ref.index_select(0, index));
-      if (loss.kto.loss_type() == prefopt::KTOLossType::kKTO) {
-        at::NoGradGuard no_grad;  // the KL estimate is a constant, as in TRL
-        in.policy_KL_logps(forward_logps(model, kl_rows, pad_id, device).sum)
-            .reference_KL_logps(train_u.ref_kl.index_select(0, index));
-      }
-      const auto out =
-          F::fused_kto_loss(head_batch(model, rows, pad_id, device), in, loss.kto, opts);
+      add_kl(in, idx, index);
+      const auto out = F::fused_kto_loss(head_batch(model, example_rows(idx), pad_id, device), in,
+                                         loss.kto, opts);
       metrics.add(out.result, out.inputs, out.policy.chosen, out.policy.rejected);
       return out.result.loss;
     }
-    std::vector<const train::Sequence*> rows;
-    for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].chosen);
-    for (const auto i : idx) rows.push_back(&train_pairs.pairs[static_cast<size_t>(i)].rejected);
-    const auto batch = head_batch(model, rows, pad_id, device);
+    const auto batch =
+        head_batch(model, pair_rows(idx, /*rejected=*/true, /*gold=*/false), pad_id, device);
     const auto done = [&](const auto& out) {
       metrics.add(out.result, out.inputs, out.policy);
       return out.result.loss;

@@ -26,15 +26,23 @@ using prefopt_test::SeededTest;
 
 constexpr int64_t kIgnore = -100;
 
-/// The naive composite: full logits, then the reference gathering.
+/// The naive composite's logits: the head, × the logit scale, the softcap, ÷ the temperature
+/// (the order of the models' forward and of TRL).
 at::Tensor naive_logits(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
-                        double temperature, double softcap) {
+                        double temperature, double softcap, double scale = 1.0) {
   auto z = at::matmul(h, w.t());
   if (b.defined()) z = z + b;
-  z = z / temperature;
+  z = z * scale;
   if (softcap > 0) z = softcap * at::tanh(z / softcap);
-  return z;
+  return z / temperature;
 }
+
+/// Logit transforms of the grid: none, scale with temperature, softcap, all three.
+struct Transform {
+  double scale, temperature, softcap;
+};
+constexpr Transform kTransforms[] = {
+    {1.0, 1.0, 0.0}, {0.5, 0.7, 0.0}, {1.0, 1.0, 4.0}, {1.5, 0.7, 4.0}};
 
 struct Head {
   at::Tensor h, w, b;
@@ -72,53 +80,53 @@ TEST_P(FusedGrid, ValuesAndGradientsMatchTheNaiveCompositeInFp64) {
   const auto g_sum = at::randn({B}, at::kDouble), g_mean = at::randn({B}, at::kDouble);
   const int64_t row = V * 8;  // one row of fp64 logits buffer
   for (bool bias : {false, true})
-    for (double temperature : {1.0, 0.7})
-      for (double softcap : {0.0, 4.0}) {
-        const Head head(B, T, H, V, bias, at::kDouble);
-        const auto ref_head = head.as_double();
-        const auto z = naive_logits(ref_head.h, ref_head.w, ref_head.b, temperature, softcap);
-        const auto ref = prefopt_ref::gather(z, labels, labels != kIgnore);
-        const auto ref_grads = torch::autograd::grad(
-            {(ref.sum * g_sum).sum() + (ref.mean * g_mean).sum()}, ref_head.params());
-        // Chunks: one row, three rows (N rarely a multiple), everything at once.
-        const int64_t bytes_softcap = softcap > 0 ? 2 : 1;
-        // Backward in vocabulary blocks: the same budgets give blocks of about V / N columns
-        // (several, the last one partial) and one block.
-        for (auto bwd :
-             {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles})
-          for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{1} << 20})
-            for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
-              SCOPED_TRACE(::testing::Message()
-                           << "bias " << bias << " temperature " << temperature << " softcap "
-                           << softcap << " chunk rows " << rows << " backend "
-                           << static_cast<int>(backend) << " backward " << static_cast<int>(bwd));
-              const auto opts =
-                  FusedLogprobsOptions()
-                      .temperature(temperature)
-                      .softcap(softcap)
-                      .chunk_bytes(std::min<int64_t>(rows * row * bytes_softcap, int64_t{1} << 40))
-                      .backend(backend)
-                      .backward(bwd)
-                      .with_token_logps(true)
-                      .with_logits_mean(true)
-                      .with_token_accuracy(true)
-                      .with_entropy(true)
-                      .with_wpo_weights(true);
-              const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels, opts);
-              EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-11, 1e-11));
-              EXPECT_TRUE(AllClose(lp.mean, ref.mean, 1e-11, 1e-11));
-              EXPECT_TRUE(at::equal(lp.count, ref.count));
-              EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 1e-11, 1e-11));
-              EXPECT_TRUE(AllClose(lp.logits_sum, ref.logits_sum, 1e-11, 1e-11));
-              EXPECT_TRUE(at::equal(lp.correct, ref.correct));
-              EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, 1e-11, 1e-11));
-              EXPECT_TRUE(AllClose(lp.wpo_weights, ref.wpo_weights, 1e-10, 1e-12));
-              const auto grads = torch::autograd::grad(
-                  {(lp.sum * g_sum).sum() + (lp.mean * g_mean).sum()}, head.params());
-              for (size_t i = 0; i < grads.size(); ++i)
-                EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 1e-10, 1e-11)) << "parameter " << i;
-            }
-      }
+    for (const auto [scale, temperature, softcap] : kTransforms) {
+      const Head head(B, T, H, V, bias, at::kDouble);
+      const auto ref_head = head.as_double();
+      const auto z = naive_logits(ref_head.h, ref_head.w, ref_head.b, temperature, softcap, scale);
+      const auto ref = prefopt_ref::gather(z, labels, labels != kIgnore);
+      const auto ref_grads = torch::autograd::grad(
+          {(ref.sum * g_sum).sum() + (ref.mean * g_mean).sum()}, ref_head.params());
+      // Chunks: one row, three rows (N rarely a multiple), everything at once.
+      const int64_t bytes_softcap = softcap > 0 ? 2 : 1;
+      // Backward in vocabulary blocks: the same budgets give blocks of about V / N columns
+      // (several, the last one partial) and one block.
+      for (auto bwd :
+           {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles})
+        for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{1} << 20})
+          for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+            SCOPED_TRACE(::testing::Message()
+                         << "bias " << bias << " scale " << scale << " temperature " << temperature
+                         << " softcap " << softcap << " chunk rows " << rows << " backend "
+                         << static_cast<int>(backend) << " backward " << static_cast<int>(bwd));
+            const auto opts =
+                FusedLogprobsOptions()
+                    .logit_scale(scale)
+                    .temperature(temperature)
+                    .softcap(softcap)
+                    .chunk_bytes(std::min<int64_t>(rows * row * bytes_softcap, int64_t{1} << 40))
+                    .backend(backend)
+                    .backward(bwd)
+                    .with_token_logps(true)
+                    .with_logits_mean(true)
+                    .with_token_accuracy(true)
+                    .with_entropy(true)
+                    .with_wpo_weights(true);
+            const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels, opts);
+            EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-11, 1e-11));
+            EXPECT_TRUE(AllClose(lp.mean, ref.mean, 1e-11, 1e-11));
+            EXPECT_TRUE(at::equal(lp.count, ref.count));
+            EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 1e-11, 1e-11));
+            EXPECT_TRUE(AllClose(lp.logits_sum, ref.logits_sum, 1e-11, 1e-11));
+            EXPECT_TRUE(at::equal(lp.correct, ref.correct));
+            EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, 1e-11, 1e-11));
+            EXPECT_TRUE(AllClose(lp.wpo_weights, ref.wpo_weights, 1e-10, 1e-12));
+            const auto grads = torch::autograd::grad(
+                {(lp.sum * g_sum).sum() + (lp.mean * g_mean).sum()}, head.params());
+            for (size_t i = 0; i < grads.size(); ++i)
+              EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 1e-10, 1e-11)) << "parameter " << i;
+          }
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, FusedGrid,
@@ -210,6 +218,45 @@ TEST_F(Fused, SixteenBitWeightGradientOverRowChunksAndOddV) {
       expect_grads_close(torch::autograd::grad({lp.sum.sum()}, head.params()), ref_grads, st, 1e-2);
     }
   }
+}
+
+// The order of the transforms, against log-probs evaluated by hand in double: logits
+// z = [40, 36, 30, 0] under softcap 30 then temperature 0.7 give log p₀ = −0.19856186114504
+// (the reverse order, ÷ 0.7 before the softcap, would give −0.5299); scale 0.5 on 2z is the
+// same; z × 0.25 ÷ 0.5 without a softcap gives log p₁ = −2.1328452355323.
+TEST_F(Fused, ScaleSoftcapTemperatureInTheModelsOrder) {
+  const auto w = at::eye(4, at::kDouble);
+  const auto z = at::tensor({40.0, 36.0, 30.0, 0.0}, at::kDouble).view({1, 1, 4});
+  const auto logp = [&](const at::Tensor& h, int64_t y, FusedLogprobsOptions o) {
+    return F::fused_logprobs(h, w, {}, at::full({1, 1}, y, at::kLong), o.shift(false))
+        .sum.item<double>();
+  };
+  const auto capped = FusedLogprobsOptions().softcap(30).temperature(0.7);
+  EXPECT_NEAR(logp(z, 0, capped), -0.1985618611450377, 1e-13);
+  EXPECT_NEAR(logp(z * 2, 0, FusedLogprobsOptions(capped).logit_scale(0.5)), -0.1985618611450377,
+              1e-13);
+  EXPECT_NEAR(logp(z, 1, FusedLogprobsOptions().logit_scale(0.25).temperature(0.5)),
+              -2.132845235532322, 1e-13);
+}
+
+// A softcap on 16-bit inputs: f(x) = cap·tanh(s·x/cap)/T is formed in fp32 and rounded once to
+// the buffer's dtype, as TRL ≥ 1.15 forms it in fp32 (before, each of four in-place steps
+// rounded to bf16: up to 4 ulp, 0.5 at |y| ≈ 30). With H = 1 and logits that bf16 holds
+// exactly, the GEMM is exact, so the op's log-probs must equal the fp64 log-softmax of the
+// once-rounded f(x) up to the fp32 statistics (1e-5 here); one more bf16 rounding of a logit
+// near 30 moves a log-prob by up to 0.06.
+TEST_F(Fused, SixteenBitSoftcapRoundsOnce) {
+  const int64_t B = 2, T = 16, V = 300;
+  const auto labels = make_labels(B, T, V);
+  const auto h = at::ones({B, T, 1}, at::kBFloat16);
+  const auto w = (at::randn({V, 1}, at::kDouble) * 20).to(at::kBFloat16);  // exact products
+  const auto lp = F::fused_logprobs(
+      h, w, {}, labels,
+      FusedLogprobsOptions().logit_scale(1.25).softcap(30).temperature(0.8).with_token_logps(true));
+  const auto x = at::matmul(h.to(at::kFloat), w.to(at::kFloat).t());  // exact in fp32
+  const auto y = x.mul(1.25 / 30).tanh().mul(30 / 0.8).to(at::kBFloat16).to(at::kDouble);
+  const auto ref = prefopt_ref::gather(y, labels, labels != kIgnore);
+  EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 0, 1e-5));
 }
 
 // Peak memory beside the inputs, counted by the bench's tracking CPU allocator: an fp32
@@ -414,6 +461,11 @@ TEST_F(Fused, Errors) {
       "expected a finite softcap >= 0 (0: off), got inf");
   PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().softcap(NAN)),
                              "expected a finite softcap >= 0");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().logit_scale(0)),
+                             fn + "expected a finite logit_scale > 0, got 0");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_logprobs(h, w, {}, y, FusedLogprobsOptions().logit_scale(-INFINITY)),
+      "expected a finite logit_scale > 0, got -inf");
   // Hidden size 0 and absurd sizes are named before any arithmetic on them.
   PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(at::randn({2, 4, 0}), at::randn({10, 0}), {}, y),
                              fn + "expected a hidden size of at least 1, got H = 0");

@@ -84,12 +84,14 @@ struct Batch {
 };
 
 /// The fp64 naive composite's per-sequence log-probs (sums, counts).
-prefopt_ref::Logprobs naive(const Batch& d, double temperature = 1.0, double softcap = 0.0) {
+/// Logits: the head, × the logit scale, the softcap, ÷ the temperature (the models' order).
+prefopt_ref::Logprobs naive(const Batch& d, double temperature = 1.0, double softcap = 0.0,
+                            double scale = 1.0) {
   auto z = at::matmul(d.h, d.w.t());
   if (d.b.defined()) z = z + d.b;
-  z = z / temperature;
+  z = z * scale;
   if (softcap > 0) z = softcap * at::tanh(z / softcap);
-  return prefopt_ref::gather(z, d.labels, d.labels != kIgnore);
+  return prefopt_ref::gather(z / temperature, d.labels, d.labels != kIgnore);
 }
 
 std::vector<at::Tensor> grads_of(const at::Tensor& loss, const std::vector<at::Tensor>& params) {
@@ -113,34 +115,40 @@ std::vector<int64_t> budgets(const Batch& d, bool softcap = false) {
 }
 
 TEST_F(SeededTest, FusedDpoSigmoidMatchesTheFp64NaiveCompositeOverChunkBoundaries) {
+  struct Transform {
+    double scale, temperature, softcap;
+  };
   for (bool bias : {false, true})
-    for (double temperature : {1.0, 0.7})
-      for (double softcap : {0.0, 3.0}) {
-        const Batch d(5, 9, 6, 13, bias, at::kDouble);
-        const auto [rc, rr] = d.reference();
-        // Expected: full logits, log_softmax, gather, sums, then −log σ(β[(π_c−π_r)−(r_c−r_r)])
-        // from the formula.
-        const auto lp = naive(d, temperature, softcap);
-        const auto pc = lp.sum.narrow(0, 0, d.B), pr = lp.sum.narrow(0, d.B, d.B);
-        const auto expected =
-            prefopt_ref::dpo_losses(prefopt_ref::DPORef{}, pc, pr, rc, rr, {}, {}).mean();
-        const auto want = grads_of(expected, d.params());
-        for (int64_t budget : budgets(d, softcap > 0)) {
-          const auto opts =
-              FusedLogprobsOptions().temperature(temperature).softcap(softcap).chunk_bytes(budget);
-          prefopt::detail::WarningCapture warnings;
-          const auto out = F::fused_dpo_loss(
-              d.head(), PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr),
-              DPOLossOptions(), opts);
-          const std::string what = "bias " + std::to_string(bias) + " T " +
-                                   std::to_string(temperature) + " cap " + std::to_string(softcap) +
-                                   " budget " + std::to_string(budget);
-          EXPECT_TRUE(AllClose(out.result.loss, expected, 1e-12, 1e-12)) << what;
-          EXPECT_TRUE(AllClose(out.result.chosen_logps, pc, 1e-12, 1e-12)) << what;
-          EXPECT_TRUE(AllClose(out.policy.rejected.count, lp.count.narrow(0, d.B, d.B), 0, 0));
-          expect_grads(grads_of(out.result.loss, d.params()), want, 1e-10, 1e-12, what);
-        }
+    for (const auto [scale, temperature, softcap] :
+         {Transform{1, 1, 0}, Transform{0.5, 0.7, 0}, Transform{1, 1, 3}, Transform{1.5, 0.7, 3}}) {
+      const Batch d(5, 9, 6, 13, bias, at::kDouble);
+      const auto [rc, rr] = d.reference();
+      // Expected: full logits, log_softmax, gather, sums, then −log σ(β[(π_c−π_r)−(r_c−r_r)])
+      // from the formula.
+      const auto lp = naive(d, temperature, softcap, scale);
+      const auto pc = lp.sum.narrow(0, 0, d.B), pr = lp.sum.narrow(0, d.B, d.B);
+      const auto expected =
+          prefopt_ref::dpo_losses(prefopt_ref::DPORef{}, pc, pr, rc, rr, {}, {}).mean();
+      const auto want = grads_of(expected, d.params());
+      for (int64_t budget : budgets(d, softcap > 0)) {
+        const auto opts = FusedLogprobsOptions()
+                              .logit_scale(scale)
+                              .temperature(temperature)
+                              .softcap(softcap)
+                              .chunk_bytes(budget);
+        prefopt::detail::WarningCapture warnings;
+        const auto out = F::fused_dpo_loss(
+            d.head(), PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr),
+            DPOLossOptions(), opts);
+        const std::string what = "bias " + std::to_string(bias) + " s " + std::to_string(scale) +
+                                 " T " + std::to_string(temperature) + " cap " +
+                                 std::to_string(softcap) + " budget " + std::to_string(budget);
+        EXPECT_TRUE(AllClose(out.result.loss, expected, 1e-12, 1e-12)) << what;
+        EXPECT_TRUE(AllClose(out.result.chosen_logps, pc, 1e-12, 1e-12)) << what;
+        EXPECT_TRUE(AllClose(out.policy.rejected.count, lp.count.narrow(0, d.B, d.B), 0, 0));
+        expect_grads(grads_of(out.result.loss, d.params()), want, 1e-10, 1e-12, what);
       }
+    }
 }
 
 /// The two-pass op: fused_logprobs, split_pairs, the loss, autograd.

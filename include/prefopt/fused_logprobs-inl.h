@@ -35,6 +35,7 @@ using torch::autograd::variable_list;
 PREFOPT_INLINE void save_spec(const HeadSpec& spec, AutogradContext* ctx) {
   ctx->saved_data["temperature"] = spec.temperature;
   ctx->saved_data["softcap"] = spec.softcap;
+  ctx->saved_data["logit_scale"] = spec.logit_scale;
   ctx->saved_data["backend"] = static_cast<int64_t>(spec.backend);
   ctx->saved_data["chunk_rows"] = spec.chunk_rows;
   ctx->saved_data["chunk_bytes"] = spec.chunk_bytes;
@@ -44,13 +45,10 @@ PREFOPT_INLINE void save_spec(const HeadSpec& spec, AutogradContext* ctx) {
 
 PREFOPT_INLINE HeadSpec load_spec(AutogradContext* ctx) {
   auto& d = ctx->saved_data;
-  return {d["temperature"].toDouble(),
-          d["softcap"].toDouble(),
-          static_cast<GatherBackend>(d["backend"].toInt()),
-          d["chunk_rows"].toInt(),
-          d["chunk_bytes"].toInt(),
-          d["tile_bytes"].toInt(),
-          static_cast<FusedBackward>(d["backward"].toInt())};
+  return {d["temperature"].toDouble(), d["softcap"].toDouble(),
+          d["logit_scale"].toDouble(), static_cast<GatherBackend>(d["backend"].toInt()),
+          d["chunk_rows"].toInt(),     d["chunk_bytes"].toInt(),
+          d["tile_bytes"].toInt(),     static_cast<FusedBackward>(d["backward"].toInt())};
 }
 
 /// What the backward pass needs, computed once. `h` holds every row of the batch ([R, H]);
@@ -344,6 +342,30 @@ PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t
   return {rows, std::clamp<int64_t>((budget / rows - per_row) / per_logit, 1, V)};
 }
 
+/// z ← f(z) in place, f(x) = cap · tanh(s · x / cap) / T (s · x / T without a softcap): the
+/// order of the models (Cohere's `logit_scale`, Gemma-2's softcap in the forward) and of TRL's
+/// sampling temperature after them. One multiplication rounds once whatever the dtype; the
+/// three steps of a softcap go through fp32 blocks in 16 bits, so that f(x) is rounded once to
+/// the buffer's dtype, as x was by the GEMM.
+PREFOPT_INLINE void transform_logits(at::Tensor& z, const HeadSpec& spec) {
+  const double s = spec.logit_scale, T = spec.temperature, cap = spec.softcap;
+  if (cap <= 0) {
+    if (s / T != 1.0) z.mul_(s / T);
+    return;
+  }
+  const auto f = [&](at::Tensor x) { x.mul_(s / cap).tanh_().mul_(cap / T); };
+  if (z.element_size() != 2) return f(z);
+  if (z.numel() == 0) return;
+  const int64_t block = (z.is_cpu() ? int64_t{2} : int64_t{64}) << 20;  // bytes of fp32
+  const int64_t m = std::max<int64_t>(1, block / (4 * z.size(1)));
+  for (int64_t r0 = 0; r0 < z.size(0); r0 += m) {
+    auto rows = z.narrow(0, r0, std::min(m, z.size(0) - r0));
+    auto x = rows.to(at::kFloat);
+    f(x);
+    rows.copy_(x);
+  }
+}
+
 /// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer).
 PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight,
                                  const at::Tensor& bias, const HeadSpec& spec, at::Tensor& z) {
@@ -356,8 +378,7 @@ PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight
   } else {
     at::mm_out(z, h_c, weight.t());
   }
-  if (spec.temperature != 1.0) z.div_(spec.temperature);
-  if (spec.softcap > 0) z.div_(spec.softcap).tanh_().mul_(spec.softcap);
+  transform_logits(z, spec);
 }
 
 PREFOPT_INLINE Rows identity_rows(const at::Tensor& target_c) {
@@ -368,13 +389,16 @@ PREFOPT_INLINE Rows identity_rows(const at::Tensor& target_c) {
 
 PREFOPT_INLINE void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
                                 const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor) {
-  if (spec.softcap > 0)  // d(cap·tanh(x/cap))/dx = 1 − (y/cap)², from y before z is reused
-    at::mul_out(cap_factor, z, z).mul_(-1.0 / (spec.softcap * spec.softcap)).add_(1.0);
+  const double s = spec.logit_scale, T = spec.temperature, cap = spec.softcap;
+  // y = cap·tanh(s·x/cap)/T: dy/dx = (s/T)·(1 − (T·y/cap)²), from y before z is reused.
+  if (cap > 0) at::mul_out(cap_factor, z, z).mul_(-s * T / (cap * cap)).add_(s / T);
   auto z3 = z.unsqueeze(0);
   rows_backward(z3, identity_rows(target_b), lse, g, spec.backend, int64_t{1} << 62,
                 z3);  // z ← dL/dy
-  if (spec.softcap > 0) z.mul_(cap_factor);
-  if (spec.temperature != 1.0) z.div_(spec.temperature);
+  if (cap > 0)
+    z.mul_(cap_factor);
+  else if (s / T != 1.0)
+    z.mul_(s / T);
 }
 
 /// The forward pass over all chunks: per-row log-probs, logsumexp and statistics of the
@@ -724,6 +748,8 @@ PREFOPT_INLINE HeadInputs check_head(const char* fn, const at::Tensor& hidden,
   check_enum(fn, "backward", "a FusedBackward", o.backward(), FusedBackward::kTiles);
   TORCH_CHECK(std::isfinite(o.softcap()) && o.softcap() >= 0, fn,
               ": expected a finite softcap >= 0 (0: off), got ", o.softcap());
+  TORCH_CHECK(std::isfinite(o.logit_scale()) && o.logit_scale() > 0, fn,
+              ": expected a finite logit_scale > 0, got ", o.logit_scale());
   TORCH_CHECK(
       o.backend() != GatherBackend::kKernel || hidden.is_cpu() ||
           (hidden.is_cuda() && has_cuda_kernels()),
@@ -763,8 +789,8 @@ PREFOPT_INLINE HeadSpec head_spec(const char* fn, const HeadInputs& in, int64_t 
   const int64_t tile_budget =
       o.chunk_bytes() > 0 ? o.chunk_bytes()
                           : std::clamp(acc_logits_bytes / 128, int64_t{4} << 20, int64_t{64} << 20);
-  return {o.temperature(), o.softcap(), o.backend(), budget / per_row,
-          budget,          tile_budget, o.backward()};
+  return {o.temperature(),  o.softcap(), o.logit_scale(), o.backend(),
+          budget / per_row, budget,      tile_budget,     o.backward()};
 }
 
 PREFOPT_INLINE SequenceLogprobs run_head(const char* fn, const HeadInputs& in,

@@ -53,12 +53,17 @@ struct FusedLogprobsOptions {
   TORCH_ARG(bool, shift) = true;
   /// Label value of unscored positions (labels form only). Default: -100.
   TORCH_ARG(int64_t, ignore_index) = -100;
-  /// Logits are divided by this before the softmax (sampling temperature, as TRL's
-  /// `temperature` for on-policy log-probs). Default: 1.
+  /// Logits are divided by this before the softmax, after the scale and the softcap (sampling
+  /// temperature, as TRL's `temperature` for on-policy log-probs). Default: 1.
   TORCH_ARG(double, temperature) = 1.0;
-  /// Final-logit softcapping `cap · tanh(z / cap)` (Gemma-2), applied after the temperature;
-  /// 0 turns it off. Default: 0.
+  /// Final-logit softcapping `cap · tanh(z / cap)` (Gemma-2), applied after the logit scale and
+  /// before the temperature, as the model's forward and TRL do; 0 turns it off. Default: 0.
   TORCH_ARG(double, softcap) = 0.0;
+  /// Multiplier of the head's logits `h · Wᵀ + b`, applied first: models whose forward scales
+  /// them take it from their config (Cohere's `logit_scale`, 1 / Granite's `logits_scaling`,
+  /// Falcon-H1's `lm_head_multiplier`), as TRL ≥ 1.15's fused head does. Without it the fused
+  /// op would score such a model's unscaled logits. Default: 1.
+  TORCH_ARG(double, logit_scale) = 1.0;
   /// Also return per-token log-probs and their mask (see `SequenceLogprobs`). Default: false.
   TORCH_ARG(bool, with_token_logps) = false;
   /// Also return `logits_sum` (vocabulary mean of the final logits, summed over scored
@@ -100,8 +105,10 @@ using FusedLogprobsFuncOptions = FusedLogprobsOptions;
 /// Sequence log-probs of `labels` under the LM head `logits = hidden · weightᵀ + bias`, without
 /// materialising the logits.
 ///
-/// `sum_b = Σ_t 1[y_{b,t+1} ≠ ignore] · log_softmax(f(h_{b,t} · Wᵀ + bias))[y_{b,t+1}]`, where f is
-/// the temperature and the optional softcap.
+/// `sum_b = Σ_t 1[y_{b,t+1} ≠ ignore] · log_softmax(f(h_{b,t} · Wᵀ + bias))[y_{b,t+1}]`, where
+/// f(x) = cap · tanh(s · x / cap) / T (s · x / T without a softcap): the logit scale s, the
+/// softcap, the temperature T, in that order. For 16-bit inputs f(x) is computed in fp32 and
+/// rounded once into the chunk's 16-bit buffer, whose fp32 statistics follow.
 ///
 /// - `hidden`: [B, T, H] final hidden states; `weight`: [V, H]; `bias`: [V] or an undefined tensor.
 ///   One floating dtype (fp64/fp32/bf16/fp16) and one device for all three.

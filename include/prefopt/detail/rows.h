@@ -153,6 +153,7 @@ struct HeadInputs {
 struct HeadSpec {
   double temperature = 1.0;
   double softcap = 0.0;
+  double logit_scale = 1.0;
   GatherBackend backend = GatherBackend::kAuto;
   int64_t chunk_rows = 1;   ///< token rows per forward (and kTokenChunks backward) chunk
   int64_t chunk_bytes = 0;  ///< the budget of the forward chunks and kVocabBlocks
@@ -176,12 +177,13 @@ int64_t block_stride(int64_t cols, int64_t V, at::ScalarType st, const at::Devic
 at::Tensor buffer_rows(const at::Tensor& buffer, int64_t r0, int64_t m, int64_t cols, int64_t ld);
 /// The blocking of `n` scored rows under `o`'s budget; `fn` names the caller in the checks.
 HeadSpec head_spec(const char* fn, const HeadInputs& in, int64_t n, const FusedLogprobsOptions& o);
-/// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer): temperature, then softcap.
+/// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer), f(x) = cap · tanh(s · x / cap) / T
+/// (s · x / T without a softcap): the logit scale, the softcap, then the temperature.
 void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight, const at::Tensor& bias,
                   const HeadSpec& spec, at::Tensor& z);
 /// Rows of a [1, c, V] view of a chunk: row i has target `target_c[i]`.
 Rows identity_rows(const at::Tensor& target_c);
-/// z ← dL/d(logits before temperature and softcap), in place, for rows with targets
+/// z ← dL/d(logits before f), in place, for rows with targets
 /// `target_b` (−1: the target lies outside this block of columns), logsumexp `lse` and
 /// per-row gradients `g`; `cap_factor` is a buffer like z (used with softcap only).
 void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,

@@ -530,11 +530,13 @@ TEST(Data, TokenizationTruncationAndBatches) {
   SKIP_WITHOUT_SHARED_DATA();
   const auto tok = train::Tokenizer::load(model_dir());
   const auto hh = train::load_dataset(hh_path().string());
-  const train::TokenizeOptions o{96, 48, true};
+  const train::TokenizeOptions o{96, 48, true, train::Truncation::kClassic};
   int64_t cut = 0;
   for (size_t i = 0; i < 300; ++i) {
     const auto& e = hh.pairs[i];
-    const auto t = train::tokenize_pair(tok, e, o);
+    const auto tp = train::tokenize_pair(tok, e, o);
+    ASSERT_TRUE(tp.has_value());  // classic truncation drops nothing
+    const auto& t = *tp;
     for (const auto* s : {&t.chosen, &t.rejected}) {
       ASSERT_LE(static_cast<int64_t>(s->ids.size()), o.max_length);
       ASSERT_EQ(s->ids.front(), tok.bos_id());  // BOS survives the cut from the left
@@ -563,8 +565,8 @@ TEST(Data, TokenizationTruncationAndBatches) {
   EXPECT_EQ(train::ascii_punctuation("\xE2\x80\x9CHi\xE2\x80\x9D, it\xE2\x80\x99s"),
             "\"Hi\", it's");
   // A batch: right padding, −100 on prompt and padding, chosen rows then rejected rows.
-  const auto t0 = train::tokenize_pair(tok, hh.pairs[0], o),
-             t1 = train::tokenize_pair(tok, hh.pairs[1], o);
+  const auto t0 = *train::tokenize_pair(tok, hh.pairs[0], o),
+             t1 = *train::tokenize_pair(tok, hh.pairs[1], o);
   const auto b = train::collate({&t0.chosen, &t1.chosen, &t0.rejected, &t1.rejected}, tok.pad_id());
   ASSERT_EQ(b.ids.size(0), 4);
   const auto lens = b.attention_mask.sum(1);
@@ -573,6 +575,50 @@ TEST(Data, TokenizationTruncationAndBatches) {
   EXPECT_EQ((b.labels[2] != -100).sum().item<int64_t>(), t0.rejected.completion_len());
   EXPECT_EQ(b.labels[0][t0.chosen.prompt_len - 1].item<int64_t>(), -100);
   EXPECT_EQ(b.labels[0][t0.chosen.prompt_len].item<int64_t>(), t0.chosen.ids[t0.chosen.prompt_len]);
+}
+
+// TRL 1.x's truncation (the default): the prompt whole, ending where the sides' tokens first
+// diverge from it (TRL ≥ 1.14), prompt + completion cut from the right to max_length, and a
+// pair whose prompt alone fills max_length dropped. Checked against the untruncated tokens.
+TEST(Data, KeepStartTruncation) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto tok = train::Tokenizer::load(model_dir());
+  const auto hh = train::load_dataset(hh_path().string());
+  const train::TokenizeOptions o{96, 0, true, train::Truncation::kKeepStart};
+  int64_t dropped = 0, cut = 0, whole = 0;
+  for (size_t i = 0; i < 300; ++i) {
+    const auto& e = hh.pairs[i];
+    const auto [pc, c] = train::tokenize_answer(tok, e.prompt, e.chosen, true);
+    const auto [pr, r] = train::tokenize_answer(tok, e.prompt, e.rejected, true);
+    const size_t prompt = std::min(pc.size(), pr.size());
+    const auto t = train::tokenize_pair(tok, e, o);
+    if (static_cast<int64_t>(prompt) >= o.max_length) {
+      EXPECT_FALSE(t.has_value()) << "row " << i;
+      ++dropped;
+      continue;
+    }
+    ASSERT_TRUE(t.has_value()) << "row " << i;
+    for (const auto& [s, p, comp] : {std::tie(t->chosen, pc, c), std::tie(t->rejected, pr, r)}) {
+      EXPECT_EQ(s.prompt_len, static_cast<int64_t>(prompt));
+      auto full = p;
+      full.insert(full.end(), comp.begin(), comp.end());
+      const size_t keep = std::min(full.size(), static_cast<size_t>(o.max_length));
+      ASSERT_EQ(s.ids, std::vector<int64_t>(full.begin(), full.begin() + keep)) << "row " << i;
+      ASSERT_GE(s.completion_len(), 1);
+      (keep < full.size() ? cut : whole) += 1;
+    }
+  }
+  // HH-RLHF's prompts are long: at max_length 96 all three cases occur often.
+  EXPECT_GT(dropped, 30);
+  EXPECT_GT(cut, 30);
+  EXPECT_GT(whole, 30);
+  // Unpaired: the same rule.
+  const auto& e = hh.pairs[0];
+  const auto [p, c] = train::tokenize_answer(tok, e.prompt, e.chosen, true);
+  const auto u = train::tokenize_unpaired(tok, e.prompt, e.chosen, o);
+  EXPECT_EQ(u.has_value(), static_cast<int64_t>(p.size()) < o.max_length);
+  const auto long_prompt = train::TokenizeOptions{static_cast<int64_t>(p.size()), 0, true};
+  EXPECT_FALSE(train::tokenize_unpaired(tok, e.prompt, e.chosen, long_prompt).has_value());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -604,8 +650,8 @@ std::vector<json> records_of(const fs::path& dir) {
 json short_run(const std::string& name, const std::string& args) {
   const auto dir = train_into(
       name,
-      "--train_limit 64 --eval_limit 32 --max_steps 32 --max_length 128 --max_prompt_length 64 "
-      "--logging_steps 8 --eval_steps 16 --eval_train_pairs 32 " +
+      "--train_limit 64 --eval_limit 32 --max_steps 32 --max_length 128 --truncation classic "
+      "--max_prompt_length 64 --logging_steps 8 --eval_steps 16 --eval_train_pairs 32 " +
           args);
   const auto text = read_text(dir / "summary.json");
   return text.empty() ? json::object() : json::parse(text);
@@ -702,8 +748,8 @@ TEST(Train, OnePassMatchesTwoPass) {
   const auto records = [](const std::string& name, const std::string& args) {
     return records_of(train_into(
         name,
-        "--train_limit 32 --eval_limit 16 --max_steps 4 --max_length 96 --max_prompt_length 48 "
-        "--logging_steps 1 --eval_steps 2 --eval_train_pairs 16 " +
+        "--train_limit 32 --eval_limit 16 --max_steps 4 --max_length 96 --logging_steps 1 "
+        "--eval_steps 2 --eval_train_pairs 16 " +
             args));
   };
   for (const char* loss : {"sigmoid,sft", "orpo", "simpo", "cpo", "kto"}) {
@@ -781,8 +827,7 @@ TEST(Train, KtoAndTpoFromFiles) {
 TEST(Train, CheckpointReloadsBitForBit) {
   SKIP_WITHOUT_SHARED_DATA();
   const auto a = scratch("ckpt-a"), b = scratch("ckpt-b");
-  const std::string common =
-      " --train_limit 16 --eval_limit 8 --max_length 96 --max_prompt_length 48 --no-plot ";
+  const std::string common = " --train_limit 16 --eval_limit 8 --max_length 96 --no-plot ";
   auto r = run_train("--loss sigmoid --max_steps 3 --output_dir " + a.string() + common);
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("reloaded bit for bit"), std::string::npos) << r.output;
@@ -821,7 +866,10 @@ TEST(Train, CommandLineErrors) {
       {"--data /nonexistent/pairs.jsonl", "--data /nonexistent/pairs.jsonl: no such file"},
       {"--model /nonexistent", "--model /nonexistent: no such folder"},
       {"--data " + (dir / "bad.jsonl").string(), "row 2: missing field \"rejected\""},
-      {"--max_length 64 --max_prompt_length 64", "must be below --max_length"},
+      {"--truncation classic --max_length 64 --max_prompt_length 64", "must be below --max_length"},
+      {"--max_prompt_length 32", "give --truncation classic with it"},
+      {"--max_length 8 --train_limit 4", "no training rows left: "},
+      {"--truncation keep_end", "--truncation"},
       {"--eval_start 5000", "no held-out rows"},
       {"--lr_scheduler_type nope", "--lr_scheduler_type"},
       {"--config " + (dir / "missing.toml").string(), "missing.toml"},
@@ -844,7 +892,8 @@ TEST(Train, ConfigFileAndHelp) {
   const auto dir = scratch("config");
   write_text(dir / "run.toml",
              "# TRL's names\nloss = \"ipo\"\nmax_steps = 2\ntrain_limit = 8\neval_limit = 4\n"
-             "max_length = 64\nmax_prompt_length = 32\nbeta = 0.5\nno_plot = true\n");
+             "max_length = 64\ntruncation = \"classic\"\nmax_prompt_length = 32\nbeta = 0.5\n"
+             "no_plot = true\n");
   auto r = run_train("--config " + (dir / "run.toml").string() + " --output_dir " +
                      (dir / "out").string());
   ASSERT_EQ(r.status, 0) << r.output;
@@ -878,6 +927,7 @@ TEST(Train, ConfigFileAndHelp) {
                         "--warmup_ratio",
                         "--max_grad_norm",
                         "--max_length",
+                        "--truncation",
                         "--max_prompt_length",
                         "--beta",
                         "--label_smoothing",

@@ -18,13 +18,16 @@
 // is "\n\n" + Role + ": " + content (Human for user, Assistant, System), and the prompt ends
 // with the generation prompt "\n\nAssistant:", so a completion is " " + its content.
 //
-// Tokenization (TRL's classic prompt/answer split, which CPO, ORPO and KTO still use): the
-// prompt and prompt + completion are tokenized whole (BOS first, as the tokenizer adds it), the
-// completion is what follows the prompt's tokens (a token that straddles the boundary goes to
-// the completion), and EOS ends it. Truncation, per pair: when prompt + the longer completion
-// exceed `max_length`, the prompt keeps its last `max_prompt_length` tokens (BOS kept: it is
-// cut from the left); if that is still too long, both completions keep their first
-// `max_length − max_prompt_length` tokens. Labels are −100 on the prompt and on padding.
+// Tokenization: the prompt and prompt + completion are tokenized whole (BOS first, as the
+// tokenizer adds it), the completion is what follows the prompt's tokens (a token that
+// straddles the boundary goes to the completion), and EOS ends it. Truncation (`Truncation`):
+// by default TRL 1.x's: the prompt ends where the sides' tokens first diverge from it (the
+// shortest of the sides' prompts, as TRL ≥ 1.14), prompt + completion is cut from the right to
+// `max_length`, and an example whose prompt alone fills `max_length` is dropped. Or TRL ≤ 0.28's
+// classic truncation, per pair: when prompt + the longer completion exceed `max_length`, the
+// prompt keeps its last `max_prompt_length` tokens (BOS kept: it is cut from the left); if that
+// is still too long, both completions keep their first `max_length − max_prompt_length` tokens.
+// Labels are −100 on the prompt and on padding.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -277,10 +280,22 @@ struct Sequence {
   int64_t completion_len() const { return static_cast<int64_t>(ids.size()) - prompt_len; }
 };
 
+/// How prompt + completion is cut to `max_length`.
+enum class Truncation {
+  /// TRL ≥ 1.0 (DPO's default `keep_start`, KTO, TPO; CPO and ORPO keep the whole prompt too
+  /// since 1.15): the prompt whole, the sequence cut from the right to `max_length`. An example
+  /// whose prompt alone fills `max_length` is dropped, as TRL's DPO and KTO drop it (CPO and
+  /// ORPO would keep it with an empty completion, whose length-normalised log-prob is 0/0).
+  kKeepStart,
+  /// TRL ≤ 0.28 (`max_prompt_length`): see the top of this file.
+  kClassic,
+};
+
 struct TokenizeOptions {
   int64_t max_length = 192;         ///< TRL's max_length: prompt + completion
-  int64_t max_prompt_length = 128;  ///< TRL's max_prompt_length
+  int64_t max_prompt_length = 128;  ///< TRL ≤ 0.28's max_prompt_length (kClassic only)
   bool ascii = true;                ///< map typographic punctuation to ASCII first
+  Truncation truncation = Truncation::kKeepStart;
 };
 
 /// Prompt and completion tokens of prompt + completion, split as TRL's classic trainers split
@@ -300,6 +315,32 @@ inline std::pair<std::vector<int64_t>, std::vector<int64_t>> tokenize_answer(con
 }
 
 namespace detail {
+
+// TRL 1.x's `keep_start`: prompt + completion, cut from the right to max_length.
+inline Sequence keep_start(const std::vector<int64_t>& prompt,
+                           const std::vector<int64_t>& completion, const TokenizeOptions& o) {
+  Sequence s;
+  s.prompt_len = static_cast<int64_t>(prompt.size());
+  s.ids = prompt;
+  s.ids.insert(s.ids.end(), completion.begin(), completion.end());
+  if (static_cast<int64_t>(s.ids.size()) > o.max_length)
+    s.ids.resize(static_cast<size_t>(o.max_length));
+  return s;
+}
+
+// TRL ≥ 1.14's prompt/completion boundary of a pair: the shortest of the sides' prompts (each a
+// prefix of the prompt's own tokens); a longer side's extra prompt tokens open its completion.
+inline void common_prompt(std::vector<std::vector<int64_t>*> prompts,
+                          std::vector<std::vector<int64_t>*> completions) {
+  size_t b = SIZE_MAX;
+  for (const auto* p : prompts) b = std::min(b, p->size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto& p = *prompts[i];
+    auto& c = *completions[i];
+    c.insert(c.begin(), p.begin() + static_cast<std::ptrdiff_t>(b), p.end());
+    p.resize(b);
+  }
+}
 
 // TRL's classic truncation of one side, given the longer completion of the example.
 inline Sequence truncate(std::vector<int64_t> prompt, std::vector<int64_t> completion,
@@ -331,25 +372,46 @@ struct TokenizedPair {
   int64_t row = 0;
 };
 
-inline TokenizedPair tokenize_pair(const Tokenizer& tok, const PreferenceExample& e,
-                                   const TokenizeOptions& o) {
+/// The pair tokenized and truncated as `o` says; none when kKeepStart drops it (its prompt
+/// alone fills max_length).
+inline std::optional<TokenizedPair> tokenize_pair(const Tokenizer& tok, const PreferenceExample& e,
+                                                  const TokenizeOptions& o) {
   auto [pc, c] = tokenize_answer(tok, e.prompt, e.chosen, o.ascii);
   auto [pr, r] = tokenize_answer(tok, e.prompt, e.rejected, o.ascii);
   std::vector<int64_t> pg, g;
-  if (!e.gold.empty()) std::tie(pg, g) = tokenize_answer(tok, e.prompt, e.gold, o.ascii);
+  const bool gold = !e.gold.empty();
+  if (gold) std::tie(pg, g) = tokenize_answer(tok, e.prompt, e.gold, o.ascii);
+  TokenizedPair t;
+  t.row = e.row;
+  if (o.truncation == Truncation::kKeepStart) {
+    if (gold)
+      detail::common_prompt({&pc, &pr, &pg}, {&c, &r, &g});
+    else
+      detail::common_prompt({&pc, &pr}, {&c, &r});
+    if (static_cast<int64_t>(pc.size()) >= o.max_length) return std::nullopt;
+    t.chosen = detail::keep_start(pc, c, o);
+    t.rejected = detail::keep_start(pr, r, o);
+    if (gold) t.gold = detail::keep_start(pg, g, o);
+    return t;
+  }
   const size_t longer = std::max({c.size(), r.size(), g.size()});
   const bool bos = tok.bos_id() >= 0 && !pc.empty() && pc.front() == tok.bos_id();
-  TokenizedPair t;
   t.chosen = detail::truncate(std::move(pc), std::move(c), longer, o, bos);
   t.rejected = detail::truncate(std::move(pr), std::move(r), longer, o, bos);
-  if (!e.gold.empty()) t.gold = detail::truncate(std::move(pg), std::move(g), longer, o, bos);
-  t.row = e.row;
+  if (gold) t.gold = detail::truncate(std::move(pg), std::move(g), longer, o, bos);
   return t;
 }
 
-inline Sequence tokenize_unpaired(const Tokenizer& tok, const std::string& prompt,
-                                  const std::string& completion, const TokenizeOptions& o) {
+/// One unpaired (KTO) example, tokenized and truncated as `o` says; none when kKeepStart drops
+/// it.
+inline std::optional<Sequence> tokenize_unpaired(const Tokenizer& tok, const std::string& prompt,
+                                                 const std::string& completion,
+                                                 const TokenizeOptions& o) {
   auto [p, c] = tokenize_answer(tok, prompt, completion, o.ascii);
+  if (o.truncation == Truncation::kKeepStart) {
+    if (static_cast<int64_t>(p.size()) >= o.max_length) return std::nullopt;
+    return detail::keep_start(p, c, o);
+  }
   const bool bos = tok.bos_id() >= 0 && !p.empty() && p.front() == tok.bos_id();
   const auto longer = c.size();
   return detail::truncate(std::move(p), std::move(c), longer, o, bos);

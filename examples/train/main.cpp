@@ -70,6 +70,7 @@ struct Options {
   double epochs = 1.0, lr = 1e-3, warmup_ratio = 0.1, weight_decay = 0.0, max_grad_norm = 1.0;
   std::string scheduler = "cosine";
   int64_t max_length = 192, max_prompt_length = 128;
+  std::string truncation = "keep_start";
   bool one_pass = false;
   // logging and evaluation
   int64_t logging_steps = 10, eval_steps = 50, print_every = 50, eval_train_pairs = 256;
@@ -716,7 +717,10 @@ int run(const Options& o) {
   const auto data = train::load_dataset(o.data);
   std::optional<train::Dataset> eval_file;
   if (!o.eval_data.empty()) eval_file = train::load_dataset(o.eval_data);
-  const train::TokenizeOptions topts{o.max_length, o.max_prompt_length, o.ascii};
+  const train::TokenizeOptions topts{
+      o.max_length, o.max_prompt_length, o.ascii,
+      o.truncation == "classic" ? train::Truncation::kClassic : train::Truncation::kKeepStart};
+  int64_t dropped = 0;  // keep_start: examples whose prompt alone fills max_length
   Run r{o, loss, model, device, pad_id, {}, {}, {}, {}, {}, true};
   int64_t train_rows = 0, eval_rows = 0;
   const auto take = [&](int64_t row, bool eval_side) {
@@ -728,7 +732,10 @@ int run(const Options& o) {
     for (const auto& e : d.pairs) {
       if (!take(e.row, eval_side)) continue;
       if (limit > 0 && into.size() >= limit) break;
-      into.pairs.push_back(train::tokenize_pair(tok, e, topts));
+      if (auto t = train::tokenize_pair(tok, e, topts))
+        into.pairs.push_back(std::move(*t));
+      else
+        ++dropped;
     }
   };
   const auto tokenize_unpaired = [&](const train::Dataset& d, bool eval_side, UnpairedData& into,
@@ -736,7 +743,12 @@ int run(const Options& o) {
     for (const auto& e : d.unpaired) {
       if (!take(e.row, eval_side)) continue;
       if (limit > 0 && into.size() >= limit) break;
-      into.examples.push_back(train::tokenize_unpaired(tok, e.prompt, e.completion, topts));
+      auto t = train::tokenize_unpaired(tok, e.prompt, e.completion, topts);
+      if (!t) {
+        ++dropped;
+        continue;
+      }
+      into.examples.push_back(std::move(*t));
       into.label.push_back(e.label);
     }
   };
@@ -764,6 +776,11 @@ int run(const Options& o) {
     r.paired_eval = false;
     train_rows = r.train_u.size(), eval_rows = r.eval_u.size();
   }
+  if ((train_rows == 0 || eval_rows == 0) && dropped > 0)
+    throw std::runtime_error(
+        fmt::format("no {} rows left: {} examples were dropped because their prompt alone fills "
+                    "--max_length {} (raise it, or give --truncation classic)",
+                    train_rows == 0 ? "training" : "held-out", dropped, o.max_length));
   if (train_rows == 0)
     throw std::runtime_error(
         fmt::format("no training rows: --eval_start {} leaves none of the {} rows of {}",
@@ -780,24 +797,32 @@ int run(const Options& o) {
             fmt::format("--loss tpo needs a gold response: {} row {} has no \"reference\" field",
                         o.data, p.row + 1));
   {
+    const bool classic = topts.truncation == train::Truncation::kClassic;
     int64_t cut_prompts = 0, cut_completions = 0, tokens = 0, seqs = 0;
     for (const auto& p : r.train_pairs.pairs) {
       for (const auto* s : {&p.chosen, &p.rejected}) {
         tokens += static_cast<int64_t>(s->ids.size()), ++seqs;
         cut_completions += static_cast<int64_t>(s->ids.size()) == o.max_length;
       }
-      cut_prompts += p.chosen.prompt_len == o.max_prompt_length;
+      cut_prompts += classic && p.chosen.prompt_len == o.max_prompt_length;
     }
     for (const auto& s : r.train_u.examples) tokens += static_cast<int64_t>(s.ids.size()), ++seqs;
     fmt::print(
         "data: {} ({}), {} training {}, {} held out{}; {:.0f} tokens per sequence on "
-        "average (max_length {}, max_prompt_length {}{})\n",
+        "average ({}{})\n",
         o.data, data.format, train_rows, data.paired() ? "pairs" : "examples", eval_rows,
         data.skipped.empty()
             ? std::string()
             : fmt::format(" ({} pairs skipped: their prompts differ)", data.skipped.size()),
-        seqs ? static_cast<double>(tokens) / seqs : 0.0, o.max_length, o.max_prompt_length,
-        data.paired() ? fmt::format("; {} prompts cut from the left", cut_prompts) : std::string());
+        seqs ? static_cast<double>(tokens) / seqs : 0.0,
+        classic ? fmt::format("classic truncation: max_length {}, max_prompt_length {}",
+                              o.max_length, o.max_prompt_length)
+                : fmt::format("keep_start truncation: max_length {}", o.max_length),
+        classic ? (data.paired() ? fmt::format("; {} prompts cut from the left", cut_prompts)
+                                 : std::string())
+                : fmt::format("; {} examples dropped (training and held out): the prompt "
+                              "alone fills max_length",
+                              dropped));
     if (family == Family::kKTO && data.paired())
       fmt::print(
           "kto: {} unpaired examples from the pairs (chosen desirable, rejected undesirable)\n",
@@ -1070,10 +1095,15 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 1.0));
   opt(tr, "weight_decay", o.weight_decay, "AdamW's decoupled weight decay");
   opt(tr, "max_grad_norm", o.max_grad_norm, "gradient clipping")->check(CLI::PositiveNumber);
-  opt(tr, "max_length", o.max_length, "tokens of prompt + completion (TRL's classic truncation)")
-      ->check(CLI::PositiveNumber);
-  opt(tr, "max_prompt_length", o.max_prompt_length, "prompt tokens kept (cut from the left)")
-      ->check(CLI::PositiveNumber);
+  opt(tr, "max_length", o.max_length, "tokens of prompt + completion")->check(CLI::PositiveNumber);
+  opt(tr, "truncation", o.truncation,
+      "keep_start: TRL 1.x's (the prompt whole, the sequence cut from the right; examples whose "
+      "prompt fills max_length dropped); classic: TRL <= 0.28's (the prompt cut from the left "
+      "to max_prompt_length first)")
+      ->check(CLI::IsMember({"keep_start", "classic"}));
+  auto* max_prompt_length = opt(tr, "max_prompt_length", o.max_prompt_length,
+                                "with --truncation classic: prompt tokens kept (cut from the left)")
+                                ->check(CLI::PositiveNumber);
   tr->add_flag("--one_pass,--one-pass", o.one_pass,
                "compute the loss and the LM head's gradients in one pass (prefopt's fused "
                "losses: three GEMMs where log-probs, then the loss, take four; not for sft, "
@@ -1135,9 +1165,14 @@ int main(int argc, char** argv) {
           "and aot_unpaired sort the batch); train it without --one_pass",
           o.loss));
   }
-  if (o.max_prompt_length >= o.max_length)
+  if (o.truncation == "classic" && o.max_prompt_length >= o.max_length)
     return fail(fmt::format("--max_prompt_length {} must be below --max_length {}",
                             o.max_prompt_length, o.max_length));
+  if (o.truncation != "classic" && max_prompt_length->count() > 0)
+    return fail(fmt::format(
+        "--max_prompt_length {} is TRL <= 0.28's classic truncation: give --truncation classic "
+        "with it (--truncation {} keeps the whole prompt, as TRL 1.x does)",
+        o.max_prompt_length, o.truncation));
   if (!fs::is_directory(o.model)) return fail("--model " + o.model + ": no such folder");
   for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})
     if (!fs::exists(fs::path(o.model) / f))

@@ -501,7 +501,13 @@ TEST_F(FusedCuda, MatchesCpu) {
           const auto h = cpu.h.detach().cuda().requires_grad_(),
                      w = cpu.w.detach().cuda().requires_grad_(),
                      b = cpu.b.detach().cuda().requires_grad_();
-          auto opts = FusedLogprobsOptions().chunk_bytes(V * 16 * 8).softcap(softcap).backward(bwd);
+          // With a softcap, the scale and the temperature too (their order is the op's own).
+          auto opts = FusedLogprobsOptions()
+                          .chunk_bytes(V * 16 * 8)
+                          .softcap(softcap)
+                          .logit_scale(softcap > 0 ? 1.25 : 1.0)
+                          .temperature(softcap > 0 ? 0.8 : 1.0)
+                          .backward(bwd);
           const auto a = F::fused_logprobs(cpu.h, cpu.w, cpu.b, labels, opts);
           const auto g = F::fused_logprobs(h, w, b, labels.cuda(), opts.backend(backend));
           const double tol = st == at::kFloat ? 1e-3 : 5e-2;

@@ -143,11 +143,12 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FusedGrid,
 
 using Fused = SeededTest;
 
-/// The fp64 composite on a head's (rounded) values, no temperature or softcap: the gathering
-/// and the gradients of the sum of the sequence sums.
-auto fp64_sums(const Head& head, const at::Tensor& labels) {
+/// The fp64 composite on a head's (rounded) values, with the transform `t` (none by default):
+/// the gathering and the gradients of the sum of the sequence sums.
+auto fp64_sums(const Head& head, const at::Tensor& labels, Transform t = kTransforms[0]) {
   const auto d = head.as_double();
-  auto ref = prefopt_ref::gather(naive_logits(d.h, d.w, d.b, 1, 0), labels, labels != kIgnore);
+  auto ref = prefopt_ref::gather(naive_logits(d.h, d.w, d.b, t.temperature, t.softcap, t.scale),
+                                 labels, labels != kIgnore);
   auto grads = torch::autograd::grad({ref.sum.sum()}, d.params());
   return std::make_pair(std::move(ref), std::move(grads));
 }
@@ -168,27 +169,35 @@ void expect_grads_close(const std::vector<at::Tensor>& grads,
 // log-softmax and every accumulation are fp32. Stated tolerances: fp32 1e-4 per token;
 // bf16 about 2⁻⁸·|z| per token, so 3e-2 on per-token log-probs and 1e-2 relative on the
 // weight gradient at these magnitudes.
+// The same with scale 1.25, softcap 3 and temperature 0.8, so that the cap bites (|x| of a few
+// units here): f'(x) is formed in fp32 from x and rounded once, in 16 bits too.
 TEST_F(Fused, LowPrecisionInputsAgainstFp64) {
   const int64_t B = 4, T = 24, H = 64, V = 3000;
   const auto labels = make_labels(B, T, V);
-  for (auto st : {at::kFloat, at::kBFloat16}) {
-    SCOPED_TRACE(::testing::Message() << st);
-    const Head head(B, T, H, V, /*bias=*/true, st);
-    const auto [ref, ref_grads] = fp64_sums(head, labels);
-    for (auto bwd :
-         {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles}) {
-      SCOPED_TRACE(::testing::Message() << "backward " << static_cast<int>(bwd));
-      const auto lp = F::fused_logprobs(
-          head.h, head.w, head.b, labels,
-          FusedLogprobsOptions().with_token_logps(true).chunk_bytes(V * 20 * 8).backward(bwd));
-      EXPECT_EQ(lp.sum.scalar_type(), at::kFloat);
-      const double tok = st == at::kFloat ? 1e-4 : 3e-2;
-      EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 0, tok));
-      EXPECT_TRUE(AllClose(lp.mean, ref.mean, 0, tok));
-      expect_grads_close(torch::autograd::grad({lp.sum.sum()}, head.params()), ref_grads, st,
-                         st == at::kFloat ? 1e-5 : 1e-2);
+  for (auto st : {at::kFloat, at::kBFloat16})
+    for (const Transform t : {kTransforms[0], Transform{1.25, 0.8, 3.0}}) {
+      SCOPED_TRACE(::testing::Message() << st << " softcap " << t.softcap);
+      const Head head(B, T, H, V, /*bias=*/true, st);
+      const auto [ref, ref_grads] = fp64_sums(head, labels, t);
+      for (auto bwd :
+           {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles}) {
+        SCOPED_TRACE(::testing::Message() << "backward " << static_cast<int>(bwd));
+        const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels,
+                                          FusedLogprobsOptions()
+                                              .logit_scale(t.scale)
+                                              .temperature(t.temperature)
+                                              .softcap(t.softcap)
+                                              .with_token_logps(true)
+                                              .chunk_bytes(V * 20 * 8)
+                                              .backward(bwd));
+        EXPECT_EQ(lp.sum.scalar_type(), at::kFloat);
+        const double tok = st == at::kFloat ? 1e-4 : 3e-2;
+        EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 0, tok));
+        EXPECT_TRUE(AllClose(lp.mean, ref.mean, 0, tok));
+        expect_grads_close(torch::autograd::grad({lp.sum.sum()}, head.params()), ref_grads, st,
+                           st == at::kFloat ? 1e-5 : 1e-2);
+      }
     }
-  }
 }
 
 // 16-bit weights over several row chunks: the weight gradient accumulates in fp32 (a
@@ -244,19 +253,52 @@ TEST_F(Fused, ScaleSoftcapTemperatureInTheModelsOrder) {
 // rounded to bf16: up to 4 ulp, 0.5 at |y| ≈ 30). With H = 1 and logits that bf16 holds
 // exactly, the GEMM is exact, so the op's log-probs must equal the fp64 log-softmax of the
 // once-rounded f(x) up to the fp32 statistics (1e-5 here); one more bf16 rounding of a logit
-// near 30 moves a log-prob by up to 0.06.
+// near 30 moves a log-prob by up to 0.06. 254 rows of V = 3000 in one chunk take two fp32
+// blocks of the transform (174 rows each on CPU).
 TEST_F(Fused, SixteenBitSoftcapRoundsOnce) {
-  const int64_t B = 2, T = 16, V = 300;
+  const int64_t B = 2, T = 128, V = 3000;
   const auto labels = make_labels(B, T, V);
   const auto h = at::ones({B, T, 1}, at::kBFloat16);
   const auto w = (at::randn({V, 1}, at::kDouble) * 20).to(at::kBFloat16);  // exact products
-  const auto lp = F::fused_logprobs(
-      h, w, {}, labels,
-      FusedLogprobsOptions().logit_scale(1.25).softcap(30).temperature(0.8).with_token_logps(true));
+  const auto lp = F::fused_logprobs(h, w, {}, labels,
+                                    FusedLogprobsOptions()
+                                        .logit_scale(1.25)
+                                        .softcap(30)
+                                        .temperature(0.8)
+                                        .chunk_bytes(int64_t{1} << 30)
+                                        .with_token_logps(true));
   const auto x = at::matmul(h.to(at::kFloat), w.to(at::kFloat).t());  // exact in fp32
   const auto y = x.mul(1.25 / 30).tanh().mul(30 / 0.8).to(at::kBFloat16).to(at::kDouble);
   const auto ref = prefopt_ref::gather(y, labels, labels != kIgnore);
   EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 0, 1e-5));
+}
+
+// f'(x) where the cap saturates: a logit x = 200 under cap 30 and temperature 1.3 has
+// f(x) ≈ cap / T = 23.077, which bf16 rounds to 23.125, above the bound, so f' taken from the
+// rounded f(x) as (s/T)(1 − (T·y/cap)²) would be −0.0034 (the wrong sign, 650× too large). From
+// x it is (1/T)·sech²(200/30) = 5.0e-6. The weight gradient of that logit's row is
+// −p₀·f'(x)·h: checked against the fp64 value, in bf16 and fp32, over the three blockings.
+TEST_F(Fused, SaturatedSoftcapDerivative) {
+  const int64_t V = 8;
+  for (auto st : {at::kFloat, at::kBFloat16})
+    for (auto bwd :
+         {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles}) {
+      SCOPED_TRACE(::testing::Message() << st << " backward " << static_cast<int>(bwd));
+      const auto h = at::ones({1, 1, 1}, st);
+      auto w = at::zeros({V, 1}, st);
+      w[0][0] = 200;
+      w.requires_grad_();
+      const auto labels = at::full({1, 1}, 1, at::kLong);
+      const auto opts =
+          FusedLogprobsOptions().shift(false).softcap(30).temperature(1.3).backward(bwd);
+      const auto lp = F::fused_logprobs(h, w, {}, labels, opts);
+      const auto gw = torch::autograd::grad({lp.sum.sum()}, {w})[0].to(at::kDouble);
+      // fp64: y₀ = 30·tanh(200/30)/1.3, the others 0; p₀ = softmax; dlogp₁/dx₀ = −p₀·f'(200).
+      const double y0 = 30 * std::tanh(200.0 / 30) / 1.3;
+      const double p0 = std::exp(y0) / (std::exp(y0) + (V - 1));
+      const double fp = 1 / 1.3 / std::pow(std::cosh(200.0 / 30), 2);
+      EXPECT_NEAR(gw[0][0].item<double>(), -p0 * fp, 2e-2 * p0 * fp);
+    }
 }
 
 // Peak memory beside the inputs, counted by the bench's tracking CPU allocator: an fp32

@@ -612,6 +612,17 @@ TEST(Data, KeepStartTruncation) {
   EXPECT_GT(dropped, 30);
   EXPECT_GT(cut, 30);
   EXPECT_GT(whole, 30);
+  // Sides whose prompt tokens end at different places (a token merged across the boundary on
+  // one side): the shortest prompt is the pair's, and the longer side's extra prompt tokens
+  // open its completion, so that every side's tokens stay the same.
+  std::vector<int64_t> p1{1, 5, 6, 7}, c1{8, 2}, p2{1, 5, 6}, c2{9, 10, 2}, p3{1, 5, 6, 7}, c3{2};
+  train::detail::common_prompt({&p1, &p2, &p3}, {&c1, &c2, &c3});
+  EXPECT_EQ(p1, (std::vector<int64_t>{1, 5, 6}));
+  EXPECT_EQ(p2, (std::vector<int64_t>{1, 5, 6}));
+  EXPECT_EQ(p3, (std::vector<int64_t>{1, 5, 6}));
+  EXPECT_EQ(c1, (std::vector<int64_t>{7, 8, 2}));
+  EXPECT_EQ(c2, (std::vector<int64_t>{9, 10, 2}));
+  EXPECT_EQ(c3, (std::vector<int64_t>{7, 2}));
   // Unpaired: the same rule.
   const auto& e = hh.pairs[0];
   const auto [p, c] = train::tokenize_answer(tok, e.prompt, e.chosen, true);
@@ -868,9 +879,10 @@ TEST(Train, CommandLineErrors) {
       {"--data " + (dir / "bad.jsonl").string(), "row 2: missing field \"rejected\""},
       {"--truncation classic --max_length 64 --max_prompt_length 64", "must be below --max_length"},
       {"--max_prompt_length 32", "give --truncation classic with it"},
-      {"--max_length 8 --train_limit 4", "no training rows left: "},
+      {"--max_length 8 --train_limit 4", "no training rows left: all "},
       {"--truncation keep_end", "--truncation"},
-      {"--eval_start 5000", "no held-out rows"},
+      // Not blamed on the training rows that keep_start drops.
+      {"--eval_start 5000", "no held-out rows: --eval_start 5000 is past the 2312 rows"},
       {"--lr_scheduler_type nope", "--lr_scheduler_type"},
       {"--config " + (dir / "missing.toml").string(), "missing.toml"},
       {"--loss hinge --label_smoothing 0.2 --max_steps 1 --train_limit 2 --eval_limit 2",

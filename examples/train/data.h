@@ -284,8 +284,11 @@ struct Sequence {
 enum class Truncation {
   /// TRL ≥ 1.0 (DPO's default `keep_start`, KTO, TPO; CPO and ORPO keep the whole prompt too
   /// since 1.15): the prompt whole, the sequence cut from the right to `max_length`. An example
-  /// whose prompt alone fills `max_length` is dropped, as TRL's DPO and KTO drop it (CPO and
-  /// ORPO would keep it with an empty completion, whose length-normalised log-prob is 0/0).
+  /// whose prompt alone fills `max_length` is dropped, as TRL's DPO and KTO drop it, for every
+  /// loss here (TRL's CPO, ORPO and TPO keep it with an empty completion, whose
+  /// length-normalised log-prob or NLL is 0/0). Pairs are tokenized, bounded and dropped as
+  /// pairs, also for KTO, which TRL unpairs first: the two differ only where a pair's sides
+  /// end their prompt tokens at different places.
   kKeepStart,
   /// TRL ≤ 0.28 (`max_prompt_length`): see the top of this file.
   kClassic,

@@ -246,7 +246,9 @@ UnpairedData unpair(const std::vector<train::TokenizedPair>& pairs) {
 }
 
 // KL completions: the next pair's example of the same kind (stride 2 when unpaired from
-// pairs, so that a prompt never meets its own pair's answer), capped at max_length.
+// pairs, so that a prompt never meets its own pair's answer), capped at max_length. The KL
+// completion is the other example's completion as truncated with its own prompt; TRL cuts own
+// prompt + the whole other completion, which keeps more of it when the own prompt is shorter.
 void make_kl(UnpairedData& u, int64_t stride, int64_t max_length) {
   const auto n = u.size();
   for (int64_t i = 0; i < n; ++i) {
@@ -720,7 +722,8 @@ int run(const Options& o) {
   const train::TokenizeOptions topts{
       o.max_length, o.max_prompt_length, o.ascii,
       o.truncation == "classic" ? train::Truncation::kClassic : train::Truncation::kKeepStart};
-  int64_t dropped = 0;  // keep_start: examples whose prompt alone fills max_length
+  // keep_start: examples whose prompt alone fills max_length, training and held out.
+  int64_t dropped[2] = {0, 0};
   Run r{o, loss, model, device, pad_id, {}, {}, {}, {}, {}, true};
   int64_t train_rows = 0, eval_rows = 0;
   const auto take = [&](int64_t row, bool eval_side) {
@@ -732,10 +735,17 @@ int run(const Options& o) {
     for (const auto& e : d.pairs) {
       if (!take(e.row, eval_side)) continue;
       if (limit > 0 && into.size() >= limit) break;
-      if (auto t = train::tokenize_pair(tok, e, topts))
+      // The gold response joins the prompt boundary only where it is trained on (TPO), as in
+      // TRL, whose DPO ignores that column.
+      auto t = family == Family::kTPO
+                   ? train::tokenize_pair(tok, e, topts)
+                   : train::tokenize_pair(
+                         tok, train::PreferenceExample{e.prompt, e.chosen, e.rejected, {}, e.row},
+                         topts);
+      if (t)
         into.pairs.push_back(std::move(*t));
       else
-        ++dropped;
+        ++dropped[eval_side];
     }
   };
   const auto tokenize_unpaired = [&](const train::Dataset& d, bool eval_side, UnpairedData& into,
@@ -745,7 +755,7 @@ int run(const Options& o) {
       if (limit > 0 && into.size() >= limit) break;
       auto t = train::tokenize_unpaired(tok, e.prompt, e.completion, topts);
       if (!t) {
-        ++dropped;
+        ++dropped[eval_side];
         continue;
       }
       into.examples.push_back(std::move(*t));
@@ -776,11 +786,12 @@ int run(const Options& o) {
     r.paired_eval = false;
     train_rows = r.train_u.size(), eval_rows = r.eval_u.size();
   }
-  if ((train_rows == 0 || eval_rows == 0) && dropped > 0)
-    throw std::runtime_error(
-        fmt::format("no {} rows left: {} examples were dropped because their prompt alone fills "
-                    "--max_length {} (raise it, or give --truncation classic)",
-                    train_rows == 0 ? "training" : "held-out", dropped, o.max_length));
+  for (const bool eval_side : {false, true})
+    if ((eval_side ? eval_rows : train_rows) == 0 && dropped[eval_side] > 0)
+      throw std::runtime_error(fmt::format(
+          "no {} rows left: all {} were dropped because their prompt alone fills --max_length {} "
+          "(raise it, or give --truncation classic)",
+          eval_side ? "held-out" : "training", dropped[eval_side], o.max_length));
   if (train_rows == 0)
     throw std::runtime_error(
         fmt::format("no training rows: --eval_start {} leaves none of the {} rows of {}",
@@ -820,9 +831,9 @@ int run(const Options& o) {
                 : fmt::format("keep_start truncation: max_length {}", o.max_length),
         classic ? (data.paired() ? fmt::format("; {} prompts cut from the left", cut_prompts)
                                  : std::string())
-                : fmt::format("; {} examples dropped (training and held out): the prompt "
-                              "alone fills max_length",
-                              dropped));
+                : fmt::format("; dropped, as the prompt alone fills max_length: {} training "
+                              "and {} held-out examples",
+                              dropped[0], dropped[1]));
     if (family == Family::kKTO && data.paired())
       fmt::print(
           "kto: {} unpaired examples from the pairs (chosen desirable, rejected undesirable)\n",
@@ -1056,9 +1067,11 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   opt_without_default(io, "eval_data", o.eval_data,
                       "held-out data from another file instead of --eval_start");
-  opt(io, "train_limit", o.train_limit, "use only the first N training examples (0: all)")
+  opt(io, "train_limit", o.train_limit,
+      "use only the first N training examples that truncation keeps (0: all)")
       ->check(CLI::NonNegativeNumber);
-  opt(io, "eval_limit", o.eval_limit, "use only the first N held-out examples (0: all)")
+  opt(io, "eval_limit", o.eval_limit,
+      "use only the first N held-out examples that truncation keeps (0: all)")
       ->check(CLI::NonNegativeNumber);
   opt(io, "output_dir", o.output_dir,
       "folder for model.safetensors, config.json, metrics.jsonl, curves.png, summary.json");

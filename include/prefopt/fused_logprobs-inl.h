@@ -344,31 +344,60 @@ PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t
 
 /// z ← f(z) in place, f(x) = cap · tanh(s · x / cap) / T (s · x / T without a softcap): the
 /// order of the models (Cohere's `logit_scale`, Gemma-2's softcap in the forward) and of TRL's
-/// sampling temperature after them. One multiplication rounds once whatever the dtype; the
-/// three steps of a softcap go through fp32 blocks in 16 bits, so that f(x) is rounded once to
-/// the buffer's dtype, as x was by the GEMM.
-PREFOPT_INLINE void transform_logits(at::Tensor& z, const HeadSpec& spec) {
+/// sampling temperature after them, each step the models' own operation (× s, ÷ cap, ÷ T), so
+/// that s = 1 keeps the results of the version without it. With a softcap, `dydx` (a buffer
+/// like z, or undefined) receives f'(x) = (s / T) · sech²(s · x / cap), formed from x: from the
+/// rounded f(x), 1 − tanh² cancels where the cap saturates (and a 16-bit bound cap / T that
+/// rounds above itself would make it negative). In 16 bits a softcap goes through fp32 blocks
+/// (two, of at most 2 MiB on CPU and 16 MiB on CUDA, beside the budget), so f(x) and f'(x) are
+/// rounded once to the buffer's dtype, as x was by the GEMM; a lone × s or ÷ T rounds once.
+PREFOPT_INLINE void transform_logits(at::Tensor& z, const HeadSpec& spec, at::Tensor dydx = {}) {
   const double s = spec.logit_scale, T = spec.temperature, cap = spec.softcap;
+  const bool half = z.element_size() == 2;
   if (cap <= 0) {
-    if (s / T != 1.0) z.mul_(s / T);
+    if (half && s != 1.0 && T != 1.0) {
+      z.mul_(s / T);
+    } else {
+      if (s != 1.0) z.mul_(s);
+      if (T != 1.0) z.div_(T);
+    }
     return;
   }
-  const auto f = [&](at::Tensor x) { x.mul_(s / cap).tanh_().mul_(cap / T); };
-  if (z.element_size() != 2) return f(z);
+  // u = s·x/cap into `u` (z itself where nothing needs x afterwards); then z ← cap·tanh(u)/T
+  // and dydx ← (s/T)·sech²(u).
+  const auto apply = [&](const at::Tensor& x, at::Tensor& y, at::Tensor u, const at::Tensor& d) {
+    if (!u.is_same(x)) u.copy_(x);
+    if (s != 1.0) u.mul_(s);
+    u.div_(cap);
+    if (d.defined()) {
+      at::tanh_out(y, u).mul_(cap);
+      u.cosh_().pow_(-2);
+      if (s / T != 1.0) u.mul_(s / T);
+      if (!u.is_same(d)) d.copy_(u);
+    } else {
+      (u.is_same(y) ? y.tanh_() : at::tanh_out(y, u)).mul_(cap);
+    }
+    if (T != 1.0) y.div_(T);
+  };
+  if (!half) return apply(z, z, dydx.defined() ? dydx : z, dydx);
   if (z.numel() == 0) return;
-  const int64_t block = (z.is_cpu() ? int64_t{2} : int64_t{64}) << 20;  // bytes of fp32
+  const int64_t block = (z.is_cpu() ? int64_t{2} : int64_t{16}) << 20;  // bytes of fp32
   const int64_t m = std::max<int64_t>(1, block / (4 * z.size(1)));
   for (int64_t r0 = 0; r0 < z.size(0); r0 += m) {
-    auto rows = z.narrow(0, r0, std::min(m, z.size(0) - r0));
-    auto x = rows.to(at::kFloat);
-    f(x);
-    rows.copy_(x);
+    const int64_t mr = std::min(m, z.size(0) - r0);
+    auto rows = z.narrow(0, r0, mr);
+    auto y = rows.to(at::kFloat);
+    apply(y, y, dydx.defined() ? at::empty_like(y) : y,
+          dydx.defined() ? dydx.narrow(0, r0, mr) : at::Tensor());
+    rows.copy_(y);
   }
 }
 
-/// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer).
+/// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer), and f' into `dydx` when it is
+/// defined (see transform_logits).
 PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight,
-                                 const at::Tensor& bias, const HeadSpec& spec, at::Tensor& z) {
+                                 const at::Tensor& bias, const HeadSpec& spec, at::Tensor& z,
+                                 const at::Tensor& dydx) {
   const auto st = z.scalar_type();
   if (z.is_cpu() && (st == at::kBFloat16 || st == at::kHalf) &&
       !cpu_mm16_usable(st, col_major(h_c), col_major(weight.t()))) {
@@ -378,7 +407,7 @@ PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight
   } else {
     at::mm_out(z, h_c, weight.t());
   }
-  transform_logits(z, spec);
+  transform_logits(z, spec, dydx);
 }
 
 PREFOPT_INLINE Rows identity_rows(const at::Tensor& target_c) {
@@ -388,17 +417,18 @@ PREFOPT_INLINE Rows identity_rows(const at::Tensor& target_c) {
 }
 
 PREFOPT_INLINE void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
-                                const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor) {
-  const double s = spec.logit_scale, T = spec.temperature, cap = spec.softcap;
-  // y = cap·tanh(s·x/cap)/T: dy/dx = (s/T)·(1 − (T·y/cap)²), from y before z is reused.
-  if (cap > 0) at::mul_out(cap_factor, z, z).mul_(-s * T / (cap * cap)).add_(s / T);
+                                const at::Tensor& g, const HeadSpec& spec, const at::Tensor& dydx) {
+  const double s = spec.logit_scale, T = spec.temperature;
   auto z3 = z.unsqueeze(0);
   rows_backward(z3, identity_rows(target_b), lse, g, spec.backend, int64_t{1} << 62,
                 z3);  // z ← dL/dy
-  if (cap > 0)
-    z.mul_(cap_factor);
-  else if (s / T != 1.0)
+  if (spec.softcap > 0) {
+    z.mul_(dydx);  // f'(x), from chunk_logits
+  } else if (s == 1.0 && T != 1.0) {
+    z.div_(T);
+  } else if (s / T != 1.0) {
     z.mul_(s / T);
+  }
 }
 
 /// The forward pass over all chunks: per-row log-probs, logsumexp and statistics of the
@@ -553,8 +583,8 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
         const int64_t vb = std::min(V, v0 + cols) - v0;
         const auto w_b = a.weight.narrow(0, v0, vb);
         auto z = buffer_rows(buffer, 0, m, vb, ld);
-        chunk_logits(h_c, w_b, a.bias.defined() ? a.bias.narrow(0, v0, vb) : a.bias, spec, z);
-        auto cap = spec.softcap > 0 ? buffer_rows(cap_buffer, 0, m, vb, ld) : at::Tensor();
+        const auto cap = spec.softcap > 0 ? buffer_rows(cap_buffer, 0, m, vb, ld) : at::Tensor();
+        chunk_logits(h_c, w_b, a.bias.defined() ? a.bias.narrow(0, v0, vb) : a.bias, spec, z, cap);
         logits_grad(
             z,
             one_block ? target_c

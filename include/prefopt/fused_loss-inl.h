@@ -145,10 +145,11 @@ struct Job {
     // per-row statistics, kept with the sums (`record`); or, for rows streamed a second time,
     // the logits only, beside the log-sum-exp kept the first time (all the gradient needs).
     struct Part {
-      at::Tensor rows, target, seq, h, z;
+      at::Tensor rows, target, seq, h, z, dydx;
       RowResults out;
     };
-    const auto forward = [&](const at::Tensor& idx, bool record) {
+    // `for_grad`: the part's gradients follow (the softcap's f'(x) is formed with the logits).
+    const auto forward = [&](const at::Tensor& idx, bool record, bool for_grad) {
       Part p;
       const int64_t m = idx.size(0);
       p.rows = flat.index_select(0, idx);
@@ -157,7 +158,9 @@ struct Job {
       p.h = h_buffer.narrow(0, 0, m);
       at::index_select_out(p.h, h, 0, p.rows);
       p.z = fused::buffer_rows(buffer, 0, m, V, ld);
-      fused::chunk_logits(p.h, weight, bias, spec, p.z);
+      p.dydx = for_grad && cap_buffer.defined() ? fused::buffer_rows(cap_buffer, 0, m, V, ld)
+                                                : at::Tensor();
+      fused::chunk_logits(p.h, weight, bias, spec, p.z, p.dydx);
       if (!record) {
         p.out.lse = r.lse.index_select(0, idx);
         return p;
@@ -180,10 +183,8 @@ struct Job {
     };
     // The gradients of a part whose logits are in the buffer, for dL/d(sums) `g_all` [S].
     const auto backward = [&](Part& p, const at::Tensor& g_all) {
-      const int64_t m = p.z.size(0);
       const auto g_rows = g_all.index_select(0, p.seq);
-      auto cap = cap_buffer.defined() ? fused::buffer_rows(cap_buffer, 0, m, V, ld) : at::Tensor();
-      fused::logits_grad(p.z, p.target, p.out.lse, g_rows, spec, cap);  // z ← dL/dz
+      fused::logits_grad(p.z, p.target, p.out.lse, g_rows, spec, p.dydx);  // z ← dL/dz
       if (need_b) db.add_(p.z.sum(0, /*keepdim=*/false, acc));
       if (need_w) {
         if (one_gemm) {
@@ -223,15 +224,15 @@ struct Job {
       // stream.
       const int64_t streamed = grad ? m - std::min(m, c) : m;
       for (int64_t a = 0; a < streamed; a += c)
-        (void)forward(idx.narrow(0, a, std::min(c, streamed - a)), true);
+        (void)forward(idx.narrow(0, a, std::min(c, streamed - a)), true, false);
       if (!grad) continue;
-      Part last = forward(idx.narrow(0, streamed, m - streamed), true);
+      Part last = forward(idx.narrow(0, streamed, m - streamed), true, true);
 
       cur.index_copy_(0, ids, sums64.index_select(0, ids).to(acc));
       const auto g_all = at::zeros({S}, acc_opts).index_copy_(0, ids, seq_grad(cur, ids));
       backward(last, g_all);
       for (int64_t a = 0; a < streamed; a += c) {  // the streamed rows' logits again
-        auto p = forward(idx.narrow(0, a, std::min(c, streamed - a)), false);
+        auto p = forward(idx.narrow(0, a, std::min(c, streamed - a)), false, true);
         backward(p, g_all);
       }
     }

@@ -178,16 +178,17 @@ at::Tensor buffer_rows(const at::Tensor& buffer, int64_t r0, int64_t m, int64_t 
 /// The blocking of `n` scored rows under `o`'s budget; `fn` names the caller in the checks.
 HeadSpec head_spec(const char* fn, const HeadInputs& in, int64_t n, const FusedLogprobsOptions& o);
 /// z ← f(h_c · Wᵀ + b) into `z` (a reused [c, V] buffer), f(x) = cap · tanh(s · x / cap) / T
-/// (s · x / T without a softcap): the logit scale, the softcap, then the temperature.
+/// (s · x / T without a softcap): the logit scale, the softcap, then the temperature. With a
+/// softcap and `dydx` defined (a buffer like z), f'(x) goes there, for `logits_grad`.
 void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight, const at::Tensor& bias,
-                  const HeadSpec& spec, at::Tensor& z);
+                  const HeadSpec& spec, at::Tensor& z, const at::Tensor& dydx = at::Tensor());
 /// Rows of a [1, c, V] view of a chunk: row i has target `target_c[i]`.
 Rows identity_rows(const at::Tensor& target_c);
 /// z ← dL/d(logits before f), in place, for rows with targets
 /// `target_b` (−1: the target lies outside this block of columns), logsumexp `lse` and
-/// per-row gradients `g`; `cap_factor` is a buffer like z (used with softcap only).
+/// per-row gradients `g`; with a softcap, `dydx` holds f'(x) from `chunk_logits`.
 void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
-                 const at::Tensor& g, const HeadSpec& spec, at::Tensor& cap_factor);
+                 const at::Tensor& g, const HeadSpec& spec, const at::Tensor& dydx);
 /// Whether this libtorch multiplies fp16 matrices on CPU (libtorch < 2.1 does not).
 bool cpu_half_matmul();
 /// libtorch's CPU `mm` in the 16-bit dtype `st` against its fp32 `mm`, as a speed ratio (fp32

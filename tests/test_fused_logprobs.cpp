@@ -253,13 +253,16 @@ TEST_F(Fused, ScaleSoftcapTemperatureInTheModelsOrder) {
 // rounded to bf16: up to 4 ulp, 0.5 at |y| ≈ 30). With H = 1 and logits that bf16 holds
 // exactly, the GEMM is exact, so the op's log-probs must equal the fp64 log-softmax of the
 // once-rounded f(x) up to the fp32 statistics (1e-5 here); one more bf16 rounding of a logit
-// near 30 moves a log-prob by up to 0.06. 254 rows of V = 3000 in one chunk take two fp32
-// blocks of the transform (174 rows each on CPU).
+// near 30 moves a log-prob by up to 0.06. Every one of the 2 × 199 rows is scored, all in one
+// chunk: three fp32 blocks of the transform (174 rows each on CPU), so f'(x) too lands at row
+// offsets; the weight gradient is checked against fp64 autograd (1e-2 of its largest entry, as
+// for bf16 in LowPrecisionInputsAgainstFp64; a block's f' at wrong rows is off by O(1)).
 TEST_F(Fused, SixteenBitSoftcapRoundsOnce) {
-  const int64_t B = 2, T = 128, V = 3000;
-  const auto labels = make_labels(B, T, V);
+  const int64_t B = 2, T = 200, V = 3000;
+  const auto labels = at::randint(V, {B, T}, at::kLong);
   const auto h = at::ones({B, T, 1}, at::kBFloat16);
-  const auto w = (at::randn({V, 1}, at::kDouble) * 20).to(at::kBFloat16);  // exact products
+  const auto w =
+      (at::randn({V, 1}, at::kDouble) * 20).to(at::kBFloat16).requires_grad_();  // exact products
   const auto lp = F::fused_logprobs(h, w, {}, labels,
                                     FusedLogprobsOptions()
                                         .logit_scale(1.25)
@@ -267,10 +270,20 @@ TEST_F(Fused, SixteenBitSoftcapRoundsOnce) {
                                         .temperature(0.8)
                                         .chunk_bytes(int64_t{1} << 30)
                                         .with_token_logps(true));
-  const auto x = at::matmul(h.to(at::kFloat), w.to(at::kFloat).t());  // exact in fp32
-  const auto y = x.mul(1.25 / 30).tanh().mul(30 / 0.8).to(at::kBFloat16).to(at::kDouble);
+  const auto x = at::matmul(h.to(at::kFloat), w.detach().to(at::kFloat).t());  // exact in fp32
+  const auto y = x.mul(1.25).div(30).tanh().mul(30).div(0.8).to(at::kBFloat16).to(at::kDouble);
   const auto ref = prefopt_ref::gather(y, labels, labels != kIgnore);
   EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 0, 1e-5));
+  // dW[j] = Σ over scored rows of (1[j = label] − p_j) · f'(x_j) (h = 1), in fp64 from the
+  // formula, with p the softmax of the once-rounded f(x) that the op's statistics see (at
+  // |y| ≈ 37 a bf16 rounding moves p by up to 13%, which is the input's, not the op's, error).
+  const auto rows = y.slice(1, 0, T - 1);
+  const auto onehot = at::one_hot(labels.slice(1, 1), V).to(at::kDouble);
+  const auto fprime =
+      x.slice(1, 0, T - 1).to(at::kDouble).mul(1.25 / 30).cosh().pow(-2) * (1.25 / 0.8);
+  const auto g_ref = ((onehot - at::softmax(rows, -1)) * fprime).sum({0, 1}).unsqueeze(1);
+  const auto g = torch::autograd::grad({lp.sum.sum()}, {w})[0];
+  EXPECT_TRUE(AllClose(g, g_ref, 0, 1e-2 * g_ref.abs().max().item<double>()));
 }
 
 // f'(x) where the cap saturates: a logit x = 200 under cap 30 and temperature 1.3 has
@@ -297,7 +310,8 @@ TEST_F(Fused, SaturatedSoftcapDerivative) {
       const double y0 = 30 * std::tanh(200.0 / 30) / 1.3;
       const double p0 = std::exp(y0) / (std::exp(y0) + (V - 1));
       const double fp = 1 / 1.3 / std::pow(std::cosh(200.0 / 30), 2);
-      EXPECT_NEAR(gw[0][0].item<double>(), -p0 * fp, 2e-2 * p0 * fp);
+      // bf16: f' and dL/dy rounded once each; fp32: the old (1 − (T·y/cap)²) was 0.5% off.
+      EXPECT_NEAR(gw[0][0].item<double>(), -p0 * fp, (st == at::kFloat ? 1e-4 : 1e-2) * p0 * fp);
     }
 }
 

@@ -349,7 +349,8 @@ PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t
 /// like z, or undefined) receives f'(x) = (s / T) · sech²(s · x / cap), formed from x: from the
 /// rounded f(x), 1 − tanh² cancels where the cap saturates (and a 16-bit bound cap / T that
 /// rounds above itself would make it negative). In 16 bits a softcap goes through fp32 blocks
-/// (two, of at most 2 MiB on CPU and 16 MiB on CUDA, beside the budget), so f(x) and f'(x) are
+/// (two with `dydx`, one without; 2 MiB on CPU and 16 MiB on CUDA, or one row where a row is
+/// larger; beside the budget), so f(x) and f'(x) are
 /// rounded once to the buffer's dtype, as x was by the GEMM; a lone × s or ÷ T rounds once.
 PREFOPT_INLINE void transform_logits(at::Tensor& z, const HeadSpec& spec, at::Tensor dydx = {}) {
   const double s = spec.logit_scale, T = spec.temperature, cap = spec.softcap;

@@ -88,8 +88,8 @@ struct FusedLogprobsOptions {
   /// that fit; an explicit budget below one row is an error. 0 (the default) is automatic:
   /// chunks and vocabulary blocks get 1/16 of the scored tokens' logits in the input dtype (at
   /// most 256 MiB, at least one row); tiles get 1/128 of them in fp32 (fp64 for fp64), from
-  /// 4 MiB to 64 MiB. A softcap on 16-bit inputs adds two fp32 blocks of at most 2 MiB (CPU)
-  /// or 16 MiB (CUDA) for its transform.
+  /// 4 MiB to 64 MiB. A softcap on 16-bit inputs adds two fp32 blocks of 2 MiB (CPU) or
+  /// 16 MiB (CUDA), or of one row where a row is larger, for its transform.
   TORCH_ARG(int64_t, chunk_bytes) = 0;
   /// Row kernels or the ATen path for the per-chunk log-softmax (as for gathering).
   /// Default: kAuto.

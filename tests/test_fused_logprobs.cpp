@@ -281,7 +281,8 @@ TEST_F(Fused, SixteenBitSoftcapRoundsOnce) {
   const auto onehot = at::one_hot(labels.slice(1, 1), V).to(at::kDouble);
   const auto fprime =
       x.slice(1, 0, T - 1).to(at::kDouble).mul(1.25 / 30).cosh().pow(-2) * (1.25 / 0.8);
-  const auto g_ref = ((onehot - at::softmax(rows, -1)) * fprime).sum({0, 1}).unsqueeze(1);
+  const auto g_ref =
+      ((onehot - at::softmax(rows, -1)) * fprime).sum(at::IntArrayRef{0, 1}).unsqueeze(1);
   const auto g = torch::autograd::grad({lp.sum.sum()}, {w})[0];
   EXPECT_TRUE(AllClose(g, g_ref, 0, 1e-2 * g_ref.abs().max().item<double>()));
 }

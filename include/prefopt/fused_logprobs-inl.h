@@ -350,8 +350,8 @@ PREFOPT_INLINE Tiling tiles_within(int64_t budget, int64_t n, int64_t V, int64_t
 /// rounded f(x), 1 − tanh² cancels where the cap saturates (and a 16-bit bound cap / T that
 /// rounds above itself would make it negative). In 16 bits a softcap goes through fp32 blocks
 /// (two with `dydx`, one without; 2 MiB on CPU and 16 MiB on CUDA, or one row where a row is
-/// larger; beside the budget), so f(x) and f'(x) are
-/// rounded once to the buffer's dtype, as x was by the GEMM; a lone × s or ÷ T rounds once.
+/// larger; beside the budget), so f(x) and f'(x) are rounded once to the buffer's dtype, as x
+/// was by the GEMM; a lone × s or ÷ T rounds once.
 PREFOPT_INLINE void transform_logits(at::Tensor& z, const HeadSpec& spec, at::Tensor dydx = {}) {
   const double s = spec.logit_scale, T = spec.temperature, cap = spec.softcap;
   const bool half = z.element_size() == 2;
@@ -364,23 +364,24 @@ PREFOPT_INLINE void transform_logits(at::Tensor& z, const HeadSpec& spec, at::Te
     }
     return;
   }
-  // u = s·x/cap into `u` (z itself where nothing needs x afterwards); then z ← cap·tanh(u)/T
-  // and dydx ← (s/T)·sech²(u).
-  const auto apply = [&](const at::Tensor& x, at::Tensor& y, at::Tensor u, const at::Tensor& d) {
-    if (!u.is_same(x)) u.copy_(x);
-    if (s != 1.0) u.mul_(s);
-    u.div_(cap);
-    if (d.defined()) {
+  // y ← cap·tanh(s·y/cap)/T in place; with `d`, also d ← (s/T)·sech²(u), u = s·y/cap formed in
+  // the scratch `u` (which may be d itself).
+  const auto apply = [&](at::Tensor& y, at::Tensor u, const at::Tensor& d) {
+    if (!d.defined()) {
+      if (s != 1.0) y.mul_(s);
+      y.div_(cap).tanh_().mul_(cap);
+    } else {
+      u.copy_(y);
+      if (s != 1.0) u.mul_(s);
+      u.div_(cap);
       at::tanh_out(y, u).mul_(cap);
       u.cosh_().pow_(-2);
       if (s / T != 1.0) u.mul_(s / T);
       if (!u.is_same(d)) d.copy_(u);
-    } else {
-      (u.is_same(y) ? y.tanh_() : at::tanh_out(y, u)).mul_(cap);
     }
     if (T != 1.0) y.div_(T);
   };
-  if (!half) return apply(z, z, dydx.defined() ? dydx : z, dydx);
+  if (!half) return apply(z, dydx, dydx);
   if (z.numel() == 0) return;
   const int64_t block = (z.is_cpu() ? int64_t{2} : int64_t{16}) << 20;  // bytes of fp32
   const int64_t m = std::max<int64_t>(1, block / (4 * z.size(1)));
@@ -388,8 +389,10 @@ PREFOPT_INLINE void transform_logits(at::Tensor& z, const HeadSpec& spec, at::Te
     const int64_t mr = std::min(m, z.size(0) - r0);
     auto rows = z.narrow(0, r0, mr);
     auto y = rows.to(at::kFloat);
-    apply(y, y, dydx.defined() ? at::empty_like(y) : y,
-          dydx.defined() ? dydx.narrow(0, r0, mr) : at::Tensor());
+    if (dydx.defined())
+      apply(y, at::empty_like(y), dydx.narrow(0, r0, mr));
+    else
+      apply(y, {}, {});
     rows.copy_(y);
   }
 }

@@ -20,10 +20,12 @@ and the table gives their median and range: "1.18 (1.01-1.93)". Times and memory
 methods' medians over the rounds. In a saved file the i-th line of a method for a configuration
 is its round i, so files appended by separate runs of the same configurations pair the same way.
 
-`--methods ... liger --liger-python PY` adds Liger-Kernel's LigerFusedLinearDPOLoss
-(bench/liger_head.py run by PY, a Python with torch and liger-kernel) on the same inputs; every
-bench_head process then gets --zero-reference, since Liger runs without a reference model, so
-all methods report the same loss. `--device cuda` runs everything on the GPU and prints the GPU
+`--methods ... liger trl --anchor-python PY` adds the anchors on the same inputs, run by PY (a
+Python with torch and the anchor): Liger-Kernel's LigerFusedLinearDPOLoss (bench/liger_head.py)
+and TRL's fused head under its DPO loss (bench/trl_head.py; `trl_trainer` with DPOTrainer's
+metric outputs too). Every bench_head process then gets
+--zero-reference, since the anchors run without a reference model, so all methods report the
+same loss. `--device cuda` runs everything on the GPU and prints the GPU
 table instead (memory: the caching allocator's peak beyond the inputs).
 `--methods naive two_pass one_pass gemm3` adds bench_head's three-GEMM floor (the scored rows'
 z = h·Wᵀ, z·W and zᵀ·h with ATen's matmul, nothing else): the table then gains its time and each
@@ -40,25 +42,33 @@ import sys
 METHODS = ["naive", "two_pass", "one_pass"]
 FLOOR = "gemm3"
 LIGER = "liger"
+# The anchors' runners (bench/anchor_head.py's harness) and their arguments, by method name:
+# "trl" computes the log-probs alone, as bench_head's methods do; "trl_trainer" also the
+# per-token outputs DPOTrainer asks for (entropy, mean logit, top-1); "trl_trainer_all" scores
+# every position as well, prompt included, as TRL's trainer does on the CPU.
+ANCHORS = {LIGER: ["liger_head.py"], "trl": ["trl_head.py"],
+           "trl_trainer": ["trl_head.py", "--trainer-outputs"],
+           "trl_trainer_all": ["trl_head.py", "--trainer-outputs", "--all-positions"]}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run(a, method, cfg, extra=()):
-    """One bench_head (or Liger) process; its JSON line, or None when it failed."""
+    """One bench_head (or anchor) process; its JSON line, or None when it failed."""
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
     args = ["--N", str(cfg["N"]), "--H", str(cfg["H"]), "--V", str(cfg["V"]), "--T", str(cfg["T"]),
             "--dtype", cfg["dtype"], "--masked", str(cfg["masked"]), "--reps", str(a.reps),
             "--threads", str(a.threads), "--device", a.device]
-    if method == LIGER:
-        cmd = [a.liger_python, os.path.join(HERE, "liger_head.py")] + args
+    if method in ANCHORS:
+        script, *flags = ANCHORS[method]
+        cmd = [a.anchor_python, os.path.join(HERE, script)] + args + flags
     else:
         cmd = [a.bench, "--method", method] + args + list(extra)
-        if LIGER in a.methods:
+        if any(m in ANCHORS for m in a.methods):
             cmd.append("--zero-reference")
     try:
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     except subprocess.CalledProcessError as e:
-        # One failing method (a missing or broken Liger, an out-of-memory) must not cost the
+        # One failing method (a missing or broken anchor, an out-of-memory) must not cost the
         # other methods' rows: report it and go on.
         print(f"head_matrix: {method} failed ({e.returncode}):\n{e.stderr}", file=sys.stderr)
         return None
@@ -125,9 +135,11 @@ def gpu_table(rows):
     """#18's GPU targets: one-pass ≤ 1.2× the three-GEMM floor, ≥ 1.2× faster than Liger, and
     no more memory than Liger (the caching allocator's peak beyond the inputs)."""
     mb = 1 / 2**20
-    names = [m for m in METHODS + [LIGER] if any(m in x for x in rows.values())]
+    anchors = [m for m in ANCHORS if any(m in x for x in rows.values())]
+    names = [m for m in METHODS if any(m in x for x in rows.values())] + anchors
     head = ("| N × H × V | T | dtype | masked | " + " | ".join(f"{m} s" for m in names) +
-            " | floor s | floor TFLOP/s | one-pass/floor | liger/one-pass | " +
+            " | floor s | floor TFLOP/s | one-pass/floor | " +
+            "".join(f"{g}/one-pass | " for g in anchors) +
             " | ".join(f"{m} MB" for m in names) + " |")
     print(head)
     print("|---|---:|---|---:|" + "---:|" * (head.count("|") - 5))
@@ -142,7 +154,7 @@ def gpu_table(rows):
               " | ".join(cell(m[n]["median_s"] if n in m else None, ".3f") for n in names) +
               f" | {cell(f['median_s'] if f else None, '.3f')} | {tflops:.0f} | " +
               f"{time_ratio(o, f) if o and f else '-'} | " +
-              f"{time_ratio(m[LIGER], o) if o and LIGER in m else '-'} | " +
+              "".join(f"{time_ratio(m[g], o) if o and g in m else '-'} | " for g in anchors) +
               " | ".join(cell(m[n]["alloc_extra_bytes"] * mb if n in m else None, ".0f")
                          for n in names) + " |")
 
@@ -151,7 +163,7 @@ def table(lines):
     rows = grouped(lines)
     if any(r.get("device", "cpu") != "cpu" for r in lines):
         return gpu_table(rows)
-    liger = any(LIGER in m for m in rows.values())
+    anchors = [g for g in ANCHORS if any(g in m for m in rows.values())]
     floor = any(FLOOR in m for m in rows.values())
     mb = 1 / 2**20
     head = ("| N × H × V | T | dtype | masked | naive s | two-pass s | one-pass s | two-pass/naive | "
@@ -159,13 +171,13 @@ def table(lines):
             "RSS two-pass/naive | alloc one-pass/naive | RSS one-pass/naive beyond gradients |")
     if floor:
         head += " floor s | naive/floor | two-pass/floor | one-pass/floor |"
-    if liger:
-        head += " liger s | one-pass/liger | liger extra RSS MB | RSS one-pass/liger |"
+    for g in anchors:
+        head += f" {g} s | one-pass/{g} | {g} extra RSS MB | RSS one-pass/{g} |"
     print(head)
     print("|---|---:|---|---:|" + "---:|" * (head.count("|") - 5))
     for k in sorted(rows, key=lambda k: (k[3], k[1], k[2], k[5], k[4])):
         m = rows[k]
-        if not all(x in m for x in METHODS) or (floor and FLOOR not in m) or (liger and LIGER not in m):
+        if not all(x in m for x in METHODS) or (floor and FLOOR not in m):
             continue
         n, o, t = m["naive"], m["one_pass"], m["two_pass"]
         line = (f"| {k[0]} × {k[1]} × {k[2]} | {k[5]} | {k[3]} | {k[4]:g} | {n['median_s']:.2f} | "
@@ -180,8 +192,10 @@ def table(lines):
             f = m[FLOOR]
             line += (f" {f['median_s']:.2f} | {time_ratio(n, f)} | {time_ratio(t, f)} | "
                      f"{time_ratio(o, f)} |")
-        if liger:
-            g = m[LIGER]
+        for g in (m.get(x) for x in anchors):
+            if not g:  # an anchor that did not run (or failed) on this configuration
+                line += " - | - | - | - |"
+                continue
             line += (f" {g['median_s']:.2f} | {time_ratio(o, g)} | "
                      f"{g['rss_extra_bytes'] * mb:.0f} | "
                      f"{o['rss_extra_bytes'] / g['rss_extra_bytes']:.3f} |")
@@ -203,11 +217,13 @@ def main():
     p.add_argument("--rounds", type=int, default=1,
                    help="runs of every configuration, methods rotating; time ratios per round")
     p.add_argument("--threads", type=int, default=0, help="0: every hardware thread")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + [FLOOR, LIGER],
+    p.add_argument("--methods", nargs="+", default=METHODS,
+                   choices=METHODS + [FLOOR] + list(ANCHORS),
                    help="methods to run (naive, two_pass and one_pass are required for the CPU "
-                        "table; liger needs --liger-python)")
-    p.add_argument("--liger-python", default="python3",
-                   help="the Python that runs bench/liger_head.py (torch and liger-kernel)")
+                        "table; the anchors need --anchor-python)")
+    p.add_argument("--anchor-python", "--liger-python", default="python3",
+                   help="the Python that runs bench/liger_head.py and bench/trl_head.py "
+                        "(torch, liger-kernel, trl)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = p.parse_args()
     if a.table:

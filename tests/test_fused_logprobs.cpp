@@ -7,6 +7,9 @@
 
 #include <torch/csrc/autograd/autograd.h>
 
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <vector>
 
@@ -17,6 +20,7 @@
 namespace {
 
 namespace F = prefopt::functional;
+namespace fs = std::filesystem;
 using prefopt::FusedBackward;
 using prefopt::FusedLogprobsOptions;
 using prefopt::GatherBackend;
@@ -246,6 +250,84 @@ TEST_F(Fused, ScaleSoftcapTemperatureInTheModelsOrder) {
               1e-13);
   EXPECT_NEAR(logp(z, 1, FusedLogprobsOptions().logit_scale(0.25).temperature(0.5)),
               -2.132845235532322, 1e-13);
+}
+
+// TRL's own fused head (`trl.kernels.ChunkedLogProbFunction`, DPOTrainer's since TRL 1.15) on
+// fp32 inputs, recorded by tests/reference/make_trl_head_fixture.py in
+// tests/fixtures/trl_fused_head.json: per-token log-probs, the per-sequence entropy, mean logit,
+// top-1 count and WPO weight DPOTrainer logs and weighs with, and the gradients of
+// Σ_b c_b · Σ_t log p_{b,t} to the hidden states, the weight and the bias; once plain, once
+// with logit scale 1.7, softcap 10 (scaled logits from −31 to 35) and temperature 0.7. Every
+// blocking of the backward, with the automatic budget and with a budget of three logits rows.
+// Both sides are fp32 with different summation orders. Measured: per-token log-probs within
+// 3.8e-6 (differences of logits up to 35 in size), the per-sequence sums within 1.2e-5 (up to
+// 115 in size), WPO weights within 4.4e-7 relative, gradients within 1.9e-6 of their largest
+// entry; checked at 1e-5 + 1e-6·|x|, 5e-6 relative and 1e-5 of the largest entry. Counts and
+// top-1 hits exactly: no label is within 1e-3 of another logit, so rounding cannot decide a
+// hit. The old order (temperature before the softcap) fails the log-probs, entropy, mean logit,
+// WPO weights and gradients of the second case.
+TEST_F(Fused, MatchesTrlsFusedHead) {
+  std::ifstream in(fs::path(PREFOPT_SOURCE_DIR) / "tests" / "fixtures" / "trl_fused_head.json");
+  ASSERT_TRUE(in) << "tests/fixtures/trl_fused_head.json is missing";
+  const auto fixture = nlohmann::json::parse(in);
+  ASSERT_EQ(fixture.at("cases").size(), 2u);
+  const auto floats = [](const nlohmann::json& j, at::IntArrayRef shape) {
+    std::vector<float> v;
+    for (double x : j) v.push_back(static_cast<float>(x));
+    return at::tensor(v).view(shape);
+  };
+  const auto longs = [](const nlohmann::json& j, at::IntArrayRef shape) {
+    return at::tensor(j.get<std::vector<int64_t>>()).view(shape);
+  };
+  for (const auto& c : fixture.at("cases")) {
+    const int64_t B = c.at("B"), T = c.at("T"), H = c.at("H"), V = c.at("V");
+    const bool bias = !c.at("bias").is_null();
+    const auto h0 = floats(c.at("hidden"), {B, T, H});
+    const auto w0 = floats(c.at("weight"), {V, H});
+    const auto b0 = bias ? floats(c.at("bias"), {V}) : at::Tensor();
+    const auto labels = longs(c.at("labels"), {B, T});
+    const auto seq_grad = floats(c.at("seq_grad"), {B});
+    const auto d_weight = floats(c.at("d_weight"), {V, H});
+    for (auto bwd :
+         {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles})
+      for (int64_t budget : {int64_t{0}, 3 * V * 4}) {
+        SCOPED_TRACE(::testing::Message() << c.at("name").get<std::string>() << " backward "
+                                          << static_cast<int>(bwd) << " chunk_bytes " << budget);
+        const auto h = h0.clone().requires_grad_(), w = w0.clone().requires_grad_();
+        const auto b = bias ? b0.clone().requires_grad_() : at::Tensor();
+        const auto lp = F::fused_logprobs(h, w, b, labels,
+                                          FusedLogprobsOptions()
+                                              .shift(false)
+                                              .logit_scale(c.at("logit_scale"))
+                                              .softcap(c.at("softcap"))
+                                              .temperature(c.at("temperature"))
+                                              .with_token_logps(true)
+                                              .with_entropy(true)
+                                              .with_logits_mean(true)
+                                              .with_token_accuracy(true)
+                                              .with_wpo_weights(true)
+                                              .backward(bwd)
+                                              .chunk_bytes(budget));
+        EXPECT_TRUE(AllClose(lp.token_logps, floats(c.at("token_logps"), {B, T}), 1e-6, 1e-5));
+        EXPECT_TRUE(AllClose(lp.sum, floats(c.at("sum"), {B}), 1e-6, 1e-5));
+        EXPECT_TRUE(AllClose(lp.entropy_sum, floats(c.at("entropy_sum"), {B}), 1e-6, 1e-5));
+        EXPECT_TRUE(AllClose(lp.logits_sum, floats(c.at("logits_sum"), {B}), 1e-6, 1e-5));
+        EXPECT_TRUE(AllClose(lp.wpo_weights, floats(c.at("wpo_weights"), {B}), 5e-6, 0));
+        EXPECT_TRUE(at::equal(lp.count, longs(c.at("count"), {B})));
+        EXPECT_TRUE(at::equal(lp.correct, longs(c.at("correct"), {B})));
+        std::vector<at::Tensor> params{h, w};
+        if (bias) params.push_back(b);
+        const auto g = torch::autograd::grad({(lp.sum * seq_grad).sum()}, params);
+        const auto close = [&](const at::Tensor& actual, const at::Tensor& expected) {
+          return AllClose(actual, expected, 0, 1e-5 * expected.abs().max().item<double>());
+        };
+        EXPECT_TRUE(close(g[0], floats(c.at("d_hidden"), {B, T, H})));
+        EXPECT_TRUE(close(g[1], d_weight));
+        if (bias) {
+          EXPECT_TRUE(close(g[2], floats(c.at("d_bias"), {V})));
+        }
+      }
+  }
 }
 
 // A softcap on 16-bit inputs: f(x) = cap·tanh(s·x/cap)/T is formed in fp32 and rounded once to

@@ -22,11 +22,12 @@ is its round i, so files appended by separate runs of the same configurations pa
 
 `--methods ... liger trl --anchor-python PY` adds the anchors on the same inputs, run by PY (a
 Python with torch and the anchor): Liger-Kernel's LigerFusedLinearDPOLoss (bench/liger_head.py)
-and TRL's fused head under its DPO loss (bench/trl_head.py; `trl_trainer` with DPOTrainer's
-metric outputs too). Every bench_head process then gets
---zero-reference, since the anchors run without a reference model, so all methods report the
-same loss. `--device cuda` runs everything on the GPU and prints the GPU
-table instead (memory: the caching allocator's peak beyond the inputs).
+and TRL's fused head under its DPO loss (bench/trl_head.py: `trl` the log-probs alone,
+`trl_trainer` with DPOTrainer's metric outputs too, `trl_trainer_all` also scoring the prompt,
+as TRL does on the CPU). Every bench_head process then gets --zero-reference, since the
+anchors run without a reference model, so all methods report the same loss. `--device cuda`
+runs everything on the GPU and prints the GPU table instead (memory: the caching allocator's
+peak beyond the inputs).
 `--methods naive two_pass one_pass gemm3` adds bench_head's three-GEMM floor (the scored rows'
 z = h·Wᵀ, z·W and zᵀ·h with ATen's matmul, nothing else): the table then gains its time and each
 method's time over it, which says how much of a method is not GEMM.

@@ -18,8 +18,9 @@ per-token outputs DPOTrainer asks for to log its metrics, the entropy, the mean 
 whether the label is the top-1 token (method "trl_trainer"), which prefopt's methods here do
 not compute. The head is two-pass: its forward folds [4096-token,
 32,768-column] tiles of h·Wᵀ into online log-sum-exp statistics, and its backward recomputes
-each tile, turns it into the logits' gradient in place and adds its two gradient GEMMs into
-fp32 accumulators (four GEMM-equivalents in all).
+each tile, turns it into the logits' gradient (in place on CUDA; through tile-sized
+temporaries on the CPU) and adds its two gradient GEMMs into fp32 accumulators (four
+GEMM-equivalents in all).
 
 TRL compacts the scored positions (only rows whose label is not −100 reach a GEMM) on devices
 with Triton; on the CPU its forward wrapper scores every position instead. This runner compacts

@@ -260,10 +260,10 @@ TEST_F(Fused, ScaleSoftcapTemperatureInTheModelsOrder) {
 // with logit scale 1.7, softcap 10 (scaled logits from −31 to 35) and temperature 0.7. Every
 // blocking of the backward, with the automatic budget and with a budget of three logits rows.
 // Both sides are fp32 with different summation orders. Measured: per-token log-probs within
-// 3.8e-6 (differences of logits up to 35 in size), the per-sequence sums within 1.2e-5 (up to
+// 3.8e-6 (log-probs down to −29), the per-sequence sums within 1.2e-5 (up to
 // 115 in size), WPO weights within 4.4e-7 relative, gradients within 1.9e-6 of their largest
 // entry; checked at 1e-5 + 1e-6·|x|, 5e-6 relative and 1e-5 of the largest entry. Counts and
-// top-1 hits exactly: no label is within 1e-3 of another logit, so rounding cannot decide a
+// top-1 hits exactly: no label is within 1e-3 of the best other logit, so rounding cannot decide a
 // hit. The old order (temperature before the softcap) fails the log-probs, entropy, mean logit,
 // WPO weights and gradients of the second case.
 TEST_F(Fused, MatchesTrlsFusedHead) {

@@ -15,7 +15,7 @@ transform (logit scale, softcap, temperature), the per-token log-probs, the per-
 of log-probs, entropy, mean logit and top-1 hits, the token counts, DPOTrainer's WPO weights,
 and the three gradients.
 
-A third of the scored labels are the argmax of the transformed logits (computed in fp64), so
+About a third of the labels are the argmax of the transformed logits (computed in fp64), so
 the top-1 count is not trivially zero, and no label is within 1e-3 of the best other logit, so
 rounding cannot decide it; sequence 3 has nothing scored. Needs torch and trl:
     python3 tests/reference/make_trl_head_fixture.py [--out tests/fixtures/trl_fused_head.json]

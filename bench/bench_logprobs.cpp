@@ -6,7 +6,8 @@
 //   bench_logprobs [--smoke] [--threads=N] [--device=cuda] [--benchmark_filter=...]
 //
 // prefopt_aten is prefopt's chunked ATen path (backend kATen), to show what the row kernels add;
-// vocab_parallel is distributed.h's vocabulary-parallel gather on a single rank.
+// vocab_parallel is distributed.h's vocabulary-parallel gather on a single rank; the
+// "_entropy" pair adds an entropy term to what they compute (and differentiate).
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
 #include <c10/core/GradMode.h>
@@ -55,6 +56,26 @@ at::Tensor naive_sum(const at::Tensor& logits, const at::Tensor& labels) {
   const auto mask = y != -100;
   const auto lp = z.log_softmax(-1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1);
   return (lp * mask).sum(1);
+}
+
+/// With an entropy term, as a loss with an entropy bonus reads it: Σ log p + 0.01 · Σ H per
+/// sequence (backward then carries the entropy's gradient too).
+constexpr double kEntropyWeight = 0.01;
+
+at::Tensor prefopt_entropy_sum(const at::Tensor& logits, const at::Tensor& labels) {
+  const auto lp =
+      F::gather_logprobs(logits, labels, prefopt::GatherLogprobsOptions().with_entropy(true));
+  return lp.sum + kEntropyWeight * lp.entropy_sum;
+}
+
+at::Tensor naive_entropy_sum(const at::Tensor& logits, const at::Tensor& labels) {
+  const auto z = logits.slice(1, 0, -1);
+  const auto y = labels.slice(1, 1);
+  const auto mask = y != -100;
+  const auto all = z.log_softmax(-1);
+  const auto lp = all.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1);
+  const auto entropy = -(all.exp() * all).sum(-1);
+  return ((lp + kEntropyWeight * entropy) * mask).sum(1);
 }
 
 /// TRL's selective_log_softmax (trl/trainer/utils.py): fp32 gathers the label logit and
@@ -133,7 +154,8 @@ void run(benchmark::State& state, Method method, bool backward) {
   if (backward)  // the logits gradient itself (1x logits) is the op's output, not overhead
     state.counters["extra_beyond_grad_pct"] =
         100.0 * (static_cast<double>(extra) - logits_bytes) / logits_bytes;
-  state.counters["checksum"] = checksum;  // the same for every method of a shape (up to dtype)
+  // The same for every method of a shape (up to dtype), and for both "_entropy" methods.
+  state.counters["checksum"] = checksum;
 }
 
 void register_all(bool smoke) {
@@ -141,7 +163,9 @@ void register_all(bool smoke) {
   std::vector<std::pair<const char*, Method>> methods{{"prefopt", prefopt_sum},
                                                       {"naive", naive_sum},
                                                       {"trl", trl_sum},
-                                                      {"vocab_parallel", vocab_parallel_sum}};
+                                                      {"vocab_parallel", vocab_parallel_sum},
+                                                      {"prefopt_entropy", prefopt_entropy_sum},
+                                                      {"naive_entropy", naive_entropy_sum}};
   if (gpu) methods.insert(methods.begin() + 1, {"prefopt_aten", prefopt_aten_sum});
   const std::vector<int64_t> token_sizes = smoke ? std::vector<int64_t>{1024}
                                            : gpu ? std::vector<int64_t>{16384}

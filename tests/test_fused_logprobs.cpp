@@ -11,6 +11,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "memory.h"  // bench/: the tracking CPU allocator
@@ -82,6 +84,7 @@ TEST_P(FusedGrid, ValuesAndGradientsMatchTheNaiveCompositeInFp64) {
   const auto [B, T, H, V] = GetParam();
   const auto labels = make_labels(B, T, V);
   const auto g_sum = at::randn({B}, at::kDouble), g_mean = at::randn({B}, at::kDouble);
+  const auto g_ent = at::randn({B}, at::kDouble);
   const int64_t row = V * 8;  // one row of fp64 logits buffer
   for (bool bias : {false, true})
     for (const auto [scale, temperature, softcap] : kTransforms) {
@@ -89,8 +92,10 @@ TEST_P(FusedGrid, ValuesAndGradientsMatchTheNaiveCompositeInFp64) {
       const auto ref_head = head.as_double();
       const auto z = naive_logits(ref_head.h, ref_head.w, ref_head.b, temperature, softcap, scale);
       const auto ref = prefopt_ref::gather(z, labels, labels != kIgnore);
+      // The gradients through the log-probs and the entropies.
       const auto ref_grads = torch::autograd::grad(
-          {(ref.sum * g_sum).sum() + (ref.mean * g_mean).sum()}, ref_head.params());
+          {(ref.sum * g_sum).sum() + (ref.mean * g_mean).sum() + (ref.entropy_sum * g_ent).sum()},
+          ref_head.params());
       // Chunks: one row, three rows (N rarely a multiple), everything at once.
       const int64_t bytes_softcap = softcap > 0 ? 2 : 1;
       // Backward in vocabulary blocks: the same budgets give blocks of about V / N columns
@@ -125,8 +130,10 @@ TEST_P(FusedGrid, ValuesAndGradientsMatchTheNaiveCompositeInFp64) {
             EXPECT_TRUE(at::equal(lp.correct, ref.correct));
             EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, 1e-11, 1e-11));
             EXPECT_TRUE(AllClose(lp.wpo_weights, ref.wpo_weights, 1e-10, 1e-12));
-            const auto grads = torch::autograd::grad(
-                {(lp.sum * g_sum).sum() + (lp.mean * g_mean).sum()}, head.params());
+            const auto grads =
+                torch::autograd::grad({(lp.sum * g_sum).sum() + (lp.mean * g_mean).sum() +
+                                       (lp.entropy_sum * g_ent).sum()},
+                                      head.params());
             for (size_t i = 0; i < grads.size(); ++i)
               EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 1e-10, 1e-11)) << "parameter " << i;
           }
@@ -254,18 +261,21 @@ TEST_F(Fused, ScaleSoftcapTemperatureInTheModelsOrder) {
 
 // TRL's own fused head (`trl.kernels.ChunkedLogProbFunction`, DPOTrainer's since TRL 1.15) on
 // fp32 inputs, recorded by tests/reference/make_trl_head_fixture.py in
-// tests/fixtures/trl_fused_head.json: per-token log-probs, the per-sequence entropy, mean logit,
-// top-1 count and WPO weight DPOTrainer logs and weighs with, and the gradients of
-// Σ_b c_b · Σ_t log p_{b,t} to the hidden states, the weight and the bias; once plain, once
-// with logit scale 1.7, softcap 10 (scaled logits from −31 to 35) and temperature 0.7. Every
-// blocking of the backward, with the automatic budget and with a budget of three logits rows.
-// Both sides are fp32 with different summation orders. Measured: per-token log-probs within
-// 3.8e-6 (log-probs down to −29), the per-sequence sums within 1.2e-5 (up to
-// 115 in size), WPO weights within 4.4e-7 relative, gradients within 1.9e-6 of their largest
-// entry; checked at 1e-5 + 1e-6·|x|, 5e-6 relative and 1e-5 of the largest entry. Counts and
-// top-1 hits exactly: no label is within 1e-3 of the best other logit, so rounding cannot decide a
-// hit. The old order (temperature before the softcap) fails the log-probs, entropy, mean logit,
-// WPO weights and gradients of the second case.
+// tests/fixtures/trl_fused_head.json: per-token log-probs, the per-sequence entropy, mean
+// logit, top-1 count and WPO weight DPOTrainer logs and weighs with, and the gradients of
+// Σ_b c_b · Σ_t log p_{b,t} to the hidden states, the weight and the bias, and of that plus
+// Σ_b e_b · Σ_t H_{b,t} (TRL's head differentiates its entropies too). Once plain (logits from
+// −27 to 18), once with logit scale 1.7, softcap 10 (scaled logits from −31 to 35) and
+// temperature 0.7. Every blocking of the backward, with the automatic budget and with a budget
+// of three logits rows. Both sides are fp32 with different summation orders.
+// Measured: per-token log-probs within 3.8e-6 (log-probs down to −29), the per-sequence sums
+// within 1.2e-5 (up to 115 in size), WPO weights within 4.4e-7 relative, gradients within
+// 1.9e-6 of their largest entry, 7.3e-6 with the entropies (the plain case, where prefopt is
+// 7.7e-6 from the fp64 composite and TRL 3.0e-6). Checked at 1e-5 + 1e-6·|x|, 5e-6 relative
+// and 1e-5 of the largest entry (2e-5 with the entropies). Counts and top-1 hits exactly: no
+// label is within 1e-3 of the best other logit, so rounding cannot decide a hit. The old order
+// (temperature before the softcap) fails the log-probs, entropy, mean logit, WPO weights and
+// gradients of the second case.
 TEST_F(Fused, MatchesTrlsFusedHead) {
   std::ifstream in(fs::path(PREFOPT_SOURCE_DIR) / "tests" / "fixtures" / "trl_fused_head.json");
   ASSERT_TRUE(in) << "tests/fixtures/trl_fused_head.json is missing";
@@ -287,7 +297,7 @@ TEST_F(Fused, MatchesTrlsFusedHead) {
     const auto b0 = bias ? floats(c.at("bias"), {V}) : at::Tensor();
     const auto labels = longs(c.at("labels"), {B, T});
     const auto seq_grad = floats(c.at("seq_grad"), {B});
-    const auto d_weight = floats(c.at("d_weight"), {V, H});
+    const auto entropy_grad = floats(c.at("entropy_grad"), {B});
     for (auto bwd :
          {FusedBackward::kTokenChunks, FusedBackward::kVocabBlocks, FusedBackward::kTiles})
       for (int64_t budget : {int64_t{0}, 3 * V * 4}) {
@@ -317,14 +327,22 @@ TEST_F(Fused, MatchesTrlsFusedHead) {
         EXPECT_TRUE(at::equal(lp.correct, longs(c.at("correct"), {B})));
         std::vector<at::Tensor> params{h, w};
         if (bias) params.push_back(b);
-        const auto g = torch::autograd::grad({(lp.sum * seq_grad).sum()}, params);
-        const auto close = [&](const at::Tensor& actual, const at::Tensor& expected) {
-          return AllClose(actual, expected, 0, 1e-5 * expected.abs().max().item<double>());
-        };
-        EXPECT_TRUE(close(g[0], floats(c.at("d_hidden"), {B, T, H})));
-        EXPECT_TRUE(close(g[1], d_weight));
-        if (bias) {
-          EXPECT_TRUE(close(g[2], floats(c.at("d_bias"), {V})));
+        const auto loss = (lp.sum * seq_grad).sum();
+        const auto g = torch::autograd::grad({loss}, params, {}, /*retain_graph=*/true);
+        const auto g_ent =
+            torch::autograd::grad({loss + (lp.entropy_sum * entropy_grad).sum()}, params);
+        for (const auto& [grads, suffix] : {std::pair{g, ""}, std::pair{g_ent, "_entropy"}}) {
+          SCOPED_TRACE(suffix);
+          const auto key = [&](const char* name) { return std::string(name) + suffix; };
+          const double rel = *suffix != 0 ? 2e-5 : 1e-5;
+          const auto close = [&](const at::Tensor& actual, const at::Tensor& expected) {
+            return AllClose(actual, expected, 0, rel * expected.abs().max().item<double>());
+          };
+          EXPECT_TRUE(close(grads[0], floats(c.at(key("d_hidden")), {B, T, H})));
+          EXPECT_TRUE(close(grads[1], floats(c.at(key("d_weight")), {V, H})));
+          if (bias) {
+            EXPECT_TRUE(close(grads[2], floats(c.at(key("d_bias")), {V})));
+          }
         }
       }
   }
@@ -521,7 +539,50 @@ TEST_F(Fused, NoGradModeLeavesNoGraph) {
   const auto live =
       F::fused_logprobs(head.h, head.w, head.b, labels, FusedLogprobsOptions().with_entropy(true));
   EXPECT_TRUE(live.sum.requires_grad());
-  EXPECT_FALSE(live.entropy_sum.requires_grad());
+  EXPECT_TRUE(live.entropy_sum.requires_grad());  // the entropy is differentiable too
+}
+
+// A loss of the entropies alone: no log-prob gradient reaches the op. fp32 and bf16 (whose
+// 16-bit kernel path the gathering grid covers only through gather_logprobs), the tiles and
+// the vocabulary blocks, against the fp64 composite on the same rounded inputs. The entropy's
+// gradient is all softmax terms, so a bf16 rounding of the logits moves it by about 2⁻⁸·|z|
+// relative (1.4e-2 of its largest entry measured against unrounded fp64 logits): the
+// reference rounds its logits where the op does (the head's output, then the transform's),
+// with the derivative taken at the rounded values. Measured then: entropies within 8e-7 (sums
+// up to 26), gradients within 9e-7 of their largest entry in fp32 and 3.4e-3 in bf16 (the
+// bf16 gradient tiles); checked at 1e-4, and 1e-5 and 1e-2 of the largest entry, as in
+// LowPrecisionInputsAgainstFp64.
+TEST_F(Fused, EntropyAloneCarriesItsGradient) {
+  const int64_t B = 3, T = 11, H = 16, V = 301;
+  const double temperature = 0.8, cap = 5.0;
+  const auto labels = make_labels(B, T, V);
+  const auto w = at::randn({B}, at::kDouble);
+  for (auto st : {at::kFloat, at::kBFloat16}) {
+    const Head head(B, T, H, V, true, st);
+    const auto d = head.as_double();
+    // x's value rounded to st, its gradient passed straight through.
+    const auto round = [&](const at::Tensor& x) {
+      return x + (x.to(st).to(at::kDouble) - x).detach();
+    };
+    const auto y = round(naive_logits(d.h, d.w, d.b, 1.0, 0.0));
+    const auto ref = prefopt_ref::gather(round(cap * at::tanh(y / cap) / temperature), labels,
+                                         labels != kIgnore);
+    const auto ref_grads = torch::autograd::grad({(ref.entropy_sum * w).sum()}, d.params());
+    for (auto bwd : {FusedBackward::kTiles, FusedBackward::kVocabBlocks}) {
+      SCOPED_TRACE(::testing::Message() << st << " backward " << static_cast<int>(bwd));
+      const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels,
+                                        FusedLogprobsOptions()
+                                            .temperature(temperature)
+                                            .softcap(cap)
+                                            .chunk_bytes(V * 4 * 4)
+                                            .backward(bwd)
+                                            .with_entropy(true));
+      EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, 0, 1e-4));
+      const auto grads =
+          torch::autograd::grad({(lp.entropy_sum.to(at::kDouble) * w).sum()}, head.params());
+      expect_grads_close(grads, ref_grads, st, st == at::kFloat ? 1e-5 : 1e-2);
+    }
+  }
 }
 
 // The reused logits buffers: on CPU rows start on 64-byte lines (MKL's sgemm writes logits
@@ -647,14 +708,22 @@ TEST_F(FusedCuda, MatchesCpu) {
                           .logit_scale(softcap > 0 ? 1.25 : 1.0)
                           .temperature(softcap > 0 ? 0.8 : 1.0)
                           .backward(bwd);
-          const auto a = F::fused_logprobs(cpu.h, cpu.w, cpu.b, labels, opts);
-          const auto g = F::fused_logprobs(h, w, b, labels.cuda(), opts.backend(backend));
-          const double tol = st == at::kFloat ? 1e-3 : 5e-2;
-          EXPECT_TRUE(AllClose(g.sum, a.sum, 1e-4, tol * T));
-          const auto ga = torch::autograd::grad({a.sum.sum()}, cpu.params());
-          const auto gg = torch::autograd::grad({g.sum.sum()}, {h, w, b});
-          for (size_t i = 0; i < ga.size(); ++i)
-            EXPECT_TRUE(AllClose(gg[i], ga[i], 2e-2, tol * ga[i].abs().max().item<double>()));
+          // With the entropies in the loss: on CUDA their gradient takes the ATen path.
+          for (bool entropy : {false, true}) {
+            SCOPED_TRACE(::testing::Message() << "entropy " << entropy);
+            opts.with_entropy(entropy);
+            const auto a = F::fused_logprobs(cpu.h, cpu.w, cpu.b, labels, opts);
+            const auto g = F::fused_logprobs(h, w, b, labels.cuda(), opts.backend(backend));
+            const double tol = st == at::kFloat ? 1e-3 : 5e-2;
+            EXPECT_TRUE(AllClose(g.sum, a.sum, 1e-4, tol * T));
+            const auto loss = [&](const prefopt::SequenceLogprobs& lp) {
+              return entropy ? lp.sum.sum() + 0.5 * lp.entropy_sum.sum() : lp.sum.sum();
+            };
+            const auto ga = torch::autograd::grad({loss(a)}, cpu.params());
+            const auto gg = torch::autograd::grad({loss(g)}, {h, w, b});
+            for (size_t i = 0; i < ga.size(); ++i)
+              EXPECT_TRUE(AllClose(gg[i], ga[i], 2e-2, tol * ga[i].abs().max().item<double>()));
+          }
         }
       }
     }

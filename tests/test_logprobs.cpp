@@ -1,10 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 // Log-prob gathering against the fp64 naive reference (tests/reference/logprobs_reference.h).
 #include <c10/core/GradMode.h>
+#include <prefopt/detail/cpu_row_kernels.h>
 #include <prefopt/logprobs.h>
 
 #include <torch/csrc/autograd/autograd.h>
 
+#include <cstdlib>
+#include <iostream>
+#include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -58,7 +63,8 @@ struct Case {
 
 class GatherGrid : public SeededTest, public ::testing::WithParamInterface<Case> {};
 
-// Values, counts, statistics and gradients for every dtype and both backends.
+// Values, counts, statistics and gradients (through the log-probs and the entropies) for every
+// dtype and both backends.
 TEST_P(GatherGrid, MatchesFp64Reference) {
   const auto [B, T, V] = GetParam();
   const auto labels = make_labels(B, T, V);
@@ -66,15 +72,15 @@ TEST_P(GatherGrid, MatchesFp64Reference) {
   // Upstream gradients for sum, mean and the per-token values.
   const int64_t Tp = std::max<int64_t>(T - 1, 0);
   const auto g_sum = at::randn({B}, at::kDouble), g_mean = at::randn({B}, at::kDouble);
-  const auto g_tok = at::randn({B, Tp}, at::kDouble);
+  const auto g_tok = at::randn({B, Tp}, at::kDouble), g_ent = at::randn({B}, at::kDouble);
 
   for (auto st : {at::kDouble, at::kFloat, at::kBFloat16, at::kHalf}) {
     const auto logits_st = base.to(st);
     // The reference sees exactly the rounded values the op sees.
     const auto ref_in = logits_st.to(at::kDouble).requires_grad_();
     const auto ref = prefopt_ref::gather(ref_in, labels, labels != kIgnore);
-    const auto ref_loss =
-        (ref.sum * g_sum).sum() + (ref.mean * g_mean).sum() + (ref.token_logps * g_tok).sum();
+    const auto ref_loss = (ref.sum * g_sum).sum() + (ref.mean * g_mean).sum() +
+                          (ref.token_logps * g_tok).sum() + (ref.entropy_sum * g_ent).sum();
     const auto ref_grad = torch::autograd::grad({ref_loss}, {ref_in})[0];
 
     for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
@@ -107,7 +113,8 @@ TEST_P(GatherGrid, MatchesFp64Reference) {
 
       const auto loss = (lp.sum.to(at::kDouble) * g_sum).sum() +
                         (lp.mean.to(at::kDouble) * g_mean).sum() +
-                        (lp.token_logps.to(at::kDouble) * g_tok).sum();
+                        (lp.token_logps.to(at::kDouble) * g_tok).sum() +
+                        (lp.entropy_sum.to(at::kDouble) * g_ent).sum();
       const auto grad = torch::autograd::grad({loss}, {logits})[0];
       EXPECT_EQ(grad.scalar_type(), st);
       const auto [grt, gat] = grad_tol(st);
@@ -130,6 +137,18 @@ INSTANTIATE_TEST_SUITE_P(OddSizes, GatherGrid, ::testing::ValuesIn([] {
                          });
 
 using Gather = SeededTest;
+
+// The CPU row kernels' instruction set, printed for the ctest variants that force a lower one
+// (logprobs.generic_isa: PREFOPT_CPU_ISA=generic runs the portable kernels on any machine).
+TEST(RowKernels, InstructionSet) {
+  const std::string isa = prefopt::detail::cpu::row_kernel_isa();
+  std::cout << "row kernels: " << isa << std::endl;
+  EXPECT_TRUE(isa == "generic" || isa == "avx2" || isa == "avx512") << isa;
+  const char* want = std::getenv("PREFOPT_CPU_ISA");
+  if (want != nullptr && std::string(want) == "generic") {
+    EXPECT_EQ(isa, "generic");
+  }
+}
 
 /// The op on `logits` (any strides) must equal the op on a contiguous copy, values and grads.
 void expect_same_as_contiguous(const at::Tensor& view, const at::Tensor& labels) {
@@ -253,8 +272,68 @@ TEST_F(Gather, ExtremeLogits) {
     const auto ref = prefopt_ref::gather(logits, labels, labels != kIgnore);
     EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-6, 1e-2));
     EXPECT_TRUE(AllClose(lp.entropy_sum, ref.entropy_sum, 1e-5, 1e-3));
-    const auto g = torch::autograd::grad({lp.sum.sum()}, {x})[0];
+    const auto g = torch::autograd::grad({lp.sum.sum() + lp.entropy_sum.sum()}, {x})[0];
     EXPECT_TRUE(at::isfinite(g).all().item<bool>());
+  }
+}
+
+// A NaN (or +inf) logit makes its row's log-prob and every gradient entry NaN, in both
+// backends and in fp32 and fp64, as log_softmax's backward does; the other rows stay exact.
+TEST_F(Gather, NanRowsGiveNanGradients) {
+  const int64_t B = 2, T = 4, V = 37;
+  auto labels = make_labels(B, T, V);
+  labels.slice(1, 1).fill_(3);  // every row scored
+  auto base = at::randn({B, T, V}, at::kDouble);
+  base[0][1][5] = std::numeric_limits<double>::quiet_NaN();
+  base[1][2][7] = std::numeric_limits<double>::infinity();
+  for (auto st : {at::kDouble, at::kFloat})
+    for (bool entropy : {false, true})
+      for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+        SCOPED_TRACE(::testing::Message()
+                     << st << " " << backend_name(backend) << " entropy " << entropy);
+        const auto x = base.to(st).requires_grad_();
+        const auto lp = F::gather_logprobs(
+            x, labels, GatherLogprobsOptions().backend(backend).with_entropy(entropy));
+        const auto loss = entropy ? lp.sum.sum() + lp.entropy_sum.sum() : lp.sum.sum();
+        const auto grad = torch::autograd::grad({loss}, {x})[0];
+        EXPECT_TRUE(at::isnan(grad[0][1]).all().item<bool>());
+        EXPECT_TRUE(at::isnan(grad[1][2]).all().item<bool>());
+        EXPECT_TRUE(at::isfinite(grad[0][0]).all().item<bool>());
+        EXPECT_TRUE(at::isfinite(grad[1][1]).all().item<bool>());
+      }
+}
+
+// A loss of the entropies alone (no log-prob gradient reaches the op), with −inf logits: the
+// gradient −p_v·(log p_v + H) per row, 0 where p_v = 0, against the fp64 composite's.
+TEST_F(Gather, EntropyAloneCarriesItsGradient) {
+  const int64_t B = 3, T = 9, V = 77;
+  const auto labels = make_labels(B, T, V);
+  auto base = at::randn({B, T, V}, at::kDouble) * 2;
+  base.index_put_({at::rand({B, T, V}) < 0.1}, -std::numeric_limits<double>::infinity());
+  base.select(2, 0).fill_(0);  // every row keeps finite logits (and a finite entropy)
+  const auto targets = labels.slice(1, 1).clamp_min(0).unsqueeze(2);
+  base.slice(1, 0, T - 1).scatter_(2, targets, at::randn(targets.sizes(), at::kDouble));
+  const auto w = at::randn({B}, at::kDouble);
+  for (auto st : {at::kDouble, at::kFloat}) {
+    const auto ref_in = base.to(st).to(at::kDouble).requires_grad_();
+    const auto ref = prefopt_ref::gather(ref_in, labels, labels != kIgnore);
+    const auto ref_grad = torch::autograd::grad({(ref.entropy_sum * w).sum()}, {ref_in})[0];
+    ASSERT_TRUE(at::isfinite(ref_grad).all().item<bool>());
+    for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+      SCOPED_TRACE(::testing::Message() << st << " " << backend_name(backend));
+      const auto x = base.to(st).requires_grad_();
+      const auto lp = F::gather_logprobs(
+          x, labels, GatherLogprobsOptions().backend(backend).with_entropy(true));
+      EXPECT_TRUE(lp.entropy_sum.requires_grad());
+      const auto grad = torch::autograd::grad({(lp.entropy_sum.to(at::kDouble) * w).sum()}, {x})[0];
+      const auto [grt, gat] = grad_tol(st);
+      EXPECT_TRUE(AllClose(grad, ref_grad, grt, gat));
+      // Unscored rows (the last position, ignored labels) get exact zeros.
+      EXPECT_EQ(grad.select(1, T - 1).abs().max().item<double>(), 0.0);
+      const auto ignored = (labels.slice(1, 1) == kIgnore).unsqueeze(2);
+      ASSERT_GT(ignored.sum().item<int64_t>(), 0);
+      EXPECT_EQ(grad.slice(1, 0, T - 1).masked_select(ignored).abs().max().item<double>(), 0.0);
+    }
   }
 }
 
@@ -314,9 +393,11 @@ TEST_F(Gather, NoGraphWithoutGrad) {
   }
   const auto frozen = F::gather_logprobs(logits.detach(), labels);
   EXPECT_FALSE(frozen.sum.requires_grad());
-  const auto live = F::gather_logprobs(logits, labels, GatherLogprobsOptions().with_entropy(true));
+  const auto live = F::gather_logprobs(
+      logits, labels, GatherLogprobsOptions().with_entropy(true).with_logits_mean(true));
   EXPECT_TRUE(live.sum.requires_grad());
-  EXPECT_FALSE(live.entropy_sum.requires_grad());
+  EXPECT_TRUE(live.entropy_sum.requires_grad());  // the entropy is differentiable too
+  EXPECT_FALSE(live.logits_sum.requires_grad());
   EXPECT_FALSE(live.count.requires_grad());
 }
 
@@ -577,8 +658,9 @@ TEST_F(GatherCuda, MatchesCpuValuesAndGradients) {
       EXPECT_TRUE(AllClose(b.sum, a.sum, rt, tol * T));
       EXPECT_TRUE(at::equal(b.count.cpu(), a.count));
       EXPECT_TRUE(AllClose(b.entropy_sum, a.entropy_sum, rt, tol * T));
-      const auto ga = torch::autograd::grad({a.sum.sum()}, {cpu})[0];
-      const auto gb = torch::autograd::grad({b.sum.sum()}, {gpu})[0];
+      // The entropies' gradient takes the ATen path on CUDA; the log-probs' the kernels.
+      const auto ga = torch::autograd::grad({a.sum.sum() + 0.5 * a.entropy_sum.sum()}, {cpu})[0];
+      const auto gb = torch::autograd::grad({b.sum.sum() + 0.5 * b.entropy_sum.sum()}, {gpu})[0];
       const auto [grt, gat] = grad_tol(st);
       EXPECT_TRUE(AllClose(gb, ga, grt, gat));
     }

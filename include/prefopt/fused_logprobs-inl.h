@@ -17,6 +17,7 @@
 
 #include <prefopt/detail/check_enum.h>
 #include <prefopt/detail/cpu_gemm.h>
+#include <prefopt/detail/row_common.h>
 #include <prefopt/detail/rows.h>
 
 #ifdef PREFOPT_WITH_CUDA_KERNELS
@@ -55,6 +56,7 @@ PREFOPT_INLINE HeadSpec load_spec(AutogradContext* ctx) {
 /// `rows` [n] are the scored ones, in the order of `target`, `lse` and `g`.
 struct HeadGrads {
   const at::Tensor &h, &rows, &weight, &bias, &target, &lse, &g;
+  const at::Tensor &g_ent, &ent;  ///< the entropies' upstream gradient (or undefined), entropies
   bool need_h, need_w, need_b;
   at::ScalarType acc;
   bool upcast;       ///< 16-bit inputs: dh and dW accumulate in fp32 (see add_mm)
@@ -421,11 +423,15 @@ PREFOPT_INLINE Rows identity_rows(const at::Tensor& target_c) {
 }
 
 PREFOPT_INLINE void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
-                                const at::Tensor& g, const HeadSpec& spec, const at::Tensor& dydx) {
+                                const at::Tensor& g, const at::Tensor& g_ent, const at::Tensor& ent,
+                                const HeadSpec& spec, const at::Tensor& dydx) {
   const double s = spec.logit_scale, T = spec.temperature;
   auto z3 = z.unsqueeze(0);
-  rows_backward(z3, identity_rows(target_b), lse, g, spec.backend, int64_t{1} << 62,
-                z3);  // z ← dL/dy
+  // The row kernels need no temporaries; the ATen path (and so a gradient through the
+  // entropies on CUDA, whose kernels have no entropy term) keeps its two fp32 row buffers
+  // within the budget.
+  rows_backward(z3, identity_rows(target_b), lse, g, g_ent, ent, spec.backend,
+                g_ent.defined() ? spec.chunk_bytes : int64_t{1} << 62, z3);  // z ← dL/dy
   if (spec.softcap > 0) {
     z.mul_(dydx);  // f'(x), from chunk_logits
   } else if (s == 1.0 && T != 1.0) {
@@ -460,9 +466,9 @@ PREFOPT_INLINE RowResults head_forward(const at::Tensor& h, const at::Tensor& ro
 }
 
 // Saves the inputs (no copies: the hidden states of every row, not a compacted copy) and one
-// logsumexp per scored row. With `cross` (the vocabulary-parallel form) `weight` is this rank's
-// slice of the head, the per-row results are reduced over the ranks, and backward sums the
-// hidden states' gradient over them.
+// logsumexp (and entropy, when asked for: its gradient flows back too) per scored row. With `cross`
+// (the vocabulary-parallel form) `weight` is this rank's slice of the head, the per-row results are
+// reduced over the ranks, and backward sums the hidden states' gradient over them.
 struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& weight,
                                const at::Tensor& bias, const at::Tensor& rows,
@@ -473,6 +479,8 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     RowResults r;
     at::Tensor saved_target = target;
     if (cross) {
+      // Per-shard entropies would be wrong, and so would their gradient: never asked for.
+      TORCH_INTERNAL_ASSERT(!(flags & kEntropy), "vocabulary-parallel entropies");
       const auto st = slice_targets(target, weight.size(0));
       r = head_forward(h, rows, weight, b, st.forward, static_cast<unsigned>(flags), spec);
       cross->reduce_rows(r.lse, r.logp, st.owned);
@@ -480,11 +488,11 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     } else {
       r = head_forward(h, rows, weight, b, target, static_cast<unsigned>(flags), spec);
     }
-    ctx->save_for_backward({h, weight, bias, rows, saved_target, r.lse});
+    ctx->save_for_backward({h, weight, bias, rows, saved_target, r.lse, r.entropy});
     ctx->saved_data["cross"] = cross_rank_ivalue(cross);
     save_spec(spec, ctx);
     ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({r.logit_mean, r.correct, r.entropy, r.log_sum_p2});
+    ctx->mark_non_differentiable(detached_statistics(r, static_cast<unsigned>(flags)));
     return {r.logp, r.logit_mean, r.correct, r.entropy, r.log_sum_p2};
   }
 
@@ -493,10 +501,10 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     const at::Tensor &h = saved[0], &weight = saved[1], &rows = saved[3], &target = saved[4],
                      &lse = saved[5];
     const at::Tensor bias = saved[2].numel() > 0 ? saved[2] : at::Tensor();
-    if (!grads[0].defined()) return result({}, {}, {});
+    const auto up = row_upstream(grads[0], grads[3], lse);
+    if (!up.g.defined()) return result({}, {}, {});
     const HeadSpec spec = load_spec(ctx);
     const auto acc = acc_type(h.scalar_type());
-    const auto g = grads[0].to(acc).contiguous();
     const CrossRankPtr cross = cross_rank_of(ctx->saved_data["cross"]);
     const HeadGrads hg{h,
                        rows,
@@ -504,7 +512,9 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
                        bias,
                        target,
                        lse,
-                       g,
+                       up.g,
+                       up.g_ent,
+                       saved[6],
                        ctx->needs_input_grad(0),
                        ctx->needs_input_grad(1),
                        bias.defined() && ctx->needs_input_grad(2),
@@ -593,7 +603,8 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
             z,
             one_block ? target_c
                       : at::where((target_c >= v0) & (target_c < v0 + vb), target_c - v0, outside),
-            a.lse.slice(0, s, e), a.g.slice(0, s, e), spec, cap);
+            a.lse.slice(0, s, e), a.g.slice(0, s, e), slice_or_undefined(a.g_ent, s, e),
+            slice_or_undefined(a.ent, s, e), spec, cap);
         if (a.need_b) db.narrow(0, v0, vb).add_(z.sum(0, /*keepdim=*/false, a.acc));
         // Every GEMM takes the operands in their own dtype (16-bit ones with fp32
         // accumulation inside); a gradient that spans one chunk (dW) or one block (dh) is

@@ -71,7 +71,9 @@ struct FusedLogprobsOptions {
   TORCH_ARG(bool, with_logits_mean) = false;
   /// Also return `correct` (argmax == label over scored tokens). Default: false.
   TORCH_ARG(bool, with_token_accuracy) = false;
-  /// Also return `entropy_sum`. Default: false.
+  /// Also return `entropy_sum`, differentiable (see `GatherLogprobsOptions::with_entropy`): its
+  /// gradient joins the log-probs' in every chunk of the backward, at no extra GEMM.
+  /// Default: false.
   TORCH_ARG(bool, with_entropy) = false;
   /// Also return `wpo_weights` (see `GatherLogprobsOptions::with_wpo_weights`). Default: false.
   TORCH_ARG(bool, with_wpo_weights) = false;
@@ -118,8 +120,10 @@ using FusedLogprobsFuncOptions = FusedLogprobsOptions;
 /// How: only the scored tokens reach a matmul (prompt and padding rows never do): chunks of c
 /// scored rows are gathered into a reused buffer, and each chunk's logits buffer is allocated
 /// once and reused. The log-softmax is computed in fp32 (fp64 for fp64 inputs). Backward
-/// saves the inputs and one logsumexp per token (no copy of the hidden states), recomputes
-/// the logits tile by tile (see `FusedBackward`), forms the logits gradient in place, and
+/// saves the inputs and one logsumexp per token (and one entropy with `with_entropy`; no copy
+/// of the hidden states), recomputes the logits tile by tile (see `FusedBackward`), forms the
+/// logits gradient in place (on CUDA, a gradient through the entropies goes through two fp32
+/// row buffers within `chunk_bytes`), and
 /// returns gradients for `hidden`, `weight` (skipped when it does not require grad, e.g. a
 /// frozen head under LoRA) and `bias`. The weight and bias gradients are accumulated in fp32
 /// (fp64 for fp64), or formed by one GEMM with fp32 accumulation per vocabulary block, and

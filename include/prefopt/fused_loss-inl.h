@@ -184,7 +184,7 @@ struct Job {
     // The gradients of a part whose logits are in the buffer, for dL/d(sums) `g_all` [S].
     const auto backward = [&](Part& p, const at::Tensor& g_all) {
       const auto g_rows = g_all.index_select(0, p.seq);
-      fused::logits_grad(p.z, p.target, p.out.lse, g_rows, spec, p.dydx);  // z ← dL/dz
+      fused::logits_grad(p.z, p.target, p.out.lse, g_rows, {}, {}, spec, p.dydx);  // z ← dL/dz
       if (need_b) db.add_(p.z.sum(0, /*keepdim=*/false, acc));
       if (need_w) {
         if (one_gemm) {

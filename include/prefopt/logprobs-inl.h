@@ -7,6 +7,7 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <prefopt/detail/row_common.h>
 #include <prefopt/detail/rows.h>
 
 PREFOPT_BEGIN_NAMESPACE
@@ -16,7 +17,8 @@ namespace gather {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Saves the logits (an input, so no copy) and one logsumexp per scored row. With `cross` (the
+// Saves the logits (an input, so no copy) and one logsumexp (and entropy, when asked for: its
+// gradient flows back too) per scored row. With `cross` (the
 // vocabulary-parallel form) the logits are this rank's slice and the per-row results are
 // reduced over the ranks before anything is saved or returned.
 struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction> {
@@ -26,6 +28,8 @@ struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction>
     RowResults r;
     at::Tensor saved_target = target;
     if (cross) {
+      // Per-shard entropies would be wrong, and so would their gradient: never asked for.
+      TORCH_INTERNAL_ASSERT(!(flags & kEntropy), "vocabulary-parallel entropies");
       const auto st = slice_targets(target, logits.size(2));
       r = rows_forward(logits, Rows{b, t, st.forward, {}}, static_cast<unsigned>(flags),
                        static_cast<GatherBackend>(backend), chunk_bytes);
@@ -35,25 +39,25 @@ struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction>
       r = rows_forward(logits, Rows{b, t, target, {}}, static_cast<unsigned>(flags),
                        static_cast<GatherBackend>(backend), chunk_bytes);
     }
-    ctx->save_for_backward({logits, b, t, saved_target, r.lse});
+    ctx->save_for_backward({logits, b, t, saved_target, r.lse, r.entropy});
     ctx->saved_data["chunk_bytes"] = chunk_bytes;
     ctx->saved_data["backend"] = backend;
     ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({r.logit_mean, r.correct, r.entropy, r.log_sum_p2});
+    ctx->mark_non_differentiable(detached_statistics(r, static_cast<unsigned>(flags)));
     return {r.logp, r.logit_mean, r.correct, r.entropy, r.log_sum_p2};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
+    const auto up = row_upstream(grads[0], grads[3], saved[4]);
     at::Tensor grad;
-    if (grads[0].defined()) {
-      const auto g = grads[0].to(saved[4].scalar_type()).contiguous();
+    if (up.g.defined()) {
       grad =
           at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
       advise_huge_pages(grad);
-      rows_backward(logits, Rows{saved[1], saved[2], saved[3], {}}, saved[4], g,
-                    static_cast<GatherBackend>(ctx->saved_data["backend"].toInt()),
+      rows_backward(logits, Rows{saved[1], saved[2], saved[3], {}}, saved[4], up.g, up.g_ent,
+                    saved[5], static_cast<GatherBackend>(ctx->saved_data["backend"].toInt()),
                     ctx->saved_data["chunk_bytes"].toInt(), grad);
     }
     return {grad, {}, {}, {}, {}, {}, {}, {}};

@@ -55,7 +55,11 @@ struct GatherLogprobsOptions {
   /// Also return `correct`: how many scored tokens have argmax(logits) == label (first maximum
   /// wins ties, as torch.argmax). Default: false.
   TORCH_ARG(bool, with_token_accuracy) = false;
-  /// Also return `entropy_sum`: the sum over scored tokens of the softmax entropy. Default: false.
+  /// Also return `entropy_sum`: the sum over scored tokens of the softmax entropy
+  /// H = −Σ_v p_v log p_v. Differentiable: a loss term in it (an entropy bonus) sends
+  /// ∂H/∂z_v = −p_v (log p_v + H) back to the logits, as TRL's fused head does (the CPU row
+  /// kernels; on CUDA, the chunked ATen path).
+  /// Default: false.
   TORCH_ARG(bool, with_entropy) = false;
   /// Also return `wpo_weights`: exp(mean over scored tokens of log p(y_t) − log Σ_v p_v²),
   /// the WPO sequence weight (arXiv:2406.11827, as TRL computes it; no gradient). Default: false.
@@ -70,8 +74,9 @@ struct GatherLogprobsOptions {
 
 /// Per-sequence log-probs of a batch, as returned by the gathering functions.
 ///
-/// `sum`, `mean` and `token_logps` are differentiable with respect to the logits; everything
-/// else is detached. Floating results are fp32, or fp64 for fp64 logits. Optional fields are
+/// `sum`, `mean`, `token_logps` and `entropy_sum` are differentiable with respect to the
+/// logits (or, from the fused op, the hidden states and the head); everything else is
+/// detached. Floating results are fp32, or fp64 for fp64 logits. Optional fields are
 /// undefined tensors unless the matching `with_*` option was set.
 struct SequenceLogprobs {
   at::Tensor sum;    ///< [S] Σ over scored tokens of log p(label)

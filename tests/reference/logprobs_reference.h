@@ -36,8 +36,9 @@ inline Logprobs gather(const at::Tensor& logits, const at::Tensor& labels, const
   r.logits_sum_all = z_all.mean(-1).sum(1).detach();
   r.correct = ((z.argmax(-1) == y) & m).sum(1);
   const auto p = lp.exp();
-  // p·log p → 0 where p = 0 (a −inf logit), as the entropy's limit.
-  r.entropy_sum = (-(p * lp.masked_fill(p == 0, 0)).sum(-1) * md).sum(1).detach();
+  // p·log p → 0 where p = 0 (a −inf logit), as the entropy's limit. Differentiable, as the
+  // op's entropy is.
+  r.entropy_sum = (-(p * lp.masked_fill(p == 0, 0)).sum(-1) * md).sum(1);
   const auto adjusted = (r.token_logps - at::logsumexp(2 * lp, -1)) * md;
   r.wpo_weights = (adjusted.sum(1) / r.count.clamp_min(1).to(at::kDouble)).exp().detach();
   return r;

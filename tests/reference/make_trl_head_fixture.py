@@ -9,11 +9,13 @@ rows (h[mask], labels[mask], as its forward wrapper does where it compacts) with
 per-token output DPOTrainer reads: log-probs, entropy, log Σ_v p_v² (WPO), mean logit, whether
 the label is the top-1 token. A vocabulary tile of 64 columns makes it fold several tiles per
 row. The loss Σ_b c_b · Σ_t log p_{b,t}, with a random weight c_b per sequence, gives the
-gradients of the hidden states, the weight and the bias through TRL's backward. Each case
+gradients of the hidden states, the weight and the bias through TRL's backward; adding
+Σ_b e_b · Σ_t H_{b,t} (the entropies, fixed weights e_b) gives them through its entropy
+term too. Each case
 records the inputs (fp32 values in their shortest digits, which read back exactly), its
 transform (logit scale, softcap, temperature), the per-token log-probs, the per-sequence sums
 of log-probs, entropy, mean logit and top-1 hits, the token counts, DPOTrainer's WPO weights,
-and the three gradients.
+and the gradients of both losses.
 
 About a third of the labels are the argmax of the transformed logits (computed in fp64), so
 the top-1 count is not trivially zero, and no label is within 1e-3 of the best other logit, so
@@ -31,6 +33,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 B, T, H, V = 4, 9, 12, 130
+ENTROPY_GRAD = [0.7, -1.3, 0.5, 0.9]  # e_b, the entropies' weights in the second loss
 PROMPT = [3, 4, 2, T]  # leading unscored positions per sequence (sequence 3: all of them)
 CASES = [
     # name, logit scale, softcap (None: off), temperature, bias
@@ -84,6 +87,15 @@ def case(name, scale, softcap, temperature, with_bias, gen):
     wpo = torch.exp(per_seq(lp.detach() - log_sum_sq) / count.clamp_min(1))
     loss = (c * token.sum(1)).sum()
     loss.backward()
+    # Again with the entropies in the loss, Σ_b c_b · Σ_t log p + Σ_b e_b · Σ_t H: TRL's backward
+    # takes both upstream gradients (its `grad_entropy` term). Fixed weights, so that the
+    # random inputs and every other value stay as before.
+    e = torch.tensor(ENTROPY_GRAD)
+    he, we = h.clone().requires_grad_(), w.clone().requires_grad_()
+    be = b.clone().requires_grad_() if with_bias else None
+    lp_e, ent_e, *_ = ChunkedLogProbFunction.apply(
+        he[mask], we, be, labels[mask], temperature, 64, softcap, scale, OUTPUTS)
+    ((c * per_seq(lp_e)).sum() + (e * per_seq(ent_e)).sum()).backward()
     f = lambda t: [short(x) for x in t.detach().flatten().tolist()]
     return {
         "name": name, "logit_scale": scale, "softcap": softcap or 0.0,
@@ -95,6 +107,8 @@ def case(name, scale, softcap, temperature, with_bias, gen):
         "count": count.tolist(), "wpo_weights": f(wpo),
         "d_hidden": f(hg.grad), "d_weight": f(wg.grad),
         "d_bias": f(bg.grad) if with_bias else None,
+        "entropy_grad": f(e), "d_hidden_entropy": f(he.grad), "d_weight_entropy": f(we.grad),
+        "d_bias_entropy": f(be.grad) if with_bias else None,
     }
 
 

@@ -36,15 +36,22 @@ struct RowStats {
 template <typename T>
 PREFOPT_HIDDEN RowStats<acc_t<T>> row_stats(const T* z, int64_t V, int64_t target, unsigned flags);
 
-/// Gradient of `g · log_softmax(z)[target]` with respect to the row:
-/// `out_v = g · (1[v = target] − exp(z_v − lse))`, written in T. `out` may be `z` (in place).
+/// Gradient of `g · log_softmax(z)[target] + ge · H(softmax(z))` with respect to the row,
+/// `ent` the row's entropy H: `out_v = g · 1[v = target] − p_v · (g + ge · (log p_v + H))`,
+/// `p_v = exp(z_v − lse)`, written in T (0 where p_v = 0). `out` may be `z` (in place).
 template <typename T>
 PREFOPT_HIDDEN void row_grad(const T* z, int64_t V, int64_t target, acc_t<T> lse, acc_t<T> g,
-                             T* out);
+                             acc_t<T> ge, acc_t<T> ent, T* out);
 
 /// Σ_v z_v of a contiguous row.
 template <typename T>
 PREFOPT_HIDDEN acc_t<T> row_sum(const T* z, int64_t V);
+
+/// The instruction set the row kernels run with, chosen once per process: "avx512", "avx2" or
+/// "generic" (portable vector code). The environment variable `PREFOPT_CPU_ISA` (one of these
+/// names) picks a lower level than the CPU's; an unknown or unsupported one is reported on
+/// stderr and ignored.
+const char* row_kernel_isa();
 
 /// Asks the kernel to back a large, freshly allocated and not yet touched buffer with huge
 /// pages (Linux transparent huge pages in `madvise` mode; a no-op elsewhere and below 4 MiB).

@@ -107,7 +107,8 @@ void kernel_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, 
 /// has a non-zero upstream gradient, zeros elsewhere. One parallel pass, no separate memset.
 template <typename S>
 void kernel_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse_t,
-                     const at::Tensor& g_t, at::Tensor& grad) {
+                     const at::Tensor& g_t, const at::Tensor& ge_t, const at::Tensor& ent_t,
+                     at::Tensor& grad) {
   using T = typename Storage<S>::type;
   using A = acc_t<T>;
   const T* base = reinterpret_cast<const T*>(logits.data_ptr<S>());
@@ -119,14 +120,18 @@ void kernel_backward(const at::Tensor& logits, const Rows& rows, const at::Tenso
                 *tg = rows.target.data_ptr<int64_t>();
   const A* lse = lse_t.data_ptr<A>();
   const A* g = g_t.data_ptr<A>();
+  const A* ge = ge_t.defined() ? ge_t.data_ptr<A>() : nullptr;
+  const A* ent = ge_t.defined() ? ent_t.data_ptr<A>() : nullptr;
   std::vector<int64_t> row_of(static_cast<size_t>(B * Tn), -1);  // logits row -> scored row
   for (int64_t i = 0, n = rows.b.numel(); i < n; ++i) row_of[b[i] * Tn + t[i]] = i;
   at::parallel_for(0, B * Tn, std::max<int64_t>(1, 32768 / V), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       T* dst = out + (r / Tn) * o0 + (r % Tn) * o1;
       const int64_t i = row_of[r];
-      if (i >= 0 && g[i] != A(0)) {
-        kc::row_grad<T>(base + b[i] * s0 + t[i] * s1, V, tg[i], lse[i], g[i], dst);
+      const A gi = i >= 0 ? g[i] : A(0), gei = i >= 0 && ge ? ge[i] : A(0);
+      if (gi != A(0) || gei != A(0)) {
+        kc::row_grad<T>(base + b[i] * s0 + t[i] * s1, V, tg[i], lse[i], gi, gei,
+                        gei != A(0) ? ent[i] : A(0), dst);
       } else {
         std::memset(static_cast<void*>(dst), 0, sizeof(T) * V);  // all-zero bits are +0 in every T
       }
@@ -248,12 +253,26 @@ PREFOPT_INLINE void aten_forward(const at::Tensor& logits, const Rows& rows, uns
 }
 
 PREFOPT_INLINE void aten_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
-                                  const at::Tensor& g, int64_t chunk_bytes, at::Tensor& grad) {
+                                  const at::Tensor& g, const at::Tensor& g_ent,
+                                  const at::Tensor& ent, int64_t chunk_bytes, at::Tensor& grad) {
   const auto acc = acc_type(logits.scalar_type());
   for_each_chunk(rows.b.numel(), rows_per_chunk(logits, chunk_bytes), [&](int64_t s, int64_t e) {
     const auto bi = rows.b.slice(0, s, e), ti = rows.t.slice(0, s, e);
     const auto gs = g.slice(0, s, e).unsqueeze(1);
-    auto dz = (logits.index({bi, ti}).to(acc) - lse.slice(0, s, e).unsqueeze(1)).exp_().mul_(-gs);
+    const auto x = logits.index({bi, ti}).to(acc) - lse.slice(0, s, e).unsqueeze(1);  // log p
+    at::Tensor dz;
+    if (g_ent.defined()) {
+      // −p·(g + g_ent·(log p + H)), in place on two row-sized buffers (as rows_per_chunk
+      // assumes). log p is clamped where p is 0 in every dtype (below −745), so that a −inf
+      // logit gives 0, not 0·(−inf).
+      const auto c = x.clamp_min(-1e4)
+                         .add_(ent.slice(0, s, e).unsqueeze(1))
+                         .mul_(g_ent.slice(0, s, e).unsqueeze(1))
+                         .add_(gs);
+      dz = x.exp_().mul_(c).neg_();
+    } else {
+      dz = x.exp_().mul_(-gs);
+    }
     const auto tg = rows.target.slice(0, s, e).unsqueeze(1);  // −1: no target in this row
     dz.scatter_add_(1, tg.clamp_min(0), gs * (tg >= 0));
     grad.index_put_({bi, ti}, dz.to(logits.scalar_type()));
@@ -303,13 +322,16 @@ PREFOPT_INLINE RowResults rows_forward(const at::Tensor& logits, const Rows& row
 }
 
 PREFOPT_INLINE void rows_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
-                                  const at::Tensor& g, GatherBackend backend, int64_t chunk_bytes,
+                                  const at::Tensor& g, const at::Tensor& g_ent,
+                                  const at::Tensor& ent, GatherBackend backend, int64_t chunk_bytes,
                                   at::Tensor& grad) {
 #ifdef PREFOPT_WITH_CUDA_KERNELS
-  if (use_cuda_kernel(logits, backend)) return cuda_backward(logits, rows, lse, g, grad);
+  // The CUDA kernel has no entropy term: a gradient through the entropy takes the ATen path.
+  if (use_cuda_kernel(logits, backend) && !g_ent.defined())
+    return cuda_backward(logits, rows, lse, g, grad);
 #endif
   if (use_kernel(logits, backend)) {  // writes every row, zero or not
-    PREFOPT_DISPATCH_LOGITS(logits, kernel_backward, logits, rows, lse, g, grad)
+    PREFOPT_DISPATCH_LOGITS(logits, kernel_backward, logits, rows, lse, g, g_ent, ent, grad)
     return;
   }
   if (grad.data_ptr() == logits.data_ptr()) {
@@ -320,7 +342,29 @@ PREFOPT_INLINE void rows_backward(const at::Tensor& logits, const Rows& rows, co
   } else {
     grad.zero_();
   }
-  aten_backward(logits, rows, lse, g, chunk_bytes, grad);
+  aten_backward(logits, rows, lse, g, g_ent, ent, chunk_bytes, grad);
+}
+
+PREFOPT_INLINE RowUpstream row_upstream(const at::Tensor& g_logp, const at::Tensor& g_ent,
+                                        const at::Tensor& lse) {
+  RowUpstream u;
+  if (g_ent.defined()) u.g_ent = g_ent.to(lse.scalar_type()).contiguous();
+  if (g_logp.defined()) {
+    u.g = g_logp.to(lse.scalar_type()).contiguous();
+  } else if (u.g_ent.defined()) {
+    u.g = at::zeros_like(lse);
+  }
+  return u;
+}
+
+PREFOPT_INLINE std::vector<at::Tensor> detached_statistics(const RowResults& r, unsigned flags) {
+  std::vector<at::Tensor> out{r.logit_mean, r.correct, r.log_sum_p2};
+  if (!(flags & kEntropy)) out.push_back(r.entropy);  // the empty placeholder
+  return out;
+}
+
+PREFOPT_INLINE at::Tensor slice_or_undefined(const at::Tensor& x, int64_t s, int64_t e) {
+  return x.defined() ? x.slice(0, s, e) : x;
 }
 
 PREFOPT_INLINE at::Tensor all_row_means(const at::Tensor& logits, GatherBackend backend,

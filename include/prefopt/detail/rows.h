@@ -10,6 +10,7 @@
 #include <prefopt/logprobs.h>
 
 #include <cstdint>
+#include <vector>
 
 PREFOPT_BEGIN_NAMESPACE
 namespace detail {
@@ -78,11 +79,28 @@ RowResults rows_forward(const at::Tensor& logits, const Rows& rows, unsigned fla
 
 /// Writes every element of `grad` (same shape as `logits`, contiguous, uninitialised):
 /// `g_i · (onehot(target_i) − softmax(row_i))` on the scored rows, zeros elsewhere. A target
-/// of −1 has no one-hot term (the fused op's vocabulary blocks that do not hold it).
-/// `grad` may be `logits` itself (in place) when both are contiguous.
+/// of −1 has no one-hot term (the fused op's vocabulary blocks that do not hold it). With
+/// `g_ent` defined (the upstream gradient of each row's entropy, `ent`), also the entropy's
+/// `−g_ent_i · p_v · (log p_v + ent_i)`. `grad` may be `logits` itself (in place) when both
+/// are contiguous.
 void rows_backward(const at::Tensor& logits, const Rows& rows, const at::Tensor& lse,
-                   const at::Tensor& g, GatherBackend backend, int64_t chunk_bytes,
-                   at::Tensor& grad);
+                   const at::Tensor& g, const at::Tensor& g_ent, const at::Tensor& ent,
+                   GatherBackend backend, int64_t chunk_bytes, at::Tensor& grad);
+
+/// The per-row upstream gradients of a row op's log-probs and entropies, in the dtype of
+/// `lse`: `g` is defined when either is (zeros for undefined log-prob gradients), `g_ent`
+/// only when the entropies' is. Neither: nothing flows back.
+struct RowUpstream {
+  at::Tensor g, g_ent;
+};
+RowUpstream row_upstream(const at::Tensor& g_logp, const at::Tensor& g_ent, const at::Tensor& lse);
+
+/// The statistics of `r` that carry no gradient: all but the entropies, when `flags` asked for
+/// them (their gradient is rows_backward's entropy term).
+std::vector<at::Tensor> detached_statistics(const RowResults& r, unsigned flags);
+
+/// `x.slice(0, s, e)`, or `x` when undefined.
+at::Tensor slice_or_undefined(const at::Tensor& x, int64_t s, int64_t e);
 
 /// Vocabulary mean of every row of `logits` [B, T, V] → [B, T], in the accumulation dtype.
 at::Tensor all_row_means(const at::Tensor& logits, GatherBackend backend, int64_t chunk_bytes);
@@ -186,9 +204,11 @@ void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight, const at::Ten
 Rows identity_rows(const at::Tensor& target_c);
 /// z ← dL/d(logits before f), in place, for rows with targets
 /// `target_b` (−1: the target lies outside this block of columns), logsumexp `lse` and
-/// per-row gradients `g`; with a softcap, `dydx` holds f'(x) from `chunk_logits`.
+/// per-row gradients `g` (and `g_ent` of the entropies `ent`, when defined: see
+/// rows_backward); with a softcap, `dydx` holds f'(x) from `chunk_logits`.
 void logits_grad(at::Tensor& z, const at::Tensor& target_b, const at::Tensor& lse,
-                 const at::Tensor& g, const HeadSpec& spec, const at::Tensor& dydx);
+                 const at::Tensor& g, const at::Tensor& g_ent, const at::Tensor& ent,
+                 const HeadSpec& spec, const at::Tensor& dydx);
 /// Whether this libtorch multiplies fp16 matrices on CPU (libtorch < 2.1 does not).
 bool cpu_half_matmul();
 /// libtorch's CPU `mm` in the 16-bit dtype `st` against its fp32 `mm`, as a speed ratio (fp32

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The CPU row kernels alone (no torch): the statistics pass and the row gradient over rows of
 // fp32 and bf16 logits, one thread, at the instruction set the process runs
-// (PREFOPT_CPU_ISA=generic|avx2|avx512 picks a lower one; the counter `isa` names it).
+// (PREFOPT_CPU_ISA=generic|avx2|avx512 picks a lower one; each row's label names it).
 //
 //   bench_row_kernels [--smoke] [--benchmark_filter=...]
 //
@@ -14,6 +14,8 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {

@@ -338,11 +338,12 @@ TEST_F(Gather, EntropyAloneCarriesItsGradient) {
 }
 
 TEST_F(Gather, MaskedVocabularyEntriesInTheLogitsMean) {
-  // V = 20: one 16-lane block and a 4-entry tail. Row 0 has a −inf in the block, row 1 in the
-  // tail, row 2 none: the vocabulary mean is −inf, −inf, finite, on both backends.
-  auto logits = at::randn({1, 4, 20});
+  // V = 23: whole blocks and a tail at every kernel width (16, 8 and 4 lanes: tails of 7, 7
+  // and 3). Row 0 has a −inf in the first block, row 1 in the tail (entry 21), row 2 none: the
+  // vocabulary mean is −inf, −inf, finite, on both backends.
+  auto logits = at::randn({1, 4, 23});
   logits[0][0][3] = -std::numeric_limits<float>::infinity();
-  logits[0][1][18] = -std::numeric_limits<float>::infinity();
+  logits[0][1][21] = -std::numeric_limits<float>::infinity();
   const auto labels = at::tensor({0, 1, 2, 5}, at::kLong).view({1, 4});
   for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
     SCOPED_TRACE(backend_name(backend));

@@ -144,7 +144,7 @@ struct Simd {
     return selectf(x < lo, splat(0.0f), y);
   }
 
-  // ---- loading and storing 16 lanes of each storage type as fp32 ----
+  // ---- loading and storing N lanes of each storage type as fp32 ----
 
   static PREFOPT_ALWAYS_INLINE vf half_bits_to_float(vu h) {
     // IEEE half -> float without branches (denormals handled by a magic-number subtraction).
@@ -189,12 +189,13 @@ struct Simd {
   // The low 16 bits of each lane (every lane < 2¹⁶). For 8 lanes, a shuffle of the 16-bit
   // halves: GCC turns AVX2's __builtin_convertvector from 8 × u32 into lane extractions.
   static PREFOPT_ALWAYS_INLINE vh narrow(vu r) {
+#if defined(__clang__) || __GNUC__ >= 12  // __builtin_shufflevector: GCC 12 and clang
     if constexpr (N == 8) {
       typedef uint16_t v16 __attribute__((vector_size(32)));
       return __builtin_shufflevector((v16)r, (v16)r, 0, 2, 4, 6, 8, 10, 12, 14);
-    } else {
-      return __builtin_convertvector(r, vh);
     }
+#endif
+    return __builtin_convertvector(r, vh);
   }
   static PREFOPT_ALWAYS_INLINE void store(bf16* p, vf v) {
     const vu u = (vu)v;
@@ -449,7 +450,7 @@ PREFOPT_ROW_ENTRIES(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx
 #endif
 
 enum class Isa { generic, avx2, avx512 };
-constexpr const char* kIsaNames[] = {"generic", "avx2", "avx512"};
+inline constexpr const char* kIsaNames[] = {"generic", "avx2", "avx512"};
 PREFOPT_INLINE Isa detect_isa() {
   Isa best = Isa::generic;
 #if PREFOPT_X86_DISPATCH
@@ -462,7 +463,8 @@ PREFOPT_INLINE Isa detect_isa() {
   }
 #endif
   // PREFOPT_CPU_ISA picks a lower level, so that every machine can test the generic kernels.
-  if (const char* want = std::getenv("PREFOPT_CPU_ISA")) {
+  const char* want = std::getenv("PREFOPT_CPU_ISA");
+  if (want != nullptr && *want != '\0') {  // set and not empty
     for (int i = 0; i <= static_cast<int>(best); ++i)
       if (std::strcmp(want, kIsaNames[i]) == 0) return static_cast<Isa>(i);
     std::fprintf(stderr,
@@ -472,8 +474,8 @@ PREFOPT_INLINE Isa detect_isa() {
   }
   return best;
 }
-// Detected once, on first use (not at static initialisation: header-only mode has one copy
-// per translation unit, and other initialisers may run first).
+// Detected once, on first use (not at static initialisation: other static initialisers, which
+// may already run the kernels, can come first).
 inline Isa isa() {
   static const Isa detected = detect_isa();
   return detected;

@@ -331,7 +331,10 @@ TEST_F(Fused, MatchesTrlsFusedHead) {
         const auto g = torch::autograd::grad({loss}, params, {}, /*retain_graph=*/true);
         const auto g_ent =
             torch::autograd::grad({loss + (lp.entropy_sum * entropy_grad).sum()}, params);
-        for (const auto& [grads, suffix] : {std::pair{g, ""}, std::pair{g_ent, "_entropy"}}) {
+        // Not a structured binding: a C++17 lambda (key, below) cannot capture one.
+        for (const auto& run : {std::pair{g, ""}, std::pair{g_ent, "_entropy"}}) {
+          const auto& grads = run.first;
+          const char* suffix = run.second;
           SCOPED_TRACE(suffix);
           const auto key = [&](const char* name) { return std::string(name) + suffix; };
           const double rel = *suffix != 0 ? 2e-5 : 1e-5;

@@ -29,7 +29,7 @@ def parse_console(text):
 def fused_table(runs):
     rows = {}
     for r in runs:
-        m = re.match(r"fwd_bwd/(\w+)/N:(\d+)/H:(\d+)/V:(\d+)/bits:(\d+)/half_masked:(\d)", r["name"])
+        m = re.match(r"fwd_bwd/([^/]+)/N:(\d+)/H:(\d+)/V:(\d+)/bits:(\d+)/half_masked:(\d)", r["name"])
         if not m or r.get("aggregate_name") != "median":
             continue
         method, n, h, v, bits, masked = m.groups()
@@ -52,7 +52,7 @@ def loss_table(runs):
     """bench_losses: each loss on 64 pairs, prefopt against its hand-written composite."""
     rows = {}
     for r in runs:
-        m = re.match(r"loss/(\w+)/(prefopt|composite)", r["name"])
+        m = re.match(r"loss/([^/]+)/(prefopt|composite)", r["name"])
         if m and r.get("aggregate_name") == "median":
             rows.setdefault(m.group(1), {})[m.group(2)] = r["real_time"]
     print("| loss | prefopt us | composite us | prefopt/composite |")
@@ -77,7 +77,10 @@ def main(path):
     for r in runs:
         if r.get("aggregate_name") != "median":
             continue
-        m = re.match(r"(fwd|fwd_bwd)/(\w+)/tokens:(\d+)/V:(\d+)/bits:(\d+)", r["name"])
+        m = re.match(r"(fwd|fwd_bwd)/([^/]+)/tokens:(\d+)/V:(\d+)/bits:(\d+)", r["name"])
+        if not m:
+            print(f"summarize.py: skipping {r['name']} (not a gathering benchmark)", file=sys.stderr)
+            continue
         mode, method, tokens, vocab, bits = m.groups()
         key = (mode, int(tokens), int(vocab), "fp32" if bits == "32" else "bf16")
         rows.setdefault(key, {})[method] = r
@@ -102,7 +105,15 @@ def main(path):
                   f"{t['prefopt']:.1f} | {t['naive']:.1f} | {trl_ms} | "
                   f"{t['naive'] / t['prefopt']:.1f}x | {trl_x} | "
                   f"{e['prefopt']:.3f} | {e['naive']:.0f} | {trl_e} |")
-
+    # The "_entropy" methods: the same sums plus Σ entropy, differentiated through both.
+    entropy_keys = sorted(k for k in rows if {"prefopt_entropy", "naive_entropy"} <= rows[k].keys())
+    if entropy_keys:
+        print("\n#### with the entropy term (`*_entropy` methods)\n")
+        print("| pass | B·T | V | dtype | prefopt ms | naive ms | time prefopt/naive |")
+        print("|---|---:|---:|---|---:|---:|---:|")
+        for key in entropy_keys:
+            p, q = (rows[key][m]["real_time"] for m in ("prefopt_entropy", "naive_entropy"))
+            print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {p:.1f} | {q:.1f} | {p / q:.2f} |")
 
 if __name__ == "__main__":
     main(sys.argv[1])

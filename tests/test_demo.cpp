@@ -129,6 +129,25 @@ TEST(Demo, Orpo) { expect_improves_sft(summary_of("orpo", stage2("orpo"))); }
 TEST(Demo, Simpo) { expect_improves_sft(summary_of("simpo", stage2("simpo"))); }
 TEST(Demo, Cpo) { expect_improves_sft(summary_of("cpo", stage2("cpo"))); }
 
+// The negative control of expect_improves_sft: the same sigmoid run trained on the pairs with
+// chosen and rejected exchanged must fail each of its checks, so they can fail. Evaluation
+// scores the true preference, so the implicit reward ranks the training pairs backwards.
+TEST(Demo, SwappedPreferencesFailTheChecks) {
+  const auto s = summary_of("sigmoid-swapped", stage2("sigmoid") + " --swap-preferences");
+  ASSERT_TRUE(s.contains("before") && s.contains("after")) << s.dump();
+  EXPECT_TRUE(s["swap_preferences"].get<bool>());
+  const auto& before = s["before"];
+  const auto& after = s["after"];
+  // Not merely short of expect_improves_sft's margins (+0.25, -0.4, 0.9): no better at all.
+  // Measured 2026-12-07: exact match 0.184 -> 0.156, carry dropped 0.950 -> 1.000, training
+  // pairs ranked correctly 0.001.
+  EXPECT_LT(after["exact_match"].get<double>(), before["exact_match"].get<double>() + 0.05)
+      << s.dump();
+  EXPECT_GT(after["dropped_carry"].get<double>(), before["dropped_carry"].get<double>() - 0.05)
+      << s.dump();
+  EXPECT_LT(after["train_reward_accuracy"].get<double>(), 0.1) << s.dump();
+}
+
 TEST(Demo, OrpoFromTheBaseModel) {
   // ORPO as its paper runs it: no SFT stage, the untrained model learns the task from the
   // chosen answers (NLL) while the odds ratio pushes the rejected ones down.
@@ -181,6 +200,7 @@ TEST(Demo, HelpDocumentsEveryOption) {
                           "--cpo-loss-type",
                           "--desirable-weight",
                           "--undesirable-weight",
+                          "--swap-preferences",
                           "--log-every",
                           "--print-every",
                           "--eval-every",

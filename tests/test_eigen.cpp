@@ -1206,6 +1206,16 @@ TEST_F(eigen, MetricsMatchTheLibtorchAccumulator) {
     eacc.add(pe::orpo_loss(em), em);
     tacc.add(F::cpo_loss(tm.in), tm.in);
     eacc.add(pe::cpo_loss(em), em);
+    // SimPO (no NLL term: nll_loss logged as 0) and TPO (its NLL not logged), as TRL logs them.
+    tacc.add(F::cpo_loss(tm.in, prefopt::CPOLossOptions().loss_type(prefopt::CPOLossType::kSimPO)),
+             tm.in);
+    eacc.add(pe::cpo_loss(em, pe::CPOLossOptions().loss_type(prefopt::CPOLossType::kSimPO)), em);
+    Feed gold_nll;
+    gold_nll.nll = 0.7;
+    const auto tt = torch_pairs(pm, gold_nll);
+    const auto et = eigen_pairs<double>(pm, gold_nll);
+    tacc.add(F::tpo_loss(tt.in), tt.in);
+    eacc.add(pe::tpo_loss(et), et);
     const std::vector<std::pair<int64_t, int64_t>> sizes = {{3, 0}, {2, 4}};
     for (auto [nd, nu] : sizes) {
       const KTOBatch b(nd, nu);
@@ -1239,6 +1249,7 @@ TEST_F(eigen, MetricsMatchTheLibtorchAccumulator) {
       }
       EXPECT_TRUE(em2.contains("eval_num_tokens"));
       EXPECT_EQ(window_no == 0, em2.contains("eval_rewards/chosen"));  // second window is empty
+      EXPECT_EQ(window_no == 0, em2.contains("eval_nll_loss"));
     }
   }
   pe::Metrics m;

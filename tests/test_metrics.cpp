@@ -135,6 +135,94 @@ TEST(Metrics, DpoCountWeightedByHand) {
   EXPECT_DOUBLE_EQ(m.at("num_tokens"), 19);
 }
 
+// TRL's TPOTrainer logs no nll_loss; its entropy is each rank's mean over the tokens of all
+// three branches, gold included, then the mean of the ranks' means. TRL's CPOTrainer logs
+// nll_loss = 0 when cpo_alpha = 0.
+TEST(Metrics, TpoAndCpoLogWhatTrlLogs) {
+  const auto pair_step = [](double entropy_c, double entropy_r, int64_t n) {
+    Step s = two_steps()[0];
+    s.policy.chosen.count = l({n});
+    s.policy.chosen.entropy_sum = d({entropy_c * static_cast<double>(n)});
+    s.policy.chosen.logits_sum = d({0.0});
+    s.policy.chosen.correct = l({0});
+    s.policy.rejected.count = l({n});
+    s.policy.rejected.entropy_sum = d({entropy_r * static_cast<double>(n)});
+    s.policy.rejected.logits_sum = d({0.0});
+    s.policy.rejected.correct = l({0});
+    s.inputs =
+        prefopt::PairInputs().policy_chosen_logps(d({-1.0})).policy_rejected_logps(d({-2.0}));
+    s.result.chosen_rewards = d({0.1});
+    s.result.rejected_rewards = d({0.2});
+    return s;
+  };
+  const auto gold_of = [](double entropy, int64_t n) {
+    prefopt::SequenceLogprobs g;
+    g.count = l({n});
+    g.entropy_sum = d({entropy * static_cast<double>(n)});
+    return g;
+  };
+  const auto tpo_of = [](const Step& s) {
+    prefopt::TPOLossResult r;
+    r.loss = s.result.loss;
+    r.chosen_rewards = s.result.chosen_rewards;
+    r.rejected_rewards = s.result.rejected_rewards;
+    r.nll_loss = at::scalar_tensor(0.3, at::kDouble);  // the gold NLL: in the loss, not logged
+    return r;
+  };
+  // One rank, 2 tokens per branch with entropies 1, 1 and 4: TRL logs 2, not the pair's 1.
+  {
+    const Step s = pair_step(1.0, 1.0, 2);
+    MetricAccumulator acc;
+    acc.add(tpo_of(s), s.inputs, s.policy, gold_of(4.0, 2));
+    const auto m = acc.compute();
+    EXPECT_FALSE(m.contains("nll_loss"));
+    EXPECT_DOUBLE_EQ(m.at("entropy"), 2.0);
+    EXPECT_DOUBLE_EQ(m.at("num_tokens"), 6);  // the gold tokens are scored too
+    acc.add(tpo_of(s), s.inputs);
+    EXPECT_FALSE(acc.compute().contains("nll_loss"));
+  }
+  // Two ranks, 1 and 3 tokens per branch: the mean of the ranks' means, (2 + 0) / 2, where
+  // pooling the tokens would give (2·3 + 0·9) / 12 = 0.5.
+  {
+    const Step s0 = pair_step(1.0, 1.0, 1), s1 = pair_step(0.0, 0.0, 3);
+    MetricAccumulator r0, r1;
+    r0.add(tpo_of(s0), s0.inputs, s0.policy, gold_of(4.0, 1));
+    r1.add(tpo_of(s1), s1.inputs, s1.policy, gold_of(0.0, 3));
+    EXPECT_DOUBLE_EQ(MetricAccumulator::compute_ranks({&r0, &r1}).at("entropy"), 1.0);
+  }
+  // Without the gold responses, the pair's branches alone, still per rank: 1 token at 1 and
+  // 3 tokens at 0 per branch give (1 + 0) / 2, where pooling would give 2 / 8.
+  {
+    const Step s0 = pair_step(1.0, 1.0, 1), s1 = pair_step(0.0, 0.0, 3);
+    MetricAccumulator r0, r1;
+    r0.add(tpo_of(s0), s0.inputs, s0.policy);
+    r1.add(tpo_of(s1), s1.inputs, s1.policy);
+    EXPECT_DOUBLE_EQ(MetricAccumulator::compute_ranks({&r0, &r1}).at("entropy"), 0.5);
+  }
+  // kCountWeighted (TRL has no such TPO window) pools the tokens, as for the other losses:
+  // steps of 2 tokens per branch at 3 and 200 at 0 give 18 / 606, not the steps' mean 1.5.
+  {
+    const Step s0 = pair_step(3.0, 3.0, 2), s1 = pair_step(0.0, 0.0, 200);
+    MetricAccumulator acc(MetricsOptions().window(MetricWindow::kCountWeighted));
+    acc.add(tpo_of(s0), s0.inputs, s0.policy, gold_of(3.0, 2));
+    acc.add(tpo_of(s1), s1.inputs, s1.policy, gold_of(0.0, 200));
+    EXPECT_DOUBLE_EQ(acc.compute().at("entropy"), 18.0 / 606);
+  }
+  // CPO without an NLL term (cpo_alpha = 0: SimPO, AlphaPO): nll_loss = 0, as TRL logs it.
+  {
+    const Step s = pair_step(1.0, 1.0, 2);
+    prefopt::CPOLossResult cpo;
+    cpo.loss = s.result.loss;
+    cpo.chosen_rewards = s.result.chosen_rewards;
+    cpo.rejected_rewards = s.result.rejected_rewards;
+    MetricAccumulator acc;
+    acc.add(cpo, s.inputs);
+    const auto m = acc.compute();
+    ASSERT_TRUE(m.contains("nll_loss"));
+    EXPECT_DOUBLE_EQ(m.at("nll_loss"), 0.0);
+  }
+}
+
 TEST(Metrics, LogitsOverAllPositions) {
   // LLaMA-Factory / torchtune: every position's vocabulary mean, prompt and padding included.
   auto steps = two_steps();
@@ -172,6 +260,34 @@ TEST(Metrics, WithoutTokenStatisticsOnlyPairMetrics) {
   MetricAccumulator acc;
   acc.add(steps[0].result, steps[0].inputs.chosen_lengths(l({2, 3})).rejected_lengths(l({1, 1})));
   EXPECT_DOUBLE_EQ(acc.compute().at("num_tokens"), 7);
+}
+
+// The README's form: inputs built from the policy's log-probs (so they carry its token counts
+// as lengths) and the same log-probs for the token metrics. Each token counts once; before
+// 2026-12-07 the lengths and the counts were both added, doubling num_tokens.
+TEST(Metrics, NumTokensCountsEachTokenOnce) {
+  auto steps = two_steps();
+  MetricAccumulator acc;
+  for (auto& s : steps) {
+    s.inputs.chosen_lengths(s.policy.chosen.count).rejected_lengths(s.policy.rejected.count);
+    acc.add(s.result, s.inputs, s.policy);
+  }
+  EXPECT_DOUBLE_EQ(acc.compute().at("num_tokens"), 5 + 2 + 6 + 6);
+  // The same through each pairwise loss's overload, and PairInputs(policy) itself.
+  const prefopt::PairInputs from_policy(steps[1].policy);
+  ASSERT_TRUE(from_policy.chosen_lengths().defined());
+  prefopt::CPOLossResult cpo;
+  cpo.loss = steps[1].result.loss;
+  cpo.chosen_rewards = steps[1].result.chosen_rewards;
+  cpo.rejected_rewards = steps[1].result.rejected_rewards;
+  acc.add(cpo, from_policy, steps[1].policy);
+  EXPECT_DOUBLE_EQ(acc.compute().at("num_tokens"), 19 + 12);
+  prefopt::ORPOLossResult orpo;
+  orpo.loss = steps[1].result.loss;
+  orpo.chosen_rewards = steps[1].result.chosen_rewards;
+  orpo.rejected_rewards = steps[1].result.rejected_rewards;
+  acc.add(orpo, from_policy, steps[1].policy);
+  EXPECT_DOUBLE_EQ(acc.compute().at("num_tokens"), 19 + 12 + 12);
 }
 
 TEST(Metrics, AccuraciesNeverExceedOne) {

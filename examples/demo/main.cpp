@@ -71,6 +71,7 @@ struct Options {
   std::optional<double> cpo_alpha;
   double label_smoothing = 0.0, rpo_alpha = 0.0, simpo_gamma = 0.5;
   bool cdpo = false;
+  bool swap_preferences = false;  // negative control: train on chosen and rejected exchanged
   double desirable_weight = 1.0, undesirable_weight = 1.0;
   // logging and evaluation
   int64_t log_every = 10, print_every = 50, eval_every = 25, eval_size = 500;
@@ -145,6 +146,16 @@ at::Tensor sequence_logps(demo::TinyGPT& model, const at::Tensor& ids, const at:
                       .sum);
   }
   return at::cat(out);
+}
+
+// The same pairs with chosen and rejected exchanged (the KL completions stay): what a loss
+// with its preference reversed, or a data pipeline that mixed up its columns, trains on.
+PairSet swapped(const PairSet& s) {
+  PairSet w = s;
+  std::swap(w.chosen_ids, w.rejected_ids);
+  std::swap(w.chosen_labels, w.rejected_labels);
+  std::swap(w.ref_chosen, w.ref_rejected);
+  return w;
 }
 
 void precompute_reference(demo::TinyGPT& reference, PairSet& s, bool kl) {
@@ -401,6 +412,8 @@ Scores run_preference(const Options& o, demo::TinyGPT& model, PairSet& train, Pa
   prefopt::MetricAccumulator metrics;
   eval_history.emplace_back(0, before.metrics());
 
+  // --swap-preferences trains on the exchanged pairs; evaluation still scores the true ones.
+  const PairSet fed = o.swap_preferences ? swapped(train) : train;
   std::vector<int64_t> order(static_cast<size_t>(train.size()));
   std::iota(order.begin(), order.end(), 0);
   size_t cursor = order.size();
@@ -420,7 +433,7 @@ Scores run_preference(const Options& o, demo::TinyGPT& model, PairSet& train, Pa
 
     set_lr(opt, scheduled_lr(o.lr, step, o.steps, o.steps / 10));
     opt.zero_grad();
-    const auto l = loss(model, train, idx, metrics);
+    const auto l = loss(model, fed, idx, metrics);
     l.backward();
     const auto grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), o.max_grad_norm);
     opt.step();
@@ -533,6 +546,7 @@ int run(const Options& o) {
   } else {
     before = evaluate(model, task, held_out, nullptr, false, false);
   }
+  summary["swap_preferences"] = o.swap_preferences;
   summary["before"] = to_json(before);
 
   if (o.steps > 0) {
@@ -547,9 +561,10 @@ int run(const Options& o) {
       precompute_reference(reference, train, family == Family::kKTO);
       precompute_reference(reference, held_out, false);
     }
-    fmt::print("stage 2: {} from the {} model, {} steps of {} pairs ({} training pairs{})\n",
+    fmt::print("stage 2: {} from the {} model, {} steps of {} pairs ({} training pairs{}{})\n",
                o.loss, before_name, o.steps, o.batch, o.pairs,
-               needs_reference(family) ? ", reference log-probs precomputed" : "");
+               needs_reference(family) ? ", reference log-probs precomputed" : "",
+               o.swap_preferences ? ", chosen and rejected SWAPPED" : "");
     demo::History history, eval_history;
     const auto after = run_preference(o, model, train, held_out, task, pair_sampler.rng(), out,
                                       history, eval_history, before);
@@ -701,6 +716,9 @@ int main(int argc, char** argv) {
   pref->add_option("--undesirable-weight", o.undesirable_weight,
                    "KTO weight of undesirable examples")
       ->capture_default_str();
+  pref->add_flag("--swap-preferences", o.swap_preferences,
+                 "negative control: train on every pair with chosen and rejected exchanged "
+                 "(evaluation still scores the true preference)");
 
   auto* logging = app.add_option_group("logging and evaluation");
   logging->add_option("--log-every", o.log_every, "steps per metrics record")

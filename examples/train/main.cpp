@@ -363,7 +363,11 @@ struct Loss {
         const auto in = means ? prefopt::PairInputs::averaged(policy) : prefopt::PairInputs(policy);
         const auto r = gold ? F::tpo_loss(in, *gold, tpo)
                             : F::tpo_loss(in, prefopt::TPOLossOptions(tpo).tpo_alpha(0.0));
-        token_metrics ? metrics.add(r, in, policy) : metrics.add(r, in);
+        // With the gold responses, TRL's TPO entropy (over all three branches); TRL leaves the
+        // gold branch out when tpo_alpha = 0, and so does the loss.
+        const bool with_gold = gold != nullptr && tpo.tpo_alpha() != 0;
+        token_metrics ? metrics.add(r, in, policy, with_gold ? *gold : prefopt::SequenceLogprobs{})
+                      : metrics.add(r, in);
         return r.loss;
       }
       case Family::kKTO: {  // evaluation on pairs: one desirable and one undesirable example each

@@ -130,8 +130,8 @@ namespace functional {
 /// `DPOLoss`'s running bco baseline and `torch::kNone` reduction are refused with an error that
 /// points to the two-pass path. `inputs` carries the reference log-probs (sums, unless its
 /// `logps_form` says kMean; the policy's are then given to the loss in the same form) and
-/// optional WPO `weights`; the policy log-probs and the lengths come from the pass and must not
-/// be set.
+/// optional WPO `weights`; the policy log-probs, the lengths and `nll_loss` come from the pass
+/// and must not be set.
 ///
 /// Gradients reach `batch.hidden`, `batch.weight` and `batch.bias` when they require grad and
 /// grad mode is on; otherwise only the forward part runs (e.g. evaluation). They are computed
@@ -243,9 +243,9 @@ class FusedDPOLoss {
 ///
 /// Example:
 /// ```
-/// const prefopt::FusedCPOLoss
-/// simpo(prefopt::CPOLossOptions().loss_type(prefopt::CPOLossType::kSimPO)); auto out =
-/// simpo(prefopt::HeadBatch(hidden, head, {}, labels));
+/// const prefopt::FusedCPOLoss simpo(
+///     prefopt::CPOLossOptions().loss_type(prefopt::CPOLossType::kSimPO));
+/// auto out = simpo(prefopt::HeadBatch(hidden, head, {}, labels));
 /// ```
 class FusedCPOLoss {
  public:
@@ -324,7 +324,7 @@ class FusedORPOLoss {
 /// ```
 /// const prefopt::FusedKTOLoss kto(prefopt::KTOLossOptions().beta(0.1));
 /// auto out = kto(prefopt::HeadBatch(hidden, head, {}, labels),
-///                prefopt::FusedKTOInputs().desirable(flags).reference_logps(ref).kl(kl));
+///                prefopt::FusedKTOInputs().desirable(flags).reference_logps(ref.sum).kl(kl));
 /// ```
 class FusedKTOLoss {
  public:

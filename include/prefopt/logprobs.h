@@ -123,7 +123,8 @@ using GatherLogprobsFuncOptions = GatherLogprobsOptions;
 /// - `labels`: [B, T], int64 (int32 accepted), values in [0, V) or `ignore_index`.
 ///
 /// Gradients reach the logits exactly as through log_softmax + gather + masked sum, but only
-/// the per-token logsumexp is saved for backward.
+/// the per-token logsumexp (and, with `with_entropy`, the per-token entropy) is saved for
+/// backward.
 ///
 /// Example:
 /// ```

@@ -249,8 +249,13 @@ PREFOPT_INLINE void MetricAccumulator::put_tokens(Step& step, const SequenceLogp
     const auto t = detail::metrics::as_double(lp->count).sum();
     tokens = tokens.defined() ? tokens + t : t;
   }
-  if (tokens.defined())
+  if (tokens.defined()) {
+    // A pairwise add has already counted the inputs' lengths, which are these same tokens
+    // (PairInputs(policy) copies the counts): the gathered counts replace them, so each token
+    // counts once.
+    if (step.size() > detail::metrics::kNumTokens) step[detail::metrics::kNumTokens] = at::Tensor();
     put(step, detail::metrics::kNumTokens, tokens, detail::metrics::count_tensor(1, tokens));
+  }
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const at::Tensor& loss, const SequenceLogprobs& lp) {
@@ -293,6 +298,13 @@ PREFOPT_INLINE DPOLossResult as_dpo(const CPOLossResult& r) {
   return {r.loss,     r.losses,       r.chosen_rewards, r.rejected_rewards,
           r.nll_loss, r.chosen_logps, r.rejected_logps};
 }
+// TRL's CPOTrainer logs nll_loss = 0 when cpo_alpha = 0, where the loss computes none.
+PREFOPT_INLINE DPOLossResult as_cpo_logged(const CPOLossResult& r) {
+  auto d = as_dpo(r);
+  if (!d.nll_loss.defined() && r.loss.defined())
+    d.nll_loss = at::zeros({}, r.loss.options().dtype(at::kDouble));
+  return d;
+}
 PREFOPT_INLINE DPOLossResult as_dpo(const ORPOLossResult& r) {
   return {r.loss,     r.losses,       r.chosen_rewards, r.rejected_rewards,
           r.nll_loss, r.chosen_logps, r.rejected_logps};
@@ -301,12 +313,55 @@ PREFOPT_INLINE DPOLossResult as_dpo(const ORPOLossResult& r) {
 }  // namespace detail
 
 PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in) {
-  add(detail::metrics::as_dpo(r), in);
+  add(detail::metrics::as_cpo_logged(r), in);
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in,
                                            const PairLogprobs& policy) {
-  add(detail::metrics::as_dpo(r), in, policy);
+  add(detail::metrics::as_cpo_logged(r), in, policy);
+}
+
+PREFOPT_INLINE void MetricAccumulator::add(const TPOLossResult& r, const PairInputs& in) {
+  auto logged = detail::metrics::as_dpo(r);
+  logged.nll_loss = at::Tensor();
+  add(logged, in);
+}
+
+PREFOPT_INLINE void MetricAccumulator::add(const TPOLossResult& r, const PairInputs& in,
+                                           const PairLogprobs& policy,
+                                           const SequenceLogprobs& gold) {
+  auto logged = detail::metrics::as_dpo(r);
+  logged.nll_loss = at::Tensor();
+  add(logged, in, policy);
+  Step& step = steps_.back();
+  using detail::metrics::as_double;
+  if (gold.count.defined()) {
+    const auto n = as_double(gold.count).sum();
+    put(step, detail::metrics::kNumTokens, n, detail::metrics::count_tensor(1, n));
+  }
+  if (step.size() <= detail::metrics::kEntropy || !step[detail::metrics::kEntropy].defined())
+    return;  // no entropy gathered for the pair (put_tokens warned)
+  // TRL's TPO entropy: this rank's mean over the tokens of all three branches, then the mean
+  // of the ranks' means: (mean, 1) per rank, or (0, 0) from a rank with no tokens. A
+  // kCountWeighted window (TRL has none for TPO) pools the tokens, as for every other loss.
+  auto sum = step[detail::metrics::kEntropy][0], n = step[detail::metrics::kEntropy][1];
+  if (gold.count.defined()) {
+    if (gold.entropy_sum.defined()) {
+      sum = sum + as_double(gold.entropy_sum).sum();
+      n = n + as_double(gold.count).sum();
+    } else {
+      TORCH_WARN_ONCE("prefopt::MetricAccumulator::add: the gold log-probs carry no entropy, so ",
+                      "TPO's entropy covers the chosen and rejected tokens only; gather the gold ",
+                      "responses with with_entropy(true) too");
+    }
+  }
+  if (options_.window() != MetricWindow::kMeanOfSteps) {
+    step[detail::metrics::kEntropy] = at::stack({sum, n});
+    return;
+  }
+  const auto some = n > 0;
+  step[detail::metrics::kEntropy] =
+      at::stack({at::where(some, sum / n.clamp_min(1), at::zeros_like(sum)), some.to(at::kDouble)});
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in) {
@@ -374,6 +429,10 @@ PREFOPT_INLINE at::Tensor MetricAccumulator::pack() const {
 PREFOPT_INLINE Metrics MetricAccumulator::compute(c10d::ProcessGroup* group) {
   constexpr const char* fn = "prefopt::MetricAccumulator::compute";
   at::Tensor packed = pack();
+  // An NCCL group takes CUDA tensors only, and a window may hold none (no micro-step, or only
+  // add_scalar doubles, which live on the CPU).
+  const bool nccl = group != nullptr && group->getSize() > 1 && group->getBackendName() == "nccl";
+  if (nccl && packed.defined() && packed.is_cpu()) packed = packed.to(at::Device(at::kCUDA));
   if (group != nullptr && group->getSize() > 1) {
     // The ranks must agree on the layout of what they sum (micro-steps, names of the slots),
     // or values of different metrics would mix, and packs of different sizes would fail inside
@@ -391,7 +450,9 @@ PREFOPT_INLINE Metrics MetricAccumulator::compute(c10d::ProcessGroup* group) {
       layout[2 * i] = mine[i];
       layout[2 * i + 1] = mine[i] * mine[i];
     }
-    layout = layout.to(packed.defined() ? packed.device() : at::Device(at::kCPU));
+    layout = layout.to(packed.defined() ? packed.device()
+                       : nccl           ? at::Device(at::kCUDA)
+                                        : at::Device(at::kCPU));
     all_reduce_sum(layout, group, fn);
     const auto sums = layout.cpu();
     const auto* v = sums.data_ptr<double>();

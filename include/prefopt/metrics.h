@@ -17,6 +17,7 @@
 #include <prefopt/losses/dpo.h>
 #include <prefopt/losses/kto.h>
 #include <prefopt/losses/orpo.h>
+#include <prefopt/losses/tpo.h>
 
 #include <cstdint>
 #include <string>
@@ -108,7 +109,8 @@ class PREFOPT_API Metrics {
 /// the micro-steps and over the ranks of a c10d process group, when `compute` is called.
 ///
 /// What each micro-step contributes (names as TRL logs them, `prefix` prepended):
-/// - `loss` (the mean when `loss` is a vector), `nll_loss`, `kl`, and scalars from
+/// - `loss` (the mean when `loss` is a vector), `nll_loss` (DPO's sft/RPO term, CPO's (0 when
+///   `cpo_alpha` = 0), ORPO's; TPO's is not logged, as in TRL), `kl`, and scalars from
 ///   `add_scalar`: one sample per micro-step and rank;
 /// - `rewards/chosen`, `rewards/rejected`, `logps/chosen`, `logps/rejected`: the examples of
 ///   each side (`logps/*` are the log-probs the loss consumed, the result's `chosen_logps`:
@@ -123,8 +125,9 @@ class PREFOPT_API Metrics {
 ///   (`with_entropy`), `mean_token_accuracy` (`with_token_accuracy`) over the chosen side for
 ///   pairwise losses (TRL ≥ 0.29), both sides for KTO; a statistic that was not gathered
 ///   leaves its metric out with a warning (once per process) naming the option;
-///   `num_tokens`: scored tokens seen since the accumulator was made, summed over ranks (TRL
-///   counts prompt tokens too).
+///   `num_tokens`: scored tokens seen since the accumulator was made, summed over ranks, each
+///   counted once (TRL counts prompt tokens too); TPO's `entropy` is TRL's per-rank form (see
+///   its `add`).
 ///
 /// A side with no examples contributes nothing and breaks nothing: its metrics are absent
 /// from a window that has none, never NaN. Nothing is read from the device before `compute`.
@@ -152,10 +155,22 @@ class PREFOPT_API MetricAccumulator {
   void add(const DPOLossResult& result, const PairInputs& inputs);
   /// The same, with the policy's token statistics.
   void add(const DPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
-  /// A CPO / SimPO / AlphaPO / TPO micro-step.
+  /// A CPO / SimPO / AlphaPO micro-step. `nll_loss` is logged as 0 when the loss has no NLL
+  /// term (`cpo_alpha` = 0, and AlphaPO, for which TRL sets it to 0), as TRL's CPOTrainer
+  /// logs it.
   void add(const CPOLossResult& result, const PairInputs& inputs);
   /// The same, with the policy's token statistics.
   void add(const CPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
+  /// A TPO micro-step: CPO's metrics but `nll_loss`, which TRL's TPOTrainer does not log.
+  void add(const TPOLossResult& result, const PairInputs& inputs);
+  /// The same, with the policy's token statistics and the gold responses' (optional; pass them
+  /// only when `tpo_alpha` ≠ 0, as TRL drops the gold branch otherwise). With the default
+  /// kMeanOfSteps window `entropy` is then TRL's TPO form: each rank's mean over every
+  /// completion token of the branches (chosen, rejected, gold), averaged over the ranks; a rank
+  /// with no tokens is left out (TRL: NaN). `num_tokens` counts the gold tokens too. `logits/*`
+  /// and `mean_token_accuracy` are as for CPO.
+  void add(const TPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy,
+           const SequenceLogprobs& gold = {});
   /// An ORPO micro-step (also `log_odds_ratio`, `log_odds_chosen`).
   void add(const ORPOLossResult& result, const PairInputs& inputs);
   /// The same, with the policy's token statistics.

@@ -181,26 +181,9 @@ namespace detail {
 
 constexpr const char* kDPOFn = "prefopt::eigen::dpo_loss";
 
-/// The types that read ε: as in TRL ≥ 0.29, plus sigmoid and sigmoid_norm under cdpo.
-inline bool uses_label_smoothing(DPOLossType t, bool cdpo) {
-  switch (t) {
-    case DPOLossType::kSigmoid:
-    case DPOLossType::kSigmoidNorm:
-      return cdpo;
-    case DPOLossType::kRobust:
-    case DPOLossType::kExoPair:
-    case DPOLossType::kAOT:
-    case DPOLossType::kAOTUnpaired:
-      return true;
-    default:
-      return false;
-  }
-}
-
-/// Whether `types` holds `t`.
-inline bool has_type(const std::vector<DPOLossType>& types, DPOLossType t) {
-  return std::find(types.begin(), types.end(), t) != types.end();
-}
+// The rules the libtorch layer applies too (losses/types.h).
+using prefopt::detail::dpo_reads_label_smoothing;
+using prefopt::detail::has_loss_type;
 
 /// The option checks of losses/dpo-inl.h's `check_options`.
 inline void check_dpo_options(const DPOLossOptions& o) {
@@ -218,20 +201,21 @@ inline void check_dpo_options(const DPOLossOptions& o) {
   const bool cdpo = o.cdpo();
   if (eps != 0) {
     check(std::any_of(types.begin(), types.end(),
-                      [cdpo](DPOLossType t) { return uses_label_smoothing(t, cdpo); }),
+                      [cdpo](DPOLossType t) { return dpo_reads_label_smoothing(t, cdpo); }),
           fn, ": label_smoothing = ", eps, " is not used by any of the loss types (robust, ",
           "exo_pair, aot and aot_unpaired take it; sigmoid and sigmoid_norm only with cdpo(true), ",
           "conservative DPO, since TRL 0.29 ignores it there)");
   }
   if (cdpo) {
-    check(has_type(types, DPOLossType::kSigmoid) || has_type(types, DPOLossType::kSigmoidNorm), fn,
-          ": cdpo(true) smooths sigmoid and sigmoid_norm, and neither is among the loss types");
+    check(has_loss_type(types, DPOLossType::kSigmoid) ||
+              has_loss_type(types, DPOLossType::kSigmoidNorm),
+          fn, ": cdpo(true) smooths sigmoid and sigmoid_norm, and neither is among the loss types");
     if (eps == 0) {
       warn_once(str(fn, "/cdpo"), str(fn, ": cdpo(true) with label_smoothing 0 is plain sigmoid; ",
                                       "set the label-flip rate with label_smoothing"));
     }
   }
-  check(!has_type(types, DPOLossType::kExoPair) || eps > 0, fn,
+  check(!has_loss_type(types, DPOLossType::kExoPair) || eps > 0, fn,
         ": exo_pair needs label_smoothing in (0, 0.5), got ", eps);
   check(std::isfinite(o.discopop_tau()) && o.discopop_tau() > 0, fn,
         ": expected discopop_tau > 0, got ", o.discopop_tau());
@@ -315,7 +299,8 @@ DPOLossResult<T> dpo_impl(const PairInputs<T>& in, const double* bco_delta,
             "they only feed the logged rewards beta*(policy - reference), as in TRL <= 0.28"));
   }
   const auto& types = o.loss_type();
-  const bool aot = has_type(types, DPOLossType::kAOT) || has_type(types, DPOLossType::kAOTUnpaired);
+  const bool aot =
+      has_loss_type(types, DPOLossType::kAOT) || has_loss_type(types, DPOLossType::kAOTUnpaired);
   check(
       !(aot && in.weights().has_value()), fn,
       ": aot and aot_unpaired sort the batch, so per-pair weights (WPO) cannot apply; got weights");
@@ -676,7 +661,7 @@ class DPOLoss {
   /// Checks `options` for `bco_running_mean` (the rest is checked on each call).
   explicit DPOLoss(DPOLossOptions options = {}) : options_(std::move(options)) {
     if (options_.bco_running_mean()) {
-      detail::check(detail::has_type(options_.loss_type(), DPOLossType::kBCOPair),
+      detail::check(detail::has_loss_type(options_.loss_type(), DPOLossType::kBCOPair),
                     "prefopt::eigen::DPOLoss", ": bco_running_mean(true) keeps bco_pair's ",
                     "baseline, and bco_pair is not among the loss types");
       baseline_ = std::make_shared<BCOBaseline>();

@@ -161,8 +161,11 @@ auto gather_packed_logprobs(const Eigen::MatrixBase<Derived>& logits,
 ///
 /// Example:
 /// ```
+/// // sequences [chosen..., rejected...]: one upstream gradient per sequence, in that order
+/// Eigen::VectorXf dsum(2 * B);
+/// dsum << r.grad_policy_chosen, r.grad_policy_rejected;
 /// pe::RowMatrix<float> dlogits(logits.rows(), logits.cols());
-/// pe::gather_packed_logprobs_backward<float>(logits, labels, cu, r.grad_policy_chosen, {},
+/// pe::gather_packed_logprobs_backward<float>(logits, labels, cu, dsum, Eigen::VectorXf(),
 ///                                            dlogits);
 /// ```
 template <typename T>

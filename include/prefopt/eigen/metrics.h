@@ -12,6 +12,7 @@
 #include <prefopt/eigen/dpo.h>
 #include <prefopt/eigen/kto.h>
 #include <prefopt/eigen/orpo.h>
+#include <prefopt/eigen/tpo.h>
 
 PREFOPT_BEGIN_NAMESPACE
 namespace eigen {
@@ -126,10 +127,17 @@ class MetricAccumulator {
     add_pairwise(r.loss, r.chosen_rewards, r.rejected_rewards, r.nll_loss, r.chosen_logps,
                  r.rejected_logps, in);
   }
-  /// A CPO / SimPO / AlphaPO / TPO micro-step.
+  /// A CPO / SimPO / AlphaPO micro-step. `nll_loss` is logged as 0 when the loss has no NLL
+  /// term (`cpo_alpha` = 0, and AlphaPO), as TRL's CPOTrainer logs it.
   template <typename T>
   void add(const CPOLossResult<T>& r, const PairInputs<T>& in) {
-    add_pairwise(r.loss, r.chosen_rewards, r.rejected_rewards, r.nll_loss, r.chosen_logps,
+    add_pairwise(r.loss, r.chosen_rewards, r.rejected_rewards,
+                 std::optional<T>(r.nll_loss.value_or(T(0))), r.chosen_logps, r.rejected_logps, in);
+  }
+  /// A TPO micro-step: CPO's metrics but `nll_loss`, which TRL's TPOTrainer does not log.
+  template <typename T>
+  void add(const TPOLossResult<T>& r, const PairInputs<T>& in) {
+    add_pairwise(r.loss, r.chosen_rewards, r.rejected_rewards, std::optional<T>(), r.chosen_logps,
                  r.rejected_logps, in);
   }
   /// An ORPO micro-step (also `log_odds_ratio`, `log_odds_chosen`).

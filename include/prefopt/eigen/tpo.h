@@ -42,42 +42,29 @@ struct TPOLossOptions {
 
 /// Result of `eigen::tpo_loss`: `loss = reduce(losses) + tpo_alpha·nll_loss`, rewards β·s,
 /// `nll_loss` the gold responses' token-mean NLL; `grad_gold_sum` is d loss / d gold.sum.
+/// CPO's fields in a type of its own, so that `MetricAccumulator::add` leaves `nll_loss` out,
+/// as TRL's TPOTrainer does.
 template <typename T>
-using TPOLossResult = CPOLossResult<T>;
+struct TPOLossResult : CPOLossResult<T> {};
 
 namespace detail {
 
-/// TPO is CPO's machinery with its own names: sigmoid/hinge/ipo as CPO's, tpo-l as SimPO's,
-/// and the NLL of the gold response (`inputs.nll_loss`) instead of the chosen one.
+/// TPO is CPO's machinery with its own names (`tpo_as_cpo`) and the NLL of the gold response
+/// (`inputs.nll_loss`) instead of the chosen one.
 template <typename T>
 TPOLossResult<T> tpo_impl(const PairInputs<T>& in, const TPOLossOptions& o) {
   constexpr const char* fn = "prefopt::eigen::tpo_loss";
   CPOLossType type = CPOLossType::kSigmoid;
-  switch (o.loss_type()) {
-    case TPOLossType::kSigmoid:
-      type = CPOLossType::kSigmoid;
-      break;
-    case TPOLossType::kHinge:
-      type = CPOLossType::kHinge;
-      break;
-    case TPOLossType::kIPO:
-      type = CPOLossType::kIPO;
-      break;
-    case TPOLossType::kTPOL:
-      type = CPOLossType::kSimPO;
-      break;
-    default:
-      fail(fn, ": loss_type is not a TPOLossType value (got ", static_cast<int>(o.loss_type()),
-           ")");
-  }
+  check(prefopt::detail::tpo_as_cpo(o.loss_type(), &type), fn,
+        ": loss_type is not a TPOLossType value (got ", static_cast<int>(o.loss_type()), ")");
   check(std::isfinite(o.tpo_alpha()), fn, ": expected a finite tpo_alpha, got ", o.tpo_alpha());
   check(o.tpo_alpha() == 0 || in.nll_loss().has_value(), fn, ": tpo_alpha = ", o.tpo_alpha(),
         " weights the gold response's NLL; pass the gold SequenceLogprobs (or nll_loss), or set ",
         "tpo_alpha(0)");
-  return cpo_impl<T>(
+  return {cpo_impl<T>(
       fn, in,
       {type, o.beta(), o.label_smoothing(), o.tpo_l_gamma(), o.tpo_alpha(), 0.0,
-       NLLNormalization::kTokenMean, o.reduction(), prefopt::detail::name_of(o.loss_type())});
+       NLLNormalization::kTokenMean, o.reduction(), prefopt::detail::name_of(o.loss_type())})};
 }
 
 }  // namespace detail

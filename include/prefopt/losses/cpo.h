@@ -112,7 +112,8 @@ using SimPOLossFuncOptions = SimPOLossOptions;
 /// - `inputs.chosen_lengths`: [B] token counts, needed for the token-mean NLL (or pass
 ///   `inputs.nll_loss`).
 ///
-/// Returns `CPOLossResult` {loss, losses, chosen_rewards, rejected_rewards, nll_loss}.
+/// Returns `CPOLossResult` {loss, losses, chosen_rewards, rejected_rewards, nll_loss,
+/// chosen_logps, rejected_logps}.
 ///
 /// Example:
 /// ```

@@ -15,26 +15,6 @@ namespace dpo {
 
 constexpr const char* kFn = "prefopt::dpo_loss";
 
-// The types that read ε: as in TRL ≥ 0.29, plus sigmoid and sigmoid_norm under cdpo.
-PREFOPT_INLINE bool uses_label_smoothing(DPOLossType t, bool cdpo) {
-  switch (t) {
-    case DPOLossType::kSigmoid:
-    case DPOLossType::kSigmoidNorm:
-      return cdpo;
-    case DPOLossType::kRobust:
-    case DPOLossType::kExoPair:
-    case DPOLossType::kAOT:
-    case DPOLossType::kAOTUnpaired:
-      return true;
-    default:
-      return false;
-  }
-}
-
-PREFOPT_INLINE bool has(const std::vector<DPOLossType>& types, DPOLossType t) {
-  return std::find(types.begin(), types.end(), t) != types.end();
-}
-
 PREFOPT_INLINE void check_options(const DPOLossOptions& o) {
   const auto& types = o.loss_type();
   TORCH_CHECK_VALUE(!types.empty(), kFn, ": expected at least one loss_type, got none");
@@ -52,13 +32,14 @@ PREFOPT_INLINE void check_options(const DPOLossOptions& o) {
   if (eps != 0) {
     TORCH_CHECK_VALUE(
         std::any_of(types.begin(), types.end(),
-                    [cdpo](DPOLossType t) { return uses_label_smoothing(t, cdpo); }),
+                    [cdpo](DPOLossType t) { return dpo_reads_label_smoothing(t, cdpo); }),
         kFn, ": label_smoothing = ", eps, " is not used by any of the loss types (robust, ",
         "exo_pair, aot and aot_unpaired take it; sigmoid and sigmoid_norm only with cdpo(true), ",
         "conservative DPO, since TRL 0.29 ignores it there)");
   }
   if (cdpo) {
-    TORCH_CHECK_VALUE(has(types, DPOLossType::kSigmoid) || has(types, DPOLossType::kSigmoidNorm),
+    TORCH_CHECK_VALUE(has_loss_type(types, DPOLossType::kSigmoid) ||
+                          has_loss_type(types, DPOLossType::kSigmoidNorm),
                       kFn, ": cdpo(true) smooths sigmoid and sigmoid_norm, and neither is among ",
                       "the loss types");
     if (eps == 0) {
@@ -66,7 +47,7 @@ PREFOPT_INLINE void check_options(const DPOLossOptions& o) {
                       "label-flip rate with label_smoothing");
     }
   }
-  TORCH_CHECK_VALUE(!has(types, DPOLossType::kExoPair) || eps > 0, kFn,
+  TORCH_CHECK_VALUE(!has_loss_type(types, DPOLossType::kExoPair) || eps > 0, kFn,
                     ": exo_pair needs label_smoothing in (0, 0.5), got ", eps);
   TORCH_CHECK_VALUE(std::isfinite(o.discopop_tau()) && o.discopop_tau() > 0, kFn,
                     ": expected discopop_tau > 0, got ", o.discopop_tau());
@@ -189,7 +170,8 @@ PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bc
                     "TRL <= 0.28");
   }
   const auto& types = o.loss_type();
-  const bool aot = has(types, DPOLossType::kAOT) || has(types, DPOLossType::kAOTUnpaired);
+  const bool aot =
+      has_loss_type(types, DPOLossType::kAOT) || has_loss_type(types, DPOLossType::kAOTUnpaired);
   TORCH_CHECK(!(aot && in.weights().defined()), kFn,
               ": aot and aot_unpaired sort the batch, so per-pair weights (WPO) cannot apply; ",
               "got weights");
@@ -394,7 +376,7 @@ PREFOPT_INLINE DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor
 
 PREFOPT_INLINE DPOLoss::DPOLoss(DPOLossOptions options) : options_(std::move(options)) {
   if (options_.bco_running_mean()) {
-    TORCH_CHECK_VALUE(detail::dpo::has(options_.loss_type(), DPOLossType::kBCOPair),
+    TORCH_CHECK_VALUE(detail::has_loss_type(options_.loss_type(), DPOLossType::kBCOPair),
                       "prefopt::DPOLoss: ",
                       "bco_running_mean(true) keeps bco_pair's baseline, and bco_pair is not ",
                       "among the loss types");

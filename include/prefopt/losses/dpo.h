@@ -127,7 +127,8 @@ struct DPOLossResult {
 /// Example:
 /// ```
 /// prefopt::BCOBaseline baseline;
-/// auto delta = baseline.update(chosen_rewards, rejected_rewards);  // then PairInputs::bco_delta
+/// auto delta = baseline.update(chosen_rewards, rejected_rewards);
+/// auto r = F::dpo_loss(inputs, delta, opts);  // the overload that takes bco_pair's δ
 /// ```
 class PREFOPT_API BCOBaseline {
  public:
@@ -172,7 +173,8 @@ using DPOLossFuncOptions = DPOLossOptions;
 ///   token-mean NLL), WPO `weights` and an explicit `nll_loss`; the overload below adds
 ///   `bco_pair`'s baseline.
 ///
-/// Returns `DPOLossResult` {loss, losses, chosen_rewards, rejected_rewards, nll_loss}.
+/// Returns `DPOLossResult` {loss, losses, chosen_rewards, rejected_rewards, nll_loss,
+/// chosen_logps, rejected_logps}.
 ///
 /// Example:
 /// ```

@@ -18,36 +18,23 @@ PREFOPT_INLINE TPOLossType tpo_loss_type_from_name(const std::string& name) {
 
 namespace detail {
 
-// TPO is CPO's machinery with its own names: sigmoid/hinge/ipo as CPO's, tpo-l as SimPO's,
-// and the NLL of the gold response instead of the chosen one.
+// TPO is CPO's machinery with its own names (`tpo_as_cpo`) and the NLL of the gold response
+// instead of the chosen one.
 PREFOPT_INLINE TPOLossResult tpo_impl(const PairInputs& in, const TPOLossOptions& o) {
   constexpr const char* fn = "prefopt::tpo_loss";
   CPOLossType type = CPOLossType::kSigmoid;
-  switch (o.loss_type()) {
-    case TPOLossType::kSigmoid:
-      type = CPOLossType::kSigmoid;
-      break;
-    case TPOLossType::kHinge:
-      type = CPOLossType::kHinge;
-      break;
-    case TPOLossType::kIPO:
-      type = CPOLossType::kIPO;
-      break;
-    case TPOLossType::kTPOL:
-      type = CPOLossType::kSimPO;
-      break;
-    default:
-      TORCH_CHECK_VALUE(false, fn, ": loss_type is not a TPOLossType value (got ",
-                        static_cast<int>(o.loss_type()), ")");
-  }
+  TORCH_CHECK_VALUE(tpo_as_cpo(o.loss_type(), &type), fn,
+                    ": loss_type is not a TPOLossType value (got ", static_cast<int>(o.loss_type()),
+                    ")");
   TORCH_CHECK_VALUE(std::isfinite(o.tpo_alpha()), fn, ": expected a finite tpo_alpha, got ",
                     o.tpo_alpha());
   TORCH_CHECK(o.tpo_alpha() == 0 || in.nll_loss().defined(), fn, ": tpo_alpha = ", o.tpo_alpha(),
               " weights the gold response's NLL; pass the gold SequenceLogprobs (or nll_loss), ",
               "or set tpo_alpha(0)");
-  return cpo_impl(fn, in,
-                  {type, o.beta(), o.label_smoothing(), o.tpo_l_gamma(), o.tpo_alpha(), 0.0,
-                   NLLNormalization::kTokenMean, o.reduction(), tpo_loss_type_name(o.loss_type())});
+  return {
+      cpo_impl(fn, in,
+               {type, o.beta(), o.label_smoothing(), o.tpo_l_gamma(), o.tpo_alpha(), 0.0,
+                NLLNormalization::kTokenMean, o.reduction(), tpo_loss_type_name(o.loss_type())})};
 }
 
 }  // namespace detail

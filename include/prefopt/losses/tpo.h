@@ -50,8 +50,10 @@ struct TPOLossOptions {
 
 /// Result of `functional::tpo_loss`: `loss = reduce(losses) + tpo_alpha·nll_loss`, rewards
 /// β·s (no reference, no γ; s in the loss's form, as TRL logs them), `nll_loss` the gold
-/// response's token-mean NLL (TRL does not log it).
-using TPOLossResult = CPOLossResult;
+/// response's token-mean NLL. CPO's fields in a type of its own, so that
+/// `MetricAccumulator::add` logs what TRL's TPOTrainer logs (no `nll_loss`; `entropy` over
+/// the gold responses too).
+struct TPOLossResult : CPOLossResult {};
 
 namespace functional {
 
@@ -73,7 +75,8 @@ using TPOLossFuncOptions = TPOLossOptions;
 /// Example:
 /// ```
 /// namespace F = prefopt::functional;
-/// auto lp = F::gather_logprobs(logits, labels);  // rows [chosen; rejected; gold]
+/// auto pair = F::split_pairs(F::gather_logprobs(logits, labels));  // rows [chosen; rejected]
+/// auto gold = F::gather_logprobs(gold_logits, gold_labels);       // the B gold responses
 /// auto r = F::tpo_loss(prefopt::PairInputs(pair), gold);
 /// ```
 PREFOPT_API TPOLossResult tpo_loss(const PairInputs& inputs, const SequenceLogprobs& gold,

@@ -5,8 +5,10 @@
 
 #include <prefopt/config.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
+#include <vector>
 
 PREFOPT_BEGIN_NAMESPACE
 
@@ -186,6 +188,51 @@ std::string all_names() {
   std::string out;
   for (const auto& nv : Names<E>::table) out += (out.empty() ? "" : ", ") + std::string(nv.name);
   return out;
+}
+
+// Rules both layers apply (losses/*-inl.h and eigen/*.h), kept here so that a change in TRL
+// changes them once.
+
+/// The DPO types that read ε (`label_smoothing`): as in TRL ≥ 0.29, plus sigmoid and
+/// sigmoid_norm under cdpo.
+inline bool dpo_reads_label_smoothing(DPOLossType t, bool cdpo) {
+  switch (t) {
+    case DPOLossType::kSigmoid:
+    case DPOLossType::kSigmoidNorm:
+      return cdpo;
+    case DPOLossType::kRobust:
+    case DPOLossType::kExoPair:
+    case DPOLossType::kAOT:
+    case DPOLossType::kAOTUnpaired:
+      return true;
+    default:
+      return false;
+  }
+}
+
+/// Whether `types` holds `t`.
+inline bool has_loss_type(const std::vector<DPOLossType>& types, DPOLossType t) {
+  return std::find(types.begin(), types.end(), t) != types.end();
+}
+
+/// TPO is CPO's machinery with its own names: sigmoid/hinge/ipo as CPO's, tpo-l as SimPO's.
+/// False for a value outside TPOLossType (a cast from an integer).
+inline bool tpo_as_cpo(TPOLossType t, CPOLossType* out) {
+  switch (t) {
+    case TPOLossType::kSigmoid:
+      *out = CPOLossType::kSigmoid;
+      return true;
+    case TPOLossType::kHinge:
+      *out = CPOLossType::kHinge;
+      return true;
+    case TPOLossType::kIPO:
+      *out = CPOLossType::kIPO;
+      return true;
+    case TPOLossType::kTPOL:
+      *out = CPOLossType::kSimPO;
+      return true;
+  }
+  return false;
 }
 
 }  // namespace detail

@@ -9,6 +9,7 @@
 
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -702,6 +703,14 @@ TEST(Train, DpoSigmoid) {
   EXPECT_LT(train.back()["loss"].get<double>(), train.front()["loss"].get<double>());
   EXPECT_GT(train.back()["rewards/accuracies"].get<double>(), 0.8);
   EXPECT_EQ(train.back()["epoch"].get<double>(), 4.0);
+  // learning_rate as HF's Trainer logs it: the rate of the record's own optimizer step (lr 1e-3,
+  // 4 warmup steps of 32, then HF's cosine schedule), not the mean over the logging window.
+  for (const auto& r : train) {
+    const double progress = (r["step"].get<double>() - 1 - 4) / 28;
+    EXPECT_NEAR(r["learning_rate"].get<double>(), 1e-3 * 0.5 * (1 + std::cos(M_PI * progress)),
+                1e-12)
+        << r.dump();
+  }
 }
 
 TEST(Train, Sft) {

@@ -930,10 +930,11 @@ int run(const Options& o) {
     }
     const auto grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), o.max_grad_norm);
     opt.step();
-    metrics.add_scalar("grad_norm", grad_norm);
-    metrics.add_scalar("learning_rate", o.lr * lr_factor(o.scheduler, step, total, warmup));
-
     if (step % o.logging_steps == 0 || step == total) {
+      // As HF's Trainer: the last optimizer step's gradient norm (before clipping) and learning
+      // rate, not their means over the logging window.
+      metrics.add_scalar("grad_norm", grad_norm);
+      metrics.add_scalar("learning_rate", o.lr * lr_factor(o.scheduler, step, total, warmup));
       auto m = metrics.compute();
       m.set("epoch", static_cast<double>(step * per_step) / static_cast<double>(n_train));
       log.write(step, m);

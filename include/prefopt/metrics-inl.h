@@ -305,6 +305,12 @@ PREFOPT_INLINE DPOLossResult as_cpo_logged(const CPOLossResult& r) {
     d.nll_loss = at::zeros({}, r.loss.options().dtype(at::kDouble));
   return d;
 }
+// TRL's TPOTrainer logs no nll_loss (the gold response's NLL is folded into the loss).
+PREFOPT_INLINE DPOLossResult as_tpo_logged(const TPOLossResult& r) {
+  auto d = as_dpo(r);
+  d.nll_loss = at::Tensor();
+  return d;
+}
 PREFOPT_INLINE DPOLossResult as_dpo(const ORPOLossResult& r) {
   return {r.loss,     r.losses,       r.chosen_rewards, r.rejected_rewards,
           r.nll_loss, r.chosen_logps, r.rejected_logps};
@@ -322,17 +328,13 @@ PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInp
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const TPOLossResult& r, const PairInputs& in) {
-  auto logged = detail::metrics::as_dpo(r);
-  logged.nll_loss = at::Tensor();
-  add(logged, in);
+  add(detail::metrics::as_tpo_logged(r), in);
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const TPOLossResult& r, const PairInputs& in,
                                            const PairLogprobs& policy,
                                            const SequenceLogprobs& gold) {
-  auto logged = detail::metrics::as_dpo(r);
-  logged.nll_loss = at::Tensor();
-  add(logged, in, policy);
+  add(detail::metrics::as_tpo_logged(r), in, policy);
   Step& step = steps_.back();
   using detail::metrics::as_double;
   if (gold.count.defined()) {

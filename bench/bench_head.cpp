@@ -92,11 +92,12 @@ at::Tensor two_pass(const Inputs& in) {
 }
 
 at::Tensor one_pass(const Inputs& in) {
-  return F::fused_dpo_loss(
-             prefopt::HeadBatch(in.h, in.w, {}, in.labels),
-             prefopt::PairInputs().reference_chosen_logps(in.ref_c).reference_rejected_logps(
-                 in.ref_r),
-             {}, in.opts)
+  return F::fused_dpo_loss(prefopt::HeadBatch(in.h, in.w, {}, in.labels),
+                           prefopt::PairInputs()
+                               .reference_chosen_logps(in.ref_c)
+                               .reference_rejected_logps(in.ref_r)
+                               .logps_form(prefopt::LogpsForm::kSum),
+                           {}, in.opts)
       .result.loss;
 }
 

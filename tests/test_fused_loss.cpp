@@ -83,6 +83,13 @@ struct Batch {
   }
 };
 
+/// The reference's sums, said to be sums (FusedDpoLossWarnsWhenTheReferenceDoesNotSayItsForm
+/// leaves the form unsaid).
+PairInputs reference_sums(const at::Tensor& chosen, const at::Tensor& rejected) {
+  return PairInputs().reference_chosen_logps(chosen).reference_rejected_logps(rejected).logps_form(
+      prefopt::LogpsForm::kSum);
+}
+
 /// The fp64 naive composite's per-sequence log-probs (sums, counts).
 /// Logits: the head, × the logit scale, the softcap, ÷ the temperature (the models' order).
 prefopt_ref::Logprobs naive(const Batch& d, double temperature = 1.0, double softcap = 0.0,
@@ -137,9 +144,8 @@ TEST_F(SeededTest, FusedDpoSigmoidMatchesTheFp64NaiveCompositeOverChunkBoundarie
                               .softcap(softcap)
                               .chunk_bytes(budget);
         prefopt::detail::WarningCapture warnings;
-        const auto out = F::fused_dpo_loss(
-            d.head(), PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr),
-            DPOLossOptions(), opts);
+        const auto out =
+            F::fused_dpo_loss(d.head(), reference_sums(rc, rr), DPOLossOptions(), opts);
         const std::string what = "bias " + std::to_string(bias) + " s " + std::to_string(scale) +
                                  " T " + std::to_string(temperature) + " cap " +
                                  std::to_string(softcap) + " budget " + std::to_string(budget);
@@ -212,9 +218,9 @@ TEST_F(EveryQualifyingLoss, DpoFamilyMatchesTheTwoPassOp) {
     const DPOLossOptions& o = c.second;
     for (bool weighted : {false, true}) {
       const auto given = [&] {
-        auto in = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+        auto in = reference_sums(rc, rr);
         if (weighted) in.weights(weights);
-        return in.logps_form(prefopt::LogpsForm::kSum);
+        return in;
       };
       check(
           name + (weighted ? " wpo" : ""),
@@ -334,7 +340,7 @@ TEST_F(EveryQualifyingLoss, CpoSimpoAlphapoOrpoKtoMatchTheTwoPassOp) {
 TEST_F(SeededTest, FusedLossTakesPackedAndCompletionMaskBatches) {
   const Batch d(4, 7, 5, 11, true, at::kDouble);
   const auto [rc, rr] = d.reference();
-  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto given = reference_sums(rc, rr);
   const auto padded = F::fused_dpo_loss(d.head(), given);
   const auto want = grads_of(padded.result.loss, d.params());
   // Completion-mask form: input ids with the ignored labels replaced by any token.
@@ -364,8 +370,7 @@ TEST_F(SeededTest, FusedLossReturnsWhatTheMetricsOfTheTwoPassPathNeed) {
                       .with_logits_mean(true)
                       .chunk_bytes(19 * 8 * 4);
   const auto o = DPOLossOptions().loss_type({DPOLossType::kSigmoid, DPOLossType::kSFT});
-  const auto out = F::fused_dpo_loss(
-      d.head(), PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr), o, fo);
+  const auto out = F::fused_dpo_loss(d.head(), reference_sums(rc, rr), o, fo);
   const auto policy = F::split_pairs(F::fused_logprobs(d.h, d.w, d.b, d.labels, fo));
   const auto in = PairInputs(policy).reference_chosen_logps(rc).reference_rejected_logps(rr);
   const auto two = F::dpo_loss(in, o);
@@ -413,9 +418,8 @@ TEST_F(SeededTest, FusedLossInLowPrecisionIsCloseToTheFp64Reference) {
                               .mean();
     const auto want = grads_of(expected, d.params());
     for (int64_t budget : {int64_t{0}, int64_t{301 * 2 * 4 * 8}}) {
-      const auto out = F::fused_dpo_loss(
-          lo.head(), PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr),
-          DPOLossOptions(), FusedLogprobsOptions().chunk_bytes(budget));
+      const auto out = F::fused_dpo_loss(lo.head(), reference_sums(rc, rr), DPOLossOptions(),
+                                         FusedLogprobsOptions().chunk_bytes(budget));
       const std::string what = std::string(c10::toString(st)) + " budget " + std::to_string(budget);
       EXPECT_TRUE(AllClose(out.result.loss, expected, tol, tol)) << what;
       const auto got = grads_of(out.result.loss, lo.params());
@@ -431,7 +435,7 @@ TEST_F(SeededTest, FusedLossInLowPrecisionIsCloseToTheFp64Reference) {
 TEST_F(SeededTest, FusedLossSkipsWhatNeedsNoGradient) {
   const Batch d(3, 6, 4, 9, true, at::kDouble);
   const auto [rc, rr] = d.reference();
-  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto given = reference_sums(rc, rr);
   const auto full = F::fused_dpo_loss(d.head(), given);
   const auto want = grads_of(full.result.loss, d.params());
   {
@@ -461,7 +465,7 @@ TEST_F(SeededTest, FusedLossSkipsWhatNeedsNoGradient) {
 TEST_F(SeededTest, FusedLossScalesLowPrecisionGradientsInFp32AndRefusesASecondBackward) {
   const Batch d(3, 6, 4, 9, true, at::kBFloat16);
   const auto [rc, rr] = d.reference();
-  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto given = reference_sums(rc, rr);
   const auto once = grads_of(F::fused_dpo_loss(d.head(), given).result.loss, d.params());
   // loss / 3: each bf16 gradient is the fp32 product rounded once, not a product with a bf16
   // copy of 1/3 (0.333984...), which would bias every gradient by 0.2 %.
@@ -484,7 +488,7 @@ TEST_F(SeededTest, FusedLossScalesLowPrecisionGradientsInFp32AndRefusesASecondBa
 TEST_F(SeededTest, FusedLossRefusesWhatItCannotComputeInOnePass) {
   const Batch d(3, 6, 4, 9, false, at::kDouble);
   const auto [rc, rr] = d.reference();
-  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto given = reference_sums(rc, rr);
   PREFOPT_EXPECT_THROWS_WITH(
       F::fused_dpo_loss(d.head(), given, DPOLossOptions().loss_type(DPOLossType::kAOT)),
       "prefopt::fused_dpo_loss: aot sorts the log-ratios over the batch");
@@ -511,11 +515,8 @@ TEST_F(SeededTest, FusedLossRefusesWhatItCannotComputeInOnePass) {
       "expected FusedBackward::kAuto (the one-pass op has no separate backward pass to block; "
       "the option applies to fused_logprobs), got FusedBackward::kTiles");
   // The loss's own checks run before the pass.
-  PREFOPT_EXPECT_THROWS_WITH(
-      F::fused_dpo_loss(
-          d.head(),
-          PairInputs().reference_chosen_logps(rc.narrow(0, 0, 2)).reference_rejected_logps(rr)),
-      "prefopt::dpo_loss: expected reference_chosen_logps of shape [3]");
+  PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), reference_sums(rc.narrow(0, 0, 2), rr)),
+                             "prefopt::dpo_loss: expected reference_chosen_logps of shape [3]");
   PREFOPT_EXPECT_THROWS_WITH(F::fused_dpo_loss(d.head(), PairInputs()), "reference_chosen_logps");
   // An odd number of sequences is not a batch of pairs.
   PREFOPT_EXPECT_THROWS_WITH(
@@ -545,9 +546,8 @@ TEST_F(SeededTest, FusedLossWarnsWhenAPairOutgrowsAnExplicitBudget) {
   const auto [rc, rr] = d.reference();
   prefopt::detail::WarningCapture warnings;
   const int64_t one_row = 9 * 8 + 4 * 8;
-  (void)F::fused_dpo_loss(d.head(),
-                          PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr),
-                          DPOLossOptions(), FusedLogprobsOptions().chunk_bytes(one_row));
+  (void)F::fused_dpo_loss(d.head(), reference_sums(rc, rr), DPOLossOptions(),
+                          FusedLogprobsOptions().chunk_bytes(one_row));
   EXPECT_TRUE(warnings.contains("are computed twice (one more GEMM on them)"));
 }
 
@@ -558,7 +558,7 @@ TEST_F(SeededTest, FusedLossHoldsOneChunkOfLogitsAndTheGradients) {
   auto& meter = prefopt_bench::TrackingAllocator::install();
   const Batch d(4, 32, 32, 4096, false, at::kFloat);
   const auto [rc, rr] = d.reference();
-  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto given = reference_sums(rc, rr);
   const int64_t n = (d.labels != kIgnore).sum().item<int64_t>();
   const int64_t grads = (8 * 32 * 32 + 4096 * 32) * 4;
   const auto want = grads_of(
@@ -591,6 +591,141 @@ TEST_F(SeededTest, FusedLossHoldsOneChunkOfLogitsAndTheGradients) {
     (void)grads_of(out.result.loss, {d.h});
   }
   EXPECT_LE(meter.peak() - before, 8 * 32 * 32 * 4 + budget + n * 96 + (64 << 10));
+}
+
+/// The CPU bytes allocated at the peak of `loss()` and its gradients with respect to `params`,
+/// beyond what was live before (the gradients returned included), and those gradients.
+std::pair<int64_t, std::vector<at::Tensor>> peak_and_grads(prefopt_bench::TrackingAllocator& meter,
+                                                           const std::function<at::Tensor()>& loss,
+                                                           const std::vector<at::Tensor>& params) {
+  meter.reset_peak();
+  const int64_t before = meter.live();
+  auto g = grads_of(loss(), params);
+  return {meter.peak() - before, std::move(g)};
+}
+
+TEST_F(SeededTest, FusedLossTakesOneChunkWhereTheDwAccumulatorWouldCostMore) {
+  // bf16, a trained head, V = 8192, 4 pairs of 64 tokens (about 3.5 MiB of logits). Several
+  // chunks need the fp32 accumulator of dW (4·V·H bytes), one chunk none. At H = 512 (16 MiB)
+  // one chunk costs less, so the automatic chunking takes it: the same GEMMs and gradients as
+  // an explicit budget of the whole batch. At H = 32 (1 MiB) chunks of whole pairs and the
+  // accumulator cost less than one chunk, so it keeps them. Either way its peak is at most one
+  // chunk's, and its gradients are the two-pass op's within the bf16 tolerance of
+  // FusedLossInLowPrecisionIsCloseToTheFp64Reference.
+  auto& meter = prefopt_bench::TrackingAllocator::install();
+  const int64_t V = 8192;
+  for (const int64_t H : {512, 32}) {
+    const Batch d(4, 64, H, V, false, at::kBFloat16);
+    const auto [rc, rr] = d.reference();
+    const auto given = reference_sums(rc, rr);
+    const int64_t n = (d.labels != kIgnore).sum().item<int64_t>();
+    const auto run = [&](int64_t budget) {
+      return peak_and_grads(meter,
+                            [&] {
+                              return F::fused_dpo_loss(d.head(), given, DPOLossOptions(),
+                                                       FusedLogprobsOptions().chunk_bytes(budget))
+                                  .result.loss;
+                            },
+                            {d.h, d.w});
+    };
+    (void)run(0);  // the process's first 16-bit GEMMs check libtorch's (cpu_mm16_fast)
+    const auto automatic = run(0);
+    const auto one_chunk = run(n * V * 2);
+    const std::string what = "H = " + std::to_string(H) + ": automatic " +
+                             std::to_string(automatic.first) + " B, one chunk " +
+                             std::to_string(one_chunk.first) + " B";
+    EXPECT_LE(automatic.first, one_chunk.first + (64 << 10)) << what;
+    if (H == 512) {
+      for (size_t i = 0; i < 2; ++i)
+        EXPECT_TRUE(at::equal(automatic.second[i], one_chunk.second[i]));
+    } else {
+      EXPECT_LT(automatic.first + 2 * V * H, one_chunk.first) << what;
+    }
+    const auto two_pass =
+        F::dpo_loss(PairInputs(F::split_pairs(F::fused_logprobs(d.h, d.w, {}, d.labels)))
+                        .reference_chosen_logps(rc)
+                        .reference_rejected_logps(rr));
+    const auto want = grads_of(two_pass.loss, {d.h, d.w});
+    for (size_t i = 0; i < 2; ++i) {
+      const double scale = want[i].abs().max().item<double>();
+      EXPECT_TRUE(AllClose(automatic.second[i], want[i], 0, 1e-2 * scale)) << what << " " << i;
+    }
+  }
+}
+
+TEST_F(SeededTest, FusedLossOnTheAtenRowPathKeepsItsTemporariesWithinTheBudget) {
+  // GatherBackend::kATen (also the path of CUDA builds without the row kernels) computes the
+  // row statistics and the logits' gradient with ATen operations on fp32 copies of rows:
+  // within chunk_bytes (rows_per_chunk), not three copies of the whole chunk of logits. fp32,
+  // a frozen head, a 2 MiB budget (64 rows: pairs split): beside dh and O(n) per-row state,
+  // the logits buffer and those temporaries take at most two budgets, in the one-pass op and
+  // in the two-pass one (forward and kTiles backward). The results are kAuto's (the CPU row
+  // kernels), up to fp32 summation order.
+  auto& meter = prefopt_bench::TrackingAllocator::install();
+  const int64_t V = 8192, budget = int64_t{2} << 20;
+  const Batch d(4, 64, 32, V, false, at::kFloat);
+  const auto [rc, rr] = d.reference();
+  const auto given = reference_sums(rc, rr);
+  const int64_t n = (d.labels != kIgnore).sum().item<int64_t>();
+  const int64_t bound = static_cast<int64_t>(d.h.numel()) * 4 + 2 * budget + n * 96 + (64 << 10);
+  const HeadBatch frozen(d.h, d.w.detach(), {}, d.labels);
+  std::vector<at::Tensor> loss, sums;
+  std::vector<std::vector<at::Tensor>> one_pass, two_pass;
+  for (const auto backend : {GatherBackend::kAuto, GatherBackend::kATen}) {
+    const std::string what = backend == GatherBackend::kATen ? "kATen" : "kAuto";
+    const auto opts = FusedLogprobsOptions().chunk_bytes(budget).backend(backend);
+    prefopt::detail::WarningCapture warnings;  // the pairs outgrow the budget
+    const auto one = peak_and_grads(meter,
+                                    [&] {
+                                      const auto out =
+                                          F::fused_dpo_loss(frozen, given, DPOLossOptions(), opts);
+                                      loss.push_back(out.result.loss.detach());
+                                      return out.result.loss;
+                                    },
+                                    {d.h});
+    EXPECT_LE(one.first, bound) << what << " one pass: " << one.first << " B";
+    one_pass.push_back(one.second);
+    const auto two = peak_and_grads(
+        meter,
+        [&] {
+          const auto s = F::fused_logprobs(d.h, d.w.detach(), {}, d.labels, opts).sum;
+          sums.push_back(s.detach());
+          return (s * at::linspace(-1, 1, s.size(0), s.options())).sum();
+        },
+        {d.h});
+    EXPECT_LE(two.first, bound) << what << " two passes: " << two.first << " B";
+    two_pass.push_back(two.second);
+  }
+  EXPECT_TRUE(AllClose(loss[1], loss[0], 1e-5, 1e-6));
+  EXPECT_TRUE(AllClose(sums[1], sums[0], 1e-5, 1e-3));
+  for (const auto* g : {&one_pass, &two_pass}) {
+    const double scale = (*g)[0][0].abs().max().item<double>();
+    EXPECT_TRUE(AllClose((*g)[1][0], (*g)[0][0], 0, 1e-5 * scale));
+  }
+}
+
+TEST_F(SeededTest, FusedDpoLossWarnsWhenTheReferenceDoesNotSayItsForm) {
+  // As dpo_loss: a reference whose form is unsaid is taken as sums, with a warning.
+  const Batch d(3, 6, 4, 9, false, at::kDouble);
+  const auto [rc, rr] = d.reference();
+  at::Tensor unsaid_loss;
+  {
+    prefopt::detail::WarningCapture warnings;
+    unsaid_loss =
+        F::fused_dpo_loss(d.head(),
+                          PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr))
+            .result.loss;
+    EXPECT_TRUE(warnings.contains(
+        "prefopt::fused_dpo_loss: PairInputs does not say whether its log-probs are sums or "
+        "per-token means; taking them as sums"));
+  }
+  prefopt::detail::WarningCapture warnings;
+  const auto said = F::fused_dpo_loss(d.head(), reference_sums(rc, rr));
+  EXPECT_TRUE(AllClose(unsaid_loss, said.result.loss, 0, 0));
+  // Nothing to say without a reference: the policy's side comes from the pass.
+  (void)F::fused_dpo_loss(d.head(), PairInputs(), DPOLossOptions().reference_free(true));
+  (void)F::fused_cpo_loss(d.head());
+  EXPECT_FALSE(warnings.contains("does not say"));
 }
 
 /// The fp32 accumulator of a 16-bit dW (one-pass op; two-pass kTokenChunks/kTiles) on
@@ -845,14 +980,13 @@ TEST_F(FusedLossCuda, MatchesCpu) {
   for (auto st : {at::kFloat, at::kBFloat16}) {
     const Batch cpu(B, T, H, V, /*bias=*/true, st);
     const auto [rc, rr] = cpu.reference();
-    const auto in = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+    const auto in = reference_sums(rc, rr);
     Batch gpu = cpu;
     gpu.h = cpu.h.detach().cuda().requires_grad_();
     gpu.w = cpu.w.detach().cuda().requires_grad_();
     gpu.b = cpu.b.detach().cuda().requires_grad_();
     gpu.labels = cpu.labels.cuda();
-    const auto in_gpu =
-        PairInputs().reference_chosen_logps(rc.cuda()).reference_rejected_logps(rr.cuda());
+    const auto in_gpu = reference_sums(rc.cuda(), rr.cuda());
     const int64_t row = V * static_cast<int64_t>(cpu.h.element_size());
     for (int64_t budget : {10 * row, 2 * T * row, int64_t{0}}) {
       const std::string what = std::string(c10::toString(st)) + " budget " + std::to_string(budget);
@@ -883,7 +1017,7 @@ TEST_F(FusedLossCuda, MatchesCpu) {
 TEST_F(SeededTest, OutOfRangeEnumValuesAreNamedErrors) {
   const Batch d(2, 5, 4, 7, false, at::kDouble);
   const auto [rc, rr] = d.reference();
-  const auto given = PairInputs().reference_chosen_logps(rc).reference_rejected_logps(rr);
+  const auto given = reference_sums(rc, rr);
   const auto logits = at::randn({2, 5, 7}, at::kDouble);
   const auto labels = at::zeros({2, 5}, at::kLong);
   PREFOPT_EXPECT_THROWS_WITH(

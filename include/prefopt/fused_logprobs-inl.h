@@ -427,11 +427,11 @@ PREFOPT_INLINE void logits_grad(at::Tensor& z, const at::Tensor& target_b, const
                                 const HeadSpec& spec, const at::Tensor& dydx) {
   const double s = spec.logit_scale, T = spec.temperature;
   auto z3 = z.unsqueeze(0);
-  // The row kernels need no temporaries; the ATen path (and so a gradient through the
-  // entropies on CUDA, whose kernels have no entropy term) keeps its two fp32 row buffers
-  // within the budget.
-  rows_backward(z3, identity_rows(target_b), lse, g, g_ent, ent, spec.backend,
-                g_ent.defined() ? spec.chunk_bytes : int64_t{1} << 62, z3);  // z ← dL/dy
+  // The row kernels need no temporaries; the ATen path (kATen, CUDA without the row kernels,
+  // and a gradient through the entropies on CUDA, whose kernels have no entropy term) keeps
+  // its fp32 row buffers within the budget.
+  rows_backward(z3, identity_rows(target_b), lse, g, g_ent, ent, spec.backend, spec.chunk_bytes,
+                z3);  // z ← dL/dy
   if (spec.softcap > 0) {
     z.mul_(dydx);  // f'(x), from chunk_logits
   } else if (s == 1.0 && T != 1.0) {
@@ -460,7 +460,7 @@ PREFOPT_INLINE RowResults head_forward(const at::Tensor& h, const at::Tensor& ro
     chunk_logits(h_c, weight, bias, spec, z);
     RowResults out = slice_rows(r, s, e);
     rows_forward_into(z.unsqueeze(0), identity_rows(target.slice(0, s, e)), flags, spec.backend,
-                      int64_t{1} << 62, out);
+                      spec.chunk_bytes, out);  // the ATen path's temporaries within the budget
   }
   return r;
 }

@@ -9,6 +9,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
 #include <optional>
 #include <utility>
@@ -96,17 +97,31 @@ struct Job {
     for (int64_t g = 0; g < G; ++g) widest_group = std::max(widest_group, group_rows(g));
     const int64_t per_row = fused::row_budget(in, o);
     const int64_t big = std::max<int64_t>((int64_t{256} << 20) / per_row, n / 4);
-    const int64_t limit = o.chunk_bytes() > 0
-                              ? spec.chunk_rows
-                              : std::max(spec.chunk_rows, std::min(widest_group, big));
+    int64_t limit = o.chunk_bytes() > 0 ? spec.chunk_rows
+                                        : std::max(spec.chunk_rows, std::min(widest_group, big));
     std::vector<std::pair<int64_t, int64_t>> chunks;
     int64_t widest = 0;
-    for (int64_t g0 = 0; g0 < G;) {
-      int64_t g1 = g0, m = 0;
-      while (g1 < G && (g1 == g0 || m + group_rows(g1) <= limit)) m += group_rows(g1++);
-      chunks.emplace_back(g0, g1);
-      widest = std::max(widest, m);
-      g0 = g1;
+    const auto make_chunks = [&] {
+      chunks.clear();
+      widest = 0;
+      for (int64_t g0 = 0; g0 < G;) {
+        int64_t g1 = g0, m = 0;
+        while (g1 < G && (g1 == g0 || m + group_rows(g1) <= limit)) m += group_rows(g1++);
+        chunks.emplace_back(g0, g1);
+        widest = std::max(widest, m);
+        g0 = g1;
+      }
+    };
+    make_chunks();
+    // Automatic, a 16-bit weight with a gradient: more than one GEMM needs the fp32 [V, H]
+    // accumulator of dW (4·V·H bytes, read and written by each chunk), one chunk none. So one
+    // chunk where its logits cost no more than the chunk above plus the accumulator (in
+    // doubles: V·H of an expanded weight may exceed int64).
+    if (o.chunk_bytes() == 0 && need_w && st != acc && (chunks.size() > 1 || widest > limit) &&
+        static_cast<double>(n - std::min(widest, limit)) * static_cast<double>(per_row) <=
+            4.0 * static_cast<double>(V) * static_cast<double>(H)) {
+      limit = std::max<int64_t>(n, 1);
+      make_chunks();
     }
     const bool split = widest > limit;
     if (split && o.chunk_bytes() > 0) {
@@ -121,7 +136,7 @@ struct Job {
     RowResults r = alloc_row_results(n, flags, acc_opts);
     const bool grad = need_h || need_w || need_b;
     // 16-bit weights: dW accumulates in fp32 over the GEMMs (cast in its own storage at the
-    // end), unless one GEMM covers the batch.
+    // end), unless one GEMM covers the batch (automatic chunking prefers that where cheaper).
     const bool one_gemm = chunks.size() <= 1 && !split;
     if (need_h) dh = at::zeros({h.size(0), H}, h.options());
     std::optional<fused::DwAccumulator> dw_acc;
@@ -166,8 +181,9 @@ struct Job {
         return p;
       }
       p.out = alloc_row_results(m, flags, acc_opts);
+      // The ATen path's fp32 temporaries within the budget (the row kernels need none).
       rows_forward_into(p.z.unsqueeze(0), fused::identity_rows(p.target), flags, spec.backend,
-                        int64_t{1} << 62, p.out);
+                        spec.chunk_bytes, p.out);
       const std::pair<at::Tensor*, const at::Tensor*> fields[] = {
           {&r.logp, &p.out.logp},
           {&r.lse, &p.out.lse},
@@ -197,7 +213,7 @@ struct Job {
       }
       if (need_h) {
         // Into the gathered hidden rows (no buffer of its own): so only after dW's product.
-        fused::set_mm(p.h, p.z, /*trans_a=*/false, weight);  // spans V: rounded once
+        fused::set_mm(p.h, p.z, /*trans_a=*/false, weight);  // spans V (CUDA: see .h)
         dh.index_copy_(0, p.rows, p.h);
       }
     };
@@ -424,6 +440,11 @@ FusedLossOutput<Result, PairInputs> pairwise(const char* fn, const HeadBatch& b,
   {
     c10::NoGradGuard no_grad;
     (void)call(with_sums(counts.neg().to(acc)));
+  }
+  // As the two-pass losses: a reference of unsaid form is taken as sums, with a warning.
+  if (has_ref && given.logps_form() == LogpsForm::kUnspecified) {
+    const char* name = std::strrchr(fn, ':');
+    warn_unsaid_form(fn, name != nullptr ? name + 1 : fn, LogpsForm::kSum);
   }
   FusedLossOutput<Result, PairInputs> out;
   Job job;

@@ -111,26 +111,43 @@ namespace functional {
 /// vectors, so batch-level normalisers such as B and the chosen token count of the
 /// token-mean NLL are exact), the logits gradient in place, then `dh = dz · W` (GEMM 2) and
 /// `dW += dzᵀ · h_c` (GEMM 3). Backward only scales what the pass produced: three GEMMs in all
-/// against four for the two-pass op, in the input dtype (16-bit GEMMs accumulate in fp32).
+/// against four for the two-pass op, in the input dtype (16-bit GEMMs accumulate in fp32; on
+/// CUDA, see below).
 ///
-/// Memory: one reused chunk of logits, the returned gradients, and for 16-bit weights one fp32
-/// [V, H] accumulator of dW (4·V·H bytes, e.g. 1.2 GB for V = 151936, H = 2048) unless one
-/// chunk covers the batch. The cast at the end writes the result into that buffer's own storage
+/// Memory: one reused chunk of logits, the returned gradients, and for 16-bit weights over
+/// more than one chunk one fp32 [V, H] accumulator of dW (4·V·H bytes, e.g. 1.2 GB for
+/// V = 151936, H = 2048). The cast at the end writes the result into that buffer's own storage
 /// (peak 4·V·H bytes, where a second buffer for the cast would take 6·V·H).
 /// Where that matters more than time, use the two-pass
 /// `fused_logprobs` with `FusedBackward::kVocabBlocks`, which has none. The chunk: by default
 /// whole pairs, as many as fit in 1/16 of the scored tokens' logits (at most 256 MiB) and at
-/// least the longest pair unless that pair's logits exceed max(256 MiB, 1/4 of all); an
+/// least the longest pair unless that pair's logits exceed max(256 MiB, 1/4 of all); but for a
+/// 16-bit weight that needs a gradient, one chunk of the whole batch where its logits (×2 with
+/// a softcap) cost no more than that chunk and the accumulator together (e.g. 1024
+/// tokens at V = 151936, H = 2048: 0.31 GB of bf16 logits, against 0.16 GB for a pair of 512
+/// and 1.2 GB of accumulator), which also spares each chunk a pass over the accumulator. An
 /// explicit `FusedLogprobsOptions::chunk_bytes` is a hard bound. A pair over the bound streams
 /// its first rows twice (statistics, then gradients) and keeps the logits of the last rows
 /// that fit, so only the rows beyond the bound cost one more GEMM; an explicit budget that
-/// does this warns once.
+/// does this warns once. Beside the budget: with `GatherBackend::kATen` (or on CUDA without
+/// the row kernels), fp32 row temporaries of at most one budget more; on CPUs whose 16-bit
+/// GEMMs take the fp32-block fallback (`cpu_mm16_fast` or `cpu_mm16_usable` false: see the
+/// README), fp32 copies of operand and result blocks, at most 16 MiB each, three at a time.
+///
+/// On CUDA, the GEMMs with a 16-bit result (each chunk's logits, `dh = dz · W` over V, and
+/// `dW` when one chunk covers the batch) are libtorch's `mm`. Under libtorch's defaults
+/// (`allowBF16ReductionCuBLAS`, `allowFP16ReductionCuBLAS`: reduced-precision split-K allowed)
+/// cuBLAS may sum split-K partial results in bf16/fp16, so those results can be rounded more
+/// than once. `at::globalContext().setAllowBF16ReductionCuBLAS(false)` (libtorch 2.x) and
+/// `setAllowFP16ReductionCuBLAS(false)` keep the reductions in fp32; the fp32 accumulator's
+/// GEMMs are unaffected. Not yet measured on a GPU.
 ///
 /// Which losses qualify: every per-pair loss. `aot` and `aot_unpaired` (which sort the batch),
 /// `DPOLoss`'s running bco baseline and `torch::kNone` reduction are refused with an error that
 /// points to the two-pass path. `inputs` carries the reference log-probs (sums, unless its
-/// `logps_form` says kMean; the policy's are then given to the loss in the same form) and
-/// optional WPO `weights`; the policy log-probs, the lengths and `nll_loss` come from the pass
+/// `logps_form` says kMean; the policy's are then given to the loss in the same form; an unsaid
+/// form is taken as sums with a one-time warning, as `dpo_loss` does) and optional WPO
+/// `weights`; the policy log-probs, the lengths and `nll_loss` come from the pass
 /// and must not be set.
 ///
 /// Gradients reach `batch.hidden`, `batch.weight` and `batch.bias` when they require grad and

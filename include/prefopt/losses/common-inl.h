@@ -81,16 +81,21 @@ PREFOPT_INLINE int64_t check_pair_inputs(const char* fn, const PairInputs& in,
   return B;
 }
 
+PREFOPT_INLINE void warn_unsaid_form(const char* fn, const char* loss, LogpsForm native) {
+  TORCH_WARN_ONCE(fn, ": PairInputs does not say whether its log-probs are sums or per-token ",
+                  "means; taking them as ", native == LogpsForm::kMean ? "per-token means" : "sums",
+                  ", the form ", loss,
+                  " consumes. Build it with PairInputs(policy[, reference]) or ",
+                  "PairInputs::averaged(policy), or set logps_form.");
+}
+
 PREFOPT_INLINE FormLogps form_logps(const char* fn, const char* loss, const PairInputs& in,
                                     LogpsForm native, at::ScalarType dtype) {
   FormLogps out;
   out.given = in.logps_form();
   const char* native_name = native == LogpsForm::kMean ? "per-token means" : "sums";
   if (out.given == LogpsForm::kUnspecified) {
-    TORCH_WARN_ONCE(fn, ": PairInputs does not say whether its log-probs are sums or per-token ",
-                    "means; taking them as ", native_name, ", the form ", loss,
-                    " consumes. Build it with PairInputs(policy[, reference]) or ",
-                    "PairInputs::averaged(policy), or set logps_form.");
+    warn_unsaid_form(fn, loss, native);
     out.given = native;
   }
   const bool convert = out.given != native;

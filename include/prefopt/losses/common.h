@@ -138,6 +138,10 @@ struct FormLogps {
   LogpsForm given;  ///< what `in` held (kUnspecified resolved to the native form)
 };
 
+/// Warns (once per process) that a `PairInputs` does not say whether its log-probs are sums or
+/// per-token means, and that `loss` takes them as `native` (kSum or kMean), its own form.
+void warn_unsaid_form(const char* fn, const char* loss, LogpsForm native);
+
 /// `in`'s log-probs converted to `native` (kSum or kMean) with the token counts when `in`
 /// holds the other form. `loss` names the loss in the messages: a TORCH_CHECK when the counts
 /// needed are missing, a warning (once per process) when `in` does not say its form.

@@ -1454,8 +1454,8 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
       "prefopt::gather_packed_logprobs");
   EXPECT_EQ(eigen_message([&] { return pe::gather_packed_logprobs(logits, labels, cu); }, g), tmsg);
   EXPECT_EIGEN_THROWS(pe::gather_packed_logprobs(logits, labels, cu), g,
-                      "expected labels in [0, 3) or equal to ignore_index = -100, got 3 at scored "
-                      "position (0)");
+                      "expected labels in [0, 3) or equal to ignore_index = -100, got 3 at "
+                      "labels[1]");
   labels(1) = 1;
   EXPECT_EIGEN_THROWS(pe::gather_packed_logprobs_backward<double>(
                           logits, labels, cu, pe::Vector<double>::Ones(3), pe::Vector<double>()),

@@ -679,7 +679,7 @@ TEST_F(Fused, Errors) {
   bad[0][3] = 10;
   PREFOPT_EXPECT_THROWS_WITH(F::fused_logprobs(h, w, {}, bad),
                              "expected labels in [0, 10) or equal to ignore_index = -100, got 10 "
-                             "at scored position (0, 2)");
+                             "at labels[0, 3]");
   PREFOPT_EXPECT_THROWS_WITH(
       F::fused_packed_logprobs(h[0], w, {}, y[0], at::tensor({0, 3}, at::kLong)),
       "prefopt::fused_packed_logprobs: expected cu_seqlens to end at the token count N = 4, got 3");

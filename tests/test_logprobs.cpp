@@ -303,6 +303,26 @@ TEST_F(Gather, NanRowsGiveNanGradients) {
       }
 }
 
+// Token accuracy on degenerate rows is the same on every backend and dtype: a tie counts the
+// first maximum (torch.argmax), a row with a NaN or an all −inf row never counts.
+TEST_F(Gather, TokenAccuracyOnDegenerateRows) {
+  const double inf = std::numeric_limits<double>::infinity();
+  auto x = at::zeros({1, 4, 5}, at::kDouble);  // row t scores labels[t + 1]
+  x[0][0].fill_(-inf);                         // all −inf, label 0: torch.argmax says 0
+  x[0][1][2] = std::numeric_limits<double>::quiet_NaN();  // NaN at 2, label 0
+  x[0][1][0] = 1.0;
+  x[0][2][1] = x[0][2][2] = 3.0;  // tie at 1 and 2, label 1: the first wins
+  const auto labels = at::tensor({-100, 0, 0, 1}, at::kLong).unsqueeze(0);
+  for (auto st : {at::kDouble, at::kFloat, at::kBFloat16, at::kHalf})
+    for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+      SCOPED_TRACE(::testing::Message() << st << " " << backend_name(backend));
+      const auto lp = F::gather_logprobs(
+          x.to(st), labels, GatherLogprobsOptions().backend(backend).with_token_accuracy(true));
+      EXPECT_EQ(lp.count.item<int64_t>(), 3);
+      EXPECT_EQ(lp.correct.item<int64_t>(), 1);
+    }
+}
+
 // A loss of the entropies alone (no log-prob gradient reaches the op), with −inf logits: the
 // gradient −p_v·(log p_v + H) per row, 0 where p_v = 0, against the fp64 composite's.
 TEST_F(Gather, EntropyAloneCarriesItsGradient) {
@@ -585,9 +605,22 @@ TEST_F(Gather, ErrorsNameTheFunctionAndStateExpectedVsActual) {
   bad[1][2] = 10;
   PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, bad),
                              "expected labels in [0, 10) or equal to ignore_index = -100, got 10 "
-                             "at scored position (1, 1)");
+                             "at labels[1, 2]");  // the label's own index, not the logits row's
   bad[1][2] = -5;
-  PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, bad), "got -5 at scored position (1, 1)");
+  PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, bad), "got -5 at labels[1, 2]");
+  // Integer types that cannot hold ignore_index, and masks other than 0/1, are refused.
+  PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, labels.to(at::kByte)),
+                             "expected integer labels (int64 or int32), got Byte");
+  auto mask = at::ones({2, 4}, at::kLong);
+  mask[0][3] = 2;
+  PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, labels, mask),
+                             "expected completion_mask of bool or integer 0/1 values, got 2 at "
+                             "completion_mask[0, 3]");
+  auto ids = labels.clone();
+  ids[1][3] = 11;
+  PREFOPT_EXPECT_THROWS_WITH(F::gather_logprobs(logits, ids, at::ones({2, 4}, at::kBool)),
+                             "expected input_ids in [0, 10) wherever completion_mask is set, got "
+                             "11 at input_ids[1, 3]");
   // An out-of-range label at position 0 is never scored with the shift: no error.
   auto unscored = labels.clone();
   unscored[0][0] = 12345;

@@ -208,6 +208,9 @@ TEST(Safetensors, BadHeaders) {
       {R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", 12,
        "bytes after the last tensor"},
       {R"({"__metadata__": {"format": 1}})", 0, "is not a string"},
+      // 2^62 · 2^2 · 4 bytes wraps to 0 in 64 bits: it must not pass as an empty tensor.
+      {R"({"w": {"dtype": "F32", "shape": [4611686018427387904, 4], "data_offsets": [0, 0]}})", 0,
+       "is too large"},
   };
   for (const auto& [header, data, message] : cases) {
     SCOPED_TRACE(header);
@@ -418,6 +421,88 @@ TEST(Llama, GreedyStoryFromTheDataReadme) {
             (std::vector<int64_t>{147, 201, 282, 215, 286, 598, 1662, 356, 499, 826}));
 }
 
+// transformers 5 saves RoPE as "rope_parameters" (no top-level rope_theta); transformers 4's
+// "rope_scaling" takes its place when set. Anything but plain RoPE is refused.
+TEST(Llama, RopeParametersAsTransformers5) {
+  auto j = tiny_config().json;
+  j.erase("rope_theta");
+  j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 1e6}};
+  EXPECT_EQ(train::LlamaConfig::from_json(j).rope_theta, 1e6);
+  j.erase("rope_parameters");
+  EXPECT_EQ(train::LlamaConfig::from_json(j).rope_theta, 10000.0);  // transformers' default
+  j["rope_theta"] = 5e5;
+  j["rope_parameters"] = nullptr;
+  EXPECT_EQ(train::LlamaConfig::from_json(j).rope_theta, 5e5);
+  j["rope_scaling"] = {{"type", "default"}};
+  EXPECT_EQ(train::LlamaConfig::from_json(j).rope_theta, 5e5);
+  // The rotation follows theta: position 1 of a one-token-apart pair differs between thetas.
+  const auto with_theta = [&](double theta) {
+    auto k = tiny_config().json;
+    k["rope_theta"] = theta;
+    auto m = random_model(train::LlamaConfig::from_json(k));
+    at::NoGradGuard no_grad;
+    return m->logits(at::tensor(std::vector<int64_t>{3, 5, 7}, at::kLong).unsqueeze(0));
+  };
+  EXPECT_GT((with_theta(1e6) - with_theta(1e4)).abs().max().item<double>(), 1e-3);
+  const std::vector<std::pair<json, std::string>> refused = {
+      {{{"rope_scaling", {{"rope_type", "llama3"}, {"factor", 8.0}}}}, "rope_type \"llama3\""},
+      {{{"rope_parameters", {{"rope_type", "yarn"}, {"rope_theta", 1e4}}}}, "rope_type \"yarn\""},
+      {{{"rope_parameters", {{"rope_theta", 1e4}, {"partial_rotary_factor", 0.5}}}},
+       "partial_rotary_factor 0.5"},
+      {{{"rope_parameters", {{"full_attention", {{"rope_theta", 1e4}}}}}}, "per-layer-type"},
+      {{{"rope_parameters", {{"rope_theta", "big"}}}}, "rope_parameters.rope_theta is \"big\""},
+  };
+  for (const auto& [extra, message] : refused) {
+    SCOPED_TRACE(message);
+    auto k = tiny_config().json;
+    k.update(extra);
+    expect_error([&] { train::LlamaConfig::from_json(k); }, message);
+  }
+}
+
+// Sliding-window attention (Mistral; Qwen2 with use_sliding_window): with one layer and RoPE's
+// relative rotation, the last position's logits under a window of w equal full attention over
+// the last w tokens alone, an independent reference.
+TEST(Llama, SlidingWindowAttention) {
+  auto j = tiny_config().json;
+  j["num_hidden_layers"] = 1;
+  const auto full_config = train::LlamaConfig::from_json(j);
+  EXPECT_EQ(full_config.sliding_window, 0);
+  j["model_type"] = "mistral";
+  j["sliding_window"] = 3;
+  const auto window_config = train::LlamaConfig::from_json(j);
+  ASSERT_EQ(window_config.sliding_window, 3);
+  auto windowed = random_model(window_config);
+  auto full = random_model(full_config);
+  expect_bitwise_equal(windowed, full);  // the same weights
+  at::NoGradGuard no_grad;
+  const auto ids = at::tensor(std::vector<int64_t>{3, 5, 7, 1, 2, 9, 4}, at::kLong).unsqueeze(0);
+  const auto last = windowed->logits(ids).select(1, -1);
+  const auto reference = full->logits(ids.narrow(1, 4, 3)).select(1, -1);
+  EXPECT_LT((last - reference).abs().max().item<double>(), 1e-4);
+  EXPECT_GT((last - full->logits(ids).select(1, -1)).abs().max().item<double>(), 1e-3);
+  // Within the window nothing changes.
+  EXPECT_TRUE(
+      at::allclose(windowed->logits(ids.narrow(1, 0, 3)), full->logits(ids.narrow(1, 0, 3))));
+  // MistralConfig's default is 4096; null means none.
+  j.erase("sliding_window");
+  EXPECT_EQ(train::LlamaConfig::from_json(j).sliding_window, 4096);
+  j["sliding_window"] = nullptr;
+  EXPECT_EQ(train::LlamaConfig::from_json(j).sliding_window, 0);
+  // Qwen2: only with use_sliding_window, from max_window_layers on, or as layer_types says.
+  auto q = tiny_config(true, "qwen2").json;
+  q["sliding_window"] = 8;
+  EXPECT_EQ(train::LlamaConfig::from_json(q).sliding_window, 0);
+  q["use_sliding_window"] = true;
+  q["max_window_layers"] = 1;
+  EXPECT_EQ(train::LlamaConfig::from_json(q).sliding_layers, (std::vector<bool>{false, true}));
+  q["layer_types"] = {"sliding_attention", "full_attention"};
+  EXPECT_EQ(train::LlamaConfig::from_json(q).sliding_layers, (std::vector<bool>{true, false}));
+  q["layer_types"] = {"sliding_attention"};
+  expect_error([&] { train::LlamaConfig::from_json(q); },
+               "layer_types must list one type per layer");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Data formats
 
@@ -474,6 +559,48 @@ TEST(Data, StandardPreferenceFormats) {
   EXPECT_EQ(u.unpaired[1].completion, " no");
 }
 
+// TRL 1.16's trainers' extract_prompt (data_utils.py), worked by hand: the prompt ends at the
+// first differing character, one back over a space; a side that is a prefix of the other
+// leaves the prompt one character short of it (Python's loop variable). TPO's triples strip
+// the same prompt from the reference (tpo_trainer.py `_extract_triple_prompt`).
+TEST(Data, ImplicitPromptsAndTriplesAsTrl) {
+  const auto dir = scratch("data-implicit");
+  write_text(
+      dir / "p.jsonl",
+      R"({"chosen": "The sky is blue.", "rejected": "The sky is green."})"
+      "\n"
+      R"({"chosen": "ab", "rejected": "abc"})"
+      "\n"
+      R"({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Hi there.", "reference": "\n\nHuman: Hi\n\nAssistant: Hey.", "images": [], "tools": null})"
+      "\n"
+      R"({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}], "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}], "reference": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "best"}]})"
+      "\n");
+  // Default: rows with "\n\nAssistant:" split after its last one, the others at TRL's prefix.
+  const auto a = train::load_dataset((dir / "p.jsonl").string());
+  ASSERT_EQ(a.pairs.size(), 4u);
+  EXPECT_EQ(a.common_prefix_rows, 2);
+  EXPECT_EQ(a.pairs[0].prompt, "The sky is");
+  EXPECT_EQ(a.pairs[0].chosen, " blue.");
+  EXPECT_EQ(a.pairs[0].rejected, " green.");
+  EXPECT_EQ(a.pairs[1].prompt, "a");
+  EXPECT_EQ(a.pairs[1].chosen, "b");
+  EXPECT_EQ(a.pairs[1].rejected, "bc");
+  EXPECT_EQ(a.pairs[2].prompt, "\n\nHuman: Hi\n\nAssistant:");
+  EXPECT_EQ(a.pairs[2].gold, " Hey.");
+  EXPECT_EQ(a.pairs[3].prompt, "\n\nHuman: Q\n\nAssistant:");
+  EXPECT_EQ(a.pairs[3].gold, " best");
+  EXPECT_TRUE(a.conversational);
+  EXPECT_EQ(a.ignored_columns, (std::vector<std::string>{"images", "tools"}));
+  // common_prefix: every row as TRL's trainers: "...Assistant: H" is shared (no space to drop).
+  const auto c =
+      train::load_dataset((dir / "p.jsonl").string(), train::ImplicitPrompt::kCommonPrefix);
+  EXPECT_EQ(c.common_prefix_rows, 3);
+  EXPECT_EQ(c.pairs[2].prompt, "\n\nHuman: Hi\n\nAssistant: H");
+  EXPECT_EQ(c.pairs[2].chosen, "ello.");
+  EXPECT_EQ(c.pairs[2].rejected, "i there.");
+  EXPECT_EQ(c.pairs[2].gold, "ey.");
+}
+
 TEST(Data, MalformedRowsNameTheRow) {
   const auto dir = scratch("data-bad");
   const std::string good = R"({"prompt": "a", "chosen": "b", "rejected": "c"})";
@@ -495,7 +622,16 @@ TEST(Data, MalformedRowsNameTheRow) {
        "\n"
        R"({"prompt": "a", "label": false})",
        "row 2: missing field \"completion\""},
-      {R"({"chosen": "no marker", "rejected": "no marker"})", "row 1: no \"prompt\" field"},
+      {R"({"chosen": "", "rejected": "x"})", "row 1: no \"prompt\" field, and \"chosen\" or"},
+      // TRL refuses rows that mix text and messages.
+      {R"({"prompt": [{"role": "user", "content": "q"}], "chosen": "x", "rejected": "y"})",
+       "row 1: field \"chosen\" is a string but \"prompt\" is a list of messages"},
+      {R"({"prompt": "q", "chosen": [{"role": "assistant", "content": "x"}], "rejected": "y"})",
+       "row 1: field \"chosen\" is a list of messages but \"prompt\" is a string"},
+      {R"({"prompt": [{"role": "user", "content": "q"}], "completion": "x", "label": true})",
+       "row 1: field \"completion\" is a string"},
+      {R"({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c", "reference": "other"})",
+       "row 1: field \"reference\" does not start with the prompt"},
       {"   \n", "is empty"},
   };
   for (const auto& [text, message] : cases) {
@@ -519,6 +655,20 @@ TEST(Data, HhRlhfAndStackExchange) {
     ASSERT_EQ(p.prompt.rfind("\n\nAssistant:"), p.prompt.size() - 12);
     ASSERT_EQ(p.chosen.find("\n\nAssistant:"), std::string::npos);
   }
+  EXPECT_EQ(hh.common_prefix_rows, 0);
+  // TRL's trainers' extract_prompt keeps every row; its prompt takes in the shared start of
+  // the answers in 444 of the 2307 pairs (counted independently with TRL 1.16's Python).
+  const auto trl = train::load_dataset(hh_path().string(), train::ImplicitPrompt::kCommonPrefix);
+  EXPECT_EQ(trl.pairs.size(), 2312u);
+  EXPECT_TRUE(trl.skipped.empty());
+  int64_t longer = 0;
+  for (const auto& p : hh.pairs) {
+    const auto& q = trl.pairs[static_cast<size_t>(p.row)];
+    ASSERT_EQ(q.prompt + q.chosen, p.prompt + p.chosen);
+    ASSERT_EQ(q.prompt.compare(0, p.prompt.size(), p.prompt), 0);
+    longer += q.prompt.size() > p.prompt.size();
+  }
+  EXPECT_EQ(longer, 444);
   const auto se = train::load_dataset(
       (data_dir() / "stack-exchange-paired-tiny" / "stack_exchange_paired_tiny.json").string());
   EXPECT_EQ(se.format, "stack-exchange");
@@ -576,6 +726,61 @@ TEST(Data, TokenizationTruncationAndBatches) {
   EXPECT_EQ((b.labels[2] != -100).sum().item<int64_t>(), t0.rejected.completion_len());
   EXPECT_EQ(b.labels[0][t0.chosen.prompt_len - 1].item<int64_t>(), -100);
   EXPECT_EQ(b.labels[0][t0.chosen.prompt_len].item<int64_t>(), t0.chosen.ids[t0.chosen.prompt_len]);
+}
+
+// A completion that already ends with EOS gets no second one (TRL's add_eos checks first);
+// tokenizer_config.json names the special tokens and decides BOS, config.json only fills in;
+// a prompt whose last token merges with the completion's first is counted.
+TEST(Data, EosOnceAndSpecialTokensAsTransformers) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto tok = train::Tokenizer::load(model_dir());
+  const auto eos = tok.eos_id();
+  ASSERT_EQ(eos, 2);  // "<|end_story|>" (tokenizer_config.json; config.json agrees)
+  // The vocabulary's "<|end_story|>" matches after a space ("▁<|end_story|>").
+  int64_t merges = 0;
+  const auto [p1, c1] =
+      train::tokenize_answer(tok, "Once upon a time.", " <|end_story|>", true, &merges);
+  EXPECT_EQ(c1, std::vector<int64_t>{eos});
+  EXPECT_EQ(merges, 0);  // "." ends a token in both
+  const auto [p2, c2] = train::tokenize_answer(tok, "Once", " upon a time.", true, &merges);
+  EXPECT_EQ(std::count(c2.begin(), c2.end(), eos), 1);
+  EXPECT_EQ(c2.back(), eos);
+  // "Once" is "On" "ce", but "Once upon" is "On" "ce▁" ...: the prompt's last token merges.
+  EXPECT_EQ(merges, 1);
+  const auto once = tok.encode("Once");
+  EXPECT_EQ(p2, std::vector<int64_t>(once.begin(), once.end() - 1));
+
+  const auto dir = scratch("tok-special");
+  fs::copy_file(model_dir() / "tokenizer.json", dir / "tokenizer.json");
+  auto config = json::parse(read_text(model_dir() / "tokenizer_config.json"));
+  auto model_config = json::parse(read_text(model_dir() / "config.json"));
+  // config.json's ids do not override tokenizer_config.json's (transformers never reads them).
+  model_config["eos_token_id"] = 0;
+  write_text(dir / "config.json", model_config.dump());
+  config["add_bos_token"] = false;
+  write_text(dir / "tokenizer_config.json", config.dump());
+  auto t = train::Tokenizer::load(dir);
+  EXPECT_EQ(t.eos_id(), 2);
+  EXPECT_EQ(t.encode("Once"), std::vector<int64_t>(once.begin() + 1, once.end()));
+  // Without an EOS in tokenizer_config.json, config.json's list gives the first.
+  config.erase("eos_token");
+  config.erase("add_bos_token");
+  write_text(dir / "tokenizer_config.json", config.dump());
+  model_config["eos_token_id"] = json::array({2, 0});
+  write_text(dir / "config.json", model_config.dump());
+  EXPECT_EQ(train::Tokenizer::load(dir).eos_id(), 2);
+  // special_tokens_map.json comes before config.json.
+  write_text(dir / "special_tokens_map.json", R"({"eos_token": "<unk>"})");
+  EXPECT_EQ(train::Tokenizer::load(dir).eos_id(), 0);
+  fs::remove(dir / "special_tokens_map.json");
+  // No EOS anywhere: completions cannot end with one.
+  fs::remove(dir / "config.json");
+  t = train::Tokenizer::load(dir);
+  EXPECT_EQ(t.eos_id(), -1);
+  expect_error([&] { train::tokenize_answer(t, "a", "b", true); }, "names no EOS token");
+  config["add_eos_token"] = true;
+  write_text(dir / "tokenizer_config.json", config.dump());
+  expect_error([&] { train::Tokenizer::load(dir); }, "add_eos_token: true");
 }
 
 // TRL 1.x's truncation (the default): the prompt whole, ending where the sides' tokens first
@@ -901,6 +1106,11 @@ TEST(Train, CommandLineErrors) {
        "is not used by any of the loss types"},  // the library's own check, no backtrace
       {"--loss tpo --one_pass", "--one_pass: --loss tpo has no one-pass form"},
       {"--loss sigmoid,aot --one_pass", "aot and aot_unpaired sort the batch"},
+      // An option of another loss family would change nothing (TRL's configs refuse it too).
+      {"--loss orpo --simpo_gamma 7", "--simpo_gamma is not an option of --loss orpo"},
+      {"--loss kto --rpo_alpha 1", "--rpo_alpha is not an option of --loss kto"},
+      {"--loss sft --beta 0.2", "--beta is not an option of --loss sft"},
+      {"--eval_start 10 --eval_data " + (dir / "bad.jsonl").string(), "give one of them"},
   };
   for (const auto& [args, message] : cases) {
     SCOPED_TRACE(args);
@@ -909,6 +1119,45 @@ TEST(Train, CommandLineErrors) {
     EXPECT_NE(r.output.find(message), std::string::npos) << r.output;
     EXPECT_EQ(r.output.find("Exception raised from"), std::string::npos) << r.output;
   }
+}
+
+// Message lists with a chat model: TRL applies the chat template, which this trainer cannot;
+// refused unless --plain_chat_template. Paired and unpaired files do not mix.
+TEST(Train, DataItCannotRenderAsTrlIsRefused) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("cli-chat");
+  const auto model = dir / "model";
+  fs::create_directories(model);
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})
+    fs::copy_file(model_dir() / f, model / f);
+  auto config = json::parse(read_text(model_dir() / "tokenizer_config.json"));
+  config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}";
+  write_text(model / "tokenizer_config.json", config.dump());
+  std::string chat, unpaired;
+  for (int i = 0; i < 12; ++i) {
+    chat += json({{"prompt", {{{"role", "user"}, {"content", "Tell a story."}}}},
+                  {"chosen", {{{"role", "assistant"}, {"content", "Tom ran."}}}},
+                  {"rejected", {{{"role", "assistant"}, {"content", "Ran ran."}}}}})
+                .dump() +
+            "\n";
+    unpaired +=
+        json({{"prompt", "Once"}, {"completion", " Tom ran."}, {"label", i % 2 == 0}}).dump() +
+        "\n";
+  }
+  write_text(dir / "chat.jsonl", chat);
+  write_text(dir / "kto.jsonl", unpaired);
+  const auto common = " --no-plot --no-save --max_steps 1 --output_dir " + (dir / "out").string();
+  auto r = run_train("--model " + model.string() + " --data " + (dir / "chat.jsonl").string() +
+                     " --eval_start 8" + common);
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("the checkpoint has a chat template"), std::string::npos) << r.output;
+  r = run_train("--model " + model.string() + " --data " + (dir / "chat.jsonl").string() +
+                " --eval_start 8 --plain_chat_template" + common);
+  EXPECT_EQ(r.status, 0) << r.output;
+  r = run_train("--data " + (dir / "kto.jsonl").string() + " --loss kto --eval_data " +
+                (dir / "chat.jsonl").string() + common);
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("both must be pairs, or both unpaired"), std::string::npos) << r.output;
 }
 
 TEST(Train, ConfigFileAndHelp) {

@@ -7,9 +7,13 @@
 //     string or a list of messages [{"role", "content"}] (conversational). An optional
 //     "reference" (TPO's gold response) is kept.
 //   - TRL's implicit-prompt form {"chosen", "rejected"} with whole dialogues, as HH-RLHF ships
-//     them: the prompt is the text through the last "\n\nAssistant:" (TRL's HH-RLHF scripts
-//     and the shared data README); pairs whose two prompts differ are skipped and counted.
-//     With message lists, the prompt is the messages the two sides share.
+//     them (`ImplicitPrompt`): by default the prompt is the text through the last
+//     "\n\nAssistant:" (TRL's HH-RLHF dataset scripts and the shared data README), pairs
+//     whose two prompts differ being skipped and counted; rows without that marker, or every
+//     row with kCommonPrefix, take TRL 1.16's trainers' `extract_prompt` (the longest common
+//     character prefix). With message lists, the prompt is the messages the two sides share.
+//     A "reference" (TPO) must start with the same prompt, which is stripped from it.
+//   Rows mix no forms: a prompt given as messages needs its completions as messages too.
 //   - TRL's unpaired (KTO) format, JSON Lines: {"prompt", "completion", "label": bool}.
 //   - Stack Exchange pairs (a JSON array of {"question", "response_j", "response_k"}):
 //     prompt "Question: " + question + "\n\nAnswer: ", chosen response_j, rejected response_k.
@@ -20,14 +24,15 @@
 //
 // Tokenization: the prompt and prompt + completion are tokenized whole (BOS first, as the
 // tokenizer adds it), the completion is what follows the prompt's tokens (a token that
-// straddles the boundary goes to the completion), and EOS ends it. Truncation (`Truncation`):
+// straddles the boundary goes to the completion; TRL warns about those, the trainer counts
+// them), and EOS ends it unless it already does. Truncation (`Truncation`):
 // by default TRL 1.x's: the prompt ends where the sides' tokens first diverge from it (the
 // shortest of the sides' prompts, as TRL ≥ 1.14), prompt + completion is cut from the right to
-// `max_length`, and an example whose prompt alone fills `max_length` is dropped. Or TRL ≤ 0.28's
-// classic truncation, per pair: when prompt + the longer completion exceed `max_length`, the
-// prompt keeps its last `max_prompt_length` tokens (BOS kept: it is cut from the left); if that
-// is still too long, both completions keep their first `max_length − max_prompt_length` tokens.
-// Labels are −100 on the prompt and on padding.
+// `max_length`, and an example whose prompt alone fills `max_length` is dropped. Or TRL ≤ 0.11's
+// classic truncation (`truncation_mode="keep_end"`), per pair: when prompt + the longer completion
+// exceed `max_length`, the prompt keeps its last `max_prompt_length` tokens (BOS kept: it is cut
+// from the left); if that is still too long, both completions keep their first `max_length −
+// max_prompt_length` tokens. Labels are −100 on the prompt and on padding.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -68,8 +73,13 @@ struct Dataset {
   std::string format;  ///< "preference", "implicit-prompt", "unpaired" or "stack-exchange"
   std::vector<PreferenceExample> pairs;
   std::vector<UnpairedExample> unpaired;
-  std::vector<int64_t> skipped;  ///< implicit-prompt rows whose two prompts differ
-  int64_t rows = 0;              ///< rows read
+  std::vector<int64_t> skipped;    ///< implicit-prompt rows whose two prompts differ
+  int64_t rows = 0;                ///< rows read
+  bool conversational = false;     ///< some rows are message lists (rendered with the template)
+  int64_t common_prefix_rows = 0;  ///< implicit-prompt rows split at TRL's common prefix
+  /// Columns of the rows that no format here reads ("images", "tools", ...), in order of
+  /// first appearance: the trainer reports them rather than dropping them without a word.
+  std::vector<std::string> ignored_columns;
   bool paired() const { return format != "unpaired"; }
 };
 
@@ -103,9 +113,36 @@ inline std::string role_name(const std::string& role) {
 
 }  // namespace detail
 
+/// Where the implicit-prompt form's prompt ends.
+enum class ImplicitPrompt {
+  /// Through the last "\n\nAssistant:" (TRL's HH-RLHF dataset scripts, which wrote the
+  /// trl-lib/hh-rlhf datasets' explicit prompts); rows without the marker take TRL's common
+  /// prefix below and are counted (`Dataset::common_prefix_rows`).
+  kAssistantTurn,
+  /// TRL 1.16's trainers' `extract_prompt` on every row: the longest common character prefix
+  /// of chosen and rejected, less a space it ends with (message lists: the common messages).
+  kCommonPrefix,
+};
+
+namespace detail {
+
+// TRL's `extract_prompt` on two strings: the prompt ends at the first differing character,
+// one back when the character before it is a space; when one side is a prefix of the other,
+// Python's loop variable stops at the last index, so the prompt is one character short of
+// the shorter side (kept as TRL has it).
+inline size_t common_prefix_prompt(const std::string& a, const std::string& b) {
+  const size_t n = std::min(a.size(), b.size());
+  for (size_t i = 0; i < n; ++i)
+    if (a[i] != b[i]) return i > 0 && a[i - 1] == ' ' ? i - 1 : i;
+  return n - 1;
+}
+
+}  // namespace detail
+
 /// Reads a data file in any of the formats above. Throws std::runtime_error naming the file
 /// and, for a bad row, the 1-based row ("row 7: missing field \"rejected\"").
-inline Dataset load_dataset(const std::string& path) {
+inline Dataset load_dataset(const std::string& path,
+                            ImplicitPrompt implicit = ImplicitPrompt::kAssistantTurn) {
   using json = nlohmann::json;
   Dataset d;
   d.path = path;
@@ -159,12 +196,20 @@ inline Dataset load_dataset(const std::string& path) {
   else
     d.format = "implicit-prompt";
 
+  static const std::vector<std::string> kRead = {"prompt",    "chosen",     "rejected",
+                                                 "reference", "completion", "label",
+                                                 "question",  "response_j", "response_k"};
   for (size_t i = 0; i < rows.size(); ++i) {
     const auto& r = rows[i];
     const auto fail = [&](const std::string& what) -> std::runtime_error {
       return std::runtime_error("data: " + path + ": row " + std::to_string(i + 1) + ": " + what);
     };
     if (!r.is_object()) throw fail("not a JSON object");
+    for (const auto& [key, value] : r.items())
+      if (std::find(kRead.begin(), kRead.end(), key) == kRead.end() &&
+          std::find(d.ignored_columns.begin(), d.ignored_columns.end(), key) ==
+              d.ignored_columns.end())
+        d.ignored_columns.push_back(key);
     const auto field = [&](const char* key) -> const json& {
       if (!r.contains(key))
         throw fail(std::string("missing field \"") + key + "\" (a " + d.format + " row needs it)");
@@ -182,6 +227,7 @@ inline Dataset load_dataset(const std::string& path) {
       if (v.is_string()) return v.get<std::string>();
       if (!v.is_array())
         throw fail(std::string("field \"") + key + "\" is neither a string nor a list of messages");
+      d.conversational = true;
       std::string out;
       for (size_t m = 0; m < v.size(); ++m) {
         const auto& msg = v[m];
@@ -202,6 +248,15 @@ inline Dataset load_dataset(const std::string& path) {
       if (generation) out += "\n\nAssistant:";
       return out;
     };
+    // TRL refuses a row that mixes text and messages; rendering it would glue a bare string
+    // to the template ("Assistant:" + text, no space).
+    const auto same_form = [&](const char* key, const char* like, bool messages) {
+      if (r.contains(key) && !r[key].is_null() && r[key].is_array() != messages)
+        throw fail(std::string("field \"") + key + "\" is " +
+                   (messages ? "a string" : "a list of messages") + " but \"" + like + "\" is " +
+                   (messages ? "a list of messages" : "a string") +
+                   ": a row is all text or all messages");
+    };
     const auto row = static_cast<int64_t>(i);
     if (d.format == "stack-exchange") {
       d.pairs.push_back({"Question: " + string("question") + "\n\nAnswer: ", string("response_j"),
@@ -211,12 +266,15 @@ inline Dataset load_dataset(const std::string& path) {
       if (!label.is_boolean()) throw fail("field \"label\" is not true or false");
       const auto& p = field("prompt");
       const bool conversational = p.is_array();
+      same_form("completion", "prompt", conversational);
       d.unpaired.push_back({render("prompt", p, conversational, false),
                             render("completion", field("completion"), false, conversational),
                             label.get<bool>(), row});
     } else if (d.format == "preference") {
       const auto& p = field("prompt");
       const bool conversational = p.is_array();
+      for (const char* k : {"chosen", "rejected", "reference"})
+        same_form(k, "prompt", conversational);
       PreferenceExample e{render("prompt", p, conversational, false),
                           render("chosen", field("chosen"), false, conversational),
                           render("rejected", field("rejected"), false, conversational), "", row};
@@ -226,34 +284,62 @@ inline Dataset load_dataset(const std::string& path) {
     } else {  // implicit prompt
       const auto& c = field("chosen");
       const auto& rj = field("rejected");
-      if (c.is_array() && rj.is_array()) {
+      const bool gold = r.contains("reference") && !r["reference"].is_null();
+      same_form("rejected", "chosen", c.is_array());
+      same_form("reference", "chosen", c.is_array());
+      if (c.is_array()) {
         size_t k = 0;
         while (k < c.size() && k < rj.size() && c[k] == rj[k]) ++k;
         if (k == 0) throw fail("chosen and rejected share no prompt messages");
+        const auto tail = [&](const json& v) {
+          return json(std::vector<json>(v.begin() + static_cast<std::ptrdiff_t>(k), v.end()));
+        };
         const json prompt(std::vector<json>(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(k)));
-        d.pairs.push_back(
-            {render("chosen", prompt, true, false),
-             render("chosen",
-                    json(std::vector<json>(c.begin() + static_cast<std::ptrdiff_t>(k), c.end())),
-                    false, true),
-             render("rejected",
-                    json(std::vector<json>(rj.begin() + static_cast<std::ptrdiff_t>(k), rj.end())),
-                    false, true),
-             "", row});
+        PreferenceExample e{render("chosen", prompt, true, false),
+                            render("chosen", tail(c), false, true),
+                            render("rejected", tail(rj), false, true), "", row};
+        if (gold) {  // TPO's triples (TRL's `_extract_triple_prompt`): the same prompt first
+          const auto& g = r["reference"];
+          if (g.size() < k ||
+              !std::equal(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(k), g.begin()))
+            throw fail(
+                "field \"reference\" does not start with the prompt messages that "
+                "\"chosen\" and \"rejected\" share");
+          e.gold = render("reference", tail(g), false, true);
+        }
+        d.pairs.push_back(std::move(e));
         continue;
       }
       const auto chosen = string("chosen"), rejected = string("rejected");
       static const std::string kMarker = "\n\nAssistant:";
       const auto pc = chosen.rfind(kMarker), pr = rejected.rfind(kMarker);
-      if (pc == std::string::npos || pr == std::string::npos)
-        throw fail("no \"prompt\" field, and no \"\\n\\nAssistant:\" to split the dialogue at");
-      const auto prompt = chosen.substr(0, pc + kMarker.size());
-      if (prompt != rejected.substr(0, pr + kMarker.size())) {
-        d.skipped.push_back(row);
-        continue;
+      std::string prompt;
+      if (implicit == ImplicitPrompt::kAssistantTurn && pc != std::string::npos &&
+          pr != std::string::npos) {
+        prompt = chosen.substr(0, pc + kMarker.size());
+        if (prompt != rejected.substr(0, pr + kMarker.size())) {
+          d.skipped.push_back(row);
+          continue;
+        }
+      } else {
+        if (chosen.empty() || rejected.empty())
+          throw fail(
+              "no \"prompt\" field, and \"chosen\" or \"rejected\" is empty: no prompt "
+              "to extract");
+        prompt = chosen.substr(0, detail::common_prefix_prompt(chosen, rejected));
+        ++d.common_prefix_rows;
       }
-      d.pairs.push_back(
-          {prompt, chosen.substr(prompt.size()), rejected.substr(prompt.size()), "", row});
+      PreferenceExample e{prompt, chosen.substr(prompt.size()), rejected.substr(prompt.size()), "",
+                          row};
+      if (gold) {
+        const auto g = string("reference");
+        if (g.compare(0, prompt.size(), prompt) != 0)
+          throw fail(
+              "field \"reference\" does not start with the prompt that \"chosen\" and "
+              "\"rejected\" share: give an explicit \"prompt\" column");
+        e.gold = g.substr(prompt.size());
+      }
+      d.pairs.push_back(std::move(e));
     }
   }
   return d;
@@ -290,30 +376,41 @@ enum class Truncation {
   /// pairs, also for KTO, which TRL unpairs first: the two differ only where a pair's sides
   /// end their prompt tokens at different places.
   kKeepStart,
-  /// TRL ≤ 0.28 (`max_prompt_length`): see the top of this file.
+  /// TRL ≤ 0.11's `keep_end` (`max_prompt_length`), the BOS kept in front where TRL cut it off
+  /// with the prompt's start: see the top of this file. (TRL 0.12-0.28 cut the prompt to
+  /// `max_prompt_length` and each completion to `max_completion_length` unconditionally.)
   kClassic,
 };
 
 struct TokenizeOptions {
   int64_t max_length = 192;         ///< TRL's max_length: prompt + completion
-  int64_t max_prompt_length = 128;  ///< TRL ≤ 0.28's max_prompt_length (kClassic only)
+  int64_t max_prompt_length = 128;  ///< TRL ≤ 0.11's max_prompt_length (kClassic only)
   bool ascii = true;                ///< map typographic punctuation to ASCII first
   Truncation truncation = Truncation::kKeepStart;
+  /// When set, counts the sequences whose prompt tokens are not a prefix of prompt +
+  /// completion's (TRL warns once about them; the trainer reports the count).
+  int64_t* prompt_merges = nullptr;
 };
 
-/// Prompt and completion tokens of prompt + completion, split as TRL's classic trainers split
-/// them (see the top of this file); no truncation.
-inline std::pair<std::vector<int64_t>, std::vector<int64_t>> tokenize_answer(const Tokenizer& tok,
-                                                                             std::string prompt,
-                                                                             std::string completion,
-                                                                             bool ascii) {
+/// Prompt and completion tokens of prompt + completion, split as TRL splits them (see the top
+/// of this file); EOS ends the completion unless it already does (TRL appends it only then);
+/// no truncation. `prompt_merges`, when given, counts a prompt whose tokens are not a prefix
+/// of the whole's (a token straddles the boundary). Throws when the tokenizer has no EOS.
+inline std::pair<std::vector<int64_t>, std::vector<int64_t>> tokenize_answer(
+    const Tokenizer& tok, std::string prompt, std::string completion, bool ascii,
+    int64_t* prompt_merges = nullptr) {
+  if (tok.eos_id() < 0)
+    throw std::runtime_error("data: tokenizer " + tok.path() +
+                             " names no EOS token (tokenizer_config.json's \"eos_token\"): "
+                             "completions must end with one");
   if (ascii) prompt = ascii_punctuation(prompt), completion = ascii_punctuation(completion);
   const auto p = tok.encode(prompt);
   const auto full = tok.encode(prompt + completion);
   size_t start = 0;
   while (start < p.size() && start < full.size() && p[start] == full[start]) ++start;
+  if (prompt_merges && start < p.size()) ++*prompt_merges;
   std::vector<int64_t> c(full.begin() + static_cast<std::ptrdiff_t>(start), full.end());
-  if (tok.eos_id() >= 0) c.push_back(tok.eos_id());
+  if (c.empty() || c.back() != tok.eos_id()) c.push_back(tok.eos_id());
   return {std::vector<int64_t>(full.begin(), full.begin() + static_cast<std::ptrdiff_t>(start)), c};
 }
 
@@ -379,11 +476,11 @@ struct TokenizedPair {
 /// alone fills max_length).
 inline std::optional<TokenizedPair> tokenize_pair(const Tokenizer& tok, const PreferenceExample& e,
                                                   const TokenizeOptions& o) {
-  auto [pc, c] = tokenize_answer(tok, e.prompt, e.chosen, o.ascii);
-  auto [pr, r] = tokenize_answer(tok, e.prompt, e.rejected, o.ascii);
+  auto [pc, c] = tokenize_answer(tok, e.prompt, e.chosen, o.ascii, o.prompt_merges);
+  auto [pr, r] = tokenize_answer(tok, e.prompt, e.rejected, o.ascii, o.prompt_merges);
   std::vector<int64_t> pg, g;
   const bool gold = !e.gold.empty();
-  if (gold) std::tie(pg, g) = tokenize_answer(tok, e.prompt, e.gold, o.ascii);
+  if (gold) std::tie(pg, g) = tokenize_answer(tok, e.prompt, e.gold, o.ascii, o.prompt_merges);
   TokenizedPair t;
   t.row = e.row;
   if (o.truncation == Truncation::kKeepStart) {
@@ -410,7 +507,7 @@ inline std::optional<TokenizedPair> tokenize_pair(const Tokenizer& tok, const Pr
 inline std::optional<Sequence> tokenize_unpaired(const Tokenizer& tok, const std::string& prompt,
                                                  const std::string& completion,
                                                  const TokenizeOptions& o) {
-  auto [p, c] = tokenize_answer(tok, prompt, completion, o.ascii);
+  auto [p, c] = tokenize_answer(tok, prompt, completion, o.ascii, o.prompt_merges);
   if (o.truncation == Truncation::kKeepStart) {
     if (static_cast<int64_t>(p.size()) >= o.max_length) return std::nullopt;
     return detail::keep_start(p, c, o);

@@ -13,7 +13,9 @@
 // rotate_half convention (dimension i pairs with i + head_dim/2, angle pos · θ^(−2i/head_dim));
 // grouped-query attention (query head h reads key/value head h / (heads / kv_heads)), causal,
 // softmax in fp32; SwiGLU MLP. `attention_bias` puts biases on q, k, v and o (Llama); a
-// `qwen2` config puts them on q, k and v only, as Qwen2 does. The trainer asks for
+// `qwen2` config puts them on q, k and v only, as Qwen2 does. RoPE's θ is read as
+// transformers 5 reads it (`rope_parameters`, then `rope_theta`); Mistral's and Qwen2's
+// sliding-window attention is applied per layer. The trainer asks for
 // `hidden(ids, mask)` and `head_weight()`: prefopt's fused op takes those instead of logits.
 #pragma once
 
@@ -46,7 +48,11 @@ struct LlamaConfig {
   bool tie_word_embeddings = false;
   bool qkv_bias = false, o_bias = false, mlp_bias = false;
   std::string torch_dtype;  ///< "float32", "float16", "bfloat16", or empty (not stated)
-  nlohmann::json json;      ///< the file as read, written back (updated) on save
+  /// Mistral's and Qwen2's sliding-window attention: a query at index i sees keys at indices
+  /// j with i − window < j ≤ i in the layers flagged in `sliding_layers` (0: none).
+  int64_t sliding_window = 0;
+  std::vector<bool> sliding_layers;  ///< per layer; empty when sliding_window is 0
+  nlohmann::json json;               ///< the file as read, written back (updated) on save
 
   /// Reads and checks `path`; throws std::runtime_error naming the file and the field.
   static LlamaConfig load(const std::filesystem::path& path) {
@@ -90,7 +96,8 @@ struct LlamaConfig {
                      : c.hidden_size / c.num_attention_heads;
     c.max_position_embeddings = j.value("max_position_embeddings", int64_t{2048});
     c.rms_norm_eps = j.value("rms_norm_eps", 1e-6);
-    c.rope_theta = j.value("rope_theta", 10000.0);
+    read_rope(j, c, fail);
+    read_sliding_window(j, c, fail);
     c.tie_word_embeddings = j.value("tie_word_embeddings", false);  // transformers' default
     const bool attention_bias = j.value("attention_bias", false);
     c.qkv_bias = attention_bias || c.model_type == "qwen2";
@@ -105,14 +112,94 @@ struct LlamaConfig {
       fail("torch_dtype \"" + c.torch_dtype + "\" is not float32, float16 or bfloat16");
     if (j.value("hidden_act", std::string("silu")) != "silu")
       fail("hidden_act \"" + j["hidden_act"].get<std::string>() + "\": only silu is implemented");
-    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
-      fail("rope_scaling is set; this model implements plain RoPE only (rope_scaling: null)");
     if (c.head_dim % 2 != 0) fail("head_dim must be even for rotary embeddings");
     if (c.num_attention_heads % c.num_key_value_heads != 0)
       fail("num_attention_heads (" + std::to_string(c.num_attention_heads) +
            ") is not a multiple of num_key_value_heads (" + std::to_string(c.num_key_value_heads) +
            ")");
     return c;
+  }
+
+  /// RoPE as transformers 5 reads it: `rope_parameters` (or the older `rope_scaling`, which
+  /// takes its place) holding `rope_type` and `rope_theta`, else the top-level `rope_theta`
+  /// (transformers 4's spelling), else 10000. Only the plain ("default") rotation is
+  /// implemented: any other type, a partial rotary factor or per-layer-type parameters are
+  /// refused rather than computed differently.
+  template <typename Fail>
+  static void read_rope(const nlohmann::json& j, LlamaConfig& c, const Fail& fail) {
+    const auto given = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+    const char* key = given("rope_scaling") ? "rope_scaling" : "rope_parameters";
+    const nlohmann::json params = given(key) ? j[key] : nlohmann::json::object();
+    if (!params.is_object()) fail(std::string(key) + " is not a JSON object");
+    for (const auto& [k, v] : params.items())
+      if (v.is_object())
+        fail(std::string(key) + " holds per-layer-type parameters (\"" + k +
+             "\"): not implemented, only one plain RoPE for every layer");
+    const auto number = [&](const nlohmann::json& where, const char* k, const std::string& name) {
+      if (!where[k].is_number()) fail(name + " is " + where[k].dump() + ", not a number");
+      return where[k].get<double>();
+    };
+    const char* type_key = params.contains("rope_type") ? "rope_type" : "type";
+    const std::string type = !params.contains(type_key)     ? "default"
+                             : params[type_key].is_string() ? params[type_key].get<std::string>()
+                                                            : params[type_key].dump();
+    if (type != "default")
+      fail(std::string(key) + " has rope_type \"" + type +
+           "\": only plain RoPE (\"default\") is implemented");
+    for (const auto* where : {&params, &j})
+      if (where->contains("partial_rotary_factor") &&
+          !(*where)["partial_rotary_factor"].is_null() &&
+          number(*where, "partial_rotary_factor", "partial_rotary_factor") != 1.0)
+        fail("partial_rotary_factor " + (*where)["partial_rotary_factor"].dump() +
+             ": only a rotation of the whole head (1.0) is implemented");
+    const bool top = given("rope_theta");
+    const double top_theta = top ? number(j, "rope_theta", "rope_theta") : 10000.0;
+    c.rope_theta = top_theta;
+    if (params.contains("rope_theta")) {
+      c.rope_theta = number(params, "rope_theta", std::string(key) + ".rope_theta");
+      // transformers 5 lets rope_parameters win; two different thetas is a config to look at.
+      if (top && top_theta != c.rope_theta)
+        TORCH_WARN("config: ", key, ".rope_theta = ", c.rope_theta, " and rope_theta = ", top_theta,
+                   " differ; using ", c.rope_theta, " as transformers 5 does");
+    }
+    if (!(c.rope_theta > 0.0)) fail("rope_theta must be positive");
+  }
+
+  /// Sliding-window attention as transformers 5.25 configures it. Mistral: every layer when
+  /// `sliding_window` is set (absent means MistralConfig's default, 4096; null means none).
+  /// Qwen2: only with `use_sliding_window`, in the layers `layer_types` names
+  /// "sliding_attention" (by default those from `max_window_layers`, 28, on). Llama: none.
+  template <typename Fail>
+  static void read_sliding_window(const nlohmann::json& j, LlamaConfig& c, const Fail& fail) {
+    if (c.model_type == "llama") return;
+    if (c.model_type == "qwen2" && !j.value("use_sliding_window", false)) return;
+    int64_t window = 4096;
+    if (j.contains("sliding_window")) {
+      if (j["sliding_window"].is_null()) return;
+      if (!j["sliding_window"].is_number_integer() || j["sliding_window"].get<int64_t>() <= 0)
+        fail("sliding_window must be a positive integer or null");
+      window = j["sliding_window"].get<int64_t>();
+    }
+    c.sliding_window = window;
+    c.sliding_layers.assign(static_cast<size_t>(c.num_hidden_layers), true);
+    if (c.model_type != "qwen2") return;
+    if (j.contains("layer_types") && !j["layer_types"].is_null()) {
+      const auto& types = j["layer_types"];
+      if (!types.is_array() || static_cast<int64_t>(types.size()) != c.num_hidden_layers)
+        fail("layer_types must list one type per layer (" + std::to_string(c.num_hidden_layers) +
+             ")");
+      for (size_t i = 0; i < types.size(); ++i) {
+        const auto t = types[i].is_string() ? types[i].get<std::string>() : std::string();
+        if (t != "sliding_attention" && t != "full_attention")
+          fail("layer_types[" + std::to_string(i) + "] is " + types[i].dump() +
+               ", not \"full_attention\" or \"sliding_attention\"");
+        c.sliding_layers[i] = t == "sliding_attention";
+      }
+    } else {
+      const auto first = j.value("max_window_layers", int64_t{28});
+      for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+        c.sliding_layers[static_cast<size_t>(i)] = i >= first;
+    }
   }
 
   /// The scalar type `torch_dtype` names (float32 when unstated).
@@ -281,9 +368,20 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
     const auto emb = at::cat({freqs, freqs}, -1);  // [B, T, head_dim]
     const auto dtype = model->embed_tokens->weight.scalar_type();
     const auto cos = emb.cos().to(dtype), sin = emb.sin().to(dtype);
+    // Sliding-window layers also block keys `sliding_window` or more indices back (Hugging
+    // Face's overlay: kv_idx > q_idx − window, on indices, not positions).
+    at::Tensor blocked_window;
+    if (config.sliding_window > 0 && T > config.sliding_window) {
+      const auto i = at::arange(T, at::TensorOptions(dev).dtype(at::kLong));
+      blocked_window =
+          blocked | (i.view({T, 1}) - i.view({1, T}) >= config.sliding_window).view({1, 1, T, T});
+    }
     auto x = model->embed_tokens(ids);
-    for (const auto& layer : *model->layers)
-      x = layer->as<DecoderLayer>()->forward(x, cos, sin, blocked);
+    size_t index = 0;
+    for (const auto& layer : *model->layers) {
+      const bool sliding = blocked_window.defined() && config.sliding_layers[index++];
+      x = layer->as<DecoderLayer>()->forward(x, cos, sin, sliding ? blocked_window : blocked);
+    }
     return model->norm(x);
   }
 

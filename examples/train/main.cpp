@@ -63,7 +63,12 @@ struct Options {
   int64_t eval_start = 2000, train_limit = 0, eval_limit = 0;
   uint64_t seed = 0;
   int threads = 1;
-  bool plot = true, save = true, ascii = true;
+  bool plot = true, save = true;
+  // Typographic punctuation to ASCII: 1 on, 0 off, −1 when the tokenizer has no byte fallback
+  // (such a vocabulary, TinyStories', would turn those characters into <unk>).
+  int ascii = -1;
+  std::string implicit_prompt = "assistant";
+  bool plain_chat_template = false;
   // training
   std::string loss = "sigmoid";
   int64_t max_steps = -1, batch = 8, eval_batch = 32, accum = 1;
@@ -627,7 +632,8 @@ struct Run {
             batch,
             prefopt::PairInputs()
                 .reference_chosen_logps(train_pairs.ref_chosen.index_select(0, index))
-                .reference_rejected_logps(train_pairs.ref_rejected.index_select(0, index)),
+                .reference_rejected_logps(train_pairs.ref_rejected.index_select(0, index))
+                .logps_form(prefopt::LogpsForm::kSum),
             loss.dpo, opts));
       case Family::kORPO:
         return done(F::fused_orpo_loss(batch, loss.orpo, opts));
@@ -690,6 +696,21 @@ void check_bitwise(train::LlamaForCausalLM& saved, const fs::path& dir) {
   }
 }
 
+// Where the checkpoint keeps a chat template (tokenizer_config.json's "chat_template", or
+// transformers 5's chat_template.jinja / chat_template.json); empty when it has none.
+std::string chat_template_of(const fs::path& dir) {
+  for (const char* f : {"chat_template.jinja", "chat_template.json"})
+    if (fs::exists(dir / f)) return (dir / f).string();
+  const auto config = dir / "tokenizer_config.json";
+  if (fs::exists(config)) {
+    std::ifstream in(config);
+    const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("chat_template") && !j["chat_template"].is_null())
+      return config.string() + " (\"chat_template\")";
+  }
+  return {};
+}
+
 int run(const Options& o) {
   at::set_num_threads(o.threads);
   at::manual_seed(static_cast<int64_t>(o.seed));
@@ -719,13 +740,57 @@ int run(const Options& o) {
       model->config.tie_word_embeddings ? ", tied head" : "", o.device, o.threads,
       o.threads == 1 ? "" : "s");
 
+  // Every id the tokenizer can produce must index the embedding (else a bare "index out of
+  // range" deep in the forward).
+  if (tok.vocab_size() > model->config.vocab_size)
+    throw std::runtime_error(fmt::format(
+        "the tokenizer has {} tokens but the model's vocab_size is {} ({})", tok.vocab_size(),
+        model->config.vocab_size, (model_dir / "config.json").string()));
+
   // Data: the training rows and the held-out rows, tokenized and truncated.
-  const auto data = train::load_dataset(o.data);
+  const auto implicit = o.implicit_prompt == "common_prefix"
+                            ? train::ImplicitPrompt::kCommonPrefix
+                            : train::ImplicitPrompt::kAssistantTurn;
+  const auto data = train::load_dataset(o.data, implicit);
   std::optional<train::Dataset> eval_file;
-  if (!o.eval_data.empty()) eval_file = train::load_dataset(o.eval_data);
+  if (!o.eval_data.empty()) eval_file = train::load_dataset(o.eval_data, implicit);
+  if (eval_file && eval_file->paired() != data.paired())
+    throw std::runtime_error(fmt::format(
+        "--eval_data {} is {} but --data {} is {}: both must be pairs, or both unpaired",
+        o.eval_data, eval_file->paired() ? "paired" : "unpaired (prompt/completion/label)", o.data,
+        data.paired() ? "paired" : "unpaired (prompt/completion/label)"));
+  const train::Dataset* eval_ptr = eval_file ? &*eval_file : nullptr;
+  for (const train::Dataset* d : {&data, eval_ptr}) {
+    if (!d) continue;
+    // TRL renders message lists with the checkpoint's chat template; this trainer has only its
+    // plain template, so a chat model would train on a format it never sees at inference.
+    if (d->conversational && !o.plain_chat_template) {
+      if (const auto where = chat_template_of(model_dir); !where.empty())
+        throw std::runtime_error(fmt::format(
+            "{} holds message lists and the checkpoint has a chat template ({}), which TRL "
+            "would apply; prefopt-train renders messages with its plain \"\\n\\nHuman: ... "
+            "\\n\\nAssistant:\" template only. Give --plain_chat_template to train with "
+            "that anyway, or give the data as text rendered with the model's template",
+            d->path, where));
+    }
+    if (!d->ignored_columns.empty())
+      fmt::print("data: {}: columns not read (this trainer has no use for them): {}\n", d->path,
+                 fmt::join(d->ignored_columns, ", "));
+    if (d->common_prefix_rows > 0)
+      fmt::print(
+          "data: {}: {} implicit-prompt rows split at the common prefix of chosen and "
+          "rejected (TRL's extract_prompt){}\n",
+          d->path, d->common_prefix_rows,
+          implicit == train::ImplicitPrompt::kAssistantTurn
+              ? " as they have no \"\\n\\nAssistant:\""
+              : "");
+  }
+  int64_t prompt_merges = 0;
+  const bool ascii = o.ascii >= 0 ? o.ascii == 1 : !tok.byte_fallback();
   const train::TokenizeOptions topts{
-      o.max_length, o.max_prompt_length, o.ascii,
-      o.truncation == "classic" ? train::Truncation::kClassic : train::Truncation::kKeepStart};
+      o.max_length, o.max_prompt_length, ascii,
+      o.truncation == "classic" ? train::Truncation::kClassic : train::Truncation::kKeepStart,
+      &prompt_merges};
   // keep_start: examples whose prompt alone fills max_length, training and held out.
   int64_t dropped[2] = {0, 0};
   Run r{o, loss, model, device, pad_id, {}, {}, {}, {}, {}, true};
@@ -769,8 +834,6 @@ int run(const Options& o) {
   if (data.paired()) {
     tokenize_pairs(data, false, r.train_pairs, o.train_limit);
     tokenize_pairs(eval_file ? *eval_file : data, true, r.eval_pairs, o.eval_limit);
-    if (eval_file && !eval_file->paired())
-      throw std::runtime_error("--eval_data " + o.eval_data + " is unpaired but --data is paired");
     train_rows = r.train_pairs.size(), eval_rows = r.eval_pairs.size();
     if (family == Family::kKTO) {  // TRL's unpair_preference_dataset
       r.train_u = unpair(r.train_pairs.pairs);
@@ -838,6 +901,12 @@ int run(const Options& o) {
                 : fmt::format("; dropped, as the prompt alone fills max_length: {} training "
                               "and {} held-out examples",
                               dropped[0], dropped[1]));
+    if (prompt_merges > 0)
+      fmt::print(
+          "data: {} sequences have a token across the prompt/completion boundary (the prompt's "
+          "tokens are not a prefix of prompt + completion's); it is scored with the completion, "
+          "as in TRL, which warns about it\n",
+          prompt_merges);
     if (family == Family::kKTO && data.paired())
       fmt::print(
           "kto: {} unpaired examples from the pairs (chosen desirable, rejected undesirable)\n",
@@ -1082,9 +1151,19 @@ int main(int argc, char** argv) {
       "folder for model.safetensors, config.json, metrics.jsonl, curves.png, summary.json");
   io->add_flag("!--no-save,!--no_save", o.save, "do not save the trained model");
   io->add_flag("!--no-plot,!--no_plot", o.plot, "skip the gnuplot PNG");
-  io->add_flag("!--no-ascii,!--no_ascii", o.ascii,
-               "keep typographic quotes and dashes (default: mapped to ASCII, which the "
-               "TinyStories vocabulary has)");
+  io->add_flag("--ascii{1},--no-ascii{0},--no_ascii{0}", o.ascii,
+               "map typographic quotes, dashes and non-breaking spaces to ASCII before "
+               "tokenizing, or keep them (default: mapped only for a tokenizer without byte "
+               "fallback, such as TinyStories', which would make them <unk>)");
+  opt(io, "implicit_prompt", o.implicit_prompt,
+      "where the prompt of {chosen, rejected} rows ends: assistant (through the last "
+      "\"\\n\\nAssistant:\", TRL's HH-RLHF dataset scripts) or common_prefix (TRL 1.16's "
+      "trainers' extract_prompt: the longest common character prefix)")
+      ->check(CLI::IsMember({"assistant", "common_prefix"}));
+  io->add_flag("--plain_chat_template,--plain-chat-template", o.plain_chat_template,
+               "render message lists with the plain HH-RLHF-style template even when the "
+               "checkpoint has a chat template (TRL applies the checkpoint's; prefopt-train "
+               "cannot run Jinja templates, so it refuses such data without this flag)");
   opt(io, "device", o.device, "cpu, cuda or cuda:N");
   opt(io, "threads", o.threads, "intra-op threads")->check(CLI::PositiveNumber);
   opt(io, "seed", o.seed, "seed of the shuffling");
@@ -1116,7 +1195,8 @@ int main(int argc, char** argv) {
   opt(tr, "max_length", o.max_length, "tokens of prompt + completion")->check(CLI::PositiveNumber);
   opt(tr, "truncation", o.truncation,
       "keep_start: TRL 1.x's (the prompt whole, the sequence cut from the right; examples whose "
-      "prompt fills max_length dropped); classic: TRL <= 0.28's (the prompt cut from the left "
+      "prompt fills max_length dropped); classic: TRL <= 0.11's keep_end (the prompt cut from the "
+      "left "
       "to max_prompt_length first)")
       ->check(CLI::IsMember({"keep_start", "classic"}));
   auto* max_prompt_length = opt(tr, "max_prompt_length", o.max_prompt_length,
@@ -1170,6 +1250,42 @@ int main(int argc, char** argv) {
     return 2;
   };
   if (const auto e = check_loss(o.loss); !e.empty()) return fail(e);
+  {
+    // An option of another loss family would train with nothing changed; TRL's configs refuse
+    // them too (DPOConfig has no simpo_gamma).
+    using Fam = Family;
+    const std::vector<Fam> pairwise = {Fam::kDPO, Fam::kORPO, Fam::kSimPO,
+                                       Fam::kCPO, Fam::kTPO,  Fam::kKTO};
+    const std::vector<std::pair<const char*, std::vector<Fam>>> applies = {
+        {"beta", pairwise},
+        {"label_smoothing", {Fam::kDPO, Fam::kSimPO, Fam::kCPO, Fam::kTPO}},
+        {"cdpo", {Fam::kDPO}},
+        {"rpo_alpha", {Fam::kDPO}},
+        {"loss_weights", {Fam::kDPO}},
+        {"f_divergence_type", {Fam::kDPO}},
+        {"f_alpha_divergence_coef", {Fam::kDPO}},
+        {"discopop_tau", {Fam::kDPO}},
+        {"simpo_gamma", {Fam::kSimPO, Fam::kCPO}},
+        {"alpha", {Fam::kSimPO, Fam::kCPO}},
+        {"cpo_alpha", {Fam::kSimPO, Fam::kCPO}},
+        {"cpo_loss_type", {Fam::kCPO}},
+        {"tpo_loss_type", {Fam::kTPO}},
+        {"tpo_alpha", {Fam::kTPO}},
+        {"tpo_l_gamma", {Fam::kTPO}},
+        {"desirable_weight", {Fam::kKTO}},
+        {"undesirable_weight", {Fam::kKTO}}};
+    const auto family = family_of(o.loss);
+    for (const auto& [name, families] : applies)
+      if (app.count(std::string("--") + name) > 0 &&
+          std::find(families.begin(), families.end(), family) == families.end())
+        return fail(fmt::format("--{} is not an option of --loss {}: it would change nothing", name,
+                                o.loss));
+  }
+  if (app.count("--eval_start") > 0 && !o.eval_data.empty())
+    return fail(fmt::format(
+        "--eval_start {} and --eval_data: with --eval_data every row of --data trains and the "
+        "other file is held out; give one of them",
+        o.eval_start));
   if (o.one_pass) {
     // SFT and TPO (its gold responses) are not pairwise losses; aot and aot_unpaired sort the
     // batch, so no pair's gradient is known before every pair's log-probs are.
@@ -1188,7 +1304,7 @@ int main(int argc, char** argv) {
                             o.max_prompt_length, o.max_length));
   if (o.truncation != "classic" && max_prompt_length->count() > 0)
     return fail(fmt::format(
-        "--max_prompt_length {} is TRL <= 0.28's classic truncation: give --truncation classic "
+        "--max_prompt_length {} is TRL <= 0.11's classic truncation: give --truncation classic "
         "with it (--truncation {} keeps the whole prompt, as TRL 1.x does)",
         o.max_prompt_length, o.truncation));
   if (!fs::is_directory(o.model)) return fail("--model " + o.model + ": no such folder");

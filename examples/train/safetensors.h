@@ -24,6 +24,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -199,15 +200,20 @@ class SafetensorsReader {
       TensorEntry e;
       e.dtype = dt.get<std::string>();
       e.scalar_type = safetensors_scalar_type(e.dtype, "safetensors: " + path_ + ": " + where);
-      uint64_t numel = 1;
+      // The byte count is checked against the offsets below, so it must not wrap: a crafted
+      // shape whose product overflows could otherwise pass and be read past the mapping.
+      constexpr uint64_t kMaxBytes = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+      uint64_t need = c10::elementSize(e.scalar_type);
       for (const auto& d : shape) {
         if (!d.is_number_unsigned()) fail("bad header: " + where + ": shape has a non-integer");
-        e.shape.push_back(d.get<int64_t>());
-        numel *= d.get<uint64_t>();
+        const auto n = d.get<uint64_t>();
+        if (n > kMaxBytes || (n != 0 && need > kMaxBytes / n))
+          fail("bad header: " + where + ": shape " + shape.dump() + " is too large");
+        e.shape.push_back(static_cast<int64_t>(n));
+        need *= n;
       }
       e.begin = off[0].get<uint64_t>();
       e.end = off[1].get<uint64_t>();
-      const uint64_t need = numel * c10::elementSize(e.scalar_type);
       if (e.end < e.begin || e.end - e.begin != need)
         fail("bad header: " + where + " is " + e.dtype + " " + detail::shape_string(e.shape) +
              " (" + std::to_string(need) + " bytes) but data_offsets span " +

@@ -48,8 +48,12 @@ class Tokenizer {
   Tokenizer() = default;
 
   /// Loads `tokenizer.json` (a file, or a checkpoint folder holding one). The special ids
-  /// come from its post-processor and added tokens; `config.json` and `tokenizer_config.json`
-  /// beside it, when present, name BOS, EOS and padding (Hugging Face's precedence).
+  /// come from its post-processor, then from `tokenizer_config.json` beside it (`bos_token`,
+  /// `eos_token`, `pad_token`), as transformers reads them, then `special_tokens_map.json`;
+  /// `config.json`'s `bos_token_id` / `eos_token_id` fill in only what those leave unnamed. An
+  /// explicit `add_bos_token` in `tokenizer_config.json` decides whether `encode` prepends BOS, as
+  /// transformers rebuilds the post-processor from it; `add_eos_token: true` is refused (a prompt
+  /// ending in EOS cannot be a prefix of prompt + completion).
   static Tokenizer load(const std::filesystem::path& path_or_dir) {
     namespace fs = std::filesystem;
     const fs::path file =
@@ -59,31 +63,55 @@ class Tokenizer {
     const auto j = read_json(file);
     t.parse(j);
     const auto dir = file.parent_path();
+    // A special token named by content, as a string or an AddedToken object.
+    const auto named = [&t](const nlohmann::json& c, const char* key) -> std::optional<int64_t> {
+      if (!c.contains(key)) return std::nullopt;
+      const auto& v = c[key];
+      const std::string s = v.is_string() ? v.get<std::string>()
+                            : v.is_object() && v.contains("content") && v["content"].is_string()
+                                ? v["content"].get<std::string>()
+                                : std::string();
+      const auto it = t.vocab_.find(s);
+      if (s.empty() || it == t.vocab_.end()) return std::nullopt;
+      return it->second;
+    };
     if (fs::exists(dir / "tokenizer_config.json")) {
       const auto c = read_json(dir / "tokenizer_config.json");
-      const auto id_of = [&](const char* key) -> std::optional<int64_t> {
-        if (!c.contains(key)) return std::nullopt;
-        const auto& v = c[key];
-        const std::string s = v.is_string() ? v.get<std::string>()
-                              : v.is_object() && v.contains("content")
-                                  ? v["content"].get<std::string>()
-                                  : std::string();
-        const auto it = t.vocab_.find(s);
-        if (s.empty() || it == t.vocab_.end()) return std::nullopt;
-        return it->second;
+      if (auto id = named(c, "bos_token")) t.bos_id_ = *id;
+      if (auto id = named(c, "eos_token")) t.eos_id_ = *id;
+      if (auto id = named(c, "pad_token")) t.pad_id_ = *id;
+      const auto flag = [&](const char* key) -> std::optional<bool> {
+        if (!c.contains(key) || c[key].is_null()) return std::nullopt;
+        if (!c[key].is_boolean())
+          throw std::runtime_error("tokenizer: " + (dir / "tokenizer_config.json").string() +
+                                   ": \"" + key + "\" is not true or false");
+        return c[key].get<bool>();
       };
-      if (auto id = id_of("bos_token")) t.bos_id_ = *id;
-      if (auto id = id_of("eos_token")) t.eos_id_ = *id;
-      if (auto id = id_of("pad_token")) t.pad_id_ = *id;
+      if (flag("add_eos_token").value_or(false))
+        t.unsupported("add_eos_token: true (tokenizer_config.json)");
+      if (const auto add_bos = flag("add_bos_token")) {
+        if (*add_bos && t.bos_id_ < 0)
+          throw std::runtime_error("tokenizer: " + (dir / "tokenizer_config.json").string() +
+                                   ": add_bos_token is true but no BOS token is named");
+        t.prefix_ = *add_bos ? std::vector<int64_t>{t.bos_id_} : std::vector<int64_t>{};
+        t.suffix_.clear();
+      }
     }
-    if (fs::exists(dir / "config.json")) {
+    if (fs::exists(dir / "special_tokens_map.json") && (t.eos_id_ < 0 || t.pad_id_ < 0)) {
+      const auto c = read_json(dir / "special_tokens_map.json");
+      if (auto id = named(c, "eos_token"); id && t.eos_id_ < 0) t.eos_id_ = *id;
+      if (auto id = named(c, "pad_token"); id && t.pad_id_ < 0) t.pad_id_ = *id;
+    }
+    if (fs::exists(dir / "config.json") && (t.bos_id_ < 0 || t.eos_id_ < 0)) {
       const auto c = read_json(dir / "config.json");
-      if (c.contains("bos_token_id") && c["bos_token_id"].is_number_integer())
-        t.bos_id_ = c["bos_token_id"].get<int64_t>();
-      if (c.contains("eos_token_id") && c["eos_token_id"].is_number_integer())
-        t.eos_id_ = c["eos_token_id"].get<int64_t>();
-      if (c.contains("eos_token_id") && c["eos_token_id"].is_array() && !c["eos_token_id"].empty())
-        t.eos_id_ = c["eos_token_id"][0].get<int64_t>();
+      const auto id_of = [&](const char* key) -> int64_t {
+        if (!c.contains(key)) return -1;
+        const auto& v = c[key];
+        if (v.is_array() && !v.empty() && v[0].is_number_integer()) return v[0].get<int64_t>();
+        return v.is_number_integer() ? v.get<int64_t>() : -1;
+      };
+      if (t.bos_id_ < 0) t.bos_id_ = id_of("bos_token_id");
+      if (t.eos_id_ < 0) t.eos_id_ = id_of("eos_token_id");
     }
     if (t.pad_id_ < 0) t.pad_id_ = t.unk_id_ >= 0 ? t.unk_id_ : std::max<int64_t>(t.eos_id_, 0);
     return t;
@@ -131,6 +159,8 @@ class Tokenizer {
   }
 
   int64_t vocab_size() const { return static_cast<int64_t>(id_to_token_.size()); }
+  /// Whether unknown characters become `<0xXX>` byte tokens (else `<unk>`).
+  bool byte_fallback() const { return byte_fallback_; }
   int64_t bos_id() const { return bos_id_; }
   int64_t eos_id() const { return eos_id_; }
   int64_t pad_id() const { return pad_id_; }

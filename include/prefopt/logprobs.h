@@ -53,7 +53,8 @@ struct GatherLogprobsOptions {
   /// `logits/chosen` (`logits.mean()`). Reads every row, scored or not. Default: false.
   TORCH_ARG(bool, with_logits_mean_unmasked) = false;
   /// Also return `correct`: how many scored tokens have argmax(logits) == label (first maximum
-  /// wins ties, as torch.argmax). Default: false.
+  /// wins ties, as torch.argmax). A row holding a NaN or whose maximum is ±inf never counts
+  /// (torch.argmax would pick the NaN, or index 0 of an all −inf row). Default: false.
   TORCH_ARG(bool, with_token_accuracy) = false;
   /// Also return `entropy_sum`: the sum over scored tokens of the softmax entropy
   /// H = −Σ_v p_v log p_v. Differentiable: a loss term in it (an entropy bonus) sends
@@ -169,7 +170,9 @@ PREFOPT_API SequenceLogprobs gather_packed_logprobs(const at::Tensor& logits,
                                                     const GatherLogprobsFuncOptions& options = {});
 
 /// Splits the results of a concatenated batch `[chosen..., rejected...]` (TRL, LLaMA-Factory,
-/// torchtune and OpenRLHF all order it so) into its two halves. Needs an even batch.
+/// torchtune and OpenRLHF all order it so) into its two halves. Needs an even batch. The
+/// per-sequence fields are split; a packed batch's `token_logps` and `token_mask` ([N], not
+/// per sequence) stay whole on both sides.
 ///
 /// Example:
 /// ```

@@ -398,6 +398,7 @@ PREFOPT_INLINE RowStats<double> stats_f64(const double* z, int64_t V, int64_t ta
   if (target >= 0) out.target = z[target];
   if (!(flags & kArgmax)) out.argmax = -1;
   if (nan || !std::isfinite(m)) {
+    out.argmax = -1;  // as the fp32/16-bit kernels: such a row's token never counts as correct
     out.lse = out.entropy = out.log_sum_p2 = std::numeric_limits<double>::quiet_NaN();
     return out;
   }

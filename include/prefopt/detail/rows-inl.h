@@ -245,7 +245,8 @@ PREFOPT_INLINE void aten_forward(const at::Tensor& logits, const Rows& rows, uns
     r.lse.slice(0, s, e).copy_(lse);
     r.logp.slice(0, s, e).copy_(z.gather(1, tg.unsqueeze(1)).squeeze(1) - lse);
     if (flags & kLogitSum) r.logit_mean.slice(0, s, e).copy_(z.sum(1) / static_cast<double>(V));
-    if (flags & kArgmax) r.correct.slice(0, s, e).copy_(z.argmax(1) == tg);
+    if (flags & kArgmax)  // a NaN or infinite maximum never counts, as in the row kernels
+      r.correct.slice(0, s, e).copy_((z.argmax(1) == tg) & at::isfinite(m.squeeze(1)));
     if (flags & kEntropy)  // clamp: 0·(−inf) would be NaN where a logit is −inf
       r.entropy.slice(0, s, e).copy_(log_s - (ex * x.clamp_min(-1e30)).sum(1) / log_s.exp());
     if (flags & kLogSumP2) r.log_sum_p2.slice(0, s, e).copy_((ex * ex).sum(1).log() - 2 * log_s);
@@ -424,9 +425,9 @@ PREFOPT_INLINE at::Tensor check_labels(const char* fn, const at::Tensor& labels,
                                        at::IntArrayRef expected, const char* ref_name,
                                        const at::Tensor& logits) {
   TORCH_CHECK(labels.defined(), fn, ": expected ", what, ", got an undefined tensor");
-  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) &&
-                  !at::isComplexType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
-              fn, ": expected integer ", what, " (int64 or int32), got ", labels.scalar_type());
+  // Narrower integer types cannot hold ignore_index (uint8 turns −100 into 156, scored).
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, fn,
+              ": expected integer ", what, " (int64 or int32), got ", labels.scalar_type());
   TORCH_CHECK(labels.sizes() == expected, fn, ": expected ", what, " of shape ", expected,
               " to match the ", ref_name, " ", logits.sizes(), ", got ", labels.sizes());
   TORCH_CHECK(labels.device() == logits.device(), fn, ": expected ", what, " on ", logits.device(),
@@ -444,6 +445,19 @@ PREFOPT_INLINE at::Tensor check_mask(const char* fn, const at::Tensor& mask,
               " to match the ", ref_name, " ", logits.sizes(), ", got ", mask.sizes());
   TORCH_CHECK(mask.device() == logits.device(), fn, ": expected completion_mask on ",
               logits.device(), " like the ", ref_name, ", got ", mask.device());
+  // .to(kBool) would score a 2 or a −1 silently; one small reduction (a sync on GPU, as the
+  // label check's) rules them out.
+  if (mask.scalar_type() != at::kBool && mask.numel() > 0) {
+    const auto bad = (mask < 0) | (mask > 1);
+    if (bad.any().item<bool>()) {
+      const auto where = bad.nonzero()[0].cpu();
+      std::string pos;
+      for (int64_t i = 0; i < where.numel(); ++i)
+        pos += (i ? ", " : "") + std::to_string(where[i].item<int64_t>());
+      TORCH_CHECK(false, fn, ": expected completion_mask of bool or integer 0/1 values, got ",
+                  mask.index({bad}).cpu()[0].item<int64_t>(), " at completion_mask[", pos, "]");
+    }
+  }
   return mask.to(at::kBool);
 }
 
@@ -458,24 +472,26 @@ PREFOPT_INLINE void advise_huge_pages(const at::Tensor& fresh) {
 
 namespace rows_impl {
 
-/// Scored labels must index the vocabulary. One reduction and, on error only, a readable report.
+/// Scored labels must index the vocabulary. One reduction and, on error only, a readable report
+/// naming the label's own index (`targets` are the labels shifted by `k` along the last dim).
 PREFOPT_INLINE void check_targets(const char* fn, const at::Tensor& targets,
                                   const at::Tensor& scored, int64_t V, bool has_ignore,
-                                  int64_t ignore_index) {
+                                  int64_t ignore_index, int64_t k) {
   const auto bad = scored & ((targets < 0) | (targets >= V));
   if (!bad.any().item<bool>()) return;
   const auto where = bad.nonzero()[0].cpu();
   const auto value = targets.index({bad}).cpu()[0].item<int64_t>();
   std::string pos;
   for (int64_t i = 0; i < where.numel(); ++i)
-    pos += (i ? ", " : "") + std::to_string(where[i].item<int64_t>());
+    pos += (i ? ", " : "") +
+           std::to_string(where[i].item<int64_t>() + (i + 1 == where.numel() ? k : 0));
   if (has_ignore) {
     TORCH_CHECK(false, fn, ": expected labels in [0, ", V,
-                ") or equal to ignore_index = ", ignore_index, ", got ", value,
-                " at scored position (", pos, ")");
+                ") or equal to ignore_index = ", ignore_index, ", got ", value, " at labels[", pos,
+                "]");
   } else {
-    TORCH_CHECK(false, fn, ": expected labels in [0, ", V,
-                ") wherever completion_mask is set, got ", value, " at position (", pos, ")");
+    TORCH_CHECK(false, fn, ": expected input_ids in [0, ", V,
+                ") wherever completion_mask is set, got ", value, " at input_ids[", pos, "]");
   }
 }
 
@@ -502,7 +518,7 @@ PREFOPT_INLINE Selection select_padded(const char* fn, const at::Tensor& ref, co
   Selection sel;
   sel.scored = mask_in ? check_mask(fn, *mask_in, {B, T}, ref_name, ref).slice(1, k)
                        : targets != ignore_index;
-  check_targets(fn, targets, sel.scored, V, mask_in == nullptr, ignore_index);
+  check_targets(fn, targets, sel.scored, V, mask_in == nullptr, ignore_index, k);
   sel.rows = padded_rows(targets, sel.scored);
   sel.S = B;
   return sel;
@@ -548,7 +564,7 @@ PREFOPT_INLINE Selection select_packed(const char* fn, const at::Tensor& ref, co
   sel.scored =
       in_seq & (mask_in ? shifted(check_mask(fn, flat(*mask_in), {N}, ref_name, ref), false)
                         : shifted(labels, ignore_index) != ignore_index);
-  check_targets(fn, targets, sel.scored, V, mask_in == nullptr, ignore_index);
+  check_targets(fn, targets, sel.scored, V, mask_in == nullptr, ignore_index, k);
   sel.rows.t = sel.scored.nonzero().select(1, 0).contiguous();
   sel.rows.b = at::zeros_like(sel.rows.t);
   sel.rows.target = targets.index_select(0, sel.rows.t);

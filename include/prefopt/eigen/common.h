@@ -198,6 +198,8 @@ struct PairInputs {
 /// Receives the layer's warnings, each at most once per process (the libtorch layer's
 /// TORCH_WARN_ONCE). The default handler writes `prefopt warning: <message>` to std::cerr.
 /// Returns a reference the host may assign a new handler to (an empty one silences them).
+/// Assign it at start-up, before any thread calls into the layer: the assignment is not
+/// synchronised with the calls that read it.
 ///
 /// Example:
 /// ```

@@ -649,7 +649,8 @@ DPOLossResult<T> dpo_loss(const Vector<T>& policy_chosen_logps,
 
 /// Functor form of `eigen::dpo_loss`. With `bco_running_mean` (and `bco_pair`) it holds
 /// `bco_pair`'s running baseline and updates it on every call (before the loss uses it, as
-/// TRL ≤ 0.28); copies share the baseline, and a call that throws leaves it unchanged.
+/// TRL ≤ 0.28); copies share the baseline, and a call that throws leaves it unchanged. The
+/// update is not synchronised: calls with a baseline must not run concurrently.
 ///
 /// Example:
 /// ```

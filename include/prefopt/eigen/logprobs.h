@@ -66,8 +66,8 @@ void for_each_scored(const char* fn, Eigen::Index V, const Eigen::Ref<const Inde
       const int64_t y = labels(i + k);
       if (y == o.ignore_index()) continue;
       check(y >= 0 && y < V, fn, ": expected labels in [0, ", V,
-            ") or equal to ignore_index = ", o.ignore_index(), ", got ", y, " at scored position (",
-            i, ")");
+            ") or equal to ignore_index = ", o.ignore_index(), ", got ", y, " at labels[", i + k,
+            "]");
       f(s, i, static_cast<Eigen::Index>(y));
     }
   }
@@ -153,7 +153,8 @@ auto gather_packed_logprobs(const Eigen::MatrixBase<Derived>& logits,
 /// per-sequence sums and/or means that `gather_packed_logprobs` returned, written into
 /// `grad_logits` [N, V] (every row: 0 where not scored):
 ///
-/// `dL/dz_t = g_s · (onehot(y_t) − softmax(z_t))` on scored rows of sequence s, with
+/// `dL/dz_t = g_s · (onehot(y) − softmax(z_t))` on scored rows of sequence s, y the label row t
+/// scores (y_{t+1} with the shift), with
 /// `g_s = grad_sum_s + grad_mean_s / max(count_s, 1)`.
 ///
 /// `grad_sum`, `grad_mean`: [S], or empty for zero. The same `labels`, `cu_seqlens` and options

@@ -204,7 +204,8 @@ PREFOPT_API DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& b
 /// Functor form of `functional::dpo_loss`, callable on a const object like the other loss
 /// functors. With `bco_running_mean` (and `bco_pair`) it holds `bco_pair`'s running baseline
 /// and updates it on every call; copies of the functor share that baseline. A call that
-/// throws leaves the baseline unchanged.
+/// throws leaves the baseline unchanged. The update is not synchronised: calls with a baseline
+/// must not run concurrently (it is training state that one loop advances step by step).
 ///
 /// Example:
 /// ```

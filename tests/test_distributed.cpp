@@ -4,6 +4,7 @@
 // only run inside such a launch), waits for them with a deadline and kills them past it.
 #include <prefopt/detail/compat.h>  // PREFOPT_TORCH_VERSION
 #include <prefopt/distributed.h>
+#include <prefopt/fused_logprobs.h>
 #include <prefopt/losses/dpo.h>
 #include <prefopt/losses/kto.h>
 #include <prefopt/metrics.h>
@@ -24,6 +25,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <thread>
@@ -579,17 +581,281 @@ TEST(DistWorker, VocabParallel) {
   EXPECT_TRUE(AllClose(lp16.sum, ref16.sum, 1e-5, 1e-4));
 
   // Labels no rank owns, or shards that overlap: a clear error on every rank, not a wrong
-  // answer.
+  // answer. The vocabulary is the one the slices tile.
   auto beyond = labels.clone();
   beyond[1][4] = V;
   PREFOPT_EXPECT_THROWS_WITH(
       F::vocab_parallel_gather_logprobs(shard, beyond, ctx.group.get(), opts),
-      "exactly one rank's vocabulary slice");
-  auto first = labels.clone();
-  first[1][4] = 0;
-  PREFOPT_EXPECT_THROWS_WITH(F::vocab_parallel_gather_logprobs(shard, first, ctx.group.get(),
+      "expected labels in [0, V = 37) or equal to ignore_index = -100, got 37 at labels[1, 4]; V "
+      "is the vocabulary that the ranks' slices tile (this rank holds [" +
+          std::to_string(start) + ", " + std::to_string(stop) + "))");
+  auto negative = labels.clone();
+  negative[1][4] = -5;
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::vocab_parallel_fused_logprobs(hs, ws, negative, ctx.group.get(), opts),
+      "prefopt::functional::vocab_parallel_fused_logprobs: expected labels in [0, V = 37) or "
+      "equal to ignore_index = -100, got -5 at labels[1, 4]");
+  PREFOPT_EXPECT_THROWS_WITH(F::vocab_parallel_gather_logprobs(shard, labels, ctx.group.get(),
                                                                prefopt::VocabParallelOptions()),
-                             "exactly one rank's vocabulary slice");
+                             "to tile [0, V); they overlap: rank 0 holds [0, ");
+}
+
+// Where a rank's column 0 is −inf (a banned token), its share of a label it does not own was
+// −inf · 0 = NaN, and the sum spread it to every rank; a slice of −inf logits gave NaN too.
+// Both give the single-process values and gradients, finite.
+TEST(DistWorker, VocabParallelInfinities) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join();
+  const int world = ctx.world_size, me = ctx.rank;
+  constexpr int64_t B = 3, T = 7, V = 19;
+  const auto first = [&](int r) { return V * r / world; };
+  const double inf = std::numeric_limits<double>::infinity();
+  at::manual_seed(41);
+  auto logits = at::randn({B, T, V}, kF64) * 2;
+  logits.select(2, first(1)).fill_(-inf);                                // rank 1's column 0
+  logits.narrow(2, first(world - 1), V - first(world - 1)).fill_(-inf);  // the last rank's slice
+  // Labels anywhere but the −inf columns.
+  auto labels = at::randint(0, first(world - 1) - 1, {B, T}, at::kLong);
+  labels = labels + labels.ge(first(1)).to(at::kLong);
+  labels[0][2] = -100;
+  const auto full = logits.clone().requires_grad_();
+  const auto ref =
+      F::gather_logprobs(full, labels, prefopt::GatherLogprobsOptions().with_token_logps(true));
+  ref.sum.sum().backward();
+  ASSERT_TRUE(at::isfinite(ref.sum).all().item<bool>());
+  const int64_t start = first(me), stop = first(me + 1);
+  const auto shard = logits.narrow(2, start, stop - start).clone().requires_grad_();
+  const auto opts = prefopt::VocabParallelOptions().vocab_start(start).with_token_logps(true);
+  const auto lp = F::vocab_parallel_gather_logprobs(shard, labels, ctx.group.get(), opts);
+  EXPECT_TRUE(AllClose(lp.sum, ref.sum, 1e-12, 1e-12));
+  EXPECT_TRUE(AllClose(lp.token_logps, ref.token_logps, 1e-12, 1e-12));
+  lp.sum.sum().backward();
+  EXPECT_TRUE(at::isfinite(shard.grad()).all().item<bool>());
+  EXPECT_TRUE(AllClose(shard.grad(), full.grad().narrow(2, start, stop - start), 1e-12, 1e-13));
+  // Without a graph (reference models): the same reduction.
+  c10::NoGradGuard no_grad;
+  EXPECT_TRUE(
+      AllClose(F::vocab_parallel_gather_logprobs(shard.detach(), labels, ctx.group.get(), opts).sum,
+               ref.sum, 1e-12, 1e-12));
+}
+
+// Slices that overlap or leave a gap gave wrong log-probs silently; each is now the same named
+// error on every rank, as is a label outside the vocabulary that the slices tile.
+TEST(DistWorker, VocabParallelSlices) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join(std::chrono::seconds(10));
+  ASSERT_EQ(ctx.world_size, 2);
+  const int me = ctx.rank;
+  constexpr int64_t B = 2, T = 5, H = 4, V = 8;
+  at::manual_seed(3);
+  const auto logits = at::randn({B, T, V}, kF64);
+  const auto weight = at::randn({V, H}, kF64);
+  const auto hidden = at::randn({B, T, H}, kF64);
+  const auto labels = at::randint(0, 2, {B, T}, at::kLong);  // ids 0 and 1: rank 0's alone
+  const auto gather = [&](int64_t start, int64_t stop) {
+    return F::vocab_parallel_gather_logprobs(logits.narrow(2, start, stop - start), labels,
+                                             ctx.group.get(),
+                                             prefopt::VocabParallelOptions().vocab_start(start));
+  };
+  const auto t0 = Clock::now();
+  // Rank 0 holds [0, 5), rank 1 [3, 8): ids 3 and 4 twice.
+  PREFOPT_EXPECT_THROWS_WITH(me == 0 ? gather(0, 5) : gather(3, 8),
+                             "prefopt::functional::vocab_parallel_gather_logprobs: expected the "
+                             "ranks' vocabulary slices [vocab_start, vocab_start + V_local) to "
+                             "tile [0, V); they overlap: rank 0 holds [0, 5) and rank 1 holds "
+                             "[3, 8)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::vocab_parallel_fused_logprobs(hidden, weight.narrow(0, 3 * me, 5), labels, ctx.group.get(),
+                                       prefopt::VocabParallelOptions().vocab_start(3 * me)),
+      "prefopt::functional::vocab_parallel_fused_logprobs: expected the ranks' vocabulary slices "
+      "[vocab_start, vocab_start + V_local) to tile [0, V); they overlap");
+  // Rank 0 holds [0, 4), rank 1 [5, 8): id 4 nowhere.
+  PREFOPT_EXPECT_THROWS_WITH(me == 0 ? gather(0, 4) : gather(5, 8),
+                             "to tile [0, V); no rank holds ids [4, 5) (rank 0 holds [0, 4) and "
+                             "rank 1 holds [5, 8))");
+  // Nothing at the start: [1, 4) and [4, 8).
+  PREFOPT_EXPECT_THROWS_WITH(me == 0 ? gather(1, 4) : gather(4, 8),
+                             "to tile [0, V); no rank holds ids [0, 1) (the lowest slice: rank 0 "
+                             "holds [1, 4))");
+  // A label beyond the tiled vocabulary [0, 6).
+  auto beyond = labels.clone();
+  beyond[1][2] = 6;
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::vocab_parallel_gather_logprobs(logits.narrow(2, 3 * me, 3), beyond, ctx.group.get(),
+                                        prefopt::VocabParallelOptions().vocab_start(3 * me)),
+      "expected labels in [0, V = 6) or equal to ignore_index = -100, got 6 at labels[1, 2]");
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
+  // The ranks are still in step: slices that tile give the single-process values.
+  EXPECT_TRUE(AllClose(gather(4 * me, 4 * me + 4).sum, F::gather_logprobs(logits, labels).sum,
+                       1e-12, 1e-12));
+}
+
+// Ranks whose labels or arguments differ crashed Gloo or waited for a collective another rank
+// never reached. One small all-reduce first makes every rank throw a named error, at once; a
+// rank whose own checks fail joins it before it throws.
+TEST(DistWorker, VocabParallelDisagree) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join(std::chrono::seconds(10));  // a hang ends in 10 s, not 300
+  const int world = ctx.world_size, me = ctx.rank;
+  constexpr int64_t B = 2, T = 6, H = 4, V = 13;
+  at::manual_seed(17);
+  const auto logits = at::randn({B, T, V}, kF64);
+  const auto hidden = at::randn({B, T, H}, kF64);
+  const auto weight = at::randn({V, H}, kF64);
+  const auto labels = at::randint(0, V, {B, T}, at::kLong);
+  const int64_t start = V * me / world, stop = V * (me + 1) / world;
+  const auto opts = prefopt::VocabParallelOptions().vocab_start(start);
+  const auto shard = logits.narrow(2, start, stop - start);
+  const auto gather = [&](const at::Tensor& y, const at::Tensor& z,
+                          const prefopt::VocabParallelOptions& o) {
+    return F::vocab_parallel_gather_logprobs(z, y, ctx.group.get(), o);
+  };
+  const auto on_rank1 = [&](const auto& changed, const auto& same) {
+    return me == 1 ? changed : same;
+  };
+  const std::string gname = "prefopt::functional::vocab_parallel_gather_logprobs: ";
+  const auto t0 = Clock::now();
+
+  // Different numbers of scored tokens: 10 on rank 1, 9 elsewhere (one more ignored).
+  auto fewer = labels.clone();
+  fewer[0][3] = -100;
+  PREFOPT_EXPECT_THROWS_WITH(gather(on_rank1(labels, fewer), shard, opts),
+                             gname +
+                                 "expected the same labels on every rank, but the ranks "
+                                 "score between 9 and 10 tokens");
+  // None scored on rank 1 (it would have skipped the per-token collectives).
+  PREFOPT_EXPECT_THROWS_WITH(
+      gather(on_rank1(at::full({B, T}, -100, at::kLong), labels), shard, opts),
+      "score between 0 and 10 tokens");
+  // The same count, one label different.
+  auto other = labels.clone();
+  other[1][2] = (other[1][2] + 1) % V;
+  PREFOPT_EXPECT_THROWS_WITH(gather(on_rank1(other, labels), shard, opts),
+                             gname +
+                                 "expected the same labels on every rank, but the ranks' "
+                                 "scored labels differ (10 scored tokens on each");
+  // The same count and ids, one moved to another position.
+  auto moved = fewer.clone();
+  moved[0][3] = moved[0][4];
+  moved[0][4] = -100;
+  PREFOPT_EXPECT_THROWS_WITH(gather(on_rank1(moved, fewer), shard, opts), "labels differ");
+  // Logits of another dtype on rank 1: per-token buffers of different sizes.
+  PREFOPT_EXPECT_THROWS_WITH(gather(labels, on_rank1(shard.to(at::kFloat), shard), opts),
+                             gname +
+                                 "expected the same batch shape and dtype on every rank, but "
+                                 "the ranks differ (this rank " +
+                                 std::to_string(me) + ": logits [2, 6, V_local], " +
+                                 (me == 1 ? "Float" : "Double") + ")");
+
+  // Rank-local argument errors: rank 1 names its own, the others name rank 1.
+  const auto local_error = [&](const std::string& own) {
+    return me == 1 ? own : gname + "rank 1 rejected its arguments (its error says why)";
+  };
+  PREFOPT_EXPECT_THROWS_WITH(
+      gather(labels, shard, on_rank1(prefopt::VocabParallelOptions(opts).chunk_bytes(0), opts)),
+      local_error("expected chunk_bytes > 0, got 0"));
+  // An empty slice on rank 1.
+  PREFOPT_EXPECT_THROWS_WITH(
+      gather(labels, on_rank1(logits.narrow(2, start, 0), shard), opts),
+      local_error("expected every rank to hold at least 1 vocabulary id, got logits of shape "
+                  "[2, 6, 0]"));
+  PREFOPT_EXPECT_THROWS_WITH(gather(on_rank1(labels.narrow(1, 0, 5), labels), shard, opts),
+                             local_error("expected labels of shape [2, 6]"));
+  PREFOPT_EXPECT_THROWS_WITH(gather(labels, on_rank1(at::Tensor(), shard), opts),
+                             local_error("expected logits, got an undefined tensor"));
+
+  // The fused op: the same check.
+  const auto ws = weight.narrow(0, start, stop - start);
+  const std::string fname = "prefopt::functional::vocab_parallel_fused_logprobs: ";
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::vocab_parallel_fused_logprobs(hidden, ws, on_rank1(labels, fewer), ctx.group.get(), opts),
+      fname + "expected the same labels on every rank, but the ranks score between 9 and 10");
+  // Only rank 1 would sum the hidden states' gradient in backward.
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::vocab_parallel_fused_logprobs(on_rank1(hidden.clone().requires_grad_(), hidden), ws,
+                                       labels, ctx.group.get(), opts),
+      fname + "expected the same batch shape and dtype on every rank");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::vocab_parallel_fused_logprobs(hidden, on_rank1(weight.narrow(0, start, 0), ws), labels,
+                                       ctx.group.get(), opts),
+      me == 1 ? "expected every rank to hold at least 1 vocabulary id, got weight of shape [0, 4]"
+              : fname + "rank 1 rejected its arguments");
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
+
+  // The ranks are still in step.
+  EXPECT_TRUE(AllClose(gather(labels, shard, opts).sum, F::gather_logprobs(logits, labels).sum,
+                       1e-12, 1e-12));
+}
+
+// With one vocabulary block, each rank's 16-bit dh was rounded to bf16 before the sum over the
+// ranks. Summed in fp32 and rounded once, its error against fp64 is that of the single-device
+// op (on every CPU GEMM path: PREFOPT_CPU_GEMM16=off, rounded and blas alike).
+TEST(DistWorker, VocabParallelBf16HiddenGrad) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join();
+  const int world = ctx.world_size, me = ctx.rank;
+  constexpr int64_t B = 4, T = 64, H = 64, V = 64;  // 252 scored rows > V_local: one block
+  at::manual_seed(7);
+  const auto labels = at::randint(0, V, {B, T}, at::kLong);
+  const auto h = at::randn({B, T, H}).to(at::kBFloat16);
+  const auto w = (at::randn({V, H}) * 0.5).to(at::kBFloat16);
+  // The truth: fp64 through the bf16 inputs.
+  const auto h64 = h.to(at::kDouble).requires_grad_();
+  F::gather_logprobs(at::matmul(h64, w.to(at::kDouble).t()), labels).sum.sum().backward();
+  const auto h1 = h.clone().requires_grad_();
+  F::fused_logprobs(h1, w, at::Tensor(), labels, F::FusedLogprobsFuncOptions())
+      .sum.sum()
+      .backward();
+  const int64_t start = V * me / world, stop = V * (me + 1) / world;
+  const auto hs = h.clone().requires_grad_();
+  F::vocab_parallel_fused_logprobs(hs, w.narrow(0, start, stop - start), labels, ctx.group.get(),
+                                   prefopt::VocabParallelOptions().vocab_start(start))
+      .sum.sum()
+      .backward();
+  ASSERT_EQ(hs.grad().scalar_type(), at::kBFloat16);
+  // The share of entries that differ from the fp64 gradient rounded to bf16.
+  const auto truth = h64.grad().to(at::kBFloat16).to(at::kDouble);
+  const auto off = [&](const at::Tensor& g) {
+    return g.to(at::kDouble).ne(truth).to(at::kDouble).mean().item<double>();
+  };
+  const double single = off(h1.grad()), parallel = off(hs.grad());
+  // 52% against the single-device op's 53% here; 56% when rounded before the sum.
+  EXPECT_LE(parallel, single + 0.01);
+}
+
+// A strided view was reduced as if contiguous (wrong values, and memory outside the view
+// overwritten); a rank's own argument error read as a dead peer.
+TEST(DistWorker, AllReduceViews) {
+  if (!is_worker()) GTEST_SKIP() << "runs inside Distributed.* launches only";
+  auto ctx = join(std::chrono::seconds(10));
+  const int world = ctx.world_size, me = ctx.rank;
+  auto* group = ctx.group.get();
+  const double ranks_sum = world * (world + 1) / 2.0;  // Σ_r (r + 1)
+  auto s = at::arange(6, kF64) * (me + 1);
+  auto every_other = s.slice(0, 1, 6, 2);  // elements 1, 3, 5
+  prefopt::all_reduce_sum(every_other, group, "test");
+  EXPECT_TRUE(at::equal(every_other, at::arange(6, kF64).slice(0, 1, 6, 2) * ranks_sum));
+  EXPECT_TRUE(at::equal(s.slice(0, 0, 6, 2), at::arange(6, kF64).slice(0, 0, 6, 2) * (me + 1)))
+      << "elements outside the view changed: " << s;
+  auto m = at::arange(12, kF64).view({3, 4}) * (me + 1);
+  auto transposed = m.t();
+  prefopt::all_reduce_sum(transposed, group, "test");
+  EXPECT_TRUE(at::equal(m, at::arange(12, kF64).view({3, 4}) * ranks_sum));
+
+  const auto t0 = Clock::now();
+  at::Tensor undefined;
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::all_reduce_sum(undefined, group, "my_trainer"),
+                             "my_trainer: expected a defined tensor to all-reduce, got an "
+                             "undefined one");
+  auto expanded = at::ones({1}, kF64).expand({4});
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::all_reduce_sum(expanded, group, "my_trainer"),
+                             "my_trainer: expected a tensor whose elements do not share memory, "
+                             "got shape [4] and strides [0] (an expand()ed view?)");
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(2));
+  // No collective ran: the ranks are still in step.
+  auto one = at::ones({2}, kF64);
+  prefopt::all_reduce_sum(one, group, "test");
+  EXPECT_TRUE(at::equal(one, at::full({2}, static_cast<double>(world), kF64)));
 }
 
 TEST(DistWorker, NeverJoins) {
@@ -723,6 +989,19 @@ TEST(Distributed, BcoBaselineThreeRanks) { EXPECT_TRUE(launch("BcoBaseline", 3))
 TEST(Distributed, GradientAccumulationTwoRanks) { EXPECT_TRUE(launch("GradientAccumulation", 2)); }
 TEST(Distributed, VocabParallelTwoRanks) { EXPECT_TRUE(launch("VocabParallel", 2)); }
 TEST(Distributed, VocabParallelThreeRanks) { EXPECT_TRUE(launch("VocabParallel", 3)); }
+TEST(Distributed, VocabParallelInfinities) { EXPECT_TRUE(launch("VocabParallelInfinities", 3)); }
+TEST(Distributed, VocabParallelSlicesMustTile) {
+  EXPECT_TRUE(launch("VocabParallelSlices", 2, {}, std::chrono::seconds(60)));
+}
+TEST(Distributed, VocabParallelRanksMustAgree) {
+  EXPECT_TRUE(launch("VocabParallelDisagree", 3, {}, std::chrono::seconds(60)));
+}
+TEST(Distributed, VocabParallelBf16HiddenGradFourRanks) {
+  EXPECT_TRUE(launch("VocabParallelBf16HiddenGrad", 4));
+}
+TEST(Distributed, AllReduceViewsAndArgumentErrors) {
+  EXPECT_TRUE(launch("AllReduceViews", 2, {}, std::chrono::seconds(60)));
+}
 TEST(Distributed, RankThatNeverJoins) {
   EXPECT_TRUE(launch("NeverJoins", 2, {0}, std::chrono::seconds(60)));
 }

@@ -611,10 +611,15 @@ TEST_F(SeededTest, FusedLossTakesOneChunkWhereTheDwAccumulatorWouldCostMore) {
   // an explicit budget of the whole batch. At H = 32 (1 MiB) chunks of whole pairs and the
   // accumulator cost less than one chunk, so it keeps them. Either way its peak is at most one
   // chunk's, and its gradients are the two-pass op's within the bf16 tolerance of
-  // FusedLossInLowPrecisionIsCloseToTheFp64Reference.
+  // FusedLossInLowPrecisionIsCloseToTheFp64Reference. At H = 64 one chunk's extra logits
+  // (about 1.6 MiB) fall between its own 16-bit dW (2·V·H = 1 MiB) and the accumulator
+  // (2 MiB): counting the dW, chunks of pairs cost less, and the automatic peak is at most
+  // theirs (a budget of one pair's logits). That band is checked where 16-bit products run on
+  // fp32 blocks: where libtorch's 16-bit GEMM serves (PREFOPT_CPU_GEMM16=rounded, or timed
+  // fast), its per-block temporaries, which the rule does not count, move the balance.
   auto& meter = prefopt_bench::TrackingAllocator::install();
   const int64_t V = 8192;
-  for (const int64_t H : {512, 32}) {
+  for (const int64_t H : {512, 64, 32}) {
     const Batch d(4, 64, H, V, false, at::kBFloat16);
     const auto [rc, rr] = d.reference();
     const auto given = reference_sums(rc, rr);
@@ -631,14 +636,20 @@ TEST_F(SeededTest, FusedLossTakesOneChunkWhereTheDwAccumulatorWouldCostMore) {
     (void)run(0);  // the process's first 16-bit GEMMs check libtorch's (cpu_mm16_fast)
     const auto automatic = run(0);
     const auto one_chunk = run(n * V * 2);
+    const auto pairs = run(2 * 64 * V * 2);
     const std::string what = "H = " + std::to_string(H) + ": automatic " +
                              std::to_string(automatic.first) + " B, one chunk " +
-                             std::to_string(one_chunk.first) + " B";
-    EXPECT_LE(automatic.first, one_chunk.first + (64 << 10)) << what;
+                             std::to_string(one_chunk.first) + " B, pair chunks " +
+                             std::to_string(pairs.first) + " B";
+    std::cout << what << "\n";
+    if (H != 64 || !prefopt::detail::fused::cpu_mm16_fast(at::kBFloat16)) {
+      EXPECT_LE(automatic.first, std::min(one_chunk.first, pairs.first) + (64 << 10)) << what;
+      if (H == 64) EXPECT_LT(pairs.first, one_chunk.first) << what;
+    }
     if (H == 512) {
       for (size_t i = 0; i < 2; ++i)
         EXPECT_TRUE(at::equal(automatic.second[i], one_chunk.second[i]));
-    } else {
+    } else if (H == 32) {
       EXPECT_LT(automatic.first + 2 * V * H, one_chunk.first) << what;
     }
     const auto two_pass =

@@ -728,9 +728,9 @@ TEST(Data, TokenizationTruncationAndBatches) {
   EXPECT_EQ(b.labels[0][t0.chosen.prompt_len].item<int64_t>(), t0.chosen.ids[t0.chosen.prompt_len]);
 }
 
-// A completion that already ends with EOS gets no second one (TRL's add_eos checks first);
-// tokenizer_config.json names the special tokens and decides BOS, config.json only fills in;
-// a prompt whose last token merges with the completion's first is counted.
+// A completion that already ends with EOS gets no second one (TRL's add_eos checks first); the
+// special tokens are read as transformers 5.25 reads them, config.json only filling in; a
+// prompt whose last token merges with the completion's first is counted.
 TEST(Data, EosOnceAndSpecialTokensAsTransformers) {
   SKIP_WITHOUT_SHARED_DATA();
   const auto tok = train::Tokenizer::load(model_dir());
@@ -754,33 +754,52 @@ TEST(Data, EosOnceAndSpecialTokensAsTransformers) {
   fs::copy_file(model_dir() / "tokenizer.json", dir / "tokenizer.json");
   auto config = json::parse(read_text(model_dir() / "tokenizer_config.json"));
   auto model_config = json::parse(read_text(model_dir() / "config.json"));
+  const auto has_note = [](const train::Tokenizer& tk, const std::string& text) {
+    for (const auto& n : tk.notes())
+      if (n.find(text) != std::string::npos) return true;
+    return false;
+  };
   // config.json's ids do not override tokenizer_config.json's (transformers never reads them).
   model_config["eos_token_id"] = 0;
   write_text(dir / "config.json", model_config.dump());
+  // transformers 5 ignores add_bos_token / add_eos_token beside a tokenizer.json: the
+  // post-processor decides, and the disagreement is noted.
   config["add_bos_token"] = false;
+  config["add_eos_token"] = true;
   write_text(dir / "tokenizer_config.json", config.dump());
   auto t = train::Tokenizer::load(dir);
   EXPECT_EQ(t.eos_id(), 2);
-  EXPECT_EQ(t.encode("Once"), std::vector<int64_t>(once.begin() + 1, once.end()));
-  // Without an EOS in tokenizer_config.json, config.json's list gives the first.
+  EXPECT_EQ(t.encode("Once"), once);
+  EXPECT_TRUE(has_note(t, "add_bos_token: false but tokenizer.json's post-processor adds BOS"));
+  EXPECT_TRUE(has_note(t, "add_eos_token: true but tokenizer.json's post-processor adds no EOS"));
+  EXPECT_EQ(t.notes().size(), 2u);
+  // Without an EOS in tokenizer_config.json, config.json's list gives the first, noted.
   config.erase("eos_token");
   config.erase("add_bos_token");
+  config.erase("add_eos_token");
   write_text(dir / "tokenizer_config.json", config.dump());
   model_config["eos_token_id"] = json::array({2, 0});
   write_text(dir / "config.json", model_config.dump());
-  EXPECT_EQ(train::Tokenizer::load(dir).eos_id(), 2);
-  // special_tokens_map.json comes before config.json.
+  t = train::Tokenizer::load(dir);
+  EXPECT_EQ(t.eos_id(), 2);
+  EXPECT_TRUE(has_note(t, "using config.json's eos_token_id = 2"));
+  // special_tokens_map.json: read only beside a legacy config (no added_tokens_decoder), and
+  // then it overrides the config's names (transformers 5.25's legacy path).
+  config["eos_token"] = "<|end_story|>";
+  write_text(dir / "tokenizer_config.json", config.dump());
   write_text(dir / "special_tokens_map.json", R"({"eos_token": "<unk>"})");
+  EXPECT_EQ(train::Tokenizer::load(dir).eos_id(), 2);
+  config.erase("added_tokens_decoder");
+  write_text(dir / "tokenizer_config.json", config.dump());
   EXPECT_EQ(train::Tokenizer::load(dir).eos_id(), 0);
   fs::remove(dir / "special_tokens_map.json");
   // No EOS anywhere: completions cannot end with one.
+  config.erase("eos_token");
+  write_text(dir / "tokenizer_config.json", config.dump());
   fs::remove(dir / "config.json");
   t = train::Tokenizer::load(dir);
   EXPECT_EQ(t.eos_id(), -1);
   expect_error([&] { train::tokenize_answer(t, "a", "b", true); }, "names no EOS token");
-  config["add_eos_token"] = true;
-  write_text(dir / "tokenizer_config.json", config.dump());
-  expect_error([&] { train::Tokenizer::load(dir); }, "add_eos_token: true");
 }
 
 // TRL 1.x's truncation (the default): the prompt whole, ending where the sides' tokens first
@@ -1166,18 +1185,30 @@ TEST(Train, ConfigFileAndHelp) {
   write_text(dir / "run.toml",
              "# TRL's names\nloss = \"ipo\"\nmax_steps = 2\ntrain_limit = 8\neval_limit = 4\n"
              "max_length = 64\ntruncation = \"classic\"\nmax_prompt_length = 32\nbeta = 0.5\n"
-             "no_plot = true\n");
+             "no_plot = true\nno_ascii = true\n");
   auto r = run_train("--config " + (dir / "run.toml").string() + " --output_dir " +
                      (dir / "out").string());
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("training: ipo, 2 steps"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("beta 0.5"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("typographic punctuation kept as it is"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(dir / "out" / "curves.png"));
   // The command line overrides the file.
   r = run_train("--config " + (dir / "run.toml").string() +
                 " --max_steps 1 --no-save --output_dir " + (dir / "out").string());
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("training: ipo, 1 steps"), std::string::npos) << r.output;
+  // TinyStories' tokenizer has no byte fallback: mapped unless --no-ascii (the file's here).
+  r = run_train("--config " + (dir / "run.toml").string() +
+                " --max_steps 1 --ascii --no-save --output_dir " + (dir / "out").string());
+  EXPECT_NE(r.status, 0);  // --ascii and the file's no_ascii exclude each other
+  EXPECT_NE(r.output.find("excludes"), std::string::npos) << r.output;
+  r = run_train("--max_steps 1 --train_limit 8 --eval_limit 4 --max_length 64 --no-save "
+                "--no-plot --output_dir " +
+                (dir / "out").string());
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("typographic punctuation mapped to ASCII"), std::string::npos)
+      << r.output;
   write_text(dir / "bad.toml", "not_an_option = 3\n");
   r = run_train("--config " + (dir / "bad.toml").string());
   EXPECT_NE(r.status, 0);

@@ -129,12 +129,13 @@ namespace detail {
 // TRL's `extract_prompt` on two strings: the prompt ends at the first differing character,
 // one back when the character before it is a space; when one side is a prefix of the other,
 // Python's loop variable stops at the last index, so the prompt is one character short of
-// the shorter side (kept as TRL has it).
+// the shorter side (kept as TRL has it). Sides that differ at their first character give an
+// empty prompt (TRL would look at chosen[-1], the last character, a quirk not copied).
 inline size_t common_prefix_prompt(const std::string& a, const std::string& b) {
   const size_t n = std::min(a.size(), b.size());
   for (size_t i = 0; i < n; ++i)
     if (a[i] != b[i]) return i > 0 && a[i - 1] == ' ' ? i - 1 : i;
-  return n - 1;
+  return n > 0 ? n - 1 : 0;
 }
 
 }  // namespace detail
@@ -248,7 +249,7 @@ inline Dataset load_dataset(const std::string& path,
       if (generation) out += "\n\nAssistant:";
       return out;
     };
-    // TRL refuses a row that mixes text and messages; rendering it would glue a bare string
+    // TRL fails on a row that mixes text and messages; rendering it would glue a bare string
     // to the template ("Assistant:" + text, no space).
     const auto same_form = [&](const char* key, const char* like, bool messages) {
       if (r.contains(key) && !r[key].is_null() && r[key].is_array() != messages)
@@ -290,6 +291,8 @@ inline Dataset load_dataset(const std::string& path,
       if (c.is_array()) {
         size_t k = 0;
         while (k < c.size() && k < rj.size() && c[k] == rj[k]) ++k;
+        // One side a prefix of the other: TRL's loop variable stops at the last shared index.
+        if (k == std::min(c.size(), rj.size()) && k > 0) --k;
         if (k == 0) throw fail("chosen and rejected share no prompt messages");
         const auto tail = [&](const json& v) {
           return json(std::vector<json>(v.begin() + static_cast<std::ptrdiff_t>(k), v.end()));

@@ -94,7 +94,11 @@ struct LlamaConfig {
     c.head_dim = j.contains("head_dim") && !j["head_dim"].is_null()
                      ? integer("head_dim")
                      : c.hidden_size / c.num_attention_heads;
-    c.max_position_embeddings = j.value("max_position_embeddings", int64_t{2048});
+    // The model classes' defaults when the key is absent.
+    c.max_position_embeddings =
+        j.value("max_position_embeddings", c.model_type == "mistral" ? int64_t{131072}
+                                           : c.model_type == "qwen2" ? int64_t{32768}
+                                                                     : int64_t{2048});
     c.rms_norm_eps = j.value("rms_norm_eps", 1e-6);
     read_rope(j, c, fail);
     read_sliding_window(j, c, fail);
@@ -127,7 +131,10 @@ struct LlamaConfig {
   /// refused rather than computed differently.
   template <typename Fail>
   static void read_rope(const nlohmann::json& j, LlamaConfig& c, const Fail& fail) {
-    const auto given = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+    // `rope_scaling or rope_parameters` in transformers: an empty object counts as absent.
+    const auto given = [&](const char* key) {
+      return j.contains(key) && !j[key].is_null() && !(j[key].is_object() && j[key].empty());
+    };
     const char* key = given("rope_scaling") ? "rope_scaling" : "rope_parameters";
     const nlohmann::json params = given(key) ? j[key] : nlohmann::json::object();
     if (!params.is_object()) fail(std::string(key) + " is not a JSON object");
@@ -172,7 +179,20 @@ struct LlamaConfig {
   template <typename Fail>
   static void read_sliding_window(const nlohmann::json& j, LlamaConfig& c, const Fail& fail) {
     if (c.model_type == "llama") return;
-    if (c.model_type == "qwen2" && !j.value("use_sliding_window", false)) return;
+    const auto flag = [&](const char* key, bool fallback) {
+      if (!j.contains(key) || j[key].is_null()) return fallback;
+      if (!j[key].is_boolean())
+        fail(std::string(key) + " is " + j[key].dump() + ", not true or false");
+      return j[key].get<bool>();
+    };
+    if (c.model_type == "qwen2" && !flag("use_sliding_window", false)) {
+      // transformers refuses sliding layers without a window rather than running them full.
+      if (j.contains("layer_types") && j["layer_types"].is_array())
+        for (const auto& t : j["layer_types"])
+          if (t == "sliding_attention")
+            fail("layer_types names sliding_attention layers but use_sliding_window is false");
+      return;
+    }
     int64_t window = 4096;
     if (j.contains("sliding_window")) {
       if (j["sliding_window"].is_null()) return;
@@ -196,7 +216,12 @@ struct LlamaConfig {
         c.sliding_layers[i] = t == "sliding_attention";
       }
     } else {
-      const auto first = j.value("max_window_layers", int64_t{28});
+      int64_t first = 28;  // Qwen2Config's default
+      if (j.contains("max_window_layers") && !j["max_window_layers"].is_null()) {
+        if (!j["max_window_layers"].is_number_integer())
+          fail("max_window_layers is " + j["max_window_layers"].dump() + ", not an integer");
+        first = j["max_window_layers"].get<int64_t>();
+      }
       for (int64_t i = 0; i < c.num_hidden_layers; ++i)
         c.sliding_layers[static_cast<size_t>(i)] = i >= first;
     }

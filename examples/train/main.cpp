@@ -64,9 +64,9 @@ struct Options {
   uint64_t seed = 0;
   int threads = 1;
   bool plot = true, save = true;
-  // Typographic punctuation to ASCII: 1 on, 0 off, −1 when the tokenizer has no byte fallback
-  // (such a vocabulary, TinyStories', would turn those characters into <unk>).
-  int ascii = -1;
+  // Typographic punctuation to ASCII: --ascii on, --no-ascii off, neither when the tokenizer
+  // has no byte fallback (such a vocabulary, TinyStories', would turn them into <unk>).
+  bool ascii_on = false, ascii_off = false;
   std::string implicit_prompt = "assistant";
   bool plain_chat_template = false;
   // training
@@ -728,6 +728,7 @@ int run(const Options& o) {
   auto model = train::load_pretrained(model_dir);
   model->to(device);
   const auto tok = train::Tokenizer::load(model_dir / "tokenizer.json");
+  for (const auto& note : tok.notes()) fmt::print("tokenizer: {}\n", note);
   const auto pad_id = tok.pad_id();
   Loss loss(o);
   const auto family = loss.family;
@@ -786,7 +787,11 @@ int run(const Options& o) {
               : "");
   }
   int64_t prompt_merges = 0;
-  const bool ascii = o.ascii >= 0 ? o.ascii == 1 : !tok.byte_fallback();
+  fmt::print("data: typographic punctuation {}\n",
+             o.ascii_on || (!o.ascii_off && !tok.byte_fallback())
+                 ? "mapped to ASCII (--no-ascii keeps it)"
+                 : "kept as it is");
+  const bool ascii = o.ascii_on || (!o.ascii_off && !tok.byte_fallback());
   const train::TokenizeOptions topts{
       o.max_length, o.max_prompt_length, ascii,
       o.truncation == "classic" ? train::Truncation::kClassic : train::Truncation::kKeepStart,
@@ -1151,10 +1156,12 @@ int main(int argc, char** argv) {
       "folder for model.safetensors, config.json, metrics.jsonl, curves.png, summary.json");
   io->add_flag("!--no-save,!--no_save", o.save, "do not save the trained model");
   io->add_flag("!--no-plot,!--no_plot", o.plot, "skip the gnuplot PNG");
-  io->add_flag("--ascii{1},--no-ascii{0},--no_ascii{0}", o.ascii,
-               "map typographic quotes, dashes and non-breaking spaces to ASCII before "
-               "tokenizing, or keep them (default: mapped only for a tokenizer without byte "
-               "fallback, such as TinyStories', which would make them <unk>)");
+  auto* ascii_on = io->add_flag("--ascii", o.ascii_on,
+                                "map typographic quotes, dashes and non-breaking spaces to ASCII "
+                                "before tokenizing (default: only for a tokenizer without byte "
+                                "fallback, such as TinyStories', which would make them <unk>)");
+  io->add_flag("--no-ascii,--no_ascii", o.ascii_off, "keep typographic punctuation as it is")
+      ->excludes(ascii_on);
   opt(io, "implicit_prompt", o.implicit_prompt,
       "where the prompt of {chosen, rejected} rows ends: assistant (through the last "
       "\"\\n\\nAssistant:\", TRL's HH-RLHF dataset scripts) or common_prefix (TRL 1.16's "

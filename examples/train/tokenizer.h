@@ -47,13 +47,15 @@ class Tokenizer {
  public:
   Tokenizer() = default;
 
-  /// Loads `tokenizer.json` (a file, or a checkpoint folder holding one). The special ids
-  /// come from its post-processor, then from `tokenizer_config.json` beside it (`bos_token`,
-  /// `eos_token`, `pad_token`), as transformers reads them, then `special_tokens_map.json`;
-  /// `config.json`'s `bos_token_id` / `eos_token_id` fill in only what those leave unnamed. An
-  /// explicit `add_bos_token` in `tokenizer_config.json` decides whether `encode` prepends BOS, as
-  /// transformers rebuilds the post-processor from it; `add_eos_token: true` is refused (a prompt
-  /// ending in EOS cannot be a prefix of prompt + completion).
+  /// Loads `tokenizer.json` (a file, or a checkpoint folder holding one), reading the files
+  /// beside it as transformers 5.25 does. The post-processor decides what `encode` adds (BOS);
+  /// `tokenizer_config.json` names BOS, EOS and padding (`bos_token`, `eos_token`,
+  /// `pad_token`), overridden by `special_tokens_map.json` when the config is of the legacy
+  /// kind without `added_tokens_decoder`. `add_bos_token` / `add_eos_token` are ignored, as
+  /// transformers 5 ignores them when a tokenizer.json exists (transformers 4 rebuilt the
+  /// post-processor from them): where they disagree with the post-processor, `notes()` says
+  /// so. `config.json`'s `bos_token_id` / `eos_token_id`, which transformers never reads for
+  /// the tokenizer, fill in only what those leave unnamed, with a note.
   static Tokenizer load(const std::filesystem::path& path_or_dir) {
     namespace fs = std::filesystem;
     const fs::path file =
@@ -75,33 +77,38 @@ class Tokenizer {
       if (s.empty() || it == t.vocab_.end()) return std::nullopt;
       return it->second;
     };
+    nlohmann::json config = nlohmann::json::object();
     if (fs::exists(dir / "tokenizer_config.json")) {
-      const auto c = read_json(dir / "tokenizer_config.json");
-      if (auto id = named(c, "bos_token")) t.bos_id_ = *id;
-      if (auto id = named(c, "eos_token")) t.eos_id_ = *id;
-      if (auto id = named(c, "pad_token")) t.pad_id_ = *id;
-      const auto flag = [&](const char* key) -> std::optional<bool> {
-        if (!c.contains(key) || c[key].is_null()) return std::nullopt;
-        if (!c[key].is_boolean())
-          throw std::runtime_error("tokenizer: " + (dir / "tokenizer_config.json").string() +
-                                   ": \"" + key + "\" is not true or false");
-        return c[key].get<bool>();
-      };
-      if (flag("add_eos_token").value_or(false))
-        t.unsupported("add_eos_token: true (tokenizer_config.json)");
-      if (const auto add_bos = flag("add_bos_token")) {
-        if (*add_bos && t.bos_id_ < 0)
-          throw std::runtime_error("tokenizer: " + (dir / "tokenizer_config.json").string() +
-                                   ": add_bos_token is true but no BOS token is named");
-        t.prefix_ = *add_bos ? std::vector<int64_t>{t.bos_id_} : std::vector<int64_t>{};
-        t.suffix_.clear();
-      }
+      config = read_json(dir / "tokenizer_config.json");
+      if (!config.is_object())
+        throw std::runtime_error("tokenizer: " + (dir / "tokenizer_config.json").string() +
+                                 ": not a JSON object");
     }
-    if (fs::exists(dir / "special_tokens_map.json") && (t.eos_id_ < 0 || t.pad_id_ < 0)) {
-      const auto c = read_json(dir / "special_tokens_map.json");
-      if (auto id = named(c, "eos_token"); id && t.eos_id_ < 0) t.eos_id_ = *id;
-      if (auto id = named(c, "pad_token"); id && t.pad_id_ < 0) t.pad_id_ = *id;
+    if (!config.contains("added_tokens_decoder") && fs::exists(dir / "special_tokens_map.json")) {
+      const auto map = read_json(dir / "special_tokens_map.json");
+      for (const char* key : {"bos_token", "eos_token", "pad_token"})
+        if (map.is_object() && map.contains(key)) config[key] = map[key];
     }
+    if (auto id = named(config, "bos_token")) t.bos_id_ = *id;
+    if (auto id = named(config, "eos_token")) t.eos_id_ = *id;
+    if (auto id = named(config, "pad_token")) t.pad_id_ = *id;
+    const auto flag = [&](const char* key) -> std::optional<bool> {
+      if (!config.contains(key) || !config[key].is_boolean()) return std::nullopt;
+      return config[key].get<bool>();
+    };
+    const bool adds_bos = !t.prefix_.empty(), adds_eos = !t.suffix_.empty();
+    if (const auto b = flag("add_bos_token"); b && *b != adds_bos)
+      t.notes_.push_back(std::string("tokenizer_config.json says add_bos_token: ") +
+                         (*b ? "true" : "false") + " but tokenizer.json's post-processor " +
+                         (adds_bos ? "adds" : "adds no") +
+                         " BOS; following tokenizer.json, as transformers 5 does (4.x followed "
+                         "the flag)");
+    if (const auto e = flag("add_eos_token"); e && *e != adds_eos)
+      t.notes_.push_back(std::string("tokenizer_config.json says add_eos_token: ") +
+                         (*e ? "true" : "false") + " but tokenizer.json's post-processor " +
+                         (adds_eos ? "adds" : "adds no") +
+                         " EOS; following tokenizer.json, as transformers 5 does (4.x followed "
+                         "the flag)");
     if (fs::exists(dir / "config.json") && (t.bos_id_ < 0 || t.eos_id_ < 0)) {
       const auto c = read_json(dir / "config.json");
       const auto id_of = [&](const char* key) -> int64_t {
@@ -110,8 +117,12 @@ class Tokenizer {
         if (v.is_array() && !v.empty() && v[0].is_number_integer()) return v[0].get<int64_t>();
         return v.is_number_integer() ? v.get<int64_t>() : -1;
       };
-      if (t.bos_id_ < 0) t.bos_id_ = id_of("bos_token_id");
-      if (t.eos_id_ < 0) t.eos_id_ = id_of("eos_token_id");
+      for (auto [id, key] :
+           {std::make_pair(&t.bos_id_, "bos_token_id"), std::make_pair(&t.eos_id_, "eos_token_id")})
+        if (*id < 0 && (*id = id_of(key)) >= 0)
+          t.notes_.push_back(std::string("no ") + (key[0] == 'b' ? "BOS" : "EOS") +
+                             " token in the tokenizer's files; using config.json's " + key + " = " +
+                             std::to_string(*id) + " (transformers would have none)");
     }
     if (t.pad_id_ < 0) t.pad_id_ = t.unk_id_ >= 0 ? t.unk_id_ : std::max<int64_t>(t.eos_id_, 0);
     return t;
@@ -159,8 +170,18 @@ class Tokenizer {
   }
 
   int64_t vocab_size() const { return static_cast<int64_t>(id_to_token_.size()); }
-  /// Whether unknown characters become `<0xXX>` byte tokens (else `<unk>`).
-  bool byte_fallback() const { return byte_fallback_; }
+  /// What `load` read differently from what some file says (see `load`), for the host to print.
+  const std::vector<std::string>& notes() const { return notes_; }
+  /// Whether unknown characters become `<0xXX>` byte tokens (else `<unk>`): the model's
+  /// `byte_fallback` and all 256 byte tokens in the vocabulary (TinyStories' sets the flag but
+  /// has none of them).
+  bool byte_fallback() const {
+    if (!byte_fallback_) return false;
+    static const char* hex = "0123456789ABCDEF";
+    for (int c = 0; c < 256; ++c)
+      if (!vocab_.count(std::string("<0x") + hex[c >> 4] + hex[c & 15] + ">")) return false;
+    return true;
+  }
   int64_t bos_id() const { return bos_id_; }
   int64_t eos_id() const { return eos_id_; }
   int64_t pad_id() const { return pad_id_; }
@@ -530,6 +551,7 @@ class Tokenizer {
   std::vector<Normalizer> normalizers_;
   std::vector<Decoder> decoders_;
   std::vector<int64_t> prefix_, suffix_;
+  std::vector<std::string> notes_;
   bool byte_fallback_ = false, fuse_unk_ = false;
   int64_t unk_id_ = -1, bos_id_ = -1, eos_id_ = -1, pad_id_ = -1;
 };

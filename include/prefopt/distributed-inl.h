@@ -7,6 +7,7 @@
 #include <prefopt/distributed.h>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -438,10 +439,32 @@ PREFOPT_INLINE c10::intrusive_ptr<c10d::ProcessGroup> make_nccl(
 
 }  // namespace dist
 
+PREFOPT_INLINE bool cuda_only(c10d::ProcessGroup* group) {
+  return group != nullptr && group->getSize() > 1 && group->getBackendName() == "nccl";
+}
+
+PREFOPT_INLINE at::Tensor on_group_device(const at::Tensor& t, c10d::ProcessGroup* group) {
+  return cuda_only(group) && !t.is_cuda() ? t.to(at::Device(at::kCUDA)) : t;
+}
+
 PREFOPT_INLINE void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op,
                                const char* what) {
+  // This rank's own argument errors, named before any peer waits on the collective (inside it
+  // they would read as a dead peer).
+  TORCH_CHECK(tensor.defined(), what,
+              ": expected a defined tensor to all-reduce, got an undefined one");
+  const bool strided = tensor.layout() == at::kStrided;
+  TORCH_CHECK(!strided || at::has_internal_overlap(tensor) != at::MemOverlap::Yes, what,
+              ": expected a tensor whose elements do not share memory, got shape ", tensor.sizes(),
+              " and strides ", tensor.strides(), " (an expand()ed view?)");
   if (group == nullptr || group->getSize() == 1) return;
-  std::vector<at::Tensor> buffers{tensor};
+  TORCH_CHECK(!cuda_only(group) || tensor.is_cuda(), what,
+              ": expected a CUDA tensor to all-reduce over an NCCL group, got one on ",
+              tensor.device());
+  // The backends reduce numel() elements from data_ptr(): a strided view would be reduced
+  // wrong and memory outside it overwritten. Reduce a contiguous copy and write it back.
+  const bool staged = strided && !tensor.is_contiguous();
+  std::vector<at::Tensor> buffers{staged ? tensor.contiguous() : tensor};
   c10d::AllreduceOptions opts;
   opts.reduceOp = op;
   const auto t0 = dist::Clock::now();
@@ -464,7 +487,7 @@ PREFOPT_INLINE void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c1
     TORCH_CHECK(false, what, ": all-reduce over ", n, " ranks failed on rank ", me,
                 " (a peer died, or did not reach the collective in time): ", msg);
   }
-  if (!buffers[0].is_same(tensor)) tensor.copy_(buffers[0]);
+  if (staged) tensor.copy_(buffers[0]);
 }
 
 }  // namespace detail
@@ -651,6 +674,7 @@ PREFOPT_INLINE at::Tensor update_bco_baseline(BCOBaseline& baseline,
     const auto m = all.mean();
     stats = at::stack({m, m * m, at::ones({}, all.options())});
   }
+  stats = detail::on_group_device(stats, group);  // CPU rewards, NCCL group
   all_reduce_sum(stats, group, fn);
   const auto s = stats.cpu();
   const double n = s[2].item<double>();
@@ -682,7 +706,9 @@ PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
   if (n > 0)
     stats = at::stack(
         {by_example ? d.sum() : d.mean(), at::full({}, by_example ? n : 1.0, d.options())});
+  stats = detail::on_group_device(stats, group);  // CPU log-probs, NCCL group
   all_reduce_sum(stats, group, fn);
+  stats = stats.to(d.device());
   const auto w = stats[1];
   return at::where(w > 0, stats[0] / w.clamp_min(1e-300), at::zeros_like(w)).clamp_min(0).to(dt);
 }

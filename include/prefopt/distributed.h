@@ -94,20 +94,38 @@ PREFOPT_API bool has_nccl();
 
 namespace detail {
 /// `tensor` reduced with `op` over the ranks of `group`, in place (a no-op for one rank or no
-/// group); a failure is a c10::Error naming `what`.
+/// group), with the checks and staging of `all_reduce_sum`; a failure is a c10::Error naming
+/// `what`.
 void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op, const char* what);
+/// Whether `group`'s collectives take CUDA tensors only (NCCL, more than one rank).
+bool cuda_only(c10d::ProcessGroup* group);
+/// `t`, moved to the current CUDA device where `group` takes CUDA tensors only.
+at::Tensor on_group_device(const at::Tensor& t, c10d::ProcessGroup* group);
 }  // namespace detail
 
 /// Sums `tensor` over the ranks of `group`, in place (a no-op for one rank or no group).
-/// Waits for the result; a dead peer, or a frozen one at the group's timeout, surfaces as a
-/// c10::Error naming `what` and the cause.
+/// Any view works: a non-contiguous one is reduced through a contiguous copy and written back
+/// (the backends reduce `numel()` elements from `data_ptr()`, which for a strided view would
+/// be wrong and would overwrite memory outside it). This rank's argument errors are named
+/// before the collective: an undefined tensor, one whose elements share memory (`expand()`),
+/// a non-CUDA tensor for an NCCL group.
+///
+/// Waits for the result. With Gloo, a dead peer, or a frozen one at the group's timeout,
+/// surfaces as a c10::Error naming `what` and the cause. With NCCL, `wait()` only orders the
+/// current CUDA stream after the collective, and a frozen peer is found by NCCL's watchdog at
+/// the timeout: with `TORCH_NCCL_ASYNC_ERROR_HANDLING` (`NCCL_ASYNC_ERROR_HANDLING` in older
+/// libtorch; on by default in libtorch 2.x) it ends the process instead of raising, and where
+/// that is off, reading the result waits for good. Set `TORCH_NCCL_BLOCKING_WAIT=1`
+/// (`NCCL_BLOCKING_WAIT` in libtorch 1.13) for a blocking `wait()` that throws at the timeout:
+/// then it surfaces as the c10::Error above.
 PREFOPT_API void all_reduce_sum(at::Tensor& tensor, c10d::ProcessGroup* group, const char* what);
 
 /// The bco_pair baseline update of TRL ≤ 0.28 across ranks: every rank's mean of this step's
 /// β·ρ_c and β·ρ_r is gathered, and the baseline folds in their mean, (biased) variance and
-/// count, as `RunningMoments.update` does after `accelerator.gather`. One collective. A rank
-/// without rewards contributes nothing. Returns δ (0-dim, on the rewards' device), the same on
-/// every rank.
+/// count, as `RunningMoments.update` does after `accelerator.gather`. One collective (on the
+/// current CUDA device for an NCCL group, whatever the rewards' device). A rank without
+/// rewards contributes nothing. Returns δ (0-dim, on the rewards' device), the same on every
+/// rank.
 ///
 /// Example:
 /// ```
@@ -124,7 +142,8 @@ namespace functional {
 /// mean(policy_KL − reference_KL), averaged over the ranks, then clamped at 0; detached, the
 /// same on every rank. `by_example = true` weights ranks by their number of KL examples
 /// instead (the KL of the concatenated batch). A rank with no KL examples contributes
-/// nothing; none anywhere gives 0. One collective. Pass the result as `KTOInputs::kl`.
+/// nothing; none anywhere gives 0. One collective (on the current CUDA device for an NCCL
+/// group; the result is on the inputs' device). Pass the result as `KTOInputs::kl`.
 ///
 /// Example:
 /// ```

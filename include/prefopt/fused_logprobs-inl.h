@@ -223,9 +223,11 @@ PREFOPT_INLINE void mm_fp32_blocks(at::Tensor& c, const at::Tensor& a, const at:
 /// one cuBLAS GEMM with fp32 accumulation and output; on CPU, where `cpu_mm16_fast` allows
 /// 16-bit GEMMs, `cpu::gemm16_path` decides:
 /// the process's oneDNN or MKL GEMM with fp32 output, libtorch's 16-bit GEMM on 16 MiB row
-/// blocks of c rounded once per block and summed in fp32 (where MKL's 16-bit GEMM is slow),
-/// or `mm_fp32_blocks` (fp32 copies of blocks of at most 16 MiB). No whole-matrix copy.
-PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
+/// blocks of c rounded once per block and summed in fp32 (where MKL's 16-bit GEMM is slow;
+/// not when `exact`), or `mm_fp32_blocks` (fp32 copies of blocks of at most 16 MiB). No
+/// whole-matrix copy.
+PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b,
+                           bool exact) {
   if (c.scalar_type() == a.scalar_type()) {
     c.addmm_(trans_a ? a.t() : a, b);
     return;
@@ -246,7 +248,7 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
                       bc.data_ptr(), leading_dim(bc), 1.0f, c.data_ptr<float>(), leading_dim(c)))
     return;
   const auto op_a = trans_a ? ac.t() : ac;
-  if (path == cpu::Gemm16Path::kRounded && a.is_cpu() &&
+  if (path == cpu::Gemm16Path::kRounded && !exact && a.is_cpu() &&
       cpu_mm16_usable(a.scalar_type(), col_major(op_a), col_major(bc))) {
     // Row blocks of c, so the 16-bit product buffer stays at 16 MiB.
     const int64_t rows = std::clamp<int64_t>((int64_t{8} << 20) / std::max<int64_t>(n, 1), 1,
@@ -552,7 +554,8 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
 
   /// Row chunks × vocabulary blocks, one reused tile buffer. Per row chunk, its hidden rows are
   /// gathered and `dh` accumulates across the blocks (fp32 for 16-bit inputs; written
-  /// directly when one block spans V), then lands in the [R, H] gradient. The weight and bias
+  /// directly when one block spans V, unless it is summed over the ranks next: rounded once,
+  /// after that sum), then lands in the [R, H] gradient. The weight and bias
   /// gradients: with one row chunk, each block's is one GEMM over every scored token (fp32
   /// accumulation inside it, rounded once, no [V, H] accumulator); with several, they
   /// accumulate in place for fp32/fp64 weights and in a DwAccumulator for 16-bit ones,
@@ -565,6 +568,9 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     if (n == 0) return result(opt(a.need_h, a.h), opt(a.need_w, a.weight), opt(a.need_b, a.bias));
     const int64_t c = std::min(t.rows, n), cols = std::min(t.cols, V);
     const bool one_chunk = c == n, one_block = cols == V;
+    // dh in the inputs' dtype at once with one block, unless 16-bit partials are summed over
+    // the ranks next: those stay fp32 (no 16-bit product either), rounded once after the sum.
+    const bool dh_direct = one_block && (a.cross == nullptr || !a.upcast);
     const auto acc_opts = a.h.options().dtype(a.acc);
     // 16-bit weights over several row chunks: an fp32 accumulator, cast in its own storage.
     std::optional<DwAccumulator> dw_acc;
@@ -581,7 +587,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
         a.need_h && a.cross != nullptr ? at::empty({n, H}, acc_opts) : at::Tensor();
     at::Tensor h_buffer = at::empty({c, H}, a.h.options());
     at::Tensor dh_buffer =
-        a.need_h ? at::empty({c, H}, one_block ? a.h.options() : acc_opts) : at::Tensor();
+        a.need_h ? at::empty({c, H}, dh_direct ? a.h.options() : acc_opts) : at::Tensor();
     const int64_t ld = block_stride(cols, V, a.h.scalar_type(), a.h.device());
     at::Tensor buffer = at::empty({c * ld}, a.h.options());
     at::Tensor cap_buffer = spec.softcap > 0 ? at::empty_like(buffer) : at::Tensor();
@@ -592,7 +598,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
       auto h_c = h_buffer.narrow(0, 0, m);
       at::index_select_out(h_c, a.h, 0, rows_c);
       auto dh_c = a.need_h ? dh_buffer.narrow(0, 0, m) : at::Tensor();
-      if (a.need_h && !one_block) dh_c.zero_();
+      if (a.need_h && !dh_direct) dh_c.zero_();
       for (int64_t v0 = 0; v0 < V; v0 += cols) {
         const int64_t vb = std::min(V, v0 + cols) - v0;
         const auto w_b = a.weight.narrow(0, v0, vb);
@@ -620,10 +626,10 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
           }
         }
         if (a.need_h) {
-          if (one_block) {
+          if (dh_direct) {
             set_mm(dh_c, z, /*trans_a=*/false, a.weight);
           } else {
-            add_mm(dh_c, z, /*trans_a=*/false, w_b);
+            add_mm(dh_c, z, /*trans_a=*/false, w_b, /*exact=*/one_block);
           }
         }
       }

@@ -114,12 +114,14 @@ struct Job {
     };
     make_chunks();
     // Automatic, a 16-bit weight with a gradient: more than one GEMM needs the fp32 [V, H]
-    // accumulator of dW (4·V·H bytes, read and written by each chunk), one chunk none. So one
-    // chunk where its logits cost no more than the chunk above plus the accumulator (in
-    // doubles: V·H of an expanded weight may exceed int64).
+    // accumulator of dW (4·V·H bytes, read and written by each chunk; the result is cast into
+    // its storage), one chunk only the 16-bit dW itself (es·V·H). So one chunk where its
+    // logits cost no more than the chunk above plus that difference (in doubles: V·H of an
+    // expanded weight may exceed int64).
+    const double es = static_cast<double>(c10::elementSize(st));
     if (o.chunk_bytes() == 0 && need_w && st != acc && (chunks.size() > 1 || widest > limit) &&
         static_cast<double>(n - std::min(widest, limit)) * static_cast<double>(per_row) <=
-            4.0 * static_cast<double>(V) * static_cast<double>(H)) {
+            (4.0 - es) * static_cast<double>(V) * static_cast<double>(H)) {
       limit = std::max<int64_t>(n, 1);
       make_chunks();
     }

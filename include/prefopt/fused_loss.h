@@ -123,9 +123,10 @@ namespace functional {
 /// whole pairs, as many as fit in 1/16 of the scored tokens' logits (at most 256 MiB) and at
 /// least the longest pair unless that pair's logits exceed max(256 MiB, 1/4 of all); but for a
 /// 16-bit weight that needs a gradient, one chunk of the whole batch where its logits (×2 with
-/// a softcap) cost no more than that chunk and the accumulator together (e.g. 1024
-/// tokens at V = 151936, H = 2048: 0.31 GB of bf16 logits, against 0.16 GB for a pair of 512
-/// and 1.2 GB of accumulator), which also spares each chunk a pass over the accumulator. An
+/// a softcap) and the 16-bit dW it then writes directly (2·V·H) cost no more than that chunk
+/// and the accumulator together (e.g. 1024 tokens at V = 151936, H = 2048: 0.31 GB of bf16
+/// logits and 0.62 GB of dW, against 0.16 GB for a pair of 512 and 1.24 GB of accumulator),
+/// which also spares each chunk a pass over the accumulator. An
 /// explicit `FusedLogprobsOptions::chunk_bytes` is a hard bound. A pair over the bound streams
 /// its first rows twice (statistics, then gradients) and keeps the logits of the last rows
 /// that fit, so only the rows beyond the bound cost one more GEMM; an explicit budget that

@@ -7,6 +7,8 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <limits>
+
 #include <prefopt/detail/row_common.h>
 #include <prefopt/detail/rows.h>
 
@@ -16,6 +18,18 @@ namespace gather {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// The row kernels give a row of −inf logits a NaN logsumexp, as they give rows with a NaN or
+// +inf logit. In a rank's vocabulary slice such a row holds no probability (a banned or padded
+// range of ids): its logsumexp is −inf, which the sum over the ranks leaves out.
+PREFOPT_INLINE void empty_slice_rows(const at::Tensor& logits, const Rows& rows, at::Tensor& lse) {
+  const auto nan = lse.isnan();
+  if (!nan.any().item<bool>()) return;
+  const auto i = nan.nonzero().squeeze(1);
+  const auto z = logits.index({rows.b.index_select(0, i), rows.t.index_select(0, i)});
+  lse.index_fill_(0, i.masked_select(z.isneginf().all(1)),
+                  -std::numeric_limits<double>::infinity());
+}
 
 // Saves the logits (an input, so no copy) and one logsumexp (and entropy, when asked for: its
 // gradient flows back too) per scored row. With `cross` (the
@@ -33,6 +47,7 @@ struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction>
       const auto st = slice_targets(target, logits.size(2));
       r = rows_forward(logits, Rows{b, t, st.forward, {}}, static_cast<unsigned>(flags),
                        static_cast<GatherBackend>(backend), chunk_bytes);
+      empty_slice_rows(logits, Rows{b, t, st.forward, {}}, r.lse);
       cross->reduce_rows(r.lse, r.logp, st.owned);
       saved_target = st.backward;
     } else {
@@ -100,6 +115,7 @@ PREFOPT_INLINE SequenceLogprobs gather(const at::Tensor& logits, const Selection
       const auto st = slice_targets(rows.target, logits.size(2));
       stats = rows_forward(logits, Rows{rows.b, rows.t, st.forward, rows.seq}, flags, o.backend(),
                            o.chunk_bytes());
+      empty_slice_rows(logits, rows, stats.lse);
       cross->reduce_rows(stats.lse, stats.logp, st.owned);
     } else {
       stats = rows_forward(logits, rows, flags, o.backend(), o.chunk_bytes());

@@ -8,7 +8,10 @@
 #include <prefopt/vocab_parallel.h>
 
 #include <algorithm>
-#include <limits>
+#include <array>
+#include <exception>
+#include <string>
+#include <vector>
 
 PREFOPT_BEGIN_NAMESPACE
 namespace detail {
@@ -24,12 +27,16 @@ struct GroupCrossRank : CrossRank {
       : group_(std::move(group)), fn_(fn) {}
 
   void reduce_rows(at::Tensor& lse, at::Tensor& logp, const at::Tensor& owned) override {
-    if (lse.numel() == 0) return;  // labels agree across ranks: none anywhere
+    if (lse.numel() == 0) return;  // the ranks agree (see `agree`): none anywhere
     at::Tensor global_max = lse.clone();
     all_reduce(global_max, group_.get(), c10d::ReduceOp::MAX, fn_);
-    const auto own = owned.to(lse.scalar_type());
+    // Only the owner's z_y − M counts: elsewhere logp is that of column 0, which may be −inf
+    // (−inf · 0 would be NaN, and the sum would spread it). A slice of −inf logits has
+    // lse_r = −inf and logp_r NaN, but its z_y is −inf.
+    const auto z_y = at::where(lse.isneginf(), lse, logp + (lse - global_max));
     at::Tensor packed =
-        at::stack({(lse - global_max).exp(), (logp + (lse - global_max)) * own, own});
+        at::stack({(lse - global_max).exp(), at::where(owned, z_y, at::zeros_like(z_y)),
+                   owned.to(lse.scalar_type())});
     all_reduce(packed, group_.get(), c10d::ReduceOp::SUM, fn_);
     check_owners(packed[2]);
     const auto log_sum = packed[0].log();
@@ -40,15 +47,15 @@ struct GroupCrossRank : CrossRank {
   void sum(at::Tensor& t) override { all_reduce(t, group_.get(), c10d::ReduceOp::SUM, fn_); }
 
  private:
-  // Every scored label must be owned by exactly one rank.
+  // Every scored label has exactly one owner once `agree` and `check_label_range` passed, unless
+  // the ranks' labels differ in a way the hash missed.
   void check_owners(const at::Tensor& owners) const {
     const auto bad = owners.ne(1);
     if (!bad.any().item<bool>()) return;
     const auto first = bad.nonzero()[0][0].item<int64_t>();
     TORCH_CHECK(false, fn_, ": expected every label to fall in exactly one rank's vocabulary ",
                 "slice; ", bad.sum().item<int64_t>(), " scored tokens do not (the first is owned ",
-                "by ", owners[first].item<double>(), " ranks): labels >= V, or vocab_start values ",
-                "that overlap or leave gaps");
+                "by ", owners[first].item<double>(), " ranks): the ranks' labels differ");
   }
 
   c10::intrusive_ptr<c10d::ProcessGroup> group_;  // null: this process alone
@@ -68,14 +75,155 @@ PREFOPT_INLINE void check_options(const char* fn, const VocabParallelOptions& o)
   TORCH_CHECK(o.chunk_bytes() > 0, fn, ": expected chunk_bytes > 0, got ", o.chunk_bytes());
 }
 
+PREFOPT_INLINE void check_slice(const char* fn, const at::Tensor& x, int64_t dim,
+                                const char* what) {
+  TORCH_CHECK(!x.defined() || x.dim() <= dim || x.size(dim) > 0, fn,
+              ": expected every rank to hold at least 1 vocabulary id, got ", what, " of shape ",
+              x.sizes());
+}
+
+/// What this rank brings to `agree`.
+struct Local {
+  std::exception_ptr error;    ///< this rank's argument error, rethrown once the ranks met
+  int64_t n = 0;               ///< scored tokens
+  int64_t labels = 0;          ///< hash of the scored positions and labels
+  int64_t shape = 0;           ///< hash of what `shape_text` says
+  std::string shape_text;      ///< the batch shape, dtype (and whether backward sums over ranks)
+  int64_t start = 0, end = 0;  ///< the vocabulary slice [start, end)
+};
+
+constexpr int64_t kHashMask = (int64_t{1} << 62) - 1;  // keeps −hash in range
+
+/// FNV-1a over `values`, cut to 62 bits.
+PREFOPT_INLINE int64_t hash_values(std::initializer_list<int64_t> values) {
+  uint64_t h = 14695981039346656037ull;
+  for (const int64_t v : values)
+    for (int i = 0; i < 8; ++i)
+      h = (h ^ ((static_cast<uint64_t>(v) >> (8 * i)) & 0xffu)) * 1099511628211ull;
+  return static_cast<int64_t>(h) & kHashMask;
+}
+
+/// A hash of the scored (position, label) pairs, on their device: each pair is mixed modulo the
+/// prime 2³¹ − 1 (every product fits in int64) and the results summed (< 2⁶³ for n < 2³²).
+PREFOPT_INLINE int64_t hash_labels(const Rows& rows, int64_t T) {
+  if (rows.target.numel() == 0) return 0;
+  constexpr int64_t M = 2147483647;
+  const auto pos = (rows.b * T + rows.t).remainder(M);
+  auto x = (pos * 48271 + rows.target.remainder(M)).remainder(M);
+  x = (x * x + 12345).remainder(M);
+  x = (x * x + 67890).remainder(M);
+  return x.sum().item<int64_t>() & kHashMask;
+}
+
+/// The check every rank runs before the per-token collectives, in one MAX all-reduce of
+/// 6 + 3 · world int64s: [n, −n, labels, −labels, shape, −shape] (a value and its negation have
+/// opposite maxima only when every rank has the same value) and, for each rank, its slot
+/// [failed, start, end] (−1 from the other ranks). A rank whose own checks failed still joins,
+/// then rethrows its error; the others name it. Every rank throws the same error otherwise,
+/// so none is left waiting in a collective. Returns V, the vocabulary the slices tile.
+PREFOPT_INLINE int64_t agree(const char* fn, c10d::ProcessGroup* group, const Local& me) {
+  const int world = group == nullptr ? 1 : group->getSize();
+  const int rank = group == nullptr ? 0 : group->getRank();
+  std::vector<int64_t> v(6 + 3 * static_cast<size_t>(world), -1);
+  const int64_t mine[3] = {me.n, me.labels, me.shape};
+  for (int i = 0; i < 3; ++i) {
+    v[2 * i] = mine[i];
+    v[2 * i + 1] = -mine[i];
+  }
+  int64_t* slot = v.data() + 6 + 3 * rank;
+  slot[0] = me.error ? 1 : 0;
+  slot[1] = me.start;
+  slot[2] = me.end;
+  at::Tensor buffer = on_group_device(at::tensor(v, at::kLong), group);
+  try {
+    all_reduce(buffer, group, c10d::ReduceOp::MAX, fn);
+  } catch (...) {
+    if (me.error) std::rethrow_exception(me.error);
+    throw;
+  }
+  buffer = buffer.cpu();
+  const int64_t* all = buffer.data_ptr<int64_t>();
+  if (me.error) std::rethrow_exception(me.error);
+  std::string failed;
+  int n_failed = 0;
+  for (int r = 0; r < world; ++r) {
+    if (all[6 + 3 * r] != 1) continue;
+    failed += (n_failed++ ? ", " : "") + std::to_string(r);
+  }
+  TORCH_CHECK(n_failed == 0, fn, ": rank", n_failed > 1 ? "s " : " ", failed,
+              " rejected its arguments (its error says why); every rank stops before the ",
+              "collectives");
+  TORCH_CHECK(all[4] == -all[5], fn, ": expected the same batch shape and dtype on every rank, ",
+              "but the ranks differ (this rank ", rank, ": ", me.shape_text, ")");
+  TORCH_CHECK(all[0] == -all[1], fn, ": expected the same labels on every rank, but the ranks ",
+              "score between ", -all[1], " and ", all[0], " tokens (this rank ", rank, ": ", me.n,
+              ")");
+  TORCH_CHECK(all[2] == -all[3], fn, ": expected the same labels on every rank, but the ranks' ",
+              "scored labels differ (", me.n, " scored tokens on each, at different positions or ",
+              "with different ids)");
+  // The slices [start, end) must tile [0, V): sorted by start, each begins where the last ended.
+  std::vector<std::array<int64_t, 3>> slices;  // start, end, rank
+  for (int r = 0; r < world; ++r) slices.push_back({all[7 + 3 * r], all[8 + 3 * r], r});
+  std::sort(slices.begin(), slices.end());
+  const auto held = [](const std::array<int64_t, 3>& s) {
+    return "rank " + std::to_string(s[2]) + " holds [" + std::to_string(s[0]) + ", " +
+           std::to_string(s[1]) + ")";
+  };
+  TORCH_CHECK(slices[0][0] == 0, fn, ": expected the ranks' vocabulary slices [vocab_start, ",
+              "vocab_start + V_local) to tile [0, V); no rank holds ids [0, ", slices[0][0],
+              ") (the lowest slice: ", held(slices[0]), ")");
+  for (size_t i = 1; i < slices.size(); ++i) {
+    const auto &a = slices[i - 1], &b = slices[i];
+    TORCH_CHECK(b[0] >= a[1], fn, ": expected the ranks' vocabulary slices [vocab_start, ",
+                "vocab_start + V_local) to tile [0, V); they overlap: ", held(a), " and ", held(b));
+    TORCH_CHECK(b[0] == a[1], fn, ": expected the ranks' vocabulary slices [vocab_start, ",
+                "vocab_start + V_local) to tile [0, V); no rank holds ids [", a[1], ", ", b[0],
+                ") (", held(a), " and ", held(b), ")");
+  }
+  return slices.back()[1];
+}
+
+/// Scored labels must be ids of the vocabulary [0, V) that the slices tile: the same check on
+/// every rank (their labels agree), so every rank throws the same error. `k` is the causal
+/// shift: the error names the label's own index.
+PREFOPT_INLINE void check_label_range(const char* fn, const Rows& rows, int64_t V, int64_t k,
+                                      const Local& me, int64_t ignore_index) {
+  const auto bad = (rows.target < 0) | (rows.target >= V);
+  if (!bad.any().item<bool>()) return;
+  const auto i = bad.nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK(false, fn, ": expected labels in [0, V = ", V,
+              ") or equal to ignore_index = ", ignore_index, ", got ",
+              rows.target[i].item<int64_t>(), " at labels[", rows.b[i].item<int64_t>(), ", ",
+              rows.t[i].item<int64_t>() + k,
+              "]; V is the vocabulary that the ranks' slices tile (this rank holds [", me.start,
+              ", ", me.end, "))");
+}
+
 /// Global labels → this rank's column indices (out of [0, V_local) where another rank owns
-/// them). Labels need only be >= 0 here: the owners check catches those >= V.
+/// them).
 PREFOPT_INLINE Selection local_selection(Selection sel, const VocabParallelOptions& o) {
   sel.rows.target = sel.rows.target - o.vocab_start();
   return sel;
 }
 
-constexpr int64_t kAnyVocabulary = std::numeric_limits<int64_t>::max();
+/// This rank's checks (`check`, which selects the rows into `sel`), the ranks' agreement and
+/// the labels' range; throws the same error on every rank where they fail.
+template <typename Check>
+Selection select_agreed(const char* fn, c10d::ProcessGroup* group, const VocabParallelOptions& o,
+                        Check&& check) {
+  Local me;
+  Selection sel;
+  try {
+    sel = check(me);
+    me.n = sel.rows.target.numel();
+    me.labels = hash_labels(sel.rows, sel.scored.size(1));
+  } catch (...) {
+    me.error = std::current_exception();
+  }
+  const int64_t V = agree(fn, group, me);
+  check_label_range(fn, sel.rows, V, o.shift() ? 1 : 0, me, o.ignore_index());
+  return local_selection(std::move(sel), o);
+}
 
 }  // namespace vp
 }  // namespace detail
@@ -88,17 +236,25 @@ PREFOPT_INLINE SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor&
                                                                const VocabParallelOptions& o) {
   constexpr const char* fn = "prefopt::functional::vocab_parallel_gather_logprobs";
   namespace d = detail;
-  d::vp::check_options(fn, o);
   const auto go = GatherLogprobsOptions()
                       .shift(o.shift())
                       .ignore_index(o.ignore_index())
                       .with_token_logps(o.with_token_logps())
                       .chunk_bytes(o.chunk_bytes());
-  d::gather::check_logits(fn, logits, 3, go);
-  const auto sel = d::vp::local_selection(
-      d::select_padded(fn, logits, "logits", logits.size(0), logits.size(1), d::vp::kAnyVocabulary,
-                       labels, nullptr, o.shift(), o.ignore_index()),
-      o);
+  const auto sel = d::vp::select_agreed(fn, group, o, [&](d::vp::Local& me) {
+    d::vp::check_options(fn, o);
+    d::vp::check_slice(fn, logits, 2, "logits");
+    d::gather::check_logits(fn, logits, 3, go);
+    me.shape = d::vp::hash_values(
+        {logits.size(0), logits.size(1), static_cast<int64_t>(logits.scalar_type())});
+    me.shape_text = "logits [" + std::to_string(logits.size(0)) + ", " +
+                    std::to_string(logits.size(1)) + ", V_local], " +
+                    c10::toString(logits.scalar_type());
+    me.start = o.vocab_start();
+    me.end = o.vocab_start() + logits.size(2);
+    return d::select_padded(fn, logits, "logits", logits.size(0), logits.size(1),
+                            d::kVocabularyUnknown, labels, nullptr, o.shift(), o.ignore_index());
+  });
   return d::gather::gather(logits, sel, go, d::vp::cross_rank(group, fn));
 }
 
@@ -109,18 +265,29 @@ PREFOPT_INLINE SequenceLogprobs vocab_parallel_fused_logprobs(const at::Tensor& 
                                                               const VocabParallelOptions& o) {
   constexpr const char* fn = "prefopt::functional::vocab_parallel_fused_logprobs";
   namespace d = detail;
-  d::vp::check_options(fn, o);
   auto fo = FusedLogprobsOptions()
                 .shift(o.shift())
                 .ignore_index(o.ignore_index())
                 .with_token_logps(o.with_token_logps());
-  const auto in = d::fused::check_head(fn, hidden, weight, {}, /*packed=*/false, fo);
+  d::fused::HeadInputs in;
+  const auto sel = d::vp::select_agreed(fn, group, o, [&](d::vp::Local& me) {
+    d::vp::check_options(fn, o);
+    d::vp::check_slice(fn, weight, 0, "weight");
+    in = d::fused::check_head(fn, hidden, weight, {}, /*packed=*/false, fo);
+    // Backward sums the hidden states' gradient over the ranks: they must all take it.
+    const bool sums = at::GradMode::is_enabled() && hidden.requires_grad();
+    me.shape = d::vp::hash_values({hidden.size(0), hidden.size(1), hidden.size(2),
+                                   static_cast<int64_t>(hidden.scalar_type()), sums});
+    me.shape_text = "hidden states " + c10::str(hidden.sizes()) + ", " +
+                    c10::toString(hidden.scalar_type()) +
+                    (sums ? ", requiring grad" : ", not requiring grad");
+    me.start = o.vocab_start();
+    me.end = o.vocab_start() + weight.size(0);
+    return d::select_padded(fn, hidden, "hidden states", hidden.size(0), hidden.size(1),
+                            d::kVocabularyUnknown, labels, nullptr, o.shift(), o.ignore_index());
+  });
   // The budget bounds the chunks, one row at least.
   fo.chunk_bytes(std::max(o.chunk_bytes(), d::fused::row_budget(in, fo)));
-  const auto sel = d::vp::local_selection(
-      d::select_padded(fn, hidden, "hidden states", hidden.size(0), hidden.size(1),
-                       d::vp::kAnyVocabulary, labels, nullptr, o.shift(), o.ignore_index()),
-      o);
   return d::fused::run_head(fn, in, weight, {}, sel, fo, d::vp::cross_rank(group, fn));
 }
 

@@ -25,7 +25,8 @@ PREFOPT_BEGIN_NAMESPACE
 /// Options of the vocabulary-parallel gathering functions.
 struct VocabParallelOptions {
   /// First vocabulary id this rank's shard holds: its logits (or weight rows) are ids
-  /// [vocab_start, vocab_start + V_local). Shards of all ranks tile [0, V) without overlap.
+  /// [vocab_start, vocab_start + V_local), V_local >= 1. The shards of all ranks must tile
+  /// [0, V) without gaps or overlaps, and V is their union (checked: an error on every rank).
   TORCH_ARG(int64_t, vocab_start) = 0;
   /// Causal shift, as in `GatherLogprobsOptions`. Default: true.
   TORCH_ARG(bool, shift) = true;
@@ -49,7 +50,15 @@ namespace functional {
 /// per-token `lse_r` and one (sum) of the packed rescaled sums and owned target logits. The
 /// results (fp32, fp64 for fp64 logits) are identical on every rank, so a loss built from them
 /// is too; backward is local and exact: each rank's logits receive `g · (1[v = y] − softmax_v)`
-/// over its columns. Only per-token logsumexps are saved.
+/// over its columns. Only per-token logsumexps are saved. −inf logits (banned or padded ids),
+/// up to a whole rank's slice of a row, give the unsharded op's values.
+///
+/// Before those, one small all-reduce (max, 6 + 3·world int64s) checks that the ranks agree:
+/// every rank throws the same named error, at once, where their labels differ (the number of
+/// scored tokens, or a hash of their positions and ids), their batch shape or dtype differs,
+/// their slices do not tile [0, V), or a scored label lies outside [0, V). A rank whose own
+/// arguments fail their checks (options, shapes, an empty slice) joins this all-reduce before
+/// it throws, and the other ranks name it, so that no rank waits in a collective for it.
 ///
 /// Example:
 /// ```
@@ -64,8 +73,10 @@ PREFOPT_API SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor& lo
 /// The same from hidden states and this rank's rows of the LM head: `hidden` [B, T, H] (the
 /// same on every rank), `weight` [V_local, H]. Logits are made in chunks and never whole.
 /// Backward gives `weight` its exact gradient locally and `hidden` the full gradient, summed
-/// over ranks with one all-reduce: do not also route `hidden` through a region that
-/// all-reduces its gradient (Megatron's `copy_to_tensor_model_parallel_region`).
+/// over ranks with one all-reduce (16-bit partials summed in fp32, rounded once): do not also
+/// route `hidden` through a region that all-reduces its gradient (Megatron's
+/// `copy_to_tensor_model_parallel_region`). The ranks' check also covers the hidden size and
+/// whether `hidden` requires grad, on which that all-reduce depends.
 ///
 /// Example:
 /// ```

@@ -425,7 +425,7 @@ PREFOPT_INLINE at::Tensor check_labels(const char* fn, const at::Tensor& labels,
                                        at::IntArrayRef expected, const char* ref_name,
                                        const at::Tensor& logits) {
   TORCH_CHECK(labels.defined(), fn, ": expected ", what, ", got an undefined tensor");
-  // Narrower integer types cannot hold ignore_index (uint8 turns −100 into 156, scored).
+  // Labels are indices: the two index types only (uint8 would turn −100 into 156, scored).
   TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, fn,
               ": expected integer ", what, " (int64 or int32), got ", labels.scalar_type());
   TORCH_CHECK(labels.sizes() == expected, fn, ": expected ", what, " of shape ", expected,
@@ -518,7 +518,8 @@ PREFOPT_INLINE Selection select_padded(const char* fn, const at::Tensor& ref, co
   Selection sel;
   sel.scored = mask_in ? check_mask(fn, *mask_in, {B, T}, ref_name, ref).slice(1, k)
                        : targets != ignore_index;
-  check_targets(fn, targets, sel.scored, V, mask_in == nullptr, ignore_index, k);
+  if (V != kVocabularyUnknown)
+    check_targets(fn, targets, sel.scored, V, mask_in == nullptr, ignore_index, k);
   sel.rows = padded_rows(targets, sel.scored);
   sel.S = B;
   return sel;

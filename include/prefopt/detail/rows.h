@@ -52,7 +52,12 @@ at::Tensor check_labels(const char* fn, const at::Tensor& labels, const char* wh
 at::Tensor check_mask(const char* fn, const at::Tensor& mask, at::IntArrayRef expected,
                       const char* ref_name, const at::Tensor& ref);
 
-/// Padded batch [B, T]: `labels_in` (and the completion mask, if given) select the rows.
+/// A `V` for select_padded that leaves the range of the labels to the caller: the
+/// vocabulary-parallel ops learn V from the ranks, after the selection.
+constexpr int64_t kVocabularyUnknown = -1;
+
+/// Padded batch [B, T]: `labels_in` (and the completion mask, if given) select the rows; scored
+/// labels must lie in [0, V) (unchecked for kVocabularyUnknown).
 Selection select_padded(const char* fn, const at::Tensor& ref, const char* ref_name, int64_t B,
                         int64_t T, int64_t V, const at::Tensor& labels_in,
                         const at::Tensor* mask_in, bool shift, int64_t ignore_index);
@@ -243,7 +248,10 @@ bool col_major(const at::Tensor& x);
 void mm_fp32_blocks(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                     const at::Tensor& bias = {});
 /// c += op(a) · b; 16-bit operands into an fp32 `c` accumulate in fp32 inside the GEMM.
-void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
+/// `exact`: never through a 16-bit product (Gemm16Path::kRounded), for a result that is
+/// summed further before it is rounded.
+void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b,
+            bool exact = false);
 /// c ← op(a) · b in c's dtype, a, b and c all of one dtype; in 16 bits, accumulated in fp32 and
 /// rounded once (libtorch's GEMM, or `mm_fp32_blocks` where `cpu_mm16_usable` says no).
 void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);

@@ -92,23 +92,19 @@ class Tokenizer {
     if (auto id = named(config, "bos_token")) t.bos_id_ = *id;
     if (auto id = named(config, "eos_token")) t.eos_id_ = *id;
     if (auto id = named(config, "pad_token")) t.pad_id_ = *id;
-    const auto flag = [&](const char* key) -> std::optional<bool> {
-      if (!config.contains(key) || !config[key].is_boolean()) return std::nullopt;
-      return config[key].get<bool>();
+    // transformers 4 rebuilt the post-processor from these flags; 5 follows tokenizer.json.
+    const auto note_flag = [&](const std::string& token, bool adds) {
+      const auto key = "add_" + token + "_token";
+      if (!config.contains(key) || !config[key].is_boolean() || config[key].get<bool>() == adds)
+        return;
+      t.notes_.push_back("tokenizer_config.json says " + key + ": " + (adds ? "false" : "true") +
+                         " but tokenizer.json's post-processor " + (adds ? "adds" : "adds no") +
+                         " " + (token == "bos" ? "BOS" : "EOS") +
+                         "; following tokenizer.json, as transformers 5 does (4.x followed "
+                         "the flag)");
     };
-    const bool adds_bos = !t.prefix_.empty(), adds_eos = !t.suffix_.empty();
-    if (const auto b = flag("add_bos_token"); b && *b != adds_bos)
-      t.notes_.push_back(std::string("tokenizer_config.json says add_bos_token: ") +
-                         (*b ? "true" : "false") + " but tokenizer.json's post-processor " +
-                         (adds_bos ? "adds" : "adds no") +
-                         " BOS; following tokenizer.json, as transformers 5 does (4.x followed "
-                         "the flag)");
-    if (const auto e = flag("add_eos_token"); e && *e != adds_eos)
-      t.notes_.push_back(std::string("tokenizer_config.json says add_eos_token: ") +
-                         (*e ? "true" : "false") + " but tokenizer.json's post-processor " +
-                         (adds_eos ? "adds" : "adds no") +
-                         " EOS; following tokenizer.json, as transformers 5 does (4.x followed "
-                         "the flag)");
+    note_flag("bos", !t.prefix_.empty());
+    note_flag("eos", !t.suffix_.empty());
     if (fs::exists(dir / "config.json") && (t.bos_id_ < 0 || t.eos_id_ < 0)) {
       const auto c = read_json(dir / "config.json");
       const auto id_of = [&](const char* key) -> int64_t {

@@ -93,9 +93,9 @@ PREFOPT_API DistributedContext init_process_group(const ProcessGroupOptions& opt
 PREFOPT_API bool has_nccl();
 
 namespace detail {
-/// `tensor` reduced with `op` over the ranks of `group`, in place (a no-op for one rank or no
-/// group), with the checks and staging of `all_reduce_sum`; a failure is a c10::Error naming
-/// `what`.
+/// `tensor` reduced with `op` over the ranks of `group`, in place (nothing to reduce for one
+/// rank or no group, the argument checks still made), with the checks and staging of
+/// `all_reduce_sum`; a failure is a c10::Error naming `what`.
 void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op, const char* what);
 /// Whether `group`'s collectives take CUDA tensors only (NCCL, more than one rank).
 bool cuda_only(c10d::ProcessGroup* group);
@@ -103,7 +103,8 @@ bool cuda_only(c10d::ProcessGroup* group);
 at::Tensor on_group_device(const at::Tensor& t, c10d::ProcessGroup* group);
 }  // namespace detail
 
-/// Sums `tensor` over the ranks of `group`, in place (a no-op for one rank or no group).
+/// Sums `tensor` over the ranks of `group`, in place (nothing to reduce for one rank or no
+/// group; the argument checks below still apply).
 /// Any view works: a non-contiguous one is reduced through a contiguous copy and written back
 /// (the backends reduce `numel()` elements from `data_ptr()`, which for a strided view would
 /// be wrong and would overwrite memory outside it). This rank's argument errors are named

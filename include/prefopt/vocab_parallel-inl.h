@@ -75,21 +75,33 @@ PREFOPT_INLINE void check_options(const char* fn, const VocabParallelOptions& o)
   TORCH_CHECK(o.chunk_bytes() > 0, fn, ": expected chunk_bytes > 0, got ", o.chunk_bytes());
 }
 
-PREFOPT_INLINE void check_slice(const char* fn, const at::Tensor& x, int64_t dim,
-                                const char* what) {
+PREFOPT_INLINE void check_slice(const char* fn, const at::Tensor& x, int64_t dim, const char* what,
+                                const VocabParallelOptions& o) {
   TORCH_CHECK(!x.defined() || x.dim() <= dim || x.size(dim) > 0, fn,
               ": expected every rank to hold at least 1 vocabulary id, got ", what, " of shape ",
               x.sizes());
+  TORCH_CHECK(!x.defined() || x.dim() <= dim || o.vocab_start() <= (int64_t{1} << 62) - x.size(dim),
+              fn,
+              ": expected vocab_start + V_local below 2^62, got vocab_start = ", o.vocab_start());
+}
+
+/// An NCCL group takes CUDA tensors: checked before the ranks meet, since inside the
+/// collectives this rank's error would strand the others.
+PREFOPT_INLINE void check_group_device(const char* fn, const at::Tensor& x, const char* what,
+                                       c10d::ProcessGroup* group) {
+  TORCH_CHECK(!x.defined() || !cuda_only(group) || x.is_cuda(), fn, ": expected ", what,
+              " on a CUDA device for this NCCL group, got ", x.device());
 }
 
 /// What this rank brings to `agree`.
 struct Local {
-  std::exception_ptr error;    ///< this rank's argument error, rethrown once the ranks met
-  int64_t n = 0;               ///< scored tokens
-  int64_t labels = 0;          ///< hash of the scored positions and labels
-  int64_t shape = 0;           ///< hash of what `shape_text` says
-  std::string shape_text;      ///< the batch shape, dtype (and whether backward sums over ranks)
-  int64_t start = 0, end = 0;  ///< the vocabulary slice [start, end)
+  std::exception_ptr error;      ///< this rank's argument error, rethrown once the ranks met
+  int64_t n = 0;                 ///< scored tokens
+  int64_t labels = 0;            ///< hash of the scored positions and labels
+  int64_t shape = 0;             ///< hash of what `shape_text` says
+  std::string shape_text;        ///< the batch shape, dtype (and whether backward sums over ranks)
+  int64_t start = 0, end = 0;    ///< the vocabulary slice [start, end)
+  at::Device device = at::kCPU;  ///< the inputs' device: where an NCCL group meets
 };
 
 constexpr int64_t kHashMask = (int64_t{1} << 62) - 1;  // keeps −hash in range
@@ -103,15 +115,17 @@ PREFOPT_INLINE int64_t hash_values(std::initializer_list<int64_t> values) {
   return static_cast<int64_t>(h) & kHashMask;
 }
 
-/// A hash of the scored (position, label) pairs, on their device: each pair is mixed modulo the
-/// prime 2³¹ − 1 (every product fits in int64) and the results summed (< 2⁶³ for n < 2³²).
+/// A hash of the scored (position, label) pairs, on their device, modulo the prime 2³¹ − 1
+/// (every product fits in int64), the results summed (< 2⁶³ for n < 2³²). The position is
+/// mixed non-linearly before the label joins, and the last step is a cube: a linear first mix
+/// would let (p, t) and (p + 1, t − 48271) collide, and a square maps x and −x alike.
 PREFOPT_INLINE int64_t hash_labels(const Rows& rows, int64_t T) {
   if (rows.target.numel() == 0) return 0;
   constexpr int64_t M = 2147483647;
-  const auto pos = (rows.b * T + rows.t).remainder(M);
-  auto x = (pos * 48271 + rows.target.remainder(M)).remainder(M);
-  x = (x * x + 12345).remainder(M);
-  x = (x * x + 67890).remainder(M);
+  auto p = ((rows.b * T + rows.t).remainder(M) * 48271 + 12345).remainder(M);
+  p = (p * p + 67890).remainder(M);
+  auto x = (p * 16807 + rows.target.remainder(M)).remainder(M);
+  x = ((x * x).remainder(M) * x + 1013904223).remainder(M);
   return x.sum().item<int64_t>() & kHashMask;
 }
 
@@ -134,7 +148,9 @@ PREFOPT_INLINE int64_t agree(const char* fn, c10d::ProcessGroup* group, const Lo
   slot[0] = me.error ? 1 : 0;
   slot[1] = me.start;
   slot[2] = me.end;
-  at::Tensor buffer = on_group_device(at::tensor(v, at::kLong), group);
+  // NCCL meets on the inputs' device (a second communicator, or "duplicate GPU", otherwise).
+  at::Tensor buffer = at::tensor(v, at::kLong);
+  buffer = me.device.is_cuda() ? buffer.to(me.device) : on_group_device(buffer, group);
   try {
     all_reduce(buffer, group, c10d::ReduceOp::MAX, fn);
   } catch (...) {
@@ -243,7 +259,9 @@ PREFOPT_INLINE SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor&
                       .chunk_bytes(o.chunk_bytes());
   const auto sel = d::vp::select_agreed(fn, group, o, [&](d::vp::Local& me) {
     d::vp::check_options(fn, o);
-    d::vp::check_slice(fn, logits, 2, "logits");
+    if (logits.defined()) me.device = logits.device();
+    d::vp::check_slice(fn, logits, 2, "logits", o);
+    d::vp::check_group_device(fn, logits, "logits", group);
     d::gather::check_logits(fn, logits, 3, go);
     me.shape = d::vp::hash_values(
         {logits.size(0), logits.size(1), static_cast<int64_t>(logits.scalar_type())});
@@ -272,7 +290,9 @@ PREFOPT_INLINE SequenceLogprobs vocab_parallel_fused_logprobs(const at::Tensor& 
   d::fused::HeadInputs in;
   const auto sel = d::vp::select_agreed(fn, group, o, [&](d::vp::Local& me) {
     d::vp::check_options(fn, o);
-    d::vp::check_slice(fn, weight, 0, "weight");
+    if (hidden.defined()) me.device = hidden.device();
+    d::vp::check_slice(fn, weight, 0, "weight", o);
+    d::vp::check_group_device(fn, hidden, "hidden states", group);
     in = d::fused::check_head(fn, hidden, weight, {}, /*packed=*/false, fo);
     // Backward sums the hidden states' gradient over the ranks: they must all take it.
     const bool sums = at::GradMode::is_enabled() && hidden.requires_grad();

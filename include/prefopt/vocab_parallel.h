@@ -73,7 +73,9 @@ PREFOPT_API SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor& lo
 /// The same from hidden states and this rank's rows of the LM head: `hidden` [B, T, H] (the
 /// same on every rank), `weight` [V_local, H]. Logits are made in chunks and never whole.
 /// Backward gives `weight` its exact gradient locally and `hidden` the full gradient, summed
-/// over ranks with one all-reduce (16-bit partials summed in fp32, rounded once): do not also
+/// over ranks with one all-reduce (16-bit partials summed in fp32 and rounded after the sum; a
+/// CPU on the rounded 16-bit GEMM path rounds each vocabulary block's product first, as the
+/// single-device op does): do not also
 /// route `hidden` through a region that all-reduces its gradient (Megatron's
 /// `copy_to_tensor_model_parallel_region`). The ranks' check also covers the hidden size and
 /// whether `hidden` requires grad, on which that all-reduce depends.

@@ -78,7 +78,9 @@ PREFOPT_API SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor& lo
 /// single-device op does): do not also
 /// route `hidden` through a region that all-reduces its gradient (Megatron's
 /// `copy_to_tensor_model_parallel_region`). The ranks' check also covers the hidden size and
-/// whether `hidden` requires grad, on which that all-reduce depends.
+/// whether `hidden` requires grad, on which that all-reduce depends; backward itself must then
+/// run on every rank alike (a rank that asks only for the weight's gradient, through
+/// `autograd::grad`, skips the all-reduce the others wait in).
 ///
 /// Example:
 /// ```

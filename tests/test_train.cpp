@@ -1203,9 +1203,10 @@ TEST(Train, ConfigFileAndHelp) {
                 " --max_steps 1 --ascii --no-save --output_dir " + (dir / "out").string());
   EXPECT_NE(r.status, 0);  // --ascii and the file's no_ascii exclude each other
   EXPECT_NE(r.output.find("excludes"), std::string::npos) << r.output;
-  r = run_train("--max_steps 1 --train_limit 8 --eval_limit 4 --max_length 64 --no-save "
-                "--no-plot --output_dir " +
-                (dir / "out").string());
+  r = run_train(
+      "--max_steps 1 --train_limit 8 --eval_limit 4 --max_length 64 --no-save "
+      "--no-plot --output_dir " +
+      (dir / "out").string());
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("typographic punctuation mapped to ASCII"), std::string::npos)
       << r.output;

@@ -787,11 +787,9 @@ int run(const Options& o) {
               : "");
   }
   int64_t prompt_merges = 0;
-  fmt::print("data: typographic punctuation {}\n",
-             o.ascii_on || (!o.ascii_off && !tok.byte_fallback())
-                 ? "mapped to ASCII (--no-ascii keeps it)"
-                 : "kept as it is");
   const bool ascii = o.ascii_on || (!o.ascii_off && !tok.byte_fallback());
+  fmt::print("data: typographic punctuation {}\n",
+             ascii ? "mapped to ASCII (--no-ascii keeps it)" : "kept as it is");
   const train::TokenizeOptions topts{
       o.max_length, o.max_prompt_length, ascii,
       o.truncation == "classic" ? train::Truncation::kClassic : train::Truncation::kKeepStart,

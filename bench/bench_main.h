@@ -10,6 +10,8 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <exception>
+#include <iostream>
 #include <string>
 #include <thread>
 
@@ -46,15 +48,33 @@ inline int bench_main(int argc, char** argv, void (*register_all)(bool smoke)) {
     if (arg == "--smoke") {
       smoke = true;
     } else if (arg.rfind("--device=", 0) == 0) {
-      bench_device() = c10::Device(arg.substr(9));
+      try {
+        bench_device() = c10::Device(arg.substr(9));
+      } catch (const std::exception&) {
+        std::cerr << argv[0] << ": expected --device=cpu or --device=cuda[:N], got " << arg << "\n";
+        return 2;
+      }
+      if (bench_device().is_cuda() && !at::hasCUDA()) {
+        std::cerr << argv[0] << ": " << arg << " needs a CUDA build of libtorch and a GPU\n";
+        return 2;
+      }
     } else if (arg.rfind("--threads=", 0) == 0) {
-      threads = std::stoi(arg.substr(10));
+      size_t used = 0;
+      try {
+        threads = std::stoi(arg.substr(10), &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used == 0 || used != arg.size() - 10 || threads < 1) {
+        std::cerr << argv[0] << ": expected --threads=N with N >= 1, got " << arg << "\n";
+        return 2;
+      }
     } else {
       argv[kept++] = argv[i];
     }
   }
   argc = kept;
-  at::set_num_threads(std::max(threads, 1));
+  at::set_num_threads(threads);
   register_all(smoke);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -26,8 +26,8 @@ int run(int argc, char** argv) {
   app.add_option("--grad-accum", grad_accum, "micro-steps per optimizer step")
       ->check(CLI::PositiveNumber);
   app.add_option("--pairs", pairs, "pairs per micro-step and rank")->check(CLI::PositiveNumber);
-  app.add_option("--lr", lr, "SGD learning rate");
-  app.add_option("--beta", beta, "DPO beta");
+  app.add_option("--lr", lr, "SGD learning rate")->check(CLI::PositiveNumber);
+  app.add_option("--beta", beta, "DPO beta")->check(CLI::PositiveNumber);
   app.add_option("--log", log_path, "append rank 0's metrics to this JSON Lines file");
   CLI11_PARSE(app, argc, argv);
 

@@ -221,6 +221,50 @@ TEST(Demo, BadOptionsFailClearly) {
            out_dir("bad").string(),
        "is not used by any of the loss types"},  // the library's check, without a backtrace
   };
+  // An option that neither the chosen loss nor the chosen start reads is an error, as in
+  // prefopt-train, not a run without it. The short stages keep a run that ignored it quick.
+  const std::string quick =
+      " --sft-steps 1 --steps 1 --eval-every 1 --eval-size 50 --no-plot --out " +
+      out_dir("bad").string();
+  const std::vector<std::pair<std::string, std::string>> unused = {
+      {"--loss orpo --rpo-alpha 1", "--rpo-alpha is not used by --loss orpo"},
+      {"--loss kto --label-smoothing 0.1", "--label-smoothing is not used by --loss kto"},
+      {"--loss orpo --cdpo", "--cdpo is not used by --loss orpo"},
+      {"--loss sigmoid --simpo-gamma 1", "--simpo-gamma is not used by --loss sigmoid"},
+      {"--loss orpo --cpo-alpha 1", "--cpo-alpha is not used by --loss orpo"},
+      {"--loss simpo --cpo-loss-type hinge", "--cpo-loss-type is not used by --loss simpo"},
+      {"--loss sigmoid --desirable-weight 2", "--desirable-weight is not used by --loss sigmoid"},
+      {"--loss cpo --undesirable-weight 2", "--undesirable-weight is not used by --loss cpo"},
+  };
+  for (const auto& [args, message] : unused) {
+    const auto r = run_demo(args + quick);
+    EXPECT_EQ(r.status, 2) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find("prefopt-demo: error: " + message), std::string::npos) << args << "\n"
+                                                                                   << r.output;
+  }
+  // The SFT stage's options with no SFT stage to train (any existing file passes --load-sft's
+  // check; the demo refuses before reading it).
+  for (const auto& [args, message] : std::vector<std::pair<std::string, std::string>>{
+           {std::string("--load-sft ") + PREFOPT_DEMO + " --sft-steps 5 --out " +
+                out_dir("bad").string(),
+            "--sft-steps is not used with --load-sft"},
+           {"--loss orpo --from base --sft-noise 0.2 --steps 1 --no-plot --out " +
+                out_dir("bad").string(),
+            "--sft-noise is not used with --from base"}}) {
+    const auto r = run_demo(args);
+    EXPECT_EQ(r.status, 2) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find("prefopt-demo: error: " + message), std::string::npos) << args << "\n"
+                                                                                   << r.output;
+  }
+  // What each family does read is still accepted.
+  for (const std::string args : {"--loss sigmoid --cdpo --label-smoothing 0.1 --rpo-alpha 1",
+                                 "--loss simpo --label-smoothing 0.1 --simpo-gamma 1 --cpo-alpha 1",
+                                 "--loss cpo --cpo-loss-type hinge --cpo-alpha 0.5",
+                                 "--loss apo_zero_unpaired --desirable-weight 2 "
+                                 "--undesirable-weight 0.5"}) {
+    const auto r = run_demo(args + quick);
+    EXPECT_EQ(r.status, 0) << args << "\n" << r.output;
+  }
   for (const auto& [args, message] : cases) {
     const auto r = run_demo(args);
     EXPECT_NE(r.status, 0) << args;

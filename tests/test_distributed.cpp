@@ -434,6 +434,28 @@ TEST(DistWorker, KtoKl) {
   // No KL pairs on any rank: 0.
   const auto none = at::empty({0}, kF64);
   EXPECT_EQ(F::kto_kl(none, none, ctx.group.get()).item<double>(), 0.0);
+
+  // Rank 1's bad arguments: it names its own error, the others name rank 1, at once (they
+  // waited for it in the collective until the timeout).
+  const auto t0 = Clock::now();
+  const auto p = even[me].pkl, r = even[me].rkl;
+  const std::string own =
+      "prefopt::functional::kto_kl: expected two 1-D log-prob tensors of "
+      "equal size, got [4] and [3]";
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_kl(p, me == 1 ? r.narrow(0, 0, 3) : r, ctx.group.get()),
+                             me == 1 ? own
+                                     : "prefopt::functional::kto_kl: rank 1 rejected its "
+                                       "arguments (its error says why)");
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
+  // Integer log-probs on rank 0: refused as by the one-rank kto_kl, not cast.
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_kl(me == 0 ? p.to(at::kLong) : p, r, ctx.group.get()),
+                             me == 0 ? "prefopt::functional::kto_kl: expected policy_KL_logps to "
+                                       "be floating point (fp64/fp32/bf16/fp16), got Long"
+                                     : "prefopt::functional::kto_kl: rank 0 rejected its "
+                                       "arguments (its error says why)");
+  // The ranks are still in step.
+  EXPECT_NEAR(F::kto_kl(p, r, ctx.group.get()).item<double>(),
+              F::kto_kl(at::cat(pkl), at::cat(rkl)).item<double>(), 1e-13);
 }
 
 TEST(DistWorker, BcoBaseline) {
@@ -459,6 +481,19 @@ TEST(DistWorker, BcoBaseline) {
   EXPECT_NEAR(baseline.mean(), mu, 1e-13);
   EXPECT_NEAR(baseline.var(), var, 1e-12);
   EXPECT_NEAR(baseline.count(), world, 1e-12);
+
+  // Rank 2's undefined rewards: every rank throws at once, and the baseline is unchanged.
+  const auto t0 = Clock::now();
+  const at::Tensor chosen = me == 2 ? at::Tensor() : rewards[me].first;
+  PREFOPT_EXPECT_THROWS_WITH(
+      prefopt::update_bco_baseline(baseline, chosen, rewards[me].second, ctx.group.get()),
+      me == 2 ? "prefopt::update_bco_baseline: expected defined chosen and rejected rewards"
+              : "prefopt::update_bco_baseline: rank 2 rejected its arguments (its error says "
+                "why)");
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
+  EXPECT_NEAR(baseline.count(), world, 1e-12);
+  prefopt::update_bco_baseline(baseline, rewards[me].first, rewards[me].second, ctx.group.get());
+  EXPECT_NEAR(baseline.mean(), mu, 1e-13);  // the same batch again: the same mean
 }
 
 TEST(DistWorker, GradientAccumulation) {

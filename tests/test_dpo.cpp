@@ -103,18 +103,103 @@ TEST_F(DPOLossTest, FDivergencesMatchReference) {
   for (auto f :
        {FDivergence::kForwardKL, FDivergence::kJSDivergence, FDivergence::kAlphaDivergence})
     for (double a : {0.5, 0.0, 1.0, 1.7})
-      for (const char* t : {"sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard",
-                            "apo_down", "discopop", "sigmoid_norm", "robust"}) {
+      for (const char* t :
+           {"sigmoid", "hinge", "ipo", "discopop", "sigmoid_norm", "robust", "exo_pair"}) {
         auto o = DPOLossOptions()
                      .loss_type(prefopt::dpo_loss_type_from_name(t))
                      .f_divergence_type(f)
                      .f_alpha_divergence_coef(a);
-        if (std::string(t) == "robust") o.label_smoothing(0.2);
+        if (std::string(t) == "robust" || std::string(t) == "exo_pair") o.label_smoothing(0.2);
         expect_matches_reference(
             b, o,
             (std::string(prefopt::f_divergence_name(f)) + " " + t + " a=" + std::to_string(a))
                 .c_str());
       }
+}
+
+// TRL 1.16's scores keep f′'s constants (forward_kl 1 − e^{−ρ}, js_divergence log 2 + ℓ(ρ),
+// alpha_divergence (e^{(α−1)ρ} − 1)/(α−1), trl#6559): they cancel in Δ but not in ipo's and
+// sigmoid_norm's per-token scores when the lengths differ. Expected values: TRL 1.16's
+// `_compute_loss` formulas restated in Python (torch, fp64), β = 0.1.
+TEST_F(DPOLossTest, FDivergenceScoresKeepTrlConstants) {
+  const auto in = PairInputs()
+                      .policy_chosen_logps(at::tensor({-4.0, -10.0}, at::kDouble))
+                      .policy_rejected_logps(at::tensor({-14.0, -6.0}, at::kDouble))
+                      .reference_chosen_logps(at::tensor({-5.0, -9.0}, at::kDouble))
+                      .reference_rejected_logps(at::tensor({-10.0, -7.0}, at::kDouble))
+                      .chosen_lengths(at::tensor({3, 7}))
+                      .rejected_lengths(at::tensor({2, 5}))
+                      .logps_form(prefopt::LogpsForm::kSum);
+  struct Case {
+    FDivergence f;
+    double alpha;
+    DPOLossType t;
+    std::vector<double> losses;
+  };
+  const std::vector<Case> cases = {
+      {FDivergence::kForwardKL, 0.5, DPOLossType::kIPO, {484.4304979436299, 28.8572338061237}},
+      {FDivergence::kForwardKL,
+       0.5,
+       DPOLossType::kSigmoidNorm,
+       {0.06498199028411578, 0.71191469827107}},
+      {FDivergence::kForwardKL,
+       0.5,
+       DPOLossType::kSigmoid,
+       {0.004404053579307288, 0.8175569521882899}},
+      {FDivergence::kJSDivergence, 0.5, DPOLossType::kIPO, {10.30968698299582, 26.67273045464599}},
+      {FDivergence::kJSDivergence,
+       0.5,
+       DPOLossType::kSigmoidNorm,
+       {0.6076865938539149, 0.7014092764456489}},
+      {FDivergence::kAlphaDivergence,
+       0.5,
+       DPOLossType::kIPO,
+       {2.727019549243695, 28.544835131381422}},
+      {FDivergence::kAlphaDivergence,
+       0.5,
+       DPOLossType::kSigmoidNorm,
+       {0.4148893130351941, 0.7104308424353699}},
+      {FDivergence::kAlphaDivergence,
+       1.7,
+       DPOLossType::kIPO,
+       {14.794874967073653, 29.077776341371052}},
+      {FDivergence::kAlphaDivergence,
+       1.7,
+       DPOLossType::kSigmoidNorm,
+       {0.6371302524777155, 0.7129586882846226}},
+  };
+  for (const auto& c : cases) {
+    const auto r = F::dpo_loss(
+        in,
+        DPOLossOptions().loss_type(c.t).f_divergence_type(c.f).f_alpha_divergence_coef(c.alpha));
+    EXPECT_TRUE(AllClose(r.losses, at::tensor(c.losses, at::kDouble), 1e-12, 1e-14))
+        << prefopt::f_divergence_name(c.f) << " " << prefopt::dpo_loss_type_name(c.t) << " "
+        << r.losses;
+  }
+}
+
+// TRL 1.16 (trl#6559) rejects an f-divergence for the types that read each side's log-ratio
+// alone; they used to take the scores silently here.
+TEST_F(DPOLossTest, FDivergenceIsRefusedWhereUndefined) {
+  Batch b(3);
+  for (auto t :
+       {DPOLossType::kNCAPair, DPOLossType::kBCOPair, DPOLossType::kSPPOHard, DPOLossType::kAPOZero,
+        DPOLossType::kAPODown, DPOLossType::kAOT, DPOLossType::kAOTUnpaired}) {
+    for (auto f :
+         {FDivergence::kForwardKL, FDivergence::kJSDivergence, FDivergence::kAlphaDivergence}) {
+      PREFOPT_EXPECT_THROWS_WITH(
+          F::dpo_loss(b.inputs(),
+                      DPOLossOptions().loss_type({DPOLossType::kSigmoid, t}).f_divergence_type(f)),
+          std::string("prefopt::dpo_loss: f_divergence_type = ") + prefopt::f_divergence_name(f) +
+              " is only defined for the loss types built on the chosen - rejected difference "
+              "(sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft), got " +
+              prefopt::dpo_loss_type_name(t));
+    }
+    EXPECT_NO_THROW(F::dpo_loss(b.inputs(), DPOLossOptions().loss_type(t)));
+  }
+  EXPECT_NO_THROW(F::dpo_loss(b.inputs(), DPOLossOptions()
+                                              .loss_type({DPOLossType::kSigmoid, DPOLossType::kSFT})
+                                              .f_divergence_type(FDivergence::kForwardKL)));
 }
 
 // torchtune's published expectations (tests/torchtune/rlhf/loss/test_dpo_loss.py) on its
@@ -420,6 +505,30 @@ TEST_F(DPOLossTest, ZeroLengthCompletionsNeverNaN) {
       F::dpo_loss(in, DPOLossOptions().loss_type(DPOLossType::kSFT)).loss.item<double>(), 0.0);
 }
 
+// The token-mean NLL sums the counts in the loss's dtype: fp16 counts overflowed past 65504
+// tokens (an NLL of 0) and fp64 counts turned an fp32 loss into fp64.
+TEST_F(DPOLossTest, TokenMeanNllSumsCountsInTheLossDtype) {
+  const auto pc = at::tensor({-40000.0f, -80000.0f});
+  const auto z = at::zeros({2});
+  const auto in = PairInputs()
+                      .policy_chosen_logps(pc)
+                      .policy_rejected_logps(z)
+                      .reference_chosen_logps(z)
+                      .reference_rejected_logps(z)
+                      .logps_form(prefopt::LogpsForm::kSum);
+  const auto sft = DPOLossOptions().loss_type(DPOLossType::kSFT);
+  for (auto ct : {at::kHalf, at::kBFloat16, at::kDouble, at::kLong}) {
+    const auto n = at::tensor({40000.0, 40000.0}, at::kDouble).to(ct);
+    const double nll = 120000.0 / n.to(at::kDouble).sum().item<double>();  // bf16 rounds n
+    const auto r = F::dpo_loss(PairInputs(in).chosen_lengths(n), sft);
+    EXPECT_EQ(r.loss.scalar_type(), at::kFloat) << ct;
+    EXPECT_NEAR(r.loss.item<double>(), nll, 1e-6) << ct;
+    const auto cpo = F::cpo_loss(PairInputs(in).chosen_lengths(n));
+    EXPECT_EQ(cpo.loss.scalar_type(), at::kFloat) << ct;
+    EXPECT_NEAR(cpo.nll_loss.item<double>(), nll, 1e-6) << ct;
+  }
+}
+
 TEST_F(DPOLossTest, NamesRoundTrip) {
   for (const auto& name : kAllTypes)
     EXPECT_EQ(prefopt::dpo_loss_type_name(prefopt::dpo_loss_type_from_name(name)), name);
@@ -489,6 +598,14 @@ TEST_F(DPOLossTest, Errors) {
                              "(fp64/fp32/bf16/fp16), got ComplexDouble");
   PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(PairInputs(in).weights(at::ones({4}, at::kLong))),
                              "prefopt::dpo_loss: expected weights to be floating point");
+  // NaN or negative WPO weights gave a NaN or sign-flipped loss without a word.
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(PairInputs(in).weights(at::tensor({1.0, NAN, 0.5, 1.0}, at::kDouble))),
+      "prefopt::dpo_loss: expected weights to be finite and >= 0, got nan at index 1");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(PairInputs(in).weights(at::tensor({1.0, 0.5, 0.5, -2.0}, at::kDouble))),
+      "prefopt::dpo_loss: expected weights to be finite and >= 0, got -2 at index 3");
+  EXPECT_NO_THROW(F::dpo_loss(PairInputs(in).weights(at::zeros({4}, at::kDouble))));
   PREFOPT_EXPECT_THROWS_WITH(
       F::dpo_loss(PairInputs(in).chosen_lengths(at::ones({4}, at::kComplexFloat)),
                   DPOLossOptions().loss_type(DPOLossType::kIPO)),
@@ -681,6 +798,19 @@ TEST_F(DPOLossTest, FunctorIsConstAndItsBaselineSurvivesErrors) {
   PREFOPT_EXPECT_THROWS_WITH(prefopt::DPOLoss(DPOLossOptions().bco_running_mean(true)),
                              "bco_running_mean(true) keeps bco_pair's baseline, and bco_pair is "
                              "not among the loss types");
+  // The functional forms: what nothing would read is an error, as is a NaN baseline.
+  const auto bco_only = DPOLossOptions().loss_type(DPOLossType::kBCOPair);
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::dpo_loss(b.inputs(), DPOLossOptions(bco_only).bco_running_mean(true)),
+      "prefopt::dpo_loss: bco_running_mean(true) needs the running "
+      "baseline that the DPOLoss functor keeps");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.inputs(), at::scalar_tensor(0.5), DPOLossOptions()),
+                             "prefopt::dpo_loss: bco_delta is read by bco_pair only, and bco_pair "
+                             "is not among the loss types");
+  PREFOPT_EXPECT_THROWS_WITH(F::dpo_loss(b.inputs(), at::scalar_tensor(NAN), bco_only),
+                             "prefopt::dpo_loss: expected a finite bco_delta, got nan");
+  EXPECT_TRUE(AllClose(F::dpo_loss(b.inputs(), at::Tensor(), DPOLossOptions()).loss,
+                       F::dpo_loss(b.inputs()).loss, 0, 0));  // no δ: any type
   const prefopt::DPOLoss bco(
       DPOLossOptions().loss_type(DPOLossType::kBCOPair).bco_running_mean(true));
   bco(b.inputs());

@@ -338,6 +338,8 @@ TEST_F(eigen, DPOFDivergencesMatchLibtorch) {
     for (double alpha : {0.5, 1.0, 1.5, -0.5}) {
       if (f != prefopt::FDivergence::kAlphaDivergence && alpha != 0.5) continue;
       for (auto t : kAllDPOTypes) {
+        // The other types refuse an f-divergence in both layers (TRL ≥ 1.10).
+        if (!prefopt::detail::dpo_takes_f_divergence(t)) continue;
         auto o = dpo_options(t).f_divergence_type(f).f_alpha_divergence_coef(alpha);
         expect_dpo_matches(
             p, {}, o, name(t) + " " + prefopt::detail::name_of(f) + " α " + std::to_string(alpha));
@@ -354,8 +356,8 @@ TEST_F(eigen, DPOFDivergenceCapsMatchLibtorch) {
   p.pc = at::tensor({-900.0, -800.0, -20.0, 780.0, -10.0}, at::kDouble);
   p.rc = at::tensor({-100.0, -50.0, -21.0, -20.0, -10.5}, at::kDouble);
   for (auto f : {prefopt::FDivergence::kForwardKL, prefopt::FDivergence::kAlphaDivergence}) {
-    for (auto t : {DPOLossType::kSigmoid, DPOLossType::kHinge, DPOLossType::kNCAPair,
-                   DPOLossType::kBCOPair}) {
+    for (auto t : {DPOLossType::kSigmoid, DPOLossType::kHinge, DPOLossType::kDiscoPOP,
+                   DPOLossType::kSigmoidNorm}) {
       auto o = dpo_options(t).f_divergence_type(f).f_alpha_divergence_coef(2.0);
       SCOPED_TRACE(name(t) + " " + prefopt::detail::name_of(f));
       const auto t_in = torch_pairs(p, {});
@@ -1351,6 +1353,9 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
   means.logps_form(LogpsForm::kMean).chosen_lengths(std::nullopt);
   auto tmeans = t.in;
   tmeans.logps_form(LogpsForm::kMean).chosen_lengths(at::Tensor());
+  EXPECT_EIGEN_THROWS(pe::dpo_loss(means), dpo,
+                      "dpo_loss consumes sums of the log-probs; got per-token means without "
+                      "chosen_lengths");
   EXPECT_EQ(eigen_message([&] { return pe::dpo_loss(means); }, dpo),
             torch_message([&] { return F::dpo_loss(tmeans); }, "prefopt::dpo_loss"));
   auto no_len = in;
@@ -1367,6 +1372,32 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
   weighted.weights(pe::Vector<double>::Ones(3));
   EXPECT_EIGEN_THROWS(pe::dpo_loss(weighted, O().loss_type(DPOLossType::kAOT)), dpo,
                       "aot and aot_unpaired sort the batch");
+  // NaN or negative WPO weights, refused with the libtorch layer's message.
+  for (const double w : {std::numeric_limits<double>::quiet_NaN(), -2.0}) {
+    auto bad = in;
+    bad.weights((pe::Vector<double>(3) << 1.0, w, 0.5).finished());
+    auto tbad = t.in;
+    tbad.weights(at::tensor({1.0, w, 0.5}, at::kDouble));
+    const auto em = eigen_message([&] { return pe::dpo_loss(bad); }, dpo);
+    EXPECT_NE(em.find("expected weights to be finite and >= 0, got"), std::string::npos) << em;
+    EXPECT_EQ(em, torch_message([&] { return F::dpo_loss(tbad); }, "prefopt::dpo_loss"));
+  }
+  EXPECT_EIGEN_THROWS(pe::dpo_loss(in, std::numeric_limits<double>::quiet_NaN(),
+                                   O().loss_type(DPOLossType::kBCOPair)),
+                      dpo, "expected a finite bco_delta, got nan");
+  // Options and inputs nothing would read (as in the libtorch layer).
+  EXPECT_EIGEN_THROWS(pe::dpo_loss(in, 0.5, O()), dpo,
+                      "bco_delta is read by bco_pair only, and bco_pair is not among the loss "
+                      "types");
+  EXPECT_EIGEN_THROWS(pe::dpo_loss(in, O().loss_type(DPOLossType::kBCOPair).bco_running_mean(true)),
+                      dpo,
+                      "bco_running_mean(true) needs the running baseline that the DPOLoss "
+                      "functor keeps");
+  EXPECT_EIGEN_THROWS(
+      pe::cu_seqlens_from_lengths(
+          (pe::IndexVector(2) << std::numeric_limits<int64_t>::max(), 1).finished()),
+      "prefopt::eigen::cu_seqlens_from_lengths",
+      "expected lengths whose total fits in int64, got 1 at index 1");
   EXPECT_EIGEN_THROWS(pe::DPOLoss(O().bco_running_mean(true)), "prefopt::eigen::DPOLoss",
                       "bco_pair is not among the loss types");
   EXPECT_EIGEN_THROWS(pe::DPOLoss().bco_baseline(), "prefopt::eigen::DPOLoss::bco_baseline",
@@ -1396,6 +1427,18 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
   with_nll.nll_loss(1.0);
   EXPECT_EIGEN_THROWS(pe::tpo_loss(with_nll, gold), "prefopt::eigen::tpo_loss",
                       "got both the gold SequenceLogprobs and nll_loss");
+  // Two gold responses for three pairs, refused as by the libtorch layer.
+  {
+    prefopt::SequenceLogprobs tgold;
+    tgold.sum = at::ones({2}, at::kDouble);
+    tgold.count = at::ones({2}, at::kLong);
+    const auto em =
+        eigen_message([&] { return pe::tpo_loss(in, gold); }, "prefopt::eigen::tpo_loss");
+    EXPECT_EQ(em,
+              ": expected one gold response per pair, gold.sum of shape [3] like "
+              "policy_chosen_logps, got [2]");
+    EXPECT_EQ(em, torch_message([&] { return F::tpo_loss(t.in, tgold); }, "prefopt::tpo_loss"));
+  }
   // ORPO, KTO.
   EXPECT_EIGEN_THROWS(pe::orpo_loss(in, pe::ORPOLossOptions().beta(0)), "prefopt::eigen::orpo_loss",
                       "expected beta > 0, got 0");
@@ -1467,6 +1510,79 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
   EXPECT_STREQ(pe::name_of(prefopt::KTOLossType::kAPOZeroUnpaired), "apo_zero_unpaired");
 }
 
+// The gradient may replace the logits in place (the same buffer: each row is read before it
+// is written), as hosts short of memory do; a partly overlapping buffer is refused, and a call
+// that throws writes nothing.
+TEST_F(eigen, GatheringBackwardInPlaceAndOverlap) {
+  const Packed pk({5, 0, 1, 13, 2}, 37);
+  const auto S = pk.cu.size() - 1;
+  const pe::Vector<double> gs = to_eigen<double>(at::randn({S}, at::kDouble));
+  const pe::Vector<double> gm = to_eigen<double>(at::randn({S}, at::kDouble));
+  for (bool shift : {true, false}) {
+    SCOPED_TRACE(shift ? "shift" : "no shift");
+    const auto eo = pe::GatherLogprobsOptions().shift(shift);
+    // The libtorch layer's autograd is the reference.
+    const auto logits = pk.torch_logits(at::kDouble).requires_grad_();
+    const auto tl = F::gather_packed_logprobs(logits, pk.torch_labels(), pk.torch_cu(),
+                                              prefopt::GatherLogprobsOptions().shift(shift));
+    const auto g = torch::autograd::grad(
+        {(tl.sum * to_torch(gs)).sum() + (tl.mean * to_torch(gm)).sum()}, {logits})[0];
+    pe::RowMatrix<double> buf = pk.logits;  // the logits, overwritten by their gradient
+    pe::gather_packed_logprobs_backward<double>(buf, pk.labels, pk.cu, gs, gm, buf, eo);
+    EXPECT_TRUE(
+        AllClose(at::from_blob(buf.data(), {buf.rows(), buf.cols()}, at::kDouble), g, kRtol, kAtol))
+        << "in place, double";
+    pe::RowMatrix<float> fbuf = pk.logits.cast<float>();
+    const pe::RowMatrix<float> fref = pe::gather_packed_logprobs_backward<float>(
+        fbuf, pk.labels, pk.cu, gs.cast<float>(), gm.cast<float>(), eo);
+    pe::gather_packed_logprobs_backward<float>(fbuf, pk.labels, pk.cu, gs.cast<float>(),
+                                               gm.cast<float>(), fbuf, eo);
+    EXPECT_EQ((fbuf - fref).cwiseAbs().maxCoeff(), 0.f) << "in place, float";
+  }
+  // Rows 1.. of the logits as the gradient of rows 0..: refused, the buffer left as it was.
+  const char* fn = "prefopt::eigen::gather_packed_logprobs_backward";
+  pe::IndexVector labels(4), cu(2);
+  labels << -100, 1, 2, 0;
+  cu << 0, 4;
+  std::vector<double> mem(5 * 3);
+  for (size_t i = 0; i < mem.size(); ++i) mem[i] = 0.25 * static_cast<double>(i % 7);
+  const std::vector<double> before = mem;
+  const Eigen::Map<const pe::RowMatrix<double>> rows0(mem.data(), 4, 3);
+  Eigen::Map<pe::RowMatrix<double>> rows1(mem.data() + 3, 4, 3);
+  const pe::Vector<double> one = pe::Vector<double>::Ones(1);
+  EXPECT_EIGEN_THROWS(pe::gather_packed_logprobs_backward<double>(rows0, labels, cu, one,
+                                                                  pe::Vector<double>(), rows1),
+                      fn,
+                      "expected grad_logits to be the logits' own buffer (in place) or not to "
+                      "overlap it, got buffers that partly overlap");
+  EXPECT_EQ(mem, before);
+  // An out-of-range label: the error comes before anything is written.
+  labels(3) = 3;
+  pe::RowMatrix<double> out = pe::RowMatrix<double>::Constant(4, 3, 7.0);
+  EXPECT_EIGEN_THROWS(pe::gather_packed_logprobs_backward<double>(rows0, labels, cu, one,
+                                                                  pe::Vector<double>(), out),
+                      fn, "expected labels in [0, 3) or equal to ignore_index = -100, got 3");
+  EXPECT_TRUE((out.array() == 7.0).all());
+}
+
+// A window that is not a MetricWindow value (an integer cast to the enum) is refused, with the
+// libtorch layer's message; it was silently taken as kCountWeighted.
+TEST_F(eigen, MetricAccumulatorRefusesAnUnknownWindow) {
+  const auto em = eigen_message(
+      [] {
+        return pe::MetricAccumulator(pe::MetricsOptions().window(static_cast<pe::MetricWindow>(9)));
+      },
+      "prefopt::eigen::MetricAccumulator");
+  const auto tm = torch_message(
+      [] {
+        return prefopt::MetricAccumulator(
+            prefopt::MetricsOptions().window(static_cast<prefopt::MetricWindow>(9)));
+      },
+      "prefopt::MetricAccumulator");
+  EXPECT_EQ(em, ": window is not a MetricWindow value (got 9)");
+  EXPECT_EQ(em, tm);
+}
+
 // Issue #20: negative token counts are refused, with the libtorch layer's message.
 TEST_F(eigen, NegativeLengthsAreRefused) {
   Pairs p(3);
@@ -1514,4 +1630,27 @@ TEST_F(eigen, UnspecifiedFormWarnsOnce) {
   pe::warning_handler() = saved;
   ASSERT_EQ(seen.size(), 1u);
   EXPECT_NE(seen[0].find("prefopt::eigen::dpo_loss: PairInputs does not say"), std::string::npos);
+}
+
+// A host's own `loss` from add_scalar and an add's loss in one micro-step: refused by both
+// layers (they were averaged into one value).
+TEST_F(eigen, AddScalarOfABuiltinDoesNotMixWithAdd) {
+  const Pairs p(3);
+  const auto ein = eigen_pairs<double>(p, {});
+  const auto r = pe::dpo_loss(ein);
+  pe::MetricAccumulator acc;
+  acc.add(r, ein);
+  EXPECT_EIGEN_THROWS(acc.add_scalar("loss", 100.0),
+                      "prefopt::eigen::MetricAccumulator::add_scalar",
+                      "'loss' is logged by this micro-step's add already");
+  acc.add_scalar("kl", 0.5);  // a DPO add logs no kl
+  acc.add_scalar("kl", 1.5);  // another sample of it, not the add's
+  const auto m = acc.compute();
+  EXPECT_DOUBLE_EQ(m.at("loss"), r.loss(0));
+  EXPECT_DOUBLE_EQ(m.at("kl"), 1.0);
+  acc.add_scalar("loss", 100.0);
+  EXPECT_EIGEN_THROWS(acc.add(r, ein), "prefopt::eigen::MetricAccumulator::add",
+                      "'loss' came from add_scalar in this micro-step, and this add logs its own");
+  acc.add_scalar("loss", 2.0);  // without add: the window's samples
+  EXPECT_DOUBLE_EQ(acc.compute().at("loss"), 51.0);
 }

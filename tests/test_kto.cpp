@@ -129,6 +129,16 @@ TEST_F(KTOLossTest, Errors) {
                              "prefopt::kto_loss: expected a finite kl, got nan");
   PREFOPT_EXPECT_THROWS_WITH(prefopt::kto_loss_type_from_name("kto_pair"),
                              "unknown KTO loss type 'kto_pair'");
+  // Integer (or complex) KL log-probs were cast silently, like the kl above.
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::kto_loss(
+          KTOInputs(in).policy_KL_logps(at::tensor({-3, -4}, at::kLong)).reference_KL_logps(x)),
+      "prefopt::kto_kl: expected policy_KL_logps to be floating point (fp64/fp32/bf16/fp16), "
+      "got Long");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::kto_kl(x, at::ones({2}, at::kComplexDouble)),
+      "prefopt::kto_kl: expected reference_KL_logps to be floating point (fp64/fp32/bf16/fp16), "
+      "got ComplexDouble");
 }
 
 // Issue #16, bug 1: a reference computed with autograd on gets no gradient and its graph is

@@ -277,6 +277,29 @@ TEST_F(Gather, ExtremeLogits) {
   }
 }
 
+// Logits far from 0 (an offset of 3e4, as an unnormalised head may give): log p was z_y − lse
+// with lse rounded to the accumulation dtype, ulp(3e4)/2 ≈ 1e-3 off per token in fp32; as
+// (z_y − max) − log S it keeps the precision of log p itself.
+TEST_F(Gather, LargeLogitOffsetsKeepLogProbPrecision) {
+  const int64_t B = 3, T = 9, V = 500;
+  const auto labels = make_labels(B, T, V);
+  for (const double offset : {3e4, -3e4}) {
+    for (auto dtype : {at::kFloat, at::kBFloat16}) {
+      const auto logits = (at::randn({B, T, V}) * 3 + offset).to(dtype);
+      const auto ref = prefopt_ref::gather(logits.to(at::kDouble), labels, labels != kIgnore);
+      for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+        SCOPED_TRACE(std::string(backend_name(backend)) + " " + c10::toString(dtype) + " " +
+                     std::to_string(offset));
+        const auto lp =
+            F::gather_logprobs(logits, labels, GatherLogprobsOptions().backend(backend));
+        // ≤ 8 tokens of |log p| ≲ 20 each: fp32 rounding of ~1e-5 per sequence, not 1e-2.
+        const double err = (lp.sum.to(at::kDouble) - ref.sum).abs().max().item<double>();
+        EXPECT_LT(err, 1e-4);
+      }
+    }
+  }
+}
+
 // A NaN (or +inf) logit makes its row's log-prob and every gradient entry NaN, in both
 // backends and in fp32 and fp64, as log_softmax's backward does; the other rows stay exact.
 TEST_F(Gather, NanRowsGiveNanGradients) {

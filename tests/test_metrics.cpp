@@ -434,6 +434,29 @@ TEST(Metrics, ScalarsAndNumTokensAcrossWindows) {
   PREFOPT_EXPECT_THROWS_WITH(m.at("nope"), "no metric named 'nope'");
 }
 
+// A host's own `loss` through add_scalar, in a micro-step whose add logs its loss too, was
+// averaged with it (100 and 0.644 logged as 50.3).
+TEST(Metrics, BuiltinScalarsFromAddScalarDoNotMixWithAdd) {
+  auto s = two_steps();
+  MetricAccumulator acc;
+  acc.add(s[0].result, s[0].inputs, s[0].policy);
+  PREFOPT_EXPECT_THROWS_WITH(acc.add_scalar("loss", 100.0),
+                             "prefopt::MetricAccumulator::add_scalar: 'loss' is logged by this "
+                             "micro-step's add already");
+  acc.add_scalar("kl", 0.5);  // a DPO add logs no kl: the host's own
+  acc.add_scalar("kl", 1.5);  // another sample of it, not the add's
+  const auto m = acc.compute();
+  EXPECT_NEAR(m.at("loss"), s[0].result.loss.item<double>(), 1e-15);
+  EXPECT_DOUBLE_EQ(m.at("kl"), 1.0);
+  acc.add_scalar("loss", 100.0);  // opens the micro-step the next add fills
+  PREFOPT_EXPECT_THROWS_WITH(acc.add(s[0].result, s[0].inputs, s[0].policy),
+                             "prefopt::MetricAccumulator::add: 'loss' came from add_scalar in "
+                             "this micro-step, and this add logs its own");
+  // Without add, repeated add_scalar("loss") calls are the window's samples (a host's loss).
+  acc.add_scalar("loss", 2.0);
+  EXPECT_DOUBLE_EQ(acc.compute().at("loss"), 51.0);
+}
+
 TEST(Metrics, SftStepsByHand) {
   // Two SFT micro-steps: loss per step, token metrics token-weighted, no pair metrics, and no
   // logits/* even when the log-probs carry them (SFTTrainer does not log them).
@@ -442,7 +465,7 @@ TEST(Metrics, SftStepsByHand) {
   a.correct = l({2, 1});
   a.entropy_sum = d({3.0, 1.0});
   a.logits_sum = d({1.0, 1.0});
-  b.count = l({4});
+  b.count = l({2});
   b.correct = l({1});
   b.entropy_sum = d({0.4});
   MetricAccumulator acc;
@@ -453,9 +476,11 @@ TEST(Metrics, SftStepsByHand) {
   EXPECT_EQ(names(m), (std::vector<std::string>{"loss", "entropy", "mean_token_accuracy",
                                                 "num_tokens", "grad_norm"}));
   EXPECT_DOUBLE_EQ(m.at("loss"), 1.5);
-  EXPECT_DOUBLE_EQ(m.at("mean_token_accuracy"), 4.0 / 8.0);
-  EXPECT_DOUBLE_EQ(m.at("entropy"), 4.4 / 8.0);
-  EXPECT_DOUBLE_EQ(m.at("num_tokens"), 8.0);
+  // Each step's tokens pooled, then the mean of the steps (TRL's SFTTrainer and log()): 3 / 4
+  // and 1 / 2, where pooling the window would give 4 / 6.
+  EXPECT_DOUBLE_EQ(m.at("mean_token_accuracy"), (3.0 / 4 + 1.0 / 2) / 2);
+  EXPECT_DOUBLE_EQ(m.at("entropy"), (4.0 / 4 + 0.4 / 2) / 2);
+  EXPECT_DOUBLE_EQ(m.at("num_tokens"), 6.0);
   PREFOPT_EXPECT_THROWS_WITH(acc.add(at::ones({2}), a), "one-element SFT loss");
   PREFOPT_EXPECT_THROWS_WITH(acc.add(at::ones({}), prefopt::SequenceLogprobs{}), "no token counts");
 }
@@ -464,6 +489,69 @@ TEST(Metrics, BadPairsAreRejected) {
   auto s = dpo_step(0.1, d({1.0, 2.0}), d({0.0}), d({-1, -1}), d({-2}));
   MetricAccumulator acc;
   PREFOPT_EXPECT_THROWS_WITH(acc.add(s.result, s.inputs), "as many chosen as rejected");
+  // The refused micro-step left nothing behind (it used to leave a step holding its rewards).
+  EXPECT_EQ(acc.steps(), 0);
+  EXPECT_TRUE(acc.compute().empty());
+}
+
+// Token statistics hold one value per sequence, one sequence per reward of their side: sizes
+// that disagree used to be summed regardless (mean_token_accuracy 8.3 from prefopt-eval). A
+// refused add leaves the window as it was.
+TEST(Metrics, TokenStatisticsOfTheWrongSizeAreRefused) {
+  MetricAccumulator acc;
+  const auto good = two_steps()[0];
+  acc.add(good.result, good.inputs, good.policy);
+  const auto refused = [&](auto&& add, const char* message) {
+    PREFOPT_EXPECT_THROWS_WITH(add(), message);
+    EXPECT_EQ(acc.steps(), 1) << message;
+  };
+  auto s = two_steps()[0];
+  s.policy.chosen.correct = l({1, 3, 3});
+  refused([&] { acc.add(s.result, s.inputs, s.policy); },
+          "prefopt::MetricAccumulator::add: expected the chosen log-probs' correct to hold one "
+          "value per sequence, as their count does (2), got 3");
+  s = two_steps()[0];
+  s.policy.rejected.entropy_sum = d({1.0});
+  refused([&] { acc.add(s.result, s.inputs, s.policy); }, "rejected log-probs' entropy_sum");
+  // Counts of one sequence for a step of two pairs.
+  s = two_steps()[0];
+  s.policy.chosen.count = l({5});
+  s.policy.chosen.logits_sum = d({3.0});
+  s.policy.chosen.entropy_sum = d({10.0});
+  s.policy.chosen.correct = l({4});
+  refused([&] { acc.add(s.result, s.inputs, s.policy); },
+          "expected the chosen log-probs of one sequence per chosen reward (2), got 1");
+  // The unmasked logits statistics, without counts.
+  prefopt::SequenceLogprobs all;
+  all.logits_sum_all = d({1.0, 2.0});
+  all.positions = l({4});
+  refused(
+      [&] {
+        acc.add(s.result, s.inputs, prefopt::PairLogprobs{all, all});
+      },
+      "logits_sum_all to hold one value per sequence, as their positions does (1), got 2");
+  // KTO, SFT and TPO's gold responses alike.
+  prefopt::KTOLossResult kto;
+  kto.loss = at::scalar_tensor(0.5, at::kDouble);
+  kto.chosen_rewards = d({0.1, 0.2});
+  kto.rejected_rewards = d({-0.1});
+  const auto kin =
+      prefopt::KTOInputs().policy_chosen_logps(d({-1, -2})).policy_rejected_logps(d({-3}));
+  prefopt::SequenceLogprobs one;
+  one.count = l({2});
+  refused([&] { acc.add(kto, kin, one, one); },
+          "expected the chosen log-probs of one sequence per chosen reward (2), got 1");
+  one.correct = l({1, 1});
+  refused([&] { acc.add(at::scalar_tensor(1.0), one); }, "SFT log-probs' correct");
+  prefopt::TPOLossResult tpo;
+  tpo.loss = good.result.loss;
+  tpo.chosen_rewards = good.result.chosen_rewards;
+  tpo.rejected_rewards = good.result.rejected_rewards;
+  refused([&] { acc.add(tpo, good.inputs, good.policy, one); }, "gold log-probs' correct");
+  const auto m = acc.compute();
+  EXPECT_DOUBLE_EQ(m.at("rewards/chosen"), 0.25);
+  EXPECT_DOUBLE_EQ(m.at("mean_token_accuracy"), 4.0 / 5);
+  EXPECT_DOUBLE_EQ(m.at("num_tokens"), 7);
 }
 
 TEST(MetricsFmt, LineAndTable) {
@@ -695,4 +783,10 @@ TEST(Metrics, ComputeRanksPoolsLikeTheAllReduce) {
   b.add_scalar("aux_loss", 1.0);
   PREFOPT_EXPECT_THROWS_WITH(MetricAccumulator::compute_ranks({&a, &b}),
                              "rank 1 logs 'aux_loss' where rank 0 logs 'grad_norm'");
+  // One accumulator passed twice used to return no metrics at all (it was cleared as rank 1
+  // before it answered as rank 0).
+  MetricAccumulator twice;
+  twice.add(steps[0].result, steps[0].inputs);
+  PREFOPT_EXPECT_THROWS_WITH(MetricAccumulator::compute_ranks({&twice, &twice}),
+                             "accumulators 0 and 1 are the same object");
 }

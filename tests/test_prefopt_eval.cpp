@@ -24,6 +24,23 @@ struct Run {
   int status = -1;
 };
 
+/// Runs prefopt-eval with the shell arguments `args`.
+Run run_args(const std::string& args) {
+  const std::string cmd = std::string(PREFOPT_EVAL) + " " + args + " 2>/dev/null";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::string text;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
+  const int rc = ::pclose(p);
+  Run r;
+  r.status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  // Not throwing: a crash (nothing on stdout) must fail the test's checks, not end it.
+  r.out = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  r.text = std::move(text);
+  return r;
+}
+
 /// Runs prefopt-eval on `request` (through a file, or standard input with `stdin_mode`), with
 /// the command-line options `options`.
 Run run_eval(const std::string& request, bool stdin_mode = false, const std::string& options = "") {
@@ -33,21 +50,8 @@ Run run_eval(const std::string& request, bool stdin_mode = false, const std::str
     std::ofstream f(file);
     f << request;
   }
-  const std::string exe = std::string(PREFOPT_EVAL) + " " + options;
-  const std::string cmd = stdin_mode ? exe + " < " + file.string() + " 2>/dev/null"
-                                     : exe + " " + file.string() + " 2>/dev/null";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string text;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
-  const int rc = ::pclose(p);
+  Run r = run_args(options + (stdin_mode ? " < " : " ") + file.string());
   std::filesystem::remove(file);
-  Run r;
-  r.status = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-  // Not throwing: a crash (nothing on stdout) must fail the test's checks, not end it.
-  r.out = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  r.text = std::move(text);
   return r;
 }
 
@@ -79,7 +83,7 @@ TEST(PrefoptEval, RoundTripEqualsLibrary) {
   ASSERT_EQ(r.status, 0) << r.out.dump();
   const auto lib = F::dpo_loss(
       pair_inputs(), prefopt::DPOLossOptions().loss_type(prefopt::DPOLossType::kIPO).beta(0.3));
-  // JSON carries 17 significant digits: the float64 values come back exactly.
+  // JSON carries each double's shortest round-trip form: the float64 values come back exactly.
   EXPECT_EQ(r.out["loss"].get<double>(), lib.loss.item<double>());
   EXPECT_TRUE(at::equal(vec(r.out["losses"]), lib.losses));
   EXPECT_TRUE(at::equal(vec(r.out["chosen_rewards"]), lib.chosen_rewards));
@@ -121,6 +125,7 @@ TEST(PrefoptEval, EveryFamilyAndStdin) {
     "inputs": {"policy_chosen_logps": [-0.5, -10.0, -1.0], "policy_rejected_logps": [-0.1, -30.0, -21.0]}})");
   ASSERT_EQ(simpo.status, 0) << simpo.out.dump();
   EXPECT_NEAR(simpo.out["losses"][0].get<double>(), -std::log(1 / (1 + std::exp(1.3))), 1e-12);
+  EXPECT_EQ(simpo.out["metrics"]["nll_loss"].get<double>(), 0.0);  // TRL's CPOTrainer logs 0
   // The paper's defaults (β = 2, γ = 0.5, no NLL) under the name "simpo": torchtune's literal.
   const auto paper =
       run_eval(R"({"loss": "simpo", "inputs": {"policy_chosen_logps": [-0.5, -10.0, -1.0],
@@ -294,6 +299,53 @@ TEST(PrefoptEval, MetricsRequest) {
   EXPECT_NE(
       bad.out["error"].get<std::string>().find("micro-step 1 has 2 ranks, micro-step 0 has 1"),
       std::string::npos);
+}
+
+// Token statistics that no gather returns are errors, not metrics: fields of different sizes
+// (mean_token_accuracy 8.3 before), counts below 0 or not whole, more correct tokens than
+// counted ones.
+TEST(PrefoptEval, MetricsRequestRefusesImpossibleTokens) {
+  const std::string pair = R"("loss":"sigmoid","inputs":{"policy_chosen_logps":[-1,-2],
+      "policy_rejected_logps":[-2,-3],"reference_chosen_logps":[-1,-1],"reference_rejected_logps":[-1,-1]})";
+  const auto error_of = [&](const std::string& chosen) {
+    const auto r = run_eval(R"({"steps":[{)" + pair + R"(,"tokens":{"chosen":)" + chosen + "}}]}");
+    EXPECT_EQ(r.status, 2) << chosen << " -> " << r.text;
+    return r.out.value("error", std::string("<no error field>"));
+  };
+  auto has = [](const std::string& s, const char* sub) { return s.find(sub) != std::string::npos; };
+  EXPECT_TRUE(has(error_of(R"({"count":[1,2],"logits_sum":[5],"correct":[1,2]})"),
+                  "chosen log-probs' logits_sum to hold one value per sequence"));
+  EXPECT_TRUE(has(error_of(R"({"count":[3],"correct":[2]})"),
+                  "chosen log-probs of one sequence per chosen reward (2), got 1"));
+  EXPECT_TRUE(has(error_of(R"({"count":[-1,2]})"),
+                  "\"tokens\".\"chosen\".\"count\" must hold whole numbers >= 0, got -1.0 at 0"));
+  EXPECT_TRUE(has(error_of(R"({"count":[1,2.5]})"), "got 2.5 at 1"));
+  EXPECT_TRUE(
+      has(error_of(R"({"count":[1,2],"correct":[2,2]})"), "\"correct\" must not exceed \"count\""));
+}
+
+// A batch without pairs has no reward metrics (TRL's mean would be NaN; the reducer leaves
+// them out), not accuracies and margins of 0.
+TEST(PrefoptEval, NoPairsNoRewardMetrics) {
+  const auto r = run_eval(R"({"loss":"sigmoid","inputs":{"policy_chosen_logps":[],
+    "policy_rejected_logps":[],"reference_chosen_logps":[],"reference_rejected_logps":[]}})");
+  ASSERT_EQ(r.status, 0) << r.text;
+  EXPECT_EQ(r.out["metrics"], json::object()) << r.text;
+}
+
+// The file argument: a directory is not read as empty JSON, and the reason is given.
+TEST(PrefoptEval, UnreadableFileSaysWhy) {
+  const auto dir = run_args(std::filesystem::temp_directory_path().string());
+  EXPECT_EQ(dir.status, 2) << dir.text;
+  EXPECT_NE(dir.out.value("error", "").find("is a directory"), std::string::npos) << dir.text;
+  const auto missing = run_args("/nonexistent/prefopt_eval_request.json");
+  EXPECT_EQ(missing.status, 2) << missing.text;
+  EXPECT_NE(missing.out.value("error", "").find("No such file or directory"), std::string::npos)
+      << missing.text;
+  // --help names both kinds of request.
+  const auto help = run_args("--help");
+  EXPECT_EQ(help.status, 0);
+  EXPECT_NE(help.text.find("\"steps\""), std::string::npos) << help.text;
 }
 
 // Issue #20: input that made the tool abort (exit 134, nothing on stdout) gets an error answer.

@@ -137,4 +137,17 @@ TEST_F(TPOLossTest, Errors) {
   PREFOPT_EXPECT_THROWS_WITH(F::tpo_loss(PairInputs(tr.pair()).chosen_lengths(at::Tensor()),
                                          tr.gold(), TPOLossOptions().loss_type(TPOLossType::kTPOL)),
                              "got sums without chosen_lengths to convert them");
+  // One gold response per pair: a gold batch of another size was averaged in silently.
+  prefopt::SequenceLogprobs three;
+  three.sum = at::full({3}, -2.0, at::kDouble);
+  three.count = at::full({3}, 2, at::kLong);
+  PREFOPT_EXPECT_THROWS_WITH(F::tpo_loss(tr.pair(), three),
+                             "prefopt::tpo_loss: expected one gold response per pair, gold.sum of "
+                             "shape [2] like policy_chosen_logps, got [3]");
+  prefopt::SequenceLogprobs meta = tr.gold();
+  meta.sum = meta.sum.detach().to(at::kMeta);
+  meta.count = meta.count.to(at::kMeta);
+  PREFOPT_EXPECT_THROWS_WITH(F::tpo_loss(tr.pair(), meta),
+                             "prefopt::tpo_loss: expected gold.sum and gold.count on cpu like "
+                             "policy_chosen_logps, got meta and meta");
 }

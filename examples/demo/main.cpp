@@ -646,19 +646,23 @@ int main(int argc, char** argv) {
       ->capture_default_str();
 
   auto* sft = app.add_option_group("stage 1 (SFT)");
-  sft->add_option("--sft-steps", o.sft_steps, "SFT optimizer steps")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  sft->add_option("--sft-batch", o.sft_batch, "problems per SFT step")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  sft->add_option("--sft-lr", o.sft_lr, "SFT peak learning rate (AdamW)")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  sft->add_option("--sft-noise", o.sft_noise,
-                  "share of SFT problems with a carry whose answer drops it (the teacher's habit)")
-      ->check(CLI::Range(0.0, 1.0))
-      ->capture_default_str();
+  // The SFT stage's options, refused with no SFT stage to train (--load-sft, --from base).
+  std::vector<CLI::Option*> sft_options;
+  sft_options.push_back(sft->add_option("--sft-steps", o.sft_steps, "SFT optimizer steps")
+                            ->check(CLI::PositiveNumber)
+                            ->capture_default_str());
+  sft_options.push_back(sft->add_option("--sft-batch", o.sft_batch, "problems per SFT step")
+                            ->check(CLI::PositiveNumber)
+                            ->capture_default_str());
+  sft_options.push_back(sft->add_option("--sft-lr", o.sft_lr, "SFT peak learning rate (AdamW)")
+                            ->check(CLI::PositiveNumber)
+                            ->capture_default_str());
+  sft_options.push_back(
+      sft->add_option(
+             "--sft-noise", o.sft_noise,
+             "share of SFT problems with a carry whose answer drops it (the teacher's habit)")
+          ->check(CLI::Range(0.0, 1.0))
+          ->capture_default_str());
   sft->add_option("--save-sft", o.save_sft, "save the SFT model to this file");
   sft->add_option("--load-sft", o.load_sft,
                   "load the SFT model from this file instead of training it")
@@ -696,26 +700,45 @@ int main(int argc, char** argv) {
                    "beta of the loss (ORPO's lambda), tuned for this task [2; ipo 0.5; sppo_hard, "
                    "orpo, cpo 0.1; simpo 10]");
   std::optional<double> label_smoothing;
-  pref->add_option(
-      "--label-smoothing", label_smoothing,
-      "label smoothing epsilon (robust, exo_pair, aot, CPO, SimPO; sigmoid with --cdpo) [0; "
-      "exo_pair 1e-3]");
-  pref->add_flag("--cdpo", o.cdpo,
-                 "conservative DPO: --label-smoothing also smooths sigmoid (TRL <= 0.28)");
-  pref->add_option("--rpo-alpha", o.rpo_alpha, "weight of the chosen NLL added to DPO losses (RPO)")
-      ->capture_default_str();
-  pref->add_option("--simpo-gamma", o.simpo_gamma, "SimPO's target reward margin gamma")
-      ->capture_default_str();
-  pref->add_option("--cpo-alpha", o.cpo_alpha,
-                   "NLL weight of CPO (default 1) and SimPO (default 0)");
-  pref->add_option("--cpo-loss-type", o.cpo_loss_type, "CPO's form")
-      ->check(CLI::IsMember({"sigmoid", "hinge", "ipo"}))
-      ->capture_default_str();
-  pref->add_option("--desirable-weight", o.desirable_weight, "KTO weight of desirable examples")
-      ->capture_default_str();
-  pref->add_option("--undesirable-weight", o.undesirable_weight,
-                   "KTO weight of undesirable examples")
-      ->capture_default_str();
+  // The options of one loss family: (option, whether the chosen family reads it), checked after
+  // parsing.
+  std::vector<std::pair<CLI::Option*, bool (*)(Family)>> family_options;
+  const auto dpo_only = [](Family f) { return f == Family::kDPO; };
+  family_options.emplace_back(
+      pref->add_option(
+          "--label-smoothing", label_smoothing,
+          "label smoothing epsilon (robust, exo_pair, aot, CPO, SimPO; sigmoid with --cdpo) [0; "
+          "exo_pair 1e-3]"),
+      [](Family f) { return f == Family::kDPO || f == Family::kSimPO || f == Family::kCPO; });
+  family_options.emplace_back(
+      pref->add_flag("--cdpo", o.cdpo,
+                     "conservative DPO: --label-smoothing also smooths sigmoid (TRL <= 0.28)"),
+      dpo_only);
+  family_options.emplace_back(pref->add_option("--rpo-alpha", o.rpo_alpha,
+                                               "weight of the chosen NLL added to DPO losses (RPO)")
+                                  ->capture_default_str(),
+                              dpo_only);
+  family_options.emplace_back(
+      pref->add_option("--simpo-gamma", o.simpo_gamma, "SimPO's target reward margin gamma")
+          ->capture_default_str(),
+      [](Family f) { return f == Family::kSimPO; });
+  family_options.emplace_back(
+      pref->add_option("--cpo-alpha", o.cpo_alpha,
+                       "NLL weight of CPO (default 1) and SimPO (default 0)"),
+      [](Family f) { return f == Family::kSimPO || f == Family::kCPO; });
+  family_options.emplace_back(pref->add_option("--cpo-loss-type", o.cpo_loss_type, "CPO's form")
+                                  ->check(CLI::IsMember({"sigmoid", "hinge", "ipo"}))
+                                  ->capture_default_str(),
+                              [](Family f) { return f == Family::kCPO; });
+  const auto kto_only = [](Family f) { return f == Family::kKTO; };
+  family_options.emplace_back(
+      pref->add_option("--desirable-weight", o.desirable_weight, "KTO weight of desirable examples")
+          ->capture_default_str(),
+      kto_only);
+  family_options.emplace_back(pref->add_option("--undesirable-weight", o.undesirable_weight,
+                                               "KTO weight of undesirable examples")
+                                  ->capture_default_str(),
+                              kto_only);
   pref->add_flag("--swap-preferences", o.swap_preferences,
                  "negative control: train on every pair with chosen and rejected exchanged "
                  "(evaluation still scores the true preference)");
@@ -753,6 +776,19 @@ int main(int argc, char** argv) {
                     o.loss));
   if (o.from == "base" && (!o.load_sft.empty() || !o.save_sft.empty()))
     return fail("--load-sft/--save-sft need --from sft");
+  // A set option that nothing reads is an error, not a run without it (as in prefopt-train):
+  // another family's option, or the SFT stage's where none is trained.
+  for (const auto& [opt, reads] : family_options) {
+    if (opt->count() > 0 && !reads(family_of(o.loss)))
+      return fail(fmt::format("{} is not used by --loss {}", opt->get_name(), o.loss));
+  }
+  if (o.from == "base" || !o.load_sft.empty()) {
+    for (const auto* opt : sft_options) {
+      if (opt->count() > 0)
+        return fail(fmt::format("{} is not used with {}", opt->get_name(),
+                                o.from == "base" ? "--from base" : "--load-sft"));
+    }
+  }
   int64_t space = 1;
   for (int i = 0; i < 2 * o.digits; ++i) space *= 10;
   if (o.eval_size * 2 > space)

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <exception>
+#include <optional>
 #include <string>
 #include <unordered_set>
 #include <vector>
@@ -149,16 +151,14 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   CLI::App app{"Preference training with prefopt::eigen: a host with no libtorch"};
   app.option_defaults()->always_capture_default();
   int digits = 3, hidden = 256, sft_steps = 3000, sft_batch = 128, dpo_steps = 300, dpo_batch = 64,
       pairs = 8000, held_out = 500;
   uint64_t seed = 0;
-  double sloppy = 0.6, sft_lr = 1e-2, dpo_lr = 1e-3, beta = 2.0, label_smoothing = 0.0,
-         min_gain = -1;
+  double sloppy = 0.6, sft_lr = 1e-2, dpo_lr = 1e-3, beta = 2.0, label_smoothing = 0.0;
+  std::optional<double> min_gain;
   std::string loss_name = "sigmoid";
   app.add_option("--digits", digits, "Digits per operand")->check(CLI::Range(1, 6));
   app.add_option("--hidden", hidden, "MLP hidden width")->check(CLI::PositiveNumber);
@@ -168,24 +168,45 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 1.0));
   app.add_option("--sft-steps", sft_steps, "SFT steps")->check(CLI::NonNegativeNumber);
   app.add_option("--sft-batch", sft_batch, "SFT problems per step")->check(CLI::PositiveNumber);
-  app.add_option("--sft-lr", sft_lr, "SFT learning rate (Adam)");
+  app.add_option("--sft-lr", sft_lr, "SFT learning rate (Adam)")->check(CLI::PositiveNumber);
   app.add_option("--loss", loss_name, "DPO loss type (TRL's name: sigmoid, ipo, hinge, ...)");
   app.add_option("--beta", beta, "DPO beta");
   app.add_option("--label-smoothing", label_smoothing, "epsilon of robust/exo_pair/aot");
   app.add_option("--dpo-steps", dpo_steps, "DPO steps")->check(CLI::NonNegativeNumber);
   app.add_option("--dpo-batch", dpo_batch, "Pairs per DPO step")->check(CLI::PositiveNumber);
-  app.add_option("--dpo-lr", dpo_lr, "DPO learning rate (Adam)");
+  app.add_option("--dpo-lr", dpo_lr, "DPO learning rate (Adam)")->check(CLI::PositiveNumber);
   app.add_option("--pairs", pairs, "Training preference pairs")->check(CLI::PositiveNumber);
   app.add_option("--held-out", held_out, "Held-out problems scored before and after DPO")
       ->check(CLI::PositiveNumber);
   app.add_option("--min-gain", min_gain,
                  "Exit with status 1 unless held-out exact match rises by more than this");
   CLI11_PARSE(app, argc, argv);
-  prefopt::DPOLossType loss_type;
-  try {
-    loss_type = pe::value_of<prefopt::DPOLossType>(loss_name);
-  } catch (const std::invalid_argument& e) {
-    std::fprintf(stderr, "%s\n", e.what());
+  const auto loss_type = pe::value_of<prefopt::DPOLossType>(loss_name);
+  // The loss's options are checked now, not after the SFT stage: the loss of one pair throws
+  // the library's named error for an option it refuses (label_smoothing that no selected type
+  // reads, beta <= 0, exo_pair without label_smoothing, ...).
+  auto opts = pe::DPOLossOptions().loss_type(loss_type).beta(beta).label_smoothing(label_smoothing);
+  {
+    const Eigen::VectorXf zero = Eigen::VectorXf::Zero(1);
+    const Eigen::VectorXd one = Eigen::VectorXd::Ones(1);
+    pe::dpo_loss(pe::PairInputs<float>()
+                     .policy_chosen_logps(zero)
+                     .policy_rejected_logps(zero)
+                     .reference_chosen_logps(zero)
+                     .reference_rejected_logps(zero)
+                     .chosen_lengths(one)
+                     .rejected_lengths(one)
+                     .logps_form(prefopt::LogpsForm::kSum),
+                 opts);
+  }
+  // Every problem is drawn from the (10^digits)^2 there are, the held-out ones excluded.
+  int64_t space = 1;
+  for (int i = 0; i < 2 * digits; ++i) space *= 10;
+  if (2 * static_cast<int64_t>(held_out) > space) {
+    std::fprintf(stderr,
+                 "eigen_dpo: error: --held-out %d leaves too few of the %lld problems of %d-digit "
+                 "addition to train on\n",
+                 held_out, static_cast<long long>(space), digits);
     return 2;
   }
   const auto t_start = std::chrono::steady_clock::now();
@@ -261,7 +282,6 @@ int main(int argc, char** argv) {
   }
   const Eigen::VectorXf ref_chosen = sequence_logps(model, enc, train, chosen);
   const Eigen::VectorXf ref_rejected = sequence_logps(model, enc, train, rejected);
-  auto opts = pe::DPOLossOptions().loss_type(loss_type).beta(beta).label_smoothing(label_smoothing);
   std::printf(
       "stage 2: %s from the SFT model, beta %g, %d steps of %d pairs (%d training pairs, "
       "reference log-probs precomputed)\n",
@@ -331,12 +351,25 @@ int main(int argc, char** argv) {
   line("preference accuracy: log p(c) > log p(r)", before.preference, after.preference);
   std::printf("wall time %.1f s (SFT %.1f s, DPO and evaluation %.1f s)\n", t_total, t_sft,
               t_total - t_sft);
-  if (min_gain >= 0) {
+  if (min_gain) {
     const double gain = after.exact - before.exact;
-    const bool ok = gain > min_gain;
+    const bool ok = gain > *min_gain;
     std::printf("check: exact match %.3f -> %.3f (%+.3f, needs > %+.3f): %s\n", before.exact,
-                after.exact, gain, min_gain, ok ? "PASS" : "FAIL");
+                after.exact, gain, *min_gain, ok ? "PASS" : "FAIL");
     return ok ? 0 : 1;
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // A bad option (an unknown loss, one the loss refuses) ends with the library's message and
+  // status 2, not an uncaught exception's abort.
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "eigen_dpo: error: %s\n", e.what());
+    return 2;
+  }
 }

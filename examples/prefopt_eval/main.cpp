@@ -6,6 +6,9 @@
 //   prefopt-eval requests.json
 #include <CLI/CLI.hpp>
 
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -16,10 +19,12 @@
 int main(int argc, char** argv) {
   CLI::App app{
       "Evaluates prefopt's preference losses on JSON requests, in float64.\n"
-      "A request is {\"loss\": L, \"params\": {...}, \"inputs\": {...}}, or an array of them;\n"
-      "the answer is {\"loss\", \"losses\", \"chosen_rewards\", \"rejected_rewards\", "
-      "\"metrics\"}\n"
-      "per request, or {\"error\": ...} (then the exit status is 2). See the README."};
+      "A request is {\"loss\": L, \"params\": {...}, \"inputs\": {...}} (answered with\n"
+      "{\"loss\", \"losses\", \"chosen_rewards\", \"rejected_rewards\", \"metrics\"}), a metrics\n"
+      "request {\"metrics\": {...}, \"steps\": [...]} (a logging window of such requests, one\n"
+      "per micro-step and rank; answered with the reduced metrics under both windows), or an\n"
+      "array of them. A request that fails is answered with {\"error\": ...}, and the exit\n"
+      "status is then 2. See the README."};
   std::string path = "-";
   int indent = -1;
   app.add_option("file", path, "Request file; - or nothing reads standard input");
@@ -30,14 +35,19 @@ int main(int argc, char** argv) {
 
   std::ostringstream text;
   prefopt_eval::Reply reply;
+  errno = 0;
   if (path == "-") {
     text << std::cin.rdbuf();
     reply = prefopt_eval::handle(text.str(), indent);
+  } else if (std::error_code ec; std::filesystem::is_directory(path, ec)) {
+    // A directory opens as a stream that reads nothing, which would pass as empty JSON.
+    reply = prefopt_eval::error_reply("cannot read " + path + ": it is a directory");
   } else if (std::ifstream f(path); f) {
     text << f.rdbuf();
     reply = prefopt_eval::handle(text.str(), indent);
   } else {
-    reply = prefopt_eval::error_reply("cannot read " + path);
+    reply = prefopt_eval::error_reply("cannot read " + path + ": " +
+                                      (errno != 0 ? std::strerror(errno) : "cannot open it"));
   }
   std::cerr << reply.err;
   std::cout << reply.out;

@@ -11,6 +11,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace F = prefopt::functional;
@@ -156,9 +157,11 @@ prefopt::PairInputs pair_inputs(const Inputs& in, prefopt::LogpsForm form) {
       .logps_form(form);
 }
 
-/// TRL's logged reward metrics of a pairwise batch.
+/// TRL's logged reward metrics of a pairwise batch; none for a batch without pairs (as the
+/// metric reducer leaves out a metric without examples, where TRL's mean would be NaN).
 json pair_metrics(const at::Tensor& chosen, const at::Tensor& rejected) {
-  json m;
+  json m = json::object();
+  if (chosen.numel() == 0) return m;
   m["rewards/chosen"] = mean_or_zero(chosen);
   m["rewards/rejected"] = mean_or_zero(rejected);
   m["rewards/accuracies"] = mean_or_zero((chosen > rejected).to(at::kDouble));  // ties: 0
@@ -300,7 +303,11 @@ Evaluated eval_cpo(const std::string& loss, const json& params, const json& inpu
   const auto r = loss == "cpo" ? F::cpo_loss(pair, fill(prefopt::CPOLossOptions().loss_type(type)))
                                : F::simpo_loss(pair, fill(prefopt::SimPOLossOptions()));
   auto m = pair_metrics(r.chosen_rewards, r.rejected_rewards);
-  if (r.nll_loss.defined()) m["nll_loss"] = r.nll_loss.item<double>();
+  if (r.nll_loss.defined()) {
+    m["nll_loss"] = r.nll_loss.item<double>();
+  } else if (loss == "cpo") {
+    m["nll_loss"] = 0.0;  // TRL's CPOTrainer logs 0 where cpo_alpha = 0 (as the accumulator)
+  }
   return pairwise(result(r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, std::move(m)), r,
                   pair);
 }
@@ -442,6 +449,25 @@ prefopt::SequenceLogprobs token_side(const json& side, const char* name) {
   lp.positions = in.vector("positions");
   lp.correct = in.vector("correct");
   lp.entropy_sum = in.vector("entropy_sum");
+  // Counts are what a gather returns: whole numbers of tokens, no more correct than counted.
+  // (The reducer checks that every field has one value per sequence.)
+  for (const auto& [key, t] : {std::pair<const char*, const at::Tensor*>{"count", &lp.count},
+                               {"positions", &lp.positions},
+                               {"correct", &lp.correct}}) {
+    if (!t->defined()) continue;
+    const auto* v = t->data_ptr<double>();
+    for (int64_t i = 0; i < t->numel(); ++i) {
+      if (!(v[i] >= 0) || v[i] != std::floor(v[i]))
+        throw RequestError(std::string("\"tokens\".\"") + name + "\".\"" + key +
+                           "\" must hold whole numbers >= 0, got " + json(v[i]).dump() + " at " +
+                           std::to_string(i));
+    }
+  }
+  if (lp.correct.defined() && lp.correct.numel() == lp.count.numel() &&
+      lp.correct.gt(lp.count).any().item<bool>())
+    throw RequestError(std::string("\"tokens\".\"") + name +
+                       "\": \"correct\" must not exceed \"count\" (more correct tokens than "
+                       "scored ones)");
   return lp;
 }
 

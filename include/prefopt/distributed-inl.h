@@ -490,6 +490,40 @@ PREFOPT_INLINE void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c1
   if (staged) tensor.copy_(buffers[0]);
 }
 
+PREFOPT_INLINE void check_no_rank_failed(const char* fn, const std::vector<int>& failed) {
+  if (failed.empty()) return;
+  std::string ranks;
+  for (size_t i = 0; i < failed.size(); ++i) ranks += (i ? ", " : "") + std::to_string(failed[i]);
+  TORCH_CHECK(false, fn, ": rank", failed.size() > 1 ? "s " : " ", ranks,
+              " rejected its arguments (its error says why); every rank stops before the ",
+              "collectives");
+}
+
+PREFOPT_INLINE at::Tensor sum_checked(const char* fn, c10d::ProcessGroup* group,
+                                      const at::Tensor& stats, int64_t n,
+                                      const std::exception_ptr& error, at::Device device) {
+  const int world = group == nullptr ? 1 : group->getSize();
+  const int rank = group == nullptr ? 0 : group->getRank();
+  // [stats (n), failed (world)], each rank's flag in its own slot.
+  auto buffer = at::zeros({n + world}, at::TensorOptions(at::kDouble).device(device));
+  if (!error) buffer.narrow(0, 0, n).copy_(stats);
+  buffer[n + rank] = error ? 1.0 : 0.0;
+  buffer = device.is_cuda() ? buffer : on_group_device(buffer, group);  // NCCL meets on CUDA
+  try {
+    all_reduce(buffer, group, c10d::ReduceOp::SUM, fn);
+  } catch (...) {
+    if (error) std::rethrow_exception(error);
+    throw;
+  }
+  if (error) std::rethrow_exception(error);
+  const auto flags = buffer.narrow(0, n, world).cpu();
+  std::vector<int> failed;
+  for (int r = 0; r < world; ++r)
+    if (flags[r].item<double>() != 0) failed.push_back(r);
+  check_no_rank_failed(fn, failed);
+  return buffer.narrow(0, 0, n);
+}
+
 }  // namespace detail
 
 PREFOPT_INLINE bool has_nccl() {
@@ -664,19 +698,28 @@ PREFOPT_INLINE at::Tensor update_bco_baseline(BCOBaseline& baseline,
                                               const at::Tensor& rejected_rewards,
                                               c10d::ProcessGroup* group) {
   constexpr const char* fn = "prefopt::update_bco_baseline";
-  TORCH_CHECK(chosen_rewards.defined() && rejected_rewards.defined(), fn,
-              ": expected defined chosen and rejected rewards");
-  const auto all = at::cat({chosen_rewards.detach().flatten(), rejected_rewards.detach().flatten()})
-                       .to(at::kDouble);
-  // [m, m², 1] per rank with rewards: the gathered per-rank means' moments, in one collective.
-  at::Tensor stats = at::zeros({3}, all.options());
-  if (all.numel() > 0) {
-    const auto m = all.mean();
-    stats = at::stack({m, m * m, at::ones({}, all.options())});
+  // [m, m², 1] per rank with rewards: the gathered per-rank means' moments, in one collective
+  // that a rank with bad arguments joins too (then every rank throws).
+  at::Tensor stats;
+  std::exception_ptr error;
+  try {
+    TORCH_CHECK(chosen_rewards.defined() && rejected_rewards.defined(), fn,
+                ": expected defined chosen and rejected rewards");
+    const auto all =
+        at::cat({chosen_rewards.detach().flatten(), rejected_rewards.detach().flatten()})
+            .to(at::kDouble);
+    stats = at::zeros({3}, all.options());
+    if (all.numel() > 0) {
+      const auto m = all.mean();
+      stats = at::stack({m, m * m, at::ones({}, all.options())});
+    }
+  } catch (...) {
+    error = std::current_exception();
   }
-  stats = detail::on_group_device(stats, group);  // CPU rewards, NCCL group
-  all_reduce_sum(stats, group, fn);
-  const auto s = stats.cpu();
+  const auto device = stats.defined()            ? stats.device()
+                      : chosen_rewards.defined() ? chosen_rewards.device()
+                                                 : at::Device(at::kCPU);
+  const auto s = detail::sum_checked(fn, group, stats, 3, error, device).cpu();
   const double n = s[2].item<double>();
   TORCH_CHECK(n > 0, fn, ": expected rewards on at least one rank, got none");
   const double mean = s[0].item<double>() / n;
@@ -691,26 +734,41 @@ PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
                                  const at::Tensor& reference_KL_logps, c10d::ProcessGroup* group,
                                  bool by_example) {
   constexpr const char* fn = "prefopt::functional::kto_kl";
-  TORCH_CHECK(policy_KL_logps.defined() && reference_KL_logps.defined() &&
-                  policy_KL_logps.dim() == 1 &&
-                  policy_KL_logps.sizes() == reference_KL_logps.sizes(),
-              fn, ": expected two 1-D log-prob tensors of equal size, got ",
-              policy_KL_logps.defined() ? policy_KL_logps.sizes() : at::IntArrayRef{}, " and ",
-              reference_KL_logps.defined() ? reference_KL_logps.sizes() : at::IntArrayRef{});
+  // [Σ, weight]: the rank's mean with weight 1 (TRL), or its sum with its count. A rank with
+  // bad arguments joins the collective too (then every rank throws).
+  at::Tensor stats;
+  std::exception_ptr error;
+  try {
+    TORCH_CHECK(policy_KL_logps.defined() && reference_KL_logps.defined() &&
+                    policy_KL_logps.dim() == 1 &&
+                    policy_KL_logps.sizes() == reference_KL_logps.sizes(),
+                fn, ": expected two 1-D log-prob tensors of equal size, got ",
+                policy_KL_logps.defined() ? policy_KL_logps.sizes() : at::IntArrayRef{}, " and ",
+                reference_KL_logps.defined() ? reference_KL_logps.sizes() : at::IntArrayRef{});
+    // As the one-rank kto_kl: integer or complex log-probs are not cast silently.
+    const auto floating = [&](const char* name, const at::Tensor& t) {
+      TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": expected ", name,
+                  " to be floating point (fp64/fp32/bf16/fp16), got ", t.scalar_type());
+    };
+    floating("policy_KL_logps", policy_KL_logps);
+    floating("reference_KL_logps", reference_KL_logps);
+    const auto d =
+        policy_KL_logps.detach().to(at::kDouble) - reference_KL_logps.detach().to(at::kDouble);
+    const double n = static_cast<double>(d.numel());
+    stats = at::zeros({2}, d.options());
+    if (n > 0)
+      stats = at::stack(
+          {by_example ? d.sum() : d.mean(), at::full({}, by_example ? n : 1.0, d.options())});
+  } catch (...) {
+    error = std::current_exception();
+  }
+  const auto device = stats.defined()             ? stats.device()
+                      : policy_KL_logps.defined() ? policy_KL_logps.device()
+                                                  : at::Device(at::kCPU);
+  const auto summed = detail::sum_checked(fn, group, stats, 2, error, device).to(device);
   const auto dt = policy_KL_logps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto d =
-      (policy_KL_logps.detach().to(at::kDouble) - reference_KL_logps.detach().to(at::kDouble));
-  const double n = static_cast<double>(d.numel());
-  // [Σ, weight]: the rank's mean with weight 1 (TRL), or its sum with its count.
-  at::Tensor stats = at::zeros({2}, d.options());
-  if (n > 0)
-    stats = at::stack(
-        {by_example ? d.sum() : d.mean(), at::full({}, by_example ? n : 1.0, d.options())});
-  stats = detail::on_group_device(stats, group);  // CPU log-probs, NCCL group
-  all_reduce_sum(stats, group, fn);
-  stats = stats.to(d.device());
-  const auto w = stats[1];
-  return at::where(w > 0, stats[0] / w.clamp_min(1e-300), at::zeros_like(w)).clamp_min(0).to(dt);
+  const auto w = summed[1];
+  return at::where(w > 0, summed[0] / w.clamp_min(1e-300), at::zeros_like(w)).clamp_min(0).to(dt);
 }
 
 }  // namespace functional

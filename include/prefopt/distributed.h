@@ -18,7 +18,9 @@
 
 #include <chrono>
 #include <cstdint>
+#include <exception>
 #include <string>
+#include <vector>
 
 PREFOPT_BEGIN_NAMESPACE
 
@@ -101,6 +103,15 @@ void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op
 bool cuda_only(c10d::ProcessGroup* group);
 /// `t`, moved to the current CUDA device where `group` takes CUDA tensors only.
 at::Tensor on_group_device(const at::Tensor& t, c10d::ProcessGroup* group);
+/// Throws "`fn`: rank(s) … rejected its arguments" where `failed` (the ranks whose own checks
+/// failed, as every rank learnt from a collective) is not empty.
+void check_no_rank_failed(const char* fn, const std::vector<int>& failed);
+/// Sums the `n` doubles of `stats` over `group` beside one failure flag per rank, so a rank
+/// whose own checks failed (`error`; `stats` then unused) still joins the collective: it
+/// rethrows its error and the others name it, where they would otherwise wait for it until
+/// the timeout. `device`: the inputs' device, where an NCCL group meets. Returns the sums.
+at::Tensor sum_checked(const char* fn, c10d::ProcessGroup* group, const at::Tensor& stats,
+                       int64_t n, const std::exception_ptr& error, at::Device device);
 }  // namespace detail
 
 /// Sums `tensor` over the ranks of `group`, in place (nothing to reduce for one rank or no
@@ -123,9 +134,11 @@ PREFOPT_API void all_reduce_sum(at::Tensor& tensor, c10d::ProcessGroup* group, c
 
 /// The bco_pair baseline update of TRL ≤ 0.28 across ranks: every rank's mean of this step's
 /// β·ρ_c and β·ρ_r is gathered, and the baseline folds in their mean, (biased) variance and
-/// count, as `RunningMoments.update` does after `accelerator.gather`. One collective (on the
-/// current CUDA device for an NCCL group, whatever the rewards' device). A rank without
-/// rewards contributes nothing. Returns δ (0-dim, on the rewards' device), the same on every
+/// count, as `RunningMoments.update` does after `accelerator.gather`. One collective (for an
+/// NCCL group on the rewards' CUDA device, or the current one for CPU rewards). A rank without
+/// rewards contributes nothing. A rank whose arguments fail their checks joins the collective
+/// and then throws its error; the others throw `rank r rejected its arguments`, and the
+/// baseline is left as it was. Returns δ (0-dim, on the rewards' device), the same on every
 /// rank.
 ///
 /// Example:
@@ -143,8 +156,10 @@ namespace functional {
 /// mean(policy_KL − reference_KL), averaged over the ranks, then clamped at 0; detached, the
 /// same on every rank. `by_example = true` weights ranks by their number of KL examples
 /// instead (the KL of the concatenated batch). A rank with no KL examples contributes
-/// nothing; none anywhere gives 0. One collective (on the current CUDA device for an NCCL
-/// group; the result is on the inputs' device). Pass the result as `KTOInputs::kl`.
+/// nothing; none anywhere gives 0. One collective (for an NCCL group on the inputs' CUDA
+/// device, or the current one for CPU inputs; the result is on the inputs' device), which a
+/// rank with bad arguments joins too: it throws its error, the others `rank r rejected its
+/// arguments`. Pass the result as `KTOInputs::kl`.
 ///
 /// Example:
 /// ```

@@ -97,6 +97,39 @@ PREFOPT_INLINE at::Tensor count_tensor(double n, const at::Tensor& like) {
   return at::scalar_tensor(n, like.options().dtype(at::kDouble));
 }
 
+// Before a micro-step is touched (so that a refused `add` leaves the window as it was): one
+// value per pair, and one value of each token statistic per sequence of its side, as many as
+// the side's counts (or `positions`, without counts) and, where the result has rewards for
+// that side, as many as its rewards. Shapes only: nothing is read from the device.
+PREFOPT_INLINE void check_pairs(const at::Tensor& chosen_rewards,
+                                const at::Tensor& rejected_rewards) {
+  TORCH_CHECK(!chosen_rewards.defined() || !rejected_rewards.defined() ||
+                  chosen_rewards.numel() == rejected_rewards.numel(),
+              "prefopt::MetricAccumulator::add: expected as many chosen as rejected rewards, got ",
+              chosen_rewards.numel(), " and ", rejected_rewards.numel());
+}
+
+PREFOPT_INLINE void check_tokens(const SequenceLogprobs& lp, const char* side,
+                                 const at::Tensor& rewards = {}) {
+  constexpr const char* fn = "prefopt::MetricAccumulator::add";
+  const bool counted = lp.count.defined();
+  const at::Tensor& per_sequence = counted ? lp.count : lp.positions;
+  if (!per_sequence.defined()) return;
+  const int64_t n = per_sequence.numel();
+  const std::pair<const char*, const at::Tensor*> stats[] = {{"logits_sum", &lp.logits_sum},
+                                                             {"logits_sum_all", &lp.logits_sum_all},
+                                                             {"positions", &lp.positions},
+                                                             {"correct", &lp.correct},
+                                                             {"entropy_sum", &lp.entropy_sum}};
+  for (const auto& [name, t] : stats) {
+    TORCH_CHECK(!t->defined() || t->numel() == n, fn, ": expected the ", side, " log-probs' ", name,
+                " to hold one value per sequence, as their ", counted ? "count" : "positions",
+                " does (", n, "), got ", t->numel());
+  }
+  TORCH_CHECK(!rewards.defined() || rewards.numel() == n, fn, ": expected the ", side,
+              " log-probs of one sequence per ", side, " reward (", rewards.numel(), "), got ", n);
+}
+
 }  // namespace metrics
 }  // namespace detail
 
@@ -111,12 +144,20 @@ PREFOPT_INLINE MetricAccumulator::MetricAccumulator(MetricsOptions options)
     slots_.push_back({detail::metrics::kBuiltinNames[i], detail::metrics::kBuiltinScalar[i]});
 }
 
-PREFOPT_INLINE MetricAccumulator::Step& MetricAccumulator::new_step() {
+PREFOPT_INLINE MetricAccumulator::Step& MetricAccumulator::new_step(
+    std::initializer_list<size_t> fills) {
   if (open_step_) {
+    // add_scalar("loss") and an add that logs "loss" too would be averaged into one value.
+    const Step& open = steps_.back();
+    for (const size_t s : fills)
+      TORCH_CHECK(open.size() <= s || !open[s].defined(), "prefopt::MetricAccumulator::add: '",
+                  slots_[s].name, "' came from add_scalar in this micro-step, and this add ",
+                  "logs its own; log the host's value under another name");
     open_step_ = false;
     return steps_.back();
   }
   steps_.emplace_back(slots_.size());
+  scalar_builtins_ = 0;
   return steps_.back();
 }
 
@@ -124,6 +165,7 @@ PREFOPT_INLINE MetricAccumulator::Step& MetricAccumulator::current_step() {
   if (steps_.empty()) {
     steps_.emplace_back(slots_.size());
     open_step_ = true;
+    scalar_builtins_ = 0;
   }
   return steps_.back();
 }
@@ -177,14 +219,9 @@ PREFOPT_INLINE void MetricAccumulator::put_pairs(Step& step, const at::Tensor& l
         detail::metrics::count_tensor(1, loss));
   put_examples(step, detail::metrics::kRewardsChosen, chosen_rewards);
   put_examples(step, detail::metrics::kRewardsRejected, rejected_rewards);
-  if (chosen_rewards.defined() && rejected_rewards.defined()) {
-    TORCH_CHECK(
-        chosen_rewards.numel() == rejected_rewards.numel(),
-        "prefopt::MetricAccumulator::add: expected as many chosen as rejected rewards, got ",
-        chosen_rewards.numel(), " and ", rejected_rewards.numel());
-    // Strict: a tie is not an accurate pair.
+  // Strict: a tie is not an accurate pair. (Sizes checked by `add` before the step began.)
+  if (chosen_rewards.defined() && rejected_rewards.defined())
     put_examples(step, detail::metrics::kAccuracies, chosen_rewards.gt(rejected_rewards));
-  }
 }
 
 PREFOPT_INLINE void MetricAccumulator::put_tokens(Step& step, const SequenceLogprobs& chosen,
@@ -264,14 +301,17 @@ PREFOPT_INLINE void MetricAccumulator::add(const at::Tensor& loss, const Sequenc
               loss.defined() ? loss.sizes() : at::IntArrayRef{});
   TORCH_CHECK(lp.count.defined(),
               "prefopt::MetricAccumulator::add: the SFT log-probs have no token counts");
-  Step& step = new_step();
+  detail::metrics::check_tokens(lp, "SFT");
+  Step& step = new_step({detail::metrics::kLoss});
   put(step, detail::metrics::kLoss, detail::metrics::as_double(loss).reshape({}),
       detail::metrics::count_tensor(1, loss));
   put_tokens(step, lp, SequenceLogprobs{}, {/*logits=*/false, /*accuracy_rejected=*/false});
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in) {
-  Step& step = new_step();
+  detail::metrics::check_pairs(r.chosen_rewards, r.rejected_rewards);
+  Step& step = r.nll_loss.defined() ? new_step({detail::metrics::kLoss, detail::metrics::kNLL})
+                                    : new_step({detail::metrics::kLoss});
   put_pairs(step, r.loss, r.chosen_rewards, r.rejected_rewards, in);
   put_logps(step, r.chosen_logps, r.rejected_logps, in);
   if (r.nll_loss.defined())
@@ -286,6 +326,9 @@ PREFOPT_INLINE void MetricAccumulator::add(const DPOLossResult& r, const PairInp
 
 PREFOPT_INLINE void MetricAccumulator::add(const DPOLossResult& r, const PairInputs& in,
                                            const PairLogprobs& policy) {
+  detail::metrics::check_pairs(r.chosen_rewards, r.rejected_rewards);
+  detail::metrics::check_tokens(policy.chosen, "chosen", r.chosen_rewards);
+  detail::metrics::check_tokens(policy.rejected, "rejected", r.rejected_rewards);
   add(r, in);
   // Pairwise: mean_token_accuracy over the chosen completions only (TRL ≥ 0.29).
   put_tokens(steps_.back(), policy.chosen, policy.rejected,
@@ -334,6 +377,7 @@ PREFOPT_INLINE void MetricAccumulator::add(const TPOLossResult& r, const PairInp
 PREFOPT_INLINE void MetricAccumulator::add(const TPOLossResult& r, const PairInputs& in,
                                            const PairLogprobs& policy,
                                            const SequenceLogprobs& gold) {
+  detail::metrics::check_tokens(gold, "gold");
   add(detail::metrics::as_tpo_logged(r), in, policy);
   Step& step = steps_.back();
   using detail::metrics::as_double;
@@ -380,7 +424,8 @@ PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairIn
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in) {
-  Step& step = new_step();
+  Step& step = r.kl.defined() ? new_step({detail::metrics::kLoss, detail::metrics::kKL})
+                              : new_step({detail::metrics::kLoss});
   if (r.loss.defined() && r.loss.numel() > 0)
     put(step, detail::metrics::kLoss, detail::metrics::as_double(r.loss).mean(),
         detail::metrics::count_tensor(1, r.loss));
@@ -394,6 +439,8 @@ PREFOPT_INLINE void MetricAccumulator::add(const KTOLossResult& r, const KTOInpu
 PREFOPT_INLINE void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in,
                                            const SequenceLogprobs& chosen,
                                            const SequenceLogprobs& rejected) {
+  detail::metrics::check_tokens(chosen, "chosen", r.chosen_rewards);
+  detail::metrics::check_tokens(rejected, "rejected", r.rejected_rewards);
   add(r, in);
   put_tokens(steps_.back(), chosen, rejected, {/*logits=*/true, /*accuracy_rejected=*/true});
 }
@@ -405,7 +452,15 @@ PREFOPT_INLINE void MetricAccumulator::add_scalar(const std::string& name,
               "', got ", value.defined() ? value.sizes() : at::IntArrayRef{}, " (",
               value.defined() ? "defined" : "undefined", ")");
   const size_t s = slot(name, true);
+  // A built-in scalar that this micro-step's add logged already would be averaged with it
+  // (a value from add_scalar itself is only another sample).
+  const bool builtin = s < detail::metrics::kNumBuiltins;
+  TORCH_CHECK(!builtin || open_step_ || steps_.empty() || steps_.back().size() <= s ||
+                  !steps_.back()[s].defined() || (scalar_builtins_ >> s & 1u) != 0,
+              "prefopt::MetricAccumulator::add_scalar: '", name, "' is logged by this ",
+              "micro-step's add already; log the host's value under another name");
   put(current_step(), s, value, detail::metrics::count_tensor(1, value));
+  if (builtin) scalar_builtins_ |= 1u << s;
 }
 
 PREFOPT_INLINE void MetricAccumulator::add_scalar(const std::string& name, double value) {
@@ -486,6 +541,11 @@ MetricAccumulator::compute_ranks(const std::vector<MetricAccumulator*>& ranks) {
   at::Tensor total;
   for (size_t i = 0; i < ranks.size(); ++i) {
     TORCH_CHECK(ranks[i] != nullptr, fn, ": accumulator ", i, " is null");
+    for (size_t j = 0; j < i; ++j) {
+      // The same accumulator twice would be summed twice, then cleared before its own result.
+      TORCH_CHECK(ranks[j] != ranks[i], fn, ": accumulators ", j, " and ", i,
+                  " are the same object; pass each rank's accumulator once");
+    }
     const auto& r = *ranks[i];
     TORCH_CHECK(r.steps_.size() == first.steps_.size(), fn, ": rank ", i, " has ", r.steps_.size(),
                 " micro-steps in its window, rank 0 has ", first.steps_.size(),

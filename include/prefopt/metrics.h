@@ -20,6 +20,7 @@
 #include <prefopt/losses/tpo.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,7 +38,8 @@ enum class MetricWindow {
   /// metrics (`logits/*`, `entropy`, `mean_token_accuracy`), its ranks' samples for scalars.
   /// Current TRL (DPO, CPO, ORPO, TPO; KTO since 1.6): `log()` averages the stored per-step
   /// values. A micro-step without examples (or tokens) of a metric is left out of that
-  /// metric's mean, where TRL would average in a 0.
+  /// metric's mean, where TRL averages in a 0 for the token metrics and a NaN for a pairwise
+  /// step without pairs (its KTO leaves such a step out too).
   kMeanOfSteps,
   /// Σ values / Σ counts over the whole window and every rank, tokens pooled likewise: TRL's
   /// KTO up to 1.5.x and LLaMA-Factory's KTO. With equal counts in every micro-step both
@@ -132,6 +134,11 @@ class PREFOPT_API Metrics {
 /// A side with no examples contributes nothing and breaks nothing: its metrics are absent
 /// from a window that has none, never NaN. Nothing is read from the device before `compute`.
 ///
+/// `add` checks sizes (a TORCH_CHECK before it touches the window, so that a refused call
+/// leaves it as it was): as many chosen as rejected rewards for pairs, and in each
+/// `SequenceLogprobs` one value of every statistic per sequence (as `count`, or `positions`
+/// without counts), one sequence per reward of its side.
+///
 /// Every rank must make the same calls (the same number of micro-steps, the same
 /// `add_scalar` names in the same order) before the collective `compute(group)`.
 ///
@@ -186,7 +193,10 @@ class PREFOPT_API MetricAccumulator {
   void add(const at::Tensor& loss, const SequenceLogprobs& lp);
   /// Adds one sample of a scalar metric (e.g. `aux_loss`, `grad_norm`) to the current
   /// micro-step: the one the last `add` started, or, before any `add` in the window, the one
-  /// the next `add` fills. `value` (0-dim, any device) is read only at `compute`.
+  /// the next `add` fills. `value` (0-dim, any device) is read only at `compute`. The built-in
+  /// `loss`, `nll_loss` and `kl` may come from here where no `add` logs them (a host's own
+  /// loss, one sample per call); in a micro-step whose `add` logs one, giving it here too is an
+  /// error (the two would be averaged into one value).
   void add_scalar(const std::string& name, const at::Tensor& value);
   /// The same from a number.
   void add_scalar(const std::string& name, double value);
@@ -202,7 +212,8 @@ class PREFOPT_API MetricAccumulator {
   /// return on every rank; each accumulator starts a new window. For checking a multi-rank
   /// trainer's logged numbers offline (`prefopt-eval`'s metrics requests) and for tests. The
   /// accumulators must have made the same calls (same micro-steps, same `add_scalar` names):
-  /// a TORCH_CHECK names the first difference. Uses the options of `ranks[0]`.
+  /// a TORCH_CHECK names the first difference, as it does an accumulator passed twice. Uses the
+  /// options of `ranks[0]`.
   ///
   /// Example:
   /// ```
@@ -227,7 +238,9 @@ class PREFOPT_API MetricAccumulator {
 
   at::Tensor pack() const;  // [steps · slots, 2] fp64, or undefined for an empty window
   Metrics finish(const at::Tensor& packed);  // reduces `pack()`'s sum over ranks, clears
-  Step& new_step();
+  // The next add's step; `fills`: the built-in scalar slots that add logs (checked against
+  // add_scalar values in an open step).
+  Step& new_step(std::initializer_list<size_t> fills);
   Step& current_step();
   size_t slot(const std::string& name, bool scalar);
   void put(Step& step, size_t slot, const at::Tensor& sum, const at::Tensor& count);
@@ -246,7 +259,8 @@ class PREFOPT_API MetricAccumulator {
   MetricsOptions options_;
   std::vector<Slot> slots_;
   std::vector<Step> steps_;
-  bool open_step_ = false;  // add_scalar before any add opens a step the next add reuses
+  bool open_step_ = false;        // add_scalar before any add opens a step the next add reuses
+  uint32_t scalar_builtins_ = 0;  // the built-in slots add_scalar filled in the last step
   double num_tokens_ = 0;
   bool counted_tokens_ = false;
 };

@@ -95,10 +95,11 @@ PREFOPT_INLINE void check_group_device(const char* fn, const at::Tensor& x, cons
 
 /// What this rank brings to `agree`.
 struct Local {
-  std::exception_ptr error;      ///< this rank's argument error, rethrown once the ranks met
-  int64_t n = 0;                 ///< scored tokens
-  int64_t labels = 0;            ///< hash of the scored positions and labels
-  int64_t shape = 0;             ///< hash of what `shape_text` says
+  std::exception_ptr error;          ///< this rank's argument error, rethrown once the ranks met
+  int64_t n = 0;                     ///< scored tokens
+  int64_t labels = 0;                ///< hash of the scored positions and labels
+  int64_t lowest = 0, highest = -1;  ///< the scored labels' range (empty: none)
+  int64_t shape = 0;                 ///< hash of what `shape_text` says
   std::string shape_text;        ///< the batch shape, dtype (and whether backward sums over ranks)
   int64_t start = 0, end = 0;    ///< the vocabulary slice [start, end)
   at::Device device = at::kCPU;  ///< the inputs' device: where an NCCL group meets
@@ -115,18 +116,23 @@ PREFOPT_INLINE int64_t hash_values(std::initializer_list<int64_t> values) {
   return static_cast<int64_t>(h) & kHashMask;
 }
 
-/// A hash of the scored (position, label) pairs, on their device, modulo the prime 2³¹ − 1
-/// (every product fits in int64), the results summed (< 2⁶³ for n < 2³²). The position is
-/// mixed non-linearly before the label joins, and the last step is a cube: a linear first mix
-/// would let (p, t) and (p + 1, t − 48271) collide, and a square maps x and −x alike.
-PREFOPT_INLINE int64_t hash_labels(const Rows& rows, int64_t T) {
-  if (rows.target.numel() == 0) return 0;
+/// A hash of the scored (position, label) pairs into `me.labels`, on their device, modulo the
+/// prime 2³¹ − 1 (every product fits in int64), the results summed (< 2⁶³ for n < 2³²). The
+/// position is mixed non-linearly before the label joins, and the last step is a cube: a
+/// linear first mix would let (p, t) and (p + 1, t − 48271) collide, and a square maps x and
+/// −x alike. The labels' range comes back in the same copy to the host (one sync on CUDA).
+PREFOPT_INLINE void hash_labels(const Rows& rows, int64_t T, Local& me) {
+  if (rows.target.numel() == 0) return;
   constexpr int64_t M = 2147483647;
   auto p = ((rows.b * T + rows.t).remainder(M) * 48271 + 12345).remainder(M);
   p = (p * p + 67890).remainder(M);
   auto x = (p * 16807 + rows.target.remainder(M)).remainder(M);
   x = ((x * x).remainder(M) * x + 1013904223).remainder(M);
-  return x.sum().item<int64_t>() & kHashMask;
+  const auto host = at::stack({x.sum(), rows.target.min(), rows.target.max()}).cpu();
+  const int64_t* v = host.data_ptr<int64_t>();
+  me.labels = v[0] & kHashMask;
+  me.lowest = v[1];
+  me.highest = v[2];
 }
 
 /// The check every rank runs before the per-token collectives, in one MAX all-reduce of
@@ -160,15 +166,10 @@ PREFOPT_INLINE int64_t agree(const char* fn, c10d::ProcessGroup* group, const Lo
   buffer = buffer.cpu();
   const int64_t* all = buffer.data_ptr<int64_t>();
   if (me.error) std::rethrow_exception(me.error);
-  std::string failed;
-  int n_failed = 0;
-  for (int r = 0; r < world; ++r) {
-    if (all[6 + 3 * r] != 1) continue;
-    failed += (n_failed++ ? ", " : "") + std::to_string(r);
-  }
-  TORCH_CHECK(n_failed == 0, fn, ": rank", n_failed > 1 ? "s " : " ", failed,
-              " rejected its arguments (its error says why); every rank stops before the ",
-              "collectives");
+  std::vector<int> failed;
+  for (int r = 0; r < world; ++r)
+    if (all[6 + 3 * r] == 1) failed.push_back(r);
+  check_no_rank_failed(fn, failed);
   TORCH_CHECK(all[4] == -all[5], fn, ": expected the same batch shape and dtype on every rank, ",
               "but the ranks differ (this rank ", rank, ": ", me.shape_text, ")");
   TORCH_CHECK(all[0] == -all[1], fn, ": expected the same labels on every rank, but the ranks ",
@@ -204,6 +205,7 @@ PREFOPT_INLINE int64_t agree(const char* fn, c10d::ProcessGroup* group, const Lo
 /// shift: the error names the label's own index.
 PREFOPT_INLINE void check_label_range(const char* fn, const Rows& rows, int64_t V, int64_t k,
                                       const Local& me, int64_t ignore_index) {
+  if (me.lowest >= 0 && me.highest < V) return;  // (none scored: lowest 0, highest −1)
   const auto bad = (rows.target < 0) | (rows.target >= V);
   if (!bad.any().item<bool>()) return;
   const auto i = bad.nonzero()[0][0].item<int64_t>();
@@ -232,7 +234,7 @@ Selection select_agreed(const char* fn, c10d::ProcessGroup* group, const VocabPa
   try {
     sel = check(me);
     me.n = sel.rows.target.numel();
-    me.labels = hash_labels(sel.rows, sel.scored.size(1));
+    hash_labels(sel.rows, sel.scored.size(1), me);
   } catch (...) {
     me.error = std::current_exception();
   }

@@ -185,7 +185,8 @@ __global__ void __launch_bounds__(kThreads)
       const A lse = bad ? nan_ : st.m + log_s;
       const int64_t y = target[i];
       static_cast<A*>(out.lse)[i] = lse;
-      static_cast<A*>(out.logp)[i] = to_acc(z[y]) - lse;
+      // (z_y − m) − log S, not z_y − lse: lse's rounding would cost ulp(lse)/2.
+      static_cast<A*>(out.logp)[i] = bad ? nan_ : (to_acc(z[y]) - st.m) - log_s;
       if (flags & kLogitSum) static_cast<A*>(out.logit_mean)[i] = st.sum / static_cast<A>(V);
       if (flags & kArgmax) out.correct[i] = !bad && st.arg == y;
       if (flags & kEntropy) static_cast<A*>(out.entropy)[i] = bad ? nan_ : log_s - st.t / st.s;

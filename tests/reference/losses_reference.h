@@ -14,13 +14,13 @@ namespace prefopt_ref {
 
 inline at::Tensor logsig(const at::Tensor& x) { return at::log(at::sigmoid(x)); }
 
-/// The f-divergence score of a log-ratio (TRL ≥ 0.29).
+/// The f-divergence score f′(e^ρ) of a log-ratio, constants included (TRL ≥ 1.10).
 inline at::Tensor score(const at::Tensor& rho, const std::string& f, double alpha) {
-  if (f == "forward_kl") return -at::exp(-rho);
-  if (f == "js_divergence") return logsig(rho);
+  if (f == "forward_kl") return 1 - at::exp(-rho);
+  if (f == "js_divergence") return std::log(2.0) + logsig(rho);
   if (f == "alpha_divergence") {
     if (std::abs(alpha - 1) < 1e-6) return rho;
-    return at::exp((alpha - 1) * rho) / (alpha - 1);
+    return (at::exp((alpha - 1) * rho) - 1) / (alpha - 1);
   }
   return rho;
 }
@@ -51,9 +51,12 @@ inline at::Tensor dpo_losses(const DPORef& o, const at::Tensor& pc, const at::Te
   if (o.type == "exo_pair")
     return at::sigmoid(z) * (logsig(z) - std::log(1 - e)) +
            at::sigmoid(-z) * (logsig(-z) - std::log(e));
-  if (o.type == "nca_pair") return -logsig(b * sc) - 0.5 * logsig(-b * sc) - 0.5 * logsig(-b * sr);
-  if (o.type == "bco_pair") return -logsig(b * sc - bco_delta) - logsig(-(b * sr - bco_delta));
-  if (o.type == "sppo_hard") return at::pow(sc - 0.5 / b, 2) + at::pow(sr + 0.5 / b, 2);
+  // nca_pair, bco_pair, sppo_hard and the apo types read the raw log-ratios.
+  if (o.type == "nca_pair")
+    return -logsig(b * rho_c) - 0.5 * logsig(-b * rho_c) - 0.5 * logsig(-b * rho_r);
+  if (o.type == "bco_pair")
+    return -logsig(b * rho_c - bco_delta) - logsig(-(b * rho_r - bco_delta));
+  if (o.type == "sppo_hard") return at::pow(rho_c - 0.5 / b, 2) + at::pow(rho_r + 0.5 / b, 2);
   if (o.type == "aot" || o.type == "aot_unpaired") {
     at::Tensor d;
     if (o.type == "aot") {
@@ -64,7 +67,7 @@ inline at::Tensor dpo_losses(const DPORef& o, const at::Tensor& pc, const at::Te
     return -(1 - e) * logsig(b * d) - e * logsig(-b * d);
   }
   if (o.type == "apo_zero") return (1 - at::sigmoid(b * rho_c)) + at::sigmoid(b * rho_r);
-  if (o.type == "apo_down") return at::sigmoid(b * rho_c) + (1 - at::sigmoid(z));
+  if (o.type == "apo_down") return at::sigmoid(b * rho_c) + (1 - at::sigmoid(b * (rho_c - rho_r)));
   if (o.type == "discopop") {
     const auto m = at::sigmoid(z / o.tau);
     return -logsig(z) * (1 - m) + at::exp(-z) * m;

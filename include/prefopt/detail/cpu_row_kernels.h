@@ -25,6 +25,7 @@ template <typename A>
 struct RowStats {
   A lse = 0;            ///< log Σ_v exp(z_v)
   A target = 0;         ///< z_target (0 when target < 0)
+  A logp = 0;           ///< (z_target − max) − log Σ_v exp(z_v − max): log p_target
   A logit_sum = 0;      ///< Σ_v z_v                 (kLogitSum)
   A entropy = 0;        ///< -Σ_v p_v log p_v        (kEntropy)
   A log_sum_p2 = 0;     ///< log Σ_v p_v²            (kLogSumP2)

@@ -21,6 +21,12 @@ inline at::Tensor capped_exp(const at::Tensor& x) {
   return x.clamp_max(x.scalar_type() == at::kDouble ? 700.0 : 80.0).exp();
 }
 
+/// expm1(min(x, cap)), with `capped_exp`'s caps: the f-divergence scores 1 − e^{−ρ} and
+/// (e^{(α−1)ρ} − 1)/(α−1) without the cancellation of e^x − 1 near x = 0.
+inline at::Tensor capped_expm1(const at::Tensor& x) {
+  return x.clamp_max(x.scalar_type() == at::kDouble ? 700.0 : 80.0).expm1();
+}
+
 /// ORPO's log-odds (a − b) − (log(1 − e^a) − log(1 − e^b)) for a, b < 0 (per-token mean
 /// log-probs), as (a − b) + log(expm1(b) / expm1(a)), since 1 − e^x = −expm1(x):
 /// - expm1 is exact to rounding near 0, where log1p(−exp(a)) cancels to log(0) (trl#1473,

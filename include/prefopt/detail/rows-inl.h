@@ -94,7 +94,7 @@ void kernel_forward(const at::Tensor& logits, const Rows& rows, unsigned flags, 
     for (int64_t i = lo; i < hi; ++i) {
       const auto st = kc::row_stats<T>(base + b[i] * s0 + t[i] * s1, V, tg[i], flags);
       lse[i] = st.lse;
-      logp[i] = st.target - st.lse;
+      logp[i] = st.logp;
       if (lm) lm[i] = st.logit_sum / static_cast<A>(V);
       if (ok) ok[i] = st.argmax == tg[i];
       if (ent) ent[i] = st.entropy;
@@ -243,7 +243,8 @@ PREFOPT_INLINE void aten_forward(const at::Tensor& logits, const Rows& rows, uns
     const auto log_s = ex.sum(1).log();
     const auto lse = m.squeeze(1) + log_s;
     r.lse.slice(0, s, e).copy_(lse);
-    r.logp.slice(0, s, e).copy_(z.gather(1, tg.unsqueeze(1)).squeeze(1) - lse);
+    // (z_y − m) − log S, not z_y − lse: lse's rounding would cost ulp(lse)/2 at large logits.
+    r.logp.slice(0, s, e).copy_(x.gather(1, tg.unsqueeze(1)).squeeze(1) - log_s);
     if (flags & kLogitSum) r.logit_mean.slice(0, s, e).copy_(z.sum(1) / static_cast<double>(V));
     if (flags & kArgmax)  // a NaN or infinite maximum never counts, as in the row kernels
       r.correct.slice(0, s, e).copy_((z.argmax(1) == tg) & at::isfinite(m.squeeze(1)));

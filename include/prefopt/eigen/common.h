@@ -406,7 +406,16 @@ Eigen::Index check_pair_inputs(const char* fn, const PairInputs<T>& in, bool nee
     check_size(fn, "rejected_lengths", *in.rejected_lengths(), B);
     check_counts(fn, "rejected_lengths", *in.rejected_lengths());
   }
-  if (in.weights()) check_size(fn, "weights", *in.weights(), B);
+  if (in.weights()) {
+    check_size(fn, "weights", *in.weights(), B);
+    // As the libtorch layer: a NaN or negative weight gives a NaN or sign-flipped loss.
+    const auto& w = *in.weights();
+    for (Eigen::Index i = 0; i < w.size(); ++i) {
+      const double wi = static_cast<double>(w(i));
+      if (!(wi >= 0 && std::isfinite(wi)))
+        fail(fn, ": expected weights to be finite and >= 0, got ", wi, " at index ", i);
+    }
+  }
   const int form = static_cast<int>(in.logps_form());
   check(form >= 0 && form <= 2, fn, ": logps_form is not a LogpsForm value (got ", form, ")");
   return B;

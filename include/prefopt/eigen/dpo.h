@@ -183,6 +183,7 @@ constexpr const char* kDPOFn = "prefopt::eigen::dpo_loss";
 
 // The rules the libtorch layer applies too (losses/types.h).
 using prefopt::detail::dpo_reads_label_smoothing;
+using prefopt::detail::dpo_takes_f_divergence;
 using prefopt::detail::has_loss_type;
 
 /// The option checks of losses/dpo-inl.h's `check_options`.
@@ -232,31 +233,38 @@ inline void check_dpo_options(const DPOLossOptions& o) {
   for (DPOLossType t : types) {
     check(prefopt::detail::is_valid(t), fn, ": loss_type holds a value that is not a ",
           "DPOLossType (", static_cast<int>(t), ")");
+    check(o.f_divergence_type() == FDivergence::kReverseKL || dpo_takes_f_divergence(t), fn,
+          ": f_divergence_type = ", prefopt::detail::name_of(o.f_divergence_type()),
+          " is only defined for the loss types built on the chosen - rejected difference ",
+          "(sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft), got ",
+          prefopt::detail::name_of(t), "; use reverse_kl with it");
   }
   check_reduction(fn, o.reduction());
 }
 
-/// The score of a log-ratio under the f-divergence (TRL ≥ 0.29) and d score / d ρ:
-/// reverse_kl ρ (1); forward_kl −e^{−ρ} (e^{−ρ}); js_divergence ℓ(ρ) (σ(−ρ)); alpha_divergence
-/// e^{(α−1)ρ}/(α−1) (e^{(α−1)ρ}), ρ when |α − 1| < 1e-6. The exponentials are capped at 80
-/// (float) / 700 (double), with a zero derivative above the cap.
+/// The score of a log-ratio under the f-divergence (TRL ≥ 1.10, constants included) and
+/// d score / d ρ: reverse_kl ρ (1); forward_kl 1 − e^{−ρ} (e^{−ρ}); js_divergence log 2 + ℓ(ρ)
+/// (σ(−ρ)); alpha_divergence (e^{(α−1)ρ} − 1)/(α−1) (e^{(α−1)ρ}), ρ when |α − 1| < 1e-6. The
+/// exponentials are capped at 80 (float) / 700 (double), with a zero derivative above the cap;
+/// e^x − 1 is formed with expm1, exact near x = 0.
 template <typename T>
 std::pair<T, T> f_score(T rho, const DPOLossOptions& o) {
   switch (o.f_divergence_type()) {
     case FDivergence::kReverseKL:
       return {rho, T(1)};
     case FDivergence::kForwardKL: {
-      const auto [e, de] = capped_exp(-rho);
-      return {-e, de};
+      const auto de = capped_exp(-rho).second;
+      return {-std::expm1(std::min(-rho, exp_cap<T>())), de};
     }
     case FDivergence::kJSDivergence:
-      return {log_sigmoid(rho), log_sigmoid_grad(rho)};
+      return {log_sigmoid(rho) + static_cast<T>(std::log(2.0)), log_sigmoid_grad(rho)};
     case FDivergence::kAlphaDivergence: {
       const double a1 = o.f_alpha_divergence_coef() - 1.0;
       if (std::abs(a1) < 1e-6) return {rho, T(1)};
-      const auto [e, de] = capped_exp(rho * static_cast<T>(a1));
+      const T x = rho * static_cast<T>(a1);
+      const auto de = capped_exp(x).second;
       const T inv = static_cast<T>(1.0 / a1);
-      return {e * inv, de * inv * static_cast<T>(a1)};
+      return {std::expm1(std::min(x, exp_cap<T>())) * inv, de * inv * static_cast<T>(a1)};
     }
   }
   return {rho, T(1)};
@@ -304,6 +312,15 @@ DPOLossResult<T> dpo_impl(const PairInputs<T>& in, const double* bco_delta,
   check(
       !(aot && in.weights().has_value()), fn,
       ": aot and aot_unpaired sort the batch, so per-pair weights (WPO) cannot apply; got weights");
+  // A NaN or infinite baseline would make every bco_pair loss NaN or infinite, silently.
+  check(bco_delta == nullptr || std::isfinite(*bco_delta), fn,
+        ": expected a finite bco_delta, got ", bco_delta != nullptr ? *bco_delta : 0.0);
+  // What nothing would read is an error, not a loss without it.
+  check(bco_delta == nullptr || has_loss_type(types, DPOLossType::kBCOPair), fn,
+        ": bco_delta is read by bco_pair only, and bco_pair is not among the loss types");
+  check(bco_delta != nullptr || !o.bco_running_mean(), fn,
+        ": bco_running_mean(true) needs the running baseline that the DPOLoss functor keeps; ",
+        "the functional form takes the baseline's delta through its bco_delta overload");
   const T beta = static_cast<T>(o.beta());
   const double eps = o.label_smoothing();
 
@@ -613,6 +630,7 @@ DPOLossResult<T> dpo_loss(const PairInputs<T>& inputs, const DPOLossOptions& opt
 
 /// `dpo_loss` with `bco_pair`'s baseline δ (e.g. from `BCOBaseline::update`), the functional
 /// form of what `DPOLoss` does with `bco_running_mean`: bco_pair sees βs_c − δ and βs_r − δ.
+/// δ must be finite (std::invalid_argument otherwise: a NaN δ made every bco_pair loss NaN).
 ///
 /// Example:
 /// ```

@@ -36,7 +36,8 @@ struct KTOInputs {
   /// [M] reference log-probs of the same mismatched pairs.
   PREFOPT_EIGEN_ARG(std::optional<Vector<T>>, reference_KL_logps);
   /// The KL estimate itself, used instead of the KL log-probs (e.g. a mean over all ranks).
-  /// Clamped at 0; a constant of the loss, like the local estimate.
+  /// Clamped at 0; a constant of the loss, like the local estimate. Where both are given, `kl`
+  /// decides and the KL log-probs are not read.
   PREFOPT_EIGEN_ARG(std::optional<T>, kl);
 };
 

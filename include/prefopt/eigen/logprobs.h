@@ -160,6 +160,12 @@ auto gather_packed_logprobs(const Eigen::MatrixBase<Derived>& logits,
 /// `grad_sum`, `grad_mean`: [S], or empty for zero. The same `labels`, `cu_seqlens` and options
 /// as the forward call.
 ///
+/// `grad_logits` may be the logits' own buffer (the same data and strides): the gradient then
+/// replaces the logits in place, each row read before it is written, as memory-bound hosts
+/// (Liger, Cut Cross-Entropy) reuse the logits for their gradient. Any other overlap of the two
+/// buffers is refused (std::invalid_argument), since rows would be read after being written.
+/// Every check runs before anything is written.
+///
 /// Example:
 /// ```
 /// // sequences [chosen..., rejected...]: one upstream gradient per sequence, in that order
@@ -188,23 +194,47 @@ void gather_packed_logprobs_backward(const Eigen::Ref<const RowMatrix<T>>& logit
   detail::check(grad_logits.rows() == logits.rows() && grad_logits.cols() == logits.cols(), fn,
                 ": expected grad_logits of shape [", logits.rows(), ", ", logits.cols(),
                 "] like the logits, got [", grad_logits.rows(), ", ", grad_logits.cols(), "]");
+  const Eigen::Index N = logits.rows(), V = logits.cols();
+  if (N > 0 && V > 0) {
+    // In place (the very same buffer and layout) is fine row by row; any other overlap is not.
+    const T* lb = logits.data();
+    const T* le = lb + (N - 1) * logits.outerStride() + (V - 1) * logits.innerStride() + 1;
+    const T* gb = grad_logits.data();
+    const T* ge =
+        gb + (N - 1) * grad_logits.outerStride() + (V - 1) * grad_logits.innerStride() + 1;
+    const bool overlap = std::less<const T*>()(lb, ge) && std::less<const T*>()(gb, le);
+    const bool same = lb == gb && logits.outerStride() == grad_logits.outerStride() &&
+                      logits.innerStride() == grad_logits.innerStride();
+    detail::check(!overlap || same, fn,
+                  ": expected grad_logits to be the logits' own buffer (in place) or not to ",
+                  "overlap it, got buffers that partly overlap");
+  }
+  // Every scored row's sequence and label, checked before anything is written.
+  std::vector<Eigen::Index> seq_of(static_cast<size_t>(N), -1), label_of(static_cast<size_t>(N));
+  IndexVector count = IndexVector::Zero(S);
+  detail::for_each_scored(fn, V, labels, cu_seqlens, options,
+                          [&](Eigen::Index s, Eigen::Index i, Eigen::Index y) {
+                            seq_of[static_cast<size_t>(i)] = s;
+                            label_of[static_cast<size_t>(i)] = y;
+                            count(s) += 1;
+                          });
   // The means' gradient reaches the sums divided by max(count, 1).
   Vector<T> g = grad_sum.size() ? Vector<T>(grad_sum) : Vector<T>(Vector<T>::Zero(S));
   if (grad_mean.size()) {
-    IndexVector count = IndexVector::Zero(S);
-    detail::for_each_scored(fn, logits.cols(), labels, cu_seqlens, options,
-                            [&](Eigen::Index s, Eigen::Index, Eigen::Index) { count(s) += 1; });
     for (Eigen::Index s = 0; s < S; ++s)
       g(s) += grad_mean(s) / static_cast<T>(std::max<int64_t>(count(s), 1));
   }
-  grad_logits.setZero();
-  detail::for_each_scored(fn, logits.cols(), labels, cu_seqlens, options,
-                          [&](Eigen::Index s, Eigen::Index i, Eigen::Index y) {
-                            const auto row = logits.row(i);
-                            const T lse = detail::logsumexp(row);
-                            grad_logits.row(i) = (row.array() - lse).exp() * -g(s);
-                            grad_logits(i, y) += g(s);
-                          });
+  for (Eigen::Index i = 0; i < N; ++i) {
+    const Eigen::Index s = seq_of[static_cast<size_t>(i)];
+    if (s < 0) {
+      grad_logits.row(i).setZero();
+      continue;
+    }
+    // The row's logsumexp first: with grad_logits in place, the row is overwritten next.
+    const T lse = detail::logsumexp(logits.row(i));
+    grad_logits.row(i) = (logits.row(i).array() - lse).exp() * -g(s);
+    grad_logits(i, label_of[static_cast<size_t>(i)]) += g(s);
+  }
 }
 
 /// `gather_packed_logprobs_backward` returning a new [N, V] gradient matrix.
@@ -241,6 +271,11 @@ inline IndexVector cu_seqlens_from_lengths(const Eigen::Ref<const IndexVector>& 
   for (Eigen::Index s = 0; s < lengths.size(); ++s) {
     detail::check(lengths(s) >= 0, "prefopt::eigen::cu_seqlens_from_lengths",
                   ": expected lengths >= 0, got ", lengths(s), " at index ", s);
+    // A sum past int64 would be undefined behaviour, and wrap to offsets that pass for valid.
+    detail::check(lengths(s) <= std::numeric_limits<int64_t>::max() - cu(s),
+                  "prefopt::eigen::cu_seqlens_from_lengths",
+                  ": expected lengths whose total fits in int64, got ", lengths(s), " at index ", s,
+                  " after a total of ", cu(s));
     cu(s + 1) = cu(s) + lengths(s);
   }
   return cu;

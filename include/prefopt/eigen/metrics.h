@@ -14,6 +14,8 @@
 #include <prefopt/eigen/orpo.h>
 #include <prefopt/eigen/tpo.h>
 
+#include <initializer_list>
+
 PREFOPT_BEGIN_NAMESPACE
 namespace eigen {
 
@@ -115,8 +117,13 @@ class Metrics {
 /// ```
 class MetricAccumulator {
  public:
-  /// An accumulator with an empty window.
+  /// An accumulator with an empty window. std::invalid_argument when `options.window()` is
+  /// not a MetricWindow value (an integer cast to the enum), as the libtorch layer refuses it.
   explicit MetricAccumulator(MetricsOptions options = {}) : options_(std::move(options)) {
+    const auto window = static_cast<unsigned>(options_.window());
+    detail::check(window <= static_cast<unsigned>(MetricWindow::kCountWeighted),
+                  "prefopt::eigen::MetricAccumulator", ": window is not a MetricWindow value (got ",
+                  static_cast<int>(options_.window()), ")");
     for (size_t i = 0; i < kNumBuiltins; ++i)
       slots_.push_back({builtin_name(i), builtin_scalar(i)});
   }
@@ -151,7 +158,7 @@ class MetricAccumulator {
   /// A KTO micro-step (also `kl`); either side may be empty.
   template <typename T>
   void add(const KTOLossResult<T>& r, const KTOInputs<T>& in) {
-    Step& step = new_step();
+    Step& step = new_step({kLoss, kKL});
     if (r.loss.size() > 0) put(step, kLoss, r.loss.template cast<double>().mean(), 1);
     put_examples(step, kRewardsChosen, r.chosen_rewards);
     put_examples(step, kRewardsRejected, r.rejected_rewards);
@@ -161,6 +168,8 @@ class MetricAccumulator {
   }
   /// Adds one sample of a scalar metric (e.g. `grad_norm`) to the current micro-step: the one
   /// the last `add` started, or, before any `add` in the window, the one the next `add` fills.
+  /// The built-in `loss`, `nll_loss` and `kl` may come from here where no `add` logs them (a
+  /// host's own loss); in a micro-step whose `add` logs one, giving it here too is an error.
   void add_scalar(const std::string& name, double value) {
     size_t s = slots_.size();
     for (size_t i = 0; i < slots_.size(); ++i) {
@@ -172,11 +181,21 @@ class MetricAccumulator {
       }
     }
     if (s == slots_.size()) slots_.push_back({name, true});
+    // A built-in scalar that this micro-step's add logged already would be averaged with it.
+    // (A value from add_scalar itself is only another sample.)
+    const bool builtin = s < kNumBuiltins;
+    detail::check(!builtin || open_step_ || steps_.empty() || steps_.back().size() <= s ||
+                      steps_.back()[s].second == 0 || (scalar_builtins_ >> s & 1u) != 0,
+                  "prefopt::eigen::MetricAccumulator::add_scalar", ": '", name,
+                  "' is logged by this micro-step's add already; log the host's value under ",
+                  "another name");
     if (steps_.empty()) {
       steps_.emplace_back();
       open_step_ = true;
+      scalar_builtins_ = 0;
     }
     put(steps_.back(), s, value, 1);
+    if (builtin) scalar_builtins_ |= 1u << s;
   }
 
   /// Averages the window over its micro-steps (see `MetricWindow`) and starts a new window.
@@ -285,12 +304,21 @@ class MetricAccumulator {
   };
   using Step = std::vector<std::pair<double, double>>;  // per slot: (Σ value, count)
 
-  Step& new_step() {
+  // The next add's step; `fills`: the built-in scalar slots that add logs (checked against
+  // add_scalar values in an open step, which would be averaged with them).
+  Step& new_step(std::initializer_list<size_t> fills) {
     if (open_step_) {
+      const Step& open = steps_.back();
+      for (const size_t s : fills)
+        detail::check(open.size() <= s || open[s].second == 0,
+                      "prefopt::eigen::MetricAccumulator::add", ": '", slots_[s].name,
+                      "' came from add_scalar in this micro-step, and this add logs its own; log ",
+                      "the host's value under another name");
       open_step_ = false;
       return steps_.back();
     }
     steps_.emplace_back();
+    scalar_builtins_ = 0;
     return steps_.back();
   }
   void put(Step& step, size_t slot, double sum, double count) {
@@ -311,7 +339,7 @@ class MetricAccumulator {
                   "prefopt::eigen::MetricAccumulator::add",
                   ": expected as many chosen as rejected rewards, got ", chosen_rewards.size(),
                   " and ", rejected_rewards.size());
-    Step& step = new_step();
+    Step& step = nll ? new_step({kLoss, kNLL}) : new_step({kLoss});
     if (loss.size() > 0) put(step, kLoss, loss.template cast<double>().mean(), 1);
     put_examples(step, kRewardsChosen, chosen_rewards);
     put_examples(step, kRewardsRejected, rejected_rewards);
@@ -328,7 +356,8 @@ class MetricAccumulator {
   MetricsOptions options_;
   std::vector<Slot> slots_;
   std::vector<Step> steps_;
-  bool open_step_ = false;  // add_scalar before any add opens a step the next add reuses
+  bool open_step_ = false;        // add_scalar before any add opens a step the next add reuses
+  uint32_t scalar_builtins_ = 0;  // the built-in slots add_scalar filled in the last step
   double num_tokens_ = 0;
   bool counted_tokens_ = false;
 };

@@ -96,6 +96,11 @@ TPOLossResult<T> tpo_loss(const PairInputs<T>& inputs, const SequenceLogprobs<T>
   detail::check(!inputs.nll_loss().has_value(), fn,
                 ": got both the gold SequenceLogprobs and nll_loss; pass one");
   detail::check_counts(fn, "gold.count", gold.count);
+  // One gold response per pair (TRL's third branch of the same batch), as the libtorch layer.
+  detail::check(gold.sum.size() == inputs.policy_chosen_logps().size(), fn,
+                ": expected one gold response per pair, gold.sum of shape ",
+                detail::shape(inputs.policy_chosen_logps().size()),
+                " like policy_chosen_logps, got ", detail::shape(gold.sum.size()));
   // TRL's cross-entropy over every gold completion token of the batch; 0 over none. The
   // counts are summed in T, as the libtorch layer casts them to the compute type first.
   const Vector<T> n = gold.count.template cast<T>();

@@ -40,6 +40,18 @@ PREFOPT_INLINE void check_counts(const char* fn, const char* name, const at::Ten
                     t[i].item<double>(), " at index ", i);
 }
 
+/// Checks that per-pair weights (WPO's w_c·w_r > 0) are finite and >= 0: a NaN or negative
+/// weight would silently give a NaN or sign-flipped loss. On CPU only, as `check_counts`.
+PREFOPT_INLINE void check_weights(const char* fn, const at::Tensor& w) {
+  if (!w.device().is_cpu() || w.numel() == 0) return;
+  const auto wf = w.to(at::kDouble);
+  const auto bad = (wf.ge(0) & at::isfinite(wf)).logical_not();
+  if (!bad.any().item<bool>()) return;
+  const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK_VALUE(false, fn, ": expected weights to be finite and >= 0, got ",
+                    wf[i].item<double>(), " at index ", i);
+}
+
 PREFOPT_INLINE int64_t check_pair_inputs(const char* fn, const PairInputs& in,
                                          bool needs_reference) {
   const auto& pc = in.policy_chosen_logps();
@@ -72,6 +84,7 @@ PREFOPT_INLINE int64_t check_pair_inputs(const char* fn, const PairInputs& in,
   if (in.weights().defined()) {
     check_logps(fn, "weights", in.weights(), B, dev);
     check_floating_logps(fn, "weights", in.weights());
+    check_weights(fn, in.weights());
   }
   if (in.nll_loss().defined()) {
     TORCH_CHECK(in.nll_loss().numel() == 1, fn, ": expected nll_loss to be a scalar, got shape ",
@@ -142,9 +155,11 @@ PREFOPT_INLINE at::Tensor chosen_nll(const char* fn, const PairInputs& in, const
   }
   TORCH_CHECK(n.defined(), fn, ": the token-mean NLL needs chosen_lengths (token counts) or ",
               "an explicit nll_loss, got neither");
-  // Σ over every chosen token / their number; an empty batch gives 0, not TRL's NaN.
-  if (!averaged) return logps.sum().neg() / n.sum().clamp_min(1);
+  // Σ over every chosen token / their number; an empty batch gives 0, not TRL's NaN. The
+  // counts are summed in the loss's dtype: fp16 counts would overflow past 65504 tokens (an
+  // NLL of 0) and fp64 counts would promote an fp32 loss to fp64.
   const auto nf = cast(n, dtype);  // same-dtype product: mixed dtypes take a slower path
+  if (!averaged) return logps.sum().neg() / nf.sum().clamp_min(1);
   return (logps * nf).sum().neg() / nf.sum().clamp_min(1);
 }
 

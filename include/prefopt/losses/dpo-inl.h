@@ -69,22 +69,30 @@ PREFOPT_INLINE void check_options(const DPOLossOptions& o) {
   for (DPOLossType t : types) {
     TORCH_CHECK_VALUE(detail::is_valid(t), kFn, ": loss_type holds a value that is not a ",
                       "DPOLossType (", static_cast<int>(t), ")");
+    TORCH_CHECK_VALUE(
+        o.f_divergence_type() == FDivergence::kReverseKL || dpo_takes_f_divergence(t), kFn,
+        ": f_divergence_type = ", name_of(o.f_divergence_type()), " is only defined for the ",
+        "loss types built on the chosen - rejected difference (sigmoid, sigmoid_norm, hinge, ",
+        "ipo, exo_pair, robust, discopop, sft), got ", name_of(t), "; use reverse_kl with it");
   }
 }
 
-// Score of a log-ratio under the f-divergence (TRL ≥ 0.29's `_compute_loss`).
+// Score f′(e^ρ) of a log-ratio under the f-divergence, with TRL ≥ 1.10's constants
+// (`_compute_loss`): forward_kl 1 − e^{−ρ} = −expm1(−ρ), js_divergence log 2 + ℓ(ρ),
+// alpha_divergence expm1((α−1)ρ)/(α−1). expm1 keeps the scores exact near ρ = 0, where
+// 1 − e^{−ρ} cancels; the exponent is capped as in `capped_expm1`.
 PREFOPT_INLINE at::Tensor f_score(const at::Tensor& rho, const DPOLossOptions& o) {
   switch (o.f_divergence_type()) {
     case FDivergence::kReverseKL:
       return rho;
     case FDivergence::kForwardKL:
-      return detail::capped_exp(rho.neg()).neg();
+      return detail::capped_expm1(rho.neg()).neg();
     case FDivergence::kJSDivergence:
-      return at::log_sigmoid(rho);
+      return at::log_sigmoid(rho) + std::log(2.0);
     case FDivergence::kAlphaDivergence: {
       const double a1 = o.f_alpha_divergence_coef() - 1.0;
       if (std::abs(a1) < 1e-6) return rho;
-      return detail::capped_exp(rho * a1) * (1.0 / a1);
+      return detail::capped_expm1(rho * a1) * (1.0 / a1);
     }
   }
   return rho;
@@ -170,6 +178,19 @@ PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bc
                     "TRL <= 0.28");
   }
   const auto& types = o.loss_type();
+  // What nothing would read is an error, not a loss without it.
+  const bool has_delta = bco_delta != nullptr && bco_delta->defined();
+  TORCH_CHECK_VALUE(!has_delta || has_loss_type(types, DPOLossType::kBCOPair), kFn,
+                    ": bco_delta is read by bco_pair only, and bco_pair is not among the loss ",
+                    "types");
+  TORCH_CHECK_VALUE(bco_delta != nullptr || !o.bco_running_mean(), kFn,
+                    ": bco_running_mean(true) needs the running baseline that the DPOLoss ",
+                    "functor keeps; the functional form takes the baseline's delta through its ",
+                    "bco_delta overload");
+  if (has_delta && bco_delta->device().is_cpu()) {  // (a CUDA δ would cost a sync)
+    const double d = bco_delta->to(at::kDouble).item<double>();
+    TORCH_CHECK_VALUE(std::isfinite(d), kFn, ": expected a finite bco_delta, got ", d);
+  }
   const bool aot =
       has_loss_type(types, DPOLossType::kAOT) || has_loss_type(types, DPOLossType::kAOTUnpaired);
   TORCH_CHECK(!(aot && in.weights().defined()), kFn,
@@ -257,16 +278,14 @@ PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bc
         l = lq.exp() * (lq - std::log1p(-eps)) + lq_neg.exp() * (lq_neg - std::log(eps));
         break;
       }
-      case DPOLossType::kNCAPair: {
-        scores();
-        const auto c = score_c * beta, r = score_r * beta;
+      case DPOLossType::kNCAPair: {  // raw log-ratios: no f-divergence (check_options)
+        const auto c = rho_c * beta, r = rho_r * beta;
         l = at::log_sigmoid(c).neg() - 0.5 * at::log_sigmoid(c.neg()) -
             0.5 * at::log_sigmoid(r.neg());
         break;
       }
       case DPOLossType::kBCOPair: {
-        scores();
-        auto c = score_c * beta, r = score_r * beta;
+        auto c = rho_c * beta, r = rho_r * beta;
         if (bco_delta != nullptr && bco_delta->defined()) {
           const auto d = bco_delta->to(c.options()).reshape({});
           c = c - d;
@@ -276,8 +295,7 @@ PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bc
         break;
       }
       case DPOLossType::kSPPOHard:
-        scores();
-        l = (score_c - 0.5 / beta).square() + (score_r + 0.5 / beta).square();
+        l = (rho_c - 0.5 / beta).square() + (rho_r + 0.5 / beta).square();
         break;
       case DPOLossType::kAOT: {
         const auto pi = std::get<0>(at::sort(pc - pr, 0));
@@ -294,7 +312,7 @@ PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bc
         l = at::sigmoid(rho_c * -beta) + at::sigmoid(rho_r * beta);
         break;
       case DPOLossType::kAPODown:
-        l = at::sigmoid(rho_c * beta) + at::sigmoid(z().neg());
+        l = at::sigmoid(rho_c * beta) + at::sigmoid((rho_r - rho_c) * beta);
         break;
       case DPOLossType::kDiscoPOP: {
         // −ℓ(z)(1 − σ(z/τ)) + e^{−z}σ(z/τ), with e^{−z}σ(z/τ) = exp(−z + ℓ(z/τ)): the product

@@ -74,7 +74,10 @@ struct DPOLossOptions {
   /// to sigmoid. Migrating a TRL ≤ 0.28 run of `loss_type="sigmoid", label_smoothing=ε`: set
   /// `.label_smoothing(ε).cdpo(true)`. Default: false (TRL ≥ 0.29).
   TORCH_ARG(bool, cdpo) = false;
-  /// The f-divergence mapping log-ratios to scores. Default: kReverseKL.
+  /// The f-divergence mapping log-ratios to scores (see `FDivergence`, TRL ≥ 1.10's
+  /// constants). Any other than kReverseKL is an error with a loss type that reads each side's
+  /// log-ratio alone (nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, aot, aot_unpaired),
+  /// as in TRL ≥ 1.10. Default: kReverseKL.
   TORCH_ARG(FDivergence, f_divergence_type) = FDivergence::kReverseKL;
   /// α of kAlphaDivergence. TRL ≤ 0.28's coefficient a (default 1.0) is α = 1 − a here.
   /// Default: 0.5 (TRL ≥ 0.29).
@@ -195,7 +198,17 @@ PREFOPT_API DPOLossResult dpo_loss(const at::Tensor& policy_chosen_logps,
                                    const DPOLossFuncOptions& options = {});
 
 /// `dpo_loss` with `bco_pair`'s running-mean baseline δ (0-dim tensor or a number): the
-/// functional form of what `DPOLoss` does with `bco_running_mean`.
+/// functional form of what `DPOLoss` does with `bco_running_mean`. δ needs `bco_pair` among
+/// the loss types, and must be finite (checked for a CPU δ); an undefined δ is no baseline.
+/// The overloads without δ refuse `bco_running_mean(true)`, whose baseline only the functor
+/// keeps.
+///
+/// Example:
+/// ```
+/// prefopt::BCOBaseline baseline;  // the host's state, saved with its checkpoints
+/// auto delta = baseline.update(beta * rho_chosen, beta * rho_rejected);
+/// auto r = F::dpo_loss(inputs, delta, DPOLossOptions().loss_type(DPOLossType::kBCOPair));
+/// ```
 PREFOPT_API DPOLossResult dpo_loss(const PairInputs& inputs, const at::Tensor& bco_delta,
                                    const DPOLossFuncOptions& options);
 

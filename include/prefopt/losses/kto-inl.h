@@ -27,6 +27,8 @@ PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
   detail::check_logps(fn, "policy_KL_logps", policy_KL_logps, -1, policy_KL_logps.device());
   detail::check_logps(fn, "reference_KL_logps", reference_KL_logps, policy_KL_logps.size(0),
                       policy_KL_logps.device());
+  detail::check_floating_logps(fn, "policy_KL_logps", policy_KL_logps);
+  detail::check_floating_logps(fn, "reference_KL_logps", reference_KL_logps);
   const auto dt = detail::opmath_type(policy_KL_logps);
   const auto d =
       detail::cast(policy_KL_logps.detach(), dt) - detail::cast(reference_KL_logps.detach(), dt);

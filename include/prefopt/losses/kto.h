@@ -44,7 +44,9 @@ struct KTOInputs {
   /// [M] reference log-probs of the same mismatched pairs.
   TORCH_ARG(at::Tensor, reference_KL_logps);
   /// The KL estimate itself (0-dim), used instead of the KL log-probs: e.g. the mean over all
-  /// ranks (distributed helpers). Clamped at 0 and detached like the local estimate.
+  /// ranks (distributed helpers). Clamped at 0 and detached like the local estimate. Where
+  /// both are given, `kl` decides and the KL log-probs are not read (the usual distributed
+  /// step: `inputs.kl(F::kto_kl(pkl, rkl, group))` on inputs that hold the local ones).
   TORCH_ARG(at::Tensor, kl);
 };
 

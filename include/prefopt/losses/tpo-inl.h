@@ -54,6 +54,16 @@ PREFOPT_INLINE TPOLossResult tpo_loss(const PairInputs& inputs, const SequenceLo
   TORCH_CHECK(at::isFloatingType(gold.sum.scalar_type()), fn,
               ": expected gold.sum to be floating point, got ", gold.sum.scalar_type());
   detail::check_counts(fn, "gold.count", gold.count);
+  // One gold response per pair (TRL's third branch of the same batch), on the pairs' device.
+  const auto& pc = inputs.policy_chosen_logps();
+  if (pc.defined() && pc.dim() == 1) {
+    TORCH_CHECK(gold.sum.size(0) == pc.size(0), fn, ": expected one gold response per pair, ",
+                "gold.sum of shape [", pc.size(0), "] like policy_chosen_logps, got ",
+                gold.sum.sizes());
+    TORCH_CHECK(gold.sum.device() == pc.device() && gold.count.device() == pc.device(), fn,
+                ": expected gold.sum and gold.count on ", pc.device(),
+                " like policy_chosen_logps, got ", gold.sum.device(), " and ", gold.count.device());
+  }
   TORCH_CHECK(!inputs.nll_loss().defined(), fn, ": got both the gold SequenceLogprobs and ",
               "nll_loss; pass one");
   // TRL's cross-entropy over every gold completion token of the batch; 0 over none.

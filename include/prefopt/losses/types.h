@@ -35,32 +35,36 @@ enum class LogpsForm {
 };
 
 /// The DPO-family losses, named as TRL's `loss_type` values. In the formulas, z = β·Δ with
-/// Δ = score_c − score_r, the scores being the log-ratios ρ = logp_policy − logp_reference
-/// mapped by the f-divergence (ρ itself by default), ℓ = log σ and ε = label_smoothing.
+/// Δ = score_c − score_r, the scores s being the log-ratios ρ = logp_policy − logp_reference
+/// mapped by the f-divergence (ρ itself by default), ℓ = log σ and ε = label_smoothing. Only
+/// the types built on Δ (and sigmoid_norm/ipo's per-token scores) take an f-divergence other
+/// than reverse_kl (`dpo_takes_f_divergence`); the others read ρ.
 enum class DPOLossType {
   kSigmoid,  ///< `sigmoid`: −ℓ(z); with `cdpo`, −(1−ε)ℓ(z) − εℓ(−z) (cDPO, arXiv:2305.18290)
   kHinge,  ///< `hinge`: relu(1 − z) (SLiC, RSO; arXiv:2309.06657)
   kIPO,    ///< `ipo`: (Δ̄ − 1/(2β))², Δ̄ per-token normalised by default (arXiv:2310.12036)
   kRobust,  ///< `robust`: [−(1−ε)ℓ(z) + εℓ(−z)] / (1 − 2ε) (rDPO, arXiv:2403.00409)
   kExoPair,  ///< `exo_pair`: σ(z)[ℓ(z) − log(1−ε)] + σ(−z)[ℓ(−z) − log ε] (arXiv:2402.00856)
-  kNCAPair,  ///< `nca_pair`: −ℓ(βs_c) − ½ℓ(−βs_c) − ½ℓ(−βs_r) (arXiv:2402.05369)
-  kBCOPair,  ///< `bco_pair`: −ℓ(βs_c − δ) − ℓ(−(βs_r − δ)), δ = baseline or 0 (arXiv:2404.04656)
-  kSPPOHard,  ///< `sppo_hard`: (s_c − 1/(2β))² + (s_r + 1/(2β))² (arXiv:2405.00675)
+  kNCAPair,  ///< `nca_pair`: −ℓ(βρ_c) − ½ℓ(−βρ_c) − ½ℓ(−βρ_r) (arXiv:2402.05369)
+  kBCOPair,  ///< `bco_pair`: −ℓ(βρ_c − δ) − ℓ(−(βρ_r − δ)), δ = baseline or 0 (arXiv:2404.04656)
+  kSPPOHard,  ///< `sppo_hard`: (ρ_c − 1/(2β))² + (ρ_r + 1/(2β))² (arXiv:2405.00675)
   kAOT,  ///< `aot`: cDPO form on sort(π_c − π_r) − sort(ref_c − ref_r) (arXiv:2406.05882)
   kAOTUnpaired,  ///< `aot_unpaired`: cDPO form on sort(ρ_c) − sort(ρ_r)
   kAPOZero,      ///< `apo_zero`: σ(−βρ_c) + σ(βρ_r) (arXiv:2408.06266)
-  kAPODown,      ///< `apo_down`: σ(βρ_c) + σ(−z)
+  kAPODown,      ///< `apo_down`: σ(βρ_c) + σ(−β(ρ_c − ρ_r))
   kDiscoPOP,     ///< `discopop`: −ℓ(z)(1 − σ(z/τ)) + e^{−z}σ(z/τ) (arXiv:2406.08414)
   kSigmoidNorm,  ///< `sigmoid_norm`: −ℓ(β(s_c/n_c − s_r/n_r)) (Tulu 3); smoothed under `cdpo`
   kSFT,          ///< `sft`: the chosen completions' NLL, the same scalar for every pair
 };
 
-/// The f-divergence that maps each log-ratio ρ to a score (TRL's `f_divergence_type`).
+/// The f-divergence that maps each log-ratio ρ to a score f′(e^ρ) (TRL's `f_divergence_type`,
+/// arXiv:2309.16240), with TRL ≥ 1.10's constants (trl#6559): they cancel in Δ but not in the
+/// per-token scores of `ipo` and `sigmoid_norm`.
 enum class FDivergence {
-  kReverseKL,        ///< `reverse_kl`: ρ (standard DPO)
-  kForwardKL,        ///< `forward_kl`: −e^{−ρ}
-  kJSDivergence,     ///< `js_divergence`: ℓ(ρ)
-  kAlphaDivergence,  ///< `alpha_divergence`: e^{(α−1)ρ} / (α−1); ρ when |α − 1| < 1e-6
+  kReverseKL,     ///< `reverse_kl`: ρ (standard DPO)
+  kForwardKL,     ///< `forward_kl`: 1 − e^{−ρ}
+  kJSDivergence,  ///< `js_divergence`: log 2 + ℓ(ρ)
+  kAlphaDivergence,  ///< `alpha_divergence`: (e^{(α−1)ρ} − 1) / (α−1); ρ when |α − 1| < 1e-6
 };
 
 /// Whether IPO divides each side's score by its completion length.
@@ -204,6 +208,26 @@ inline bool dpo_reads_label_smoothing(DPOLossType t, bool cdpo) {
     case DPOLossType::kExoPair:
     case DPOLossType::kAOT:
     case DPOLossType::kAOTUnpaired:
+      return true;
+    default:
+      return false;
+  }
+}
+
+/// Whether a DPO type takes an f-divergence other than reverse_kl. As in TRL ≥ 1.10
+/// (trl#6559): the f-DPO reparameterisation leaves a β·log Z(x) term that cancels only in the
+/// chosen − rejected difference, so the types that read each side's log-ratio alone (nca_pair,
+/// bco_pair, sppo_hard, apo_zero, apo_down, aot, aot_unpaired) have no f-divergence form.
+inline bool dpo_takes_f_divergence(DPOLossType t) {
+  switch (t) {
+    case DPOLossType::kSigmoid:
+    case DPOLossType::kSigmoidNorm:
+    case DPOLossType::kHinge:
+    case DPOLossType::kIPO:
+    case DPOLossType::kExoPair:
+    case DPOLossType::kRobust:
+    case DPOLossType::kDiscoPOP:
+    case DPOLossType::kSFT:
       return true;
     default:
       return false;

@@ -28,6 +28,8 @@ as TRL does on the CPU). Every bench_head process then gets --zero-reference, si
 anchors run without a reference model, so all methods report the same loss. `--device cuda`
 runs everything on the GPU and prints the GPU table instead (memory: the caching allocator's
 peak beyond the inputs).
+A method whose process fails (an anchor that does not import, an out-of-memory) is reported and
+left out of the table, and the exit status is then 1.
 `--methods naive two_pass one_pass gemm3` adds bench_head's three-GEMM floor (the scored rows'
 z = h·Wᵀ, z·W and zᵀ·h with ATen's matmul, nothing else): the table then gains its time and each
 method's time over it, which says how much of a method is not GEMM.
@@ -51,6 +53,7 @@ ANCHORS = {LIGER: ["liger_head.py"], "trl": ["trl_head.py"],
            "trl_trainer": ["trl_head.py", "--trainer-outputs"],
            "trl_trainer_all": ["trl_head.py", "--trainer-outputs", "--all-positions"]}
 HERE = os.path.dirname(os.path.abspath(__file__))
+FAILED = []  # (method, configuration) of every process that failed
 
 
 def run(a, method, cfg, extra=()):
@@ -72,6 +75,7 @@ def run(a, method, cfg, extra=()):
         # One failing method (a missing or broken anchor, an out-of-memory) must not cost the
         # other methods' rows: report it and go on.
         print(f"head_matrix: {method} failed ({e.returncode}):\n{e.stderr}", file=sys.stderr)
+        FAILED.append((method, cfg))
         return None
     return json.loads(out.strip().splitlines()[-1])
 
@@ -242,6 +246,10 @@ def main():
             for method in a.methods[j:] + a.methods[:j]:
                 record(run(a, method, cfg), lines, a.out)
     table(lines)
+    # The table holds the rows that ran; the status says whether any process failed.
+    for method, cfg in FAILED:
+        print(f"head_matrix: {method} failed on {cfg}", file=sys.stderr)
+    sys.exit(1 if FAILED else 0)
 
 
 if __name__ == "__main__":

@@ -1185,3 +1185,31 @@ TEST(Distributed, SingleRankGroup) {
   EXPECT_TRUE(AllClose(F::vocab_parallel_gather_logprobs(logits, labels, ctx.group.get(), {}).sum,
                        F::gather_logprobs(logits, labels).sum, 1e-13, 1e-13));
 }
+
+// NCCL where it can run (a CUDA build with NCCL and a GPU: scripts/gpu-check): a one-rank group
+// made by init_process_group, one GPU being enough, and a real NCCL all-reduce through it
+// (prefopt's helpers skip the collective for one rank, so the group's own allreduce is called).
+TEST(Distributed, SingleRankNcclGroup) {
+  if (!prefopt::has_nccl()) GTEST_SKIP() << "this build of prefopt has no NCCL";
+  if (!prefopt::detail::cuda_available()) GTEST_SKIP() << "no CUDA device";
+  ScopedEnv env{{"LOCAL_RANK", nullptr}};
+  auto ctx = prefopt::init_process_group(prefopt::ProcessGroupOptions()
+                                             .rank(0)
+                                             .world_size(1)
+                                             .master_addr("127.0.0.1")
+                                             .master_port(free_port())
+                                             .backend(prefopt::DistBackend::kNCCL)
+                                             .timeout(std::chrono::seconds(60)));
+  EXPECT_TRUE(ctx.backend == prefopt::DistBackend::kNCCL);
+  EXPECT_EQ(ctx.group->getBackendName(), "nccl");
+  const auto cuda = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+  std::vector<at::Tensor> buffers{at::arange(4, cuda)};
+  ctx.group->allreduce(buffers)->wait();
+  EXPECT_TRUE(at::equal(buffers[0].cpu(), at::arange(4, at::TensorOptions().dtype(at::kFloat))));
+  at::Tensor t = at::full({3}, 2.0, cuda);
+  prefopt::all_reduce_sum(t, ctx.group.get(), "SingleRankNcclGroup");
+  EXPECT_TRUE(at::equal(t.cpu(), at::full({3}, 2.0, at::TensorOptions().dtype(at::kFloat))));
+  MetricAccumulator acc;
+  acc.add_scalar("loss", 2.0);
+  EXPECT_DOUBLE_EQ(acc.compute(ctx.group.get()).at("loss"), 2.0);
+}

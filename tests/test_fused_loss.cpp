@@ -1022,6 +1022,36 @@ TEST_F(FusedLossCuda, MatchesCpu) {
   }
 }
 
+TEST_F(FusedLossCuda, RunsOnANonCurrentDevice) {
+  // Inputs on cuda:1 while cuda:0 is current: the one-pass op computes its gradients in the
+  // forward pass, where no autograd engine sets the device, so the row kernels and the
+  // mixed-precision GEMMs (bf16 over several chunks: dW in the fp32 accumulator, cuBLAS through
+  // gemm_f32acc) must take the inputs' device, handle and stream.
+  if (at::getNumGPUs() < 2) GTEST_SKIP() << "needs two GPUs";
+  const int64_t B = 3, T = 24, H = 32, V = 1001;
+  const at::Device dev(at::kCUDA, 1);
+  const Batch cpu(B, T, H, V, /*bias=*/true, at::kBFloat16);
+  const auto [rc, rr] = cpu.reference();
+  Batch gpu = cpu;
+  gpu.h = cpu.h.detach().to(dev).requires_grad_();
+  gpu.w = cpu.w.detach().to(dev).requires_grad_();
+  gpu.b = cpu.b.detach().to(dev).requires_grad_();
+  gpu.labels = cpu.labels.to(dev);
+  const auto opts = FusedLogprobsOptions().chunk_bytes(10 * V * 2);  // several chunks
+  const auto a = F::fused_dpo_loss(cpu.head(), reference_sums(rc, rr), DPOLossOptions(), opts);
+  const auto g =
+      F::fused_dpo_loss(gpu.head(), reference_sums(rc.to(dev), rr.to(dev)), DPOLossOptions(), opts);
+  EXPECT_EQ(g.result.loss.device(), dev);
+  EXPECT_TRUE(AllClose(g.result.loss.cpu(), a.result.loss, 5e-2, 5e-2));
+  const auto ga = grads_of(a.result.loss, cpu.params());
+  const auto gg = grads_of(g.result.loss, gpu.params());
+  for (size_t i = 0; i < ga.size(); ++i) {
+    EXPECT_EQ(gg[i].device(), dev) << "gradient " << i;
+    EXPECT_TRUE(AllClose(gg[i].cpu(), ga[i], 2e-2, 5e-2 * ga[i].abs().max().item<double>()))
+        << "gradient " << i;
+  }
+}
+
 }  // namespace
 
 // #20 item 16: an enum value cast from an integer outside the enum (a config file, a C API)

@@ -6,6 +6,7 @@
 
 #include <torch/csrc/autograd/autograd.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <limits>
@@ -793,6 +794,27 @@ TEST_F(GatherCuda, KernelsMatchATen) {
         EXPECT_TRUE(AllClose(grads[0].slice(0, 0, 2), grads[1].slice(0, 0, 2), grt, gat));
         EXPECT_TRUE(grads[0][2].eq(0).all().item<bool>());  // g = 0: zeros, not NaN
       }
+    }
+  }
+}
+
+/// A NaN logit makes that row's logit mean NaN in the kernels as on the CPU and in ATen (the
+/// CUDA kernel once left it out of the sum). KernelsMatchATen cannot see it: its NaN row shares
+/// a sequence with a −inf and a +inf row, whose means already sum to NaN.
+TEST_F(GatherCuda, NanLogitMakesTheLogitMeanNaN) {
+  if (!prefopt::has_cuda_kernels()) GTEST_SKIP() << "built without the CUDA row kernels";
+  for (auto st : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+    SCOPED_TRACE(::testing::Message() << st);
+    const int64_t V = 1000;
+    auto logits = at::randn({2, 3, V}).to(st);
+    logits[0][1][V / 2] = NAN;  // sequence 0 only
+    const auto labels = at::randint(V, {2, 3}, at::kLong);
+    auto opts = GatherLogprobsOptions().shift(false).with_logits_mean(true);
+    const auto c = F::gather_logprobs(logits, labels, opts);
+    for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+      const auto g = F::gather_logprobs(logits.cuda(), labels.cuda(), opts.backend(backend));
+      EXPECT_TRUE(std::isnan(g.logits_sum[0].item<double>())) << static_cast<int>(backend);
+      EXPECT_TRUE(AllClose(g.logits_sum, c.logits_sum, 1e-3, 1e-3)) << static_cast<int>(backend);
     }
   }
 }

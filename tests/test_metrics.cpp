@@ -609,6 +609,11 @@ TEST(MetricsJsonl, AppendsOneObjectPerLine) {
   PREFOPT_EXPECT_THROWS_WITH(prefopt::JsonlWriter((dir / "no/such/dir/x.jsonl").string()),
                              "cannot open");
   std::filesystem::remove_all(dir);
+  // With sync, a failed fsync is an error (it was ignored): /dev/null cannot be synced.
+  prefopt::JsonlWriter(std::string("/dev/null")).write(1, m);
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::JsonlWriter("/dev/null", true).write(1, m),
+                             "prefopt::JsonlWriter::write: the line was written to '/dev/null', "
+                             "but fsync failed: Invalid argument");
 }
 
 // Issue #20: a name that is not UTF-8 is a named error, not nlohmann-json's type_error.

@@ -101,7 +101,8 @@ namespace detail {
 void all_reduce(at::Tensor& tensor, c10d::ProcessGroup* group, c10d::ReduceOp op, const char* what);
 /// Whether `group`'s collectives take CUDA tensors only (NCCL, more than one rank).
 bool cuda_only(c10d::ProcessGroup* group);
-/// `t`, moved to the current CUDA device where `group` takes CUDA tensors only.
+/// `t`, moved to the current CUDA device where `group` takes CUDA tensors only (the host sets
+/// each rank's current device to its own GPU, as torch's NCCL convention asks).
 at::Tensor on_group_device(const at::Tensor& t, c10d::ProcessGroup* group);
 /// Throws "`fn`: rank(s) … rejected its arguments" where `failed` (the ranks whose own checks
 /// failed, as every rank learnt from a collective) is not empty.

@@ -22,6 +22,7 @@
 
 #ifdef PREFOPT_WITH_CUDA_KERNELS
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include <prefopt/detail/cuda_row_kernels.h>
 #endif
@@ -125,10 +126,20 @@ PREFOPT_INLINE void gemm_f32acc(at::Tensor& c, const at::Tensor& a, bool trans_a
                                 const at::Tensor& b) {
 #ifdef PREFOPT_WITH_CUDA_KERNELS
   namespace kg = prefopt::detail::cuda;
+  // The handle (and the stream bound to it) of the operands' device, not the current one: the
+  // one-pass losses run this in forward, where the host's current device may be another GPU.
+  const c10::cuda::CUDAGuard guard(c.device());
   const auto ac = row_major(a), bc = row_major(b);
   TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat && c.stride(1) == 1 &&
                         leading_dim(c) >= std::max<int64_t>(1, c.size(1)));
+  TORCH_INTERNAL_ASSERT(b.scalar_type() == a.scalar_type() && a.device() == c.device() &&
+                        b.device() == c.device());
   const int64_t m = c.size(0), n = c.size(1), k = bc.size(0);
+  // cuBLAS takes int sizes and leading dimensions.
+  constexpr int64_t kInt = std::numeric_limits<int>::max();
+  TORCH_INTERNAL_ASSERT(m <= kInt && n <= kInt && k <= kInt && leading_dim(ac) <= kInt &&
+                            leading_dim(bc) <= kInt && leading_dim(c) <= kInt,
+                        "gemm_f32acc: a dimension beyond cuBLAS's int range");
   const int code = kg::gemm_f32acc(
       a.scalar_type() == at::kBFloat16 ? kg::DType::kBFloat16 : kg::DType::kFloat16,
       at::cuda::getCurrentCUDABlasHandle(), trans_a, m, n, k, ac.data_ptr(), leading_dim(ac),

@@ -721,7 +721,10 @@ PREFOPT_INLINE void JsonlWriter::write(int64_t step, const Metrics& metrics) {
     n = ::write(fd_, line.data(), line.size());
   } while (n < 0 && errno == EINTR);
   if (n == static_cast<ssize_t>(line.size())) {
-    if (sync_) ::fsync(fd_);
+    // A failed fsync (EIO, ENOSPC on some file systems) means the line may not be on disk:
+    // the caller asked to know.
+    TORCH_CHECK(!sync_ || ::fsync(fd_) == 0, fn, ": the line was written to '", path_,
+                "', but fsync failed: ", std::strerror(errno));
     return;
   }
   const int write_errno = n < 0 ? errno : 0;

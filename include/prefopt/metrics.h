@@ -279,7 +279,8 @@ class PREFOPT_API MetricAccumulator {
 /// ```
 class PREFOPT_API JsonlWriter {
  public:
-  /// Opens (creating if needed) `path` for appending; `sync`: also fsync every line.
+  /// Opens (creating if needed) `path` for appending; `sync`: also fsync every line (a
+  /// failed fsync throws, naming the file).
   explicit JsonlWriter(const std::string& path, bool sync = false);
   ~JsonlWriter();
   JsonlWriter(const JsonlWriter&) = delete;

@@ -98,11 +98,11 @@ struct State {
   }
 
   __device__ __forceinline__ void push(A z, int64_t v) {
+    sum += z;  // a NaN logit makes the sum NaN, as in the CPU kernels and ATen
     if (z != z) {
       nan = 1;
       return;
     }
-    sum += z;
     if (z > best) best = z, arg = v;  // visited in increasing v within a thread
     if (z == -inf<A>()) return;       // p = 0: contributes nothing
     if (z > m) {

@@ -312,12 +312,12 @@ DPOLossResult<T> dpo_impl(const PairInputs<T>& in, const double* bco_delta,
   check(
       !(aot && in.weights().has_value()), fn,
       ": aot and aot_unpaired sort the batch, so per-pair weights (WPO) cannot apply; got weights");
-  // A NaN or infinite baseline would make every bco_pair loss NaN or infinite, silently.
-  check(bco_delta == nullptr || std::isfinite(*bco_delta), fn,
-        ": expected a finite bco_delta, got ", bco_delta != nullptr ? *bco_delta : 0.0);
   // What nothing would read is an error, not a loss without it.
   check(bco_delta == nullptr || has_loss_type(types, DPOLossType::kBCOPair), fn,
         ": bco_delta is read by bco_pair only, and bco_pair is not among the loss types");
+  // A NaN or infinite baseline would make every bco_pair loss NaN or infinite, silently.
+  check(bco_delta == nullptr || std::isfinite(*bco_delta), fn,
+        ": expected a finite bco_delta, got ", bco_delta != nullptr ? *bco_delta : 0.0);
   check(bco_delta != nullptr || !o.bco_running_mean(), fn,
         ": bco_running_mean(true) needs the running baseline that the DPOLoss functor keeps; ",
         "the functional form takes the baseline's delta through its bco_delta overload");
@@ -427,7 +427,9 @@ DPOLossResult<T> dpo_impl(const PairInputs<T>& in, const double* bco_delta,
         }
         break;
       }
-      case DPOLossType::kNCAPair:  // −ℓ(βs_c) − ½ℓ(−βs_c) − ½ℓ(−βs_r)
+      // nca_pair, bco_pair, sppo_hard and apo_down take no f-divergence (check_dpo_options):
+      // their scores s are the log-ratios ρ themselves.
+      case DPOLossType::kNCAPair:  // −ℓ(βρ_c) − ½ℓ(−βρ_c) − ½ℓ(−βρ_r)
         for (Eigen::Index b = 0; b < B; ++b) {
           const T c = sc(b) * beta, r = sr(b) * beta;
           l(b) = -log_sigmoid(c) - T(0.5) * log_sigmoid(-c) - T(0.5) * log_sigmoid(-r);
@@ -435,7 +437,7 @@ DPOLossResult<T> dpo_impl(const PairInputs<T>& in, const double* bco_delta,
           gsr(b) += u(b) * (T(0.5) * log_sigmoid_grad(-r)) * beta;
         }
         break;
-      case DPOLossType::kBCOPair: {  // −ℓ(βs_c − δ) − ℓ(−(βs_r − δ))
+      case DPOLossType::kBCOPair: {  // −ℓ(βρ_c − δ) − ℓ(−(βρ_r − δ))
         const T delta = bco_delta != nullptr ? static_cast<T>(*bco_delta) : T(0);
         for (Eigen::Index b = 0; b < B; ++b) {
           T c = sc(b) * beta, r = sr(b) * beta;
@@ -449,7 +451,7 @@ DPOLossResult<T> dpo_impl(const PairInputs<T>& in, const double* bco_delta,
         }
         break;
       }
-      case DPOLossType::kSPPOHard: {  // (s_c − 1/(2β))² + (s_r + 1/(2β))²
+      case DPOLossType::kSPPOHard: {  // (ρ_c − 1/(2β))² + (ρ_r + 1/(2β))²
         const T half = static_cast<T>(0.5 / o.beta());
         for (Eigen::Index b = 0; b < B; ++b) {
           const T c = sc(b) - half, r = sr(b) + half;
@@ -504,7 +506,7 @@ DPOLossResult<T> dpo_impl(const PairInputs<T>& in, const double* bco_delta,
           grho_r(b) += u(b) * sigmoid_grad(rho_r(b) * beta) * beta;
         }
         break;
-      case DPOLossType::kAPODown:  // σ(βρ_c) + σ(−z)
+      case DPOLossType::kAPODown:  // σ(βρ_c) + σ(−β(ρ_c − ρ_r)), z = β(ρ_c − ρ_r) here
         for (Eigen::Index b = 0; b < B; ++b) {
           l(b) = sigmoid(rho_c(b) * beta) + sigmoid(-z(b));
           grho_c(b) += u(b) * sigmoid_grad(rho_c(b) * beta) * beta;
@@ -629,7 +631,7 @@ DPOLossResult<T> dpo_loss(const PairInputs<T>& inputs, const DPOLossOptions& opt
 }
 
 /// `dpo_loss` with `bco_pair`'s baseline δ (e.g. from `BCOBaseline::update`), the functional
-/// form of what `DPOLoss` does with `bco_running_mean`: bco_pair sees βs_c − δ and βs_r − δ.
+/// form of what `DPOLoss` does with `bco_running_mean`: bco_pair sees βρ_c − δ and βρ_r − δ.
 /// δ must be finite (std::invalid_argument otherwise: a NaN δ made every bco_pair loss NaN).
 ///
 /// Example:

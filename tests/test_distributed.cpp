@@ -9,6 +9,7 @@
 #include <prefopt/losses/kto.h>
 #include <prefopt/metrics.h>
 #include <prefopt/vocab_parallel.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -604,6 +605,14 @@ TEST(DistWorker, VocabParallel) {
   (lp2.sum * upstream).sum().backward();
   EXPECT_TRUE(AllClose(ws.grad(), w.grad().narrow(0, start, stop - start), 1e-12, 1e-13));
   EXPECT_TRUE(AllClose(hs.grad(), h.grad(), 1e-12, 1e-13));
+  // Double backward: refused by name on every rank, before backward's all-reduce (it failed
+  // inside ATen, naming neither the op nor why).
+  const auto lp3 = F::vocab_parallel_fused_logprobs(hs, ws, labels, ctx.group.get(), opts);
+  PREFOPT_EXPECT_THROWS_WITH(
+      torch::autograd::grad({lp3.sum.sum()}, {hs}, {}, /*retain_graph=*/true,
+                            /*create_graph=*/true),
+      "prefopt::functional::vocab_parallel_fused_logprobs: double backward (create_graph) is not "
+      "supported");
 
   // fp32 and bf16 logits: computed in fp32.
   const auto shard32 = shard.detach().to(at::kFloat);
@@ -1165,14 +1174,21 @@ TEST(Distributed, OptionsAreRangeChecked) {
       "prefopt::init_process_group: backend is not a DistBackend value (got 9)");
 }
 
+namespace {
+// A one-rank group on a free local port (LOCAL_RANK unset, so local_rank is the rank).
+prefopt::ProcessGroupOptions single_rank_options(std::chrono::seconds timeout) {
+  return prefopt::ProcessGroupOptions()
+      .rank(0)
+      .world_size(1)
+      .master_addr("127.0.0.1")
+      .master_port(free_port())
+      .timeout(timeout);
+}
+}  // namespace
+
 TEST(Distributed, SingleRankGroup) {
   ScopedEnv env{{"LOCAL_RANK", nullptr}};
-  auto ctx = prefopt::init_process_group(prefopt::ProcessGroupOptions()
-                                             .rank(0)
-                                             .world_size(1)
-                                             .master_addr("127.0.0.1")
-                                             .master_port(free_port())
-                                             .timeout(std::chrono::seconds(10)));
+  auto ctx = prefopt::init_process_group(single_rank_options(std::chrono::seconds(10)));
   EXPECT_EQ(ctx.world_size, 1);
   EXPECT_EQ(ctx.local_rank, 0);
   EXPECT_EQ(ctx.group->getSize(), 1);
@@ -1193,13 +1209,8 @@ TEST(Distributed, SingleRankNcclGroup) {
   if (!prefopt::has_nccl()) GTEST_SKIP() << "this build of prefopt has no NCCL";
   if (!prefopt::detail::cuda_available()) GTEST_SKIP() << "no CUDA device";
   ScopedEnv env{{"LOCAL_RANK", nullptr}};
-  auto ctx = prefopt::init_process_group(prefopt::ProcessGroupOptions()
-                                             .rank(0)
-                                             .world_size(1)
-                                             .master_addr("127.0.0.1")
-                                             .master_port(free_port())
-                                             .backend(prefopt::DistBackend::kNCCL)
-                                             .timeout(std::chrono::seconds(60)));
+  auto ctx = prefopt::init_process_group(
+      single_rank_options(std::chrono::seconds(60)).backend(prefopt::DistBackend::kNCCL));
   EXPECT_TRUE(ctx.backend == prefopt::DistBackend::kNCCL);
   EXPECT_EQ(ctx.group->getBackendName(), "nccl");
   const auto cuda = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);

@@ -1632,6 +1632,35 @@ TEST_F(eigen, UnspecifiedFormWarnsOnce) {
   EXPECT_NE(seen[0].find("prefopt::eigen::dpo_loss: PairInputs does not say"), std::string::npos);
 }
 
+// The kto type without any KL input: z = 0, with a warning once per process (an earlier test
+// of this process may have drawn it: then the key says it fired).
+TEST_F(eigen, KtoWithoutAnyKlInputWarns) {
+  const auto d = pe::Vector<double>::Constant(1, -3.0), u = pe::Vector<double>::Constant(1, -2.0);
+  const auto in = pe::KTOInputs<double>()
+                      .policy_chosen_logps(d)
+                      .policy_rejected_logps(u)
+                      .reference_chosen_logps(d.array() - 1.0)
+                      .reference_rejected_logps(u.array() + 1.0);
+  const std::string key = "prefopt::eigen::kto_loss/no_kl";
+  const bool before = pe::detail::warned(key);
+  std::vector<std::string> seen;
+  auto saved = pe::warning_handler();
+  pe::warning_handler() = [&](const std::string& m) { seen.push_back(m); };
+  const auto r = pe::kto_loss(in);
+  pe::warning_handler() = saved;
+  EXPECT_TRUE(pe::detail::warned(key));
+  if (!before) {
+    ASSERT_EQ(seen.size(), 1u);
+    EXPECT_NE(
+        seen[0].find("prefopt::eigen::kto_loss: the kto loss got neither kl nor KL log-probs"),
+        std::string::npos);
+  }
+  EXPECT_EQ(r.kl, 0.0);
+  // z = 0: (1 − σ(β·1) + 1 − σ(β·1)) / 2 with β = 0.1.
+  const double s = 1 / (1 + std::exp(-0.1));
+  EXPECT_NEAR(r.loss(0), 1 - s, 1e-15);
+}
+
 // A host's own `loss` from add_scalar and an add's loss in one micro-step: refused by both
 // layers (they were averaged into one value).
 TEST_F(eigen, AddScalarOfABuiltinDoesNotMixWithAdd) {

@@ -240,6 +240,44 @@ TEST_F(Fused, SixteenBitWeightGradientOverRowChunksAndOddV) {
   }
 }
 
+// 16-bit GEMMs of at most 16³ multiply-adds: libtorch's CPU GEMM runs its reference loops for
+// those, not oneDNN, and Debian's libtorch 1.13 sums them in 16 bits where it reads b row-major
+// (the logits h · Wᵀ of a weight stored [H, V]; dh = dz · W of any weight), also on an AVX-512
+// CPU where cpu_mm16_usable's 8 × 2048 × 8 check passes. Row chunks of one token at H = 128,
+// V = 24 make every product that small. Logits rounded once move a log-prob by at most
+// 2⁻⁸·max|z| of its row (each logit by 2⁻⁹ of itself, the logsumexp as much): measured within
+// 0.52 of that bound, and above it when summed in bf16. dh: within 1e-2 of its largest entry,
+// as in LowPrecisionInputsAgainstFp64 (measured 4.6e-3; 1.5e-2 when summed in bf16).
+TEST_F(Fused, SixteenBitTinyProductsSumInFp32) {
+  const int64_t B = 2, T = 9, H = 128, V = 24;
+  const auto labels = make_labels(B, T, V);
+  for (bool w_col_major : {false, true})
+    for (auto bwd : {FusedBackward::kTokenChunks, FusedBackward::kTiles}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "W column-major " << w_col_major << " backward " << static_cast<int>(bwd));
+      const auto h = at::randn({B, T, H}).to(at::kBFloat16).requires_grad_();
+      const auto w64 = at::randn({V, H}, at::kDouble) / std::sqrt(static_cast<double>(H));
+      const auto w = (w_col_major ? w64.t().contiguous().t() : w64).to(at::kBFloat16);
+      ASSERT_EQ(w.is_contiguous(), !w_col_major);
+      const auto hd = h.detach().to(at::kDouble).requires_grad_();
+      const auto z = at::matmul(hd, w.to(at::kDouble).t());
+      const auto ref = prefopt_ref::gather(z, labels, labels != kIgnore);
+      const auto ref_dh = torch::autograd::grad({ref.sum.sum()}, {hd})[0];
+      // kTokenChunks: one row of logits per chunk, forward and backward. kTiles: one row of
+      // bf16 hidden states and fp32 dh beside one row of logits (tiles_within).
+      const int64_t budget = bwd == FusedBackward::kTiles ? H * 6 + V * 2 : V * 2;
+      const auto lp = F::fused_logprobs(
+          h, w, {}, labels,
+          FusedLogprobsOptions().chunk_bytes(budget).backward(bwd).with_token_logps(true));
+      const auto bound = z.detach().abs().amax(-1).slice(1, 0, T - 1) / 256 + 1e-5;
+      const auto err = (lp.token_logps.to(at::kDouble) - ref.token_logps).abs();
+      EXPECT_TRUE(err.le(bound).all().item<bool>())
+          << "worst excess " << (err - bound).max().item<double>();
+      const auto dh = torch::autograd::grad({lp.sum.sum()}, {h})[0];
+      EXPECT_TRUE(AllClose(dh, ref_dh, 0, 1e-2 * ref_dh.abs().max().item<double>()));
+    }
+}
+
 // The order of the transforms, against log-probs evaluated by hand in double: logits
 // z = [40, 36, 30, 0] under softcap 30 then temperature 0.7 give log p₀ = −0.19856186114504
 // (the reverse order, ÷ 0.7 before the softcap, would give −0.5299); scale 0.5 on 2z is the
@@ -543,6 +581,32 @@ TEST_F(Fused, NoGradModeLeavesNoGraph) {
       F::fused_logprobs(head.h, head.w, head.b, labels, FusedLogprobsOptions().with_entropy(true));
   EXPECT_TRUE(live.sum.requires_grad());
   EXPECT_TRUE(live.entropy_sum.requires_grad());  // the entropy is differentiable too
+}
+
+// create_graph: the backward pass forms its gradients outside autograd (out= GEMMs into reused
+// buffers), so a second derivative would be wrong. It failed inside ATen ("index_select():
+// functions with out=... arguments don't support automatic differentiation"), naming neither
+// the op nor the cause; now the op names both. A plain backward still works afterwards.
+TEST_F(Fused, DoubleBackwardIsRefused) {
+  const int64_t B = 2, T = 5, H = 6, V = 9;
+  const auto labels = make_labels(B, T, V);
+  const Head head(B, T, H, V, /*bias=*/true, at::kDouble);
+  const auto lp = F::fused_logprobs(head.h, head.w, head.b, labels);
+  PREFOPT_EXPECT_THROWS_WITH(
+      torch::autograd::grad({lp.sum.sum()}, {head.h}, {}, /*retain_graph=*/true,
+                            /*create_graph=*/true),
+      "prefopt::fused_logprobs: double backward (create_graph) is not supported");
+  // A frozen input, and the packed form's own name.
+  const auto packed = F::fused_packed_logprobs(head.h.detach()[0], head.w, {}, labels[0],
+                                               at::tensor({int64_t{0}, int64_t{2}, T}, at::kLong));
+  PREFOPT_EXPECT_THROWS_WITH(
+      torch::autograd::grad({packed.sum.sum()}, {head.w}, {}, /*retain_graph=*/true,
+                            /*create_graph=*/true),
+      "prefopt::fused_packed_logprobs: double backward (create_graph) is not supported");
+  const auto [ref, ref_grads] = fp64_sums(head, labels);
+  const auto grads = torch::autograd::grad({lp.sum.sum()}, head.params());
+  for (size_t i = 0; i < grads.size(); ++i)
+    EXPECT_TRUE(AllClose(grads[i], ref_grads[i], 1e-11, 1e-12)) << "parameter " << i;
 }
 
 // A loss of the entropies alone: no log-prob gradient reaches the op. fp32 and bf16 (whose

@@ -549,6 +549,45 @@ TEST_F(SeededTest, FusedLossWarnsWhenAPairOutgrowsAnExplicitBudget) {
   (void)F::fused_dpo_loss(d.head(), reference_sums(rc, rr), DPOLossOptions(),
                           FusedLogprobsOptions().chunk_bytes(one_row));
   EXPECT_TRUE(warnings.contains("are computed twice (one more GEMM on them)"));
+  // Without gradients (evaluation, a frozen head and hidden states) every row streams once:
+  // no warning of a second GEMM that does not run.
+  prefopt::detail::WarningCapture quiet;
+  {
+    c10::NoGradGuard no_grad;
+    (void)F::fused_dpo_loss(d.head(), reference_sums(rc, rr), DPOLossOptions(),
+                            FusedLogprobsOptions().chunk_bytes(one_row));
+  }
+  (void)F::fused_kto_loss(HeadBatch(d.h.detach(), d.w.detach(), {}, d.labels),
+                          prefopt::FusedKTOInputs()
+                              .desirable(at::ones({6}, at::kBool))
+                              .reference_logps(at::zeros({6}, at::kDouble)),
+                          prefopt::KTOLossOptions(), FusedLogprobsOptions().chunk_bytes(one_row));
+  EXPECT_FALSE(quiet.contains("computed twice"));
+}
+
+// with_wpo_weights returns the pass's WPO weights but does not weight fused_dpo_loss: without
+// inputs.weights it warns (a port of TRL's use_weighting would train unweighted), and the
+// loss is the unweighted composite's; with weights given it is quiet.
+TEST_F(SeededTest, FusedDpoWarnsThatItsWpoWeightsAreNotApplied) {
+  const Batch d(3, 6, 4, 9, false, at::kDouble);
+  const auto [rc, rr] = d.reference();
+  const auto fo = FusedLogprobsOptions().with_wpo_weights(true);
+  prefopt::detail::WarningCapture warnings;
+  const auto out = F::fused_dpo_loss(d.head(), reference_sums(rc, rr), DPOLossOptions(), fo);
+  EXPECT_TRUE(warnings.contains(
+      "prefopt::fused_dpo_loss: with_wpo_weights returns the policy's WPO weights in `policy` "
+      "but does not weight this loss"));
+  ASSERT_TRUE(out.policy.chosen.wpo_weights.defined());
+  const auto p = F::split_pairs(F::gather_logprobs(
+      at::matmul(d.h, d.w.t()), d.labels, prefopt::GatherLogprobsOptions().with_wpo_weights(true)));
+  EXPECT_TRUE(AllClose(out.policy.chosen.wpo_weights, p.chosen.wpo_weights, 1e-12, 1e-12));
+  const auto unweighted =
+      F::dpo_loss(PairInputs(p).reference_chosen_logps(rc).reference_rejected_logps(rr)).loss;
+  EXPECT_TRUE(AllClose(out.result.loss.detach(), unweighted, 1e-12, 1e-12));
+  prefopt::detail::WarningCapture quiet;
+  const auto w = p.chosen.wpo_weights * p.rejected.wpo_weights;
+  (void)F::fused_dpo_loss(d.head(), reference_sums(rc, rr).weights(w), DPOLossOptions(), fo);
+  EXPECT_FALSE(quiet.contains("with_wpo_weights"));
 }
 
 TEST_F(SeededTest, FusedLossHoldsOneChunkOfLogitsAndTheGradients) {

@@ -163,6 +163,25 @@ TEST_F(KTOLossTest, ReferenceGetsNoGradientAndDtypesAreChecked) {
                              "prefopt::kto_loss: expected reference_chosen_logps to be floating");
 }
 
+// The kto type without kl or KL log-probs uses z = 0 (legal), but warns: TRL always estimates
+// the KL, so a missing input is most likely forgotten.
+TEST_F(KTOLossTest, KtoWithoutAnyKlInputWarns) {
+  const auto d = at::tensor({-3.0}, at::kDouble), u = at::tensor({-2.0}, at::kDouble);
+  const auto in = KTOInputs()
+                      .policy_chosen_logps(d)
+                      .policy_rejected_logps(u)
+                      .reference_chosen_logps(d - 1)
+                      .reference_rejected_logps(u + 1);
+  prefopt::detail::WarningCapture warnings;
+  const auto r = F::kto_loss(in);
+  EXPECT_TRUE(
+      warnings.contains("prefopt::kto_loss: the kto loss got neither kl nor KL "
+                        "log-probs; it uses z = 0"));
+  EXPECT_EQ(r.kl.item<double>(), 0.0);
+  const double s = 1 / (1 + std::exp(-0.1));  // z = 0: both terms 1 − σ(β·1), β = 0.1
+  EXPECT_NEAR(r.loss.item<double>(), 1 - s, 1e-15);
+}
+
 // apo_zero_unpaired has no KL term: a KL given to it is ignored with a warning, and kl is 0.
 TEST_F(KTOLossTest, ApoZeroUnpairedWarnsAboutAnUnusedKl) {
   const auto d = at::tensor({-3.0}, at::kDouble), u = at::tensor({-2.0}, at::kDouble);

@@ -470,6 +470,33 @@ Packed pack(const at::Tensor& logits, const at::Tensor& labels,
   return p;
 }
 
+// Double backward (create_graph): the row kernels write the gradient outside autograd, so it
+// is refused by name; kKernel gave a gradient without a graph (a silently missing second
+// derivative) and kATen an unnamed in-place error. A plain backward still works after it.
+TEST_F(Gather, DoubleBackwardIsRefused) {
+  const auto logits = at::randn({2, 5, 9}, at::kDouble).requires_grad_();
+  const auto labels = make_labels(2, 5, 9);
+  for (auto backend : {GatherBackend::kKernel, GatherBackend::kATen}) {
+    const auto o = GatherLogprobsOptions().backend(backend);
+    const auto lp = F::gather_logprobs(logits, labels, o);
+    PREFOPT_EXPECT_THROWS_WITH(
+        torch::autograd::grad({lp.sum.sum()}, {logits}, {}, /*retain_graph=*/true,
+                              /*create_graph=*/true),
+        "prefopt::gather_logprobs: double backward (create_graph) is not supported");
+    const auto p = pack(logits, labels, {5, 3});
+    const auto packed = F::gather_packed_logprobs(p.logits, p.labels, p.cu_seqlens, o);
+    PREFOPT_EXPECT_THROWS_WITH(
+        torch::autograd::grad({packed.sum.sum()}, {logits}, {}, /*retain_graph=*/true,
+                              /*create_graph=*/true),
+        "prefopt::gather_packed_logprobs: double backward (create_graph) is not supported");
+    const auto g = torch::autograd::grad({lp.sum.sum()}, {logits})[0];
+    const auto z = logits.detach().clone().requires_grad_();
+    const auto ref = prefopt_ref::gather(z, labels, labels != kIgnore);
+    const auto want = torch::autograd::grad({ref.sum.sum()}, {z})[0];
+    EXPECT_TRUE(AllClose(g, want, 1e-12, 1e-12)) << backend_name(backend);
+  }
+}
+
 TEST_F(Gather, PackedEqualsPadded) {
   const std::vector<int64_t> lengths{7, 1, 12, 0, 5};  // includes a 1-token and an empty sequence
   const int64_t B = lengths.size(), T = 12, V = 97;

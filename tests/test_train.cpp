@@ -970,12 +970,46 @@ TEST(Train, KtoOnTheUnpairedForm) {
   const auto s = short_run("kto", "--loss kto --per_device_train_batch_size 16");
   expect_learns(s);
   EXPECT_EQ(s["train_examples"].get<int64_t>(), 128);  // each pair: one desirable, one not
-  // The held-out KL estimate is measured on the held-out pairs' mismatched completions: exactly
-  // 0 while the policy is its reference. The training-pairs evaluation has no KL completions,
-  // so it reports none rather than an unmeasured 0.
+  // The KL estimate is measured on the pairs' mismatched completions: exactly 0 while the
+  // policy is its reference, held out and on the training pairs.
   EXPECT_EQ(s["before"]["eval_kl"].get<double>(), 0.0);
+  EXPECT_EQ(s["before"]["train_kl"].get<double>(), 0.0);
   EXPECT_TRUE(s["after"].contains("eval_kl"));
-  EXPECT_FALSE(s["after"].contains("train_kl"));
+  EXPECT_TRUE(s["after"].contains("train_kl"));
+}
+
+// The training pairs are evaluated with KTO's KL estimate as the held-out pairs are: the same
+// pairs given as both files give the same metrics, the loss included (with KL = 0 in its place
+// it is not the loss that trains). Story-like rows (not HH-RLHF) and a light undesirable weight,
+// so that the policy raises the other pairs' chosen completions and the estimate is above its
+// clamp at 0.
+TEST(Train, KtoTrainingPairsEvaluatedWithTheirKl) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("kto-kl");
+  std::string pairs;
+  const std::vector<std::string> names = {"Lily", "Tom", "Sue", "Ben", "Max", "Mia"};
+  for (size_t i = 0; i < 24; ++i) {
+    const auto& n = names[i % names.size()];
+    pairs += json({{"prompt", "Once upon a time, " + n + " went to the park."},
+                   {"chosen", " " + n + " played with a ball."},
+                   {"rejected", " Ball ball the the."}})
+                 .dump() +
+             "\n";
+  }
+  const auto file = (dir / "pairs.jsonl").string();
+  write_text(file, pairs);
+  const auto r =
+      run_train("--loss kto --undesirable_weight 0.1 --data " + file + " --eval_data " + file +
+                " --max_steps 8 --no-plot --no-save --output_dir " + (dir / "out").string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto after = json::parse(read_text(dir / "out" / "summary.json"))["after"];
+  ASSERT_TRUE(after.contains("eval_kl")) << after.dump(1);
+  EXPECT_GT(after["eval_kl"].get<double>(), 1.0) << after.dump(1);
+  for (const std::string name :
+       {"loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/accuracies"}) {
+    ASSERT_TRUE(after.contains("train_" + name)) << name << "\n" << after.dump(1);
+    EXPECT_EQ(after["train_" + name], after["eval_" + name]) << name;
+  }
 }
 
 // --one_pass trains with prefopt's one-pass fused losses (loss and LM-head gradients in one
@@ -1099,6 +1133,57 @@ TEST(Train, CheckpointReloadsBitForBit) {
   EXPECT_EQ(ca["tie_word_embeddings"], true);
 }
 
+// --weight_decay as HF's Trainer applies it (get_decay_parameter_names): not to biases and norm
+// weights. One AdamW step at the full learning rate from the same weights, with and without
+// decay: a spared weight ends bit for bit the same; a decayed one differs by −lr·wd·w₀ (AdamW's
+// decoupled decay, w·(1 − lr·wd) before the same Adam update).
+TEST(Train, WeightDecaySparesNormWeightsAsHf) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const std::string common =
+      " --train_limit 8 --eval_limit 4 --max_length 64 --max_steps 1 --warmup_ratio 0 "
+      "--learning_rate 1e-2 --no-plot --output_dir ";
+  const auto a = scratch("wd-0"), b = scratch("wd-1");
+  auto r = run_train("--weight_decay 0" + common + a.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = run_train("--weight_decay 0.5" + common + b.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  auto m0 = train::load_pretrained(model_dir()), ma = train::load_pretrained(a),
+       mb = train::load_pretrained(b);
+  auto p0 = m0->named_parameters(), pa = ma->named_parameters(), pb = mb->named_parameters();
+  for (const char* name : {"model.norm.weight", "model.layers.0.input_layernorm.weight",
+                           "model.layers.1.post_attention_layernorm.weight"}) {
+    SCOPED_TRACE(name);
+    EXPECT_FALSE(at::equal(pa[name], p0[name]));  // trained
+    EXPECT_TRUE(at::equal(pa[name], pb[name]));   // not decayed
+  }
+  for (const char* name : {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                           "model.layers.1.mlp.down_proj.weight"}) {
+    SCOPED_TRACE(name);
+    const auto want = p0[name] * (-1e-2 * 0.5);
+    EXPECT_TRUE(at::allclose(pb[name] - pa[name], want, 1e-3, 1e-6))
+        << (pb[name] - pa[name] - want).abs().max().item<double>();
+  }
+}
+
+// The saved checkpoint keeps the chat template of the one it started from: transformers 5 keeps
+// it in chat_template.jinja, and without it the trained model would load without one.
+TEST(Train, CheckpointKeepsTheChatTemplate) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("ckpt-chat");
+  const auto model = dir / "model";
+  fs::create_directories(model);
+  for (const char* f :
+       {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
+    fs::copy_file(model_dir() / f, model / f);
+  const std::string jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}";
+  write_text(model / "chat_template.jinja", jinja);
+  const auto r = run_train("--model " + model.string() +
+                           " --max_steps 0 --train_limit 2 --eval_limit 2 --no-plot --output_dir " +
+                           (dir / "out").string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_text(dir / "out" / "chat_template.jinja"), jinja);
+}
+
 TEST(Train, CommandLineErrors) {
   SKIP_WITHOUT_SHARED_DATA();
   const auto dir = scratch("cli");
@@ -1106,6 +1191,13 @@ TEST(Train, CommandLineErrors) {
                                 "\n"
                                 R"({"prompt": "a", "chosen": "b"})"
                                 "\n");
+  std::string good;
+  for (int i = 0; i < 4; ++i)
+    good += R"({"prompt": "Once upon a time,", "chosen": " Tom ran.", "rejected": " Ran ran."})"
+            "\n";
+  write_text(dir / "good.jsonl", good);
+  // Keeps a case that is wrongly accepted short.
+  const std::string quick = " --max_steps 1 --train_limit 2 --eval_limit 2";
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"--loss nope", "unknown loss \"nope\""},
       {"--loss sigmoid,nope", "unknown loss \"nope\""},
@@ -1130,11 +1222,26 @@ TEST(Train, CommandLineErrors) {
       {"--loss kto --rpo_alpha 1", "--rpo_alpha is not an option of --loss kto"},
       {"--loss sft --beta 0.2", "--beta is not an option of --loss sft"},
       {"--eval_start 10 --eval_data " + (dir / "bad.jsonl").string(), "give one of them"},
+      // Options that only some loss types of the family read (TRL: "used only when ...").
+      {"--loss sigmoid --discopop_tau 0.1" + quick,
+       "--discopop_tau is read only by the discopop loss type"},
+      {"--loss sigmoid --f_alpha_divergence_coef 0.3" + quick,
+       "--f_alpha_divergence_coef is read only by --f_divergence_type alpha_divergence"},
+      {"--loss cpo --simpo_gamma 1" + quick,
+       "--simpo_gamma is read only by --cpo_loss_type simpo and alphapo"},
+      {"--loss cpo --cpo_loss_type alphapo --cpo_alpha 1" + quick, "--cpo_alpha is read only by"},
+      {"--loss tpo --tpo_l_gamma 1" + quick, "--tpo_l_gamma is read only by --tpo_loss_type tpo-l"},
+      {"--weight_decay -0.1" + quick, "--weight_decay"},
+      {"--cdpo" + quick, "--cdpo smooths sigmoid with --label_smoothing, which is 0"},
+      // Only {chosen, rejected} rows have an implicit prompt.
+      {"--implicit_prompt common_prefix --eval_start 2 --data " + (dir / "good.jsonl").string() +
+           quick,
+       "no implicit-prompt {chosen, rejected} rows (format preference)"},
   };
   for (const auto& [args, message] : cases) {
     SCOPED_TRACE(args);
     const auto r = run_train(args + " --no-plot --no-save --output_dir " + (dir / "out").string());
-    EXPECT_NE(r.status, 0);
+    EXPECT_EQ(r.status, 2);  // also for the errors CLI11 finds
     EXPECT_NE(r.output.find(message), std::string::npos) << r.output;
     EXPECT_EQ(r.output.find("Exception raised from"), std::string::npos) << r.output;
   }

@@ -29,12 +29,14 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <limits>
 #include <numeric>
 #include <optional>
 #include <random>
+#include <regex>
 #include <sstream>
 
 #ifdef __GLIBC__
@@ -68,6 +70,7 @@ struct Options {
   // has no byte fallback (such a vocabulary, TinyStories', would turn them into <unk>).
   bool ascii_on = false, ascii_off = false;
   std::string implicit_prompt = "assistant";
+  bool implicit_prompt_given = false;  // --implicit_prompt on the command line or in --config
   bool plain_chat_template = false;
   // training
   std::string loss = "sigmoid";
@@ -414,15 +417,21 @@ prefopt::Metrics evaluate_pairs(train::LlamaForCausalLM& model, const Loss& loss
   at::Tensor rc, rr;
   if (data.ref_chosen.defined())
     rc = data.ref_chosen.narrow(0, 0, n), rr = data.ref_rejected.narrow(0, 0, n);
-  // KTO's KL estimate, on the held-out pairs' mismatched completions (see make_kl).
+  // KTO's KL estimate, on the mismatched completions of the pairs unpaired (see make_kl):
+  // [c0, r0, c1, r1, ...], so the first n pairs' are the first 2n. Without it the loss would
+  // take KL = 0, not the loss that trains.
   const bool with_kl = loss.family == Family::kKTO && kl && kl->ref_kl.defined();
-  const auto policy_kl =
-      with_kl ? score(model, kl->rows(kl->kl), pad_id, device, per_batch).sum : at::Tensor();
+  at::Tensor policy_kl, reference_kl;
+  if (with_kl) {
+    auto rows = kl->rows(kl->kl);
+    rows.resize(static_cast<size_t>(2 * n));
+    policy_kl = score(model, rows, pad_id, device, per_batch).sum;
+    reference_kl = kl->ref_kl.narrow(0, 0, 2 * n);
+  }
   prefopt::MetricAccumulator metrics(prefopt::MetricsOptions().prefix(prefix));
   {
     at::NoGradGuard no_grad;
-    loss.pairs(policy, rc, rr, nullptr, metrics, false, policy_kl,
-               with_kl ? kl->ref_kl : at::Tensor());
+    loss.pairs(policy, rc, rr, nullptr, metrics, false, policy_kl, reference_kl);
     metrics.add_scalar("preference_accuracy",
                        (policy.chosen.sum > policy.rejected.sum).to(at::kDouble).mean());
   }
@@ -474,6 +483,31 @@ prefopt::Metrics evaluate_unpaired(train::LlamaForCausalLM& model, const Loss& l
 // ---------------------------------------------------------------------------------------------
 // Training
 
+// HF Trainer's get_decay_parameter_names: weight decay spares biases and norm weights, by name
+// (lower-cased): "bias", "layernorm", "rmsnorm", "norm" as a component, or "_norm" at its end.
+bool hf_decays(const std::string& name) {
+  static const std::regex spared(R"(bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.))");
+  std::string lower = name;
+  std::transform(lower.begin(), lower.end(), lower.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return !std::regex_search(lower, spared);
+}
+
+// AdamW with HF's two parameter groups: --weight_decay on the others, none on the spared ones.
+torch::optim::AdamW make_optimizer(train::LlamaForCausalLM& model, double lr, double weight_decay) {
+  std::vector<at::Tensor> decay, spared;
+  for (const auto& p : model->named_parameters())
+    (hf_decays(p.key()) ? decay : spared).push_back(p.value());
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  for (auto* g : {&decay, &spared})
+    if (!g->empty())
+      groups.emplace_back(
+          *g, std::make_unique<torch::optim::AdamWOptions>(
+                  torch::optim::AdamWOptions(lr).weight_decay(g == &decay ? weight_decay : 0.0)));
+  return torch::optim::AdamW(std::move(groups),
+                             torch::optim::AdamWOptions(lr).weight_decay(weight_decay));
+}
+
 void set_lr(torch::optim::AdamW& opt, double lr) {
   for (auto& group : opt.param_groups())
     static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
@@ -514,8 +548,9 @@ struct Run {
         m.set(k, v);
     }
     if (train_pairs.size() > 0 && train_limit >= 0) {
-      for (const auto& [k, v] : evaluate_pairs(model, loss, train_pairs, train_limit, "train_",
-                                               pad_id, device, o.eval_batch, at_reference))
+      for (const auto& [k, v] :
+           evaluate_pairs(model, loss, train_pairs, train_limit, "train_", pad_id, device,
+                          o.eval_batch, at_reference, &train_u))
         m.set(k, v);
     }
     return m;
@@ -761,6 +796,13 @@ int run(const Options& o) {
         o.eval_data, eval_file->paired() ? "paired" : "unpaired (prompt/completion/label)", o.data,
         data.paired() ? "paired" : "unpaired (prompt/completion/label)"));
   const train::Dataset* eval_ptr = eval_file ? &*eval_file : nullptr;
+  if (o.implicit_prompt_given && data.format != "implicit-prompt" &&
+      (!eval_file || eval_file->format != "implicit-prompt"))
+    throw std::runtime_error(fmt::format(
+        "--implicit_prompt {}: {}{} {} no implicit-prompt {{chosen, rejected}} rows (format {}): "
+        "it would change nothing",
+        o.implicit_prompt, o.data, eval_file ? " and " + o.eval_data : std::string(),
+        eval_file ? "have" : "has", data.format));
   for (const train::Dataset* d : {&data, eval_ptr}) {
     if (!d) continue;
     // TRL renders message lists with the checkpoint's chat template; this trainer has only its
@@ -972,8 +1014,7 @@ int run(const Options& o) {
       static_cast<double>(total * per_step) / static_cast<double>(n_train), o.lr, warmup,
       o.scheduler, o.beta.value_or(default_beta(family)),
       o.one_pass ? ", one-pass fused loss" : "");
-  torch::optim::AdamW opt(model->parameters(),
-                          torch::optim::AdamWOptions(o.lr).weight_decay(o.weight_decay));
+  auto opt = make_optimizer(model, o.lr, o.weight_decay);
   prefopt::MetricAccumulator metrics;
   std::mt19937_64 rng(o.seed);
   std::vector<int64_t> order(static_cast<size_t>(n_train));
@@ -1079,8 +1120,10 @@ int run(const Options& o) {
 
   if (o.save) {
     std::vector<fs::path> extra;
+    // The tokenizer's files as transformers saves them, the chat template included (transformers
+    // 5 keeps it in chat_template.jinja, beside tokenizer_config.json).
     for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                          "generation_config.json"})
+                          "chat_template.jinja", "chat_template.json", "generation_config.json"})
       extra.push_back(model_dir / f);
     train::save_pretrained(model, out, extra);
     check_bitwise(model, out);
@@ -1195,7 +1238,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"cosine", "linear", "constant_with_warmup"}));
   opt(tr, "warmup_ratio", o.warmup_ratio, "share of the steps with a linear warmup")
       ->check(CLI::Range(0.0, 1.0));
-  opt(tr, "weight_decay", o.weight_decay, "AdamW's decoupled weight decay");
+  opt(tr, "weight_decay", o.weight_decay,
+      "AdamW's decoupled weight decay (as HF's Trainer: not on biases and norm weights)")
+      ->check(CLI::NonNegativeNumber);
   opt(tr, "max_grad_norm", o.max_grad_norm, "gradient clipping")->check(CLI::PositiveNumber);
   opt(tr, "max_length", o.max_length, "tokens of prompt + completion")->check(CLI::PositiveNumber);
   opt(tr, "truncation", o.truncation,
@@ -1219,7 +1264,7 @@ int main(int argc, char** argv) {
   opt(lg, "eval_steps", o.eval_steps, "steps between evaluations (held-out and training subset)")
       ->check(CLI::PositiveNumber);
   opt(lg, "eval_train_pairs", o.eval_train_pairs,
-      "training pairs scored at the evaluations during training (all of them at the end)")
+      "training pairs scored at the evaluations during training (0: all; all of them at the end)")
       ->check(CLI::NonNegativeNumber);
 
   auto* ls = app.add_option_group("loss options (TRL's names)");
@@ -1248,7 +1293,13 @@ int main(int argc, char** argv) {
   opt(ls, "tpo_l_gamma", o.tpo_l_gamma, "gamma of tpo-l");
   opt(ls, "desirable_weight", o.desirable_weight, "KTO weight of desirable examples");
   opt(ls, "undesirable_weight", o.undesirable_weight, "KTO weight of undesirable examples");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // CLI11's codes (103, 105, 109, ...) would make a bad command line exit unlike every other
+    // error here (2); --help is a "ParseError" with code 0.
+    return app.exit(e) == 0 ? 0 : 2;
+  }
 
   const auto fail = [](const std::string& msg) {
     fmt::print(stderr, "prefopt-train: error: {}\n", msg);
@@ -1285,7 +1336,33 @@ int main(int argc, char** argv) {
           std::find(families.begin(), families.end(), family) == families.end())
         return fail(fmt::format("--{} is not an option of --loss {}: it would change nothing", name,
                                 o.loss));
+    // Within a family, options that only some of its loss types read (TRL's configs: "used
+    // only when ..."; CPOConfig's alphapo sets cpo_alpha to 0).
+    const auto given = [&app](const char* name) { return app.count(std::string("--") + name) > 0; };
+    const auto types = split_list(o.loss);
+    const auto ignored = [&](const char* name, const std::string& reads) {
+      return fail(fmt::format("--{} is read only by {}: with --loss {} it would change nothing",
+                              name, reads, o.loss));
+    };
+    if (family == Fam::kDPO && given("discopop_tau") &&
+        std::find(types.begin(), types.end(), "discopop") == types.end())
+      return ignored("discopop_tau", "the discopop loss type");
+    if (family == Fam::kDPO && given("f_alpha_divergence_coef") &&
+        o.f_divergence_type != "alpha_divergence")
+      return ignored("f_alpha_divergence_coef", "--f_divergence_type alpha_divergence");
+    if (family == Fam::kCPO && given("simpo_gamma") && o.cpo_loss_type != "simpo" &&
+        o.cpo_loss_type != "alphapo")
+      return ignored("simpo_gamma", "--cpo_loss_type simpo and alphapo");
+    if (family == Fam::kCPO && given("cpo_alpha") && o.cpo_loss_type == "alphapo")
+      return ignored("cpo_alpha",
+                     "--cpo_loss_type sigmoid, hinge, ipo and simpo (alphapo has no NLL term)");
+    if (family == Fam::kTPO && given("tpo_l_gamma") && o.tpo_loss_type != "tpo-l")
+      return ignored("tpo_l_gamma", "--tpo_loss_type tpo-l");
   }
+  o.implicit_prompt_given = app.count("--implicit_prompt") > 0;
+  if (o.cdpo && o.label_smoothing == 0)
+    return fail(
+        "--cdpo smooths sigmoid with --label_smoothing, which is 0: it would change nothing");
   if (app.count("--eval_start") > 0 && !o.eval_data.empty())
     return fail(fmt::format(
         "--eval_start {} and --eval_data: with --eval_data every row of --data trains and the "

@@ -746,12 +746,8 @@ PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
                 policy_KL_logps.defined() ? policy_KL_logps.sizes() : at::IntArrayRef{}, " and ",
                 reference_KL_logps.defined() ? reference_KL_logps.sizes() : at::IntArrayRef{});
     // As the one-rank kto_kl: integer or complex log-probs are not cast silently.
-    const auto floating = [&](const char* name, const at::Tensor& t) {
-      TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": expected ", name,
-                  " to be floating point (fp64/fp32/bf16/fp16), got ", t.scalar_type());
-    };
-    floating("policy_KL_logps", policy_KL_logps);
-    floating("reference_KL_logps", reference_KL_logps);
+    detail::check_floating_logps(fn, "policy_KL_logps", policy_KL_logps);
+    detail::check_floating_logps(fn, "reference_KL_logps", reference_KL_logps);
     const auto d =
         policy_KL_logps.detach().to(at::kDouble) - reference_KL_logps.detach().to(at::kDouble);
     const double n = static_cast<double>(d.numel());

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 
 #include <prefopt/detail/check_enum.h>
 #include <prefopt/detail/cpu_gemm.h>
@@ -229,6 +230,14 @@ PREFOPT_INLINE void mm_fp32_blocks(at::Tensor& c, const at::Tensor& a, const at:
   }
 }
 
+PREFOPT_INLINE bool cpu_mm16_serves(at::ScalarType st, const at::Tensor& a, const at::Tensor& b) {
+  // libtorch's CPU GEMM runs products of at most 16³ multiply-adds in its reference loops, not
+  // oneDNN, and Debian's 1.13 sums those in 16 bits where it reads b row-major, also on CPUs
+  // whose 8 × 2048 × 8 check passes (test_fused_logprobs, SixteenBitTinyProductsSumInFp32).
+  return a.size(0) * a.size(1) * b.size(1) > 16 * 16 * 16 &&
+         cpu_mm16_usable(st, col_major(a), col_major(b));
+}
+
 /// c += op(a) · b with op(a) = aᵀ when `trans_a`. For operands in c's dtype, one addmm. For
 /// 16-bit operands and an fp32 `c` (a gradient accumulating over chunks or blocks): on CUDA,
 /// one cuBLAS GEMM with fp32 accumulation and output; on CPU, where `cpu_mm16_fast` allows
@@ -260,7 +269,7 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
     return;
   const auto op_a = trans_a ? ac.t() : ac;
   if (path == cpu::Gemm16Path::kRounded && !exact && a.is_cpu() &&
-      cpu_mm16_usable(a.scalar_type(), col_major(op_a), col_major(bc))) {
+      cpu_mm16_serves(a.scalar_type(), op_a, bc)) {
     // Row blocks of c, so the 16-bit product buffer stays at 16 MiB.
     const int64_t rows = std::clamp<int64_t>((int64_t{8} << 20) / std::max<int64_t>(n, 1), 1,
                                              std::max<int64_t>(m, 1));
@@ -285,8 +294,7 @@ PREFOPT_INLINE void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, con
 PREFOPT_INLINE void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b) {
   const auto st = c.scalar_type();
   const auto op_a = trans_a ? a.t() : a;
-  if (!c.is_cpu() || (st != at::kBFloat16 && st != at::kHalf) ||
-      cpu_mm16_usable(st, col_major(op_a), col_major(b))) {
+  if (!c.is_cpu() || (st != at::kBFloat16 && st != at::kHalf) || cpu_mm16_serves(st, op_a, b)) {
     at::mm_out(c, op_a, b);
     return;
   }
@@ -419,7 +427,7 @@ PREFOPT_INLINE void chunk_logits(const at::Tensor& h_c, const at::Tensor& weight
                                  const at::Tensor& dydx) {
   const auto st = z.scalar_type();
   if (z.is_cpu() && (st == at::kBFloat16 || st == at::kHalf) &&
-      !cpu_mm16_usable(st, col_major(h_c), col_major(weight.t()))) {
+      !cpu_mm16_serves(st, h_c, weight.t())) {
     mm_fp32_blocks(z, h_c, weight.t(), /*accumulate=*/false, bias);
   } else if (bias.defined()) {
     at::addmm_out(z, bias, h_c, weight.t());
@@ -486,7 +494,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& weight,
                                const at::Tensor& bias, const at::Tensor& rows,
                                const at::Tensor& target, int64_t flags, const HeadSpec& spec,
-                               const CrossRankPtr& cross) {
+                               const CrossRankPtr& cross, const char* fn) {
     // `bias` is a [0] placeholder when the head has none: autograd inputs must be defined.
     const at::Tensor b = bias.numel() > 0 ? bias : at::Tensor();
     RowResults r;
@@ -503,6 +511,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     }
     ctx->save_for_backward({h, weight, bias, rows, saved_target, r.lse, r.entropy});
     ctx->saved_data["cross"] = cross_rank_ivalue(cross);
+    ctx->saved_data["fn"] = std::string(fn);
     save_spec(spec, ctx);
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable(detached_statistics(r, static_cast<unsigned>(flags)));
@@ -516,6 +525,11 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
     const at::Tensor bias = saved[2].numel() > 0 ? saved[2] : at::Tensor();
     const auto up = row_upstream(grads[0], grads[3], lse);
     if (!up.g.defined()) return result({}, {}, {});
+    // The gradients are formed in reused buffers by out= GEMMs and row kernels, which autograd
+    // does not record: a graph of them would be wrong, or fail inside ATen without our name.
+    TORCH_CHECK(!at::GradMode::is_enabled(), ctx->saved_data["fn"].toStringRef(),
+                ": double backward (create_graph) is not supported: the gradients are computed "
+                "outside autograd");
     const HeadSpec spec = load_spec(ctx);
     const auto acc = acc_type(h.scalar_type());
     const CrossRankPtr cross = cross_rank_of(ctx->saved_data["cross"]);
@@ -560,7 +574,7 @@ struct FusedHeadFunction : public torch::autograd::Function<FusedHeadFunction> {
   }
 
   static variable_list result(at::Tensor dh, at::Tensor dw, at::Tensor db) {
-    return {std::move(dh), std::move(dw), std::move(db), {}, {}, {}, {}, {}};
+    return {std::move(dh), std::move(dw), std::move(db), {}, {}, {}, {}, {}, {}};
   }
 
   /// Row chunks × vocabulary blocks, one reused tile buffer. Per row chunk, its hidden rows are
@@ -874,7 +888,7 @@ PREFOPT_INLINE SequenceLogprobs run_head(const char* fn, const HeadInputs& in,
   if (grad) {
     const auto out = FusedHeadFunction::apply(
         h, weight, bias.defined() ? bias : at::empty({0}, weight.options()), rows, sel.rows.target,
-        static_cast<int64_t>(flags), spec, cross);
+        static_cast<int64_t>(flags), spec, cross, fn);
     logp = out[0];
     stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];
     stats.log_sum_p2 = out[4];

@@ -128,7 +128,8 @@ using FusedLogprobsFuncOptions = FusedLogprobsOptions;
 /// frozen head under LoRA) and `bias`. The weight and bias gradients are accumulated in fp32
 /// (fp64 for fp64), or formed by one GEMM with fp32 accumulation per vocabulary block, and
 /// cast to the parameter dtype once at the end. Without grad mode, or when nothing requires
-/// grad (a reference model), nothing is saved.
+/// grad (a reference model), nothing is saved. Double backward (`create_graph`) is refused:
+/// the gradients are formed outside autograd.
 ///
 /// Returns the same `SequenceLogprobs` as `gather_logprobs`, so losses and metrics do not care
 /// which path produced them.

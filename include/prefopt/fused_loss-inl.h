@@ -126,7 +126,9 @@ struct Job {
       make_chunks();
     }
     const bool split = widest > limit;
-    if (split && o.chunk_bytes() > 0) {
+    const bool grad = need_h || need_w || need_b;
+    // Without gradients every row streams once: nothing is computed twice, nothing to warn of.
+    if (split && grad && o.chunk_bytes() > 0) {
       TORCH_WARN_ONCE(fn, ": a ", groups == Groups::kPairs ? "pair" : "example", " has ", widest,
                       " scored rows, more than the ", limit,
                       " that chunk_bytes = ", o.chunk_bytes(),
@@ -136,7 +138,6 @@ struct Job {
     }
 
     RowResults r = alloc_row_results(n, flags, acc_opts);
-    const bool grad = need_h || need_w || need_b;
     // 16-bit weights: dW accumulates in fp32 over the GEMMs (cast in its own storage at the
     // end), unless one GEMM covers the batch (automatic chunking prefers that where cheaper).
     const bool one_gemm = chunks.size() <= 1 && !split;
@@ -486,6 +487,15 @@ PREFOPT_INLINE FusedDPOOutput fused_dpo_loss(const HeadBatch& batch, const PairI
               ": bco_running_mean's baseline folds in the whole batch's rewards before the ",
               "loss; use fused_logprobs and the DPOLoss functor (two passes)");
   detail::fused_loss::refuse_none(fn, loss.reduction());
+  // The pass's WPO weights are returned, not applied (a pair split over chunks has its
+  // gradient written before its weights are complete). Without `weights`, a port of TRL's
+  // use_weighting would train unweighted.
+  if (options.with_wpo_weights() && !inputs.weights().defined()) {
+    TORCH_WARN_ONCE(fn, ": with_wpo_weights returns the policy's WPO weights in `policy` but does ",
+                    "not weight this loss (only inputs.weights does); for TRL's use_weighting, ",
+                    "get them from a no-grad fused_logprobs pass first and pass w_c·w_r as ",
+                    "weights");
+  }
   return detail::fused_loss::pairwise<DPOLossResult>(
       fn, batch, inputs, options, [&](const PairInputs& in) { return dpo_loss(in, loss); });
 }

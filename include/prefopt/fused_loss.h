@@ -132,7 +132,7 @@ namespace functional {
 /// that fit, so only the rows beyond the bound cost one more GEMM; an explicit budget that
 /// does this warns once. Beside the budget: with `GatherBackend::kATen` (or on CUDA without
 /// the row kernels), fp32 row temporaries of at most one budget more; on CPUs whose 16-bit
-/// GEMMs take the fp32-block fallback (`cpu_mm16_fast` or `cpu_mm16_usable` false: see the
+/// GEMMs take the fp32-block fallback (`cpu_mm16_fast` or `cpu_mm16_serves` false: see the
 /// README), fp32 copies of operand and result blocks, at most 16 MiB each, three at a time.
 ///
 /// On CUDA, the GEMMs with a 16-bit result (each chunk's logits, `dh = dz · W` over V, and
@@ -157,7 +157,11 @@ namespace functional {
 /// gradient (a scalar, in fp32). So an fp16 loss scale (GradScaler) comes too late to keep
 /// fp16 gradients from underflowing: rely on it with the two-pass path, or use bf16. A second
 /// backward through the same loss (`retain_graph`) and double backward are refused. WPO
-/// `weights` are detached, as TRL computes them.
+/// `weights` are detached, as TRL computes them. `FusedLogprobsOptions::with_wpo_weights`
+/// returns the policy's weights in `policy` (for logging) but does not apply them (a pair
+/// split over chunks has its gradient written before its weights are complete): for TRL's
+/// `use_weighting`, take them from a no-grad `fused_logprobs` pass first and pass w_c·w_r as
+/// `weights` (without `weights`, asking for them warns once).
 ///
 /// Example:
 /// ```

@@ -38,7 +38,8 @@ PREFOPT_INLINE void empty_slice_rows(const at::Tensor& logits, const Rows& rows,
 struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& b,
                                const at::Tensor& t, const at::Tensor& target, int64_t flags,
-                               int64_t chunk_bytes, int64_t backend, const CrossRankPtr& cross) {
+                               int64_t chunk_bytes, int64_t backend, const CrossRankPtr& cross,
+                               const char* fn) {
     RowResults r;
     at::Tensor saved_target = target;
     if (cross) {
@@ -57,6 +58,7 @@ struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction>
     ctx->save_for_backward({logits, b, t, saved_target, r.lse, r.entropy});
     ctx->saved_data["chunk_bytes"] = chunk_bytes;
     ctx->saved_data["backend"] = backend;
+    ctx->saved_data["fn"] = std::string(fn);
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable(detached_statistics(r, static_cast<unsigned>(flags)));
     return {r.logp, r.logit_mean, r.correct, r.entropy, r.log_sum_p2};
@@ -68,6 +70,11 @@ struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction>
     const auto up = row_upstream(grads[0], grads[3], saved[4]);
     at::Tensor grad;
     if (up.g.defined()) {
+      // The row kernels write the gradient outside autograd: a graph of it would be silently
+      // empty (kKernel) or fail inside ATen without our name (kATen).
+      TORCH_CHECK(!at::GradMode::is_enabled(), ctx->saved_data["fn"].toStringRef(),
+                  ": double backward (create_graph) is not supported: the gradient is computed "
+                  "outside autograd");
       grad =
           at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
       advise_huge_pages(grad);
@@ -75,7 +82,7 @@ struct TokenLogpsFunction : public torch::autograd::Function<TokenLogpsFunction>
                     saved[5], static_cast<GatherBackend>(ctx->saved_data["backend"].toInt()),
                     ctx->saved_data["chunk_bytes"].toInt(), grad);
     }
-    return {grad, {}, {}, {}, {}, {}, {}, {}};
+    return {grad, {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -95,8 +102,9 @@ PREFOPT_INLINE void check_logits(const char* fn, const at::Tensor& logits, int64
   TORCH_CHECK(o.chunk_bytes() > 0, fn, ": expected chunk_bytes > 0, got ", o.chunk_bytes());
 }
 
-PREFOPT_INLINE SequenceLogprobs gather(const at::Tensor& logits, const Selection& sel,
-                                       const GatherLogprobsOptions& o, const CrossRankPtr& cross) {
+PREFOPT_INLINE SequenceLogprobs gather(const char* fn, const at::Tensor& logits,
+                                       const Selection& sel, const GatherLogprobsOptions& o,
+                                       const CrossRankPtr& cross) {
   const unsigned flags = stat_flags(o.with_logits_mean(), o.with_token_accuracy(), o.with_entropy(),
                                     o.with_wpo_weights());
   const auto& rows = sel.rows;
@@ -105,7 +113,7 @@ PREFOPT_INLINE SequenceLogprobs gather(const at::Tensor& logits, const Selection
   if (at::GradMode::is_enabled() && logits.requires_grad()) {
     const auto out =
         TokenLogpsFunction::apply(logits, rows.b, rows.t, rows.target, static_cast<int64_t>(flags),
-                                  o.chunk_bytes(), static_cast<int64_t>(o.backend()), cross);
+                                  o.chunk_bytes(), static_cast<int64_t>(o.backend()), cross, fn);
     logp = out[0];
     stats.logit_mean = out[1], stats.correct = out[2], stats.entropy = out[3];
     stats.log_sum_p2 = out[4];
@@ -132,7 +140,7 @@ PREFOPT_INLINE SequenceLogprobs gather_padded(const char* fn, const at::Tensor& 
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto sel =
       select_padded(fn, logits, "logits", B, T, V, labels, mask, o.shift(), o.ignore_index());
-  SequenceLogprobs res = gather(logits, sel, o, {});
+  SequenceLogprobs res = gather(fn, logits, sel, o, {});
   if (o.with_logits_mean_unmasked()) {
     c10::NoGradGuard no_grad;
     res.logits_sum_all = all_row_means(logits, o.backend(), o.chunk_bytes()).sum(1);
@@ -155,7 +163,7 @@ PREFOPT_INLINE SequenceLogprobs gather_packed(const char* fn, const at::Tensor& 
   const int64_t N = logits.size(1), V = logits.size(2);
   const auto sel = select_packed(fn, logits, "logits", N, V, labels, mask, cu_seqlens, o.shift(),
                                  o.ignore_index());
-  SequenceLogprobs res = gather(logits, sel, o, {});
+  SequenceLogprobs res = gather(fn, logits, sel, o, {});
   if (o.with_logits_mean_unmasked()) {
     c10::NoGradGuard no_grad;
     const auto means = all_row_means(logits, o.backend(), o.chunk_bytes()).squeeze(0);

@@ -260,8 +260,9 @@ PREFOPT_INLINE SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor&
                       .with_token_logps(o.with_token_logps())
                       .chunk_bytes(o.chunk_bytes());
   const auto sel = d::vp::select_agreed(fn, group, o, [&](d::vp::Local& me) {
-    d::vp::check_options(fn, o);
+    // The device first: a rank whose options fail still joins on its inputs' device (NCCL).
     if (logits.defined()) me.device = logits.device();
+    d::vp::check_options(fn, o);
     d::vp::check_slice(fn, logits, 2, "logits", o);
     d::vp::check_group_device(fn, logits, "logits", group);
     d::gather::check_logits(fn, logits, 3, go);
@@ -275,7 +276,7 @@ PREFOPT_INLINE SequenceLogprobs vocab_parallel_gather_logprobs(const at::Tensor&
     return d::select_padded(fn, logits, "logits", logits.size(0), logits.size(1),
                             d::kVocabularyUnknown, labels, nullptr, o.shift(), o.ignore_index());
   });
-  return d::gather::gather(logits, sel, go, d::vp::cross_rank(group, fn));
+  return d::gather::gather(fn, logits, sel, go, d::vp::cross_rank(group, fn));
 }
 
 PREFOPT_INLINE SequenceLogprobs vocab_parallel_fused_logprobs(const at::Tensor& hidden,
@@ -291,8 +292,9 @@ PREFOPT_INLINE SequenceLogprobs vocab_parallel_fused_logprobs(const at::Tensor& 
                 .with_token_logps(o.with_token_logps());
   d::fused::HeadInputs in;
   const auto sel = d::vp::select_agreed(fn, group, o, [&](d::vp::Local& me) {
-    d::vp::check_options(fn, o);
+    // The device first: a rank whose options fail still joins on its inputs' device (NCCL).
     if (hidden.defined()) me.device = hidden.device();
+    d::vp::check_options(fn, o);
     d::vp::check_slice(fn, weight, 0, "weight", o);
     d::vp::check_group_device(fn, hidden, "hidden states", group);
     in = d::fused::check_head(fn, hidden, weight, {}, /*packed=*/false, fo);

@@ -34,8 +34,9 @@ struct VocabParallelOptions {
   TORCH_ARG(int64_t, ignore_index) = -100;
   /// Also return `token_logps` and `token_mask`. Default: false.
   TORCH_ARG(bool, with_token_logps) = false;
-  /// Most bytes of fp32 logits the hidden-state form materialises per chunk (and the logits
-  /// form's chunked ATen path, where no row kernel runs). Default: 64 MiB.
+  /// Most bytes of logits buffers per chunk: the hidden-state form's (in the input dtype, as
+  /// `FusedLogprobsOptions::chunk_bytes` counts them; at least one row) and the logits form's
+  /// chunked ATen path's, where no row kernel runs. Default: 64 MiB.
   TORCH_ARG(int64_t, chunk_bytes) = int64_t{64} << 20;
 };
 

@@ -161,8 +161,8 @@ namespace gather {
 void check_logits(const char* fn, const at::Tensor& logits, int64_t dim,
                   const GatherLogprobsOptions& o);
 /// The selected rows' log-probs (and statistics) of `logits`, with autograd; `cross` reduces
-/// them over the ranks (vocabulary-parallel), or is null.
-SequenceLogprobs gather(const at::Tensor& logits, const Selection& sel,
+/// them over the ranks (vocabulary-parallel), or is null. `fn` names the op in backward's errors.
+SequenceLogprobs gather(const char* fn, const at::Tensor& logits, const Selection& sel,
                         const GatherLogprobsOptions& o, const CrossRankPtr& cross);
 }  // namespace gather
 namespace fused {
@@ -237,6 +237,10 @@ bool cpu_mm16_fast(at::ScalarType st);
 /// libtorch 1.13 on CPUs without AVX-512 sums in 16 bits in three of the four). Where false,
 /// `mm_fp32_blocks` serves.
 bool cpu_mm16_usable(at::ScalarType st, bool a_col_major, bool b_col_major);
+/// Whether libtorch's own CPU `mm` serves the 16-bit product op(a) [m, k] · b [k, n]:
+/// `cpu_mm16_usable` for their layouts, and more than 16³ multiply-adds (smaller ones, which
+/// libtorch may sum in 16 bits, go through `mm_fp32_blocks` at no cost).
+bool cpu_mm16_serves(at::ScalarType st, const at::Tensor& a, const at::Tensor& b);
 /// Whether ATen's CPU GEMM reads the 2-D `x` as column-major storage: unit row stride and a
 /// column stride of at least the row count, unless it also passes as row-major (a view that
 /// is neither, e.g. overlapping, is multiplied from a row-major copy: false).
@@ -253,7 +257,7 @@ void mm_fp32_blocks(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, boo
 void add_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b,
             bool exact = false);
 /// c ← op(a) · b in c's dtype, a, b and c all of one dtype; in 16 bits, accumulated in fp32 and
-/// rounded once (libtorch's GEMM, or `mm_fp32_blocks` where `cpu_mm16_usable` says no).
+/// rounded once (libtorch's GEMM, or `mm_fp32_blocks` where `cpu_mm16_serves` says no).
 void set_mm(at::Tensor& c, const at::Tensor& a, bool trans_a, const at::Tensor& b);
 /// The fp32 accumulator of a 16-bit [V, H] weight gradient over several GEMMs, as two row
 /// halves, so that the cast at the end needs no second [V, H] buffer: the top half's storage

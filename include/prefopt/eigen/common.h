@@ -234,13 +234,30 @@ void check(bool cond, const char* fn, const Args&... args) {
   if (!cond) fail(fn, args...);
 }
 
+/// The keys of the warnings this process has sent (see `warn_once`).
+struct WarnedKeys {
+  std::mutex mutex;
+  std::set<std::string> seen;
+};
+inline WarnedKeys& warned_keys() {
+  static WarnedKeys keys;
+  return keys;
+}
+
+/// Whether `warn_once(key, ...)` has fired in this process (for tests, whose order decides
+/// which one sees a once-per-process warning).
+inline bool warned(const std::string& key) {
+  auto& keys = warned_keys();
+  std::lock_guard<std::mutex> lock(keys.mutex);
+  return keys.seen.count(key) != 0;
+}
+
 /// Sends `message` to the warning handler the first time `key` is seen in this process.
 inline void warn_once(const std::string& key, const std::string& message) {
-  static std::mutex mutex;
-  static std::set<std::string> seen;
+  auto& keys = warned_keys();
   {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (!seen.insert(key).second) return;
+    std::lock_guard<std::mutex> lock(keys.mutex);
+    if (!keys.seen.insert(key).second) return;
   }
   if (warning_handler()) warning_handler()(message);
 }

@@ -107,8 +107,8 @@ T kto_kl(const Vector<T>& policy_KL_logps, const Vector<T>& reference_KL_logps) 
 /// `prefopt::functional::kto_loss` computes them, with ρ = logp_policy − logp_reference:
 ///
 /// `losses = [w_d·(1 − σ(β(ρ_d − z))), w_u·(1 − σ(β(z − ρ_u)))]`, `loss = mean(losses)`,
-/// `z = max(0, mean(policy_KL − reference_KL))` (or the given `kl`, clamped at 0; 0 without
-/// either); apo_zero_unpaired: `[w_d·(1 − σ(βρ_d)), w_u·σ(βρ_u)]`.
+/// `z = max(0, mean(policy_KL − reference_KL))` (or the given `kl`, clamped at 0; 0, with a
+/// warning, without either); apo_zero_unpaired: `[w_d·(1 − σ(βρ_d)), w_u·σ(βρ_u)]`.
 ///
 /// Example:
 /// ```
@@ -155,6 +155,11 @@ KTOLossResult<T> kto_loss(const KTOInputs<T>& in, const KTOLossOptions& o = {}) 
     z = std::max(*in.kl(), T(0));
   } else if (kl_logps) {
     z = kto_kl<T>(*in.policy_KL_logps(), *in.reference_KL_logps());
+  } else {
+    // Legal (z = 0), but TRL's kto always estimates the KL: most likely an input forgotten.
+    detail::warn_once(detail::str(fn, "/no_kl"),
+                      detail::str(fn, ": the kto loss got neither kl nor KL log-probs; it uses ",
+                                  "z = 0 (TRL always estimates the KL)"));
   }
   const Vector<T> rho_d = in.policy_chosen_logps() - in.reference_chosen_logps();
   const Vector<T> rho_u = in.policy_rejected_logps() - in.reference_rejected_logps();

@@ -123,6 +123,10 @@ inline at::Tensor reduce(const at::Tensor& losses, const LossReduction& reductio
 void check_logps(const char* fn, const char* name, const at::Tensor& t, int64_t batch,
                  const at::Device& device);
 
+/// Checks that the log-probs `t` are floating point: integer or complex ones are refused, not
+/// cast silently.
+void check_floating_logps(const char* fn, const char* name, const at::Tensor& t);
+
 /// Checks that the token counts `t` (lengths) are >= 0; on CPU only, since reading the
 /// answer of a device tensor would synchronise with the device.
 void check_counts(const char* fn, const char* name, const at::Tensor& t);

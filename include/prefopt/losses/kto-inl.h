@@ -90,6 +90,9 @@ PREFOPT_INLINE KTOLossResult kto_loss(const KTOInputs& in, const KTOLossFuncOpti
   } else if (kl_logps) {
     z = detail::cast(kto_kl(in.policy_KL_logps(), in.reference_KL_logps()), dt);
   } else {
+    // Legal (z = 0), but TRL's kto always estimates the KL: most likely an input forgotten.
+    TORCH_WARN_ONCE(fn, ": the kto loss got neither kl nor KL log-probs; it uses z = 0 (TRL ",
+                    "always estimates the KL)");
     z = at::zeros({}, pc.options().dtype(dt));
   }
   // The reference is a constant of the loss: detached, so no gradient reaches it.

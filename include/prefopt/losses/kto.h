@@ -91,7 +91,8 @@ using KTOLossFuncOptions = KTOLossOptions;
 /// KTO (arXiv:2402.01306) as TRL computes it, with ρ = logp_policy − logp_reference:
 ///
 /// `losses = [w_d·(1 − σ(β(ρ_d − z))), w_u·(1 − σ(β(z − ρ_u)))]`, `loss = mean(losses)`,
-/// `z = max(0, mean(policy_KL − reference_KL))`, detached (0 when no KL input is given).
+/// `z = max(0, mean(policy_KL − reference_KL))`, detached (0, with a warning, when the kto type
+/// gets no KL input).
 ///
 /// - log-probs: [N] sums, any floating dtype (fp32 compute, fp64 for fp64); N may be 0.
 ///

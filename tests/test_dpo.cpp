@@ -891,3 +891,31 @@ TEST_F(DPOLossCuda, MatchesCpu) {
     EXPECT_TRUE(AllClose(g.cpu(), gc, 1e-4, 1e-7)) << name;
   }
 }
+
+// WPO weights are constants, as TRL computes them (no_grad) and fused_dpo_loss detaches them:
+// no gradient reaches weights that require grad, and the policy's gradient is that of the
+// hand-written composite with constant weights.
+TEST_F(DPOLossTest, WeightsGetNoGradient) {
+  const auto pc = at::tensor({-1.0, -2.0}, at::kDouble).requires_grad_();
+  const auto pr = at::tensor({-2.5, -1.5}, at::kDouble).requires_grad_();
+  const auto zero = at::zeros({2}, at::kDouble);
+  const auto leaf = at::tensor({0.5, 2.0}, at::kDouble).requires_grad_();
+  const auto w = leaf * 1.0;  // weights with a graph behind them
+  const auto r = F::dpo_loss(PairInputs()
+                                 .policy_chosen_logps(pc)
+                                 .policy_rejected_logps(pr)
+                                 .reference_chosen_logps(zero)
+                                 .reference_rejected_logps(zero)
+                                 .weights(w)
+                                 .logps_form(prefopt::LogpsForm::kSum),
+                             DPOLossOptions().beta(1.0));
+  const auto g = torch::autograd::grad({r.loss}, {pc, pr, leaf}, {}, false, false,
+                                       /*allow_unused=*/true);
+  EXPECT_FALSE(g[2].defined());
+  // mean_b(w_b·−ℓ(c_b − r_b)) with w constant: ∂/∂c_b = −w_b·σ(r_b − c_b)/2 = −∂/∂r_b.
+  const double d0 = -0.5 * 0.5 / (1 + std::exp(1.5)), d1 = -0.5 * 2.0 / (1 + std::exp(-0.5));
+  EXPECT_NEAR(g[0][0].item<double>(), d0, 1e-15);
+  EXPECT_NEAR(g[0][1].item<double>(), d1, 1e-15);
+  EXPECT_NEAR(g[1][0].item<double>(), -d0, 1e-15);
+  EXPECT_NEAR(g[1][1].item<double>(), -d1, 1e-15);
+}

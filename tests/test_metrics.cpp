@@ -795,3 +795,70 @@ TEST(Metrics, ComputeRanksPoolsLikeTheAllReduce) {
   PREFOPT_EXPECT_THROWS_WITH(MetricAccumulator::compute_ranks({&twice, &twice}),
                              "accumulators 0 and 1 are the same object");
 }
+
+// TRL's entropy covers every completion token of the micro-step, both sides. A pairwise add
+// given the chosen side's statistics alone used to log the chosen side's entropy (10 / 5 here,
+// where TRL logs (10 + 2) / (5 + 2)) and no logits/rejected, without a word; a side with
+// examples but no statistics is now refused, and the window is left as it was.
+TEST(Metrics, EverySideWithExamplesNeedsItsTokenStatistics) {
+  const auto full = two_steps()[0];
+  MetricAccumulator acc;
+  acc.add(full.result, full.inputs, full.policy);
+  auto s = two_steps()[0];
+  s.policy.rejected = prefopt::SequenceLogprobs{};
+  PREFOPT_EXPECT_THROWS_WITH(acc.add(s.result, s.inputs, s.policy),
+                             "prefopt::MetricAccumulator::add: expected the rejected log-probs' "
+                             "token statistics (count, or positions), one sequence per rejected "
+                             "reward (2), got none");
+  s = two_steps()[0];
+  s.policy.chosen = prefopt::SequenceLogprobs{};
+  PREFOPT_EXPECT_THROWS_WITH(acc.add(s.result, s.inputs, s.policy),
+                             "expected the chosen log-probs' token statistics");
+  EXPECT_EQ(acc.steps(), 1);
+  // Both sides: (4 + 6 + 1 + 1) / (2 + 3 + 1 + 1) by hand.
+  EXPECT_DOUBLE_EQ(acc.compute().at("entropy"), 12.0 / 7);
+
+  // KTO: a side without examples needs none; a side with examples does.
+  prefopt::KTOLossResult kto;
+  kto.loss = at::scalar_tensor(0.5, at::kDouble);
+  kto.kl = at::scalar_tensor(0.0, at::kDouble);
+  kto.chosen_rewards = d({0.1, 0.2});
+  kto.rejected_rewards = d({-0.1});
+  const auto kin =
+      prefopt::KTOInputs().policy_chosen_logps(d({-1, -2})).policy_rejected_logps(d({-3}));
+  prefopt::SequenceLogprobs chosen;
+  chosen.count = l({2, 3});
+  chosen.entropy_sum = d({1.0, 4.0});
+  PREFOPT_EXPECT_THROWS_WITH(acc.add(kto, kin, chosen, prefopt::SequenceLogprobs{}),
+                             "expected the rejected log-probs' token statistics");
+  EXPECT_EQ(acc.steps(), 0);
+  kto.rejected_rewards = at::empty({0}, at::kDouble);
+  auto only_chosen = kin;
+  only_chosen.policy_rejected_logps(at::empty({0}, at::kDouble));
+  acc.add(kto, only_chosen, chosen, prefopt::SequenceLogprobs{});
+  EXPECT_DOUBLE_EQ(acc.compute().at("entropy"), 5.0 / 5);
+}
+
+// A JSON object's keys are unique: a metric named "step" used to replace the line's step
+// number ({"step":0.5,...} for step 7), so the log lost its step without a word.
+TEST(MetricsJsonl, AMetricNamedStepIsRefused) {
+  Metrics m;
+  m.set("loss", 0.25);
+  m.set("step", 0.5);
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::to_json(7, m),
+                             "prefopt::to_json: a metric named 'step' would replace the line's "
+                             "step (7)");
+  const auto path = (std::filesystem::temp_directory_path() /
+                     ("prefopt_step_" + std::to_string(::getpid()) + ".jsonl"))
+                        .string();
+  {
+    prefopt::JsonlWriter w(path);
+    PREFOPT_EXPECT_THROWS_WITH(w.write(7, m), "prefopt::JsonlWriter::write: a metric named 'step'");
+  }
+  EXPECT_EQ(std::filesystem::file_size(path), 0u);
+  std::filesystem::remove(path);
+  // Under a prefix it is another key.
+  MetricAccumulator acc(MetricsOptions().prefix("eval_"));
+  acc.add_scalar("step", 0.5);
+  EXPECT_EQ(prefopt::to_json(7, acc.compute()), R"({"step":7,"eval_step":0.5})");
+}

@@ -369,9 +369,53 @@ TEST(PrefoptEval, IndentIsBounded) {
   const auto ok = run_eval(req, false, "--indent 16");
   EXPECT_EQ(ok.status, 0) << ok.text;
   EXPECT_TRUE(ok.out.contains("loss")) << ok.text;
-  for (const char* bad : {"--indent 17", "--indent 2000", "--indent -3"}) {
+  // A bad command line exits 2 as every other error does (it was CLI11's 105 and 109).
+  for (const char* bad : {"--indent 17", "--indent 2000", "--indent -3", "--bogus"}) {
     const auto r = run_eval(req, false, bad);
-    EXPECT_NE(r.status, 0) << bad;
+    EXPECT_EQ(r.status, 2) << bad;
     EXPECT_TRUE(r.text.empty()) << bad;  // not the text: before the bound, it held heap bytes
   }
+}
+
+// A metrics request's errors name the field that is wrong: they used to call "metrics" the
+// loss's "params" ("\"params\" must be an object", "unknown param 'window' for this loss") and
+// a "tokens" side's fields a loss's inputs. A pairwise step with one side's token statistics
+// used to be answered with that side's entropy alone.
+TEST(PrefoptEval, MetricsRequestErrorsNameTheField) {
+  const std::string pair = R"("loss":"sigmoid","inputs":{"policy_chosen_logps":[-1,-2],
+      "policy_rejected_logps":[-2,-3],"reference_chosen_logps":[-1,-1],"reference_rejected_logps":[-1,-1]})";
+  const auto error_of = [&](const std::string& metrics, const std::string& tokens) {
+    const auto r = run_eval("{" + metrics + R"("steps":[{)" + pair + tokens + "}]}");
+    EXPECT_EQ(r.status, 2) << metrics << tokens << " -> " << r.text;
+    return r.out.value("error", std::string("<no error field>"));
+  };
+  auto has = [](const std::string& s, const char* sub) { return s.find(sub) != std::string::npos; };
+  EXPECT_TRUE(has(error_of(R"("metrics":5,)", ""), "\"metrics\" must be an object"));
+  EXPECT_TRUE(has(error_of(R"("metrics":{"window":1},)", ""),
+                  "unknown \"metrics\" field 'window'; known: logits, prefix"));
+  EXPECT_TRUE(
+      has(error_of(R"("metrics":{"prefix":1},)", ""), "\"metrics\".\"prefix\" must be a string"));
+  EXPECT_TRUE(has(error_of(R"("metrics":{"logits":"unmasked"},)", ""),
+                  "\"metrics\".\"logits\" must be \"scored\" or \"all_positions\""));
+  const std::string both = R"(,"rejected":{"count":[1,1]}})";
+  EXPECT_TRUE(has(error_of("", R"(,"tokens":{"chosen":{"count":[1,2],"foo":[1,1]})" + both),
+                  "unknown \"tokens\".\"chosen\" field 'foo'; known: correct, count"));
+  EXPECT_TRUE(has(error_of("", R"(,"tokens":{"chosen":{"count":5})" + both),
+                  "\"tokens\".\"chosen\".\"count\" must be an array of numbers"));
+  EXPECT_TRUE(has(error_of("", R"(,"tokens":{"chosen":{"count":[1,2],"entropy_sum":[1,1]}})"),
+                  "expected the rejected log-probs' token statistics (count, or positions), one "
+                  "sequence per rejected reward (2), got none"));
+  // Token statistics from one rank of a micro-step only: the other rank's tokens used to be
+  // left out of the step's entropy and logits/*.
+  const std::string tokens = R"(,"tokens":{"chosen":{"count":[1,1],"entropy_sum":[1,1]},
+      "rejected":{"count":[1,1],"entropy_sum":[1,1]}})";
+  const auto mixed = run_eval(R"({"steps":[[{)" + pair + tokens + "},{" + pair + "}]]}");
+  EXPECT_EQ(mixed.status, 2) << mixed.text;
+  EXPECT_TRUE(has(mixed.out.value("error", ""),
+                  "micro-step 0, rank 1 has no \"tokens\" where micro-step 0, rank 0 has them"))
+      << mixed.text;
+  const auto later = run_eval(R"({"steps":[{)" + pair + "},{" + pair + tokens + "}]}");
+  EXPECT_TRUE(has(later.out.value("error", ""),
+                  "micro-step 1, rank 0 has \"tokens\" where micro-step 0, rank 0 has none"))
+      << later.text;
 }

@@ -24,14 +24,20 @@ int main(int argc, char** argv) {
       "request {\"metrics\": {...}, \"steps\": [...]} (a logging window of such requests, one\n"
       "per micro-step and rank; answered with the reduced metrics under both windows), or an\n"
       "array of them. A request that fails is answered with {\"error\": ...}, and the exit\n"
-      "status is then 2. See the README."};
+      "status is then 2, as it is for a bad command line. See the README."};
   std::string path = "-";
   int indent = -1;
   app.add_option("file", path, "Request file; - or nothing reads standard input");
   // Bounded: nlohmann-json reads past its indent buffer for indents of 1026 and more.
   app.add_option("--indent", indent, "Pretty-print the JSON with this indent (default: one line)")
       ->check(CLI::Range(0, 16));
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // CLI11's codes (105 for --indent 17, 109 for an unknown option, ...) would make a bad
+    // command line exit unlike every other error here (2); --help is a ParseError with code 0.
+    return app.exit(e) == 0 ? 0 : 2;
+  }
 
   std::ostringstream text;
   prefopt_eval::Reply reply;

@@ -31,58 +31,82 @@ std::string join(const std::set<std::string>& names) {
   return s;
 }
 
+/// How errors name an object of a request and its keys: a loss's "params" ("param 'beta'",
+/// "unknown param 'x' for this loss"), or, with `path` (e.g. "\"metrics\""), any other object
+/// ("\"metrics\".\"prefix\"", "unknown \"metrics\" field 'x'"), so that a message points at the
+/// field the input got wrong.
+struct Where {
+  std::string object;  ///< "params" or "inputs" for a loss's; empty with `path`
+  std::string path;    ///< the object's JSON path, or empty for a loss's
+
+  std::string whole() const { return path.empty() ? "\"" + object + "\"" : path; }
+  std::string key(const std::string& k) const {
+    if (!path.empty()) return path + ".\"" + k + "\"";
+    return (object == "params" ? "param '" : "input '") + k + "'";
+  }
+  std::string unknown(const std::string& k) const {
+    if (!path.empty()) return "unknown " + path + " field '" + k + "'";
+    return "unknown " + std::string(object == "params" ? "param '" : "input '") + k +
+           "' for this loss";
+  }
+};
+
 /// The request's params, each read at most once; anything left over is unknown.
 class Params {
  public:
-  Params(const json& params, std::set<std::string> allowed)
-      : p_(params), allowed_(std::move(allowed)) {
-    if (!p_.is_object()) throw RequestError("\"params\" must be an object");
+  Params(const json& params, std::set<std::string> allowed, Where where = {"params", ""})
+      : p_(params), allowed_(std::move(allowed)), where_(std::move(where)) {
+    if (!p_.is_object()) throw RequestError(where_.whole() + " must be an object");
     for (const auto& [key, value] : p_.items()) {
       if (!allowed_.count(key))
-        throw RequestError("unknown param '" + key + "' for this loss; known: " + join(allowed_));
+        throw RequestError(where_.unknown(key) + "; known: " + join(allowed_));
     }
   }
   bool has(const std::string& k) const { return p_.contains(k); }
   double number(const std::string& k, double fallback) const {
     if (!has(k)) return fallback;
-    if (!p_[k].is_number()) throw RequestError("param '" + k + "' must be a number");
+    if (!p_[k].is_number()) throw RequestError(where_.key(k) + " must be a number");
     return p_[k].get<double>();
   }
   bool boolean(const std::string& k, bool fallback) const {
     if (!has(k)) return fallback;
-    if (!p_[k].is_boolean()) throw RequestError("param '" + k + "' must be true or false");
+    if (!p_[k].is_boolean()) throw RequestError(where_.key(k) + " must be true or false");
     return p_[k].get<bool>();
   }
   std::string string(const std::string& k, const std::string& fallback) const {
     if (!has(k)) return fallback;
-    if (!p_[k].is_string()) throw RequestError("param '" + k + "' must be a string");
+    if (!p_[k].is_string()) throw RequestError(where_.key(k) + " must be a string");
     return p_[k].get<std::string>();
   }
   const json& raw(const std::string& k) const { return p_[k]; }
+  /// How errors name key `k`.
+  std::string name(const std::string& k) const { return where_.key(k); }
 
  private:
   const json& p_;
   std::set<std::string> allowed_;
+  Where where_;
 };
 
 class Inputs {
  public:
-  Inputs(const json& inputs, std::set<std::string> allowed) : in_(inputs) {
-    if (!in_.is_object()) throw RequestError("\"inputs\" must be an object");
+  Inputs(const json& inputs, std::set<std::string> allowed, Where where = {"inputs", ""})
+      : in_(inputs), where_(std::move(where)) {
+    if (!in_.is_object()) throw RequestError(where_.whole() + " must be an object");
     for (const auto& [key, value] : in_.items()) {
       if (!allowed.count(key))
-        throw RequestError("unknown input '" + key + "' for this loss; known: " + join(allowed));
+        throw RequestError(where_.unknown(key) + "; known: " + join(allowed));
     }
   }
   /// [N] float64 tensor, or an undefined one when absent.
   at::Tensor vector(const std::string& k) const {
     if (!in_.contains(k)) return {};
     const auto& v = in_[k];
-    if (!v.is_array()) throw RequestError("input '" + k + "' must be an array of numbers");
+    if (!v.is_array()) throw RequestError(where_.key(k) + " must be an array of numbers");
     std::vector<double> xs;
     xs.reserve(v.size());
     for (const auto& x : v) {
-      if (!x.is_number()) throw RequestError("input '" + k + "' must be an array of numbers");
+      if (!x.is_number()) throw RequestError(where_.key(k) + " must be an array of numbers");
       xs.push_back(x.get<double>());
     }
     return at::tensor(xs, at::kDouble).reshape({static_cast<int64_t>(xs.size())});
@@ -90,12 +114,13 @@ class Inputs {
   /// 0-dim float64 tensor, or undefined when absent.
   at::Tensor scalar(const std::string& k) const {
     if (!in_.contains(k)) return {};
-    if (!in_[k].is_number()) throw RequestError("input '" + k + "' must be a number");
+    if (!in_[k].is_number()) throw RequestError(where_.key(k) + " must be a number");
     return at::scalar_tensor(in_[k].get<double>(), at::kDouble);
   }
 
  private:
   const json& in_;
+  Where where_;
 };
 
 json to_json(const at::Tensor& t) {
@@ -436,10 +461,9 @@ Evaluated evaluate_loss(const json& request, bool allow_step_fields) {
 /// One side's token statistics of a metrics step: {"count", "logits_sum", "logits_sum_all",
 /// "positions", "correct", "entropy_sum"}, each [N].
 prefopt::SequenceLogprobs token_side(const json& side, const char* name) {
-  if (!side.is_object())
-    throw RequestError(std::string("\"tokens\".\"") + name + "\" must be an object");
   const Inputs in(side,
-                  {"count", "logits_sum", "logits_sum_all", "positions", "correct", "entropy_sum"});
+                  {"count", "logits_sum", "logits_sum_all", "positions", "correct", "entropy_sum"},
+                  {"", std::string("\"tokens\".\"") + name + "\""});
   prefopt::SequenceLogprobs lp;
   lp.count = in.vector("count");
   if (!lp.count.defined())
@@ -484,15 +508,15 @@ json evaluate_metrics(const json& request) {
   // stack-use-after-scope; found by the sanitizer configuration).
   const json empty = json::object();
   const json& metrics = request.contains("metrics") ? request["metrics"] : empty;
-  const Params p(metrics, {"logits", "prefix"});
+  const Params p(metrics, {"logits", "prefix"}, {"", "\"metrics\""});
   prefopt::MetricsOptions opts;
   opts.prefix(p.string("prefix", ""));
   const auto logits = p.string("logits", "scored");
   if (logits == "all_positions") {
     opts.logits(prefopt::LogitsMetric::kAllPositions);
   } else if (logits != "scored") {
-    throw RequestError("param 'logits' must be \"scored\" or \"all_positions\", got \"" + logits +
-                       "\"");
+    throw RequestError(p.name("logits") + " must be \"scored\" or \"all_positions\", got \"" +
+                       logits + "\"");
   }
   if (!request.contains("steps") || !request["steps"].is_array() || request["steps"].empty())
     throw RequestError("a metrics request needs \"steps\": a non-empty array of micro-steps");
@@ -505,6 +529,10 @@ json evaluate_metrics(const json& request) {
   for (int w = 0; w < 2; ++w)
     accs[w].assign(n_ranks,
                    prefopt::MetricAccumulator(prefopt::MetricsOptions(opts).window(windows[w])));
+  // A trainer gathers the token statistics on every rank of every micro-step: a rank without
+  // them would be left out of that micro-step's token metrics unsaid.
+  const json& first = steps[0].is_array() ? steps[0][0] : steps[0];
+  const bool window_tokens = first.is_object() && first.contains("tokens");
   for (size_t i = 0; i < steps.size(); ++i) {
     const json one = json::array({steps[i]});
     const json& ranks = steps[i].is_array() ? steps[i] : one;
@@ -517,6 +545,11 @@ json evaluate_metrics(const json& request) {
       const Evaluated ev = evaluate_loss(step, /*allow_step_fields=*/true);
       prefopt::PairLogprobs tokens;
       const bool has_tokens = step.contains("tokens");
+      if (has_tokens != window_tokens)
+        throw RequestError("micro-step " + std::to_string(i) + ", rank " + std::to_string(k) +
+                           (has_tokens ? " has \"tokens\" where micro-step 0, rank 0 has none"
+                                       : " has no \"tokens\" where micro-step 0, rank 0 has them") +
+                           "; give them for every rank of every micro-step, or for none");
       if (has_tokens) {
         const json& t = step["tokens"];
         if (!t.is_object()) throw RequestError("\"tokens\" must be an object");

@@ -100,7 +100,8 @@ PREFOPT_INLINE at::Tensor count_tensor(double n, const at::Tensor& like) {
 // Before a micro-step is touched (so that a refused `add` leaves the window as it was): one
 // value per pair, and one value of each token statistic per sequence of its side, as many as
 // the side's counts (or `positions`, without counts) and, where the result has rewards for
-// that side, as many as its rewards. Shapes only: nothing is read from the device.
+// that side, as many as its rewards; a side with rewards has statistics. Shapes only: nothing
+// is read from the device.
 PREFOPT_INLINE void check_pairs(const at::Tensor& chosen_rewards,
                                 const at::Tensor& rejected_rewards) {
   TORCH_CHECK(!chosen_rewards.defined() || !rejected_rewards.defined() ||
@@ -114,7 +115,15 @@ PREFOPT_INLINE void check_tokens(const SequenceLogprobs& lp, const char* side,
   constexpr const char* fn = "prefopt::MetricAccumulator::add";
   const bool counted = lp.count.defined();
   const at::Tensor& per_sequence = counted ? lp.count : lp.positions;
-  if (!per_sequence.defined()) return;
+  if (!per_sequence.defined()) {
+    // A side with examples but no statistics would be dropped unsaid: `entropy` over the other
+    // side alone, `logits/<side>` missing without the warning.
+    TORCH_CHECK(!rewards.defined() || rewards.numel() == 0, fn, ": expected the ", side,
+                " log-probs' token statistics (count, or positions), one sequence per ", side,
+                " reward (", rewards.numel(), "), got none; pass both sides' log-probs, or ",
+                "call add without them");
+    return;
+  }
   const int64_t n = per_sequence.numel();
   const std::pair<const char*, const at::Tensor*> stats[] = {{"logits_sum", &lp.logits_sum},
                                                              {"logits_sum_all", &lp.logits_sum_all},
@@ -652,6 +661,9 @@ PREFOPT_INLINE std::string metrics_json(const char* fn, int64_t step, const Metr
   json j;
   j["step"] = step;
   for (const auto& [name, value] : metrics) {
+    // The object's keys are unique: a metric "step" would silently replace the step number.
+    TORCH_CHECK(name != "step", fn, ": a metric named 'step' would replace the line's step (", step,
+                "); log it under another name");
     if (std::isfinite(value)) {
       j[name] = value;
     } else {

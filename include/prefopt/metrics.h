@@ -137,7 +137,8 @@ class PREFOPT_API Metrics {
 /// `add` checks sizes (a TORCH_CHECK before it touches the window, so that a refused call
 /// leaves it as it was): as many chosen as rejected rewards for pairs, and in each
 /// `SequenceLogprobs` one value of every statistic per sequence (as `count`, or `positions`
-/// without counts), one sequence per reward of its side.
+/// without counts), one sequence per reward of its side, and statistics for every side that has
+/// rewards (a side left out would silently narrow `entropy` to the other side).
 ///
 /// Every rank must make the same calls (the same number of micro-steps, the same
 /// `add_scalar` names in the same order) before the collective `compute(group)`.
@@ -291,7 +292,8 @@ class PREFOPT_API JsonlWriter {
   JsonlWriter& operator=(JsonlWriter&& other) noexcept;
 
   /// Writes one line: `step` first, then the metrics in order. Throws (c10::Error) when a
-  /// metric name is not valid UTF-8, or when the line cannot be written whole.
+  /// metric name is not valid UTF-8 or is `step` itself, or when the line cannot be written
+  /// whole.
   void write(int64_t step, const Metrics& metrics);
   /// The file written to.
   const std::string& path() const noexcept { return path_; }
@@ -303,7 +305,7 @@ class PREFOPT_API JsonlWriter {
 };
 
 /// One JSON object (no newline) as `JsonlWriter` writes it. Throws (c10::Error) when a metric
-/// name (prefix included) is not valid UTF-8.
+/// name (prefix included) is not valid UTF-8, or is `step`, the key of the step number.
 PREFOPT_API std::string to_json(int64_t step, const Metrics& metrics);
 
 PREFOPT_END_NAMESPACE

@@ -90,7 +90,8 @@ struct PairInputs {
   /// [B] scored completion tokens of each rejected completion.
   TORCH_ARG(at::Tensor, rejected_lengths);
   /// [B] per-pair weights multiplying each per-pair loss, e.g. WPO's
-  /// `functional::wpo_pair_weights` (DPO family only).
+  /// `functional::wpo_pair_weights` (DPO family only). Constants of the loss: no gradient
+  /// reaches them (TRL computes WPO's weights under no_grad).
   TORCH_ARG(at::Tensor, weights);
   /// Scalar NLL term computed by the host, used instead of the one derived from the chosen
   /// log-probs: e.g. TRL ORPO's cross-entropy over prompt + completion, or the plain NLL when

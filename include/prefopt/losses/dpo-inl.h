@@ -335,7 +335,8 @@ PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bc
     total = total.defined() ? total + l : l;
   }
   if (o.rpo_alpha() != 0) total = total + get_nll() * o.rpo_alpha();
-  if (in.weights().defined()) total = total * detail::cast(in.weights(), dt);
+  // Constants of the loss, as TRL computes them (under no_grad) and `fused_dpo_loss` takes them.
+  if (in.weights().defined()) total = total * detail::cast(in.weights().detach(), dt);
 
   DPOLossResult r;
   r.losses = total;

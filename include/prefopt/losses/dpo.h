@@ -89,7 +89,9 @@ struct DPOLossOptions {
   /// Leave the reference out of the loss (ρ = logp_policy): TRL ≤ 0.28's `reference_free`
   /// (removed in 0.29, which recommends CPO). The reference may then be undefined; when it is
   /// given it still feeds the logged rewards β·(π − ref), as in TRL, and a warning says it is
-  /// unused in the loss. Default: false.
+  /// unused in the loss. TRL ≤ 0.28 applied it to sigmoid, hinge, ipo, robust, exo_pair,
+  /// apo_zero and apo_down only: its nca_pair, bco_pair, sppo_hard, aot, aot_unpaired and
+  /// discopop kept the reference; here every type leaves it out. Default: false.
   TORCH_ARG(bool, reference_free) = false;
   /// RPO (arXiv:2404.19733 v3, TRL ≤ 0.28): adds α·NLL to every pair's loss; the same as
   /// appending kSFT with weight α. Default: 0.
@@ -164,8 +166,10 @@ using DPOLossFuncOptions = DPOLossOptions;
 
 /// DPO-family loss of B pairs (arXiv:2305.18290 and the papers of each `DPOLossType`).
 ///
-/// `loss = Σ_k w_k · reduce(weights ⊙ losses_k) (+ rpo_alpha · NLL)`, e.g. for `sigmoid`
-/// `losses = −log σ(β[(π_c − π_r) − (ref_c − ref_r)])`.
+/// `loss = reduce(weights ⊙ (Σ_k w_k · losses_k + rpo_alpha · NLL))`, e.g. for `sigmoid`
+/// `losses = −log σ(β[(π_c − π_r) − (ref_c − ref_r)])`. With the mean that is TRL ≥ 0.29's
+/// Σ_k w_k · mean(weights ⊙ losses_k), and TRL ≤ 0.28's RPO term, which the WPO weights
+/// scale too (the NLL is added to every pair's loss, so torch::kSum counts it B times).
 ///
 /// - `policy_*_logps`: [B], summed completion log-probs (native form: sums; per-token means
 ///   are converted with the lengths), any floating dtype (bf16/fp16 are computed in fp32,

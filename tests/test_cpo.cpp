@@ -127,3 +127,57 @@ TEST_F(CPOLossTest, Errors) {
   PREFOPT_EXPECT_THROWS_WITH(F::simpo_loss(x, x, prefopt::SimPOLossOptions().simpo_gamma(NAN)),
                              "expected a finite simpo_gamma");
 }
+
+// A host's nll_loss that no term reads (cpo_alpha 0, or alphapo) warns; with a weight it is
+// the NLL term.
+TEST_F(CPOLossTest, UnreadNllLossWarns) {
+  const auto logsig = [](double x) { return -std::log1p(std::exp(-x)); };
+  const auto in = PairInputs()
+                      .policy_chosen_logps(at::tensor({-1.0}, at::kDouble))
+                      .policy_rejected_logps(at::tensor({-2.0}, at::kDouble))
+                      .nll_loss(at::scalar_tensor(5.0, at::kDouble))
+                      .logps_form(prefopt::LogpsForm::kSum);
+  const double plain = -logsig(0.1 * 1.0);  // sigmoid of β·(π_c − π_r), β = 0.1
+  {
+    prefopt::detail::WarningCapture warnings;
+    const auto r = F::cpo_loss(in, CPOLossOptions().cpo_alpha(0.0));
+    EXPECT_TRUE(warnings.contains(
+        "prefopt::cpo_loss: nll_loss is given but no term reads it (cpo_alpha = 0)"));
+    EXPECT_NEAR(r.loss.item<double>(), plain, 1e-15);
+  }
+  {
+    prefopt::detail::WarningCapture warnings;
+    (void)F::cpo_loss(PairInputs(in)
+                          .logps_form(prefopt::LogpsForm::kMean)
+                          .chosen_lengths(at::ones({1}, at::kLong))
+                          .rejected_lengths(at::ones({1}, at::kLong)),
+                      CPOLossOptions().loss_type(CPOLossType::kAlphaPO).alpha(0.5));
+    EXPECT_TRUE(warnings.contains("nll_loss is given but no term reads it (alphapo has no NLL"));
+  }
+  prefopt::detail::WarningCapture quiet;
+  const auto r = F::cpo_loss(in, CPOLossOptions());
+  EXPECT_FALSE(quiet.contains("no term reads it"));
+  EXPECT_NEAR(r.loss.item<double>(), plain + 5.0, 1e-15);
+}
+
+// A negative cpo_alpha is legal but maximises the NLL: a warning.
+TEST_F(CPOLossTest, NegativeNllWeightWarns) {
+  prefopt::detail::WarningCapture warnings;
+  (void)F::cpo_loss(PairInputs()
+                        .policy_chosen_logps(at::tensor({-1.0}, at::kDouble))
+                        .policy_rejected_logps(at::tensor({-2.0}, at::kDouble))
+                        .chosen_lengths(at::ones({1}, at::kLong))
+                        .logps_form(prefopt::LogpsForm::kSum),
+                    CPOLossOptions().cpo_alpha(-1.0));
+  EXPECT_TRUE(warnings.contains("prefopt::cpo_loss: cpo_alpha = -1 < 0 maximises the NLL"));
+  // AlphaPO does not read cpo_alpha: no warning.
+  prefopt::detail::WarningCapture quiet;
+  (void)F::cpo_loss(PairInputs()
+                        .policy_chosen_logps(at::tensor({-1.0}, at::kDouble))
+                        .policy_rejected_logps(at::tensor({-2.0}, at::kDouble))
+                        .chosen_lengths(at::ones({1}, at::kLong))
+                        .rejected_lengths(at::ones({1}, at::kLong))
+                        .logps_form(prefopt::LogpsForm::kMean),
+                    CPOLossOptions().loss_type(CPOLossType::kAlphaPO).alpha(0.5).cpo_alpha(-1.0));
+  EXPECT_FALSE(quiet.contains("maximises"));
+}

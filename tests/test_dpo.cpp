@@ -919,3 +919,48 @@ TEST_F(DPOLossTest, WeightsGetNoGradient) {
   EXPECT_NEAR(g[1][0].item<double>(), -d0, 1e-15);
   EXPECT_NEAR(g[1][1].item<double>(), -d1, 1e-15);
 }
+
+// A host's nll_loss that no term reads (no sft type, rpo_alpha 0) is neither in the loss nor in
+// the result: a warning says so, and the loss is the plain one.
+TEST_F(DPOLossTest, UnreadNllLossWarns) {
+  const auto logsig = [](double x) { return -std::log1p(std::exp(-x)); };
+  const auto in = PairInputs()
+                      .policy_chosen_logps(at::tensor({-1.0}, at::kDouble))
+                      .policy_rejected_logps(at::tensor({-2.0}, at::kDouble))
+                      .reference_chosen_logps(at::tensor({-3.0}, at::kDouble))
+                      .reference_rejected_logps(at::tensor({-1.0}, at::kDouble))
+                      .nll_loss(at::scalar_tensor(5.0, at::kDouble))
+                      .logps_form(prefopt::LogpsForm::kSum);
+  prefopt::detail::WarningCapture warnings;
+  const auto r = F::dpo_loss(in, DPOLossOptions().beta(1.0));
+  EXPECT_TRUE(warnings.contains("prefopt::dpo_loss: nll_loss is given but no term reads it"));
+  EXPECT_FALSE(r.nll_loss.defined());
+  EXPECT_NEAR(r.loss.item<double>(), -logsig(3.0), 1e-15);  // ρ_c − ρ_r = 2 + 1
+  prefopt::detail::WarningCapture quiet;
+  const auto rpo = F::dpo_loss(in, DPOLossOptions().beta(1.0).rpo_alpha(0.5));
+  EXPECT_FALSE(quiet.contains("no term reads it"));
+  EXPECT_NEAR(rpo.loss.item<double>(), -logsig(3.0) + 0.5 * 5.0, 1e-15);
+}
+
+// Negative weights are legal (TRL takes them) but maximise their term: a warning each.
+TEST_F(DPOLossTest, NegativeWeightsWarn) {
+  const auto t = [](double v) { return at::tensor({v}, at::kDouble); };
+  prefopt::detail::WarningCapture warnings;
+  const auto r = F::dpo_loss(PairInputs()
+                                 .policy_chosen_logps(t(-1.0))
+                                 .policy_rejected_logps(t(-2.0))
+                                 .reference_chosen_logps(t(-3.0))
+                                 .reference_rejected_logps(t(-1.0))
+                                 .nll_loss(at::scalar_tensor(5.0, at::kDouble))
+                                 .logps_form(prefopt::LogpsForm::kSum),
+                             DPOLossOptions()
+                                 .beta(1.0)
+                                 .loss_type({DPOLossType::kSigmoid, DPOLossType::kHinge})
+                                 .loss_weights({1.0, -0.5})
+                                 .rpo_alpha(-0.25));
+  EXPECT_TRUE(warnings.contains("prefopt::dpo_loss: loss_weight -0.5 < 0 maximises its loss term"));
+  EXPECT_TRUE(
+      warnings.contains("prefopt::dpo_loss: rpo_alpha = -0.25 < 0 maximises the chosen NLL"));
+  // Still the loss asked for: −log σ(3) − 0.5·max(0, 1 − 3) − 0.25·5.
+  EXPECT_NEAR(r.loss.item<double>(), std::log1p(std::exp(-3.0)) - 1.25, 1e-15);
+}

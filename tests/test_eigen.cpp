@@ -13,6 +13,7 @@
 #include <prefopt/losses/tpo.h>
 #include <prefopt/metrics.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -1632,8 +1633,73 @@ TEST_F(eigen, UnspecifiedFormWarnsOnce) {
   EXPECT_NE(seen[0].find("prefopt::eigen::dpo_loss: PairInputs does not say"), std::string::npos);
 }
 
-// The kto type without any KL input: z = 0, with a warning once per process (an earlier test
-// of this process may have drawn it: then the key says it fired).
+// A host's nll_loss that no term reads (DPO without sft and rpo_alpha, CPO with cpo_alpha 0):
+// a warning, as in the libtorch layer (once per process: forgotten first).
+TEST_F(eigen, UnreadNllLossWarns) {
+  const Pairs p(3);
+  Feed f;
+  f.nll = 5.0;
+  pe::detail::forget_warning("prefopt::eigen::dpo_loss/unread_nll");
+  pe::detail::forget_warning("prefopt::eigen::cpo_loss/unread_nll");
+  std::vector<std::string> seen;
+  auto saved = pe::warning_handler();
+  pe::warning_handler() = [&](const std::string& m) { seen.push_back(m); };
+  const auto d = pe::dpo_loss(eigen_pairs<double>(p, f));
+  const auto c = pe::cpo_loss(eigen_pairs<double>(p, f), pe::CPOLossOptions().cpo_alpha(0.0));
+  pe::warning_handler() = saved;
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_NE(seen[0].find("prefopt::eigen::dpo_loss: nll_loss is given but no term reads it"),
+            std::string::npos);
+  EXPECT_NE(
+      seen[1].find("prefopt::eigen::cpo_loss: nll_loss is given but no term reads it (cpo_alpha "
+                   "= 0)"),
+      std::string::npos);
+  EXPECT_FALSE(d.nll_loss.has_value());
+  EXPECT_FALSE(c.nll_loss.has_value());
+}
+
+// Negative loss weights and NLL weights are legal but maximise their term: a warning each, as
+// in the libtorch layer (once per process: forgotten first); none for AlphaPO's unread one.
+TEST_F(eigen, NegativeWeightsWarn) {
+  const Pairs p(3);
+  Feed f;
+  f.nll = 5.0;
+  for (const char* key :
+       {"prefopt::eigen::dpo_loss/negative_weight", "prefopt::eigen::dpo_loss/negative_rpo",
+        "prefopt::eigen::cpo_loss/negative_nll_weight"})
+    pe::detail::forget_warning(key);
+  std::vector<std::string> seen;
+  auto saved = pe::warning_handler();
+  pe::warning_handler() = [&](const std::string& m) { seen.push_back(m); };
+  (void)pe::dpo_loss(eigen_pairs<double>(p, f),
+                     pe::DPOLossOptions()
+                         .loss_type({DPOLossType::kSigmoid, DPOLossType::kHinge})
+                         .loss_weights({1.0, -0.5})
+                         .rpo_alpha(-0.25));
+  (void)pe::cpo_loss(eigen_pairs<double>(p, f), pe::CPOLossOptions().cpo_alpha(-1.0));
+  // AlphaPO has no NLL term: its cpo_alpha is not read, and a negative one is no slip.
+  pe::detail::forget_warning("prefopt::eigen::cpo_loss/negative_nll_weight");
+  (void)pe::cpo_loss(
+      eigen_pairs<double>(p, f),
+      pe::CPOLossOptions().loss_type(prefopt::CPOLossType::kAlphaPO).alpha(0.5).cpo_alpha(-1.0));
+  pe::warning_handler() = saved;
+  // Only these (AlphaPO's host NLL, unread, warns of that).
+  seen.erase(
+      std::remove_if(seen.begin(), seen.end(),
+                     [](const std::string& m) { return m.find("maximises") == std::string::npos; }),
+      seen.end());
+  ASSERT_EQ(seen.size(), 3u);
+  EXPECT_NE(seen[0].find("prefopt::eigen::dpo_loss: loss_weight -0.5 < 0 maximises"),
+            std::string::npos);
+  EXPECT_NE(
+      seen[1].find("prefopt::eigen::dpo_loss: rpo_alpha = -0.25 < 0 maximises the chosen NLL"),
+      std::string::npos);
+  EXPECT_NE(seen[2].find("prefopt::eigen::cpo_loss: cpo_alpha = -1 < 0 maximises the NLL"),
+            std::string::npos);
+}
+
+// The kto type without any KL input: z = 0, with a warning (once per process: forgotten first,
+// since an earlier test of the process may have drawn it).
 TEST_F(eigen, KtoWithoutAnyKlInputWarns) {
   const auto d = pe::Vector<double>::Constant(1, -3.0), u = pe::Vector<double>::Constant(1, -2.0);
   const auto in = pe::KTOInputs<double>()
@@ -1641,20 +1707,15 @@ TEST_F(eigen, KtoWithoutAnyKlInputWarns) {
                       .policy_rejected_logps(u)
                       .reference_chosen_logps(d.array() - 1.0)
                       .reference_rejected_logps(u.array() + 1.0);
-  const std::string key = "prefopt::eigen::kto_loss/no_kl";
-  const bool before = pe::detail::warned(key);
+  pe::detail::forget_warning("prefopt::eigen::kto_loss/no_kl");
   std::vector<std::string> seen;
   auto saved = pe::warning_handler();
   pe::warning_handler() = [&](const std::string& m) { seen.push_back(m); };
   const auto r = pe::kto_loss(in);
   pe::warning_handler() = saved;
-  EXPECT_TRUE(pe::detail::warned(key));
-  if (!before) {
-    ASSERT_EQ(seen.size(), 1u);
-    EXPECT_NE(
-        seen[0].find("prefopt::eigen::kto_loss: the kto loss got neither kl nor KL log-probs"),
-        std::string::npos);
-  }
+  ASSERT_EQ(seen.size(), 1u);
+  EXPECT_NE(seen[0].find("prefopt::eigen::kto_loss: the kto loss got neither kl nor KL log-probs"),
+            std::string::npos);
   EXPECT_EQ(r.kl, 0.0);
   // z = 0: (1 − σ(β·1) + 1 − σ(β·1)) / 2 with β = 0.1.
   const double s = 1 / (1 + std::exp(-0.1));

@@ -125,7 +125,8 @@ using GatherLogprobsFuncOptions = GatherLogprobsOptions;
 ///
 /// Gradients reach the logits exactly as through log_softmax + gather + masked sum, but only
 /// the per-token logsumexp (and, with `with_entropy`, the per-token entropy) is saved for
-/// backward.
+/// backward. Double backward (`create_graph`) is refused, for every gathering function: the
+/// gradient is formed outside autograd.
 ///
 /// Example:
 /// ```

@@ -188,7 +188,8 @@ struct PairInputs {
   PREFOPT_EIGEN_ARG(std::optional<Vector<T>>, weights);
   /// The NLL term computed by the host, used instead of the one derived from the chosen
   /// log-probs (e.g. TRL ORPO's cross-entropy over prompt + completion); the result's
-  /// `grad_nll_loss` is the loss's derivative with respect to it.
+  /// `grad_nll_loss` is the loss's derivative with respect to it. A loss with no NLL term
+  /// ignores it with a warning, as the libtorch layer does.
   PREFOPT_EIGEN_ARG(std::optional<T>, nll_loss);
   /// What the log-probs hold. Set by the constructors; kUnspecified for inputs built field by
   /// field (each loss then takes its native form and warns once). Default: kUnspecified.
@@ -244,12 +245,12 @@ inline WarnedKeys& warned_keys() {
   return keys;
 }
 
-/// Whether `warn_once(key, ...)` has fired in this process (for tests, whose order decides
-/// which one sees a once-per-process warning).
-inline bool warned(const std::string& key) {
+/// Lets `warn_once(key, ...)` fire again (for tests: which test of a process sees a
+/// once-per-process warning first depends on their order).
+inline void forget_warning(const std::string& key) {
   auto& keys = warned_keys();
   std::lock_guard<std::mutex> lock(keys.mutex);
-  return keys.seen.count(key) != 0;
+  keys.seen.erase(key);
 }
 
 /// Sends `message` to the warning handler the first time `key` is seen in this process.

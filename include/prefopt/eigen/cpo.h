@@ -125,6 +125,12 @@ CPOLossResult<T> cpo_impl(const char* fn, const PairInputs<T>& in, const CPOPara
   check(std::isfinite(p.gamma), fn, ": expected a finite simpo_gamma, got ", p.gamma);
   check(std::isfinite(p.nll_weight), fn, ": expected a finite cpo_alpha, got ", p.nll_weight);
   check(std::isfinite(p.alpha), fn, ": expected a finite alpha, got ", p.alpha);
+  // Legal, but it maximises the NLL: most likely a sign slip (AlphaPO does not read it).
+  if (p.nll_weight < 0 && p.type != CPOLossType::kAlphaPO) {
+    warn_once(str(fn, "/negative_nll_weight"),
+              str(fn, ": ", p.name != nullptr ? "tpo_alpha" : "cpo_alpha", " = ", p.nll_weight,
+                  " < 0 maximises the NLL"));
+  }
   check_reduction(fn, p.reduction);
   check(!in.weights().has_value(), fn, ": per-pair weights are a DPO-family input; got weights");
   const Eigen::Index B = check_pair_inputs(fn, in, /*needs_reference=*/false);
@@ -194,6 +200,12 @@ CPOLossResult<T> cpo_impl(const char* fn, const PairInputs<T>& in, const CPOPara
     gc += nll.dlogps * g;
     if (nll.given) res.grad_nll_loss = g;
     res.nll_loss = nll.value;
+  } else if (in.nll_loss()) {  // a host's NLL that neither the loss nor the result takes
+    const char* why = p.name != nullptr                 ? "tpo_alpha = 0"
+                      : p.type == CPOLossType::kAlphaPO ? "alphapo has no NLL term"
+                                                        : "cpo_alpha = 0";
+    warn_once(str(fn, "/unread_nll"),
+              str(fn, ": nll_loss is given but no term reads it (", why, "): it is ignored"));
   }
   res.chosen_rewards = c * beta;
   res.rejected_rewards = r * beta;

@@ -223,6 +223,17 @@ inline void check_dpo_options(const DPOLossOptions& o) {
   check(std::isfinite(o.f_alpha_divergence_coef()), fn,
         ": expected a finite f_alpha_divergence_coef, got ", o.f_alpha_divergence_coef());
   check(std::isfinite(o.rpo_alpha()), fn, ": expected a finite rpo_alpha, got ", o.rpo_alpha());
+  // Legal (TRL takes them), but a negative weight maximises its term: most likely a sign slip.
+  for (double w : o.loss_weights()) {
+    if (w < 0) {
+      warn_once(str(fn, "/negative_weight"),
+                str(fn, ": loss_weight ", w, " < 0 maximises its loss term"));
+    }
+  }
+  if (o.rpo_alpha() < 0) {
+    warn_once(str(fn, "/negative_rpo"),
+              str(fn, ": rpo_alpha = ", o.rpo_alpha(), " < 0 maximises the chosen NLL"));
+  }
   const int ipo = static_cast<int>(o.ipo_normalization());
   check(ipo == 0 || ipo == 1, fn, ": ipo_normalization is not an IPONormalization value (got ", ipo,
         ")");
@@ -573,6 +584,9 @@ DPOLossResult<T> dpo_impl(const PairInputs<T>& in, const double* bco_delta,
       if (nll->given) r.grad_nll_loss = gnll.sum();
       r.nll_loss = nll->value;
     }
+  } else if (in.nll_loss()) {  // a host's NLL that neither the loss nor the result takes
+    warn_once(str(fn, "/unread_nll"), str(fn, ": nll_loss is given but no term reads it (no sft ",
+                                          "loss type, rpo_alpha = 0): it is ignored"));
   }
   r.losses = total;
   r.loss = reduce<T>(total, o.reduction());

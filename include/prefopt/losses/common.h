@@ -95,7 +95,9 @@ struct PairInputs {
   TORCH_ARG(at::Tensor, weights);
   /// Scalar NLL term computed by the host, used instead of the one derived from the chosen
   /// log-probs: e.g. TRL ORPO's cross-entropy over prompt + completion, or the plain NLL when
-  /// the chosen log-probs are LD-DPO weighted.
+  /// the chosen log-probs are LD-DPO weighted. A loss with no NLL term (DPO without kSFT or
+  /// `rpo_alpha`, CPO with `cpo_alpha` 0 or AlphaPO, TPO with `tpo_alpha` 0) ignores it with a
+  /// warning.
   TORCH_ARG(at::Tensor, nll_loss);
   /// What the log-probs hold. Set by the constructors; kUnspecified for a `PairInputs` built
   /// field by field. Default: kUnspecified.

@@ -34,6 +34,15 @@ PREFOPT_INLINE CPOLossResult cpo_impl(const char* fn, const PairInputs& in, cons
   TORCH_CHECK_VALUE(std::isfinite(p.nll_weight), fn, ": expected a finite cpo_alpha, got ",
                     p.nll_weight);
   TORCH_CHECK_VALUE(std::isfinite(p.alpha), fn, ": expected a finite alpha, got ", p.alpha);
+  // Legal, but it maximises the NLL: most likely a sign slip (AlphaPO does not read it). One
+  // warning site per option, since TORCH_WARN_ONCE fires once per site.
+  if (p.nll_weight < 0 && p.type != CPOLossType::kAlphaPO) {
+    if (p.name != nullptr) {
+      TORCH_WARN_ONCE(fn, ": tpo_alpha = ", p.nll_weight, " < 0 maximises the NLL");
+    } else {
+      TORCH_WARN_ONCE(fn, ": cpo_alpha = ", p.nll_weight, " < 0 maximises the NLL");
+    }
+  }
   TORCH_CHECK(!in.weights().defined(), fn, ": per-pair weights are a DPO-family input; got ",
               "weights");
   detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
@@ -77,6 +86,19 @@ PREFOPT_INLINE CPOLossResult cpo_impl(const char* fn, const PairInputs& in, cons
                                         /*per_pair=*/false);
     res.loss = res.loss + (w == 1.0 ? nll : nll * w);
     res.nll_loss = nll.detach();
+  } else if (in.nll_loss().defined()) {
+    // A host's NLL that neither the loss nor the result takes. One site per case, since
+    // TORCH_WARN_ONCE fires once per site.
+    if (p.name != nullptr) {
+      TORCH_WARN_ONCE(fn, ": nll_loss is given but no term reads it (tpo_alpha = 0): it is ",
+                      "ignored");
+    } else if (p.type == CPOLossType::kAlphaPO) {
+      TORCH_WARN_ONCE(fn, ": nll_loss is given but no term reads it (alphapo has no NLL term): ",
+                      "it is ignored");
+    } else {
+      TORCH_WARN_ONCE(fn, ": nll_loss is given but no term reads it (cpo_alpha = 0): it is ",
+                      "ignored");
+    }
   }
   res.chosen_rewards = c.detach() * p.beta;
   res.rejected_rewards = r.detach() * p.beta;

@@ -42,8 +42,8 @@ struct CPOLossOptions {
   /// SimPO's target margin γ (an absolute margin: the sigmoid sees βm − γ). Default: 0.5.
   TORCH_ARG(double, simpo_gamma) = 0.5;
   /// Weight of the NLL of the chosen completions added to the loss (CPO's BC term; TRL's
-  /// simpo includes it by default, the SimPO paper does not). Not used by kAlphaPO.
-  /// Default: 1.0.
+  /// simpo includes it by default, the SimPO paper does not). Not used by kAlphaPO. A
+  /// negative weight warns. Default: 1.0.
   TORCH_ARG(double, cpo_alpha) = 1.0;
   /// AlphaPO's α: with α ≠ 0 every log-prob is first mapped to r = (1 − e^{−α·logp})/α.
   /// Default: 0.

@@ -56,6 +56,15 @@ PREFOPT_INLINE void check_options(const DPOLossOptions& o) {
                     o.f_alpha_divergence_coef());
   TORCH_CHECK_VALUE(std::isfinite(o.rpo_alpha()), kFn, ": expected a finite rpo_alpha, got ",
                     o.rpo_alpha());
+  // Legal (TRL takes them), but a negative weight maximises its term: most likely a sign slip.
+  for (double w : o.loss_weights()) {
+    if (w < 0) {
+      TORCH_WARN_ONCE(kFn, ": loss_weight ", w, " < 0 maximises its loss term");
+    }
+  }
+  if (o.rpo_alpha() < 0) {
+    TORCH_WARN_ONCE(kFn, ": rpo_alpha = ", o.rpo_alpha(), " < 0 maximises the chosen NLL");
+  }
   // Hand-built options can hold integers cast to the enums.
   const int ipo = static_cast<int>(o.ipo_normalization());
   TORCH_CHECK_VALUE(ipo == 0 || ipo == 1, kFn, ": ipo_normalization is not an IPONormalization ",
@@ -356,8 +365,12 @@ PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bc
   r.rejected_rewards = rr_d * reward_scale;
   r.chosen_logps = pc.detach();
   r.rejected_logps = pr.detach();
-  if (nll.defined())
+  if (nll.defined()) {
     r.nll_loss = (nll.dim() == 0 ? nll : detail::reduce(nll, torch::kMean)).detach();
+  } else if (in.nll_loss().defined()) {  // a host's NLL that neither the loss nor the result takes
+    TORCH_WARN_ONCE(kFn, ": nll_loss is given but no term reads it (no sft loss type, ",
+                    "rpo_alpha = 0): it is ignored");
+  }
   return r;
 }
 

@@ -58,7 +58,7 @@ struct DPOLossOptions {
   const std::vector<DPOLossType>& loss_type() const noexcept { return loss_type_; }
 
   /// Weight of each loss type; empty means 1 for each. The loss is Σ_k w_k·mean(losses_k).
-  /// Default: {}.
+  /// A negative weight (which maximises its term) warns. Default: {}.
   TORCH_ARG(std::vector<double>, loss_weights) = {};
   /// β: the inverse temperature of the implicit reward β·ρ (IPO's τ). Must be > 0.
   /// Default: 0.1.
@@ -94,7 +94,7 @@ struct DPOLossOptions {
   /// discopop kept the reference; here every type leaves it out. Default: false.
   TORCH_ARG(bool, reference_free) = false;
   /// RPO (arXiv:2404.19733 v3, TRL ≤ 0.28): adds α·NLL to every pair's loss; the same as
-  /// appending kSFT with weight α. Default: 0.
+  /// appending kSFT with weight α. A negative α warns. Default: 0.
   TORCH_ARG(double, rpo_alpha) = 0.0;
   /// How kSFT / `rpo_alpha` average the chosen NLL (ignored when `PairInputs::nll_loss` is
   /// given). Default: kTokenMean (TRL).

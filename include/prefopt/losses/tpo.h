@@ -39,8 +39,8 @@ struct TPOLossOptions {
   /// ε ∈ [0, 0.5) for sigmoid and tpo-l. TRL warns and ignores it for hinge and ipo; here a
   /// non-zero ε with those is an error. Default: 0.
   TORCH_ARG(double, label_smoothing) = 0.0;
-  /// Weight of the gold response's NLL (0: no NLL term, and no gold input needed).
-  /// Default: 1.
+  /// Weight of the gold response's NLL (0: no NLL term, and no gold input needed; negative:
+  /// a warning). Default: 1.
   TORCH_ARG(double, tpo_alpha) = 1.0;
   /// γ of tpo-l (an absolute margin: the sigmoid sees βΔ − γ). Default: 0.5.
   TORCH_ARG(double, tpo_l_gamma) = 0.5;

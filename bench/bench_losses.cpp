@@ -127,7 +127,9 @@ std::vector<Case> cases() {
   }
   cs.push_back({"cpo_sigmoid",
                 [](const Inputs& in) {
-                  auto r = F::cpo_loss(in.pair());
+                  auto pair = in.pair();  // reference-free: a reference would warn
+                  pair.reference_chosen_logps(at::Tensor()).reference_rejected_logps(at::Tensor());
+                  auto r = F::cpo_loss(pair);
                   return Out{r.loss, r.chosen_rewards, r.rejected_rewards};
                 },
                 [](const Inputs& in) {

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Data-parallel DPO on CPU processes with c10d Gloo: each rank trains a tiny LM head on its
 // shard of a synthetic preference set, gradients are averaged over ranks, and the metrics of
-// each optimizer step are reduced over micro-steps and ranks with one collective. Rank 0
+// each optimizer step are reduced over micro-steps and ranks by `compute(group)` (a small
+// all-reduce that checks the ranks' windows agree, then one of the packed window). Rank 0
 // prints them and appends them to a JSON Lines file.
 //
 //   RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 ./ddp_dpo &

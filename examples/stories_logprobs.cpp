@@ -46,14 +46,28 @@ int main(int argc, char** argv) {
   const char* env = std::getenv("PREFOPT_DATA_DIR");
   std::string data_dir =
       env ? env : (std::filesystem::path(PREFOPT_SOURCE_DIR) / ".." / "shared" / "data").string();
-  app.add_option("--data-dir", data_dir, "folder holding stories260K/ (shared/data)");
+  const auto* given =
+      app.add_option("--data-dir", data_dir, "folder holding stories260K/ (shared/data)");
   CLI11_PARSE(app, argc, argv);
 
+  // Skipped only where the default (or $PREFOPT_DATA_DIR's) data folder is absent: a --data-dir
+  // that does not exist, or a folder that lacks the model (an incomplete copy), is an error,
+  // not a silently skipped test.
+  if (!std::filesystem::is_directory(data_dir)) {
+    if (given->count() > 0) {
+      fmt::print(stderr, "stories_logprobs: error: --data-dir {} is not a folder\n", data_dir);
+      return 1;
+    }
+    fmt::print(stderr, "stories_logprobs: no data folder at {}; pass --data-dir\n", data_dir);
+    return 77;  // ctest reads this as "skipped"
+  }
   const auto dir = std::filesystem::path(data_dir) / "stories260K";
-  if (!std::filesystem::exists(dir / "stories260K.bin")) {
-    fmt::print(stderr, "stories_logprobs: {} not found; pass --data-dir\n",
-               (dir / "stories260K.bin").string());
-    return 77;  // ctest reads this as "skipped": only when the shared data is absent
+  for (const char* file : {"stories260K.bin", "tok512.bin"}) {
+    if (!std::filesystem::exists(dir / file)) {
+      fmt::print(stderr, "stories_logprobs: error: {} not found in the data folder {}\n",
+                 (dir / file).string(), data_dir);
+      return 1;
+    }
   }
   const auto model = llama2c::Model::load((dir / "stories260K.bin").string());
   const llama2c::Tokenizer tok((dir / "tok512.bin").string());

@@ -181,3 +181,102 @@ TEST_F(CPOLossTest, NegativeNllWeightWarns) {
                     CPOLossOptions().loss_type(CPOLossType::kAlphaPO).alpha(0.5).cpo_alpha(-1.0));
   EXPECT_FALSE(quiet.contains("maximises"));
 }
+
+// An option that no term of the loss type reads (simpo_gamma without simpo/alphapo, cpo_alpha
+// with alphapo, nll_normalization without an NLL term or with a host's nll_loss), set to another
+// value than its default, warns; so does a reference (CPO and SimPO are reference-free). The
+// same values where they are read, and the defaults, do not.
+TEST_F(CPOLossTest, UnreadOptionsWarn) {
+  const auto logsig = [](double x) { return -std::log1p(std::exp(-x)); };
+  // One token each: sums and per-token means coincide.
+  const auto in = PairInputs()
+                      .policy_chosen_logps(at::tensor({-1.0}, at::kDouble))
+                      .policy_rejected_logps(at::tensor({-2.0}, at::kDouble))
+                      .chosen_lengths(at::ones({1}, at::kLong))
+                      .rejected_lengths(at::ones({1}, at::kLong))
+                      .logps_form(prefopt::LogpsForm::kSum);
+  const auto with_ref = PairInputs(in)
+                            .reference_chosen_logps(at::tensor({-3.0}, at::kDouble))
+                            .reference_rejected_logps(at::tensor({-1.0}, at::kDouble));
+  const double cpo = -logsig(0.1 * 1.0) + 1.0;  // sigmoid of β·m, β = 0.1, plus the NLL 1
+  struct Run {
+    std::vector<std::string> messages;
+    double loss;
+    bool has(const std::string& text) const {
+      for (const auto& m : messages)
+        if (m.find(text) != std::string::npos) return true;
+      return false;
+    }
+  };
+  const auto run = [](const PairInputs& i, const CPOLossOptions& o) {
+    prefopt::detail::WarningCapture w;
+    const double loss = F::cpo_loss(i, o).loss.item<double>();
+    return Run{w.messages, loss};
+  };
+  const auto run_simpo = [](const PairInputs& i, const prefopt::SimPOLossOptions& o) {
+    prefopt::detail::WarningCapture w;
+    const double loss = F::simpo_loss(i, o).loss.item<double>();
+    return Run{w.messages, loss};
+  };
+  const auto simpo = CPOLossType::kSimPO, alphapo = CPOLossType::kAlphaPO;
+  const auto seq = prefopt::NLLNormalization::kSequenceMean;
+
+  auto r = run(in, CPOLossOptions());
+  EXPECT_FALSE(r.has("ignored"));
+  EXPECT_NEAR(r.loss, cpo, 1e-15);
+
+  r = run(in, CPOLossOptions().simpo_gamma(1.0));
+  EXPECT_TRUE(
+      r.has("prefopt::cpo_loss: simpo_gamma = 1 is read by the simpo and alphapo loss "
+            "types only, got sigmoid: it is ignored"));
+  EXPECT_NEAR(r.loss, cpo, 1e-15);
+  r = run(in, CPOLossOptions().loss_type(simpo).simpo_gamma(1.0));
+  EXPECT_FALSE(r.has("simpo_gamma"));
+  EXPECT_NEAR(r.loss, -logsig(0.1 * 1.0 - 1.0) + 1.0, 1e-15);  // γ read: βm − γ
+
+  r = run(in, CPOLossOptions().loss_type(alphapo).alpha(0.5).cpo_alpha(0.5));
+  EXPECT_TRUE(
+      r.has("prefopt::cpo_loss: cpo_alpha = 0.5 is not read by alphapo, which has no NLL "
+            "term: it is ignored"));
+  EXPECT_FALSE(run(in, CPOLossOptions().loss_type(alphapo).alpha(0.5)).has("cpo_alpha"));
+  // TRL's CPOConfig sets cpo_alpha = 0 for alphapo: nothing to warn of.
+  EXPECT_FALSE(
+      run(in, CPOLossOptions().loss_type(alphapo).alpha(0.5).cpo_alpha(0.0)).has("cpo_alpha"));
+  r = run(in, CPOLossOptions().cpo_alpha(0.0));
+  EXPECT_FALSE(r.has("cpo_alpha"));
+  EXPECT_NEAR(r.loss, -logsig(0.1), 1e-15);
+
+  r = run(in, CPOLossOptions().cpo_alpha(0.0).nll_normalization(seq));
+  EXPECT_TRUE(
+      r.has("prefopt::cpo_loss: nll_normalization = NLLNormalization::kSequenceMean is "
+            "not read without an NLL term (cpo_alpha = 0): it is ignored"));
+  EXPECT_NEAR(r.loss, -logsig(0.1), 1e-15);
+  r = run(in, CPOLossOptions().nll_normalization(seq));
+  EXPECT_FALSE(r.has("nll_normalization"));
+  EXPECT_NEAR(r.loss, cpo, 1e-15);
+  r = run(PairInputs(in).nll_loss(at::scalar_tensor(5.0, at::kDouble)),
+          CPOLossOptions().nll_normalization(seq));
+  EXPECT_TRUE(
+      r.has("prefopt::cpo_loss: nll_normalization = NLLNormalization::kSequenceMean is "
+            "not read when nll_loss is given"));
+  EXPECT_NEAR(r.loss, -logsig(0.1) + 5.0, 1e-15);
+  // SimPO's default cpo_alpha is 0: no NLL term to normalise.
+  auto s = run_simpo(in, prefopt::SimPOLossOptions().nll_normalization(seq));
+  EXPECT_TRUE(
+      s.has("nll_normalization = NLLNormalization::kSequenceMean is not read without an "
+            "NLL term (cpo_alpha = 0)"));
+  EXPECT_FALSE(run_simpo(in, prefopt::SimPOLossOptions()).has("ignored"));
+  EXPECT_FALSE(run_simpo(in, prefopt::SimPOLossOptions().cpo_alpha(1.0).nll_normalization(seq))
+                   .has("nll_normalization"));
+
+  r = run(with_ref, CPOLossOptions());
+  EXPECT_TRUE(
+      r.has("prefopt::cpo_loss: the reference log-probs are given but no term reads "
+            "them (sigmoid is reference-free): they are ignored"));
+  EXPECT_NEAR(r.loss, cpo, 1e-15);
+  s = run_simpo(with_ref, prefopt::SimPOLossOptions());
+  EXPECT_TRUE(
+      s.has("prefopt::simpo_loss: the reference log-probs are given but no term reads "
+            "them (simpo is reference-free)"));
+  EXPECT_NEAR(s.loss, -logsig(2.0 * 1.0 - 0.5), 1e-15);  // the paper's β = 2, γ = 0.5
+}

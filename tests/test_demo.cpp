@@ -168,6 +168,48 @@ TEST(Demo, DeterministicForASeed) {
   EXPECT_EQ(a, b);
 }
 
+// The plot is optional: without gnuplot on PATH the run still ends well, with its summary and
+// a note. Writing the script to the shell's closed pipe used to raise SIGPIPE, which ended the
+// demo with status 141 before summary.json (its buffered output lost too). A record every
+// step makes the script larger than a pipe's 64 KiB, so the write is still under way when the
+// shell exits, on every run (a small one may be written before).
+TEST(Demo, RunsWithoutGnuplot) {
+  const auto dir = out_dir("no-gnuplot");
+  const auto empty = out_dir("no-gnuplot-path");  // PATH: a folder with no programs
+  fs::create_directories(empty);
+  fs::remove(dir / "curves.png");
+  const auto r = prefopt_test::run_command(
+      "env PATH=" + empty.string() + " " PREFOPT_DEMO,
+      "--loss orpo --from base --steps 800 --log-every 1 --print-every 1000 --eval-every 1000 "
+      "--eval-size 50 --pairs 500 --batch 8 --digits 1 --dim 16 --layers 1 --heads 2 --out " +
+          dir.string());
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("prefopt-demo: no plot: gnuplot is not installed"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("held-out prompts (50)"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(dir / "summary.json"));
+  EXPECT_FALSE(fs::exists(dir / "curves.png"));
+}
+
+// An --out folder with a quote in its name: the PNG's path is quoted for gnuplot (it ended
+// gnuplot's string early: "gnuplot failed", no PNG).
+TEST(Demo, PlotsIntoAFolderWithAQuote) {
+  if (std::system("command -v gnuplot > /dev/null 2>&1") != 0)
+    GTEST_SKIP() << "gnuplot is not installed";
+  const auto dir = out_dir("bob's run");
+  fs::remove(dir / "curves.png");
+  const auto r = run_demo(
+      "--loss orpo --from base --steps 20 --eval-every 10 --eval-size 50 --pairs 500 "
+      "--batch 32 --digits 1 --out \"" +
+      dir.string() + "\"");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(r.output.find("no plot"), std::string::npos) << r.output;
+  std::ifstream png(dir / "curves.png", std::ios::binary);
+  char magic[8] = {};
+  png.read(magic, 8);
+  EXPECT_EQ(std::string(magic + 1, 3), "PNG") << r.output;
+}
+
 TEST(Demo, HelpDocumentsEveryOption) {
   const auto r = run_demo("--help");
   EXPECT_EQ(r.status, 0);

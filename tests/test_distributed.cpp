@@ -7,6 +7,7 @@
 #include <prefopt/fused_logprobs.h>
 #include <prefopt/losses/dpo.h>
 #include <prefopt/losses/kto.h>
+#include <prefopt/losses/orpo.h>
 #include <prefopt/metrics.h>
 #include <prefopt/vocab_parallel.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -393,6 +394,45 @@ TEST(DistWorker, Metrics) {
       kwhole.add(F::kto_loss(win), win);
     }
     expect_same_metrics(kdist.compute(ctx.group.get()), kwhole.compute(), {"loss"});
+
+    // ORPO over real ranks: rank r has r + 1 pairs, each with log σ(log_odds) = −(r + 1) and
+    // every position's vocabulary-mean logit r. TRL 1.16 averages the ranks' means (`logits/*`
+    // over every position, `log_odds_ratio`), (0 + … + (W − 1)) / W and −(1 + … + W) / W, where
+    // pooling would weight rank r by its r + 1 pairs (W = 2: 2/3 and −5/3, not 1/2 and −3/2).
+    MetricAccumulator odist(
+        MetricsOptions().window(window).logits(prefopt::LogitsMetric::kAllPositions));
+    const int64_t n = me + 1;
+    prefopt::ORPOLossResult r;
+    r.loss = at::scalar_tensor(1.0, at::kDouble);
+    r.chosen_rewards = at::zeros({n}, at::kDouble);
+    r.rejected_rewards = at::zeros({n}, at::kDouble);
+    r.log_odds_ratio = at::full({n}, -static_cast<double>(n), at::kDouble);
+    r.log_odds_chosen = at::zeros({n}, at::kDouble);
+    prefopt::PairLogprobs lp;
+    for (auto* side : {&lp.chosen, &lp.rejected}) {
+      side->count = at::full({n}, 4, at::kLong);
+      side->positions = at::full({n}, 4, at::kLong);
+      side->logits_sum_all = at::full({n}, 4.0 * me, at::kDouble);
+    }
+    odist.add(r,
+              prefopt::PairInputs()
+                  .policy_chosen_logps(at::zeros({n}, at::kDouble))
+                  .policy_rejected_logps(at::zeros({n}, at::kDouble)),
+              lp);
+    const auto om = odist.compute(ctx.group.get());
+    double pairs = 0, weighted_logits = 0, ratio_squares = 0;
+    for (int k = 0; k < world; ++k) {
+      pairs += k + 1;
+      weighted_logits += k * (k + 1.0);
+      ratio_squares += (k + 1.0) * (k + 1.0);
+    }
+    const bool per_rank = window == MetricWindow::kMeanOfSteps;
+    EXPECT_DOUBLE_EQ(om.at("logits/chosen"),
+                     per_rank ? (world - 1) / 2.0 : weighted_logits / pairs);
+    EXPECT_DOUBLE_EQ(om.at("logits/rejected"),
+                     per_rank ? (world - 1) / 2.0 : weighted_logits / pairs);
+    EXPECT_DOUBLE_EQ(om.at("log_odds_ratio"),
+                     per_rank ? -(world + 1) / 2.0 : -ratio_squares / pairs);
   }
   // A window without micro-steps on every rank (an evaluation with no batches): the layout
   // check still runs its collective and nothing is logged. (Gloo here: the CPU path; an NCCL
@@ -1109,6 +1149,23 @@ struct ScopedEnv {
 
 }  // namespace
 
+// The cross-rank KL names log-probs on two devices (reference log-probs precomputed on the
+// host, the policy's on a GPU), as the one-rank kto_kl does, and the bco baseline rewards on
+// two devices; ATen's own error named neither function.
+// The meta device stands in for a second device on a CPU-only build.
+TEST(Distributed, KtoKlAndBcoDevicesMustMatch) {
+  const auto p = at::randn({3}, kF64);
+  const auto r = at::empty({3}, kF64.device(at::kMeta));
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_kl(p, r, nullptr),
+                             "prefopt::functional::kto_kl: expected policy_KL_logps and "
+                             "reference_KL_logps on one device, got cpu and meta");
+  prefopt::BCOBaseline baseline;
+  PREFOPT_EXPECT_THROWS_WITH(prefopt::update_bco_baseline(baseline, p, r, nullptr),
+                             "prefopt::update_bco_baseline: expected the chosen and rejected "
+                             "rewards on one device, got cpu and meta");
+  EXPECT_NEAR(baseline.count(), 1e-24, 1e-30);  // left as it was
+}
+
 TEST(Distributed, EnvironmentErrors) {
   using prefopt::ProcessGroupOptions;
   {
@@ -1172,6 +1229,21 @@ TEST(Distributed, OptionsAreRangeChecked) {
       prefopt::init_process_group(
           ProcessGroupOptions(one).master_port(port).backend(static_cast<prefopt::DistBackend>(9))),
       "prefopt::init_process_group: backend is not a DistBackend value (got 9)");
+  // A "wait for ever" timeout overflowed the steady clock's deadline (nanoseconds): it read as
+  // one in the past, and a one-rank group failed at once with "no connection".
+  PREFOPT_EXPECT_THROWS_WITH(
+      prefopt::init_process_group(
+          ProcessGroupOptions(one).master_port(port).timeout(std::chrono::milliseconds::max())),
+      "prefopt::init_process_group: expected a timeout in [1, 2147483647] ms (about 24.8 days), "
+      "got 9223372036854775807 ms");
+  PREFOPT_EXPECT_THROWS_WITH(
+      prefopt::init_process_group(ProcessGroupOptions(one).master_port(port).timeout(
+          std::chrono::milliseconds(int64_t{1} << 31))),
+      "expected a timeout in [1, 2147483647] ms (about 24.8 days), got 2147483648 ms");
+  PREFOPT_EXPECT_THROWS_WITH(
+      prefopt::init_process_group(
+          ProcessGroupOptions(one).master_port(port).timeout(std::chrono::milliseconds(0))),
+      "expected a timeout in [1, 2147483647] ms (about 24.8 days), got 0 ms");
 }
 
 namespace {

@@ -920,17 +920,21 @@ TEST_F(DPOLossTest, WeightsGetNoGradient) {
   EXPECT_NEAR(g[1][1].item<double>(), -d1, 1e-15);
 }
 
+// One pair of summed log-probs with ρ_c − ρ_r = (−1 + 3) − (−2 + 1) = 3 at β = 1.
+static PairInputs one_pair() {
+  return PairInputs()
+      .policy_chosen_logps(at::tensor({-1.0}, at::kDouble))
+      .policy_rejected_logps(at::tensor({-2.0}, at::kDouble))
+      .reference_chosen_logps(at::tensor({-3.0}, at::kDouble))
+      .reference_rejected_logps(at::tensor({-1.0}, at::kDouble))
+      .logps_form(prefopt::LogpsForm::kSum);
+}
+
 // A host's nll_loss that no term reads (no sft type, rpo_alpha 0) is neither in the loss nor in
 // the result: a warning says so, and the loss is the plain one.
 TEST_F(DPOLossTest, UnreadNllLossWarns) {
   const auto logsig = [](double x) { return -std::log1p(std::exp(-x)); };
-  const auto in = PairInputs()
-                      .policy_chosen_logps(at::tensor({-1.0}, at::kDouble))
-                      .policy_rejected_logps(at::tensor({-2.0}, at::kDouble))
-                      .reference_chosen_logps(at::tensor({-3.0}, at::kDouble))
-                      .reference_rejected_logps(at::tensor({-1.0}, at::kDouble))
-                      .nll_loss(at::scalar_tensor(5.0, at::kDouble))
-                      .logps_form(prefopt::LogpsForm::kSum);
+  const auto in = one_pair().nll_loss(at::scalar_tensor(5.0, at::kDouble));
   prefopt::detail::WarningCapture warnings;
   const auto r = F::dpo_loss(in, DPOLossOptions().beta(1.0));
   EXPECT_TRUE(warnings.contains("prefopt::dpo_loss: nll_loss is given but no term reads it"));
@@ -940,6 +944,92 @@ TEST_F(DPOLossTest, UnreadNllLossWarns) {
   const auto rpo = F::dpo_loss(in, DPOLossOptions().beta(1.0).rpo_alpha(0.5));
   EXPECT_FALSE(quiet.contains("no term reads it"));
   EXPECT_NEAR(rpo.loss.item<double>(), -logsig(3.0) + 0.5 * 5.0, 1e-15);
+}
+
+// An option that only some loss types read, set to another value than its default while no
+// selected type reads it, warns (the loss is the one without it); the same value with a type
+// that reads it, and the default, do not.
+TEST_F(DPOLossTest, UnreadOptionsWarn) {
+  const auto logsig = [](double x) { return -std::log1p(std::exp(-x)); };
+  const auto in = one_pair()
+                      .chosen_lengths(at::tensor({1}, at::kLong))
+                      .rejected_lengths(at::tensor({1}, at::kLong));
+  const double plain = -logsig(3.0);  // sigmoid, β = 1, ρ_c − ρ_r = 2 + 1
+  const auto base = DPOLossOptions().beta(1.0);
+  // Runs the loss; returns the warnings and the loss.
+  const auto run = [](const PairInputs& i, const DPOLossOptions& o, double* loss = nullptr) {
+    prefopt::detail::WarningCapture w;
+    const auto r = F::dpo_loss(i, o);
+    if (loss != nullptr) *loss = r.loss.item<double>();
+    return w.messages;
+  };
+  const auto has = [](const std::vector<std::string>& ms, const std::string& text) {
+    for (const auto& m : ms)
+      if (m.find(text) != std::string::npos) return true;
+    return false;
+  };
+  const auto sigmoid = DPOLossType::kSigmoid;
+  double loss = 0;
+  // The defaults: none of these warnings.
+  EXPECT_FALSE(has(run(in, base, &loss), "it is ignored"));
+  EXPECT_NEAR(loss, plain, 1e-15);
+
+  const std::string tau = "prefopt::dpo_loss: discopop_tau = 0.1 is read by the discopop loss type";
+  EXPECT_TRUE(has(run(in, DPOLossOptions(base).discopop_tau(0.1), &loss), tau));
+  EXPECT_NEAR(loss, plain, 1e-15);
+  EXPECT_FALSE(
+      has(run(in, DPOLossOptions(base).loss_type(DPOLossType::kDiscoPOP).discopop_tau(0.1)),
+          "discopop_tau"));
+
+  const std::string coef =
+      "prefopt::dpo_loss: f_alpha_divergence_coef = 0.3 is read by f_divergence_type "
+      "alpha_divergence only, got reverse_kl";
+  EXPECT_TRUE(has(run(in, DPOLossOptions(base).f_alpha_divergence_coef(0.3), &loss), coef));
+  EXPECT_NEAR(loss, plain, 1e-15);
+  EXPECT_FALSE(has(run(in, DPOLossOptions(base)
+                               .f_divergence_type(FDivergence::kAlphaDivergence)
+                               .f_alpha_divergence_coef(0.3)),
+                   "f_alpha_divergence_coef"));
+
+  const std::string ipo =
+      "prefopt::dpo_loss: ipo_normalization = IPONormalization::kNone is read by the ipo loss "
+      "type only";
+  const auto none = prefopt::IPONormalization::kNone;
+  EXPECT_TRUE(has(run(in, DPOLossOptions(base).ipo_normalization(none), &loss), ipo));
+  EXPECT_NEAR(loss, plain, 1e-15);
+  EXPECT_FALSE(has(
+      run(in, DPOLossOptions(base).loss_type({sigmoid, DPOLossType::kIPO}).ipo_normalization(none)),
+      "ipo_normalization"));
+
+  // sft takes an f-divergence in a list of types but reads no log-ratio.
+  const std::string fdiv =
+      "prefopt::dpo_loss: f_divergence_type = forward_kl maps the log-ratios of sigmoid";
+  const auto sft = DPOLossOptions(base).loss_type(DPOLossType::kSFT);
+  EXPECT_TRUE(
+      has(run(in, DPOLossOptions(sft).f_divergence_type(FDivergence::kForwardKL), &loss), fdiv));
+  EXPECT_NEAR(loss, 1.0, 1e-15);  // the chosen NLL: −(−1) / 1 token
+  EXPECT_FALSE(has(run(in, DPOLossOptions(base).f_divergence_type(FDivergence::kForwardKL)),
+                   "f_divergence_type"));
+  EXPECT_FALSE(has(run(in, sft), "f_divergence_type"));
+
+  const auto seq = prefopt::NLLNormalization::kSequenceMean;
+  const std::string norm =
+      "prefopt::dpo_loss: nll_normalization = NLLNormalization::kSequenceMean averages the NLL of "
+      "sft and rpo_alpha, and there is none";
+  EXPECT_TRUE(has(run(in, DPOLossOptions(base).nll_normalization(seq), &loss), norm));
+  EXPECT_NEAR(loss, plain, 1e-15);
+  EXPECT_FALSE(has(run(in, DPOLossOptions(base).rpo_alpha(0.5).nll_normalization(seq), &loss),
+                   "nll_normalization"));
+  EXPECT_NEAR(loss, plain + 0.5 * 1.0, 1e-15);
+  // A host's nll_loss is the NLL term: the normalisation is not read.
+  const std::string given =
+      "prefopt::dpo_loss: nll_normalization = NLLNormalization::kSequenceMean is not read when "
+      "nll_loss is given";
+  const auto with_nll = PairInputs(in).nll_loss(at::scalar_tensor(5.0, at::kDouble));
+  EXPECT_TRUE(
+      has(run(with_nll, DPOLossOptions(base).rpo_alpha(0.5).nll_normalization(seq), &loss), given));
+  EXPECT_NEAR(loss, plain + 0.5 * 5.0, 1e-15);
+  EXPECT_FALSE(has(run(with_nll, DPOLossOptions(base).rpo_alpha(0.5)), "nll_normalization"));
 }
 
 // Negative weights are legal (TRL takes them) but maximise their term: a warning each.

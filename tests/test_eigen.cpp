@@ -1440,6 +1440,26 @@ TEST_F(eigen, ErrorsNameTheFunctionAndSayExpectedVersusGiven) {
               "policy_chosen_logps, got [2]");
     EXPECT_EQ(em, torch_message([&] { return F::tpo_loss(t.in, tgold); }, "prefopt::tpo_loss"));
   }
+  // TPO's margin is tpo_l_gamma (the message named CPO's simpo_gamma), in both layers.
+  {
+    const auto em = eigen_message(
+        [&] {
+          return pe::tpo_loss(
+              with_nll,
+              pe::TPOLossOptions().loss_type(prefopt::TPOLossType::kTPOL).tpo_l_gamma(NAN));
+        },
+        "prefopt::eigen::tpo_loss");
+    EXPECT_EQ(em, ": expected a finite tpo_l_gamma, got nan");
+    EXPECT_EQ(em, torch_message(
+                      [&] {
+                        return F::tpo_loss(
+                            prefopt::PairInputs(t.in).nll_loss(at::scalar_tensor(1.0, at::kDouble)),
+                            prefopt::TPOLossOptions()
+                                .loss_type(prefopt::TPOLossType::kTPOL)
+                                .tpo_l_gamma(NAN));
+                      },
+                      "prefopt::tpo_loss"));
+  }
   // ORPO, KTO.
   EXPECT_EIGEN_THROWS(pe::orpo_loss(in, pe::ORPOLossOptions().beta(0)), "prefopt::eigen::orpo_loss",
                       "expected beta > 0, got 0");
@@ -1640,22 +1660,301 @@ TEST_F(eigen, UnreadNllLossWarns) {
   Feed f;
   f.nll = 5.0;
   pe::detail::forget_warning("prefopt::eigen::dpo_loss/unread_nll");
-  pe::detail::forget_warning("prefopt::eigen::cpo_loss/unread_nll");
+  pe::detail::forget_warning("prefopt::eigen::cpo_loss/unread_nll/cpo_alpha = 0");
+  pe::detail::forget_warning("prefopt::eigen::cpo_loss/unread_nll/alphapo has no NLL term");
   std::vector<std::string> seen;
   auto saved = pe::warning_handler();
   pe::warning_handler() = [&](const std::string& m) { seen.push_back(m); };
   const auto d = pe::dpo_loss(eigen_pairs<double>(p, f));
-  const auto c = pe::cpo_loss(eigen_pairs<double>(p, f), pe::CPOLossOptions().cpo_alpha(0.0));
+  // CPO is reference-free: no reference (it would warn of that too).
+  Feed no_ref = f;
+  no_ref.reference = false;
+  const auto c = pe::cpo_loss(eigen_pairs<double>(p, no_ref), pe::CPOLossOptions().cpo_alpha(0.0));
+  // Another reason of the same function: its own warning, as the libtorch layer's own site (it
+  // was swallowed by the first one's once-per-process key).
+  const auto a =
+      pe::cpo_loss(eigen_pairs<double>(p, no_ref),
+                   pe::CPOLossOptions().loss_type(prefopt::CPOLossType::kAlphaPO).alpha(0.5));
   pe::warning_handler() = saved;
-  ASSERT_EQ(seen.size(), 2u);
+  ASSERT_EQ(seen.size(), 3u);
   EXPECT_NE(seen[0].find("prefopt::eigen::dpo_loss: nll_loss is given but no term reads it"),
             std::string::npos);
   EXPECT_NE(
       seen[1].find("prefopt::eigen::cpo_loss: nll_loss is given but no term reads it (cpo_alpha "
                    "= 0)"),
       std::string::npos);
+  EXPECT_NE(
+      seen[2].find("prefopt::eigen::cpo_loss: nll_loss is given but no term reads it (alphapo "
+                   "has no NLL term)"),
+      std::string::npos);
   EXPECT_FALSE(d.nll_loss.has_value());
   EXPECT_FALSE(c.nll_loss.has_value());
+  EXPECT_FALSE(a.nll_loss.has_value());
+}
+
+// An option that no selected loss type reads, set to another value than its default, warns as
+// in the libtorch layer (one key per function and option, forgotten first); the same value where
+// it is read, and the default, do not. So does a reference given to a reference-free loss.
+TEST_F(eigen, UnreadOptionsWarn) {
+  const Pairs p(3);
+  Feed f, no_ref, host;
+  no_ref.reference = false;
+  host.nll = 5.0;
+  const auto in = eigen_pairs<double>(p, f);
+  const auto policy = eigen_pairs<double>(p, no_ref);
+  const auto with_nll = eigen_pairs<double>(p, host);
+  // The warnings `run` sends with `key` forgotten first.
+  const auto warnings = [](const std::string& key, const std::function<void()>& run) {
+    pe::detail::forget_warning(key);
+    std::vector<std::string> seen;
+    auto saved = pe::warning_handler();
+    pe::warning_handler() = [&](const std::string& m) { seen.push_back(m); };
+    run();
+    pe::warning_handler() = saved;
+    return seen;
+  };
+  const auto has = [](const std::vector<std::string>& seen, const std::string& text) {
+    return std::any_of(seen.begin(), seen.end(),
+                       [&](const std::string& m) { return m.find(text) != std::string::npos; });
+  };
+  // Each case: the key, the warning's text, the unread call, and calls that read the option
+  // (or keep its default), which must not warn.
+  struct Case {
+    std::string key, text;
+    std::function<void()> unread;
+    std::vector<std::function<void()>> quiet;
+  };
+  using DO = pe::DPOLossOptions;
+  const std::string dpo = "prefopt::eigen::dpo_loss", cpo = "prefopt::eigen::cpo_loss";
+  const std::string simpo = "prefopt::eigen::simpo_loss", tpo = "prefopt::eigen::tpo_loss";
+  const std::string orpo = "prefopt::eigen::orpo_loss";
+  const auto seq = NLLNormalization::kSequenceMean;
+  const auto alphapo = pe::CPOLossOptions().loss_type(prefopt::CPOLossType::kAlphaPO).alpha(0.5);
+  const std::vector<Case> cases = {
+      {dpo + "/unread_discopop_tau",
+       dpo + ": discopop_tau = 0.1 is read by the discopop loss type only",
+       [&] { pe::dpo_loss(in, DO().discopop_tau(0.1)); },
+       {[&] { pe::dpo_loss(in, DO().loss_type(DPOLossType::kDiscoPOP).discopop_tau(0.1)); },
+        [&] { pe::dpo_loss(in); }}},
+      {dpo + "/unread_f_alpha_divergence_coef",
+       dpo + ": f_alpha_divergence_coef = 0.3 is read by f_divergence_type alpha_divergence "
+             "only, got js_divergence",
+       [&] {
+         pe::dpo_loss(in, DO().f_divergence_type(prefopt::FDivergence::kJSDivergence)
+                              .f_alpha_divergence_coef(0.3));
+       },
+       {[&] {
+          pe::dpo_loss(in, DO().f_divergence_type(prefopt::FDivergence::kAlphaDivergence)
+                               .f_alpha_divergence_coef(0.3));
+        },
+        [&] { pe::dpo_loss(in); }}},
+      {dpo + "/unread_ipo_normalization",
+       dpo + ": ipo_normalization = IPONormalization::kNone is read by the ipo loss type only",
+       [&] { pe::dpo_loss(in, DO().ipo_normalization(prefopt::IPONormalization::kNone)); },
+       {[&] {
+          pe::dpo_loss(in, DO().loss_type(DPOLossType::kIPO)
+                               .ipo_normalization(prefopt::IPONormalization::kNone));
+        },
+        [&] { pe::dpo_loss(in); }}},
+      {dpo + "/unread_f_divergence_type",
+       dpo + ": f_divergence_type = forward_kl maps the log-ratios of sigmoid",
+       [&] {
+         pe::dpo_loss(
+             in,
+             DO().loss_type(DPOLossType::kSFT).f_divergence_type(prefopt::FDivergence::kForwardKL));
+       },
+       {[&] {
+          pe::dpo_loss(in, DO().loss_type({DPOLossType::kSFT, DPOLossType::kSigmoid})
+                               .f_divergence_type(prefopt::FDivergence::kForwardKL));
+        },
+        [&] { pe::dpo_loss(in, DO().loss_type(DPOLossType::kSFT)); }}},
+      {dpo + "/unread_nll_normalization",
+       dpo + ": nll_normalization = NLLNormalization::kSequenceMean averages the NLL of sft and "
+             "rpo_alpha, and there is none",
+       [&] { pe::dpo_loss(in, DO().nll_normalization(seq)); },
+       {[&] { pe::dpo_loss(in, DO().rpo_alpha(0.5).nll_normalization(seq)); },
+        [&] { pe::dpo_loss(in); }}},
+      {dpo + "/unread_nll_normalization/nll_loss",
+       dpo + ": nll_normalization = NLLNormalization::kSequenceMean is not read when nll_loss "
+             "is given",
+       [&] { pe::dpo_loss(with_nll, DO().rpo_alpha(0.5).nll_normalization(seq)); },
+       {[&] { pe::dpo_loss(in, DO().rpo_alpha(0.5).nll_normalization(seq)); },
+        [&] { pe::dpo_loss(with_nll, DO().rpo_alpha(0.5)); }}},
+      {cpo + "/unread_simpo_gamma",
+       cpo + ": simpo_gamma = 1 is read by the simpo and alphapo loss types only, got hinge",
+       [&] {
+         pe::cpo_loss(policy,
+                      pe::CPOLossOptions().loss_type(prefopt::CPOLossType::kHinge).simpo_gamma(1));
+       },
+       {[&] {
+          pe::cpo_loss(policy,
+                       pe::CPOLossOptions().loss_type(prefopt::CPOLossType::kSimPO).simpo_gamma(1));
+        },
+        [&] { pe::cpo_loss(policy, pe::CPOLossOptions(alphapo).simpo_gamma(1)); },
+        [&] { pe::cpo_loss(policy); }}},
+      {cpo + "/unread_cpo_alpha",
+       cpo + ": cpo_alpha = 0.5 is not read by alphapo",
+       [&] { pe::cpo_loss(policy, pe::CPOLossOptions(alphapo).cpo_alpha(0.5)); },
+       {[&] { pe::cpo_loss(policy, pe::CPOLossOptions().cpo_alpha(0.5)); },
+        // TRL's CPOConfig sets cpo_alpha = 0 for alphapo.
+        [&] { pe::cpo_loss(policy, pe::CPOLossOptions(alphapo).cpo_alpha(0)); },
+        [&] { pe::cpo_loss(policy, alphapo); }}},
+      {cpo + "/unread_nll_normalization/alphapo",
+       cpo + ": nll_normalization = NLLNormalization::kSequenceMean is not read by alphapo",
+       [&] { pe::cpo_loss(policy, pe::CPOLossOptions(alphapo).nll_normalization(seq)); },
+       {[&] { pe::cpo_loss(policy, pe::CPOLossOptions().nll_normalization(seq)); },
+        [&] { pe::cpo_loss(policy, alphapo); }}},
+      {cpo + "/unread_reference",
+       cpo + ": the reference log-probs are given but no term reads them (sigmoid is "
+             "reference-free): they are ignored",
+       [&] { pe::cpo_loss(in); },
+       {[&] { pe::cpo_loss(policy); }}},
+      {simpo + "/unread_nll_normalization/no_nll",
+       simpo + ": nll_normalization = NLLNormalization::kSequenceMean is not read without an NLL "
+               "term (cpo_alpha = 0)",
+       [&] { pe::simpo_loss(policy, pe::SimPOLossOptions().nll_normalization(seq)); },
+       {[&] { pe::simpo_loss(policy, pe::SimPOLossOptions().cpo_alpha(1).nll_normalization(seq)); },
+        [&] { pe::simpo_loss(policy); }}},
+      {simpo + "/unread_reference",
+       simpo + ": the reference log-probs are given but no term reads them (simpo is "
+               "reference-free)",
+       [&] { pe::simpo_loss(in); },
+       {[&] { pe::simpo_loss(policy); }}},
+      {tpo + "/unread_tpo_l_gamma",
+       tpo + ": tpo_l_gamma = 1 is read by the tpo-l loss type only, got ipo",
+       [&] {
+         pe::tpo_loss(policy, pe::TPOLossOptions()
+                                  .loss_type(prefopt::TPOLossType::kIPO)
+                                  .tpo_alpha(0)
+                                  .tpo_l_gamma(1));
+       },
+       {[&] {
+          pe::tpo_loss(policy, pe::TPOLossOptions()
+                                   .loss_type(prefopt::TPOLossType::kTPOL)
+                                   .tpo_alpha(0)
+                                   .tpo_l_gamma(1));
+        },
+        [&] { pe::tpo_loss(policy, pe::TPOLossOptions().tpo_alpha(0)); }}},
+      {tpo + "/unread_reference",
+       tpo + ": the reference log-probs are given but no term reads them (TPO is "
+             "reference-free)",
+       [&] { pe::tpo_loss(in, pe::TPOLossOptions().tpo_alpha(0)); },
+       {[&] { pe::tpo_loss(policy, pe::TPOLossOptions().tpo_alpha(0)); }}},
+      {orpo + "/unread_nll_normalization",
+       orpo + ": nll_normalization = NLLNormalization::kSequenceMean is not read when nll_loss "
+              "is given",
+       [&] {
+         pe::orpo_loss(eigen_pairs<double>(p,
+                                           [&] {
+                                             Feed h = host;
+                                             h.reference = false;
+                                             return h;
+                                           }()),
+                       pe::ORPOLossOptions().nll_normalization(seq));
+       },
+       {[&] { pe::orpo_loss(policy, pe::ORPOLossOptions().nll_normalization(seq)); },
+        [&] { pe::orpo_loss(policy); }}},
+      {orpo + "/unread_reference",
+       orpo + ": the reference log-probs are given but no term reads them (ORPO is "
+              "reference-free)",
+       [&] { pe::orpo_loss(in); },
+       {[&] { pe::orpo_loss(policy); }}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.key);
+    EXPECT_TRUE(has(warnings(c.key, c.unread), c.text));
+    for (const auto& q : c.quiet) EXPECT_FALSE(has(warnings(c.key, q), c.text));
+  }
+}
+
+// A NaN log-prob gives a NaN hinge loss, as in the libtorch layer (relu(NaN) was 0 here: the
+// pair's loss and its gradient vanished silently), and the gradient ATen's relu passes on.
+TEST_F(eigen, HingeOfANaNMarginIsNaNAsLibtorch) {
+  Pairs p(3);
+  p.pc[1].fill_(NAN);
+  const Feed f;
+  const auto same = [](const pe::Vector<double>& e, const at::Tensor& t, const std::string& what) {
+    const auto v = to_eigen<double>(t);
+    ASSERT_EQ(e.size(), v.size()) << what;
+    for (Eigen::Index i = 0; i < e.size(); ++i) {
+      if (std::isnan(v(i))) {
+        EXPECT_TRUE(std::isnan(e(i))) << what << "[" << i << "] = " << e(i) << ", expected nan";
+      } else {
+        EXPECT_NEAR(e(i), v(i), 1e-12 * (1 + std::abs(v(i)))) << what << "[" << i << "]";
+      }
+    }
+  };
+  for (auto red : {pe::Reduction::kMean, pe::Reduction::kNone}) {
+    SCOPED_TRACE(static_cast<int>(red));
+    const auto o =
+        prefopt::DPOLossOptions().loss_type(DPOLossType::kHinge).reduction(torch_reduction(red));
+    const auto t = torch_pairs(p, f);
+    const auto tr = F::dpo_loss(t.in, o);
+    const auto er = pe::dpo_loss(eigen_pairs<double>(p, f), eigen_of(o));
+    EXPECT_TRUE(std::isnan(er.losses(1)));
+    same(er.loss, as_vector(tr.loss), "dpo loss");
+    same(er.losses, tr.losses, "dpo losses");
+    const auto g = grads_of(tr.loss, t.leaves());
+    same(er.grad_policy_chosen, g[0], "dpo grad_policy_chosen");
+    same(er.grad_policy_rejected, g[1], "dpo grad_policy_rejected");
+
+    const auto tc = torch_pairs(p, f);
+    const auto tcr = F::cpo_loss(tc.in, prefopt::CPOLossOptions()
+                                            .loss_type(prefopt::CPOLossType::kHinge)
+                                            .cpo_alpha(0)
+                                            .reduction(torch_reduction(red)));
+    const auto ecr = pe::cpo_loss(
+        eigen_pairs<double>(p, f),
+        pe::CPOLossOptions().loss_type(prefopt::CPOLossType::kHinge).cpo_alpha(0).reduction(red));
+    EXPECT_TRUE(std::isnan(ecr.losses(1)));
+    same(ecr.loss, as_vector(tcr.loss), "cpo loss");
+    same(ecr.losses, tcr.losses, "cpo losses");
+    const auto gc = grads_of(tcr.loss, tc.leaves());
+    same(ecr.grad_policy_chosen, gc[0], "cpo grad_policy_chosen");
+    same(ecr.grad_policy_rejected, gc[1], "cpo grad_policy_rejected");
+  }
+}
+
+// Gold log-probs with tpo_alpha = 0: nothing reads them, a warning in both layers (once per
+// process: forgotten first); the loss is the preference term alone.
+TEST_F(eigen, TpoGoldUnreadWarns) {
+  const Pairs p(3);
+  Feed no_ref;  // TPO is reference-free (a reference would warn of that too)
+  no_ref.reference = false;
+  const auto ein = eigen_pairs<double>(p, no_ref);
+  const auto t = torch_pairs(p, no_ref);
+  pe::SequenceLogprobs<double> gold;
+  gold.sum = pe::Vector<double>::Constant(3, -4.0);
+  gold.count = pe::IndexVector::Constant(3, 2);
+  prefopt::SequenceLogprobs tgold;
+  tgold.sum = at::full({3}, -4.0, at::kDouble);
+  tgold.count = at::full({3}, 2, at::kLong);
+  const auto o = pe::TPOLossOptions().tpo_alpha(0);
+  pe::detail::forget_warning("prefopt::eigen::tpo_loss/unread_gold");
+  std::vector<std::string> seen;
+  auto saved = pe::warning_handler();
+  pe::warning_handler() = [&](const std::string& m) { seen.push_back(m); };
+  const auto r = pe::tpo_loss(ein, gold, o);
+  pe::warning_handler() = saved;
+  ASSERT_EQ(seen.size(), 1u);
+  EXPECT_EQ(seen[0],
+            "prefopt::eigen::tpo_loss: the gold SequenceLogprobs are given but no term reads them "
+            "(tpo_alpha = 0): they are ignored");
+  EXPECT_EQ(r.loss(0), pe::tpo_loss(ein, o).loss(0));
+  EXPECT_EQ(r.grad_gold_sum.size(), 0);
+  prefopt::detail::WarningCapture warnings;
+  const auto tr = F::tpo_loss(t.in, tgold, prefopt::TPOLossOptions().tpo_alpha(0));
+  EXPECT_TRUE(
+      warnings.contains("prefopt::tpo_loss: the gold SequenceLogprobs are given but no "
+                        "term reads them (tpo_alpha = 0): they are ignored"));
+  EXPECT_NEAR(r.loss(0), tr.loss.item<double>(), 1e-12);
+  // An empty gold (no gold responses) is no input: no warning.
+  pe::detail::forget_warning("prefopt::eigen::tpo_loss/unread_gold");
+  seen.clear();
+  pe::warning_handler() = [&](const std::string& m) { seen.push_back(m); };
+  (void)pe::tpo_loss(ein, pe::SequenceLogprobs<double>(), o);
+  pe::warning_handler() = saved;
+  EXPECT_TRUE(seen.empty());
 }
 
 // Negative loss weights and NLL weights are legal but maximise their term: a warning each, as

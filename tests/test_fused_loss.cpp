@@ -113,6 +113,18 @@ void expect_grads(const std::vector<at::Tensor>& got, const std::vector<at::Tens
     EXPECT_TRUE(AllClose(got[i], want[i], rtol, atol)) << what << " " << names[i];
 }
 
+// 16-bit or fp32 gradients: in the parameters' dtype, within `tol` of the largest of each.
+void expect_low_precision_grads(const std::vector<at::Tensor>& got,
+                                const std::vector<at::Tensor>& want, at::ScalarType st, double tol,
+                                const std::string& what) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].scalar_type(), st);
+    const double scale = want[i].abs().max().item<double>();
+    EXPECT_TRUE(AllClose(got[i], want[i], 0, tol * scale)) << what << " grad " << i;
+  }
+}
+
 /// Budgets of one row (all rows but a pair's last stream twice), two and ten rows (pairs split:
 /// the first rows streamed, the last ones kept; small pairs whole, several to a chunk), and
 /// automatic (whole pairs).
@@ -168,9 +180,9 @@ class EveryQualifyingLoss : public SeededTest {
   void check(const std::string& what,
              const std::function<at::Tensor(const prefopt::PairLogprobs&)>& two_pass,
              const std::function<at::Tensor(const HeadBatch&, const FusedLogprobsOptions&)>& fused,
-             bool bias = true) {
+             bool bias = true, const FusedLogprobsOptions& two_pass_options = {}) {
     const Batch d(6, 8, 5, 17, bias, at::kDouble);
-    const auto lp = F::fused_logprobs(d.h, d.w, d.b, d.labels);
+    const auto lp = F::fused_logprobs(d.h, d.w, d.b, d.labels, two_pass_options);
     const auto ref_loss = two_pass(F::split_pairs(lp));
     const auto want = grads_of(ref_loss, d.params());
     for (int64_t budget : budgets(d)) {
@@ -278,7 +290,7 @@ TEST_F(EveryQualifyingLoss, CpoSimpoAlphapoOrpoKtoMatchTheTwoPassOp) {
            .loss_type(CPOLossType::kSimPO)
            .label_smoothing(0.1)
            .nll_normalization(prefopt::NLLNormalization::kSequenceMean)},
-      {"alphapo", CPOLossOptions().loss_type(CPOLossType::kAlphaPO).alpha(0.25).cpo_alpha(0)},
+      {"alphapo", CPOLossOptions().loss_type(CPOLossType::kAlphaPO).alpha(0.25)},
       {"cpo sum", CPOLossOptions(torch::kSum)}};
   for (const auto& c : cases) {
     const std::string& name = c.first;  // not a structured binding: the lambdas capture it
@@ -422,12 +434,7 @@ TEST_F(SeededTest, FusedLossInLowPrecisionIsCloseToTheFp64Reference) {
                                          FusedLogprobsOptions().chunk_bytes(budget));
       const std::string what = std::string(c10::toString(st)) + " budget " + std::to_string(budget);
       EXPECT_TRUE(AllClose(out.result.loss, expected, tol, tol)) << what;
-      const auto got = grads_of(out.result.loss, lo.params());
-      for (size_t i = 0; i < got.size(); ++i) {
-        EXPECT_EQ(got[i].scalar_type(), st);
-        const double scale = want[i].abs().max().item<double>();
-        EXPECT_TRUE(AllClose(got[i], want[i], 0, tol * scale)) << what << " grad " << i;
-      }
+      expect_low_precision_grads(grads_of(out.result.loss, lo.params()), want, st, tol, what);
     }
   }
 }
@@ -565,29 +572,199 @@ TEST_F(SeededTest, FusedLossWarnsWhenAPairOutgrowsAnExplicitBudget) {
   EXPECT_FALSE(quiet.contains("computed twice"));
 }
 
-// with_wpo_weights returns the pass's WPO weights but does not weight fused_dpo_loss: without
-// inputs.weights it warns (a port of TRL's use_weighting would train unweighted), and the
-// loss is the unweighted composite's; with weights given it is quiet.
-TEST_F(SeededTest, FusedDpoWarnsThatItsWpoWeightsAreNotApplied) {
+/// Scored rows of the widest pair (the shift drops each sequence's first label).
+int64_t widest_pair_rows(const Batch& d) {
+  const auto n = (d.labels.slice(1, 1) != kIgnore).sum(1);
+  return (n.narrow(0, 0, d.B) + n.narrow(0, d.B, d.B)).max().item<int64_t>();
+}
+
+/// The fp64 naive composite of TRL's use_weighting for sigmoid DPO: per sequence
+/// w = exp(Σ_t mask·(log p(y_t) − logsumexp(2·log p)) / max(n, 1)) (dpo_trainer.py), detached,
+/// and mean(w_c·w_r ⊙ −log σ(β[(π_c−π_r)−(r_c−r_r)])).
+struct WpoComposite {
+  at::Tensor loss, pair_weights;
+  prefopt_ref::Logprobs lp;
+};
+WpoComposite wpo_composite(const Batch& d, const at::Tensor& rc, const at::Tensor& rr,
+                           double softcap = 0) {
+  WpoComposite c;
+  c.lp = naive(d, 1.0, softcap);
+  const auto& w = c.lp.wpo_weights;
+  c.pair_weights = w.narrow(0, 0, d.B) * w.narrow(0, d.B, d.B);
+  c.loss = (prefopt_ref::dpo_losses(prefopt_ref::DPORef{}, c.lp.sum.narrow(0, 0, d.B),
+                                    c.lp.sum.narrow(0, d.B, d.B), rc.to(at::kDouble),
+                                    rr.to(at::kDouble), {}, {}) *
+            c.pair_weights)
+               .mean();
+  return c;
+}
+
+// with_wpo_weights weights fused_dpo_loss in the pass (TRL's use_weighting): each chunk's
+// weights are complete before its gradient, over every chunking: one row (every pair split),
+// two rows, the widest pair (one pair to a chunk), ten rows, the whole batch and automatic.
+// Pair 1 has nothing scored (weight 1) and pair 2's chosen side is empty. The row kernels and
+// the ATen path (CUDA builds without the kernels) both form log Σ p².
+TEST_F(SeededTest, FusedDpoAppliesItsWpoWeightsInThePass) {
+  for (bool bias : {false, true})
+    for (double softcap : {0.0, 3.0}) {
+      const auto backend = bias ? GatherBackend::kATen : GatherBackend::kAuto;
+      const Batch d(5, 9, 6, 13, bias, at::kDouble);
+      const auto [rc, rr] = d.reference();
+      const auto c = wpo_composite(d, rc, rr, softcap);
+      const auto want = grads_of(c.loss, d.params());
+      // The composite's weights are not all 1 (the test would not see them otherwise).
+      ASSERT_GT((c.pair_weights - 1).abs().max().item<double>(), 0.1);
+      const int64_t row = d.V * 8 * (softcap > 0 ? 2 : 1);  // one row of fp64 logits
+      for (int64_t budget :
+           {row, 2 * row, widest_pair_rows(d) * row, 10 * row, 1000 * row, int64_t{0}}) {
+        const std::string what = "bias " + std::to_string(bias) + " cap " +
+                                 std::to_string(softcap) + " budget " + std::to_string(budget);
+        prefopt::detail::WarningCapture warnings;
+        const auto out = F::fused_dpo_loss(d.head(), reference_sums(rc, rr), DPOLossOptions(),
+                                           FusedLogprobsOptions()
+                                               .softcap(softcap)
+                                               .chunk_bytes(budget)
+                                               .backend(backend)
+                                               .with_wpo_weights(true));
+        EXPECT_TRUE(AllClose(out.result.loss, c.loss, 1e-12, 1e-12)) << what;
+        ASSERT_TRUE(out.inputs.weights().defined()) << what;
+        EXPECT_TRUE(AllClose(out.inputs.weights(), c.pair_weights, 1e-12, 1e-12)) << what;
+        EXPECT_TRUE(AllClose(out.policy.chosen.wpo_weights, c.lp.wpo_weights.narrow(0, 0, d.B),
+                             1e-12, 1e-12))
+            << what;
+        expect_grads(grads_of(out.result.loss, d.params()), want, 1e-10, 1e-12, what);
+        EXPECT_FALSE(warnings.contains("with_wpo_weights")) << what;
+      }
+      // Without gradients (evaluation) the same weighted loss.
+      c10::NoGradGuard no_grad;
+      const auto eval =
+          F::fused_dpo_loss(d.head(), reference_sums(rc, rr), DPOLossOptions(),
+                            FusedLogprobsOptions().softcap(softcap).with_wpo_weights(true));
+      EXPECT_TRUE(AllClose(eval.result.loss, c.loss, 1e-12, 1e-12));
+    }
+}
+
+TEST_F(EveryQualifyingLoss, DpoWithWpoWeightsMatchesTheTwoPassOp) {
+  // The two-pass op: fused_logprobs with the WPO weights, wpo_pair_weights, dpo_loss.
+  const auto rc = at::randn({6}, at::kDouble) - 12, rr = at::randn({6}, at::kDouble) - 12;
+  std::vector<std::pair<std::string, DPOLossOptions>> cases = {
+      {"sigmoid sum", DPOLossOptions(torch::kSum)},
+      {"ipo", DPOLossOptions().loss_type(DPOLossType::kIPO)},
+      {"sigmoid_norm", DPOLossOptions().loss_type(DPOLossType::kSigmoidNorm)},
+      {"mpo sigmoid+bco weighted", DPOLossOptions()
+                                       .loss_type({DPOLossType::kSigmoid, DPOLossType::kBCOPair})
+                                       .loss_weights({0.8, 0.2})},
+      {"rpo sequence-mean nll",
+       DPOLossOptions().rpo_alpha(0.5).nll_normalization(prefopt::NLLNormalization::kSequenceMean)},
+      {"sft sequence-mean nll", DPOLossOptions()
+                                    .loss_type({DPOLossType::kSigmoid, DPOLossType::kSFT})
+                                    .nll_normalization(prefopt::NLLNormalization::kSequenceMean)},
+      {"js divergence", DPOLossOptions().f_divergence_type(FDivergence::kJSDivergence)}};
+  for (const auto& c : cases) {
+    const std::string& name = c.first;  // not a structured binding: the lambdas capture it
+    const DPOLossOptions& o = c.second;
+    check(
+        name + " wpo",
+        [&](const prefopt::PairLogprobs& p) {
+          return F::dpo_loss(
+                     PairInputs(p).reference_chosen_logps(rc).reference_rejected_logps(rr).weights(
+                         F::wpo_pair_weights(p)),
+                     o)
+              .loss;
+        },
+        [&](const HeadBatch& b, const FusedLogprobsOptions& fo) {
+          return F::fused_dpo_loss(b, reference_sums(rc, rr), o,
+                                   FusedLogprobsOptions(fo).with_wpo_weights(true))
+              .result.loss;
+        },
+        /*bias=*/true, FusedLogprobsOptions().with_wpo_weights(true));
+  }
+}
+
+TEST_F(SeededTest, FusedDpoWithWpoWeightsTakesPackedMaskedAndEmptyBatches) {
+  const Batch d(4, 7, 5, 11, true, at::kDouble);
+  const auto [rc, rr] = d.reference();
+  const auto given = reference_sums(rc, rr);
+  const auto c = wpo_composite(d, rc, rr);
+  const auto want = grads_of(c.loss, d.params());
+  const auto wpo = FusedLogprobsOptions().with_wpo_weights(true);
+  // Completion-mask form: input ids with the ignored labels replaced by any token.
+  const auto mask = d.labels != kIgnore;
+  const auto ids = d.labels.masked_fill(~mask, 3);
+  const auto masked =
+      F::fused_dpo_loss(d.head().labels(ids).completion_mask(mask), given, DPOLossOptions(), wpo);
+  EXPECT_TRUE(AllClose(masked.result.loss, c.loss, 1e-12, 1e-12));
+  expect_grads(grads_of(masked.result.loss, d.params()), want, 1e-10, 1e-12, "mask form");
+  // Packed: the S sequences back to back, each of length T (the shift stays inside each).
+  const auto h_packed = d.h.reshape({-1, d.H});
+  const auto cu = at::arange(0, 2 * d.B * d.T + 1, d.T, at::kLong);
+  for (int64_t budget : budgets(d)) {
+    const auto packed =
+        F::fused_dpo_loss(HeadBatch(h_packed, d.w, d.b, d.labels.flatten()).cu_seqlens(cu), given,
+                          DPOLossOptions(), FusedLogprobsOptions(wpo).chunk_bytes(budget));
+    const std::string what = "packed budget " + std::to_string(budget);
+    EXPECT_TRUE(AllClose(packed.result.loss, c.loss, 1e-12, 1e-12)) << what;
+    expect_grads(grads_of(packed.result.loss, d.params()), want, 1e-10, 1e-12, what);
+  }
+  // Nothing scored: every weight is exp(0) = 1 and no gradient reaches the head.
+  Batch e = d;
+  e.labels = at::full_like(d.labels, kIgnore);
+  const auto ce = wpo_composite(e, rc, rr);
+  EXPECT_TRUE(AllClose(ce.pair_weights, at::ones({d.B}, at::kDouble), 0, 0));
+  const auto empty = F::fused_dpo_loss(e.head(), given, DPOLossOptions(), wpo);
+  EXPECT_TRUE(AllClose(empty.result.loss, ce.loss, 1e-12, 1e-12));
+  EXPECT_TRUE(AllClose(empty.inputs.weights(), ce.pair_weights, 0, 0));
+  if (empty.result.loss.requires_grad()) {
+    for (const auto& g : grads_of(empty.result.loss, e.params()))
+      EXPECT_TRUE(AllClose(g, at::zeros_like(g), 0, 0));
+  }
+}
+
+TEST_F(SeededTest, FusedDpoWithWpoWeightsInLowPrecisionIsCloseToTheFp64Reference) {
+  // As FusedLossInLowPrecisionIsCloseToTheFp64Reference, with the weights: fp32 2e-6, bf16
+  // 1e-2 of the largest entry of each gradient (and of the loss).
+  for (auto [st, tol] : {std::make_pair(at::kFloat, 2e-6), std::make_pair(at::kBFloat16, 1e-2)}) {
+    const Batch lo(6, 16, 32, 301, true, st);
+    const auto d = lo.as_double();
+    const auto [rc, rr] = lo.reference();
+    const auto c = wpo_composite(d, rc, rr);
+    const auto want = grads_of(c.loss, d.params());
+    // Automatic, 8 rows and one row (every pair split) of logits.
+    const int64_t row = 301 * static_cast<int64_t>(lo.h.element_size());
+    for (int64_t budget : {int64_t{0}, 8 * row, row}) {
+      const auto out =
+          F::fused_dpo_loss(lo.head(), reference_sums(rc, rr), DPOLossOptions(),
+                            FusedLogprobsOptions().chunk_bytes(budget).with_wpo_weights(true));
+      const std::string what = std::string(c10::toString(st)) + " budget " + std::to_string(budget);
+      EXPECT_TRUE(AllClose(out.result.loss, c.loss, tol, tol)) << what;
+      EXPECT_TRUE(AllClose(out.inputs.weights(), c.pair_weights, tol, tol)) << what;
+      expect_low_precision_grads(grads_of(out.result.loss, lo.params()), want, st, tol, what);
+    }
+  }
+}
+
+// What the pass cannot weight: given weights as well (they would multiply), and a token-mean
+// NLL term, whose weighted gradient needs every pair's weight before the first chunk's.
+TEST_F(SeededTest, FusedDpoRefusesWhatItsWpoWeightsCannotWeightInThePass) {
   const Batch d(3, 6, 4, 9, false, at::kDouble);
   const auto [rc, rr] = d.reference();
-  const auto fo = FusedLogprobsOptions().with_wpo_weights(true);
-  prefopt::detail::WarningCapture warnings;
-  const auto out = F::fused_dpo_loss(d.head(), reference_sums(rc, rr), DPOLossOptions(), fo);
-  EXPECT_TRUE(warnings.contains(
-      "prefopt::fused_dpo_loss: with_wpo_weights returns the policy's WPO weights in `policy` "
-      "but does not weight this loss"));
-  ASSERT_TRUE(out.policy.chosen.wpo_weights.defined());
-  const auto p = F::split_pairs(F::gather_logprobs(
-      at::matmul(d.h, d.w.t()), d.labels, prefopt::GatherLogprobsOptions().with_wpo_weights(true)));
-  EXPECT_TRUE(AllClose(out.policy.chosen.wpo_weights, p.chosen.wpo_weights, 1e-12, 1e-12));
-  const auto unweighted =
-      F::dpo_loss(PairInputs(p).reference_chosen_logps(rc).reference_rejected_logps(rr)).loss;
-  EXPECT_TRUE(AllClose(out.result.loss.detach(), unweighted, 1e-12, 1e-12));
-  prefopt::detail::WarningCapture quiet;
-  const auto w = p.chosen.wpo_weights * p.rejected.wpo_weights;
-  (void)F::fused_dpo_loss(d.head(), reference_sums(rc, rr).weights(w), DPOLossOptions(), fo);
-  EXPECT_FALSE(quiet.contains("with_wpo_weights"));
+  const auto wpo = FusedLogprobsOptions().with_wpo_weights(true);
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_dpo_loss(d.head(), reference_sums(rc, rr).weights(at::ones({3}, at::kDouble)),
+                        DPOLossOptions(), wpo),
+      "prefopt::fused_dpo_loss: with_wpo_weights weights each pair by the pass's WPO weights "
+      "w_c·w_r; got inputs.weights too");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_dpo_loss(d.head(), reference_sums(rc, rr), DPOLossOptions().rpo_alpha(0.5), wpo),
+      "prefopt::fused_dpo_loss: with_wpo_weights and a token-mean NLL term (rpo_alpha)");
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::fused_dpo_loss(d.head(), reference_sums(rc, rr),
+                        DPOLossOptions().loss_type({DPOLossType::kSigmoid, DPOLossType::kSFT}),
+                        wpo),
+      "with_wpo_weights and a token-mean NLL term (sft)");
+  // Without with_wpo_weights, given weights and a token-mean NLL stay as they were.
+  (void)F::fused_dpo_loss(d.head(), reference_sums(rc, rr).weights(at::ones({3}, at::kDouble)),
+                          DPOLossOptions().rpo_alpha(0.5));
 }
 
 TEST_F(SeededTest, FusedLossHoldsOneChunkOfLogitsAndTheGradients) {

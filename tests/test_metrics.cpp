@@ -392,6 +392,110 @@ TEST(Metrics, OrpoAndCpoExtras) {
   EXPECT_DOUBLE_EQ(acc2.compute().at("nll_loss"), 1.2);
 }
 
+// TRL 1.16's CPOTrainer and ORPOTrainer log `gather_for_metrics(x.mean()).mean()` for
+// `logits/*` (every position) and ORPO's `log_odds_*` (`torch.mean` per rank): the mean of the
+// ranks' means. These used to pool the ranks' positions and pairs.
+TEST(Metrics, CpoAndOrpoAverageTheRanksMeans) {
+  // Rank 0: 1 pair; rank 1: 3 pairs, so pooling and the mean of the means differ.
+  const auto orpo = [](at::Tensor ratio, at::Tensor chosen) {
+    prefopt::ORPOLossResult r;
+    r.loss = at::scalar_tensor(1.0, at::kDouble);
+    r.nll_loss = at::scalar_tensor(0.5, at::kDouble);
+    r.chosen_rewards = at::zeros({ratio.numel()}, at::kDouble);
+    r.rejected_rewards = at::zeros({ratio.numel()}, at::kDouble);
+    r.log_odds_ratio = ratio;
+    r.log_odds_chosen = chosen;
+    return r;
+  };
+  const auto inputs = [](int64_t n) {
+    return prefopt::PairInputs()
+        .policy_chosen_logps(at::zeros({n}, at::kDouble))
+        .policy_rejected_logps(at::zeros({n}, at::kDouble));
+  };
+  // Every position's vocabulary-mean logit: rank 0 chosen 2 / 4, rejected −4 / 4; rank 1
+  // chosen 0 / 24, rejected 24 / 24.
+  const auto policy = [](at::Tensor c_sum, at::Tensor c_pos, at::Tensor r_sum, at::Tensor r_pos) {
+    prefopt::PairLogprobs p;
+    p.chosen.count = c_pos.clone();
+    p.chosen.logits_sum_all = c_sum;
+    p.chosen.positions = c_pos;
+    p.rejected.count = r_pos.clone();
+    p.rejected.logits_sum_all = r_sum;
+    p.rejected.positions = r_pos;
+    return p;
+  };
+  const auto r0 = orpo(d({-0.5}), d({1.0}));
+  const auto r1 = orpo(d({-1.0, -2.0, -3.0}), d({0.0, 0.5, 1.0}));
+  const auto p0 = policy(d({2.0}), l({4}), d({-4.0}), l({4}));
+  const auto p1 = policy(d({0.0, 0.0, 0.0}), l({8, 8, 8}), d({24.0, 0.0, 0.0}), l({8, 8, 8}));
+  const auto all = MetricsOptions().logits(prefopt::LogitsMetric::kAllPositions);
+  {
+    MetricAccumulator a(all), b(all);
+    a.add(r0, inputs(1), p0);
+    b.add(r1, inputs(3), p1);
+    const auto m = MetricAccumulator::compute_ranks({&a, &b});
+    EXPECT_DOUBLE_EQ(m.at("log_odds_ratio"), (-0.5 + -2.0) / 2);  // pooled: −6.5 / 4
+    EXPECT_DOUBLE_EQ(m.at("log_odds_chosen"), (1.0 + 0.5) / 2);   // pooled: 2.5 / 4
+    EXPECT_DOUBLE_EQ(m.at("logits/chosen"), (0.5 + 0.0) / 2);     // pooled: 2 / 28
+    EXPECT_DOUBLE_EQ(m.at("logits/rejected"), (-1.0 + 1.0) / 2);  // pooled: 20 / 28
+    EXPECT_DOUBLE_EQ(m.at("nll_loss"), 0.5);
+    EXPECT_DOUBLE_EQ(m.at("rewards/chosen"), 0.0);  // per-example metrics still pool
+  }
+  // CPO (SimPO with the same statistics): logits/* likewise.
+  {
+    const auto cpo = [](const prefopt::ORPOLossResult& r) {
+      return prefopt::CPOLossResult{
+          r.loss, r.losses, r.chosen_rewards, r.rejected_rewards, r.nll_loss, {}, {}};
+    };
+    MetricAccumulator a(all), b(all);
+    a.add(cpo(r0), inputs(1), p0);
+    b.add(cpo(r1), inputs(3), p1);
+    const auto m = MetricAccumulator::compute_ranks({&a, &b});
+    EXPECT_DOUBLE_EQ(m.at("logits/chosen"), 0.25);
+    EXPECT_DOUBLE_EQ(m.at("logits/rejected"), 0.0);
+  }
+  // Two micro-steps: each step's mean of the ranks' means, then the steps' mean. In the second
+  // step rank 1 has no pair: left out (TRL: NaN), so the step's value is rank 0's −1.
+  {
+    MetricAccumulator a(all), b(all);
+    a.add(r0, inputs(1));
+    b.add(r1, inputs(3));
+    a.add(orpo(d({-1.0, -1.0}), d({2.0, 4.0})), inputs(2));
+    b.add(orpo(d({}), d({})), inputs(0));
+    const auto m = MetricAccumulator::compute_ranks({&a, &b});
+    EXPECT_DOUBLE_EQ(m.at("log_odds_ratio"), (-1.25 + -1.0) / 2);
+    EXPECT_DOUBLE_EQ(m.at("log_odds_chosen"), (0.75 + 3.0) / 2);
+  }
+  // kCountWeighted (TRL has no such window for CPO/ORPO) pools over the ranks, as documented,
+  // and so does the scored-token form under either window (it has no TRL counterpart).
+  {
+    const auto pooled = MetricsOptions()
+                            .logits(prefopt::LogitsMetric::kAllPositions)
+                            .window(MetricWindow::kCountWeighted);
+    MetricAccumulator a(pooled), b(pooled);
+    a.add(r0, inputs(1), p0);
+    b.add(r1, inputs(3), p1);
+    const auto m = MetricAccumulator::compute_ranks({&a, &b});
+    EXPECT_DOUBLE_EQ(m.at("log_odds_ratio"), -6.5 / 4);
+    EXPECT_DOUBLE_EQ(m.at("log_odds_chosen"), 2.5 / 4);
+    EXPECT_DOUBLE_EQ(m.at("logits/chosen"), 2.0 / 28);
+    EXPECT_DOUBLE_EQ(m.at("logits/rejected"), 20.0 / 28);
+  }
+  {
+    auto q0 = p0, q1 = p1;
+    q0.chosen.logits_sum = q0.chosen.logits_sum_all;
+    q0.rejected.logits_sum = q0.rejected.logits_sum_all;
+    q1.chosen.logits_sum = q1.chosen.logits_sum_all;
+    q1.rejected.logits_sum = q1.rejected.logits_sum_all;
+    MetricAccumulator a, b;
+    a.add(r0, inputs(1), q0);
+    b.add(r1, inputs(3), q1);
+    const auto m = MetricAccumulator::compute_ranks({&a, &b});
+    EXPECT_DOUBLE_EQ(m.at("logits/chosen"), 2.0 / 28);
+    EXPECT_DOUBLE_EQ(m.at("logits/rejected"), 20.0 / 28);
+  }
+}
+
 TEST(Metrics, MatchesTheLossOutputs) {
   const auto o = at::TensorOptions().dtype(at::kDouble);
   at::manual_seed(3);

@@ -171,3 +171,42 @@ TEST_F(ORPOLossTest, SumsAreConvertedAndEmptyBatchesGiveZero) {
     EXPECT_EQ(r.loss.item<double>(), 0.0);
   }
 }
+
+// nll_normalization with a host's nll_loss (which is the NLL term), and a reference (ORPO is
+// reference-free): no term reads them, a warning each; the normalisation without nll_loss, and
+// the defaults, warn of nothing.
+TEST_F(ORPOLossTest, UnreadOptionsWarn) {
+  // ā_c = −1, ā_r = −2 (one token each): log-odds by hand, λ = 0.1.
+  const double lo = 1.0 - (std::log(1 - std::exp(-1.0)) - std::log(1 - std::exp(-2.0)));
+  const double ratio = -std::log1p(std::exp(-lo));
+  const auto in = PairInputs()
+                      .policy_chosen_logps(at::tensor({-1.0}, at::kDouble))
+                      .policy_rejected_logps(at::tensor({-2.0}, at::kDouble))
+                      .chosen_lengths(at::ones({1}, at::kLong))
+                      .rejected_lengths(at::ones({1}, at::kLong))
+                      .logps_form(prefopt::LogpsForm::kMean);
+  const auto seq = ORPOLossOptions().nll_normalization(prefopt::NLLNormalization::kSequenceMean);
+  const auto with_nll = PairInputs(in).nll_loss(at::scalar_tensor(5.0, at::kDouble));
+  {
+    prefopt::detail::WarningCapture quiet;
+    EXPECT_NEAR(F::orpo_loss(in).loss.item<double>(), 1.0 - 0.1 * ratio, 1e-14);
+    EXPECT_NEAR(F::orpo_loss(in, seq).loss.item<double>(), 1.0 - 0.1 * ratio, 1e-14);
+    EXPECT_NEAR(F::orpo_loss(with_nll).loss.item<double>(), 5.0 - 0.1 * ratio, 1e-14);
+    EXPECT_FALSE(quiet.contains("ignored"));
+  }
+  {
+    prefopt::detail::WarningCapture warnings;
+    EXPECT_NEAR(F::orpo_loss(with_nll, seq).loss.item<double>(), 5.0 - 0.1 * ratio, 1e-14);
+    EXPECT_TRUE(warnings.contains(
+        "prefopt::orpo_loss: nll_normalization = NLLNormalization::kSequenceMean is not read "
+        "when nll_loss is given (the NLL term is the host's): it is ignored"));
+  }
+  prefopt::detail::WarningCapture warnings;
+  const auto r = F::orpo_loss(PairInputs(in)
+                                  .reference_chosen_logps(at::tensor({-3.0}, at::kDouble))
+                                  .reference_rejected_logps(at::tensor({-1.0}, at::kDouble)));
+  EXPECT_NEAR(r.loss.item<double>(), 1.0 - 0.1 * ratio, 1e-14);
+  EXPECT_TRUE(
+      warnings.contains("prefopt::orpo_loss: the reference log-probs are given but no "
+                        "term reads them (ORPO is reference-free): they are ignored"));
+}

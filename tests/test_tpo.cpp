@@ -127,6 +127,11 @@ TEST_F(TPOLossTest, Errors) {
       "prefopt::tpo_loss: label_smoothing = 0.1 is not used by hinge");
   PREFOPT_EXPECT_THROWS_WITH(F::tpo_loss(tr.pair(), tr.gold(), TPOLossOptions().beta(0)),
                              "prefopt::tpo_loss: expected beta > 0, got 0");
+  // TPO's margin is tpo_l_gamma (the message named CPO's simpo_gamma).
+  PREFOPT_EXPECT_THROWS_WITH(
+      F::tpo_loss(tr.pair(), tr.gold(),
+                  TPOLossOptions().loss_type(TPOLossType::kTPOL).tpo_l_gamma(NAN)),
+      "prefopt::tpo_loss: expected a finite tpo_l_gamma, got nan");
   PREFOPT_EXPECT_THROWS_WITH(
       F::tpo_loss(PairInputs(tr.pair()).nll_loss(at::scalar_tensor(1.0)), tr.gold()),
       "got both the gold SequenceLogprobs and nll_loss");
@@ -150,4 +155,63 @@ TEST_F(TPOLossTest, Errors) {
   PREFOPT_EXPECT_THROWS_WITH(F::tpo_loss(tr.pair(), meta),
                              "prefopt::tpo_loss: expected gold.sum and gold.count on cpu like "
                              "policy_chosen_logps, got meta and meta");
+}
+
+// Gold log-probs with tpo_alpha = 0: nothing reads them, a warning; the loss is the preference
+// term alone. An empty gold is no input: no warning.
+TEST_F(TPOLossTest, UnreadGoldWarns) {
+  Triples tr;
+  const auto o = TPOLossOptions().tpo_alpha(0);
+  double expected = 0;
+  for (int b = 0; b < 2; ++b) expected -= logsig(0.01 * (kSc[b] - kSr[b])) / 2;
+  {
+    prefopt::detail::WarningCapture warnings;
+    EXPECT_NEAR(F::tpo_loss(tr.pair(), tr.gold(), o).loss.item<double>(), expected, 1e-15);
+    EXPECT_TRUE(
+        warnings.contains("prefopt::tpo_loss: the gold SequenceLogprobs are given but no "
+                          "term reads them (tpo_alpha = 0): they are ignored"));
+  }
+  prefopt::detail::WarningCapture quiet;
+  EXPECT_NEAR(F::tpo_loss(tr.pair(), prefopt::SequenceLogprobs(), o).loss.item<double>(), expected,
+              1e-15);
+  EXPECT_FALSE(quiet.contains("gold SequenceLogprobs are given"));
+}
+
+// tpo_l_gamma with another type than tpo-l, and a reference (TPO is reference-free): no term
+// reads them, a warning each; tpo-l reads γ, and the defaults warn of nothing.
+TEST_F(TPOLossTest, UnreadOptionsWarn) {
+  Triples tr;
+  const auto o = TPOLossOptions().tpo_alpha(0);
+  double sigmoid = 0;
+  for (int b = 0; b < 2; ++b) sigmoid -= logsig(0.01 * (kSc[b] - kSr[b])) / 2;
+  {
+    prefopt::detail::WarningCapture quiet;
+    EXPECT_NEAR(F::tpo_loss(tr.pair(), o).loss.item<double>(), sigmoid, 1e-15);
+    EXPECT_FALSE(quiet.contains("ignored"));
+  }
+  {
+    prefopt::detail::WarningCapture warnings;
+    EXPECT_NEAR(F::tpo_loss(tr.pair(), TPOLossOptions(o).tpo_l_gamma(1.0)).loss.item<double>(),
+                sigmoid, 1e-15);
+    EXPECT_TRUE(
+        warnings.contains("prefopt::tpo_loss: tpo_l_gamma = 1 is read by the tpo-l loss "
+                          "type only, got sigmoid: it is ignored"));
+  }
+  {
+    prefopt::detail::WarningCapture quiet;
+    double tpol = 0;  // −ℓ(β·(ā_c − ā_r) − γ) on per-token means, β = 0.01, γ = 1
+    for (int b = 0; b < 2; ++b)
+      tpol -= logsig(0.01 * (kSc[b] / kNc[b] - kSr[b] / kNr[b]) - 1.0) / 2;
+    const auto tl = TPOLossOptions(o).loss_type(TPOLossType::kTPOL).tpo_l_gamma(1.0);
+    EXPECT_NEAR(F::tpo_loss(tr.pair(), tl).loss.item<double>(), tpol, 1e-15);
+    EXPECT_FALSE(quiet.contains("tpo_l_gamma"));
+  }
+  prefopt::detail::WarningCapture warnings;
+  const auto in = tr.pair()
+                      .reference_chosen_logps(at::tensor({-1.0, -2.0}, at::kDouble))
+                      .reference_rejected_logps(at::tensor({-3.0, -4.0}, at::kDouble));
+  EXPECT_NEAR(F::tpo_loss(in, o).loss.item<double>(), sigmoid, 1e-15);
+  EXPECT_TRUE(
+      warnings.contains("prefopt::tpo_loss: the reference log-probs are given but no term "
+                        "reads them (TPO is reference-free): they are ignored"));
 }

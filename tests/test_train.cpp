@@ -9,6 +9,7 @@
 
 #include <sys/wait.h>
 
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -1094,6 +1095,13 @@ TEST(Train, KtoAndTpoFromFiles) {
                 (dir / "tpo").string());
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("eval_rewards/accuracies="), std::string::npos) << r.output;
+  // tpo_alpha 0: the gold responses are left out of the loss, which is not handed them (it
+  // would warn that nothing reads them).
+  r = run_train("--loss tpo --tpo_alpha 0 --data " + (dir / "tpo.jsonl").string() +
+                " --eval_start 20 --max_steps 2 --no-plot --no-save --output_dir " +
+                (dir / "tpo0").string());
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(r.output.find("gold SequenceLogprobs are given"), std::string::npos) << r.output;
   // Unpaired data with a pairwise loss, and TPO without gold responses, are refused.
   r = run_train("--loss sigmoid --data " + (dir / "kto.jsonl").string() +
                 " --eval_start 40 --output_dir " + (dir / "x").string());
@@ -1103,6 +1111,233 @@ TEST(Train, KtoAndTpoFromFiles) {
   r = run_train("--loss tpo --train_limit 4 --output_dir " + (dir / "x").string());
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("needs a gold response"), std::string::npos) << r.output;
+  // Held-out rows too: TRL's evaluation loss has the gold NLL term, and TRL tokenizes the
+  // reference in every split.
+  write_text(dir / "no_gold.jsonl", json({{"prompt", "Once upon a time, Tom went to the park."},
+                                          {"chosen", " Tom played."},
+                                          {"rejected", " Ball ball."}})
+                                            .dump() +
+                                        "\n");
+  r = run_train("--loss tpo --data " + (dir / "tpo.jsonl").string() + " --eval_data " +
+                (dir / "no_gold.jsonl").string() + " --output_dir " + (dir / "x").string());
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("needs a gold response: " + (dir / "no_gold.jsonl").string() +
+                          " row 1 has no \"reference\" field"),
+            std::string::npos)
+      << r.output;
+}
+
+namespace {
+
+// Story-like pairs (not HH-RLHF) with TPO gold responses: 8 that train, and 3 held out whose
+// completions differ in length and in how well the model ranks them, so that a mean over
+// evaluation batches differs from the pooled mean. `held_out`: which of the 3 to write.
+void write_story_pairs(const fs::path& train, const fs::path& eval,
+                       const std::vector<size_t>& held_out) {
+  const std::vector<std::string> names = {"Lily", "Tom", "Sue", "Ben", "Max", "Mia"};
+  std::string text;
+  for (size_t i = 0; i < 8; ++i) {
+    const auto& n = names[i % names.size()];
+    text += json({{"prompt", "Once upon a time, " + n + " went to the park."},
+                  {"chosen", " " + n + " played with a ball."},
+                  {"rejected", " Ball ball the the."},
+                  {"reference", " " + n + " played all day."}})
+                .dump() +
+            "\n";
+  }
+  write_text(train, text);
+  const std::vector<std::array<std::string, 3>> rows = {
+      {"Once upon a time, Tom had a dog.",
+       " The dog ran to Tom and they played in the sun all day long.", " Dog dog."},
+      {"Once upon a time, Sue saw a bird.", " Sue smiled.",
+       " The bird bird bird sad the was the tree and then it."},
+      {"One day, Ben found a red box in the garden.",
+       " Inside the box was a small toy car, and Ben was very happy.", " Box."}};
+  text.clear();
+  for (const auto i : held_out)  // the gold response is the chosen one
+    text += json({{"prompt", rows[i][0]},
+                  {"chosen", rows[i][1]},
+                  {"rejected", rows[i][2]},
+                  {"reference", rows[i][1]}})
+                .dump() +
+            "\n";
+  write_text(eval, text);
+}
+
+}  // namespace
+
+// Held-out metrics as TRL 1.16 + transformers 5.25 log them: TRL stores each evaluation batch's
+// metrics (compute_loss / prediction_step) and its log() averages them, a mean of per-batch
+// means; HF's evaluation_loop repeats each batch's loss per example (cut to the examples of the
+// last batch) and averages, eval_loss = Σ_b |b|·loss_b / N. 3 held-out pairs in batches of 2
+// (KTO: 4 examples, 2 pairs): the expected values come from runs whose held-out file is one of
+// those batches alone (pairs 0-1, pair 2), where each record is that batch's value. The pooled
+// mean over the 3 pairs weighs pair 2 by 1/3, not 1/2. preference_accuracy (prefopt's) and KTO's
+// pair-based rewards/accuracies stay over all pairs.
+TEST(Train, HeldOutMetricsPerEvalBatchAsTrl) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("eval-batches");
+  const auto train = dir / "train.jsonl";
+  write_story_pairs(train, dir / "all.jsonl", {0, 1, 2});
+  write_story_pairs(train, dir / "first.jsonl", {0, 1});
+  write_story_pairs(train, dir / "last.jsonl", {2});
+  for (const std::string loss : {"sigmoid", "orpo", "tpo", "apo_zero_unpaired"}) {
+    SCOPED_TRACE(loss);
+    const bool kto = loss == "apo_zero_unpaired";
+    const auto after = [&](const std::string& held_out) {
+      const auto out = dir / ("out-" + held_out);
+      const auto r = run_train("--loss " + loss + " --data " + train.string() + " --eval_data " +
+                               (dir / (held_out + ".jsonl")).string() +
+                               " --max_steps 3 --per_device_eval_batch_size " + (kto ? "4" : "2") +
+                               " --no-plot --no-save --output_dir " + out.string());
+      EXPECT_EQ(r.status, 0) << r.output;
+      return json::parse(read_text(out / "summary.json"))["after"];
+    };
+    const auto all = after("all"), first = after("first"), last = after("last");
+    int64_t compared = 0;
+    for (const auto& [key, got] : all.items()) {
+      if (key.rfind("eval_", 0) != 0) continue;
+      ASSERT_TRUE(first.contains(key) && last.contains(key)) << key;
+      const double a = first[key].get<double>(), b = last[key].get<double>();
+      const bool pooled = key == "eval_loss" || key == "eval_preference_accuracy" ||
+                          (kto && key == "eval_rewards/accuracies");
+      const double want = pooled ? (2 * a + b) / 3 : (a + b) / 2;
+      EXPECT_NEAR(got.get<double>(), want, 1e-5 * std::abs(want) + 1e-7) << key;
+      ++compared;
+    }
+    EXPECT_GE(compared, 7);
+    // The pooled mean would be far off: the test tells the two apart.
+    const double a = first["eval_rewards/margins"].get<double>(),
+                 b = last["eval_rewards/margins"].get<double>();
+    EXPECT_GT(std::abs((a + b) / 2 - (2 * a + b) / 3), 1e-3) << a << " " << b;
+  }
+  // TRL's TPO evaluation loss has the gold NLL term: before training (--max_steps 0), TPO's
+  // eval_loss less its tpo_alpha 0 form is the gold responses' NLL, here the chosen ones', which
+  // is SFT's eval_loss over the same batches (each batch's token mean, weighted by its pairs).
+  const auto before = [&](const std::string& args) {
+    const auto out = dir / "out-tpo-nll";
+    const auto r = run_train(args + " --data " + train.string() + " --eval_data " +
+                             (dir / "all.jsonl").string() +
+                             " --max_steps 0 --per_device_eval_batch_size 2 --no-plot --no-save "
+                             "--output_dir " +
+                             out.string());
+    EXPECT_EQ(r.status, 0) << r.output;
+    return json::parse(read_text(out / "summary.json"))["before"]["eval_loss"].get<double>();
+  };
+  const double nll = before("--loss sft");
+  EXPECT_GT(nll, 1.0);
+  EXPECT_NEAR(before("--loss tpo --tpo_alpha 0.5") - before("--loss tpo --tpo_alpha 0"), 0.5 * nll,
+              1e-5 * nll);
+}
+
+// KTO on an unpaired held-out file: batches of --per_device_eval_batch_size examples in file
+// order, each with its own metrics (a batch without undesirable examples has no rejected
+// rewards and no margin, as in TRL), and eval_loss weighted by the batches' examples. 5 examples
+// in batches of 2: (desirable, undesirable), (desirable, desirable), (undesirable); the expected
+// values come from runs on each batch alone.
+TEST(Train, HeldOutUnpairedMetricsPerEvalBatchAsTrl) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("eval-batches-unpaired");
+  const std::vector<std::pair<std::string, bool>> rows = {
+      {" The dog ran to Tom and they played in the sun all day long.", true},
+      {" The bird bird sad the was the tree.", false},
+      {" Ben was happy.", true},
+      {" Tom and his mom went home and had some cake.", true},
+      {" Box box.", false}};
+  const auto file = [&](const std::string& name, size_t from, size_t to) {
+    std::string text;
+    for (size_t i = from; i < to; ++i)
+      text += json({{"prompt", "Once upon a time, Tom had a dog."},
+                    {"completion", rows[i].first},
+                    {"label", rows[i].second}})
+                  .dump() +
+              "\n";
+    write_text(dir / name, text);
+    return (dir / name).string();
+  };
+  std::string train;
+  for (int i = 0; i < 8; ++i)
+    train += json({{"prompt", "Once upon a time, Lily went to the park."},
+                   {"completion", i % 2 ? " Ball ball the the." : " Lily played with a ball."},
+                   {"label", i % 2 == 0}})
+                 .dump() +
+             "\n";
+  write_text(dir / "train.jsonl", train);
+  const auto after = [&](const std::string& held_out) {
+    const auto out = dir / "out";
+    const auto r = run_train("--loss apo_zero_unpaired --data " + (dir / "train.jsonl").string() +
+                             " --eval_data " + held_out +
+                             " --max_steps 3 --per_device_eval_batch_size 2 --no-plot --no-save "
+                             "--output_dir " +
+                             out.string());
+    EXPECT_EQ(r.status, 0) << r.output;
+    return json::parse(read_text(out / "summary.json"))["after"];
+  };
+  const auto all = after(file("all.jsonl", 0, 5));
+  const std::vector<json> batches = {after(file("b1.jsonl", 0, 2)), after(file("b2.jsonl", 2, 4)),
+                                     after(file("b3.jsonl", 4, 5))};
+  const double sizes[] = {2, 2, 1};
+  int64_t compared = 0;
+  for (const auto& [key, got] : all.items()) {
+    if (key.rfind("eval_", 0) != 0) continue;
+    double sum = 0, n = 0, weighted = 0;
+    for (size_t b = 0; b < batches.size(); ++b)
+      if (batches[b].contains(key)) {
+        sum += batches[b][key].get<double>(), ++n;
+        weighted += sizes[b] * batches[b][key].get<double>();
+      }
+    ASSERT_GT(n, 0) << key;
+    const double want = key == "eval_loss" ? weighted / 5 : sum / n;
+    EXPECT_NEAR(got.get<double>(), want, 1e-5 * std::abs(want) + 1e-7) << key;
+    ++compared;
+  }
+  EXPECT_GE(compared, 6);
+  // Pooled, the three desirable examples would weigh alike; per batch, batch 1's one weighs as
+  // much as batch 2's two.
+  const double c1 = batches[0]["eval_rewards/chosen"].get<double>(),
+               c2 = batches[1]["eval_rewards/chosen"].get<double>();
+  EXPECT_GT(std::abs((c1 + c2) / 2 - (c1 + 2 * c2) / 3), 1e-3) << c1 << " " << c2;
+  EXPECT_FALSE(batches[1].contains("eval_rewards/margins"));  // no undesirable example
+}
+
+// TPO with tpo_alpha 0 does not forward the gold responses (TRL's collator drops that branch):
+// 2 steps of 8 pairs and 2 evaluations of the 3 held-out and the 8 training pairs forward
+// 2·(2·8 + 2·(3 + 8)) = 76 sequences, not 3 per training pair. Nothing else changes: TPO
+// sigmoid with tpo_alpha 0 is CPO sigmoid with cpo_alpha 0 at the same β, and the two runs log
+// the same numbers (CPO's nll_loss, 0, aside).
+TEST(Train, TpoWithoutNllForwardsNoGold) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("tpo-no-gold");
+  const auto train = dir / "train.jsonl", held_out = dir / "eval.jsonl";
+  write_story_pairs(train, held_out, {0, 1, 2});
+  const auto run = [&](const std::string& args) {
+    const auto out = dir / "out";
+    const auto r = run_train(
+        args + " --beta 0.1 --data " + train.string() + " --eval_data " + held_out.string() +
+        " --max_steps 2 --logging_steps 1 --no-plot --no-save --output_dir " + out.string());
+    EXPECT_EQ(r.status, 0) << r.output;
+    return std::make_pair(json::parse(read_text(out / "summary.json")), records_of(out));
+  };
+  const auto [tpo, tpo_records] = run("--loss tpo --tpo_alpha 0");
+  EXPECT_EQ(tpo["forwarded_sequences"].get<int64_t>(), 76);
+  const auto [cpo, cpo_records] = run("--loss cpo --cpo_alpha 0");
+  EXPECT_EQ(cpo["forwarded_sequences"].get<int64_t>(), 76);
+  EXPECT_EQ(tpo["forwarded_tokens"], cpo["forwarded_tokens"]);
+  // With the NLL term the gold responses are forwarded: 3 sequences per pair throughout.
+  EXPECT_EQ(run("--loss tpo --tpo_alpha 1").first["forwarded_sequences"].get<int64_t>(), 114);
+  ASSERT_EQ(tpo_records.size(), 4u);  // evaluations at 0 and 2, training records 1 and 2
+  ASSERT_EQ(cpo_records.size(), tpo_records.size());
+  int64_t compared = 0;
+  for (size_t i = 0; i < tpo_records.size(); ++i)
+    for (const auto& [key, want] : cpo_records[i].items()) {
+      if (key.find("nll_loss") != std::string::npos) continue;
+      ASSERT_TRUE(tpo_records[i].contains(key)) << key;
+      const double b = want.get<double>();
+      EXPECT_NEAR(tpo_records[i][key].get<double>(), b, 1e-6 * std::abs(b) + 1e-9)
+          << "record " << i << " " << key;
+      ++compared;
+    }
+  EXPECT_GT(compared, 40);
 }
 
 TEST(Train, CheckpointReloadsBitForBit) {
@@ -1162,6 +1397,218 @@ TEST(Train, WeightDecaySparesNormWeightsAsHf) {
     const auto want = p0[name] * (-1e-2 * 0.5);
     EXPECT_TRUE(at::allclose(pb[name] - pa[name], want, 1e-3, 1e-6))
         << (pb[name] - pa[name] - want).abs().max().item<double>();
+  }
+}
+
+// The steps of HF's Trainer with its default dataloader_drop_last=False (transformers 5.25,
+// set_initial_training_values and _inner_training_loop): 9 pairs in batches of 2 are
+// ceil(9/2) = 5 batches per epoch, the last of 1 pair, and 2 batches per optimizer step give
+// ceil(5/2) = 3 steps per epoch, the last taking the 1 batch left; 2 epochs are 6 steps, and
+// the learning-rate schedule runs over 6. The pairs are identical and the learning rate is
+// 1e-30 (the first step, in warmup, at 0), so every step sees the same weights: each batch's
+// mean loss and gradient are the same whatever its size, and so is every step's gradient norm
+// when the last step divides its one batch's loss by 1, as HF's Trainer does
+// (current_gradient_accumulation_steps), not by 2.
+TEST(Train, PartialLastBatchAsHfTrainer) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("partial");
+  std::string pairs;
+  for (int i = 0; i < 9; ++i)
+    pairs += json({{"prompt", "Once upon a time, Tom went to the park."},
+                   {"chosen", " Tom played with a ball."},
+                   {"rejected", " Ball ball the the."}})
+                 .dump() +
+             "\n";
+  const auto file = (dir / "pairs.jsonl").string();
+  write_text(file, pairs);
+  const auto r = run_train("--data " + file + " --eval_data " + file +
+                           " --num_train_epochs 2 --per_device_train_batch_size 2 "
+                           "--gradient_accumulation_steps 2 --learning_rate 1e-30 "
+                           "--logging_steps 1 --no-plot --no-save --output_dir " +
+                           (dir / "out").string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("training: sigmoid, 6 steps of 2 x 2 pairs (2.00 epochs)"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(json::parse(read_text(dir / "out" / "summary.json"))["steps"], 6);
+  std::vector<json> train;
+  for (const auto& rec : records_of(dir / "out"))
+    if (rec.contains("loss")) train.push_back(rec);
+  ASSERT_EQ(train.size(), 6u);
+  // HF's epoch: batches done / batches per epoch. num_tokens counts the scored tokens seen, the
+  // same t per pair: 4, 4 and 1 pairs per step, so the last step of an epoch reads only the
+  // pair left.
+  const double epochs[] = {0.4, 0.8, 1.0, 1.4, 1.8, 2.0};
+  const int64_t pairs_seen[] = {4, 8, 9, 13, 17, 18};
+  const double t = train[0]["num_tokens"].get<double>() / 4;
+  ASSERT_GT(t, 0);
+  const double grad_norm = train[0]["grad_norm"].get<double>();
+  ASSERT_GT(grad_norm, 0);
+  for (size_t i = 0; i < train.size(); ++i) {
+    SCOPED_TRACE(train[i].dump());
+    EXPECT_EQ(train[i]["step"].get<int64_t>(), static_cast<int64_t>(i) + 1);
+    EXPECT_NEAR(train[i]["epoch"].get<double>(), epochs[i], 1e-12);
+    EXPECT_EQ(train[i]["num_tokens"].get<double>(), t * static_cast<double>(pairs_seen[i]));
+    EXPECT_NEAR(train[i]["loss"].get<double>(), std::log(2.0), 1e-6);  // rewards 0
+    EXPECT_NEAR(train[i]["grad_norm"].get<double>(), grad_norm, 1e-5 * grad_norm);
+    // HF's cosine over 6 steps after ceil(0.1 * 6) = 1 warmup step; step s reads s - 1.
+    const double s = static_cast<double>(i);
+    const double want = s < 1 ? 0.0 : 0.5 * (1 + std::cos(M_PI * (s - 1) / 5));
+    EXPECT_NEAR(train[i]["learning_rate"].get<double>(), 1e-30 * want, 1e-42);
+  }
+}
+
+// Gradient accumulation changes neither the loss nor the gradient: 2 pairs in 1 batch, and
+// the same 2 pairs in 2 batches of 1 accumulated, give the same logged loss and gradient norm
+// (the learning rate 1e-30 keeps the weights). TRL's SFT divides the step's NLL sum by its
+// scored tokens (num_items_in_batch, loss_is_scaled_for_ga), not each batch's by its own
+// tokens: the two completions here differ in length and in mean NLL, so a mean of the batches'
+// token means differs. DPO's loss is the pairs' mean either way.
+TEST(Train, AccumulationMatchesOneBatchAsTrl) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("accum");
+  const std::string pairs =
+      json({{"prompt", "Once upon a time,"},
+            {"chosen", " Tom played."},
+            {"rejected", " Ball ball."}})
+          .dump() +
+      "\n" +
+      json({{"prompt", "Once upon a time,"},
+            {"chosen", " Lily went to the park with her mom and they saw a big red ball."},
+            {"rejected", " The the the."}})
+          .dump() +
+      "\n";
+  const auto file = (dir / "pairs.jsonl").string();
+  write_text(file, pairs);
+  for (const std::string loss : {"sft", "sigmoid"}) {
+    SCOPED_TRACE(loss);
+    const auto record = [&](const std::string& batches) {
+      const auto out = dir / "out";
+      const auto r = run_train("--loss " + loss + " --data " + file + " --eval_data " + file +
+                               " --learning_rate 1e-30 --logging_steps 1 " + batches +
+                               " --no-plot --no-save --output_dir " + out.string());
+      EXPECT_EQ(r.status, 0) << r.output;
+      for (const auto& rec : records_of(out))
+        if (rec.contains("loss")) return rec;
+      return json::object();
+    };
+    const auto one = record("--per_device_train_batch_size 2");
+    const auto two = record("--per_device_train_batch_size 1 --gradient_accumulation_steps 2");
+    ASSERT_TRUE(one.contains("loss") && two.contains("loss")) << one << "\n" << two;
+    EXPECT_EQ(one["step"], 1);
+    EXPECT_EQ(two["step"], 1);
+    const double loss_one = one["loss"].get<double>(), norm_one = one["grad_norm"].get<double>();
+    EXPECT_NEAR(two["loss"].get<double>(), loss_one, 1e-6 * std::abs(loss_one));
+    EXPECT_NEAR(two["grad_norm"].get<double>(), norm_one, 1e-5 * norm_one);
+  }
+}
+
+// A run that does not write its model or plot removes the ones an earlier run (its
+// summary.json) left in the output folder, saying so, so that the folder never shows them as
+// this run's.
+TEST(Train, StaleModelAndPlotAreRemoved) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("stale");
+  const auto out = dir / "out";
+  fs::create_directories(out);
+  const auto leave = [&](const std::vector<std::string>& names) {
+    for (const auto& n : names) write_text(out / n, "an earlier run's");
+  };
+  const std::string common =
+      " --train_limit 2 --eval_limit 2 --max_length 64 --output_dir " + out.string();
+  leave({"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "curves.png",
+         "summary.json", "metrics.jsonl"});
+  // A run refused on its inputs (here a malformed data file, found after the model is loaded)
+  // removes nothing.
+  write_text(dir / "bad.jsonl", "{\"prompt\": \"a\", \"chosen\": 1}\n");
+  auto r = run_train("--max_steps 1 --no-save --no-plot --data " + (dir / "bad.jsonl").string() +
+                     common);
+  ASSERT_NE(r.status, 0) << r.output;
+  for (const char* f : {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja",
+                        "curves.png", "metrics.jsonl", "summary.json"})
+    EXPECT_EQ(read_text(out / f), "an earlier run's") << f;
+  r = run_train("--max_steps 1 --no-save --no-plot" + common);
+  ASSERT_EQ(r.status, 0) << r.output;
+  for (const char* f :
+       {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "curves.png"})
+    EXPECT_FALSE(fs::exists(out / f)) << f;
+  EXPECT_NE(r.output.find("output: removed model.safetensors, config.json, tokenizer.json, "
+                          "chat_template.jinja of an earlier run from " +
+                          out.string() + " (--no-save)"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("output: removed curves.png of an earlier run from " + out.string() +
+                          " (--no-plot)"),
+            std::string::npos)
+      << r.output;
+  // Saving: the checkpoint has no chat template, so an earlier one would stay beside the new
+  // model; a run without steps draws no plot.
+  leave({"chat_template.jinja", "curves.png"});
+  r = run_train("--max_steps 0" + common);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(read_text(out / "model.safetensors"), "an earlier run's");
+  EXPECT_FALSE(fs::exists(out / "chat_template.jinja"));
+  EXPECT_FALSE(fs::exists(out / "curves.png"));
+  EXPECT_NE(r.output.find("removed chat_template.jinja of an earlier run"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("removed curves.png of an earlier run from " + out.string() +
+                          " (no training steps to plot)"),
+            std::string::npos)
+      << r.output;
+}
+
+// An --output_dir in which no run of prefopt-train finished (no summary.json) may be another
+// model's folder given by mistake: --no-save and --no-plot leave its files alone, with a note.
+TEST(Train, ForeignOutputFolderKeepsItsFiles) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("foreign");
+  const auto out = dir / "model";
+  fs::create_directories(out);
+  const std::vector<std::string> files = {"model.safetensors", "config.json", "tokenizer.json",
+                                          "tokenizer_config.json", "curves.png"};
+  for (const auto& n : files) write_text(out / n, "the user's");
+  const auto r = run_train(
+      "--max_steps 1 --no-save --no-plot --train_limit 2 --eval_limit 2 "
+      "--max_length 64 --output_dir " +
+      out.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  for (const auto& n : files) EXPECT_EQ(read_text(out / n), "the user's") << n;
+  EXPECT_EQ(r.output.find("output: removed"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("output: kept model.safetensors, config.json, tokenizer.json, "
+                          "tokenizer_config.json in " +
+                          out.string() + ", which has no summary.json of an earlier run"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("output: kept curves.png in " + out.string()), std::string::npos)
+      << r.output;
+}
+
+// The data line and summary.json count the training completions that max_length cut: with
+// keep_start at the full length, with classic truncation at max_length - max_prompt_length,
+// shorter than max_length when the prompt is short. Each chosen completion here is far longer
+// than max_length, each rejected one a few tokens: 6 of the 12 are cut either way.
+TEST(Train, CutCompletionsCounted) {
+  SKIP_WITHOUT_SHARED_DATA();
+  const auto dir = scratch("cut");
+  std::string longer;
+  for (int i = 0; i < 40; ++i) longer += " Tom ran and ran.";
+  std::string pairs;
+  for (int i = 0; i < 6; ++i)
+    pairs +=
+        json({{"prompt", "Once upon a time,"}, {"chosen", longer}, {"rejected", " Ran."}}).dump() +
+        "\n";
+  const auto file = (dir / "pairs.jsonl").string();
+  write_text(file, pairs);
+  for (const std::string truncation :
+       {"--max_length 32", "--max_length 32 --truncation classic --max_prompt_length 16"}) {
+    SCOPED_TRACE(truncation);
+    const auto r =
+        run_train("--data " + file + " --eval_data " + file + " " + truncation +
+                  " --max_steps 0 --no-plot --no-save --output_dir " + (dir / "out").string());
+    ASSERT_EQ(r.status, 0) << r.output;
+    EXPECT_NE(r.output.find("; 6 of 12 training completions cut at max_length"), std::string::npos)
+        << r.output;
+    EXPECT_EQ(json::parse(read_text(dir / "out" / "summary.json"))["cut_completions"], 6);
   }
 }
 
@@ -1233,10 +1680,17 @@ TEST(Train, CommandLineErrors) {
       {"--loss tpo --tpo_l_gamma 1" + quick, "--tpo_l_gamma is read only by --tpo_loss_type tpo-l"},
       {"--weight_decay -0.1" + quick, "--weight_decay"},
       {"--cdpo" + quick, "--cdpo smooths sigmoid with --label_smoothing, which is 0"},
-      // Only {chosen, rejected} rows have an implicit prompt.
+      // Only {chosen, rejected} rows have an implicit prompt: the message names the option,
+      // the rows that need it and each file's format.
       {"--implicit_prompt common_prefix --eval_start 2 --data " + (dir / "good.jsonl").string() +
            quick,
-       "no implicit-prompt {chosen, rejected} rows (format preference)"},
+       "--implicit_prompt common_prefix splits the prompt off implicit-prompt rows ({chosen, "
+       "rejected} without a \"prompt\" field, format implicit-prompt, as HH-RLHF's), but --data " +
+           (dir / "good.jsonl").string() + " is format preference: it would change nothing"},
+      {"--implicit_prompt assistant --data " + (dir / "good.jsonl").string() + " --eval_data " +
+           (dir / "good.jsonl").string() + quick,
+       "is format preference and --eval_data " + (dir / "good.jsonl").string() +
+           " is format preference: it would change nothing"},
   };
   for (const auto& [args, message] : cases) {
     SCOPED_TRACE(args);

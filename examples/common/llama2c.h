@@ -30,15 +30,35 @@ struct Model {
   Config cfg;
   at::Tensor tok_emb, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, wcls;
 
-  /// Loads a llama2.c (version-0) checkpoint. Throws std::runtime_error on a short file.
+  /// Loads a llama2.c (version-0) checkpoint. Throws std::runtime_error on a short file or a
+  /// header that describes no model (a size not positive, heads that do not divide `dim`, KV
+  /// heads that do not divide the heads, an odd head size).
   static Model load(const std::string& path) {
     std::ifstream in(path, std::ios::binary);
     if (!in) throw std::runtime_error("llama2c: cannot open " + path);
-    int32_t h[7];
-    in.read(reinterpret_cast<char*>(h), sizeof h);
+    int32_t h[7] = {};
+    // Checked before any size is read from it: a short read leaves the rest unset.
+    if (!in.read(reinterpret_cast<char*>(h), sizeof h))
+      throw std::runtime_error("llama2c: " + path + " is truncated (no 28-byte header)");
     Model m;
-    m.cfg = {h[0], h[1], h[2], h[3], h[4], std::abs(h[5]), h[6]};
+    // A negative vocab_size marks an unshared classifier (INT32_MIN has no positive).
+    m.cfg = {h[0], h[1], h[2], h[3], h[4], h[5] == INT32_MIN ? 0 : std::abs(h[5]), h[6]};
     const bool shared = h[5] > 0;
+    {
+      const auto& c = m.cfg;
+      const bool positive = c.dim > 0 && c.hidden_dim > 0 && c.n_layers > 0 && c.n_heads > 0 &&
+                            c.n_kv_heads > 0 && c.vocab_size > 0 && c.seq_len > 0;
+      // head_size() divides by n_heads, GQA repeats KV heads n_heads / n_kv_heads times and
+      // RoPE turns pairs of a head's dimensions.
+      if (!positive || c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0 ||
+          c.head_size() % 2 != 0) {
+        throw std::runtime_error(
+            "llama2c: " + path + " has an invalid header (dim " + std::to_string(h[0]) +
+            ", hidden_dim " + std::to_string(h[1]) + ", n_layers " + std::to_string(h[2]) +
+            ", n_heads " + std::to_string(h[3]) + ", n_kv_heads " + std::to_string(h[4]) +
+            ", vocab_size " + std::to_string(h[5]) + ", seq_len " + std::to_string(h[6]) + ")");
+      }
+    }
     const auto& c = m.cfg;
     auto next = [&](std::vector<int64_t> shape) {
       auto t = at::empty(shape, at::kFloat);
@@ -135,6 +155,10 @@ class Tokenizer {
     int32_t len;
     while (in.read(reinterpret_cast<char*>(&score), 4) &&
            in.read(reinterpret_cast<char*>(&len), 4)) {
+      // A negative length would be a string of 2⁶⁴ − |len| bytes: an allocation failure.
+      if (len < 0)
+        throw std::runtime_error("llama2c: " + path + " is corrupt (a piece of length " +
+                                 std::to_string(len) + ")");
       std::string piece(static_cast<size_t>(len), '\0');
       in.read(piece.data(), len);
       if (!in) throw std::runtime_error("llama2c: " + path + " is truncated");

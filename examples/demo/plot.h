@@ -6,6 +6,7 @@
 
 #include <fmt/core.h>
 
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -41,6 +42,14 @@ inline std::string datablock(const std::string& name, const History& rows,
     out += "\n";
   }
   return out + "EOD\n";
+}
+
+// `s` inside gnuplot's single quotes, where a quote is written twice: an --out folder such as
+// "bob's runs" otherwise ended the string early and gnuplot failed.
+inline std::string quoted(const std::string& s) {
+  std::string out;
+  for (const char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
+  return out;
 }
 
 }  // namespace detail
@@ -89,25 +98,34 @@ inline bool plot_png(const std::string& path, const std::string& title, const Hi
       "set terminal pngcairo size 1500,{} font 'sans,10'\nset output '{}'\n"
       "set multiplot layout {},3 title '{}' font 'sans,13'\nset grid\n"
       "set xlabel 'step'\n",
-      430 * rows + 40, path, rows, title);
+      430 * rows + 40, detail::quoted(path), rows, detail::quoted(title));
   for (const auto& p : panels) {
-    script += fmt::format("set title '{}'\nset key {}\nplot ", p.title, p.key);
+    script += fmt::format("set title '{}'\nset key {}\nplot ", detail::quoted(p.title), p.key);
     for (size_t i = 0; i < p.series.size(); ++i) {
-      script +=
-          fmt::format("{}${} using 1:{} with linespoints pt 7 ps 0.4 lw 2 title '{}'",
-                      i ? ", " : "", p.block, column(p, p.series[i].first), p.series[i].second);
+      script += fmt::format("{}${} using 1:{} with linespoints pt 7 ps 0.4 lw 2 title '{}'",
+                            i ? ", " : "", p.block, column(p, p.series[i].first),
+                            detail::quoted(p.series[i].second));
     }
     script += "\n";
   }
   script += "unset multiplot\n";
 
+  // Without gnuplot the shell exits at once, and the script written to its closed pipe raised
+  // SIGPIPE, whose default action ended the demo (status 141) before its summary. Ignored while
+  // gnuplot runs, the write fails instead and pclose gives the shell's status.
+  struct sigaction ignore = {}, previous = {};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  ::sigaction(SIGPIPE, &ignore, &previous);
   FILE* gp = popen("gnuplot 2>&1", "w");
   if (!gp) {
+    ::sigaction(SIGPIPE, &previous, nullptr);
     error = "could not start gnuplot";
     return false;
   }
   std::fwrite(script.data(), 1, script.size(), gp);
   const int rc = pclose(gp);
+  ::sigaction(SIGPIPE, &previous, nullptr);
   if (rc != 0) {
     // 127: the shell found no gnuplot; anything else is gnuplot's own error, printed above.
     error = WIFEXITED(rc) && WEXITSTATUS(rc) == 127

@@ -170,10 +170,19 @@ prefopt::SequenceLogprobs select_rows(const prefopt::SequenceLogprobs& lp, const
   return out;
 }
 
+// Sequences and tokens through a model's forward pass (the reference's and the policy's, in
+// training and evaluation), for summary.json: what no term reads must not be forwarded (TPO's
+// gold responses with tpo_alpha 0, as TRL's collator drops them).
+struct Forwarded {
+  int64_t sequences = 0, tokens = 0;
+} forwarded;
+
 // The LM-head side of a batch: the model's final hidden states, its head and the labels.
 prefopt::HeadBatch head_batch(train::LlamaForCausalLM& model,
                               const std::vector<const train::Sequence*>& rows, int64_t pad_id,
                               const at::Device& device) {
+  forwarded.sequences += static_cast<int64_t>(rows.size());
+  for (const auto* r : rows) forwarded.tokens += static_cast<int64_t>(r->ids.size());
   const auto b = train::collate(rows, pad_id);
   return prefopt::HeadBatch(model->hidden(b.ids.to(device), b.attention_mask.to(device)),
                             model->head_weight(), {}, b.labels.to(device));
@@ -323,7 +332,7 @@ struct Loss {
 
   // A pairwise step (or evaluation) on the policy's log-probs: returns the loss and adds the
   // micro-step's metrics (`token_metrics`: the policy's token statistics were gathered).
-  // `gold`: TPO's gold responses (nullptr in evaluation, where the NLL term is left out).
+  // `gold`: TPO's gold responses (nullptr when tpo_alpha = 0: nothing reads them).
   at::Tensor pairs(const prefopt::PairLogprobs& policy, const at::Tensor& ref_chosen,
                    const at::Tensor& ref_rejected, const prefopt::SequenceLogprobs* gold,
                    prefopt::MetricAccumulator& metrics, bool token_metrics,
@@ -369,11 +378,12 @@ struct Loss {
         const bool means = tpo.loss_type() == prefopt::TPOLossType::kIPO ||
                            tpo.loss_type() == prefopt::TPOLossType::kTPOL;
         const auto in = means ? prefopt::PairInputs::averaged(policy) : prefopt::PairInputs(policy);
-        const auto r = gold ? F::tpo_loss(in, *gold, tpo)
-                            : F::tpo_loss(in, prefopt::TPOLossOptions(tpo).tpo_alpha(0.0));
-        // With the gold responses, TRL's TPO entropy (over all three branches); TRL leaves the
-        // gold branch out when tpo_alpha = 0, and so does the loss.
+        // TRL leaves the gold branch out when tpo_alpha = 0, and so do the forward pass, the
+        // loss (which would warn that nothing reads it) and the metrics; with it, TRL's TPO
+        // entropy is over all three branches.
         const bool with_gold = gold != nullptr && tpo.tpo_alpha() != 0;
+        const auto r = with_gold ? F::tpo_loss(in, *gold, tpo)
+                                 : F::tpo_loss(in, prefopt::TPOLossOptions(tpo).tpo_alpha(0.0));
         token_metrics ? metrics.add(r, in, policy, with_gold ? *gold : prefopt::SequenceLogprobs{})
                       : metrics.add(r, in);
         return r.loss;
@@ -397,9 +407,47 @@ struct Loss {
 // ---------------------------------------------------------------------------------------------
 // Evaluation
 
+// KTO's evaluation batches: `per_batch` examples each, in order, as TRL's eval dataloader takes
+// them, one micro-step of `metrics` each (the KL estimate too is the batch's). `logps`, `ref`
+// (and the KL log-probs, when defined): [M] per example; `label`: desirable or not. Returns
+// Σ_b |b| · loss_b, HF's eval_loss times M.
+double kto_eval_batches(const Loss& loss, prefopt::MetricAccumulator& metrics,
+                        const at::Tensor& logps, const at::Tensor& ref,
+                        const std::vector<bool>& label, const at::Tensor& policy_kl,
+                        const at::Tensor& reference_kl, int64_t per_batch) {
+  const auto m = logps.size(0);
+  double total = 0;
+  for (int64_t s = 0; s < m; s += per_batch) {
+    const auto b = std::min(per_batch, m - s);
+    std::vector<int64_t> d, u;
+    for (int64_t i = s; i < s + b; ++i) (label[static_cast<size_t>(i)] ? d : u).push_back(i);
+    const auto di = at::tensor(d, at::kLong).to(logps.device());
+    const auto ui = at::tensor(u, at::kLong).to(logps.device());
+    auto in = prefopt::KTOInputs()
+                  .policy_chosen_logps(logps.index_select(0, di))
+                  .policy_rejected_logps(logps.index_select(0, ui))
+                  .reference_chosen_logps(ref.index_select(0, di))
+                  .reference_rejected_logps(ref.index_select(0, ui));
+    if (policy_kl.defined())
+      in.policy_KL_logps(policy_kl.narrow(0, s, b))
+          .reference_KL_logps(reference_kl.narrow(0, s, b));
+    const auto r = F::kto_loss(in, loss.kto);
+    metrics.add(r, in);
+    total += r.loss.item<double>() * static_cast<double>(b);
+  }
+  return total;
+}
+
 // Metrics of `data`'s pairs under the current policy, with `prefix` ("eval_", "train_"): the
 // loss's own rewards (rewards/accuracies, rewards/margins, ...) and preference_accuracy, the
 // share of pairs whose chosen completion is more likely than the rejected one.
+// As TRL 1.16 + transformers 5.25 log an evaluation: the loss's metrics are the mean over the
+// evaluation batches (`per_batch` pairs; KTO: examples) of each batch's value (TRL stores one
+// per batch, its log() averages them), and `loss` is HF's evaluation_loop's, each batch's loss
+// weighted by its size (Σ_b |b| · loss_b / N). The two differ from the whole set pooled when
+// the last batch is smaller, and for token-mean terms (NLL) where batches differ in tokens.
+// preference_accuracy (not TRL's) and KTO's rewards/accuracies (on the pairs, which TRL's KTO
+// does not know) are over all pairs.
 // `at_reference`: the policy is still the reference, whose scores are reused (bit-identical to
 // scoring it again, since the batches are the same).
 prefopt::Metrics evaluate_pairs(train::LlamaForCausalLM& model, const Loss& loss,
@@ -414,6 +462,14 @@ prefopt::Metrics evaluate_pairs(train::LlamaForCausalLM& model, const Loss& loss
   prefopt::PairLogprobs policy{
       reuse ? data.reference.chosen : score(model, chosen, pad_id, device, per_batch),
       reuse ? data.reference.rejected : score(model, rejected, pad_id, device, per_batch)};
+  // TPO's gold responses, where its loss reads them: TRL's evaluation loss has the NLL term.
+  const bool with_gold = loss.family == Family::kTPO && loss.tpo.tpo_alpha() != 0;
+  prefopt::SequenceLogprobs gold;
+  if (with_gold) {
+    auto rows = data.side(2);
+    rows.resize(static_cast<size_t>(n));
+    gold = score(model, rows, pad_id, device, per_batch);
+  }
   at::Tensor rc, rr;
   if (data.ref_chosen.defined())
     rc = data.ref_chosen.narrow(0, 0, n), rr = data.ref_rejected.narrow(0, 0, n);
@@ -429,11 +485,30 @@ prefopt::Metrics evaluate_pairs(train::LlamaForCausalLM& model, const Loss& loss
     reference_kl = kl->ref_kl.narrow(0, 0, 2 * n);
   }
   prefopt::MetricAccumulator metrics(prefopt::MetricsOptions().prefix(prefix));
+  double loss_sum = 0;  // Σ_b |b| · loss_b
+  int64_t examples = n;
   {
     at::NoGradGuard no_grad;
-    loss.pairs(policy, rc, rr, nullptr, metrics, false, policy_kl, reference_kl);
-    metrics.add_scalar("preference_accuracy",
-                       (policy.chosen.sum > policy.rejected.sum).to(at::kDouble).mean());
+    if (loss.family == Family::kKTO) {
+      // The pairs unpaired in make_kl's order, [c0, r0, c1, r1, ...], `per_batch` examples a batch.
+      examples = 2 * n;
+      std::vector<bool> label;
+      for (int64_t i = 0; i < n; ++i) label.push_back(true), label.push_back(false);
+      loss_sum = kto_eval_batches(
+          loss, metrics, at::stack({policy.chosen.sum, policy.rejected.sum}, 1).flatten(),
+          at::stack({rc, rr}, 1).flatten(), label, policy_kl, reference_kl, per_batch);
+    } else {
+      for (int64_t s = 0; s < n; s += per_batch) {
+        const auto b = std::min(per_batch, n - s);
+        const prefopt::PairLogprobs part{narrow_rows(policy.chosen, s, b),
+                                         narrow_rows(policy.rejected, s, b)};
+        const auto g = with_gold ? narrow_rows(gold, s, b) : prefopt::SequenceLogprobs{};
+        const auto l = loss.pairs(part, rc.defined() ? rc.narrow(0, s, b) : rc,
+                                  rr.defined() ? rr.narrow(0, s, b) : rr, with_gold ? &g : nullptr,
+                                  metrics, false);
+        loss_sum += l.item<double>() * static_cast<double>(b);
+      }
+    }
   }
   model->train();
   auto m = metrics.compute();
@@ -442,41 +517,38 @@ prefopt::Metrics evaluate_pairs(train::LlamaForCausalLM& model, const Loss& loss
   prefopt::Metrics out;
   for (const auto& [k, v] : m)
     if (k != prefix + "num_tokens" && (with_kl || k != prefix + "kl")) out.set(k, v);
+  out.set(prefix + "loss", loss_sum / static_cast<double>(examples));
   if (loss.family == Family::kKTO) {  // KTO has no pairs, but these examples come in pairs
     const auto acc = (policy.chosen.sum - rc > policy.rejected.sum - rr).to(at::kDouble).mean();
     out.set(prefix + "rewards/accuracies", acc.item<double>());
   }
+  out.set(prefix + "preference_accuracy",
+          (policy.chosen.sum > policy.rejected.sum).to(at::kDouble).mean().item<double>());
   return out;
 }
 
-// KTO data without pairs (an unpaired file): the KTO metrics of the held-out examples.
+// KTO data without pairs (an unpaired file): the KTO metrics of the held-out examples, over
+// batches of `per_batch` examples as evaluate_pairs says.
 prefopt::Metrics evaluate_unpaired(train::LlamaForCausalLM& model, const Loss& loss,
                                    const UnpairedData& data, const std::string& prefix,
                                    int64_t pad_id, const at::Device& device, int64_t per_batch) {
   model->eval();
   const auto lp = score(model, data.rows(data.examples), pad_id, device, per_batch);
-  std::vector<int64_t> d, u;
-  for (int64_t i = 0; i < data.size(); ++i)
-    (data.label[static_cast<size_t>(i)] ? d : u).push_back(i);
-  const auto di = at::tensor(d, at::kLong).to(device), ui = at::tensor(u, at::kLong).to(device);
-  auto in = prefopt::KTOInputs()
-                .policy_chosen_logps(lp.sum.index_select(0, di))
-                .policy_rejected_logps(lp.sum.index_select(0, ui))
-                .reference_chosen_logps(data.ref.index_select(0, di))
-                .reference_rejected_logps(data.ref.index_select(0, ui));
   const bool with_kl = data.ref_kl.defined();
-  if (with_kl)
-    in.policy_KL_logps(score(model, data.rows(data.kl), pad_id, device, per_batch).sum)
-        .reference_KL_logps(data.ref_kl);
+  at::Tensor policy_kl;
+  if (with_kl) policy_kl = score(model, data.rows(data.kl), pad_id, device, per_batch).sum;
   prefopt::MetricAccumulator metrics(prefopt::MetricsOptions().prefix(prefix));
+  double loss_sum = 0;
   {
     at::NoGradGuard no_grad;
-    metrics.add(F::kto_loss(in, loss.kto), in);
+    loss_sum = kto_eval_batches(loss, metrics, lp.sum, data.ref, data.label, policy_kl, data.ref_kl,
+                                per_batch);
   }
   model->train();
   prefopt::Metrics out;
   for (const auto& [k, v] : metrics.compute())
     if (with_kl || k != prefix + "kl") out.set(k, v);
+  out.set(prefix + "loss", loss_sum / static_cast<double>(data.size()));
   return out;
 }
 
@@ -618,8 +690,10 @@ struct Run {
       return r.loss;
     }
     // Pairs: the batch is [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}] (split_pairs'
-    // order), then TPO's gold responses; SFT reads the chosen rows only.
-    const auto rows = pair_rows(idx, loss.family != Family::kSFT, loss.family == Family::kTPO);
+    // order), then TPO's gold responses unless tpo_alpha = 0 (TRL's collator drops them then);
+    // SFT reads the chosen rows only.
+    const bool gold = loss.family == Family::kTPO && loss.tpo.tpo_alpha() != 0;
+    const auto rows = pair_rows(idx, loss.family != Family::kSFT, gold);
     const auto lp = forward_logps(model, rows, pad_id, device, opts);
     at::Tensor rc, rr;
     if (train_pairs.ref_chosen.defined())
@@ -630,9 +704,9 @@ struct Run {
       return loss.pairs(policy, rc, rr, nullptr, metrics, true);
     }
     const auto policy = F::split_pairs(narrow_rows(lp, 0, 2 * B));
-    if (loss.family == Family::kTPO) {
-      const auto gold = narrow_rows(lp, 2 * B, B);
-      return loss.pairs(policy, rc, rr, &gold, metrics, true);
+    if (gold) {
+      const auto gold_lp = narrow_rows(lp, 2 * B, B);
+      return loss.pairs(policy, rc, rr, &gold_lp, metrics, true);
     }
     return loss.pairs(policy, rc, rr, nullptr, metrics, true);
   }
@@ -746,6 +820,35 @@ std::string chat_template_of(const fs::path& dir) {
   return {};
 }
 
+// The tokenizer's files as transformers saves them, the chat template included (transformers 5
+// keeps it in chat_template.jinja, beside tokenizer_config.json): copied beside the checkpoint.
+const std::vector<std::string>& checkpoint_extras() {
+  static const std::vector<std::string> names = {
+      "tokenizer.json",      "tokenizer_config.json", "special_tokens_map.json",
+      "chat_template.jinja", "chat_template.json",    "generation_config.json"};
+  return names;
+}
+
+// Removes the files of `names` that an earlier run left in `out` and this run will not write
+// (`why`), so that the folder never shows another run's model or plot as this run's. Only
+// where `ours`: a folder in which no run of this trainer finished (no summary.json, written
+// last) may be another model's, given as --output_dir by mistake; its files stay, with a note.
+void remove_stale(const fs::path& out, const std::vector<std::string>& names,
+                  const std::string& why, bool ours) {
+  std::vector<std::string> found;
+  for (const auto& n : names)
+    if (ours ? fs::remove(out / n) : fs::exists(out / n)) found.push_back(n);
+  if (found.empty()) return;
+  if (ours)
+    fmt::print("output: removed {} of an earlier run from {} ({})\n", fmt::join(found, ", "),
+               out.string(), why);
+  else
+    fmt::print(
+        "output: kept {} in {}, which has no summary.json of an earlier run (they may be "
+        "another model's); this run does not write them ({})\n",
+        fmt::join(found, ", "), out.string(), why);
+}
+
 int run(const Options& o) {
   at::set_num_threads(o.threads);
   at::manual_seed(static_cast<int64_t>(o.seed));
@@ -756,10 +859,9 @@ int run(const Options& o) {
                              ": this libtorch has no CUDA, or no GPU is present");
   const fs::path out(o.output_dir);
   fs::create_directories(out);
-  fs::remove(out / "metrics.jsonl");
+  const fs::path model_dir(o.model);
 
   // Model and tokenizer.
-  const fs::path model_dir(o.model);
   auto model = train::load_pretrained(model_dir);
   model->to(device);
   const auto tok = train::Tokenizer::load(model_dir / "tokenizer.json");
@@ -799,10 +901,12 @@ int run(const Options& o) {
   if (o.implicit_prompt_given && data.format != "implicit-prompt" &&
       (!eval_file || eval_file->format != "implicit-prompt"))
     throw std::runtime_error(fmt::format(
-        "--implicit_prompt {}: {}{} {} no implicit-prompt {{chosen, rejected}} rows (format {}): "
-        "it would change nothing",
-        o.implicit_prompt, o.data, eval_file ? " and " + o.eval_data : std::string(),
-        eval_file ? "have" : "has", data.format));
+        "--implicit_prompt {} splits the prompt off implicit-prompt rows ({{chosen, rejected}} "
+        "without a \"prompt\" field, format implicit-prompt, as HH-RLHF's), but --data {} is "
+        "format {}{}: it would change nothing",
+        o.implicit_prompt, o.data, data.format,
+        eval_file ? fmt::format(" and --eval_data {} is format {}", o.eval_data, eval_file->format)
+                  : std::string()));
   for (const train::Dataset* d : {&data, eval_ptr}) {
     if (!d) continue;
     // TRL renders message lists with the checkpoint's chat template; this trainer has only its
@@ -913,26 +1017,33 @@ int run(const Options& o) {
         fmt::format("no held-out rows: --eval_start {} is past the {} rows of {} "
                     "(lower it, or give --eval_data)",
                     o.eval_start, data.rows, o.data));
-  if (family == Family::kTPO)
-    for (const auto& p : r.train_pairs.pairs)
-      if (p.gold.ids.empty())
-        throw std::runtime_error(
-            fmt::format("--loss tpo needs a gold response: {} row {} has no \"reference\" field",
-                        o.data, p.row + 1));
+  if (family == Family::kTPO)  // TRL's TPO tokenizes "reference" in every split
+    for (const bool eval_side : {false, true})
+      for (const auto& p : (eval_side ? r.eval_pairs : r.train_pairs).pairs)
+        if (p.gold.ids.empty())
+          throw std::runtime_error(
+              fmt::format("--loss tpo needs a gold response: {} row {} has no \"reference\" field",
+                          eval_side && eval_file ? o.eval_data : o.data, p.row + 1));
+  int64_t cut_completions = 0;  // training completions that max_length cut (summary.json)
   {
     const bool classic = topts.truncation == train::Truncation::kClassic;
-    int64_t cut_prompts = 0, cut_completions = 0, tokens = 0, seqs = 0;
+    // A completion ends with EOS (tokenize_answer) unless max_length cut it: a sequence that
+    // fills max_length exactly may be whole, and classic truncation cuts a completion to
+    // max_length - max_prompt_length, below max_length when the prompt is short.
+    int64_t cut_prompts = 0, tokens = 0, seqs = 0;
+    const auto count = [&](const train::Sequence& s) {
+      tokens += static_cast<int64_t>(s.ids.size()), ++seqs;
+      cut_completions += !s.ids.empty() && s.ids.back() != tok.eos_id();
+    };
     for (const auto& p : r.train_pairs.pairs) {
-      for (const auto* s : {&p.chosen, &p.rejected}) {
-        tokens += static_cast<int64_t>(s->ids.size()), ++seqs;
-        cut_completions += static_cast<int64_t>(s->ids.size()) == o.max_length;
-      }
+      count(p.chosen), count(p.rejected);
       cut_prompts += classic && p.chosen.prompt_len == o.max_prompt_length;
     }
-    for (const auto& s : r.train_u.examples) tokens += static_cast<int64_t>(s.ids.size()), ++seqs;
+    if (!data.paired())
+      for (const auto& s : r.train_u.examples) count(s);
     fmt::print(
         "data: {} ({}), {} training {}, {} held out{}; {:.0f} tokens per sequence on "
-        "average ({}{})\n",
+        "average ({}; {} of {} training completions cut at max_length{})\n",
         o.data, data.format, train_rows, data.paired() ? "pairs" : "examples", eval_rows,
         data.skipped.empty()
             ? std::string()
@@ -941,6 +1052,7 @@ int run(const Options& o) {
         classic ? fmt::format("classic truncation: max_length {}, max_prompt_length {}",
                               o.max_length, o.max_prompt_length)
                 : fmt::format("keep_start truncation: max_length {}", o.max_length),
+        cut_completions, seqs,
         classic ? (data.paired() ? fmt::format("; {} prompts cut from the left", cut_prompts)
                                  : std::string())
                 : fmt::format("; dropped, as the prompt alone fills max_length: {} training "
@@ -991,13 +1103,47 @@ int run(const Options& o) {
     fmt::print("reference log-probs precomputed ({:.1f} s)\n", t.seconds());
   }
 
-  // Steps: epochs over the training examples, or --max_steps.
+  // Steps: epochs over the training examples, or --max_steps, counted as HF's Trainer counts
+  // them with its default dataloader_drop_last=False: an epoch is ceil(N / batch) batches, the
+  // last one smaller, and ceil(batches / accum) optimizer steps, the last one taking the
+  // batches that are left (set_initial_training_values, transformers 5.25).
   const int64_t n_train = family == Family::kKTO ? r.train_u.size() : r.train_pairs.size();
-  const int64_t per_step = o.batch * o.accum;
-  const int64_t steps_per_epoch = std::max<int64_t>(1, n_train / per_step);
+  const int64_t batches_per_epoch = (n_train + o.batch - 1) / o.batch;
+  const int64_t steps_per_epoch = std::max<int64_t>(1, (batches_per_epoch + o.accum - 1) / o.accum);
+  const int64_t last_window = batches_per_epoch - (steps_per_epoch - 1) * o.accum;
   const int64_t total =
       o.max_steps >= 0 ? o.max_steps : static_cast<int64_t>(std::ceil(o.epochs * steps_per_epoch));
   const auto warmup = static_cast<int64_t>(std::ceil(o.warmup_ratio * static_cast<double>(total)));
+  // The earlier run's files go only now, when the data, model and reference are in: a run
+  // refused on its inputs leaves the folder as it was.
+  fs::remove(out / "metrics.jsonl");
+  const bool earlier_run = fs::exists(out / "summary.json");
+  // summary.json, written last, marks a folder whose run finished: a run that fails from here
+  // on must not leave the earlier run's beside its own metrics.
+  fs::remove(out / "summary.json");
+  if (!o.save) {
+    std::vector<std::string> checkpoint = {"model.safetensors", "config.json"};
+    checkpoint.insert(checkpoint.end(), checkpoint_extras().begin(), checkpoint_extras().end());
+    remove_stale(out, checkpoint, "--no-save", earlier_run);
+  } else {
+    // Not in --model, so not copied: an older one would stay beside the checkpoint this run
+    // writes over the folder's (the folder's own, whatever wrote it).
+    std::vector<std::string> absent;
+    for (const auto& f : checkpoint_extras())
+      if (!fs::exists(model_dir / f)) absent.push_back(f);
+    remove_stale(out, absent, "--model " + o.model + " has none", /*ours=*/true);
+  }
+  if (!o.plot || total == 0)
+    remove_stale(out, {"curves.png"}, !o.plot ? "--no-plot" : "no training steps to plot",
+                 earlier_run);
+  else
+    fs::remove(out / "curves.png");  // a failed plot must not leave an earlier one behind
+  // HF's epoch: batches done over batches per epoch (state.epoch).
+  const auto epochs_at = [&](int64_t steps) {
+    const int64_t rest = steps % steps_per_epoch;
+    const int64_t batches = steps / steps_per_epoch * batches_per_epoch + rest * o.accum;
+    return static_cast<double>(batches) / static_cast<double>(batches_per_epoch);
+  };
 
   fmt::print("evaluating before training ...\n");
   const auto before = r.evaluate(0, /*at_reference=*/needs_reference(family));
@@ -1011,8 +1157,7 @@ int run(const Options& o) {
       "training: {}, {} steps of {} x {} {} ({:.2f} epochs), lr {:g} ({} warmup steps, {}), beta "
       "{:g}{}\n",
       o.loss, total, o.batch, o.accum, family == Family::kKTO ? "examples" : "pairs",
-      static_cast<double>(total * per_step) / static_cast<double>(n_train), o.lr, warmup,
-      o.scheduler, o.beta.value_or(default_beta(family)),
+      epochs_at(total), o.lr, warmup, o.scheduler, o.beta.value_or(default_beta(family)),
       o.one_pass ? ", one-pass fused loss" : "");
   auto opt = make_optimizer(model, o.lr, o.weight_decay);
   prefopt::MetricAccumulator metrics;
@@ -1021,26 +1166,50 @@ int run(const Options& o) {
   std::iota(order.begin(), order.end(), 0);
   size_t cursor = order.size();
   int64_t epoch_count = 0;
+  at::Tensor window_loss;  // Σ of the steps' losses since the last record
+  int64_t window_steps = 0;
   demo::Progress bar(o.loss, std::max<int64_t>(total, 1));
   const demo::Progress train_clock("", 1);
   model->train();
   for (int64_t step = 1; step <= total; ++step) {
     set_lr(opt, o.lr * lr_factor(o.scheduler, step, total, warmup));
     opt.zero_grad();
-    for (int64_t micro = 0; micro < o.accum; ++micro) {
-      if (cursor + static_cast<size_t>(o.batch) > order.size()) {  // a new epoch
-        std::shuffle(order.begin(), order.end(), rng);
-        cursor = 0;
-        ++epoch_count;
-      }
-      const std::vector<int64_t> idx(
-          order.begin() + static_cast<std::ptrdiff_t>(cursor),
-          order.begin() + static_cast<std::ptrdiff_t>(
-                              cursor + static_cast<size_t>(std::min<int64_t>(o.batch, n_train))));
-      cursor += idx.size();
-      const auto l = r.micro_step(idx, metrics);
-      (l / static_cast<double>(o.accum)).backward();
+    const int64_t in_epoch = (step - 1) % steps_per_epoch;
+    if (in_epoch == 0) {  // a new epoch
+      std::shuffle(order.begin(), order.end(), rng);
+      cursor = 0;
+      ++epoch_count;
     }
+    // The epoch's last step takes the batches left. The step's loss is Σ_b w_b · loss_b over
+    // its batches: as HF's Trainer (current_gradient_accumulation_steps), w_b = 1 / the batches
+    // this step takes, not 1 / --gradient_accumulation_steps; TRL's SFT divides each batch's
+    // NLL sum by the step's scored tokens (num_items_in_batch), so there w_b = its tokens / the
+    // step's.
+    const int64_t window = in_epoch == steps_per_epoch - 1 ? last_window : o.accum;
+    std::vector<std::vector<int64_t>> batches;
+    std::vector<double> tokens;  // SFT: the scored tokens of each batch's chosen completions
+    for (int64_t micro = 0; micro < window; ++micro) {
+      const auto end = std::min(order.size(), cursor + static_cast<size_t>(o.batch));
+      batches.emplace_back(order.begin() + static_cast<std::ptrdiff_t>(cursor),
+                           order.begin() + static_cast<std::ptrdiff_t>(end));
+      cursor = end;
+      double n = 0;
+      if (family == Family::kSFT)
+        for (const auto i : batches.back()) {
+          const auto& c = r.train_pairs.pairs[static_cast<size_t>(i)].chosen;
+          n += static_cast<double>(c.completion_len() - (c.prompt_len == 0));  // no target at 0
+        }
+      tokens.push_back(n);
+    }
+    const double step_tokens = std::accumulate(tokens.begin(), tokens.end(), 0.0);
+    for (size_t b = 0; b < batches.size(); ++b) {
+      const double w = family == Family::kSFT ? tokens[b] / std::max(step_tokens, 1.0)
+                                              : 1.0 / static_cast<double>(window);
+      const auto l = r.micro_step(batches[b], metrics) * w;
+      l.backward();
+      window_loss = window_loss.defined() ? window_loss + l.detach() : l.detach();
+    }
+    ++window_steps;
     const auto grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), o.max_grad_norm);
     opt.step();
     if (step % o.logging_steps == 0 || step == total) {
@@ -1049,7 +1218,12 @@ int run(const Options& o) {
       metrics.add_scalar("grad_norm", grad_norm);
       metrics.add_scalar("learning_rate", o.lr * lr_factor(o.scheduler, step, total, warmup));
       auto m = metrics.compute();
-      m.set("epoch", static_cast<double>(step * per_step) / static_cast<double>(n_train));
+      // HF's logged loss: the mean over the window's optimizer steps of each step's loss, which
+      // differs from the metrics' mean over batches where steps take different batches or
+      // (SFT) tokens.
+      m.set("loss", window_loss.item<double>() / static_cast<double>(window_steps));
+      window_loss = at::Tensor(), window_steps = 0;
+      m.set("epoch", epochs_at(step));
       log.write(step, m);
       history.emplace_back(step, m);
       const double* margins = m.find("rewards/margins");
@@ -1083,11 +1257,16 @@ int run(const Options& o) {
                                     {"train_examples", n_train},
                                     {"eval_examples", eval_rows},
                                     {"skipped_pairs", data.skipped.size()},
+                                    {"cut_completions", cut_completions},
                                     {"steps", total},
                                     {"seed", o.seed},
                                     {"before", to_json(before)},
                                     {"after", to_json(after)},
                                     {"train_seconds", train_seconds}};
+  summary["forwarded_sequences"] = forwarded.sequences;
+  summary["forwarded_tokens"] = forwarded.tokens;
+  fmt::print("forward passes: {} sequences, {} tokens (reference, training and evaluation)\n",
+             forwarded.sequences, forwarded.tokens);
 
   if (o.plot && total > 0) {
     const bool pairwise = history.empty() || history.back().second.contains("rewards/margins");
@@ -1120,11 +1299,7 @@ int run(const Options& o) {
 
   if (o.save) {
     std::vector<fs::path> extra;
-    // The tokenizer's files as transformers saves them, the chat template included (transformers
-    // 5 keeps it in chat_template.jinja, beside tokenizer_config.json).
-    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                          "chat_template.jinja", "chat_template.json", "generation_config.json"})
-      extra.push_back(model_dir / f);
+    for (const auto& f : checkpoint_extras()) extra.push_back(model_dir / f);
     train::save_pretrained(model, out, extra);
     check_bitwise(model, out);
     fmt::print("checkpoint: {} + config.json (reloaded bit for bit)\n",
@@ -1227,9 +1402,12 @@ int main(int argc, char** argv) {
   opt(tr, "max_steps", o.max_steps, "optimizer steps (overrides the epochs when >= 0)");
   opt(tr, "per_device_train_batch_size", o.batch, "pairs (KTO: examples) per micro-step")
       ->check(CLI::PositiveNumber);
-  opt(tr, "gradient_accumulation_steps", o.accum, "micro-steps per optimizer step")
+  opt(tr, "gradient_accumulation_steps", o.accum,
+      "micro-steps per optimizer step (an epoch's last step takes the batches left)")
       ->check(CLI::PositiveNumber);
-  opt(tr, "per_device_eval_batch_size", o.eval_batch, "sequences per evaluation forward")
+  opt(tr, "per_device_eval_batch_size", o.eval_batch,
+      "pairs (KTO: examples) per evaluation batch, whose metrics are averaged as TRL's; also "
+      "sequences per evaluation forward")
       ->check(CLI::PositiveNumber);
   opt(tr, "learning_rate", o.lr,
       "peak learning rate of AdamW (TRL's 1e-6 suits billions of parameters, not 656K)")

@@ -41,6 +41,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 
 PREFOPT_BEGIN_NAMESPACE
@@ -556,7 +557,12 @@ PREFOPT_INLINE DistributedContext init_process_group(const ProcessGroupOptions& 
               ": environment variable MASTER_ADDR is not set; expected rank 0's host name or "
               "address, or pass ProcessGroupOptions::master_addr");
   const int port = detail::dist::env_int("MASTER_PORT", "master_port", o.master_port(), 1, 65535);
-  TORCH_CHECK(o.timeout().count() > 0, detail::dist::kInit, ": expected a positive timeout, got ",
+  // At most poll()'s int milliseconds: a longer one ("wait for ever",
+  // milliseconds::max()) overflowed the steady clock's nanosecond deadlines here and in
+  // libtorch's store, and read as one already past.
+  constexpr int64_t kMaxTimeoutMs = std::numeric_limits<int>::max();
+  TORCH_CHECK(o.timeout().count() > 0 && o.timeout().count() <= kMaxTimeoutMs, detail::dist::kInit,
+              ": expected a timeout in [1, ", kMaxTimeoutMs, "] ms (about 24.8 days), got ",
               o.timeout().count(), " ms");
 
   DistBackend backend = o.backend();
@@ -705,6 +711,9 @@ PREFOPT_INLINE at::Tensor update_bco_baseline(BCOBaseline& baseline,
   try {
     TORCH_CHECK(chosen_rewards.defined() && rejected_rewards.defined(), fn,
                 ": expected defined chosen and rejected rewards");
+    TORCH_CHECK(chosen_rewards.device() == rejected_rewards.device(), fn,
+                ": expected the chosen and rejected rewards on one device, got ",
+                chosen_rewards.device(), " and ", rejected_rewards.device());
     const auto all =
         at::cat({chosen_rewards.detach().flatten(), rejected_rewards.detach().flatten()})
             .to(at::kDouble);
@@ -745,9 +754,13 @@ PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
                 fn, ": expected two 1-D log-prob tensors of equal size, got ",
                 policy_KL_logps.defined() ? policy_KL_logps.sizes() : at::IntArrayRef{}, " and ",
                 reference_KL_logps.defined() ? reference_KL_logps.sizes() : at::IntArrayRef{});
-    // As the one-rank kto_kl: integer or complex log-probs are not cast silently.
+    // As the one-rank kto_kl: integer or complex log-probs are not cast silently, and log-probs
+    // on two devices are named (not ATen's "Expected all tensors to be on the same device").
     detail::check_floating_logps(fn, "policy_KL_logps", policy_KL_logps);
     detail::check_floating_logps(fn, "reference_KL_logps", reference_KL_logps);
+    TORCH_CHECK(policy_KL_logps.device() == reference_KL_logps.device(), fn,
+                ": expected policy_KL_logps and reference_KL_logps on one device, got ",
+                policy_KL_logps.device(), " and ", reference_KL_logps.device());
     const auto d =
         policy_KL_logps.detach().to(at::kDouble) - reference_KL_logps.detach().to(at::kDouble);
     const double n = static_cast<double>(d.numel());

@@ -41,7 +41,7 @@ struct ProcessGroupOptions {
   /// Backend. Default: kGloo (the CPU backend; ask for kNCCL or kAuto on GPUs).
   TORCH_ARG(DistBackend, backend) = DistBackend::kGloo;
   /// How long to wait for the master's store, for every rank to join, and for any collective
-  /// of the group. Default: 300 s.
+  /// of the group, in [1 ms, 2³¹ − 1 ms] (about 24.8 days). Default: 300 s.
   TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::seconds(300);
   /// This process's rank, in [0, world_size); -1: `RANK`.
   TORCH_ARG(int, rank) = -1;
@@ -76,11 +76,11 @@ struct DistributedContext {
 ///
 /// Errors (TORCH_CHECKs naming this function): a missing or malformed `RANK`, `WORLD_SIZE`,
 /// `MASTER_ADDR` or `MASTER_PORT`, or an option outside its variable's range (a port in
-/// [1, 65535]); a rank outside [0, WORLD_SIZE); an unreachable master, a rank that never joins
-/// (named), or a listener on the master port that is not a c10d store (or is frozen), within
-/// `timeout` (and half a second); ranks told different `WORLD_SIZE`s, on every rank that joined,
-/// at once; a failure that comes before the timeout says after how long, and its cause; NCCL
-/// asked for in a build without it.
+/// [1, 65535], a timeout in [1, 2³¹ − 1] ms); a rank outside [0, WORLD_SIZE); an unreachable
+/// master, a rank that never joins (named), or a listener on the master port that is not a c10d
+/// store (or is frozen), within `timeout` (and half a second); ranks told different `WORLD_SIZE`s,
+/// on every rank that joined, at once; a failure that comes before the timeout says after how long,
+/// and its cause; NCCL asked for in a build without it.
 ///
 /// Example (two CPU processes on one machine):
 /// ```

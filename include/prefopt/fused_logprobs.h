@@ -75,7 +75,9 @@ struct FusedLogprobsOptions {
   /// gradient joins the log-probs' in every chunk of the backward, at no extra GEMM.
   /// Default: false.
   TORCH_ARG(bool, with_entropy) = false;
-  /// Also return `wpo_weights` (see `GatherLogprobsOptions::with_wpo_weights`). Default: false.
+  /// Also return `wpo_weights` (see `GatherLogprobsOptions::with_wpo_weights`); the one-pass
+  /// `fused_dpo_loss` also weights each pair's loss by them (TRL's `use_weighting`; the other
+  /// fused losses only return them). Default: false.
   TORCH_ARG(bool, with_wpo_weights) = false;
   /// Memory budget, in bytes, for the reused buffers: forward, one [c, V] logits buffer in the
   /// input dtype (and c gathered hidden rows); backward, that buffer, an [N, c'] vocabulary

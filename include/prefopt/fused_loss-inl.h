@@ -31,8 +31,9 @@ using torch::autograd::variable_list;
 /// examples (KTO).
 enum class Groups { kPairs, kSingles };
 
-/// The batch's loss as a function of every sequence's summed log-prob [S] (differentiable).
-using SumsLoss = std::function<at::Tensor(const at::Tensor& sums)>;
+/// The batch's loss as a function of every sequence's summed log-prob [S] (differentiable)
+/// and, where `Job::apply_wpo`, the sequences' WPO weights [S] (constants; else undefined).
+using SumsLoss = std::function<at::Tensor(const at::Tensor& sums, const at::Tensor& wpo)>;
 /// The final loss on the pass's per-sequence results (no grad); returns the 0-dim loss value.
 using Finish = std::function<at::Tensor(const SequenceLogprobs& all)>;
 
@@ -47,8 +48,13 @@ struct Job {
   SumsLoss loss;
   Finish finish;
   bool need_h = false, need_w = false, need_b = false;
+  /// Weight each group's loss by its WPO weights, computed in the pass (needs kLogSumP2):
+  /// a chunk's rows are all forwarded before its gradient, so its weights are complete then.
+  bool apply_wpo = false;
   // Results.
   at::Tensor dh, dw, db, value;
+  // The sequences' WPO weights where `apply_wpo`: 1 until a sequence's chunk is done.
+  at::Tensor wpo;
 
   /// dL/d(sums) at the sequences `ids`: the loss is evaluated on `cur` (the batch's sums so far,
   /// placeholders for sequences not yet seen), differentiated with respect to those entries
@@ -57,7 +63,7 @@ struct Job {
     at::AutoGradMode enable(true);
     auto leaf = cur.index_select(0, ids).detach().requires_grad_(true);
     const auto full = cur.detach().index_copy(0, ids, leaf);
-    const auto l = loss(full);
+    const auto l = loss(full, wpo);
     auto g = torch::autograd::grad({l}, {leaf}, /*grad_outputs=*/{}, /*retain_graph=*/false,
                                    /*create_graph=*/false, /*allow_unused=*/true)[0];
     return g.defined() ? g : at::zeros_like(leaf);
@@ -158,6 +164,14 @@ struct Job {
     // sequence's chunk is done.
     at::Tensor cur = counts.neg().to(acc);
     at::Tensor sums64 = at::zeros({S}, acc_opts.dtype(at::kDouble));
+    // WPO: Σ (log p − log Σ_v p_v²) per sequence, and exp of its mean over the scored rows as
+    // `assemble` forms it (an empty sequence weighs exp(0) = 1, as in TRL).
+    at::Tensor wpo64 = apply_wpo ? at::zeros({S}, acc_opts.dtype(at::kDouble)) : at::Tensor();
+    const auto wpo_of = [&](const at::Tensor& ids) {
+      return (wpo64.index_select(0, ids).to(acc) / counts.index_select(0, ids).clamp_min(1).to(acc))
+          .exp();
+    };
+    if (apply_wpo) wpo = at::ones({S}, acc_opts);
 
     // Rows `idx` (positions among the scored rows) at the top of the buffers: their logits and
     // per-row statistics, kept with the sums (`record`); or, for rows streamed a second time,
@@ -198,6 +212,7 @@ struct Job {
         if (dst->defined() && dst->numel() > 0) dst->index_copy_(0, idx, *src);
       }
       sums64.index_add_(0, p.seq, p.out.logp.to(at::kDouble));
+      if (apply_wpo) wpo64.index_add_(0, p.seq, (p.out.logp - p.out.log_sum_p2).to(at::kDouble));
       return p;
     };
     // The gradients of a part whose logits are in the buffer, for dL/d(sums) `g_all` [S].
@@ -248,6 +263,7 @@ struct Job {
       Part last = forward(idx.narrow(0, streamed, m - streamed), true, true);
 
       cur.index_copy_(0, ids, sums64.index_select(0, ids).to(acc));
+      if (apply_wpo) wpo.index_copy_(0, ids, wpo_of(ids));  // every row of the chunk is in
       const auto g_all = at::zeros({S}, acc_opts).index_copy_(0, ids, seq_grad(cur, ids));
       backward(last, g_all);
       for (int64_t a = 0; a < streamed; a += c) {  // the streamed rows' logits again
@@ -258,7 +274,10 @@ struct Job {
     buffer = h_buffer = cap_buffer = at::Tensor();
     if (dw_acc) dw = dw_acc->finish(st);
     if (need_b) db = db.to(bias.scalar_type());
-    value = finish(assemble(sel, r.logp, r, flags, o.with_token_logps(), acc));
+    auto all = assemble(sel, r.logp, r, flags, o.with_token_logps(), acc);
+    // The loss's value with the very weights its gradient used (the same sums, in pass order).
+    if (apply_wpo) all.wpo_weights = wpo = wpo_of(at::arange(S, long_opts));
+    value = finish(all);
   }
 };
 
@@ -405,10 +424,11 @@ PREFOPT_INLINE void refuse_none(const char* fn, const LossReduction& r) {
 }
 
 /// A pairwise loss in one pass: `call(inputs)` evaluates the loss (its `.loss` is used).
+/// `apply_wpo`: the pass's WPO pair weights w_c·w_r become the inputs' `weights`.
 template <typename Result, typename Call>
 FusedLossOutput<Result, PairInputs> pairwise(const char* fn, const HeadBatch& b,
                                              const PairInputs& given, const FusedLogprobsOptions& o,
-                                             const Call& call) {
+                                             const Call& call, bool apply_wpo = false) {
   TORCH_CHECK(!given.policy_chosen_logps().defined() && !given.policy_rejected_logps().defined(),
               fn, ": the policy log-probs come from the pass; got policy_*_logps in the inputs");
   TORCH_CHECK(!given.chosen_lengths().defined() && !given.rejected_lengths().defined(), fn,
@@ -433,16 +453,22 @@ FusedLossOutput<Result, PairInputs> pairwise(const char* fn, const HeadBatch& b,
   auto base = given;
   if (base.weights().defined()) base.weights(base.weights().detach());
   base.chosen_lengths(nc).rejected_lengths(nr).logps_form(form);
-  const auto with_sums = [&](const at::Tensor& sums) {
+  // `wpo`: the sequences' WPO weights [S], or undefined.
+  const auto with_sums = [&](const at::Tensor& sums, const at::Tensor& wpo) {
     const auto [c, r] = halves(sums);
     auto in = base;
+    if (wpo.defined()) {
+      const auto [wc, wr] = halves(wpo);
+      in.weights(wc * wr);
+    }
     return in.policy_chosen_logps(in_form(c, nc, form)).policy_rejected_logps(in_form(r, nr, form));
   };
   // Everything the loss checks (options, shapes of the reference and weights) fails here,
   // before the pass: on placeholder sums of a mean log-prob of −1 per token.
   {
     c10::NoGradGuard no_grad;
-    (void)call(with_sums(counts.neg().to(acc)));
+    const auto placeholder = counts.neg().to(acc);
+    (void)call(with_sums(placeholder, apply_wpo ? at::ones_like(placeholder) : at::Tensor()));
   }
   // As the two-pass losses: a reference of unsaid form is taken as sums, with a warning.
   if (has_ref && given.logps_form() == LogpsForm::kUnspecified) {
@@ -456,11 +482,14 @@ FusedLossOutput<Result, PairInputs> pairwise(const char* fn, const HeadBatch& b,
   job.sel = prep.sel;
   job.o = o;
   job.groups = Groups::kPairs;
-  job.loss = [&](const at::Tensor& sums) { return call(with_sums(sums)).loss; };
+  job.apply_wpo = apply_wpo;
+  job.loss = [&](const at::Tensor& sums, const at::Tensor& wpo) {
+    return call(with_sums(sums, wpo)).loss;
+  };
   job.finish = [&](const SequenceLogprobs& all) {
     c10::NoGradGuard no_grad;
     out.policy = functional::split_pairs(all);
-    out.inputs = with_sums(all.sum);
+    out.inputs = with_sums(all.sum, apply_wpo ? all.wpo_weights : at::Tensor());
     out.result = call(out.inputs);
     return out.result.loss;
   };
@@ -487,17 +516,24 @@ PREFOPT_INLINE FusedDPOOutput fused_dpo_loss(const HeadBatch& batch, const PairI
               ": bco_running_mean's baseline folds in the whole batch's rewards before the ",
               "loss; use fused_logprobs and the DPOLoss functor (two passes)");
   detail::fused_loss::refuse_none(fn, loss.reduction());
-  // The pass's WPO weights are returned, not applied (a pair split over chunks has its
-  // gradient written before its weights are complete). Without `weights`, a port of TRL's
-  // use_weighting would train unweighted.
-  if (options.with_wpo_weights() && !inputs.weights().defined()) {
-    TORCH_WARN_ONCE(fn, ": with_wpo_weights returns the policy's WPO weights in `policy` but does ",
-                    "not weight this loss (only inputs.weights does); for TRL's use_weighting, ",
-                    "get them from a no-grad fused_logprobs pass first and pass w_c·w_r as ",
-                    "weights");
-  }
+  const bool wpo = options.with_wpo_weights();
+  // The pass's WPO weights replace `weights`: both at once would weight every pair twice (the
+  // earlier recipe passed w_c·w_r from a first pass).
+  TORCH_CHECK(!(wpo && inputs.weights().defined()), fn,
+              ": with_wpo_weights weights each pair by the pass's WPO weights w_c·w_r; got ",
+              "inputs.weights too (they would multiply): pass one of the two");
+  // A token-mean NLL is one term of the whole batch: weighted per pair, its gradient at every
+  // chosen token scales with the mean of all pairs' weights, known only after the last chunk.
+  bool sft = false;
+  for (DPOLossType t : loss.loss_type()) sft = sft || t == DPOLossType::kSFT;
+  TORCH_CHECK(!(wpo && (sft || loss.rpo_alpha() != 0) &&
+                loss.nll_normalization() == NLLNormalization::kTokenMean),
+              fn, ": with_wpo_weights and a token-mean NLL term (", sft ? "sft" : "rpo_alpha",
+              "): the weighted NLL's gradient at every chosen token needs the mean of all pairs' ",
+              "WPO weights, known only after the last chunk; use NLLNormalization::kSequenceMean ",
+              "(a per-pair NLL), or fused_logprobs + wpo_pair_weights + dpo_loss (two passes)");
   return detail::fused_loss::pairwise<DPOLossResult>(
-      fn, batch, inputs, options, [&](const PairInputs& in) { return dpo_loss(in, loss); });
+      fn, batch, inputs, options, [&](const PairInputs& in) { return dpo_loss(in, loss); }, wpo);
 }
 
 PREFOPT_INLINE FusedCPOOutput fused_cpo_loss(const HeadBatch& batch, const CPOLossOptions& loss,
@@ -580,7 +616,9 @@ PREFOPT_INLINE FusedKTOOutput fused_kto_loss(const HeadBatch& batch, const Fused
   job.sel = prep.sel;
   job.o = options;
   job.groups = fl::Groups::kSingles;
-  job.loss = [&](const at::Tensor& sums) { return kto_loss(with_sums(sums), loss).loss; };
+  job.loss = [&](const at::Tensor& sums, const at::Tensor&) {
+    return kto_loss(with_sums(sums), loss).loss;
+  };
   job.finish = [&](const SequenceLogprobs& all) {
     c10::NoGradGuard no_grad;
     out.policy.chosen = fl::select_sequences(all, d_idx);

@@ -157,11 +157,19 @@ namespace functional {
 /// gradient (a scalar, in fp32). So an fp16 loss scale (GradScaler) comes too late to keep
 /// fp16 gradients from underflowing: rely on it with the two-pass path, or use bf16. A second
 /// backward through the same loss (`retain_graph`) and double backward are refused. WPO
-/// `weights` are detached, as TRL computes them. `FusedLogprobsOptions::with_wpo_weights`
-/// returns the policy's weights in `policy` (for logging) but does not apply them (a pair
-/// split over chunks has its gradient written before its weights are complete): for TRL's
-/// `use_weighting`, take them from a no-grad `fused_logprobs` pass first and pass w_c·w_r as
-/// `weights` (without `weights`, asking for them warns once).
+/// `weights` are detached, as TRL computes them.
+///
+/// WPO (TRL's `use_weighting`, arXiv:2406.11827): `FusedLogprobsOptions::with_wpo_weights`
+/// weights each pair's loss by the pass's own `w_c · w_r`, with
+/// `w = exp(mean over the completion's scored tokens of log p(y_t) − log Σ_v p_v²)` (1 for an
+/// empty completion), detached: `loss = reduce(w_c·w_r ⊙ (Σ_k w_k · losses_k + rpo_alpha ·
+/// NLL))`, the same loss and gradients as `fused_logprobs` + `wpo_pair_weights` + `dpo_loss`
+/// with those `weights`. A chunk's rows are all forwarded before its gradient, so its weights
+/// are complete then; `policy` returns the sequences' weights and `inputs.weights` the pairs'.
+/// Refused: `inputs.weights` as well (the two would multiply), and a token-mean NLL term (`sft`
+/// or `rpo_alpha` with `NLLNormalization::kTokenMean`), whose weighted gradient at each chosen
+/// token needs the mean of every pair's weight, known only after the last chunk (use
+/// `kSequenceMean`, or the two-pass path).
 ///
 /// Example:
 /// ```

@@ -367,6 +367,34 @@ PREFOPT_INLINE DPOLossResult as_dpo(const ORPOLossResult& r) {
   return {r.loss,     r.losses,       r.chosen_rewards, r.rejected_rewards,
           r.nll_loss, r.chosen_logps, r.rejected_logps};
 }
+// A metric that TRL gathers as one mean per rank and averages over the ranks: this rank's
+// (Σ, count) becomes (Σ / count, 1), or (0, 0) from a rank with nothing to average (TRL: NaN),
+// so that the sum over ranks counts ranks, not examples or tokens. Only under kMeanOfSteps: a
+// kCountWeighted window (TRL has none for these losses) pools, as for every other metric.
+PREFOPT_INLINE void as_rank_mean(std::vector<at::Tensor>& step, size_t slot,
+                                 const MetricsOptions& options) {
+  if (options.window() != MetricWindow::kMeanOfSteps || step.size() <= slot ||
+      !step[slot].defined())
+    return;
+  const auto sum = step[slot][0], n = step[slot][1];
+  const auto some = n > 0;
+  step[slot] =
+      at::stack({at::where(some, sum / n.clamp_min(1), at::zeros_like(sum)), some.to(at::kDouble)});
+}
+// TRL's CPOTrainer and ORPOTrainer log `gather_for_metrics(logits.mean()).mean()`: each rank's
+// mean over every position, averaged over the ranks (their scored-token form has no TRL
+// counterpart, and pools like DPO's); ORPO's log_odds_* are `torch.mean` per rank likewise.
+PREFOPT_INLINE void cpo_orpo_rank_means(std::vector<at::Tensor>& step,
+                                        const MetricsOptions& options, bool log_odds) {
+  if (options.logits() == LogitsMetric::kAllPositions) {
+    as_rank_mean(step, kLogitsChosen, options);
+    as_rank_mean(step, kLogitsRejected, options);
+  }
+  if (log_odds) {
+    as_rank_mean(step, kLogOddsRatio, options);
+    as_rank_mean(step, kLogOddsChosen, options);
+  }
+}
 }  // namespace metrics
 }  // namespace detail
 
@@ -377,6 +405,7 @@ PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInp
 PREFOPT_INLINE void MetricAccumulator::add(const CPOLossResult& r, const PairInputs& in,
                                            const PairLogprobs& policy) {
   add(detail::metrics::as_cpo_logged(r), in, policy);
+  detail::metrics::cpo_orpo_rank_means(steps_.back(), options_, /*log_odds=*/false);
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const TPOLossResult& r, const PairInputs& in) {
@@ -410,19 +439,15 @@ PREFOPT_INLINE void MetricAccumulator::add(const TPOLossResult& r, const PairInp
                       "responses with with_entropy(true) too");
     }
   }
-  if (options_.window() != MetricWindow::kMeanOfSteps) {
-    step[detail::metrics::kEntropy] = at::stack({sum, n});
-    return;
-  }
-  const auto some = n > 0;
-  step[detail::metrics::kEntropy] =
-      at::stack({at::where(some, sum / n.clamp_min(1), at::zeros_like(sum)), some.to(at::kDouble)});
+  step[detail::metrics::kEntropy] = at::stack({sum, n});
+  detail::metrics::as_rank_mean(step, detail::metrics::kEntropy, options_);
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in) {
   add(detail::metrics::as_dpo(r), in);
   put_examples(steps_.back(), detail::metrics::kLogOddsRatio, r.log_odds_ratio);
   put_examples(steps_.back(), detail::metrics::kLogOddsChosen, r.log_odds_chosen);
+  detail::metrics::cpo_orpo_rank_means(steps_.back(), options_, /*log_odds=*/true);
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairInputs& in,
@@ -430,6 +455,7 @@ PREFOPT_INLINE void MetricAccumulator::add(const ORPOLossResult& r, const PairIn
   add(detail::metrics::as_dpo(r), in, policy);
   put_examples(steps_.back(), detail::metrics::kLogOddsRatio, r.log_odds_ratio);
   put_examples(steps_.back(), detail::metrics::kLogOddsChosen, r.log_odds_chosen);
+  detail::metrics::cpo_orpo_rank_means(steps_.back(), options_, /*log_odds=*/true);
 }
 
 PREFOPT_INLINE void MetricAccumulator::add(const KTOLossResult& r, const KTOInputs& in) {

@@ -35,7 +35,9 @@ PREFOPT_BEGIN_NAMESPACE
 enum class MetricWindow {
   /// The plain mean over micro-steps of each micro-step's value, where a micro-step's value
   /// pools every rank: its examples for the per-example metrics, its tokens for the token
-  /// metrics (`logits/*`, `entropy`, `mean_token_accuracy`), its ranks' samples for scalars.
+  /// metrics (`logits/*`, `entropy`, `mean_token_accuracy`), its ranks' samples for scalars;
+  /// except where TRL averages each rank's mean (CPO's and ORPO's `logits/*` under
+  /// kAllPositions, ORPO's `log_odds_*`, TPO's `entropy`): the mean of the ranks' means.
   /// Current TRL (DPO, CPO, ORPO, TPO; KTO since 1.6): `log()` averages the stored per-step
   /// values. A micro-step without examples (or tokens) of a metric is left out of that
   /// metric's mean, where TRL averages in a 0 for the token metrics and a NaN for a pairwise
@@ -51,8 +53,8 @@ enum class MetricWindow {
 /// over.
 enum class LogitsMetric {
   kScored,        ///< completion tokens that are scored (TRL ≥ 0.29); needs `with_logits_mean`
-  kAllPositions,  ///< every position, prompt and padding included (LLaMA-Factory, torchtune,
-                  ///< Liger); needs `with_logits_mean_unmasked`
+  kAllPositions,  ///< every position, prompt and padding included (TRL's CPO and ORPO,
+                  ///< LLaMA-Factory, torchtune, Liger); needs `with_logits_mean_unmasked`
 };
 
 /// Options of `MetricAccumulator`.
@@ -120,9 +122,10 @@ class PREFOPT_API Metrics {
 /// - `rewards/accuracies`: the fraction of pairs with r_c > r_r (ties are not accurate);
 /// - `rewards/margins`: `rewards/chosen − rewards/rejected` of the same window (for pairs this
 ///   is the mean of r_c − r_r; for KTO a micro-step needs both sides);
-/// - `log_odds_ratio`, `log_odds_chosen` (ORPO): pair means;
+/// - `log_odds_ratio`, `log_odds_chosen` (ORPO): pair means, per rank (see its `add`);
 /// - from the policy's `SequenceLogprobs`, token-weighted over the ranks (and averaged over
-///   the micro-steps as the window says): `logits/chosen`, `logits/rejected` (see
+///   the micro-steps as the window says; CPO's and ORPO's `logits/*` under kAllPositions are
+///   per rank, see their `add`): `logits/chosen`, `logits/rejected` (see
 ///   `LogitsMetric`; gather with `with_logits_mean`), `entropy` over both sides
 ///   (`with_entropy`), `mean_token_accuracy` (`with_token_accuracy`) over the chosen side for
 ///   pairwise losses (TRL ≥ 0.29), both sides for KTO; a statistic that was not gathered
@@ -167,7 +170,10 @@ class PREFOPT_API MetricAccumulator {
   /// term (`cpo_alpha` = 0, and AlphaPO, for which TRL sets it to 0), as TRL's CPOTrainer
   /// logs it.
   void add(const CPOLossResult& result, const PairInputs& inputs);
-  /// The same, with the policy's token statistics.
+  /// The same, with the policy's token statistics. Under kAllPositions with the default
+  /// kMeanOfSteps window, `logits/*` are TRL's CPO form, `gather(logits.mean()).mean()`: each
+  /// rank's mean over its positions, averaged over the ranks (a rank with no positions is left
+  /// out; TRL: NaN). kScored, and a kCountWeighted window, pool the tokens as for DPO.
   void add(const CPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
   /// A TPO micro-step: CPO's metrics but `nll_loss`, which TRL's TPOTrainer does not log.
   void add(const TPOLossResult& result, const PairInputs& inputs);
@@ -176,12 +182,16 @@ class PREFOPT_API MetricAccumulator {
   /// kMeanOfSteps window `entropy` is then TRL's TPO form: each rank's mean over every
   /// completion token of the branches (chosen, rejected, gold), averaged over the ranks; a rank
   /// with no tokens is left out (TRL: NaN). `num_tokens` counts the gold tokens too. `logits/*`
-  /// and `mean_token_accuracy` are as for CPO.
+  /// and `mean_token_accuracy` are as for DPO (TRL's TPO pools the ranks' scored tokens).
   void add(const TPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy,
            const SequenceLogprobs& gold = {});
-  /// An ORPO micro-step (also `log_odds_ratio`, `log_odds_chosen`).
+  /// An ORPO micro-step (also `log_odds_ratio`, `log_odds_chosen`). With the default
+  /// kMeanOfSteps window these are TRL's `gather(torch.mean(x)).mean()`: each rank's mean over
+  /// its pairs, averaged over the ranks (a rank without pairs is left out; TRL: NaN), where a
+  /// kCountWeighted window pools the pairs.
   void add(const ORPOLossResult& result, const PairInputs& inputs);
-  /// The same, with the policy's token statistics.
+  /// The same, with the policy's token statistics; `logits/*` as for CPO (per rank under
+  /// kAllPositions).
   void add(const ORPOLossResult& result, const PairInputs& inputs, const PairLogprobs& policy);
   /// A KTO micro-step (also `kl`); either side may be empty.
   void add(const KTOLossResult& result, const KTOInputs& inputs);
@@ -203,9 +213,10 @@ class PREFOPT_API MetricAccumulator {
   void add_scalar(const std::string& name, double value);
 
   /// Reduces the window over its micro-steps and, with a group, over the group's ranks (one
-  /// all-reduce of one packed fp64 tensor, on the device the losses were on), then starts a
-  /// new window. Returns the metrics in TRL's order; an empty window gives only `num_tokens`
-  /// if tokens were ever counted.
+  /// all-reduce of one packed fp64 tensor, on the device the losses were on, after a 6-value
+  /// one that checks that the ranks' windows agree), then starts a new window. Returns the
+  /// metrics in TRL's order; an empty window gives only `num_tokens` if tokens were ever
+  /// counted.
   Metrics compute(c10d::ProcessGroup* group = nullptr);
 
   /// Reduces the windows of several accumulators in this process as if each were one rank of

@@ -64,13 +64,30 @@ PREFOPT_BEGIN_NAMESPACE
 namespace eigen {
 
 /// A column vector of `T` (per-sequence log-probs, per-pair losses, gradients).
+///
+/// Example:
+/// ```
+/// prefopt::eigen::Vector<float> pc(2);
+/// pc << -12.5f, -30.2f;
+/// ```
 template <typename T>
 using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 
 /// A column vector of int64 (labels, token counts, cu_seqlens).
+///
+/// Example:
+/// ```
+/// prefopt::eigen::IndexVector labels(4);
+/// labels << -100, 5, 7, 2;
+/// ```
 using IndexVector = Eigen::Matrix<int64_t, Eigen::Dynamic, 1>;
 
 /// A row-major matrix of `T`: logits [N, V], one row per position.
+///
+/// Example:
+/// ```
+/// prefopt::eigen::RowMatrix<float> logits = prefopt::eigen::RowMatrix<float>::Zero(7, 32);
+/// ```
 template <typename T>
 using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
@@ -341,10 +358,12 @@ std::pair<T, T> smoothed_sigmoid(T z, double eps) {
           log_sigmoid_grad(z) * (e - T(1)) + log_sigmoid_grad(-z) * e};
 }
 
-/// relu(x) and its derivative (1 where x > 0, as ATen's threshold_backward).
+/// relu(x) and its derivative: 0 and 0 where x ≤ 0, x and 1 elsewhere. A NaN stays NaN with
+/// derivative 1, as ATen's relu and threshold_backward (x ≤ 0 ? 0 : grad) give it: a NaN
+/// margin must not turn into a zero loss.
 template <typename T>
 std::pair<T, T> relu(T x) {
-  return x > 0 ? std::make_pair(x, T(1)) : std::make_pair(T(0), T(0));
+  return x <= 0 ? std::make_pair(T(0), T(0)) : std::make_pair(x, T(1));
 }
 
 // ------------------------------------------------------------------------------ reductions
@@ -557,7 +576,8 @@ NLL<T> chosen_nll(const char* fn, const PairInputs<T>& in, const Vector<T>& chos
         "an explicit nll_loss, got neither");
   // Σ over every chosen token / their number; an empty batch gives 0, not TRL's NaN.
   if (!averaged) {
-    // The libtorch layer sums the counts in their own (integer) type: exact, as here.
+    // Summed in double: exact (the libtorch layer sums them in the loss's dtype, exact in fp32
+    // up to 2^24 tokens).
     const T total = static_cast<T>(std::max(n->sum(), 1.0));
     out.value = -chosen.sum() / total;
     out.dlogps = Vector<T>::Constant(B, T(-1) / total);

@@ -31,16 +31,17 @@ struct CPOLossOptions {
   /// ε ∈ [0, 0.5) for sigmoid/simpo/alphapo; hinge and ipo do not take it (an error when set).
   /// Default: 0.
   PREFOPT_EIGEN_ARG(double, label_smoothing) = 0.0;
-  /// SimPO's target margin γ (the sigmoid sees βm − γ). Default: 0.5.
+  /// SimPO's target margin γ (the sigmoid sees βm − γ). Read by simpo and alphapo only:
+  /// another value than 0.5 with sigmoid, hinge or ipo warns. Default: 0.5.
   PREFOPT_EIGEN_ARG(double, simpo_gamma) = 0.5;
   /// Weight of the chosen NLL added to the loss (CPO's BC term; TRL's simpo includes it). Not
-  /// used by kAlphaPO. Default: 1.0.
+  /// read by kAlphaPO: another value than 1 with it warns. Default: 1.0.
   PREFOPT_EIGEN_ARG(double, cpo_alpha) = 1.0;
   /// AlphaPO's α: with α ≠ 0 every log-prob is first mapped to r = (1 − e^{−α·logp})/α.
   /// Default: 0.
   PREFOPT_EIGEN_ARG(double, alpha) = 0.0;
-  /// Averaging of the NLL term (unused when `PairInputs::nll_loss` is given).
-  /// Default: kTokenMean.
+  /// Averaging of the NLL term. Not read without one (cpo_alpha = 0, alphapo) nor when
+  /// `PairInputs::nll_loss` is given: kSequenceMean then warns. Default: kTokenMean.
   PREFOPT_EIGEN_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
   /// Reduction of the per-pair losses. Default: kMean.
   PREFOPT_EIGEN_ARG(Reduction, reduction) = Reduction::kMean;
@@ -68,7 +69,8 @@ struct SimPOLossOptions {
   PREFOPT_EIGEN_ARG(double, cpo_alpha) = 0.0;
   /// AlphaPO's α (0: plain SimPO). Default: 0.
   PREFOPT_EIGEN_ARG(double, alpha) = 0.0;
-  /// Averaging of the NLL term. Default: kTokenMean.
+  /// Averaging of the NLL term. Not read with `cpo_alpha` 0 nor when `PairInputs::nll_loss`
+  /// is given: kSequenceMean then warns. Default: kTokenMean.
   PREFOPT_EIGEN_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
   /// Reduction of the per-pair losses. Default: kMean.
   PREFOPT_EIGEN_ARG(Reduction, reduction) = Reduction::kMean;
@@ -107,6 +109,9 @@ struct CPOParams {
   NLLNormalization norm;
   Reduction reduction;
   const char* name = nullptr;  // the loss's name in messages; default: the CPO type's
+  // Whether γ, the NLL weight and the NLL's normalisation differ from their options struct's
+  // defaults (a value that no term reads then warns).
+  bool gamma_given = false, nll_weight_given = false, norm_given = false;
 };
 
 /// CPO / SimPO / AlphaPO (and TPO's types) with the gradient, as include/prefopt/losses/cpo-inl.h's
@@ -122,8 +127,12 @@ CPOLossResult<T> cpo_impl(const char* fn, const PairInputs<T>& in, const CPOPara
   const char* name = p.name != nullptr ? p.name : prefopt::detail::name_of(p.type);
   check(p.eps == 0 || (p.type != CPOLossType::kHinge && p.type != CPOLossType::kIPO), fn,
         ": label_smoothing = ", p.eps, " is not used by ", name, "; expected 0");
-  check(std::isfinite(p.gamma), fn, ": expected a finite simpo_gamma, got ", p.gamma);
-  check(std::isfinite(p.nll_weight), fn, ": expected a finite cpo_alpha, got ", p.nll_weight);
+  // TPO (p.name set) calls the margin and the NLL weight tpo_l_gamma and tpo_alpha.
+  const bool tpo = p.name != nullptr;
+  check(std::isfinite(p.gamma), fn, ": expected a finite ", tpo ? "tpo_l_gamma" : "simpo_gamma",
+        ", got ", p.gamma);
+  check(std::isfinite(p.nll_weight), fn, ": expected a finite ", tpo ? "tpo_alpha" : "cpo_alpha",
+        ", got ", p.nll_weight);
   check(std::isfinite(p.alpha), fn, ": expected a finite alpha, got ", p.alpha);
   // Legal, but it maximises the NLL: most likely a sign slip (AlphaPO does not read it).
   if (p.nll_weight < 0 && p.type != CPOLossType::kAlphaPO) {
@@ -134,6 +143,39 @@ CPOLossResult<T> cpo_impl(const char* fn, const PairInputs<T>& in, const CPOPara
   check_reduction(fn, p.reduction);
   check(!in.weights().has_value(), fn, ": per-pair weights are a DPO-family input; got weights");
   const Eigen::Index B = check_pair_inputs(fn, in, /*needs_reference=*/false);
+  // Legal, but what no term reads would train with nothing changed: a warning each, as in the
+  // libtorch layer (one key per function and option).
+  if (p.gamma_given && !prefopt::detail::cpo_reads_gamma(p.type)) {
+    warn_once(str(fn, tpo ? "/unread_tpo_l_gamma" : "/unread_simpo_gamma"),
+              tpo ? str(fn, ": tpo_l_gamma = ", p.gamma, " is read by the tpo-l loss type only, ",
+                        "got ", name, ": it is ignored")
+                  : str(fn, ": simpo_gamma = ", p.gamma, " is read by the simpo and alphapo ",
+                        "loss types only, got ", name, ": it is ignored"));
+  }
+  // cpo_alpha = 0 is what TRL's CPOConfig sets for alphapo: nothing to warn of.
+  if (p.nll_weight_given && p.nll_weight != 0 && p.type == CPOLossType::kAlphaPO) {
+    warn_once(str(fn, "/unread_cpo_alpha"),
+              str(fn, ": cpo_alpha = ", p.nll_weight, " is not read by alphapo, which has no ",
+                  "NLL term: it is ignored"));
+  }
+  const bool has_nll = p.type != CPOLossType::kAlphaPO && p.nll_weight != 0;
+  if (p.norm_given && (!has_nll || in.nll_loss().has_value())) {
+    // One key per reason, as for DPO: the first reason must not hide the others.
+    const char* why = has_nll                           ? "given_nll_loss"
+                      : p.type == CPOLossType::kAlphaPO ? "alphapo"
+                                                        : "no_nll";
+    warn_once(str(fn, "/unread_nll_normalization/", why),
+              str(fn, ": nll_normalization = NLLNormalization::kSequenceMean is not read ",
+                  has_nll ? "when nll_loss is given (the NLL term is the host's)"
+                  : p.type == CPOLossType::kAlphaPO ? "by alphapo, which has no NLL term"
+                                                    : "without an NLL term (cpo_alpha = 0)",
+                  ": it is ignored"));
+  }
+  if (in.reference_chosen_logps().has_value() || in.reference_rejected_logps().has_value()) {
+    warn_once(str(fn, "/unread_reference"),
+              str(fn, ": the reference log-probs are given but no term reads them (",
+                  tpo ? "TPO" : name, " is reference-free): they are ignored"));
+  }
 
   // sigmoid and hinge take sums (TRL's CPO and TPO), the others per-token means.
   const bool sums = p.type == CPOLossType::kSigmoid || p.type == CPOLossType::kHinge;
@@ -204,7 +246,8 @@ CPOLossResult<T> cpo_impl(const char* fn, const PairInputs<T>& in, const CPOPara
     const char* why = p.name != nullptr                 ? "tpo_alpha = 0"
                       : p.type == CPOLossType::kAlphaPO ? "alphapo has no NLL term"
                                                         : "cpo_alpha = 0";
-    warn_once(str(fn, "/unread_nll"),
+    // One key per reason, as the libtorch layer has one warning site per reason.
+    warn_once(str(fn, "/unread_nll/", why),
               str(fn, ": nll_loss is given but no term reads it (", why, "): it is ignored"));
   }
   res.chosen_rewards = c * beta;
@@ -227,6 +270,7 @@ CPOLossResult<T> cpo_impl(const char* fn, const PairInputs<T>& in, const CPOPara
 /// - `inputs.policy_*_logps`: [B]; native form sums for sigmoid and hinge, per-token means for
 ///   ipo, simpo and alphapo (`PairInputs::averaged`); the other form is converted.
 /// - `inputs.chosen_lengths`: needed for the token-mean NLL (or pass `inputs.nll_loss`).
+/// - `inputs.reference_*_logps`: not read (reference-free); given, they warn.
 ///
 /// Example:
 /// ```
@@ -234,9 +278,13 @@ CPOLossResult<T> cpo_impl(const char* fn, const PairInputs<T>& in, const CPOPara
 /// ```
 template <typename T>
 CPOLossResult<T> cpo_loss(const PairInputs<T>& inputs, const CPOLossOptions& o = {}) {
-  return detail::cpo_impl<T>("prefopt::eigen::cpo_loss", inputs,
-                             {o.loss_type(), o.beta(), o.label_smoothing(), o.simpo_gamma(),
-                              o.cpo_alpha(), o.alpha(), o.nll_normalization(), o.reduction()});
+  const CPOLossOptions defaults;
+  return detail::cpo_impl<T>(
+      "prefopt::eigen::cpo_loss", inputs,
+      {o.loss_type(), o.beta(), o.label_smoothing(), o.simpo_gamma(), o.cpo_alpha(), o.alpha(),
+       o.nll_normalization(), o.reduction(), nullptr, o.simpo_gamma() != defaults.simpo_gamma(),
+       o.cpo_alpha() != defaults.cpo_alpha(),
+       o.nll_normalization() != defaults.nll_normalization()});
 }
 
 /// SimPO (AlphaPO with α ≠ 0) on `PairInputs` (lengths or `nll_loss` for the NLL term):
@@ -248,9 +296,12 @@ CPOLossResult<T> cpo_loss(const PairInputs<T>& inputs, const CPOLossOptions& o =
 /// ```
 template <typename T>
 CPOLossResult<T> simpo_loss(const PairInputs<T>& inputs, const SimPOLossOptions& o = {}) {
-  return detail::cpo_impl<T>("prefopt::eigen::simpo_loss", inputs,
-                             {CPOLossType::kSimPO, o.beta(), o.label_smoothing(), o.simpo_gamma(),
-                              o.cpo_alpha(), o.alpha(), o.nll_normalization(), o.reduction()});
+  // SimPO reads its γ and NLL weight; only the normalisation can go unread (no NLL term).
+  const bool norm_given = o.nll_normalization() != SimPOLossOptions().nll_normalization();
+  return detail::cpo_impl<T>(
+      "prefopt::eigen::simpo_loss", inputs,
+      {CPOLossType::kSimPO, o.beta(), o.label_smoothing(), o.simpo_gamma(), o.cpo_alpha(),
+       o.alpha(), o.nll_normalization(), o.reduction(), nullptr, false, false, norm_given});
 }
 
 /// SimPO on two [B] vectors of per-token mean log-probs.

@@ -60,13 +60,16 @@ struct DPOLossOptions {
   /// Conservative DPO: `label_smoothing` also smooths `sigmoid` and `sigmoid_norm`,
   /// −(1−ε)ℓ(z) − εℓ(−z) (TRL ≤ 0.28, LLaMA-Factory, OpenRLHF). Default: false (TRL ≥ 0.29).
   PREFOPT_EIGEN_ARG(bool, cdpo) = false;
-  /// The f-divergence mapping log-ratios to scores. Default: kReverseKL.
+  /// The f-divergence mapping log-ratios to scores; with `sft` alone (which reads no
+  /// log-ratio) another than kReverseKL warns that it is ignored. Default: kReverseKL.
   PREFOPT_EIGEN_ARG(FDivergence, f_divergence_type) = FDivergence::kReverseKL;
-  /// α of kAlphaDivergence (TRL ≤ 0.28's coefficient a is α = 1 − a). Default: 0.5.
+  /// α of kAlphaDivergence (TRL ≤ 0.28's coefficient a is α = 1 − a). Read with
+  /// kAlphaDivergence only: another value than 0.5 otherwise warns. Default: 0.5.
   PREFOPT_EIGEN_ARG(double, f_alpha_divergence_coef) = 0.5;
-  /// τ of `discopop`. Must be > 0. Default: 0.05.
+  /// τ of `discopop`. Must be > 0. Read by `discopop` only: another value than 0.05 without it
+  /// warns. Default: 0.05.
   PREFOPT_EIGEN_ARG(double, discopop_tau) = 0.05;
-  /// IPO's length normalisation. Default: kPerToken.
+  /// IPO's length normalisation. Read by `ipo` only: kNone without it warns. Default: kPerToken.
   PREFOPT_EIGEN_ARG(IPONormalization, ipo_normalization) = IPONormalization::kPerToken;
   /// Leave the reference out of the loss (ρ = logp_policy), TRL ≤ 0.28. A reference that is
   /// given still feeds the rewards β·(π − ref) (with a warning). Default: false.
@@ -74,8 +77,8 @@ struct DPOLossOptions {
   /// RPO: adds α·NLL to every pair's loss (the same as appending kSFT with weight α).
   /// Default: 0.
   PREFOPT_EIGEN_ARG(double, rpo_alpha) = 0.0;
-  /// How kSFT / `rpo_alpha` average the chosen NLL (unused when `PairInputs::nll_loss` is
-  /// given). Default: kTokenMean (TRL).
+  /// How kSFT / `rpo_alpha` average the chosen NLL. Not read without either, nor when
+  /// `PairInputs::nll_loss` is given: kSequenceMean then warns. Default: kTokenMean (TRL).
   PREFOPT_EIGEN_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
   /// Rewards (Σ_k w_k)·β·ρ over every type, `sft`'s weight included (TRL ≤ 0.28 with several
   /// types); otherwise β·ρ. Default: false.
@@ -253,6 +256,56 @@ inline void check_dpo_options(const DPOLossOptions& o) {
   check_reduction(fn, o.reduction());
 }
 
+/// The warnings of losses/dpo-inl.h's `warn_unread_options`: an option that only some loss
+/// types read, set to another value than the default of `DPOLossOptions` while no selected type
+/// reads it (one key per option). `nll_given`: the host's `nll_loss`, which replaces the NLL
+/// that `nll_normalization` averages.
+inline void warn_unread_dpo_options(const DPOLossOptions& o, bool nll_given) {
+  const char* fn = kDPOFn;
+  const DPOLossOptions defaults;
+  const auto& types = o.loss_type();
+  const bool scores =
+      std::any_of(types.begin(), types.end(), prefopt::detail::dpo_reads_f_divergence);
+  if (o.f_divergence_type() != defaults.f_divergence_type() && !scores) {
+    warn_once(
+        str(fn, "/unread_f_divergence_type"),
+        str(fn, ": f_divergence_type = ", prefopt::detail::name_of(o.f_divergence_type()),
+            " maps the log-ratios of sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust ",
+            "and discopop, and none is among the loss types (sft reads none): it is ", "ignored"));
+  }
+  if (o.f_alpha_divergence_coef() != defaults.f_alpha_divergence_coef() &&
+      o.f_divergence_type() != FDivergence::kAlphaDivergence) {
+    warn_once(str(fn, "/unread_f_alpha_divergence_coef"),
+              str(fn, ": f_alpha_divergence_coef = ", o.f_alpha_divergence_coef(),
+                  " is read by f_divergence_type alpha_divergence only, got ",
+                  prefopt::detail::name_of(o.f_divergence_type()), ": it is ignored"));
+  }
+  if (o.discopop_tau() != defaults.discopop_tau() &&
+      !has_loss_type(types, DPOLossType::kDiscoPOP)) {
+    warn_once(str(fn, "/unread_discopop_tau"),
+              str(fn, ": discopop_tau = ", o.discopop_tau(), " is read by the discopop loss ",
+                  "type only, and it is not among the loss types: it is ignored"));
+  }
+  if (o.ipo_normalization() != defaults.ipo_normalization() &&
+      !has_loss_type(types, DPOLossType::kIPO)) {
+    warn_once(str(fn, "/unread_ipo_normalization"),
+              str(fn, ": ipo_normalization = IPONormalization::kNone is read by the ipo loss ",
+                  "type only, and it is not among the loss types: it is ignored"));
+  }
+  if (o.nll_normalization() != defaults.nll_normalization()) {
+    if (!has_loss_type(types, DPOLossType::kSFT) && o.rpo_alpha() == 0) {
+      warn_once(str(fn, "/unread_nll_normalization"),
+                str(fn, ": nll_normalization = NLLNormalization::kSequenceMean averages the NLL ",
+                    "of sft and rpo_alpha, and there is none (no sft loss type, rpo_alpha = 0): ",
+                    "it is ignored"));
+    } else if (nll_given) {
+      warn_once(str(fn, "/unread_nll_normalization/nll_loss"),
+                str(fn, ": nll_normalization = NLLNormalization::kSequenceMean is not read when ",
+                    "nll_loss is given (the NLL term is the host's): it is ignored"));
+    }
+  }
+}
+
 /// The score of a log-ratio under the f-divergence (TRL ≥ 1.10, constants included) and
 /// d score / d ρ: reverse_kl ρ (1); forward_kl 1 − e^{−ρ} (e^{−ρ}); js_divergence log 2 + ℓ(ρ)
 /// (σ(−ρ)); alpha_divergence (e^{(α−1)ρ} − 1)/(α−1) (e^{(α−1)ρ}), ρ when |α − 1| < 1e-6. The
@@ -332,6 +385,7 @@ DPOLossResult<T> dpo_impl(const PairInputs<T>& in, const double* bco_delta,
   check(bco_delta != nullptr || !o.bco_running_mean(), fn,
         ": bco_running_mean(true) needs the running baseline that the DPOLoss functor keeps; ",
         "the functional form takes the baseline's delta through its bco_delta overload");
+  warn_unread_dpo_options(o, in.nll_loss().has_value());
   const T beta = static_cast<T>(o.beta());
   const double eps = o.label_smoothing();
 

@@ -19,7 +19,13 @@
 PREFOPT_BEGIN_NAMESPACE
 namespace eigen {
 
-/// How a metric is averaged over the micro-steps of one logging window.
+/// How a metric is averaged over the micro-steps of one logging window: with per-step sums
+/// s_i over counts n_i, kMeanOfSteps gives mean_i(s_i / n_i) and kCountWeighted Σ s_i / Σ n_i.
+///
+/// Example:
+/// ```
+/// auto o = prefopt::eigen::MetricsOptions().window(prefopt::eigen::MetricWindow::kCountWeighted);
+/// ```
 enum class MetricWindow {
   /// The plain mean over micro-steps of each micro-step's value (current TRL's `log()`); a
   /// micro-step without examples of a metric is left out of that metric's mean.

@@ -28,7 +28,8 @@ struct ORPOLossOptions {
   PREFOPT_EIGEN_ARG(double, beta) = 0.1;
   /// The NLL term when `PairInputs::nll_loss` is not given: kTokenMean over the chosen
   /// completion tokens (Liger; needs `chosen_lengths`) or kSequenceMean, −mean(ā_c)
-  /// (LLaMA-Factory). TRL's NLL also covers the prompt: pass it as `nll_loss`.
+  /// (LLaMA-Factory). TRL's NLL also covers the prompt: pass it as `nll_loss`, which this
+  /// option does not read (kSequenceMean with `nll_loss` warns).
   /// Default: kTokenMean.
   PREFOPT_EIGEN_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
   /// Reduction of the per-pair losses. Default: kMean.
@@ -91,6 +92,7 @@ std::array<T, 3> orpo_log_odds(T a, T b) {
 ///
 /// - `inputs.policy_*_logps`: [B] per-token means (native form; sums are converted).
 /// - `inputs.chosen_lengths` (token-mean NLL) or `inputs.nll_loss`.
+/// - `inputs.reference_*_logps`: not read (ORPO is reference-free); given, they warn.
 ///
 /// Example:
 /// ```
@@ -106,6 +108,19 @@ ORPOLossResult<T> orpo_loss(const PairInputs<T>& in, const ORPOLossOptions& o = 
   detail::check(!in.weights().has_value(), fn,
                 ": per-pair weights are a DPO-family input; got weights");
   const Eigen::Index B = detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
+  // Legal, but what no term reads would train with nothing changed: a warning each, as in the
+  // libtorch layer.
+  if (in.nll_loss().has_value() && o.nll_normalization() != ORPOLossOptions().nll_normalization()) {
+    detail::warn_once(detail::str(fn, "/unread_nll_normalization"),
+                      detail::str(fn, ": nll_normalization = NLLNormalization::kSequenceMean is ",
+                                  "not read when nll_loss is given (the NLL term is the host's): ",
+                                  "it is ignored"));
+  }
+  if (in.reference_chosen_logps().has_value() || in.reference_rejected_logps().has_value()) {
+    detail::warn_once(detail::str(fn, "/unread_reference"),
+                      detail::str(fn, ": the reference log-probs are given but no term reads ",
+                                  "them (ORPO is reference-free): they are ignored"));
+  }
   const auto lp = detail::form_logps(fn, "orpo", in, LogpsForm::kMean);
   const Vector<T>& c = lp.policy_chosen;
   const Vector<T>& r = lp.policy_rejected;

@@ -34,7 +34,8 @@ struct TPOLossOptions {
   PREFOPT_EIGEN_ARG(double, label_smoothing) = 0.0;
   /// Weight of the gold response's NLL (0: no NLL term and no gold input needed). Default: 1.
   PREFOPT_EIGEN_ARG(double, tpo_alpha) = 1.0;
-  /// γ of tpo-l (the sigmoid sees βΔ − γ). Default: 0.5.
+  /// γ of tpo-l (the sigmoid sees βΔ − γ). Read by tpo-l only: another value than 0.5 with
+  /// another type warns. Default: 0.5.
   PREFOPT_EIGEN_ARG(double, tpo_l_gamma) = 0.5;
   /// Reduction of the per-pair preference losses. Default: kMean (TRL).
   PREFOPT_EIGEN_ARG(Reduction, reduction) = Reduction::kMean;
@@ -44,6 +45,12 @@ struct TPOLossOptions {
 /// `nll_loss` the gold responses' token-mean NLL; `grad_gold_sum` is d loss / d gold.sum.
 /// CPO's fields in a type of its own, so that `MetricAccumulator::add` leaves `nll_loss` out,
 /// as TRL's TPOTrainer does.
+///
+/// Example:
+/// ```
+/// auto r = prefopt::eigen::tpo_loss(prefopt::eigen::PairInputs<double>(pair), gold);
+/// // r.grad_policy_chosen, r.grad_policy_rejected: [B]; r.grad_gold_sum: [B]
+/// ```
 template <typename T>
 struct TPOLossResult : CPOLossResult<T> {};
 
@@ -64,7 +71,8 @@ TPOLossResult<T> tpo_impl(const PairInputs<T>& in, const TPOLossOptions& o) {
   return {cpo_impl<T>(
       fn, in,
       {type, o.beta(), o.label_smoothing(), o.tpo_l_gamma(), o.tpo_alpha(), 0.0,
-       NLLNormalization::kTokenMean, o.reduction(), prefopt::detail::name_of(o.loss_type())})};
+       NLLNormalization::kTokenMean, o.reduction(), prefopt::detail::name_of(o.loss_type()),
+       o.tpo_l_gamma() != TPOLossOptions().tpo_l_gamma()})};
 }
 
 }  // namespace detail
@@ -78,7 +86,9 @@ TPOLossResult<T> tpo_impl(const PairInputs<T>& in, const TPOLossOptions& o) {
 /// - `inputs.policy_*_logps`: [B]; native form sums for sigmoid and hinge, per-token means for
 ///   ipo and tpo-l (the other form is converted with the lengths).
 /// - `gold`: the policy's log-probs of the gold responses (`sum` and `count`); the result's
-///   `grad_gold_sum` is d loss / d gold.sum.
+///   `grad_gold_sum` is d loss / d gold.sum. With `tpo_alpha = 0` nothing reads them: they are
+///   ignored, with a warning (once per process), as in the libtorch layer.
+/// - `inputs.reference_*_logps`: not read (TPO is reference-free); given, they warn.
 ///
 /// Example:
 /// ```
@@ -89,7 +99,16 @@ template <typename T>
 TPOLossResult<T> tpo_loss(const PairInputs<T>& inputs, const SequenceLogprobs<T>& gold,
                           const TPOLossOptions& o = {}) {
   constexpr const char* fn = "prefopt::eigen::tpo_loss";
-  if (o.tpo_alpha() == 0) return detail::tpo_impl(inputs, o);
+  if (o.tpo_alpha() == 0) {
+    // Legal, but the gold responses' log-probs were computed for nothing: most likely a
+    // tpo_alpha set to 0 by mistake (the libtorch layer warns too).
+    if (gold.sum.size() > 0 || gold.count.size() > 0) {
+      detail::warn_once(detail::str(fn, "/unread_gold"),
+                        detail::str(fn, ": the gold SequenceLogprobs are given but no term reads ",
+                                    "them (tpo_alpha = 0): they are ignored"));
+    }
+    return detail::tpo_impl(inputs, o);
+  }
   detail::check(gold.count.size() == gold.sum.size(), fn,
                 ": expected gold.sum and gold.count of the same shape [S], got ",
                 detail::shape(gold.sum.size()), " and ", detail::shape(gold.count.size()));

@@ -17,6 +17,9 @@ struct CPOParams {
   NLLNormalization norm;
   LossReduction reduction;
   const char* name = nullptr;  // the loss's name in messages; default: the CPO type's
+  // Whether γ, the NLL weight and the NLL's normalisation differ from their options struct's
+  // defaults (a value that no term reads then warns).
+  bool gamma_given = false, nll_weight_given = false, norm_given = false;
 };
 
 PREFOPT_INLINE CPOLossResult cpo_impl(const char* fn, const PairInputs& in, const CPOParams& p) {
@@ -30,9 +33,12 @@ PREFOPT_INLINE CPOLossResult cpo_impl(const char* fn, const PairInputs& in, cons
   const char* name = p.name != nullptr ? p.name : cpo_loss_type_name(p.type);
   TORCH_CHECK_VALUE(p.eps == 0 || (p.type != CPOLossType::kHinge && p.type != CPOLossType::kIPO),
                     fn, ": label_smoothing = ", p.eps, " is not used by ", name, "; expected 0");
-  TORCH_CHECK_VALUE(std::isfinite(p.gamma), fn, ": expected a finite simpo_gamma, got ", p.gamma);
-  TORCH_CHECK_VALUE(std::isfinite(p.nll_weight), fn, ": expected a finite cpo_alpha, got ",
-                    p.nll_weight);
+  // TPO (p.name set) calls the margin and the NLL weight tpo_l_gamma and tpo_alpha.
+  const bool tpo = p.name != nullptr;
+  TORCH_CHECK_VALUE(std::isfinite(p.gamma), fn, ": expected a finite ",
+                    tpo ? "tpo_l_gamma" : "simpo_gamma", ", got ", p.gamma);
+  TORCH_CHECK_VALUE(std::isfinite(p.nll_weight), fn, ": expected a finite ",
+                    tpo ? "tpo_alpha" : "cpo_alpha", ", got ", p.nll_weight);
   TORCH_CHECK_VALUE(std::isfinite(p.alpha), fn, ": expected a finite alpha, got ", p.alpha);
   // Legal, but it maximises the NLL: most likely a sign slip (AlphaPO does not read it). One
   // warning site per option, since TORCH_WARN_ONCE fires once per site.
@@ -46,6 +52,43 @@ PREFOPT_INLINE CPOLossResult cpo_impl(const char* fn, const PairInputs& in, cons
   TORCH_CHECK(!in.weights().defined(), fn, ": per-pair weights are a DPO-family input; got ",
               "weights");
   detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
+  // Legal, but what no term reads would train with nothing changed: a warning each. One site
+  // per option and loss (TPO or CPO/SimPO), since TORCH_WARN_ONCE fires once per site.
+  if (p.gamma_given && !cpo_reads_gamma(p.type)) {
+    if (tpo) {
+      TORCH_WARN_ONCE(fn, ": tpo_l_gamma = ", p.gamma, " is read by the tpo-l loss type only, ",
+                      "got ", name, ": it is ignored");
+    } else {
+      TORCH_WARN_ONCE(fn, ": simpo_gamma = ", p.gamma, " is read by the simpo and alphapo loss ",
+                      "types only, got ", name, ": it is ignored");
+    }
+  }
+  // cpo_alpha = 0 is what TRL's CPOConfig sets for alphapo: nothing to warn of.
+  if (p.nll_weight_given && p.nll_weight != 0 && p.type == CPOLossType::kAlphaPO) {
+    TORCH_WARN_ONCE(fn, ": cpo_alpha = ", p.nll_weight, " is not read by alphapo, which has no ",
+                    "NLL term: it is ignored");
+  }
+  const bool has_nll = p.type != CPOLossType::kAlphaPO && p.nll_weight != 0;
+  // One site per reason, as for DPO: the first reason must not hide the others.
+  if (p.norm_given && has_nll && in.nll_loss().defined()) {
+    TORCH_WARN_ONCE(fn, ": nll_normalization = NLLNormalization::kSequenceMean is not read when ",
+                    "nll_loss is given (the NLL term is the host's): it is ignored");
+  } else if (p.norm_given && p.type == CPOLossType::kAlphaPO) {
+    TORCH_WARN_ONCE(fn, ": nll_normalization = NLLNormalization::kSequenceMean is not read by ",
+                    "alphapo, which has no NLL term: it is ignored");
+  } else if (p.norm_given && !has_nll) {
+    TORCH_WARN_ONCE(fn, ": nll_normalization = NLLNormalization::kSequenceMean is not read ",
+                    "without an NLL term (cpo_alpha = 0): it is ignored");
+  }
+  if (in.reference_chosen_logps().defined() || in.reference_rejected_logps().defined()) {
+    if (tpo) {
+      TORCH_WARN_ONCE(fn, ": the reference log-probs are given but no term reads them (TPO is ",
+                      "reference-free): they are ignored");
+    } else {
+      TORCH_WARN_ONCE(fn, ": the reference log-probs are given but no term reads them (", name,
+                      " is reference-free): they are ignored");
+    }
+  }
 
   const auto dt = detail::opmath_type(in.policy_chosen_logps());
   // sigmoid and hinge take sums (TRL's CPO and TPO), the others per-token means.
@@ -118,15 +161,22 @@ PREFOPT_INLINE CPOLossType cpo_loss_type_from_name(const std::string& name) {
 namespace functional {
 
 PREFOPT_INLINE CPOLossResult cpo_loss(const PairInputs& inputs, const CPOLossFuncOptions& o) {
-  return detail::cpo_impl("prefopt::cpo_loss", inputs,
-                          {o.loss_type(), o.beta(), o.label_smoothing(), o.simpo_gamma(),
-                           o.cpo_alpha(), o.alpha(), o.nll_normalization(), o.reduction()});
+  const CPOLossOptions defaults;
+  return detail::cpo_impl(
+      "prefopt::cpo_loss", inputs,
+      {o.loss_type(), o.beta(), o.label_smoothing(), o.simpo_gamma(), o.cpo_alpha(), o.alpha(),
+       o.nll_normalization(), o.reduction(), nullptr, o.simpo_gamma() != defaults.simpo_gamma(),
+       o.cpo_alpha() != defaults.cpo_alpha(),
+       o.nll_normalization() != defaults.nll_normalization()});
 }
 
 PREFOPT_INLINE CPOLossResult simpo_loss(const PairInputs& inputs, const SimPOLossFuncOptions& o) {
-  return detail::cpo_impl("prefopt::simpo_loss", inputs,
-                          {CPOLossType::kSimPO, o.beta(), o.label_smoothing(), o.simpo_gamma(),
-                           o.cpo_alpha(), o.alpha(), o.nll_normalization(), o.reduction()});
+  // SimPO reads its γ and NLL weight; only the normalisation can go unread (no NLL term).
+  const bool norm_given = o.nll_normalization() != SimPOLossOptions().nll_normalization();
+  return detail::cpo_impl(
+      "prefopt::simpo_loss", inputs,
+      {CPOLossType::kSimPO, o.beta(), o.label_smoothing(), o.simpo_gamma(), o.cpo_alpha(),
+       o.alpha(), o.nll_normalization(), o.reduction(), nullptr, false, false, norm_given});
 }
 
 PREFOPT_INLINE CPOLossResult simpo_loss(const at::Tensor& policy_chosen_logps,

@@ -39,16 +39,20 @@ struct CPOLossOptions {
   /// ε ∈ [0, 0.5) for sigmoid/simpo/alphapo; hinge and ipo do not take it (an error when set).
   /// Default: 0.
   TORCH_ARG(double, label_smoothing) = 0.0;
-  /// SimPO's target margin γ (an absolute margin: the sigmoid sees βm − γ). Default: 0.5.
+  /// SimPO's target margin γ (an absolute margin: the sigmoid sees βm − γ). Read by simpo and
+  /// alphapo only: another value than 0.5 with sigmoid, hinge or ipo warns that it is ignored.
+  /// Default: 0.5.
   TORCH_ARG(double, simpo_gamma) = 0.5;
   /// Weight of the NLL of the chosen completions added to the loss (CPO's BC term; TRL's
-  /// simpo includes it by default, the SimPO paper does not). Not used by kAlphaPO. A
-  /// negative weight warns. Default: 1.0.
+  /// simpo includes it by default, the SimPO paper does not). Not read by kAlphaPO (TRL's
+  /// alphapo sets it to 0): another value than 1 with it warns that it is ignored. A negative
+  /// weight warns. Default: 1.0.
   TORCH_ARG(double, cpo_alpha) = 1.0;
   /// AlphaPO's α: with α ≠ 0 every log-prob is first mapped to r = (1 − e^{−α·logp})/α.
   /// Default: 0.
   TORCH_ARG(double, alpha) = 0.0;
-  /// Averaging of the NLL term (ignored when `PairInputs::nll_loss` is given).
+  /// Averaging of the NLL term. Not read without one (cpo_alpha = 0, alphapo) nor when
+  /// `PairInputs::nll_loss` is given: kSequenceMean then warns that it is ignored.
   /// Default: kTokenMean (TRL, Liger).
   TORCH_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
   /// Reduction of the per-pair losses. Default: torch::kMean.
@@ -77,7 +81,8 @@ struct SimPOLossOptions {
   TORCH_ARG(double, cpo_alpha) = 0.0;
   /// AlphaPO's α (0: plain SimPO). Default: 0.
   TORCH_ARG(double, alpha) = 0.0;
-  /// Averaging of the NLL term. Default: kTokenMean.
+  /// Averaging of the NLL term. Not read with `cpo_alpha` 0 nor when `PairInputs::nll_loss`
+  /// is given: kSequenceMean then warns that it is ignored. Default: kTokenMean.
   TORCH_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
   /// Reduction of the per-pair losses. Default: torch::kMean.
   TORCH_ARG(LossReduction, reduction) = torch::kMean;
@@ -111,6 +116,8 @@ using SimPOLossFuncOptions = SimPOLossOptions;
 ///   form is converted with the lengths. bf16/fp16 computed in fp32; differentiable.
 /// - `inputs.chosen_lengths`: [B] token counts, needed for the token-mean NLL (or pass
 ///   `inputs.nll_loss`).
+/// - `inputs.reference_*_logps`: not read (the loss is reference-free); given, they are
+///   checked and ignored with a warning.
 ///
 /// Returns `CPOLossResult` {loss, losses, chosen_rewards, rejected_rewards, nll_loss,
 /// chosen_logps, rejected_logps}.

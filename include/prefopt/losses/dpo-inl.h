@@ -86,6 +86,47 @@ PREFOPT_INLINE void check_options(const DPOLossOptions& o) {
   }
 }
 
+// Options that only some loss types read, set to another value than the default of
+// `DPOLossOptions` while no selected type reads them: legal, but the call would train with
+// nothing changed, so each warns (once per site). `nll_given`: the host's `nll_loss`, which
+// replaces the NLL that `nll_normalization` averages.
+PREFOPT_INLINE void warn_unread_options(const DPOLossOptions& o, bool nll_given) {
+  const DPOLossOptions defaults;
+  const auto& types = o.loss_type();
+  const bool scores = std::any_of(types.begin(), types.end(), dpo_reads_f_divergence);
+  if (o.f_divergence_type() != defaults.f_divergence_type() && !scores) {
+    TORCH_WARN_ONCE(kFn, ": f_divergence_type = ", name_of(o.f_divergence_type()), " maps the ",
+                    "log-ratios of sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust and ",
+                    "discopop, and none is among the loss types (sft reads none): it is ignored");
+  }
+  if (o.f_alpha_divergence_coef() != defaults.f_alpha_divergence_coef() &&
+      o.f_divergence_type() != FDivergence::kAlphaDivergence) {
+    TORCH_WARN_ONCE(kFn, ": f_alpha_divergence_coef = ", o.f_alpha_divergence_coef(),
+                    " is read by f_divergence_type alpha_divergence only, got ",
+                    name_of(o.f_divergence_type()), ": it is ignored");
+  }
+  if (o.discopop_tau() != defaults.discopop_tau() &&
+      !has_loss_type(types, DPOLossType::kDiscoPOP)) {
+    TORCH_WARN_ONCE(kFn, ": discopop_tau = ", o.discopop_tau(), " is read by the discopop ",
+                    "loss type only, and it is not among the loss types: it is ignored");
+  }
+  if (o.ipo_normalization() != defaults.ipo_normalization() &&
+      !has_loss_type(types, DPOLossType::kIPO)) {
+    TORCH_WARN_ONCE(kFn, ": ipo_normalization = IPONormalization::kNone is read by the ipo loss ",
+                    "type only, and it is not among the loss types: it is ignored");
+  }
+  if (o.nll_normalization() != defaults.nll_normalization()) {
+    if (!has_loss_type(types, DPOLossType::kSFT) && o.rpo_alpha() == 0) {
+      TORCH_WARN_ONCE(kFn, ": nll_normalization = NLLNormalization::kSequenceMean averages the ",
+                      "NLL of sft and rpo_alpha, and there is none (no sft loss type, ",
+                      "rpo_alpha = 0): it is ignored");
+    } else if (nll_given) {
+      TORCH_WARN_ONCE(kFn, ": nll_normalization = NLLNormalization::kSequenceMean is not read ",
+                      "when nll_loss is given (the NLL term is the host's): it is ignored");
+    }
+  }
+}
+
 // Score f′(e^ρ) of a log-ratio under the f-divergence, with TRL ≥ 1.10's constants
 // (`_compute_loss`): forward_kl 1 − e^{−ρ} = −expm1(−ρ), js_divergence log 2 + ℓ(ρ),
 // alpha_divergence expm1((α−1)ρ)/(α−1). expm1 keeps the scores exact near ρ = 0, where
@@ -205,6 +246,7 @@ PREFOPT_INLINE DPOLossResult dpo_impl(const PairInputs& in, const at::Tensor* bc
   TORCH_CHECK(!(aot && in.weights().defined()), kFn,
               ": aot and aot_unpaired sort the batch, so per-pair weights (WPO) cannot apply; ",
               "got weights");
+  warn_unread_options(o, in.nll_loss().defined());
   const double beta = o.beta();
   const double eps = o.label_smoothing();
 

@@ -77,14 +77,18 @@ struct DPOLossOptions {
   /// The f-divergence mapping log-ratios to scores (see `FDivergence`, TRL ≥ 1.10's
   /// constants). Any other than kReverseKL is an error with a loss type that reads each side's
   /// log-ratio alone (nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, aot, aot_unpaired),
-  /// as in TRL ≥ 1.10. Default: kReverseKL.
+  /// as in TRL ≥ 1.10; with `sft` alone (which reads no log-ratio) it warns that it is
+  /// ignored. Default: kReverseKL.
   TORCH_ARG(FDivergence, f_divergence_type) = FDivergence::kReverseKL;
-  /// α of kAlphaDivergence. TRL ≤ 0.28's coefficient a (default 1.0) is α = 1 − a here.
-  /// Default: 0.5 (TRL ≥ 0.29).
+  /// α of kAlphaDivergence. TRL ≤ 0.28's coefficient a (default 1.0) is α = 1 − a here. Read
+  /// with `f_divergence_type` kAlphaDivergence only: another value than 0.5 with any other
+  /// warns that it is ignored. Default: 0.5 (TRL ≥ 0.29).
   TORCH_ARG(double, f_alpha_divergence_coef) = 0.5;
-  /// τ of `discopop`. Must be > 0. Default: 0.05.
+  /// τ of `discopop`. Must be > 0. Read by `discopop` only: another value than 0.05 without it
+  /// warns that it is ignored. Default: 0.05.
   TORCH_ARG(double, discopop_tau) = 0.05;
-  /// IPO's length normalisation. Default: kPerToken.
+  /// IPO's length normalisation. Read by `ipo` only: kNone without it warns that it is
+  /// ignored. Default: kPerToken.
   TORCH_ARG(IPONormalization, ipo_normalization) = IPONormalization::kPerToken;
   /// Leave the reference out of the loss (ρ = logp_policy): TRL ≤ 0.28's `reference_free`
   /// (removed in 0.29, which recommends CPO). The reference may then be undefined; when it is
@@ -96,8 +100,9 @@ struct DPOLossOptions {
   /// RPO (arXiv:2404.19733 v3, TRL ≤ 0.28): adds α·NLL to every pair's loss; the same as
   /// appending kSFT with weight α. A negative α warns. Default: 0.
   TORCH_ARG(double, rpo_alpha) = 0.0;
-  /// How kSFT / `rpo_alpha` average the chosen NLL (ignored when `PairInputs::nll_loss` is
-  /// given). Default: kTokenMean (TRL).
+  /// How kSFT / `rpo_alpha` average the chosen NLL. Not read without either, nor when
+  /// `PairInputs::nll_loss` is given: kSequenceMean then warns that it is ignored.
+  /// Default: kTokenMean (TRL).
   TORCH_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
   /// Rewards (Σ_k w_k)·β·ρ over every type, `sft`'s weight included, as TRL ≤ 0.28 logged
   /// them with several loss types (MPO); otherwise β·ρ, as TRL ≥ 0.29. Default: false.

@@ -19,6 +19,15 @@ PREFOPT_INLINE ORPOLossResult orpo_loss(const PairInputs& in, const ORPOLossFunc
   TORCH_CHECK(!in.weights().defined(), fn, ": per-pair weights are a DPO-family input; got ",
               "weights");
   detail::check_pair_inputs(fn, in, /*needs_reference=*/false);
+  // Legal, but what no term reads would train with nothing changed: a warning each.
+  if (in.nll_loss().defined() && o.nll_normalization() != ORPOLossOptions().nll_normalization()) {
+    TORCH_WARN_ONCE(fn, ": nll_normalization = NLLNormalization::kSequenceMean is not read when ",
+                    "nll_loss is given (the NLL term is the host's): it is ignored");
+  }
+  if (in.reference_chosen_logps().defined() || in.reference_rejected_logps().defined()) {
+    TORCH_WARN_ONCE(fn, ": the reference log-probs are given but no term reads them (ORPO is ",
+                    "reference-free): they are ignored");
+  }
   const auto dt = detail::opmath_type(in.policy_chosen_logps());
   const auto lp = detail::form_logps(fn, "orpo", in, LogpsForm::kMean, dt);
   const auto& c = lp.policy_chosen;

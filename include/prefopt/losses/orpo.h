@@ -29,7 +29,8 @@ struct ORPOLossOptions {
   /// The NLL term when `PairInputs::nll_loss` is not given: kTokenMean over the chosen
   /// completion tokens (Liger; needs `chosen_lengths`) or kSequenceMean, −mean(ā_c)
   /// (LLaMA-Factory). TRL's NLL also covers the prompt: compute it with the gathering op on
-  /// prompt + completion labels and pass it as `nll_loss`. Default: kTokenMean.
+  /// prompt + completion labels and pass it as `nll_loss`, which this option does not read
+  /// (kSequenceMean with `nll_loss` warns that it is ignored). Default: kTokenMean.
   TORCH_ARG(NLLNormalization, nll_normalization) = NLLNormalization::kTokenMean;
   /// Reduction of the per-pair losses. Default: torch::kMean.
   TORCH_ARG(LossReduction, reduction) = torch::kMean;
@@ -68,6 +69,8 @@ using ORPOLossFuncOptions = ORPOLossOptions;
 /// - `inputs.policy_*_logps`: [B] per-token mean log-probs (native form; sums are converted
 ///   with the lengths); differentiable.
 /// - `inputs.chosen_lengths` (token-mean NLL) or `inputs.nll_loss`.
+/// - `inputs.reference_*_logps`: not read (ORPO is reference-free); given, they are checked
+///   and ignored with a warning.
 ///
 /// Example:
 /// ```

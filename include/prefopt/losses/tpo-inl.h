@@ -31,10 +31,10 @@ PREFOPT_INLINE TPOLossResult tpo_impl(const PairInputs& in, const TPOLossOptions
   TORCH_CHECK(o.tpo_alpha() == 0 || in.nll_loss().defined(), fn, ": tpo_alpha = ", o.tpo_alpha(),
               " weights the gold response's NLL; pass the gold SequenceLogprobs (or nll_loss), ",
               "or set tpo_alpha(0)");
-  return {
-      cpo_impl(fn, in,
-               {type, o.beta(), o.label_smoothing(), o.tpo_l_gamma(), o.tpo_alpha(), 0.0,
-                NLLNormalization::kTokenMean, o.reduction(), tpo_loss_type_name(o.loss_type())})};
+  return {cpo_impl(fn, in,
+                   {type, o.beta(), o.label_smoothing(), o.tpo_l_gamma(), o.tpo_alpha(), 0.0,
+                    NLLNormalization::kTokenMean, o.reduction(), tpo_loss_type_name(o.loss_type()),
+                    o.tpo_l_gamma() != TPOLossOptions().tpo_l_gamma()})};
 }
 
 }  // namespace detail
@@ -44,7 +44,16 @@ namespace functional {
 PREFOPT_INLINE TPOLossResult tpo_loss(const PairInputs& inputs, const SequenceLogprobs& gold,
                                       const TPOLossFuncOptions& o) {
   constexpr const char* fn = "prefopt::tpo_loss";
-  if (o.tpo_alpha() == 0) return detail::tpo_impl(inputs, o);
+  if (o.tpo_alpha() == 0) {
+    // Legal, but the gold responses' log-probs were computed for nothing: most likely a
+    // tpo_alpha set to 0 by mistake.
+    if ((gold.sum.defined() && gold.sum.numel() > 0) ||
+        (gold.count.defined() && gold.count.numel() > 0)) {
+      TORCH_WARN_ONCE(fn, ": the gold SequenceLogprobs are given but no term reads them ",
+                      "(tpo_alpha = 0): they are ignored");
+    }
+    return detail::tpo_impl(inputs, o);
+  }
   TORCH_CHECK(gold.sum.defined() && gold.count.defined(), fn, ": expected the gold responses' ",
               "SequenceLogprobs with sum and count, got ",
               gold.sum.defined() ? "no count" : "no sum");

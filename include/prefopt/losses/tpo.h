@@ -42,7 +42,8 @@ struct TPOLossOptions {
   /// Weight of the gold response's NLL (0: no NLL term, and no gold input needed; negative:
   /// a warning). Default: 1.
   TORCH_ARG(double, tpo_alpha) = 1.0;
-  /// γ of tpo-l (an absolute margin: the sigmoid sees βΔ − γ). Default: 0.5.
+  /// γ of tpo-l (an absolute margin: the sigmoid sees βΔ − γ). Read by tpo-l only: another
+  /// value than 0.5 with another type warns that it is ignored. Default: 0.5.
   TORCH_ARG(double, tpo_l_gamma) = 0.5;
   /// Reduction of the per-pair preference losses. Default: torch::kMean (TRL).
   TORCH_ARG(LossReduction, reduction) = torch::kMean;
@@ -70,7 +71,10 @@ using TPOLossFuncOptions = TPOLossOptions;
 /// - `inputs.policy_*_logps`: [B]; native form sums for sigmoid and hinge, per-token means for
 ///   ipo and tpo-l (the other form is converted with the lengths); differentiable.
 /// - `gold`: the policy's `SequenceLogprobs` of the B gold responses (`sum` and `count`; `sum`
-///   differentiable).
+///   differentiable). With `tpo_alpha = 0` nothing reads them: they are ignored, with a
+///   warning.
+/// - `inputs.reference_*_logps`: not read (TPO is reference-free); given, they are checked
+///   and ignored with a warning.
 ///
 /// Example:
 /// ```

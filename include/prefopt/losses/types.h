@@ -234,6 +234,17 @@ inline bool dpo_takes_f_divergence(DPOLossType t) {
   }
 }
 
+/// Whether a DPO type reads the f-divergence's scores: those that take one (above) but `sft`,
+/// which takes one in a list of types and reads no log-ratio.
+inline bool dpo_reads_f_divergence(DPOLossType t) {
+  return t != DPOLossType::kSFT && dpo_takes_f_divergence(t);
+}
+
+/// Whether a CPO type reads `simpo_gamma` (TPO's `tpo_l_gamma`, tpo-l being simpo there).
+inline bool cpo_reads_gamma(CPOLossType t) {
+  return t == CPOLossType::kSimPO || t == CPOLossType::kAlphaPO;
+}
+
 /// Whether `types` holds `t`.
 inline bool has_loss_type(const std::vector<DPOLossType>& types, DPOLossType t) {
   return std::find(types.begin(), types.end(), t) != types.end();

@@ -494,6 +494,12 @@ TEST(DistWorker, KtoKl) {
                                        "be floating point (fp64/fp32/bf16/fp16), got Long"
                                      : "prefopt::functional::kto_kl: rank 0 rejected its "
                                        "arguments (its error says why)");
+  // by_example on rank 0 only would mix a sum weighted by its count with the others' means:
+  // every rank refuses.
+  PREFOPT_EXPECT_THROWS_WITH(F::kto_kl(p, r, ctx.group.get(), /*by_example=*/me == 0),
+                             "prefopt::functional::kto_kl: expected the same by_example on every "
+                             "rank, got true on 1 of " +
+                                 std::to_string(ctx.world_size) + " ranks");
   // The ranks are still in step.
   EXPECT_NEAR(F::kto_kl(p, r, ctx.group.get()).item<double>(),
               F::kto_kl(at::cat(pkl), at::cat(rkl)).item<double>(), 1e-13);

@@ -743,8 +743,9 @@ PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
                                  const at::Tensor& reference_KL_logps, c10d::ProcessGroup* group,
                                  bool by_example) {
   constexpr const char* fn = "prefopt::functional::kto_kl";
-  // [Σ, weight]: the rank's mean with weight 1 (TRL), or its sum with its count. A rank with
-  // bad arguments joins the collective too (then every rank throws).
+  // [Σ, weight, by_example]: the rank's mean with weight 1 (TRL), or its sum with its count,
+  // and how many ranks weight by example (ranks that disagree would mix the two forms). A rank
+  // with bad arguments joins the collective too (then every rank throws).
   at::Tensor stats;
   std::exception_ptr error;
   try {
@@ -764,17 +765,24 @@ PREFOPT_INLINE at::Tensor kto_kl(const at::Tensor& policy_KL_logps,
     const auto d =
         policy_KL_logps.detach().to(at::kDouble) - reference_KL_logps.detach().to(at::kDouble);
     const double n = static_cast<double>(d.numel());
-    stats = at::zeros({2}, d.options());
+    stats = at::zeros({3}, d.options());
     if (n > 0)
-      stats = at::stack(
-          {by_example ? d.sum() : d.mean(), at::full({}, by_example ? n : 1.0, d.options())});
+      stats.narrow(0, 0, 2).copy_(at::stack(
+          {by_example ? d.sum() : d.mean(), at::full({}, by_example ? n : 1.0, d.options())}));
+    stats[2] = by_example ? 1.0 : 0.0;
   } catch (...) {
     error = std::current_exception();
   }
   const auto device = stats.defined()             ? stats.device()
                       : policy_KL_logps.defined() ? policy_KL_logps.device()
                                                   : at::Device(at::kCPU);
-  const auto summed = detail::sum_checked(fn, group, stats, 2, error, device).to(device);
+  const auto summed = detail::sum_checked(fn, group, stats, 3, error, device).to(device);
+  // Every rank sees the same count, so every rank throws alike.
+  const int world = group == nullptr ? 1 : group->getSize();
+  const auto by_example_ranks = static_cast<int>(summed[2].item<double>());
+  TORCH_CHECK(by_example_ranks == 0 || by_example_ranks == world, fn,
+              ": expected the same by_example on every rank, got true on ", by_example_ranks,
+              " of ", world, " ranks");
   const auto dt = policy_KL_logps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto w = summed[1];
   return at::where(w > 0, summed[0] / w.clamp_min(1e-300), at::zeros_like(w)).clamp_min(0).to(dt);

@@ -156,7 +156,8 @@ namespace functional {
 /// KTO's KL estimate over the ranks of `group`, as TRL computes it: each rank's
 /// mean(policy_KL − reference_KL), averaged over the ranks, then clamped at 0; detached, the
 /// same on every rank. `by_example = true` weights ranks by their number of KL examples
-/// instead (the KL of the concatenated batch). A rank with no KL examples contributes
+/// instead (the KL of the concatenated batch); it must be the same on every rank (else every
+/// rank throws, naming how many ranks passed true). A rank with no KL examples contributes
 /// nothing; none anywhere gives 0. One collective (for an NCCL group on the inputs' CUDA
 /// device, or the current one for CPU inputs; the result is on the inputs' device), which a
 /// rank with bad arguments joins too: it throws its error, the others `rank r rejected its
